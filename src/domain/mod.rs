@@ -1,0 +1,17 @@
+//! Pure rules of the OTP lifecycle: no I/O, time passed in.
+
+pub mod api_key;
+pub mod code;
+pub mod message;
+pub mod phone;
+pub mod policy;
+pub mod purpose;
+pub mod verification;
+
+pub use api_key::{ApiKey, ApiKeyRecord};
+pub use code::{Code, CodeGenerator, OsCodeGenerator};
+pub use message::{DeliveryStatus, MessageRecord};
+pub use phone::PhoneNumber;
+pub use policy::Policy;
+pub use purpose::Purpose;
+pub use verification::{Status, SubjectKey, Verification};

@@ -1,0 +1,99 @@
+//! A verification: one subject's pending code and its lifecycle.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::crypto::SealedPhone;
+
+/// Who a code belongs to within a tenant: a keyed hash of `uid`, or of
+/// (`to`, `purpose`). Keyed so the store never holds a phone number in clear.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubjectKey(pub [u8; 32]);
+
+impl fmt::Debug for SubjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SubjectKey({})", hex::encode(&self.0[..6]))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Approved,
+    Expired,
+    Canceled,
+    MaxAttempts,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Expired => "expired",
+            Status::Canceled => "canceled",
+            Status::MaxAttempts => "max_attempts",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Status::Pending,
+            "approved" => Status::Approved,
+            "expired" => Status::Expired,
+            "canceled" => Status::Canceled,
+            "max_attempts" => Status::MaxAttempts,
+            "failed" => Status::Failed,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verification {
+    pub id: Uuid,
+    pub tenant: String,
+    pub subject: SubjectKey,
+    pub purpose: String,
+    pub uid: Option<String>,
+    /// The E.164 number, encrypted; only the seed dialects ever read it back.
+    pub phone: SealedPhone,
+    pub masked_to: String,
+    pub country: Option<String>,
+    /// HMAC of (id ‖ code); `None` once the verification has ended.
+    pub code_hash: Option<[u8; 32]>,
+    pub status: Status,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub send_count: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub last_sent_at: DateTime<Utc>,
+}
+
+impl Verification {
+    /// The status a caller sees: a pending verification past its TTL is expired
+    /// even before the purge task has touched it.
+    pub fn status_at(&self, now: DateTime<Utc>) -> Status {
+        if self.status == Status::Pending && now >= self.expires_at {
+            Status::Expired
+        } else {
+            self.status
+        }
+    }
+
+    pub fn is_pending_at(&self, now: DateTime<Utc>) -> bool {
+        self.status_at(now) == Status::Pending
+    }
+
+    pub fn attempts_left(&self) -> u32 {
+        self.max_attempts.saturating_sub(self.attempts)
+    }
+}

@@ -1,0 +1,407 @@
+//! In-process store for tests, benchmarks and single-instance demos. Nothing
+//! survives a restart. Sharded maps keep contention low; a send locks its
+//! subject's entry first and only then the verification, a check locks only the
+//! verification, so lock order is always subject → verification.
+
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use super::{
+    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
+    SendPlan, Store, StoreResult, seconds_until,
+};
+use crate::crypto::Crypto;
+use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
+
+/// Ended verifications stay readable this long before the purge forgets them.
+const KEEP_ENDED: Duration = Duration::hours(24);
+const INBOX_CAPACITY: usize = 10_000;
+
+#[derive(Debug, Default, Clone)]
+struct SubjectState {
+    current: Option<Uuid>,
+    last_sent_at: Option<DateTime<Utc>>,
+    window_start: Option<DateTime<Utc>>,
+    window_count: u32,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    keys: DashMap<[u8; 32], ApiKeyRecord>,
+    subjects: DashMap<SubjectKey, SubjectState>,
+    verifications: DashMap<Uuid, Verification>,
+    messages: DashMap<Uuid, MessageRecord>,
+    messages_by_verification: DashMap<Uuid, Vec<Uuid>>,
+    messages_by_provider_id: DashMap<(String, String), Uuid>,
+    inbox: Mutex<VecDeque<InboxEntry>>,
+    rate: DashMap<String, (i64, u32)>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Shared window arithmetic: returns (window start, count) after rolling over.
+fn current_window(
+    start: Option<DateTime<Utc>>,
+    count: u32,
+    window: Duration,
+    now: DateTime<Utc>,
+) -> (DateTime<Utc>, u32) {
+    match start {
+        Some(s) if now < s + window => (s, count),
+        _ => (now, 0),
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        self.keys.insert(key.key_hash, key.clone());
+        Ok(())
+    }
+
+    async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
+        Ok(self.keys.get(key_hash).map(|k| k.clone()))
+    }
+
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        let mut keys: Vec<_> = self.keys.iter().map(|k| k.clone()).collect();
+        keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(keys)
+    }
+
+    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        for mut k in self.keys.iter_mut() {
+            if k.id == id && k.revoked_at.is_none() {
+                k.revoked_at = Some(at);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn find_pending(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Uuid>> {
+        let Some(current) = self.subjects.get(subject).and_then(|s| s.current) else {
+            return Ok(None);
+        };
+        Ok(self
+            .verifications
+            .get(&current)
+            .filter(|v| v.tenant == tenant && v.is_pending_at(now))
+            .map(|v| v.id))
+    }
+
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
+        let planned = &plan.verification;
+        let mut subject = self.subjects.entry(planned.subject).or_default();
+
+        if let Some(last) = subject.last_sent_at {
+            let until = last + Duration::seconds(plan.cooldown_seconds.into());
+            if now < until {
+                return Ok(SendDecision::Cooldown {
+                    retry_after_seconds: seconds_until(now, until),
+                });
+            }
+        }
+        let window = Duration::seconds(plan.send_window_seconds.into());
+        let (window_start, window_count) =
+            current_window(subject.window_start, subject.window_count, window, now);
+        if window_count >= plan.max_sends_per_window {
+            return Ok(SendDecision::WindowExhausted {
+                retry_after_seconds: seconds_until(now, window_start + window),
+            });
+        }
+
+        let pending = subject.current.and_then(|id| {
+            self.verifications
+                .get(&id)
+                .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now))
+                .map(|v| v.id)
+        });
+        let previous_sent_at = subject.last_sent_at;
+        let decision = match pending {
+            Some(id) if id == planned.id => {
+                let Some(mut v) = self.verifications.get_mut(&id) else {
+                    return Ok(SendDecision::Conflict);
+                };
+                v.code_hash = planned.code_hash;
+                v.expires_at = planned.expires_at;
+                v.send_count += 1;
+                v.updated_at = now;
+                v.last_sent_at = now;
+                SendDecision::Replaced {
+                    verification: v.clone(),
+                    previous_sent_at,
+                }
+            }
+            Some(_) => return Ok(SendDecision::Conflict),
+            None if self.verifications.contains_key(&planned.id) => {
+                return Ok(SendDecision::Conflict);
+            }
+            None => {
+                self.verifications.insert(planned.id, planned.clone());
+                SendDecision::Created {
+                    verification: planned.clone(),
+                    previous_sent_at,
+                }
+            }
+        };
+        subject.current = Some(planned.id);
+        subject.last_sent_at = Some(now);
+        subject.window_start = Some(window_start);
+        subject.window_count = window_count + 1;
+        Ok(decision)
+    }
+
+    async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
+        if let Some(mut subject) = self.subjects.get_mut(&abort.subject) {
+            subject.last_sent_at = abort.previous_sent_at;
+            subject.window_count = subject.window_count.saturating_sub(1);
+        }
+        if let Some(mut v) = self.verifications.get_mut(&abort.verification_id)
+            && v.tenant == abort.tenant
+        {
+            v.status = Status::Failed;
+            v.code_hash = None;
+            v.updated_at = abort.at;
+        }
+        Ok(())
+    }
+
+    async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        let Some(mut v) = self.verifications.get_mut(&id) else {
+            return Ok(CheckOutcome::NotFound);
+        };
+        if v.tenant != tenant {
+            return Ok(CheckOutcome::NotFound);
+        }
+        if v.status == Status::MaxAttempts {
+            return Ok(CheckOutcome::MaxAttempts);
+        }
+        if !v.is_pending_at(now) {
+            return Ok(CheckOutcome::NotFound);
+        }
+        let Some(stored) = v.code_hash else {
+            return Ok(CheckOutcome::NotFound);
+        };
+        v.updated_at = now;
+        if Crypto::hashes_match(&stored, code_hash) {
+            v.status = Status::Approved;
+            v.code_hash = None;
+            return Ok(CheckOutcome::Approved(v.clone()));
+        }
+        v.attempts += 1;
+        if v.attempts >= v.max_attempts {
+            v.status = Status::MaxAttempts;
+            v.code_hash = None;
+        }
+        Ok(CheckOutcome::Wrong {
+            attempts_left: v.attempts_left(),
+        })
+    }
+
+    async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
+        Ok(self
+            .verifications
+            .get(&id)
+            .filter(|v| v.tenant == tenant)
+            .map(|v| v.clone()))
+    }
+
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CancelOutcome> {
+        let Some(mut v) = self.verifications.get_mut(&id) else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        if v.tenant != tenant || !v.is_pending_at(now) {
+            return Ok(CancelOutcome::NotFound);
+        }
+        v.status = Status::Canceled;
+        v.code_hash = None;
+        v.updated_at = now;
+        Ok(CancelOutcome::Canceled(v.clone()))
+    }
+
+    async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()> {
+        self.messages.insert(message.id, message.clone());
+        self.messages_by_verification
+            .entry(message.verification_id)
+            .or_default()
+            .push(message.id);
+        if let Some(pid) = &message.provider_message_id {
+            self.messages_by_provider_id
+                .insert((message.provider.clone(), pid.clone()), message.id);
+        }
+        Ok(())
+    }
+
+    async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>> {
+        Ok(self
+            .messages
+            .get(&id)
+            .filter(|m| m.tenant == tenant)
+            .map(|m| m.clone()))
+    }
+
+    async fn list_messages(
+        &self,
+        tenant: &str,
+        verification_id: Uuid,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let ids = self
+            .messages_by_verification
+            .get(&verification_id)
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.messages.get(id).map(|m| m.clone()))
+            .filter(|m| m.tenant == tenant)
+            .collect())
+    }
+
+    async fn update_message_by_provider_id(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        update: &MessageUpdate,
+    ) -> StoreResult<Option<MessageRecord>> {
+        let key = (provider.to_owned(), provider_message_id.to_owned());
+        let Some(id) = self.messages_by_provider_id.get(&key).map(|id| *id) else {
+            return Ok(None);
+        };
+        let Some(mut m) = self.messages.get_mut(&id) else {
+            return Ok(None);
+        };
+        if update.status.rank() > m.status.rank() {
+            m.status = update.status;
+            m.error = update.error.clone().or(m.error.take());
+            m.cost = update.cost.or(m.cost);
+            m.currency = update.currency.clone().or(m.currency.take());
+            m.updated_at = update.at;
+        }
+        Ok(Some(m.clone()))
+    }
+
+    async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()> {
+        let mut inbox = self.inbox.lock();
+        if inbox.len() == INBOX_CAPACITY {
+            inbox.pop_front();
+        }
+        inbox.push_back(entry.clone());
+        Ok(())
+    }
+
+    async fn list_inbox(
+        &self,
+        tenant: &str,
+        phone_index: Option<&[u8; 32]>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        let inbox = self.inbox.lock();
+        Ok(inbox
+            .iter()
+            .rev()
+            .filter(|e| e.tenant == tenant && e.expires_at > now)
+            .filter(|e| phone_index.is_none_or(|p| &e.phone_index == p))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn hit_rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RateDecision> {
+        let window = i64::from(window_seconds.max(1));
+        let slot = now.timestamp().div_euclid(window);
+        let mut entry = self.rate.entry(key.to_owned()).or_insert((slot, 0));
+        if entry.0 != slot {
+            *entry = (slot, 0);
+        }
+        if entry.1 >= limit {
+            let reset = DateTime::<Utc>::from_timestamp((slot + 1) * window, 0).unwrap_or(now);
+            return Ok(RateDecision::Limited {
+                retry_after_seconds: seconds_until(now, reset),
+            });
+        }
+        entry.1 += 1;
+        Ok(RateDecision::Allowed {
+            remaining: limit - entry.1,
+        })
+    }
+
+    async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        let mut touched = 0u64;
+        let mut forget = Vec::new();
+        for mut v in self.verifications.iter_mut() {
+            if touched >= u64::from(batch) {
+                break;
+            }
+            if v.status == Status::Pending && now >= v.expires_at {
+                v.status = Status::Expired;
+                v.code_hash = None;
+                v.updated_at = now;
+                touched += 1;
+            } else if v.status != Status::Pending && v.updated_at + KEEP_ENDED < now {
+                forget.push(v.id);
+            }
+        }
+        for id in forget {
+            self.verifications.remove(&id);
+            if let Some((_, msgs)) = self.messages_by_verification.remove(&id) {
+                for m in msgs {
+                    if let Some((_, m)) = self.messages.remove(&m)
+                        && let Some(pid) = m.provider_message_id
+                    {
+                        self.messages_by_provider_id.remove(&(m.provider, pid));
+                    }
+                }
+            }
+            touched += 1;
+        }
+        self.subjects
+            .retain(|_, s| s.last_sent_at.is_some_and(|t| t + KEEP_ENDED > now));
+        self.inbox.lock().retain(|e| e.expires_at > now);
+        Ok(touched)
+    }
+
+    async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        Ok(self
+            .verifications
+            .iter()
+            .filter(|v| v.is_pending_at(now))
+            .count() as u64)
+    }
+}

@@ -1,0 +1,224 @@
+//! Persistence behind one trait. Every operation that decides something
+//! (start a send, check a code, cancel) is a single atomic step in each backend:
+//! one Lua script, one SQL transaction, or one critical section in memory.
+
+pub mod memory;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::crypto::SealedPhone;
+use crate::domain::{ApiKeyRecord, DeliveryStatus, MessageRecord, SubjectKey, Verification};
+
+pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or timed out; callers answer 503.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something this code does not understand.
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What the service asks for when starting (or restarting) a send.
+#[derive(Debug, Clone)]
+pub struct SendPlan {
+    /// The verification to create. For a resend, `verification.id` is the id of
+    /// the pending verification the service saw; the store replaces its code,
+    /// expiry and send count and keeps its attempts.
+    pub verification: Verification,
+    pub cooldown_seconds: u32,
+    pub max_sends_per_window: u32,
+    pub send_window_seconds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendDecision {
+    /// A new verification was stored.
+    Created {
+        verification: Verification,
+        previous_sent_at: Option<DateTime<Utc>>,
+    },
+    /// The pending verification got a new code; attempts are kept.
+    Replaced {
+        verification: Verification,
+        previous_sent_at: Option<DateTime<Utc>>,
+    },
+    /// The subject's last send is too recent.
+    Cooldown { retry_after_seconds: u64 },
+    /// The subject has used its sends for the current window.
+    WindowExhausted { retry_after_seconds: u64 },
+    /// The subject's pending verification is not the one the plan named
+    /// (created, replaced or expired in between); the service plans again.
+    Conflict,
+}
+
+/// Undo of a send whose every route failed: nothing stays pending and the
+/// cooldown and window slot it took are given back.
+#[derive(Debug, Clone)]
+pub struct SendAbort {
+    pub tenant: String,
+    pub subject: SubjectKey,
+    pub verification_id: Uuid,
+    pub previous_sent_at: Option<DateTime<Utc>>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckOutcome {
+    /// Right code: the verification is now approved and its code hash erased.
+    Approved(Verification),
+    /// Wrong code, counted. At zero the verification is dead (`max_attempts`).
+    Wrong { attempts_left: u32 },
+    /// Attempts were already spent before this check.
+    MaxAttempts,
+    /// Nothing pending under that id (never existed, other tenant, expired, ended).
+    NotFound,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    Canceled(Verification),
+    NotFound,
+}
+
+/// A message the sandbox provider "delivered". Its body holds a code, so it is
+/// sealed like a phone number and lives only as long as the code could.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxEntry {
+    pub id: Uuid,
+    pub tenant: String,
+    pub phone_index: [u8; 32],
+    pub masked_to: String,
+    pub sealed_body: SealedPhone,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One fixed-window counter hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed { remaining: u32 },
+    Limited { retry_after_seconds: u64 },
+}
+
+/// A delivery-status update from a provider report or poll.
+#[derive(Debug, Clone)]
+pub struct MessageUpdate {
+    pub status: DeliveryStatus,
+    pub error: Option<String>,
+    pub cost: Option<f64>,
+    pub currency: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap reachability probe for `/health`.
+    async fn ping(&self) -> StoreResult<()>;
+
+    // --- API keys ---
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()>;
+    async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>>;
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// `false` when no active key has that id.
+    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool>;
+
+    // --- verifications ---
+    /// The id of the subject's pending (unexpired) verification, if any.
+    async fn find_pending(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Uuid>>;
+
+    /// Atomically: cooldown check, window check, then create or replace.
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision>;
+
+    async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()>;
+
+    /// Atomically: pending and unexpired, attempts left, constant-time hash
+    /// compare, then approve (erasing the hash) or count the failure.
+    async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome>;
+
+    async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>>;
+
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CancelOutcome>;
+
+    // --- messages (delivery attempts) ---
+    async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()>;
+    async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>>;
+    /// Oldest first.
+    async fn list_messages(
+        &self,
+        tenant: &str,
+        verification_id: Uuid,
+    ) -> StoreResult<Vec<MessageRecord>>;
+    /// Moves a message's status forward only; returns the record after the update,
+    /// or `None` when no message has that provider id.
+    async fn update_message_by_provider_id(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        update: &MessageUpdate,
+    ) -> StoreResult<Option<MessageRecord>>;
+
+    // --- sandbox inbox ---
+    async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()>;
+    /// Newest first, unexpired only.
+    async fn list_inbox(
+        &self,
+        tenant: &str,
+        phone_index: Option<&[u8; 32]>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>>;
+
+    // --- shared counters (rate limits that must hold across instances) ---
+    /// Counts one hit on `key` in the fixed window of `window_seconds` containing
+    /// `now`; refuses (without counting) once `limit` hits are in the window.
+    async fn hit_rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RateDecision>;
+
+    // --- housekeeping ---
+    /// Ends up to `batch` verifications whose TTL has passed (erasing their code
+    /// hashes) and deletes expired inbox entries; returns how many were touched.
+    async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
+
+    /// Pending, unexpired verifications across all tenants (for gauges; may scan).
+    async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Seconds from `now` until `until`, rounded up and at least 1.
+pub fn seconds_until(now: DateTime<Utc>, until: DateTime<Utc>) -> u64 {
+    let ms = (until - now).num_milliseconds();
+    (ms.max(1) as u64).div_ceil(1000)
+}

@@ -1,0 +1,773 @@
+//! The conformance suite every `Store` backend must pass. Each case takes a fresh
+//! store handle; cases use their own random tenants and subjects so that backends
+//! shared between tests (Redis, PostgreSQL) can run them in parallel.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use otpd::crypto::Crypto;
+use otpd::domain::{
+    ApiKeyRecord, Code, DeliveryStatus, MessageRecord, PhoneNumber, Status, SubjectKey,
+    Verification,
+};
+use otpd::store::{
+    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
+    SendPlan, Store,
+};
+use uuid::Uuid;
+
+pub type DynStore = Arc<dyn Store>;
+
+const MAX_ATTEMPTS: u32 = 5;
+
+fn t0() -> DateTime<Utc> {
+    // Millisecond precision: every backend must round-trip it exactly.
+    Utc.timestamp_millis_opt(1_900_000_000_123)
+        .single()
+        .unwrap()
+}
+
+fn tenant() -> String {
+    format!("tenant-{}", Uuid::new_v4().simple())
+}
+
+fn subject() -> SubjectKey {
+    let mut k = [0u8; 32];
+    k[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+    k[16..].copy_from_slice(Uuid::new_v4().as_bytes());
+    SubjectKey(k)
+}
+
+fn crypto() -> Crypto {
+    Crypto::for_tests()
+}
+
+struct Fixture {
+    tenant: String,
+    subject: SubjectKey,
+    crypto: Crypto,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            tenant: tenant(),
+            subject: subject(),
+            crypto: crypto(),
+        }
+    }
+
+    fn verification(&self, id: Uuid, code: &str, now: DateTime<Utc>) -> Verification {
+        let phone = PhoneNumber::parse("+31651860670").unwrap();
+        Verification {
+            id,
+            tenant: self.tenant.clone(),
+            subject: self.subject,
+            purpose: "login".into(),
+            uid: None,
+            phone: self.crypto.seal_phone(&phone).unwrap(),
+            masked_to: phone.masked(),
+            country: Some("NL".into()),
+            code_hash: Some(self.hash(id, code)),
+            status: Status::Pending,
+            attempts: 0,
+            max_attempts: MAX_ATTEMPTS,
+            send_count: 1,
+            created_at: now,
+            updated_at: now,
+            expires_at: now + Duration::seconds(300),
+            last_sent_at: now,
+        }
+    }
+
+    fn hash(&self, id: Uuid, code: &str) -> [u8; 32] {
+        self.crypto.code_hash(id, &Code::parse(code).unwrap())
+    }
+
+    fn plan(&self, v: Verification) -> SendPlan {
+        SendPlan {
+            verification: v,
+            cooldown_seconds: 30,
+            max_sends_per_window: 3,
+            send_window_seconds: 600,
+        }
+    }
+
+    /// Creates a pending verification with `code`; returns its id.
+    async fn start(&self, store: &DynStore, code: &str, now: DateTime<Utc>) -> Uuid {
+        let id = Uuid::new_v4();
+        let decision = store
+            .start_send(&self.plan(self.verification(id, code, now)), now)
+            .await
+            .unwrap();
+        assert!(
+            matches!(decision, SendDecision::Created { .. }),
+            "{decision:?}"
+        );
+        id
+    }
+}
+
+pub async fn created_verification_reads_back_exactly(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = Uuid::new_v4();
+    let v = f.verification(id, "123456", now);
+    store.start_send(&f.plan(v.clone()), now).await.unwrap();
+    assert_eq!(
+        store.get_verification(&f.tenant, id).await.unwrap(),
+        Some(v)
+    );
+    assert_eq!(
+        store
+            .find_pending(&f.tenant, &f.subject, now)
+            .await
+            .unwrap(),
+        Some(id)
+    );
+}
+
+pub async fn right_code_approves_once(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let outcome = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .await
+        .unwrap();
+    let CheckOutcome::Approved(v) = outcome else {
+        panic!("expected approval, got {outcome:?}");
+    };
+    assert_eq!(v.status, Status::Approved);
+    assert_eq!(v.code_hash, None, "secret material is erased on approval");
+    let again = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .await
+        .unwrap();
+    assert_eq!(again, CheckOutcome::NotFound, "a code is single use");
+    assert_eq!(
+        store
+            .find_pending(&f.tenant, &f.subject, now)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+pub async fn wrong_guesses_count_down_then_kill(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    for left in (0..MAX_ATTEMPTS).rev() {
+        let outcome = store
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            CheckOutcome::Wrong {
+                attempts_left: left
+            }
+        );
+    }
+    let right = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        right,
+        CheckOutcome::MaxAttempts,
+        "the right code fails once attempts are spent"
+    );
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status, Status::MaxAttempts);
+    assert_eq!(v.code_hash, None);
+}
+
+pub async fn expired_code_is_not_found(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let later = now + Duration::seconds(300);
+    let outcome = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), later)
+        .await
+        .unwrap();
+    assert_eq!(outcome, CheckOutcome::NotFound);
+    assert_eq!(
+        store
+            .find_pending(&f.tenant, &f.subject, later)
+            .await
+            .unwrap(),
+        None
+    );
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status_at(later), Status::Expired);
+}
+
+pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    store
+        .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+        .await
+        .unwrap();
+
+    let soon = now + Duration::seconds(10);
+    let blocked = store
+        .start_send(&f.plan(f.verification(id, "222222", soon)), soon)
+        .await
+        .unwrap();
+    assert_eq!(
+        blocked,
+        SendDecision::Cooldown {
+            retry_after_seconds: 20
+        }
+    );
+
+    let later = now + Duration::seconds(31);
+    let mut resend = f.verification(id, "222222", later);
+    resend.expires_at = later + Duration::seconds(300);
+    let decision = store.start_send(&f.plan(resend), later).await.unwrap();
+    let SendDecision::Replaced {
+        verification,
+        previous_sent_at,
+    } = decision
+    else {
+        panic!("expected replace, got {decision:?}");
+    };
+    assert_eq!(previous_sent_at, Some(now));
+    assert_eq!(verification.id, id);
+    assert_eq!(
+        verification.attempts, 1,
+        "a resend never restores spent attempts"
+    );
+    assert_eq!(verification.send_count, 2);
+    assert_eq!(verification.expires_at, later + Duration::seconds(300));
+
+    let old = store
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), later)
+        .await
+        .unwrap();
+    assert_eq!(
+        old,
+        CheckOutcome::Wrong {
+            attempts_left: MAX_ATTEMPTS - 2
+        },
+        "the old code is replaced"
+    );
+    let new = store
+        .check_code(&f.tenant, id, &f.hash(id, "222222"), later)
+        .await
+        .unwrap();
+    assert!(matches!(new, CheckOutcome::Approved(_)));
+}
+
+pub async fn plan_for_a_stale_id_conflicts(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let later = now + Duration::seconds(60);
+    let other = Uuid::new_v4();
+    let decision = store
+        .start_send(&f.plan(f.verification(other, "222222", later)), later)
+        .await
+        .unwrap();
+    assert_eq!(
+        decision,
+        SendDecision::Conflict,
+        "a pending verification exists under another id"
+    );
+
+    // Once the first has expired, planning a resend of it conflicts too.
+    let expired = now + Duration::seconds(400);
+    let decision = store
+        .start_send(&f.plan(f.verification(id, "333333", expired)), expired)
+        .await
+        .unwrap();
+    assert_eq!(decision, SendDecision::Conflict);
+    let fresh = Uuid::new_v4();
+    let decision = store
+        .start_send(&f.plan(f.verification(fresh, "333333", expired)), expired)
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Created { .. }),
+        "{decision:?}"
+    );
+}
+
+pub async fn send_window_limits_resends(store: DynStore) {
+    let f = Fixture::new();
+    let mut now = t0();
+    let id = f.start(&store, "111111", now).await;
+    for _ in 0..2 {
+        now += Duration::seconds(31);
+        let d = store
+            .start_send(&f.plan(f.verification(id, "111111", now)), now)
+            .await
+            .unwrap();
+        assert!(matches!(d, SendDecision::Replaced { .. }), "{d:?}");
+    }
+    now += Duration::seconds(31);
+    let d = store
+        .start_send(&f.plan(f.verification(id, "111111", now)), now)
+        .await
+        .unwrap();
+    // Window of 600 s opened at t0; 93 s have passed.
+    assert_eq!(
+        d,
+        SendDecision::WindowExhausted {
+            retry_after_seconds: 507
+        }
+    );
+}
+
+pub async fn spent_attempts_do_not_skip_cooldown_or_window(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    for _ in 0..MAX_ATTEMPTS {
+        store
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+            .await
+            .unwrap();
+    }
+    let fresh = Uuid::new_v4();
+    let d = store
+        .start_send(&f.plan(f.verification(fresh, "222222", now)), now)
+        .await
+        .unwrap();
+    assert!(matches!(d, SendDecision::Cooldown { .. }), "{d:?}");
+}
+
+pub async fn abort_releases_cooldown_and_leaves_nothing_pending(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    store
+        .abort_send(&SendAbort {
+            tenant: f.tenant.clone(),
+            subject: f.subject,
+            verification_id: id,
+            previous_sent_at: None,
+            at: now,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .find_pending(&f.tenant, &f.subject, now)
+            .await
+            .unwrap(),
+        None
+    );
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status, Status::Failed);
+    assert_eq!(v.code_hash, None);
+    let check = store
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), now)
+        .await
+        .unwrap();
+    assert_eq!(check, CheckOutcome::NotFound);
+    // The cooldown slot was given back: an immediate new send is accepted.
+    f.start(&store, "222222", now).await;
+}
+
+pub async fn cancel_ends_a_pending_verification(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    assert_eq!(
+        store.cancel("someone-else", id, now).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+    let CancelOutcome::Canceled(v) = store.cancel(&f.tenant, id, now).await.unwrap() else {
+        panic!("expected cancel");
+    };
+    assert_eq!(v.status, Status::Canceled);
+    assert_eq!(
+        store.cancel(&f.tenant, id, now).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+    let check = store
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), now)
+        .await
+        .unwrap();
+    assert_eq!(check, CheckOutcome::NotFound);
+}
+
+pub async fn tenants_are_isolated(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let other = tenant();
+    assert_eq!(store.get_verification(&other, id).await.unwrap(), None);
+    assert_eq!(
+        store
+            .check_code(&other, id, &f.hash(id, "111111"), now)
+            .await
+            .unwrap(),
+        CheckOutcome::NotFound
+    );
+    assert_eq!(
+        store.find_pending(&other, &f.subject, now).await.unwrap(),
+        None
+    );
+    // And the other tenant's probe did not cost the owner an attempt.
+    let owner = store
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), now)
+        .await
+        .unwrap();
+    assert!(matches!(owner, CheckOutcome::Approved(_)));
+}
+
+pub async fn concurrent_right_checks_approve_exactly_once(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let hash = f.hash(id, "123456");
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (store, f) = (store.clone(), f.clone());
+            tokio::spawn(async move { store.check_code(&f.tenant, id, &hash, now).await.unwrap() })
+        })
+        .collect();
+    let mut approved = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            CheckOutcome::Approved(_) => approved += 1,
+            CheckOutcome::NotFound => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(approved, 1);
+}
+
+pub async fn racing_wrong_guesses_never_exceed_the_limit(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let (store, f) = (store.clone(), f.clone());
+            let guess = f.hash(id, &format!("{:06}", 200_000 + i));
+            tokio::spawn(async move { store.check_code(&f.tenant, id, &guess, now).await.unwrap() })
+        })
+        .collect();
+    let mut counted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            CheckOutcome::Wrong { .. } => counted += 1,
+            CheckOutcome::MaxAttempts => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        counted, MAX_ATTEMPTS,
+        "exactly max_attempts wrong guesses are counted"
+    );
+    let right = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .await
+        .unwrap();
+    assert_eq!(right, CheckOutcome::MaxAttempts);
+}
+
+pub async fn racing_sends_accept_exactly_one(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (store, f) = (store.clone(), f.clone());
+            tokio::spawn(async move {
+                let plan = f.plan(f.verification(Uuid::new_v4(), "123456", now));
+                store.start_send(&plan, now).await.unwrap()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            SendDecision::Created { .. } => created += 1,
+            SendDecision::Cooldown { .. } | SendDecision::Conflict => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(created, 1);
+}
+
+pub async fn api_keys_lifecycle(store: DynStore) {
+    let now = t0();
+    let hash = *Uuid::new_v4().as_bytes();
+    let mut key_hash = [0u8; 32];
+    key_hash[..16].copy_from_slice(&hash);
+    let record = ApiKeyRecord {
+        id: format!("key_{}", Uuid::new_v4().simple()),
+        tenant: tenant(),
+        key_hash,
+        created_at: now,
+        revoked_at: None,
+    };
+    store.insert_api_key(&record).await.unwrap();
+    assert_eq!(
+        store.find_api_key(&key_hash).await.unwrap(),
+        Some(record.clone())
+    );
+    assert!(store.list_api_keys().await.unwrap().contains(&record));
+    assert!(store.revoke_api_key(&record.id, now).await.unwrap());
+    assert!(
+        !store.revoke_api_key(&record.id, now).await.unwrap(),
+        "already revoked"
+    );
+    let revoked = store.find_api_key(&key_hash).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(now));
+    assert!(!store.revoke_api_key("key_nope", now).await.unwrap());
+}
+
+fn message(
+    tenant: &str,
+    verification_id: Uuid,
+    provider_id: &str,
+    at: DateTime<Utc>,
+) -> MessageRecord {
+    MessageRecord {
+        id: Uuid::new_v4(),
+        verification_id,
+        tenant: tenant.to_owned(),
+        route_id: 3,
+        provider: "bridgexapi".into(),
+        provider_message_id: Some(provider_id.to_owned()),
+        masked_to: "+*******0670".into(),
+        country: Some("NL".into()),
+        status: DeliveryStatus::Queued,
+        error: None,
+        cost: Some(0.05),
+        currency: Some("EUR".into()),
+        latency_ms: 12,
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+pub async fn messages_record_attempts_and_only_move_forward(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let vid = f.start(&store, "111111", now).await;
+    let pid_a = format!("BX-{}", Uuid::new_v4().simple());
+    let pid_b = format!("BX-{}", Uuid::new_v4().simple());
+    let a = message(&f.tenant, vid, &pid_a, now);
+    let b = message(&f.tenant, vid, &pid_b, now + Duration::seconds(1));
+    store.insert_message(&a).await.unwrap();
+    store.insert_message(&b).await.unwrap();
+    assert_eq!(
+        store.list_messages(&f.tenant, vid).await.unwrap(),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(store.list_messages("other", vid).await.unwrap(), vec![]);
+    assert_eq!(
+        store.get_message(&f.tenant, a.id).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(store.get_message("other", a.id).await.unwrap(), None);
+
+    let delivered = MessageUpdate {
+        status: DeliveryStatus::Delivered,
+        error: None,
+        cost: None,
+        currency: None,
+        at: now + Duration::seconds(5),
+    };
+    let updated = store
+        .update_message_by_provider_id("bridgexapi", &pid_a, &delivered)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.status, DeliveryStatus::Delivered);
+    assert_eq!(
+        updated.cost,
+        Some(0.05),
+        "cost survives an update that carries none"
+    );
+    let late = MessageUpdate {
+        status: DeliveryStatus::Sent,
+        at: now + Duration::seconds(9),
+        ..delivered.clone()
+    };
+    let after = store
+        .update_message_by_provider_id("bridgexapi", &pid_a, &late)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        after.status,
+        DeliveryStatus::Delivered,
+        "a late 'sent' never overwrites 'delivered'"
+    );
+    assert_eq!(after.updated_at, now + Duration::seconds(5));
+    assert_eq!(
+        store
+            .update_message_by_provider_id("bridgexapi", "BX-unknown", &delivered)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+pub async fn inbox_lists_newest_first_per_tenant_and_number(store: DynStore) {
+    let c = crypto();
+    let now = t0();
+    let t = tenant();
+    let entry = |idx: u8, secs: i64| InboxEntry {
+        id: Uuid::new_v4(),
+        tenant: t.clone(),
+        phone_index: [idx; 32],
+        masked_to: "+*******0670".into(),
+        sealed_body: c.seal(format!("code {secs}").as_bytes()).unwrap(),
+        created_at: now + Duration::seconds(secs),
+        expires_at: now + Duration::seconds(secs + 60),
+    };
+    let (a, b, other_number) = (entry(1, 0), entry(1, 1), entry(2, 2));
+    for e in [&a, &b, &other_number] {
+        store.push_inbox(e).await.unwrap();
+    }
+    let listed = store
+        .list_inbox(&t, Some(&[1; 32]), now + Duration::seconds(3), 10)
+        .await
+        .unwrap();
+    assert_eq!(listed, vec![b.clone(), a.clone()]);
+    let all = store
+        .list_inbox(&t, None, now + Duration::seconds(3), 10)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0], other_number);
+    assert_eq!(
+        store.list_inbox(&tenant(), None, now, 10).await.unwrap(),
+        vec![]
+    );
+    let after_expiry = store
+        .list_inbox(&t, Some(&[1; 32]), now + Duration::seconds(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(after_expiry, vec![b], "expired entries are not listed");
+}
+
+pub async fn rate_limit_counts_per_window(store: DynStore) {
+    let key = format!("test:{}", Uuid::new_v4().simple());
+    // Aligned to a 60 s window boundary.
+    let start = Utc.timestamp_opt(1_900_000_020, 0).single().unwrap();
+    for remaining in (0..3).rev() {
+        let d = store.hit_rate_limit(&key, 3, 60, start).await.unwrap();
+        assert_eq!(d, RateDecision::Allowed { remaining });
+    }
+    let d = store
+        .hit_rate_limit(&key, 3, 60, start + Duration::seconds(15))
+        .await
+        .unwrap();
+    assert_eq!(
+        d,
+        RateDecision::Limited {
+            retry_after_seconds: 45
+        }
+    );
+    let next = store
+        .hit_rate_limit(&key, 3, 60, start + Duration::seconds(60))
+        .await
+        .unwrap();
+    assert_eq!(next, RateDecision::Allowed { remaining: 2 });
+}
+
+pub async fn purge_ends_expired_verifications(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let later = now + Duration::seconds(301);
+    let mut purged = 0;
+    // Other tests may share the backend: purge until ours is done, bounded.
+    for _ in 0..1000 {
+        purged += store.purge_expired(later, 500).await.unwrap();
+        let v = store
+            .get_verification(&f.tenant, id)
+            .await
+            .unwrap()
+            .unwrap();
+        if v.status == Status::Expired {
+            assert_eq!(v.code_hash, None, "expired secrets are erased");
+            assert!(purged >= 1);
+            return;
+        }
+    }
+    panic!("purge never reached the expired verification");
+}
+
+pub async fn count_pending_sees_new_verifications(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let before = store.count_pending(now).await.unwrap();
+    f.start(&store, "111111", now).await;
+    let after = store.count_pending(now).await.unwrap();
+    assert!(after > before, "{before} -> {after}");
+}
+
+/// Generates one `#[tokio::test]` per contract case for a backend. `$factory` is an
+/// async closure returning `Option<DynStore>`; `None` skips (and says so).
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($backend:ident, $factory:expr) => {
+        mod $backend {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::store_contract_tests!(@cases $factory;
+                created_verification_reads_back_exactly,
+                right_code_approves_once,
+                wrong_guesses_count_down_then_kill,
+                expired_code_is_not_found,
+                cooldown_then_resend_keeps_attempts,
+                plan_for_a_stale_id_conflicts,
+                send_window_limits_resends,
+                spent_attempts_do_not_skip_cooldown_or_window,
+                abort_releases_cooldown_and_leaves_nothing_pending,
+                cancel_ends_a_pending_verification,
+                tenants_are_isolated,
+                concurrent_right_checks_approve_exactly_once,
+                racing_wrong_guesses_never_exceed_the_limit,
+                racing_sends_accept_exactly_one,
+                api_keys_lifecycle,
+                messages_record_attempts_and_only_move_forward,
+                inbox_lists_newest_first_per_tenant_and_number,
+                rate_limit_counts_per_window,
+                purge_ends_expired_verifications,
+                count_pending_sees_new_verifications
+            );
+        }
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let Some(store) = ($factory)().await else { return };
+                $crate::store_contract::$case(store).await;
+            }
+        )*
+    };
+}
+
+store_contract_tests!(memory, || async {
+    Some(Arc::new(otpd::store::MemoryStore::new()) as DynStore)
+});
+
+// SQLITE_CONTRACT (wired in when SqliteStore lands)
