@@ -3,6 +3,8 @@
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
 pub mod memory;
+pub mod postgres;
+mod sql_common;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, DeliveryStatus, MessageRecord, SubjectKey, Verification};
 
 pub use memory::MemoryStore;
-pub use sqlite::SqliteStore;
+pub use postgres::PostgresStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
