@@ -278,7 +278,7 @@ impl Store for PostgresStore {
         let state = lock_subject(&mut tx, &planned.tenant, &planned.subject).await?;
         let window = match admit_send(&state, plan, now) {
             Ok(window) => window,
-            Err(refusal) => return Ok(refusal),
+            Err(refusal) => return Ok(refusal.into()),
         };
 
         let pending = match state.current {

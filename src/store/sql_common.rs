@@ -252,17 +252,40 @@ pub(crate) struct Window {
     pub count: u32,
 }
 
+/// Why a send was refused before any verification was looked at.
+pub(crate) enum Refusal {
+    Cooldown { retry_after_seconds: u64 },
+    WindowExhausted { retry_after_seconds: u64 },
+}
+
+impl From<Refusal> for SendDecision {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Cooldown {
+                retry_after_seconds,
+            } => SendDecision::Cooldown {
+                retry_after_seconds,
+            },
+            Refusal::WindowExhausted {
+                retry_after_seconds,
+            } => SendDecision::WindowExhausted {
+                retry_after_seconds,
+            },
+        }
+    }
+}
+
 /// Cooldown and window checks of `Store::start_send`, before any pending
-/// verification is looked at. `Err` is the refusal to return as is.
+/// verification is looked at.
 pub(crate) fn admit_send(
     state: &SubjectState,
     plan: &SendPlan,
     now: DateTime<Utc>,
-) -> Result<Window, SendDecision> {
+) -> Result<Window, Refusal> {
     if let Some(last) = state.last_sent_at {
         let until = last + Duration::seconds(plan.cooldown_seconds.into());
         if now < until {
-            return Err(SendDecision::Cooldown {
+            return Err(Refusal::Cooldown {
                 retry_after_seconds: seconds_until(now, until),
             });
         }
@@ -279,7 +302,7 @@ pub(crate) fn admit_send(
         },
     };
     if window.count >= plan.max_sends_per_window {
-        return Err(SendDecision::WindowExhausted {
+        return Err(Refusal::WindowExhausted {
             retry_after_seconds: seconds_until(now, window.start + length),
         });
     }

@@ -235,7 +235,7 @@ impl Store for SqliteStore {
         });
         let window = match admit_send(&state, plan, now) {
             Ok(window) => window,
-            Err(refusal) => return Ok(refusal),
+            Err(refusal) => return Ok(refusal.into()),
         };
 
         let pending = match state.current {
@@ -676,5 +676,57 @@ impl Store for SqliteStore {
         .await
         .map_err(map_sqlx)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open_in_tempdir(options: SqliteOptions) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with(&dir.path().join("otpd.db"), options)
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    async fn synchronous(pool: &SqlitePool) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn durability_settings_are_applied() {
+        let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(synchronous(&store.writer).await, 1, "NORMAL by default");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+
+        let full = SqliteOptions {
+            synchronous_full: true,
+            ..SqliteOptions::default()
+        };
+        let (_dir, store) = open_in_tempdir(full).await;
+        assert_eq!(synchronous(&store.writer).await, 2, "FULL when asked");
+    }
+
+    #[tokio::test]
+    async fn readers_cannot_write() {
+        let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
+        let write = sqlx::query("DELETE FROM api_keys")
+            .execute(&store.reader)
+            .await;
+        assert!(write.is_err(), "a reader connection must refuse writes");
     }
 }
