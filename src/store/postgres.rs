@@ -682,11 +682,13 @@ impl Store for PostgresStore {
         let mut budget = u64::from(batch);
         // Each step spends what is left of the batch, so one call touches at
         // most `batch` rows. The subqueries walk the expiry indexes and skip
-        // rows a request holds locked rather than waiting for them.
+        // rows a request holds locked rather than waiting for them, so the purge
+        // never blocks a request (nor deadlocks with one). A row whose status
+        // changed before it was locked is re-checked by `FOR UPDATE` and dropped.
         let steps: [(&'static str, i64); 4] = [
             (
                 "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = $1
-                 WHERE status = 'pending' AND id IN
+                 WHERE id IN
                      (SELECT id FROM verifications
                       WHERE status = 'pending' AND expires_at <= $1
                       LIMIT $2 FOR UPDATE SKIP LOCKED)",

@@ -13,7 +13,7 @@ use otpd::store::{
 };
 use uuid::Uuid;
 
-use crate::store_contract::DynStore;
+use crate::store_contract::{DynStore, postgres_store};
 
 fn t0() -> DateTime<Utc> {
     Utc.timestamp_millis_opt(1_900_000_000_456)
@@ -128,17 +128,13 @@ async fn sqlite_verification_survives_reopening_the_file() {
     assert!(matches!(right, CheckOutcome::Approved(_)), "{right:?}");
 }
 
-#[tokio::test]
-async fn sqlite_purge_touches_at_most_its_batch() {
+async fn purge_touches_at_most_its_batch(store: &dyn Store) {
     let crypto = Crypto::for_tests();
-    let store = SqliteStore::open(&scratch_dir().join("otpd.db"))
-        .await
-        .unwrap();
     let now = t0();
     let mut ids = Vec::new();
     for _ in 0..3 {
         let plan = plan(&crypto, "acme", random_subject(), now);
-        ids.push(create(&store, &plan, now).await.id);
+        ids.push(create(store, &plan, now).await.id);
     }
     for i in 0..3 {
         store
@@ -181,6 +177,21 @@ async fn sqlite_purge_touches_at_most_its_batch() {
     for id in &ids {
         let v = store.get_verification("acme", *id).await.unwrap().unwrap();
         assert_eq!(v.status, Status::Expired);
+    }
+}
+
+#[tokio::test]
+async fn sqlite_purge_touches_at_most_its_batch() {
+    let store = SqliteStore::open(&scratch_dir().join("otpd.db"))
+        .await
+        .unwrap();
+    purge_touches_at_most_its_batch(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_purge_touches_at_most_its_batch() {
+    if let Some(store) = postgres_store().await {
+        purge_touches_at_most_its_batch(store.as_ref()).await;
     }
 }
 
