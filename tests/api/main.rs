@@ -3,6 +3,7 @@
 
 mod helpers;
 mod service;
+mod sql_stores;
 mod store_contract;
 mod v1;
 
