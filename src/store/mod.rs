@@ -3,6 +3,7 @@
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, DeliveryStatus, MessageRecord, SubjectKey, Verification};
 
 pub use memory::MemoryStore;
+pub use self::redis::RedisStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

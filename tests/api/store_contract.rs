@@ -771,3 +771,22 @@ store_contract_tests!(memory, || async {
 });
 
 // SQLITE_CONTRACT (wired in when SqliteStore lands)
+
+/// A Redis store under a fresh key prefix, or `None` (with a note) when `var` is unset.
+pub async fn redis_store_from_env(var: &str) -> Option<DynStore> {
+    let Some(url) = std::env::var(var).ok().filter(|u| !u.is_empty()) else {
+        eprintln!("skipping: {var} is not set");
+        return None;
+    };
+    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+    let store = otpd::store::RedisStore::connect_with_prefix(&url, &prefix)
+        .await
+        .unwrap();
+    Some(Arc::new(store) as DynStore)
+}
+
+store_contract_tests!(redis, || redis_store_from_env("OTPD_TEST_REDIS_URL"));
+
+store_contract_tests!(redis_cluster, || redis_store_from_env(
+    "OTPD_TEST_REDIS_CLUSTER_URL"
+));
