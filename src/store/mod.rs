@@ -15,8 +15,8 @@ use uuid::Uuid;
 use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, DeliveryStatus, MessageRecord, SubjectKey, Verification};
 
-pub use memory::MemoryStore;
 pub use self::redis::RedisStore;
+pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -38,7 +38,10 @@ use std::time::Duration as StdDuration;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, Value};
+use ::redis::io::tcp::TcpSettings;
+use ::redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value,
+};
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
@@ -69,6 +72,9 @@ const RESPONSE_TIMEOUT: StdDuration = StdDuration::from_secs(2);
 /// Whole-operation bound (reconnects and several round trips included), so a dead
 /// or black-holed Redis turns into `Unavailable` instead of a hung request.
 const OPERATION_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+/// Unacknowledged data this old means the peer is gone: drop the connection so
+/// that the next command reconnects.
+const DEAD_PEER_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 const CONNECT_BUDGET: StdDuration = StdDuration::from_secs(10);
 /// How many purge scripts run at once.
 const PURGE_CONCURRENCY: usize = 32;
@@ -197,16 +203,21 @@ async fn open(url: &str) -> StoreResult<Conn> {
             .overall_response_timeout(Some(2 * RESPONSE_TIMEOUT))
             .retries(3)
             .max_retry_wait(500)
+            .tcp_settings(tcp_settings())
             .build()
             .map_err(|e| StoreError::Unavailable(format!("invalid redis cluster url: {e}")))?;
         let conn = client.get_async_connection().await.map_err(store_error)?;
         return Ok(Conn::Cluster(conn));
     }
-    let client = ::redis::Client::open(url).map_err(|_| {
-        StoreError::Unavailable(
-            "invalid redis url (expected redis://, rediss:// or redis+cluster://)".into(),
-        )
-    })?;
+    let info = url
+        .into_connection_info()
+        .map_err(|_| {
+            StoreError::Unavailable(
+                "invalid redis url (expected redis://, rediss:// or redis+cluster://)".into(),
+            )
+        })?
+        .set_tcp_settings(tcp_settings());
+    let client = ::redis::Client::open(info).map_err(store_error)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -216,6 +227,16 @@ async fn open(url: &str) -> StoreResult<Conn> {
         .await
         .map_err(store_error)?;
     Ok(Conn::Node(manager))
+}
+
+fn tcp_settings() -> TcpSettings {
+    let settings = TcpSettings::default().set_nodelay(true);
+    // A response timeout alone never replaces a connection; a peer that vanished
+    // without a reset (host down, network cut) would otherwise keep every command
+    // timing out until the kernel gives up, minutes later.
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(DEAD_PEER_TIMEOUT);
+    settings
 }
 
 /// Node URLs of a `redis+cluster://` / `rediss+cluster://` URL; `None` for other schemes.
@@ -254,7 +275,11 @@ fn store_error(e: RedisError) -> StoreError {
 async fn bounded<T>(op: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
     tokio::time::timeout(OPERATION_TIMEOUT, op)
         .await
-        .unwrap_or_else(|_| Err(StoreError::Unavailable("redis did not answer in time".into())))
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            ))
+        })
 }
 
 struct Keys {
@@ -769,7 +794,7 @@ struct Fields(HashMap<String, String>);
 
 impl Fields {
     fn from_flat(flat: &[String]) -> StoreResult<Self> {
-        if flat.len() % 2 != 0 {
+        if !flat.len().is_multiple_of(2) {
             return Err(StoreError::Corrupt("odd field list from redis".into()));
         }
         Ok(Self(
@@ -1373,7 +1398,11 @@ impl Store for RedisStore {
                 .arg(ms(update.at));
             add_pairs(
                 &mut inv,
-                optional_message_pairs(update.error.as_ref(), update.cost, update.currency.as_ref()),
+                optional_message_pairs(
+                    update.error.as_ref(),
+                    update.cost,
+                    update.currency.as_ref(),
+                ),
             );
             let flat: Option<Vec<String>> = inv
                 .invoke_async(&mut self.conn())
@@ -1394,10 +1423,7 @@ impl Store for RedisStore {
             let ttl = (entry.expires_at - entry.created_at)
                 .num_milliseconds()
                 .max(1);
-            let mut inv = self
-                .scripts
-                .push_inbox
-                .key(format!("{tag}:e:{}", entry.id));
+            let mut inv = self.scripts.push_inbox.key(format!("{tag}:e:{}", entry.id));
             inv.key(format!("{tag}:all"))
                 .key(format!("{tag}:n:{}", hex::encode(entry.phone_index)))
                 .key(format!("{tag}:seq"))
@@ -1586,7 +1612,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             nodes,
-            ["rediss://u:p%40ss@a:1/#insecure", "rediss://u:p%40ss@b:2/#insecure"]
+            [
+                "rediss://u:p%40ss@a:1/#insecure",
+                "rediss://u:p%40ss@b:2/#insecure"
+            ]
         );
         assert!(cluster_nodes("redis://127.0.0.1:6379").is_none());
         assert!(cluster_nodes("redis+cluster://").unwrap().is_err());
@@ -1609,11 +1638,16 @@ mod tests {
         };
         let subject = hex::encode([7u8; 32]);
         let id = Uuid::new_v4();
-        let tag = hash_tag(&keys.state(&subject));
+        let state = keys.state(&subject);
+        let tag = hash_tag(&state);
         assert_eq!(tag, format!("otpd:s:{subject}"));
         assert_eq!(hash_tag(&keys.record(&subject, id)), tag);
         assert_eq!(
-            hash_tag(&format!("{}{}", keys.record_prefix(&subject), Uuid::new_v4())),
+            hash_tag(&format!(
+                "{}{}",
+                keys.record_prefix(&subject),
+                Uuid::new_v4()
+            )),
             tag
         );
         let vid = Uuid::new_v4();
@@ -1626,7 +1660,10 @@ mod tests {
             hash_tag(&keys.api_key(&[1u8; 32]))
         );
         let inbox = keys.inbox_tag("tenant-}{");
-        assert_eq!(hash_tag(&format!("{inbox}:all")), hash_tag(&format!("{inbox}:e:x")));
+        assert_eq!(
+            hash_tag(&format!("{inbox}:all")),
+            hash_tag(&format!("{inbox}:e:x"))
+        );
     }
 
     #[test]
