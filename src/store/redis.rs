@@ -6,10 +6,13 @@
 //! URLs:
 //! - `redis://[user:pass@]host:port[/db]`, `rediss://…` (TLS) — one node.
 //! - `redis+cluster://[user:pass@]host1:port1,host2:port2,…` (`rediss+cluster://`
-//!   for TLS) — a Redis Cluster, discovered from any of the listed nodes. A path,
-//!   query or fragment (e.g. `#insecure`) applies to every node.
+//!   for TLS) — a Redis Cluster, discovered from any of the listed nodes. A path
+//!   or query applies to every node.
 //!
-//! Needs Redis ≥ 6.2 or Valkey (scripts use `ZADD … GT` and the `bit` library).
+//! TLS verifies the server against the system's roots (`SSL_CERT_FILE` names
+//! another bundle). Needs Redis ≥ 6.2 or Valkey (`ZADD … GT`, Lua's `bit`
+//! library). A verification survives a Redis restart only if Redis persists
+//! (`appendonly yes`).
 //!
 //! Key layout (`P` is the key prefix, default `otpd`; `S` the subject key in hex):
 //! - `{P:s:S}:state` — the subject's current verification id, last send, send
@@ -63,8 +66,9 @@ const HOUR_MS: i64 = 3_600_000;
 const KEEP_ENDED_MS: i64 = 24 * HOUR_MS;
 /// Id references outlive their records by this much, so a record is never unreachable.
 const REF_MARGIN_MS: i64 = HOUR_MS;
-/// Delivery attempts stay readable at least as long as their verification.
-const KEEP_MESSAGES_MS: i64 = 2 * KEEP_ENDED_MS;
+/// Delivery attempts stay readable at least as long as their verification can
+/// (a day's TTL, extended by resends, then a day ended).
+const KEEP_MESSAGES_MS: i64 = 3 * KEEP_ENDED_MS;
 const INBOX_CAPACITY: u32 = 10_000;
 
 const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(2);
@@ -436,7 +440,8 @@ return 1
 
 /// KEYS: state, planned record. ARGV: now, cooldown ms, window ms, max sends,
 /// record prefix, planned id, tenant, code hash ('' = none), expires_at,
-/// record ttl, state ttl, then the planned record's field/value pairs.
+/// record ttl, state ttl, '1' when the id is another subject's, then the planned
+/// record's field/value pairs.
 const START_SEND: &str = r#"
 local now = tonumber(ARGV[1])
 local st = redis.call('HMGET', KEYS[1], 'current', 'last_sent', 'win_start', 'win_count')
@@ -466,10 +471,10 @@ if pending and pending == ARGV[6] then
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
   decision = 'replaced'
-elseif pending or redis.call('EXISTS', KEYS[2]) == 1 then
+elseif pending or ARGV[12] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then
   return {'conflict'}
 else
-  redis.call('HSET', KEYS[2], unpack(ARGV, 12))
+  redis.call('HSET', KEYS[2], unpack(ARGV, 13))
   decision = 'created'
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[10])
@@ -1118,13 +1123,9 @@ impl Store for RedisStore {
             };
             let (claimed, indexed) = tokio::join!(claim, index);
             let indexed_now = indexed.map_err(store_error)? == 1;
-            if claimed.map_err(store_error)? == 0 {
-                // The id is another subject's.
-                if indexed_now {
-                    self.unindex_pending(&subject, v.id).await;
-                }
-                return Ok(SendDecision::Conflict);
-            }
+            // An id that is another subject's conflicts, but only once the
+            // cooldown and window checks have passed, as in the other backends.
+            let foreign_id = claimed.map_err(store_error)? == 0;
 
             let mut inv = self.scripts.start_send.key(self.keys.state(&subject));
             inv.key(self.keys.record(&subject, v.id))
@@ -1138,7 +1139,8 @@ impl Store for RedisStore {
                 .arg(v.code_hash.map(hex::encode).unwrap_or_default())
                 .arg(expires_ms)
                 .arg(record_ttl)
-                .arg(state_ttl);
+                .arg(state_ttl)
+                .arg(if foreign_id { "1" } else { "0" });
             add_pairs(&mut inv, verification_pairs(v));
             let out: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -1638,14 +1640,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(nodes, ["redis://127.0.0.1:7001", "redis://127.0.0.1:7002"]);
-        let nodes = cluster_nodes("rediss+cluster://u:p%40ss@a:1, b:2/#insecure")
+        let nodes = cluster_nodes("rediss+cluster://u:p%40ss@a:1, b:2/?protocol=resp3")
             .unwrap()
             .unwrap();
         assert_eq!(
             nodes,
             [
-                "rediss://u:p%40ss@a:1/#insecure",
-                "rediss://u:p%40ss@b:2/#insecure"
+                "rediss://u:p%40ss@a:1/?protocol=resp3",
+                "rediss://u:p%40ss@b:2/?protocol=resp3"
             ]
         );
         assert!(cluster_nodes("redis://127.0.0.1:6379").is_none());
