@@ -173,19 +173,26 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Maintenance next to a decision that has already been made: a failure must
-    /// not turn a made decision into an error, and the purge repairs what it missed.
-    async fn housekeeping(&self, what: &str, cmd: Cmd) {
-        if let Err(e) = cmd.query_async::<Value>(&mut self.conn()).await {
-            tracing::warn!(error = %e, "redis store: {what} failed; the purge will catch up");
-        }
+    /// Index upkeep after a decision has been made. It runs on its own, so that
+    /// a slow or failing Redis can neither delay nor turn into an error an answer
+    /// already decided; whatever it misses, the purge repairs.
+    fn housekeeping(&self, what: &'static str, cmd: Cmd) {
+        let mut conn = self.conn();
+        tokio::spawn(async move {
+            let done = tokio::time::timeout(OPERATION_TIMEOUT, cmd.query_async::<Value>(&mut conn));
+            match done.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis store: {what} failed"),
+                Err(_) => tracing::warn!("redis store: {what} timed out"),
+            }
+        });
     }
 
-    async fn unindex_pending(&self, subject_hex: &str, id: Uuid) {
+    fn unindex_pending(&self, subject_hex: &str, id: Uuid) {
         let mut cmd = ::redis::cmd("ZREM");
         cmd.arg(self.keys.pending())
             .arg(pending_member(subject_hex, id));
-        self.housekeeping("unindexing a verification", cmd).await;
+        self.housekeeping("unindexing a verification", cmd);
     }
 
     /// The subject's current unexpired verification: pending, or also dead from
@@ -1187,10 +1194,10 @@ impl Store for RedisStore {
                             .arg("GT")
                             .arg(verification.expires_at.timestamp_millis())
                             .arg(&member);
-                        self.housekeeping("re-indexing a verification", cmd).await;
+                        self.housekeeping("re-indexing a verification", cmd);
                     }
                 }
-                _ if indexed_now => self.unindex_pending(&subject, v.id).await,
+                _ if indexed_now => self.unindex_pending(&subject, v.id),
                 _ => {}
             }
             Ok(decision)
@@ -1212,7 +1219,7 @@ impl Store for RedisStore {
                 .invoke_async::<i64>(&mut self.conn())
                 .await
                 .map_err(store_error)?;
-            self.unindex_pending(&subject, abort.verification_id).await;
+            self.unindex_pending(&subject, abort.verification_id);
             Ok(())
         })
         .await
@@ -1244,7 +1251,7 @@ impl Store for RedisStore {
             Ok(match verdict {
                 "approved" => {
                     let v = decode_verification(rest)?;
-                    self.unindex_pending(&subject, id).await;
+                    self.unindex_pending(&subject, id);
                     CheckOutcome::Approved(v)
                 }
                 "wrong" => {
@@ -1252,7 +1259,7 @@ impl Store for RedisStore {
                         .parse()
                         .map_err(|_| StoreError::Corrupt("malformed attempts left".into()))?;
                     if attempts_left == 0 {
-                        self.unindex_pending(&subject, id).await;
+                        self.unindex_pending(&subject, id);
                     }
                     CheckOutcome::Wrong { attempts_left }
                 }
@@ -1307,7 +1314,7 @@ impl Store for RedisStore {
             Ok(match verdict {
                 "canceled" => {
                     let v = decode_verification(rest)?;
-                    self.unindex_pending(&subject, id).await;
+                    self.unindex_pending(&subject, id);
                     CancelOutcome::Canceled(v)
                 }
                 "not_found" => CancelOutcome::NotFound,
