@@ -1,0 +1,139 @@
+//! otpd with a bench-only bulk loader: the same `Application` the `otpd` binary
+//! runs (same settings loading, router, service, store), plus a control port on
+//! which `POST /prefill?count=N` creates N pending verifications in-process
+//! through the service's own send path (sandbox delivery, so each one also has
+//! its delivery record, exactly like a send over the API). Used where the API
+//! would be too slow to fill a store: the 1M-pending scaling and memory runs of
+//! the in-process memory store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::Json;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use clap::Parser;
+use otpd::config::{Overrides, Settings};
+use otpd::domain::{PhoneNumber, Purpose};
+use otpd::http::AppState;
+use otpd::service::SendCommand;
+use otpd::startup::Application;
+use otpd_bench::workloads::phone_digits;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    config: PathBuf,
+    /// Address of the control port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    control: String,
+    /// First bench number index the loader uses (kept apart from the driver's).
+    #[arg(long, default_value_t = 40_000_000)]
+    first_number: u64,
+}
+
+#[derive(Clone)]
+struct Control {
+    app: AppState,
+    next: Arc<AtomicU64>,
+}
+
+#[derive(Deserialize)]
+struct PrefillQuery {
+    count: u64,
+    #[serde(default = "default_tenant")]
+    tenant: String,
+}
+
+fn default_tenant() -> String {
+    "default".into()
+}
+
+async fn prefill(
+    State(control): State<Control>,
+    Query(q): Query<PrefillQuery>,
+) -> (StatusCode, Json<Value>) {
+    let started = Instant::now();
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        * 4;
+    let per_worker = q.count.div_ceil(workers as u64);
+    let mut tasks = Vec::new();
+    for w in 0..workers as u64 {
+        let n = per_worker.min(q.count.saturating_sub(w * per_worker));
+        let control = control.clone();
+        let tenant = q.tenant.clone();
+        tasks.push(tokio::spawn(async move {
+            let policy = control.app.policies.for_tenant(&tenant).clone();
+            let mut failed = 0u64;
+            for _ in 0..n {
+                let k = control.next.fetch_add(1, Ordering::Relaxed);
+                let Ok(to) = PhoneNumber::parse(&phone_digits(k)) else {
+                    failed += 1;
+                    continue;
+                };
+                let mut cmd = SendCommand::new(to, Purpose::default());
+                cmd.sandbox = true;
+                if control
+                    .app
+                    .service
+                    .send(&tenant, &policy, cmd)
+                    .await
+                    .is_err()
+                {
+                    failed += 1;
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        failed += t.await.unwrap_or(per_worker);
+    }
+    let status = if failed == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    (
+        status,
+        Json(json!({
+            "added": q.count - failed.min(q.count),
+            "failed": failed,
+            "ms": started.elapsed().as_millis() as u64,
+        })),
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings = Settings::load(Some(&args.config), &Overrides::default())?;
+    otpd::telemetry::init(&settings.log);
+    let app = Application::build(settings).await?;
+    app.ensure_first_key().await?;
+    let control = Control {
+        app: app.state().clone(),
+        next: Arc::new(AtomicU64::new(args.first_number)),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.control)
+        .await
+        .context("binding the control port")?;
+    println!("control on {}", listener.local_addr()?);
+    let router = Router::new()
+        .route("/prefill", post(prefill))
+        .with_state(control);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    app.run_until_stopped().await
+}

@@ -1,0 +1,157 @@
+//! Child processes the driver starts (servers under test, the mock provider):
+//! started with their stderr in a log file, read for the line that says they
+//! are ready, and killed when dropped so a failed run leaves nothing behind.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+pub struct Server {
+    pub name: String,
+    child: Child,
+    stdout: Option<tokio::io::Lines<BufReader<ChildStdout>>>,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub async fn start(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            stdout,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Reads stdout until a line starts with `prefix`; returns the rest of it.
+    pub async fn wait_for_line(
+        &mut self,
+        prefix: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let Some(lines) = self.stdout.as_mut() else {
+            bail!("{}: stdout is not captured", self.name);
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = tokio::time::timeout(left, lines.next_line())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{}: no {prefix:?} line in time; see {}",
+                        self.name,
+                        self.log.display()
+                    )
+                })??;
+            match line {
+                Some(l) if l.starts_with(prefix) => return Ok(l[prefix.len()..].trim().to_owned()),
+                Some(_) => continue,
+                None => bail!(
+                    "{} exited before printing {prefix:?}; see {}",
+                    self.name,
+                    self.log.display()
+                ),
+            }
+        }
+    }
+
+    /// Resident memory in bytes (Linux `/proc`).
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.pid().context("process has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc status")?;
+        Ok(kb * 1024)
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let pid = self.pid().context("process has exited")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+        let total = ticks(11) + ticks(12);
+        Ok(Duration::from_millis(total * 10))
+    }
+
+    pub async fn stop(mut self) {
+        // SIGTERM first so servers drain and close their stores cleanly.
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A port that was free a moment ago (for servers that take their address from config).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Waits until something accepts connections on `addr`.
+pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
