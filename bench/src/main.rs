@@ -53,6 +53,13 @@ struct Cli {
     /// Where the release binaries are (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Record a CPU profile of the server (`perf record`) during each measured
+    /// store scenario and print its top symbols; the data stays in this directory.
+    #[arg(long)]
+    perf: Option<PathBuf>,
+    /// With `--perf`: profile only scenarios whose name contains this (e.g. `check wrong`).
+    #[arg(long)]
+    perf_only: Option<String>,
 }
 
 /// Number ranges per scenario, so no two sends in one otpd ever share a number.
@@ -399,7 +406,23 @@ async fn measure<W: Workload>(
     expected: &[u16],
 ) -> anyhow::Result<RunResult> {
     let cpu_before = running.server.cpu_time().ok();
+    let profile = match (&ctx.cli.perf, running.server.pid()) {
+        (Some(dir), Some(pid))
+            if store != "-"
+                && ctx
+                    .cli
+                    .perf_only
+                    .as_deref()
+                    .is_none_or(|o| scenario.contains(o)) =>
+        {
+            Some(start_perf(dir, pid, store, scenario, api, options)?)
+        }
+        _ => None,
+    };
     let result = loadgen::run(running.addr, workload, options).await?;
+    if let Some((child, data)) = profile {
+        finish_perf(child, &data).await;
+    }
     let cpu = cpu_before
         .zip(running.server.cpu_time().ok())
         .map(|(a, b)| b.saturating_sub(a))
@@ -440,6 +463,64 @@ async fn measure<W: Workload>(
     );
     ctx.measures.push(m);
     Ok(result)
+}
+
+/// Starts `perf record` on the server for the measured part of a run.
+fn start_perf(
+    dir: &Path,
+    pid: u32,
+    store: &str,
+    scenario: &str,
+    api: &str,
+    options: &RunOptions,
+) -> anyhow::Result<(tokio::process::Child, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join(format!("{store}-{scenario}-{api}.perf.data").replace(' ', "-"));
+    let secs = (options.warmup + options.duration).as_secs_f64();
+    let child = tokio::process::Command::new("perf")
+        .args(["record", "-q", "-F", "999", "-g", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&data)
+        .args(["--", "sleep"])
+        .arg(format!("{secs:.1}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting perf (apt-get install linux-perf)")?;
+    Ok((child, data))
+}
+
+/// Waits for `perf record` and writes the flat profile next to its data.
+async fn finish_perf(mut child: tokio::process::Child, data: &Path) {
+    let _ = child.wait().await;
+    let out = tokio::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "symbol",
+            "--percent-limit",
+            "0.7",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(data)
+        .output()
+        .await;
+    if let Ok(out) = out {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let _ = std::fs::write(data.with_extension("txt"), &text);
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(25)
+        {
+            println!("    {line}");
+        }
+    }
 }
 
 async fn measure_hello(ctx: &mut Ctx) -> anyhow::Result<()> {

@@ -1195,9 +1195,8 @@ impl Store for MemoryStore {
                 slab.get_mut(j).next = i;
             }
             None => {
-                by_verification.insert_unique(v_hash, i, |&j| {
-                    hasher.hash_one(slab.get(j).verification_id)
-                });
+                by_verification
+                    .insert_unique(v_hash, i, |&j| hasher.hash_one(slab.get(j).verification_id));
             }
         }
         if let Some(ph) = p_hash {
