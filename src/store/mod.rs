@@ -2,6 +2,7 @@
 //! (start a send, check a code, cancel) is a single atomic step in each backend:
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
+pub mod bounded;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
