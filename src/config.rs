@@ -87,6 +87,9 @@ pub struct StoreSettings {
     pub purge_batch: u32,
     /// A network store's operation that takes longer answers 503 instead of hanging.
     pub operation_timeout_ms: u64,
+    /// SQLite only: fsync every commit (`synchronous=FULL`) to survive power loss,
+    /// not just a crash of otpd. Costs write throughput.
+    pub sqlite_synchronous_full: bool,
 }
 
 impl Default for StoreSettings {
@@ -96,6 +99,7 @@ impl Default for StoreSettings {
             purge_interval_seconds: 30,
             purge_batch: 1_000,
             operation_timeout_ms: 5_000,
+            sqlite_synchronous_full: false,
         }
     }
 }

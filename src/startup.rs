@@ -166,7 +166,11 @@ impl Application {
 
 pub async fn open_store(settings: &Settings) -> anyhow::Result<DynStore> {
     let url = settings.store_url();
-    let store = store::connect(&url)
+    let sqlite = store::SqliteOptions {
+        synchronous_full: settings.store.sqlite_synchronous_full,
+        ..store::SqliteOptions::default()
+    };
+    let store = store::connect_with(&url, &sqlite)
         .await
         .with_context(|| format!("store.url: cannot open {}", crate::config::redact_url(&url)))?;
     // Network stores get a hard time bound per operation; local ones cannot stall that way.
