@@ -1,1 +1,380 @@
-//! (in progress)
+//! Layered configuration: defaults → TOML file → `OTPD_*` environment (`__` for
+//! nesting) → CLI flags, validated once at start with errors naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::domain::Policy;
+
+/// Top-level keys; environment variables outside them (e.g. `OTPD_TEST_*`) are ignored.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "server",
+    "store",
+    "data_dir",
+    "secrets",
+    "debug_codes",
+    "policy",
+    "tenants",
+    "log",
+    "auth",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub store: StoreSettings,
+    /// Where the SQLite file and the generated server secret live.
+    pub data_dir: PathBuf,
+    pub secrets: SecretsSettings,
+    /// Put the code in send answers (`debug_code`). For development only.
+    pub debug_codes: bool,
+    /// The default policy for every tenant.
+    pub policy: Policy,
+    pub tenants: BTreeMap<String, TenantSettings>,
+    pub log: LogSettings,
+    pub auth: AuthSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            server: ServerSettings::default(),
+            store: StoreSettings::default(),
+            data_dir: PathBuf::from("./data"),
+            secrets: SecretsSettings::default(),
+            debug_codes: false,
+            policy: Policy::default(),
+            tenants: BTreeMap::new(),
+            log: LogSettings::default(),
+            auth: AuthSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: String,
+    /// Request bodies above this answer 413.
+    pub max_body_bytes: usize,
+    /// A request still running after this answers 503.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 16 * 1024,
+            request_timeout_seconds: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sqlite://PATH`, `memory://`. Default: `sqlite://{data_dir}/otpd.db`.
+    pub url: Option<String>,
+    pub purge_interval_seconds: u64,
+    pub purge_batch: u32,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            purge_interval_seconds: 30,
+            purge_batch: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsSettings {
+    /// Master secret all keys derive from. Default: generated into
+    /// `{data_dir}/secret.key` (mode 0600) on first start.
+    pub master_key: Option<SecretString>,
+    /// Explicit HMAC key for code hashes (otherwise derived from the master).
+    pub code_key: Option<SecretString>,
+    /// Phone-number encryption keys by numeric id, for rotation.
+    pub phone_keys: BTreeMap<String, SecretString>,
+    /// Which of `phone_keys` encrypts new records (default: the highest id).
+    pub current_phone_key: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Keys set here override `policy` for this tenant.
+    pub policy: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// How long a key lookup is cached; a revoked key stops working within this.
+    pub cache_seconds: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self { cache_seconds: 5 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// CLI flags that override the file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub store_url: Option<String>,
+}
+
+impl Settings {
+    /// Loads from `path` (or `./otpd.toml` if present), then `OTPD_*`, then flags.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        match path {
+            Some(p) if !p.exists() => {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    p.display()
+                )));
+            }
+            Some(p) => figment = figment.merge(Toml::file_exact(p)),
+            None => figment = figment.merge(Toml::file_exact("otpd.toml")),
+        }
+        figment = figment.merge(Env::prefixed("OTPD_").split("__").filter(|k| {
+            let first = k.as_str().split("__").next().unwrap_or_default();
+            let first = first.split('.').next().unwrap_or_default();
+            TOP_LEVEL_KEYS.contains(&first)
+        }));
+        if let Some(listen) = &overrides.listen {
+            figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(url) = &overrides.store_url {
+            figment = figment.merge(Serialized::default("store.url", url));
+        }
+        let settings: Settings = figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            let detail = e.kind.to_string();
+            ConfigError::Invalid(if key.is_empty() {
+                detail
+            } else {
+                format!("{key}: {detail}")
+            })
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = ConfigError::Invalid;
+        self.listen_addr()?;
+        if !(1024..=10 * 1024 * 1024).contains(&self.server.max_body_bytes) {
+            return Err(invalid(
+                "server.max_body_bytes: must be between 1024 and 10485760".into(),
+            ));
+        }
+        if self.server.request_timeout_seconds == 0 {
+            return Err(invalid(
+                "server.request_timeout_seconds: must be at least 1".into(),
+            ));
+        }
+        let url = self.store_url();
+        if ![
+            "sqlite://",
+            "memory://",
+            "redis://",
+            "rediss://",
+            "redis+cluster://",
+            "postgres://",
+            "postgresql://",
+        ]
+        .iter()
+        .any(|s| url.starts_with(s))
+        {
+            return Err(invalid(format!(
+                "store.url: unsupported scheme in {:?}; use sqlite://PATH, memory://, redis://, rediss://, redis+cluster://, postgres://",
+                redact_url(&url)
+            )));
+        }
+        if self.store.purge_batch == 0 {
+            return Err(invalid("store.purge_batch: must be at least 1".into()));
+        }
+        if self.store.purge_interval_seconds == 0 {
+            return Err(invalid(
+                "store.purge_interval_seconds: must be at least 1".into(),
+            ));
+        }
+        for id in self.secrets.phone_keys.keys() {
+            if id.parse::<u32>().is_err() {
+                return Err(invalid(format!(
+                    "secrets.phone_keys.{id}: key ids must be numbers"
+                )));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format: must be \"text\" or \"json\"".into()));
+        }
+        self.policy.validate("policy").map_err(invalid)?;
+        for name in self.tenants.keys() {
+            self.tenant_policy(name)?;
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "server.listen: {:?} is not an address like 127.0.0.1:8080",
+                self.server.listen
+            ))
+        })
+    }
+
+    pub fn store_url(&self) -> String {
+        self.store
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("otpd.db").display()))
+    }
+
+    /// The default policy with the tenant's overrides applied and validated.
+    pub fn tenant_policy(&self, tenant: &str) -> Result<Policy, ConfigError> {
+        let Some(t) = self.tenants.get(tenant) else {
+            return Ok(self.policy.clone());
+        };
+        merge_policy(&self.policy, &t.policy, &format!("tenants.{tenant}.policy"))
+    }
+}
+
+/// Overlays `overrides` on `base`; errors name `{prefix}.{field}`.
+pub fn merge_policy(
+    base: &Policy,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+    prefix: &str,
+) -> Result<Policy, ConfigError> {
+    let mut merged = match serde_json::to_value(base) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => return Err(ConfigError::Invalid(format!("{prefix}: cannot merge"))),
+    };
+    for (k, v) in overrides {
+        if !merged.contains_key(k) {
+            return Err(ConfigError::Invalid(format!("{prefix}.{k}: unknown key")));
+        }
+        merged.insert(k.clone(), v.clone());
+    }
+    let policy: Policy = serde_json::from_value(serde_json::Value::Object(merged))
+        .map_err(|e| ConfigError::Invalid(format!("{prefix}: {e}")))?;
+    policy.validate(prefix).map_err(ConfigError::Invalid)?;
+    Ok(policy)
+}
+
+/// Hides credentials in a URL for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otpd.toml");
+        std::fs::write(&path, toml).unwrap();
+        Settings::load(Some(&path), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_zero_config() {
+        let s = Settings::default();
+        s.validate().unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert!(s.store_url().starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load_toml("[policy]\ncode_length = 12\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("policy.code_length") && err.contains("4 and 10"),
+            "{err}"
+        );
+        let err = load_toml("[tenants.acme.policy]\nttl_seconds = 999999\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tenants.acme.policy.ttl_seconds"), "{err}");
+        let err = load_toml("[server]\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+        let err = load_toml("[server]\nlistn = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listn"), "{err}");
+        let err = load_toml("[policy]\nmax_attempts = \"five\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.max_attempts"), "{err}");
+    }
+
+    #[test]
+    fn tenant_overrides_merge_onto_the_default_policy() {
+        let s = load_toml("[policy]\nttl_seconds = 120\n[tenants.acme.policy]\nmax_attempts = 3\n")
+            .unwrap();
+        let p = s.tenant_policy("acme").unwrap();
+        assert_eq!((p.ttl_seconds, p.max_attempts), (120, 3));
+        assert_eq!(s.tenant_policy("other").unwrap().max_attempts, 5);
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Settings::load(
+            Some(Path::new("/nonexistent/otpd.toml")),
+            &Overrides::default(),
+        );
+        assert!(err.unwrap_err().to_string().contains("does not exist"));
+    }
+}

@@ -59,20 +59,37 @@ impl CodeGenerator for OsCodeGenerator {
         let mut buf = [0u8; 16];
         while code.len() < length as usize {
             getrandom::fill(&mut buf).map_err(|e| RandomSourceError(e.to_string()))?;
-            for &b in buf.iter().filter(|&&b| b < 250) {
+            for digit in buf.iter().filter_map(|&b| digit_from_byte(b)) {
                 if code.len() == length as usize {
                     break;
                 }
-                code.push(char::from(b'0' + b % 10));
+                code.push(char::from(b'0' + digit));
             }
         }
         Ok(Code(code))
     }
 }
 
+/// 250 is the largest multiple of 10 that fits a byte: accepting only bytes below
+/// it gives every digit exactly 25 preimages.
+fn digit_from_byte(b: u8) -> Option<u8> {
+    (b < 250).then_some(b % 10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_byte_maps_to_each_digit_equally() {
+        let mut counts = [0u32; 10];
+        for b in 0..=255u8 {
+            if let Some(d) = digit_from_byte(b) {
+                counts[d as usize] += 1;
+            }
+        }
+        assert_eq!(counts, [25; 10]);
+    }
     use proptest::prelude::*;
 
     #[test]

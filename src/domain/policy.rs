@@ -18,6 +18,8 @@ pub struct Policy {
     pub max_attempts: u32,
     pub max_sends_per_window: u32,
     pub send_window_seconds: u32,
+    /// The failover chain of route ids; empty means every configured route.
+    pub routes: Vec<u32>,
 }
 
 impl Default for Policy {
@@ -30,6 +32,7 @@ impl Default for Policy {
             max_attempts: 5,
             max_sends_per_window: 5,
             send_window_seconds: 600,
+            routes: Vec::new(),
         }
     }
 }

@@ -1,1 +1,41 @@
-//! (in progress)
+//! The HTTP edge: one file per API surface, shared errors and extractors.
+
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod ops;
+pub mod state;
+pub mod v1;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use error::ApiError;
+pub use state::{AppState, Policies};
+
+/// The whole application's routes, without a socket (tests call `.oneshot`).
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let max_body = state.max_body_bytes;
+    Router::new()
+        .merge(v1::routes())
+        .merge(ops::routes())
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .layer(CatchPanicLayer::custom(|_| -> Response {
+            ApiError::Internal("handler panicked".into()).into_response()
+        }))
+        .with_state(state)
+}

@@ -1,1 +1,11 @@
-//! (in progress)
+//! Orchestration of one send, check, read or cancel: reads the clock, calls the
+//! store and the router, and returns domain outcomes that each API surface
+//! translates into its own envelope.
+
+pub mod api_keys;
+pub mod verifications;
+
+pub use api_keys::{ApiKeys, AuthError};
+pub use verifications::{
+    CheckError, CheckResult, SendCommand, SendError, SendOutcome, Target, VerificationService,
+};

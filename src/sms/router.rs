@@ -191,6 +191,18 @@ impl SmsRouter {
         self.routes.get(&id)
     }
 
+    /// Each route's id, provider and circuit state (`closed`, `open`,
+    /// `half_open`), for `/health`.
+    pub fn route_health(&self) -> Vec<(u32, &'static str, &'static str)> {
+        if self.routes.is_empty() {
+            return vec![(self.sandbox.id, self.sandbox.provider.name(), "closed")];
+        }
+        self.routes
+            .values()
+            .map(|r| (r.id, r.provider.name(), self.breakers.state(r.id).as_str()))
+            .collect()
+    }
+
     /// Each configured route's breaker state (`closed`, `open`, `half_open`),
     /// for `/health` and metrics.
     pub fn breaker_states(&self) -> Vec<(u32, &'static str)> {

@@ -108,6 +108,23 @@ impl Store for MemoryStore {
             .map(|v| v.id))
     }
 
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        let Some(current) = self.subjects.get(subject).and_then(|s| s.current) else {
+            return Ok(None);
+        };
+        Ok(self
+            .verifications
+            .get(&current)
+            .filter(|v| v.tenant == tenant && now < v.expires_at)
+            .filter(|v| matches!(v.status, Status::Pending | Status::MaxAttempts))
+            .map(|v| (v.id, v.status)))
+    }
+
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let planned = &plan.verification;
         let mut subject = self.subjects.entry(planned.subject).or_default();

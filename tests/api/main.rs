@@ -1,3 +1,19 @@
 //! All integration tests, in one binary so they link once.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod helpers;
+mod service;
 mod store_contract;
+mod v1;
+
+/// Every HTTP route the app serves, as (method, OpenAPI path). The docs test
+/// checks each appears in `/openapi.json`; add new routes here.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/verifications"),
+    ("post", "/v1/verifications/check"),
+    ("get", "/v1/verifications/{id}"),
+    ("post", "/v1/verifications/{id}/cancel"),
+    ("get", "/v1/messages/{id}"),
+    ("get", "/v1/sandbox/messages"),
+    ("get", "/health"),
+];

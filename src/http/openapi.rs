@@ -1,0 +1,51 @@
+//! The OpenAPI document (`/openapi.json`) and Swagger UI (`/docs`, vendored).
+
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{ops, v1};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "otpd",
+        description = "Self-hosted one-time-password service: send a code to a phone, check what the user typed."
+    ),
+    paths(
+        v1::send_verification,
+        v1::check_verification,
+        v1::get_verification,
+        v1::cancel_verification,
+        v1::get_message,
+        v1::list_sandbox_messages,
+        ops::health,
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "verifications", description = "Native API: the OTP lifecycle"),
+        (name = "messages", description = "Native API: delivery attempts"),
+        (name = "sandbox", description = "Native API: the sandbox inbox"),
+        (name = "operations", description = "Health and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}

@@ -1,0 +1,38 @@
+//! What every handler can reach.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::domain::Policy;
+use crate::service::{ApiKeys, VerificationService};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<VerificationService>,
+    pub keys: Arc<ApiKeys>,
+    pub policies: Arc<Policies>,
+    pub max_body_bytes: usize,
+    /// Pending verifications, refreshed by the housekeeping task (never a scan per request).
+    pub pending_gauge: Arc<AtomicU64>,
+    pub version: &'static str,
+}
+
+impl AppState {
+    pub fn pending_estimate(&self) -> u64 {
+        self.pending_gauge.load(Ordering::Relaxed)
+    }
+}
+
+/// Policies resolved once at start: the default and each configured tenant's.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    pub default: Policy,
+    pub tenants: HashMap<String, Policy>,
+}
+
+impl Policies {
+    pub fn for_tenant(&self, tenant: &str) -> &Policy {
+        self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+}

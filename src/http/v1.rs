@@ -1,0 +1,447 @@
+//! The native API under `/v1`.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiQuery, Tenant};
+use super::state::AppState;
+use crate::domain::{
+    Code, DeliveryStatus, MessageRecord, PhoneNumber, Purpose, Status, Verification,
+};
+use crate::service::{CheckResult, SendCommand, Target};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/verifications", post(send_verification))
+        .route("/v1/verifications/check", post(check_verification))
+        .route("/v1/verifications/{id}", get(get_verification))
+        .route("/v1/verifications/{id}/cancel", post(cancel_verification))
+        .route("/v1/messages/{id}", get(get_message))
+        .route("/v1/sandbox/messages", get(list_sandbox_messages))
+}
+
+const MAX_UID_LEN: usize = 128;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendVerificationRequest {
+    /// Phone number with country code; `+` optional.
+    #[schema(example = "+31651860670")]
+    pub to: String,
+    /// What the code is for; default `login`.
+    pub purpose: Option<String>,
+    /// Caller's subject id; when given it identifies the verification instead of `to`+`purpose`.
+    pub uid: Option<String>,
+    /// Try this route first.
+    pub route_id: Option<u32>,
+    /// With `route_id`: whether the rest of the chain may be tried (default true).
+    pub failover: Option<bool>,
+    /// Deliver to the sandbox inbox instead of a real provider.
+    pub sandbox: Option<bool>,
+    pub locale: Option<String>,
+    pub code_length: Option<u8>,
+    pub ttl_seconds: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryView {
+    pub message_id: Uuid,
+    pub route_id: u32,
+    pub provider: String,
+    pub provider_message_id: Option<String>,
+    pub status: DeliveryStatus,
+    pub error: Option<String>,
+    pub cost: Option<f64>,
+    pub currency: Option<String>,
+    pub latency_ms: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<&MessageRecord> for DeliveryView {
+    fn from(m: &MessageRecord) -> Self {
+        Self {
+            message_id: m.id,
+            route_id: m.route_id,
+            provider: m.provider.clone(),
+            provider_message_id: m.provider_message_id.clone(),
+            status: m.status,
+            error: m.error.clone(),
+            cost: m.cost,
+            currency: m.currency.clone(),
+            latency_ms: m.latency_ms,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SendVerificationResponse {
+    pub id: Uuid,
+    pub status: Status,
+    /// Masked: all but the last four digits hidden.
+    pub to: String,
+    pub purpose: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub expires_in_seconds: u64,
+    pub resend_after_seconds: u64,
+    pub attempts_left: u32,
+    pub send_count: u32,
+    pub delivery: DeliveryView,
+    /// Only when `debug_codes` is enabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub debug_code: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckVerificationRequest {
+    pub code: String,
+    pub id: Option<Uuid>,
+    pub uid: Option<String>,
+    pub to: Option<String>,
+    pub purpose: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckVerificationResponse {
+    pub valid: bool,
+    pub status: Status,
+    pub id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts_left: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerificationView {
+    pub id: Uuid,
+    pub status: Status,
+    pub to: String,
+    pub country: Option<String>,
+    pub purpose: String,
+    pub uid: Option<String>,
+    pub attempts: u32,
+    pub attempts_left: u32,
+    pub max_attempts: u32,
+    pub send_count: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub deliveries: Vec<DeliveryView>,
+}
+
+impl VerificationView {
+    fn new(v: &Verification, messages: &[MessageRecord], now: DateTime<Utc>) -> Self {
+        Self {
+            id: v.id,
+            status: v.status_at(now),
+            to: v.masked_to.clone(),
+            country: v.country.clone(),
+            purpose: v.purpose.clone(),
+            uid: v.uid.clone(),
+            attempts: v.attempts,
+            attempts_left: v.attempts_left(),
+            max_attempts: v.max_attempts,
+            send_count: v.send_count,
+            created_at: v.created_at,
+            updated_at: v.updated_at,
+            expires_at: v.expires_at,
+            deliveries: messages.iter().map(DeliveryView::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct InboxQuery {
+    /// Only messages to this number.
+    pub to: Option<String>,
+    /// At most this many (default 50, max 200).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InboxMessageView {
+    pub id: Uuid,
+    pub to: String,
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InboxResponse {
+    pub messages: Vec<InboxMessageView>,
+}
+
+pub fn parse_phone(input: &str) -> Result<PhoneNumber, ApiError> {
+    PhoneNumber::parse(input).map_err(|e| ApiError::InvalidPhone(format!("to: {e}")))
+}
+
+fn parse_purpose(input: Option<&str>) -> Result<Purpose, ApiError> {
+    match input {
+        None => Ok(Purpose::default()),
+        Some(p) => Purpose::parse(p).map_err(|e| ApiError::InvalidRequest(format!("purpose: {e}"))),
+    }
+}
+
+fn parse_uid(input: Option<String>) -> Result<Option<String>, ApiError> {
+    match input {
+        None => Ok(None),
+        Some(u) => {
+            let u = u.trim().to_owned();
+            if u.is_empty() || u.len() > MAX_UID_LEN || u.chars().any(char::is_control) {
+                return Err(ApiError::InvalidRequest(format!(
+                    "uid: must be 1 to {MAX_UID_LEN} characters without control characters"
+                )));
+            }
+            Ok(Some(u))
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    // An unparseable id cannot name anything: same answer as an unknown one.
+    Uuid::parse_str(id).map_err(|_| ApiError::NotFound)
+}
+
+/// Start (or restart) a verification and send a code.
+#[utoipa::path(
+    post, path = "/v1/verifications", tag = "verifications",
+    request_body = SendVerificationRequest,
+    responses(
+        (status = 201, description = "Code sent", body = SendVerificationResponse),
+        (status = 400, description = "invalid_phone / invalid_request"),
+        (status = 401, description = "unauthorized"),
+        (status = 403, description = "country_not_allowed / route_not_allowed"),
+        (status = 413, description = "payload_too_large"),
+        (status = 429, description = "cooldown / rate_limited (with Retry-After)"),
+        (status = 502, description = "delivery_failed: every route failed, nothing left pending"),
+        (status = 503, description = "unavailable"),
+    ),
+    security(("api_key" = []), ("bearer" = []))
+)]
+pub async fn send_verification(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    ApiJson(req): ApiJson<SendVerificationRequest>,
+) -> Result<(StatusCode, Json<SendVerificationResponse>), ApiError> {
+    let cmd = SendCommand {
+        to: parse_phone(&req.to)?,
+        purpose: parse_purpose(req.purpose.as_deref())?,
+        uid: parse_uid(req.uid)?,
+        route_id: req.route_id,
+        failover: req.failover.unwrap_or(true),
+        sandbox: req.sandbox.unwrap_or(false),
+        locale: req.locale,
+        code_length: req.code_length,
+        ttl_seconds: req.ttl_seconds,
+    };
+    let policy = state.policies.for_tenant(&tenant);
+    let out = state.service.send(&tenant, policy, cmd).await?;
+    let v = &out.verification;
+    Ok((
+        StatusCode::CREATED,
+        Json(SendVerificationResponse {
+            id: v.id,
+            status: Status::Pending,
+            to: v.masked_to.clone(),
+            purpose: v.purpose.clone(),
+            uid: v.uid.clone(),
+            expires_at: v.expires_at,
+            expires_in_seconds: out.expires_in_seconds,
+            resend_after_seconds: out.resend_after_seconds,
+            attempts_left: v.attempts_left(),
+            send_count: v.send_count,
+            delivery: DeliveryView::from(&out.delivery),
+            debug_code: out.debug_code.map(|c| c.expose().to_owned()),
+        }),
+    ))
+}
+
+/// Check a code. Address the verification by `id`, `uid`, or `to` (+`purpose`).
+#[utoipa::path(
+    post, path = "/v1/verifications/check", tag = "verifications",
+    request_body = CheckVerificationRequest,
+    responses(
+        (status = 200, description = "valid: true with status approved, or valid: false with attempts_left", body = CheckVerificationResponse),
+        (status = 400, description = "invalid_request"),
+        (status = 401, description = "unauthorized"),
+        (status = 404, description = "not_found: nothing pending (never existed, expired, approved, canceled)"),
+        (status = 429, description = "max_attempts: the verification is dead"),
+        (status = 503, description = "unavailable"),
+    ),
+    security(("api_key" = []), ("bearer" = []))
+)]
+pub async fn check_verification(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    ApiJson(req): ApiJson<CheckVerificationRequest>,
+) -> Result<Json<CheckVerificationResponse>, ApiError> {
+    let code =
+        Code::parse(&req.code).map_err(|e| ApiError::InvalidRequest(format!("code: {e}")))?;
+    let target = match (req.id, req.uid, req.to) {
+        (Some(id), None, None) => Target::Id(id),
+        (None, Some(uid), None) => Target::Uid(parse_uid(Some(uid))?.unwrap_or_default()),
+        (None, None, Some(to)) => Target::Phone {
+            to: parse_phone(&to)?,
+            purpose: parse_purpose(req.purpose.as_deref())?,
+        },
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "give exactly one of id, uid or to".into(),
+            ));
+        }
+    };
+    let result = state.service.check(&tenant, target, &code).await?;
+    Ok(Json(match result {
+        CheckResult::Approved(v) => CheckVerificationResponse {
+            valid: true,
+            status: Status::Approved,
+            id: v.id,
+            attempts_left: None,
+        },
+        CheckResult::Wrong {
+            verification_id,
+            attempts_left,
+        } => CheckVerificationResponse {
+            valid: false,
+            status: if attempts_left == 0 {
+                Status::MaxAttempts
+            } else {
+                Status::Pending
+            },
+            id: verification_id,
+            attempts_left: Some(attempts_left),
+        },
+    }))
+}
+
+/// A verification's status and every delivery attempt.
+#[utoipa::path(
+    get, path = "/v1/verifications/{id}", tag = "verifications",
+    params(("id" = Uuid, Path, description = "Verification id")),
+    responses(
+        (status = 200, body = VerificationView),
+        (status = 401, description = "unauthorized"),
+        (status = 404, description = "not_found (also for another tenant's id)"),
+    ),
+    security(("api_key" = []), ("bearer" = []))
+)]
+pub async fn get_verification(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<VerificationView>, ApiError> {
+    let id = parse_id(&id)?;
+    let (v, messages) = state
+        .service
+        .get(&tenant, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(VerificationView::new(
+        &v,
+        &messages,
+        state.service.now(),
+    )))
+}
+
+/// Cancel a pending verification.
+#[utoipa::path(
+    post, path = "/v1/verifications/{id}/cancel", tag = "verifications",
+    params(("id" = Uuid, Path, description = "Verification id")),
+    responses(
+        (status = 200, body = VerificationView),
+        (status = 401, description = "unauthorized"),
+        (status = 404, description = "not_found: nothing pending under that id"),
+    ),
+    security(("api_key" = []), ("bearer" = []))
+)]
+pub async fn cancel_verification(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<VerificationView>, ApiError> {
+    let id = parse_id(&id)?;
+    let v = state
+        .service
+        .cancel(&tenant, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let (v, messages) = state
+        .service
+        .get(&tenant, v.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(VerificationView::new(
+        &v,
+        &messages,
+        state.service.now(),
+    )))
+}
+
+/// One delivery attempt and its delivery status.
+#[utoipa::path(
+    get, path = "/v1/messages/{id}", tag = "messages",
+    params(("id" = Uuid, Path, description = "Message id")),
+    responses(
+        (status = 200, body = DeliveryView),
+        (status = 401, description = "unauthorized"),
+        (status = 404, description = "not_found"),
+    ),
+    security(("api_key" = []), ("bearer" = []))
+)]
+pub async fn get_message(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<DeliveryView>, ApiError> {
+    let id = parse_id(&id)?;
+    let m = state
+        .service
+        .message(&tenant, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(DeliveryView::from(&m)))
+}
+
+/// The sandbox inbox: what the sandbox provider "delivered", newest first.
+#[utoipa::path(
+    get, path = "/v1/sandbox/messages", tag = "sandbox",
+    params(InboxQuery),
+    responses(
+        (status = 200, body = InboxResponse),
+        (status = 400, description = "invalid_phone"),
+        (status = 401, description = "unauthorized"),
+    ),
+    security(("api_key" = []), ("bearer" = []))
+)]
+pub async fn list_sandbox_messages(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    ApiQuery(q): ApiQuery<InboxQuery>,
+) -> Result<Json<InboxResponse>, ApiError> {
+    let to = q.to.as_deref().map(parse_phone).transpose()?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 200);
+    let messages = state.service.inbox(&tenant, to.as_ref(), limit).await?;
+    Ok(Json(InboxResponse {
+        messages: messages
+            .into_iter()
+            .map(|m| InboxMessageView {
+                id: m.id,
+                to: m.to,
+                body: m.body,
+                created_at: m.created_at,
+            })
+            .collect(),
+    }))
+}

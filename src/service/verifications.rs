@@ -1,0 +1,561 @@
+//! The OTP lifecycle: send (plan → atomic start → deliver → record or undo),
+//! check, read and cancel.
+
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::crypto::Crypto;
+use crate::domain::code::{MAX_CODE_LENGTH, MIN_CODE_LENGTH};
+use crate::domain::policy::MIN_TTL_SECONDS;
+use crate::domain::{
+    Code, CodeGenerator, DeliveryStatus, MessageRecord, PhoneNumber, Policy, Purpose, Status,
+    SubjectKey, Verification,
+};
+use crate::sms::router::{DeliveryRequest, RoutingError};
+use crate::sms::{DeliveryAttempt, SmsRouter};
+use crate::store::{
+    CancelOutcome, CheckOutcome, SendAbort, SendDecision, SendPlan, Store, StoreError,
+};
+
+/// How many times a send re-plans when another request changed the subject
+/// between its read and its atomic write.
+const MAX_PLAN_ROUNDS: usize = 3;
+
+pub struct VerificationService {
+    store: Arc<dyn Store>,
+    router: Arc<SmsRouter>,
+    clock: Arc<dyn Clock>,
+    codes: Arc<dyn CodeGenerator>,
+    crypto: Arc<Crypto>,
+    debug_codes: bool,
+}
+
+/// One request to send a code, already parsed.
+#[derive(Debug, Clone)]
+pub struct SendCommand {
+    pub to: PhoneNumber,
+    pub purpose: Purpose,
+    /// When given, identifies the subject instead of (`to`, `purpose`).
+    pub uid: Option<String>,
+    pub route_id: Option<u32>,
+    pub failover: bool,
+    pub sandbox: bool,
+    pub locale: Option<String>,
+    pub code_length: Option<u8>,
+    pub ttl_seconds: Option<u32>,
+}
+
+impl SendCommand {
+    pub fn new(to: PhoneNumber, purpose: Purpose) -> Self {
+        Self {
+            to,
+            purpose,
+            uid: None,
+            route_id: None,
+            failover: true,
+            sandbox: false,
+            locale: None,
+            code_length: None,
+            ttl_seconds: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SendOutcome {
+    pub verification: Verification,
+    /// The attempt the provider accepted.
+    pub delivery: MessageRecord,
+    /// Provider-side order id (BridgeXAPI), when the accepting provider has one.
+    pub order_id: Option<String>,
+    /// Every attempt of this send, in order.
+    pub attempts: Vec<MessageRecord>,
+    /// Present only when debug codes are enabled.
+    pub debug_code: Option<Code>,
+    pub expires_in_seconds: u64,
+    pub resend_after_seconds: u64,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("a code was sent too recently")]
+    Cooldown { retry_after_seconds: u64 },
+    #[error("send limit {limit} reached")]
+    RateLimited {
+        retry_after_seconds: u64,
+        limit: &'static str,
+    },
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error("every route failed")]
+    DeliveryFailed {
+        verification_id: Uuid,
+        attempts: Vec<MessageRecord>,
+    },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for SendError {
+    fn from(e: StoreError) -> Self {
+        SendError::Unavailable(e.to_string())
+    }
+}
+
+/// Which verification a check addresses.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Id(Uuid),
+    Uid(String),
+    Phone { to: PhoneNumber, purpose: Purpose },
+}
+
+// Returned by value once per request; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum CheckResult {
+    Approved(Verification),
+    Wrong {
+        verification_id: Uuid,
+        attempts_left: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("no pending verification")]
+    NotFound,
+    #[error("attempts exhausted")]
+    MaxAttempts,
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for CheckError {
+    fn from(e: StoreError) -> Self {
+        CheckError::Unavailable(e.to_string())
+    }
+}
+
+/// A sandbox inbox message, opened for the tenant that owns it.
+#[derive(Debug, Clone)]
+pub struct InboxMessage {
+    pub id: Uuid,
+    pub to: String,
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl VerificationService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        router: Arc<SmsRouter>,
+        clock: Arc<dyn Clock>,
+        codes: Arc<dyn CodeGenerator>,
+        crypto: Arc<Crypto>,
+        debug_codes: bool,
+    ) -> Self {
+        Self {
+            store,
+            router,
+            clock,
+            codes,
+            crypto,
+            debug_codes,
+        }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    pub fn router(&self) -> &SmsRouter {
+        &self.router
+    }
+
+    fn subject(
+        &self,
+        tenant: &str,
+        uid: Option<&str>,
+        to: &PhoneNumber,
+        purpose: &Purpose,
+    ) -> SubjectKey {
+        match uid {
+            Some(uid) => self.crypto.subject_for_uid(tenant, uid),
+            None => self.crypto.subject_for_phone(tenant, to, purpose.as_str()),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        tenant: &str,
+        policy: &Policy,
+        cmd: SendCommand,
+    ) -> Result<SendOutcome, SendError> {
+        let code_length = cmd.code_length.unwrap_or(policy.code_length);
+        if !(MIN_CODE_LENGTH..=MAX_CODE_LENGTH).contains(&code_length) {
+            return Err(SendError::InvalidRequest(format!(
+                "code_length must be between {MIN_CODE_LENGTH} and {MAX_CODE_LENGTH}"
+            )));
+        }
+        let ttl_seconds = cmd.ttl_seconds.unwrap_or(policy.ttl_seconds);
+        if !(MIN_TTL_SECONDS..=policy.max_ttl_seconds).contains(&ttl_seconds) {
+            return Err(SendError::InvalidRequest(format!(
+                "ttl_seconds must be between {MIN_TTL_SECONDS} and {}",
+                policy.max_ttl_seconds
+            )));
+        }
+        let chain = self.router.plan(
+            &policy.routes,
+            cmd.route_id,
+            cmd.failover,
+            cmd.sandbox,
+            cmd.to.country(),
+        )?;
+        let subject = self.subject(tenant, cmd.uid.as_deref(), &cmd.to, &cmd.purpose);
+        let sealed = self
+            .crypto
+            .seal_phone(&cmd.to)
+            .map_err(|e| SendError::Unavailable(e.to_string()))?;
+
+        let mut started = None;
+        for _ in 0..MAX_PLAN_ROUNDS {
+            let now = self.clock.now();
+            let id = self
+                .store
+                .find_pending(tenant, &subject, now)
+                .await?
+                .unwrap_or_else(Uuid::new_v4);
+            let code = self
+                .codes
+                .generate(code_length)
+                .map_err(|e| SendError::Unavailable(e.to_string()))?;
+            let verification = Verification {
+                id,
+                tenant: tenant.to_owned(),
+                subject,
+                purpose: cmd.purpose.as_str().to_owned(),
+                uid: cmd.uid.clone(),
+                phone: sealed.clone(),
+                masked_to: cmd.to.masked(),
+                country: cmd.to.country().map(str::to_owned),
+                code_hash: Some(self.crypto.code_hash(id, &code)),
+                status: Status::Pending,
+                attempts: 0,
+                max_attempts: policy.max_attempts,
+                send_count: 1,
+                created_at: now,
+                updated_at: now,
+                expires_at: now + Duration::seconds(ttl_seconds.into()),
+                last_sent_at: now,
+            };
+            let plan = SendPlan {
+                verification,
+                cooldown_seconds: policy.cooldown_seconds,
+                max_sends_per_window: policy.max_sends_per_window,
+                send_window_seconds: policy.send_window_seconds,
+            };
+            match self.store.start_send(&plan, now).await? {
+                SendDecision::Created {
+                    verification,
+                    previous_sent_at,
+                }
+                | SendDecision::Replaced {
+                    verification,
+                    previous_sent_at,
+                } => {
+                    started = Some((verification, previous_sent_at, code, now));
+                    break;
+                }
+                SendDecision::Cooldown {
+                    retry_after_seconds,
+                } => {
+                    return Err(SendError::Cooldown {
+                        retry_after_seconds,
+                    });
+                }
+                SendDecision::WindowExhausted {
+                    retry_after_seconds,
+                } => {
+                    return Err(SendError::RateLimited {
+                        retry_after_seconds,
+                        limit: "subject_sends_per_window",
+                    });
+                }
+                SendDecision::Conflict => continue,
+            }
+        }
+        let Some((verification, previous_sent_at, code, now)) = started else {
+            // Only a burst of concurrent sends for one subject gets here: the
+            // winner's cooldown applies to the rest.
+            return Err(SendError::Cooldown {
+                retry_after_seconds: policy.cooldown_seconds.max(1).into(),
+            });
+        };
+
+        // No store lock or transaction is held across the provider calls.
+        let attempts = self
+            .router
+            .deliver(
+                &chain,
+                &DeliveryRequest {
+                    tenant,
+                    verification_id: verification.id,
+                    to: &cmd.to,
+                    code: &code,
+                    locale: cmd.locale.as_deref(),
+                    ttl: StdDuration::from_secs(ttl_seconds.into()),
+                },
+            )
+            .await;
+        let records = self.record_attempts(&verification, &attempts).await;
+        let accepted = attempts
+            .iter()
+            .zip(&records)
+            .find(|(a, _)| a.result.is_ok());
+
+        match accepted {
+            Some((attempt, record)) => {
+                let order_id = attempt
+                    .result
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.order_id.clone());
+                tracing::info!(
+                    target: "audit",
+                    event = "send",
+                    tenant,
+                    verification_id = %verification.id,
+                    to = %verification.masked_to,
+                    route_id = record.route_id,
+                    provider = record.provider,
+                    attempts = records.len(),
+                    outcome = "sent",
+                );
+                Ok(SendOutcome {
+                    delivery: record.clone(),
+                    order_id,
+                    attempts: records.clone(),
+                    debug_code: self.debug_codes.then_some(code),
+                    expires_in_seconds: u64::from(ttl_seconds),
+                    resend_after_seconds: u64::from(policy.cooldown_seconds),
+                    verification,
+                    now,
+                })
+            }
+            None => {
+                self.store
+                    .abort_send(&SendAbort {
+                        tenant: tenant.to_owned(),
+                        subject,
+                        verification_id: verification.id,
+                        previous_sent_at,
+                        at: self.clock.now(),
+                    })
+                    .await?;
+                tracing::warn!(
+                    target: "audit",
+                    event = "send",
+                    tenant,
+                    verification_id = %verification.id,
+                    to = %verification.masked_to,
+                    attempts = records.len(),
+                    outcome = "delivery_failed",
+                );
+                Err(SendError::DeliveryFailed {
+                    verification_id: verification.id,
+                    attempts: records,
+                })
+            }
+        }
+    }
+
+    /// Stores one message record per attempt. A failure to record is logged, not
+    /// returned: the SMS has already gone out and the caller must learn that.
+    async fn record_attempts(
+        &self,
+        v: &Verification,
+        attempts: &[DeliveryAttempt],
+    ) -> Vec<MessageRecord> {
+        let now = self.clock.now();
+        let mut records = Vec::with_capacity(attempts.len());
+        for a in attempts {
+            let (status, error, provider_message_id, cost, currency) = match &a.result {
+                Ok(r) => (
+                    r.status.unwrap_or(DeliveryStatus::Queued),
+                    None,
+                    r.provider_message_id.clone(),
+                    r.cost,
+                    r.currency.clone(),
+                ),
+                Err(e) => (
+                    if e.kind.outcome_unknown() {
+                        DeliveryStatus::Unknown
+                    } else {
+                        DeliveryStatus::Failed
+                    },
+                    Some(format!("{}: {}", e.kind.as_str(), e.message)),
+                    None,
+                    None,
+                    None,
+                ),
+            };
+            let record = MessageRecord {
+                id: Uuid::new_v4(),
+                verification_id: v.id,
+                tenant: v.tenant.clone(),
+                route_id: a.route_id,
+                provider: a.provider.to_owned(),
+                provider_message_id,
+                masked_to: v.masked_to.clone(),
+                country: v.country.clone(),
+                status,
+                error,
+                cost,
+                currency,
+                latency_ms: u32::try_from(a.latency.as_millis()).unwrap_or(u32::MAX),
+                created_at: now,
+                updated_at: now,
+            };
+            if let Err(e) = self.store.insert_message(&record).await {
+                tracing::error!(verification_id = %v.id, error = %e, "could not record a delivery attempt");
+            }
+            records.push(record);
+        }
+        records
+    }
+
+    pub async fn check(
+        &self,
+        tenant: &str,
+        target: Target,
+        code: &Code,
+    ) -> Result<CheckResult, CheckError> {
+        let now = self.clock.now();
+        let id = match target {
+            Target::Id(id) => id,
+            Target::Uid(uid) => {
+                let subject = self.crypto.subject_for_uid(tenant, &uid);
+                self.current(tenant, &subject, now).await?
+            }
+            Target::Phone { to, purpose } => {
+                let subject = self.crypto.subject_for_phone(tenant, &to, purpose.as_str());
+                self.current(tenant, &subject, now).await?
+            }
+        };
+        let hash = self.crypto.code_hash(id, code);
+        let outcome = self.store.check_code(tenant, id, &hash, now).await?;
+        let label = match &outcome {
+            CheckOutcome::Approved(_) => "approved",
+            CheckOutcome::Wrong { attempts_left: 0 } => "wrong_last",
+            CheckOutcome::Wrong { .. } => "wrong",
+            CheckOutcome::MaxAttempts => "max_attempts",
+            CheckOutcome::NotFound => "not_found",
+        };
+        tracing::info!(target: "audit", event = "check", tenant, verification_id = %id, outcome = label);
+        match outcome {
+            CheckOutcome::Approved(v) => Ok(CheckResult::Approved(v)),
+            CheckOutcome::Wrong { attempts_left } => Ok(CheckResult::Wrong {
+                verification_id: id,
+                attempts_left,
+            }),
+            CheckOutcome::MaxAttempts => Err(CheckError::MaxAttempts),
+            CheckOutcome::NotFound => Err(CheckError::NotFound),
+        }
+    }
+
+    async fn current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> Result<Uuid, CheckError> {
+        match self.store.find_current(tenant, subject, now).await? {
+            Some((_, Status::MaxAttempts)) => Err(CheckError::MaxAttempts),
+            Some((id, _)) => Ok(id),
+            None => Err(CheckError::NotFound),
+        }
+    }
+
+    /// A verification and its delivery attempts, oldest first.
+    pub async fn get(
+        &self,
+        tenant: &str,
+        id: Uuid,
+    ) -> Result<Option<(Verification, Vec<MessageRecord>)>, StoreError> {
+        let Some(v) = self.store.get_verification(tenant, id).await? else {
+            return Ok(None);
+        };
+        let messages = self.store.list_messages(tenant, id).await?;
+        Ok(Some((v, messages)))
+    }
+
+    pub async fn cancel(&self, tenant: &str, id: Uuid) -> Result<Option<Verification>, StoreError> {
+        let outcome = self.store.cancel(tenant, id, self.clock.now()).await?;
+        let canceled = match outcome {
+            CancelOutcome::Canceled(v) => Some(v),
+            CancelOutcome::NotFound => None,
+        };
+        tracing::info!(
+            target: "audit",
+            event = "cancel",
+            tenant,
+            verification_id = %id,
+            outcome = if canceled.is_some() { "canceled" } else { "not_found" },
+        );
+        Ok(canceled)
+    }
+
+    pub async fn message(
+        &self,
+        tenant: &str,
+        id: Uuid,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        self.store.get_message(tenant, id).await
+    }
+
+    /// The number a verification was sent to; only the seed dialects need it back.
+    pub fn phone_of(&self, v: &Verification) -> Option<PhoneNumber> {
+        self.crypto.open_phone(&v.phone).ok()
+    }
+
+    pub async fn inbox(
+        &self,
+        tenant: &str,
+        to: Option<&PhoneNumber>,
+        limit: u32,
+    ) -> Result<Vec<InboxMessage>, StoreError> {
+        let index = to.map(|p| self.crypto.phone_index(tenant, p));
+        let entries = self
+            .store
+            .list_inbox(tenant, index.as_ref(), self.clock.now(), limit)
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|e| {
+                let body = self.crypto.open(&e.sealed_body).ok()?;
+                Some(InboxMessage {
+                    id: e.id,
+                    to: e.masked_to,
+                    body: String::from_utf8(body).ok()?,
+                    created_at: e.created_at,
+                })
+            })
+            .collect())
+    }
+
+    pub async fn ping_store(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
