@@ -53,6 +53,11 @@ impl AfricasTalkingProvider {
             timeout,
         })
     }
+
+    /// The URL messages are POSTed to.
+    pub fn endpoint(&self) -> &str {
+        &self.send_url
+    }
 }
 
 #[derive(Deserialize)]

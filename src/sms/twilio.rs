@@ -149,7 +149,12 @@ fn parse_failure(answer: &HttpAnswer) -> ProviderError {
                     .retry_after
                     .filter(|_| kind == ProviderErrorKind::RateLimited),
             ),
-        None => status_error(NAME, answer, Some(&format!("error {code}: {text}"))),
+        None => {
+            // The code is added after `safe_snippet`, which hides digit runs.
+            let mut err = status_error(NAME, answer, None);
+            err.message = format!("{}: error {code}: {text}", err.message);
+            err
+        }
     }
 }
 

@@ -2,6 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod helpers;
+mod providers;
+mod route_config;
+mod routing;
 mod service;
 mod store_contract;
 mod v1;
