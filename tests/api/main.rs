@@ -6,6 +6,7 @@ mod providers;
 mod route_config;
 mod routing;
 mod service;
+mod sql_stores;
 mod store_contract;
 mod v1;
 
