@@ -1,6 +1,7 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod failover;
 mod helpers;
 mod providers;
 mod route_config;

@@ -257,3 +257,27 @@ fn secrets_can_come_from_the_environment() {
     let debug = format!("{:?}", config.routes);
     assert!(!debug.contains("from-env"), "{debug}");
 }
+
+#[test]
+fn the_example_config_file_loads_and_its_commented_routes_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = root.join("otpd.example.toml");
+    let settings = otpd::config::Settings::load(Some(&example), &Default::default()).unwrap();
+    assert!(settings.routes.is_empty());
+    assert_eq!(settings.routing, RoutingSettings::default());
+
+    // The commented [[routes]] examples, uncommented, form a valid config.
+    let text = std::fs::read_to_string(&example).unwrap();
+    let start = text.find("# [[routes]]").unwrap();
+    let routes: String = text[start..]
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // The SID placeholder is the only thing to fill in.
+    let routes = routes.replace("\"AC...\"", "\"AC00000000000000000000000000000001\"");
+    let config = parse(&routes).unwrap();
+    assert_eq!(config.routes.len(), 5);
+    validate_routes(&config.routes, &config.routing).unwrap();
+}
