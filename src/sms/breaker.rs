@@ -84,7 +84,10 @@ impl CircuitBreakers {
     }
 
     fn cool_off(&self) -> Duration {
-        Duration::seconds(i64::try_from(self.settings.cool_off_seconds).unwrap_or(i64::MAX / 1_000))
+        // Config validation caps this at a day; a hand-built setting is capped
+        // at a year rather than overflowing.
+        let seconds = self.settings.cool_off_seconds.min(365 * 86_400);
+        Duration::seconds(i64::try_from(seconds).unwrap_or(0))
     }
 
     pub fn state(&self, route_id: u32) -> BreakerState {
