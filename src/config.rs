@@ -184,12 +184,16 @@ impl Settings {
                 )));
             }
             Some(p) => figment = figment.merge(Toml::file_exact(p)),
-            None => figment = figment.merge(Toml::file_exact("otpd.toml")),
+            // The default file is optional: no configuration is a valid start.
+            None if Path::new("otpd.toml").exists() => {
+                figment = figment.merge(Toml::file_exact("otpd.toml"));
+            }
+            None => {}
         }
         figment = figment.merge(Env::prefixed("OTPD_").split("__").filter(|k| {
             let first = k.as_str().split("__").next().unwrap_or_default();
             let first = first.split('.').next().unwrap_or_default();
-            TOP_LEVEL_KEYS.contains(&first)
+            TOP_LEVEL_KEYS.iter().any(|t| t.eq_ignore_ascii_case(first))
         }));
         if let Some(listen) = &overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
@@ -233,6 +237,7 @@ impl Settings {
             "redis://",
             "rediss://",
             "redis+cluster://",
+            "rediss+cluster://",
             "postgres://",
             "postgresql://",
         ]
@@ -240,7 +245,7 @@ impl Settings {
         .any(|s| url.starts_with(s))
         {
             return Err(invalid(format!(
-                "store.url: unsupported scheme in {:?}; use sqlite://PATH, memory://, redis://, rediss://, redis+cluster://, postgres://",
+                "store.url: unsupported scheme in {:?}; use sqlite://PATH, memory://, redis://, rediss://, redis+cluster://, rediss+cluster://, postgres://",
                 redact_url(&url)
             )));
         }
@@ -347,6 +352,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail fixes the closure error type
 mod tests {
     use super::*;
 
@@ -399,6 +405,56 @@ mod tests {
         let p = s.tenant_policy("acme").unwrap();
         assert_eq!((p.ttl_seconds, p.max_attempts), (120, 3));
         assert_eq!(s.tenant_policy("other").unwrap().max_attempts, 5);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_ignores_foreign_ones() {
+        // figment::Jail isolates the environment and working directory for this test.
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OTPD_STORE__URL", "memory://");
+            jail.set_env("OTPD_POLICY__TTL_SECONDS", "120");
+            jail.set_env("OTPD_TEST_REDIS_URL", "redis://ignored");
+            let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(s.store_url(), "memory://");
+            assert_eq!(s.policy.ttl_seconds, 120);
+            Ok(())
+        });
+    }
+
+    // Here rather than in tests/api: that binary also spawns otpd processes,
+    // which would inherit the variables this test sets.
+    #[test]
+    fn route_secrets_come_from_their_own_variables_and_chains_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "otpd.toml",
+                "[[routes]]\nid = 1\nprovider = \"bridgexapi\"\nprovider_route_id = 3\ncaller_id = \"OTPD\"\n\n[policy]\nroutes = [1]\n",
+            )?;
+            let load = || Settings::load(None, &Overrides::default());
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("routes[0].api_key: required (or set OTPD_ROUTE_1_API_KEY)"),
+                "{err}"
+            );
+            jail.set_env("OTPD_ROUTE_1_API_KEY", "from-env");
+            let settings = load().map_err(|e| e.to_string())?;
+            assert_eq!(settings.routes.len(), 1);
+            jail.set_env("OTPD_POLICY__ROUTES", "[1, 7]");
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("policy.routes: route 7 is not configured"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn no_file_and_no_environment_is_a_valid_start() {
+        figment::Jail::expect_with(|_| {
+            Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            Ok(())
+        });
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 mod failover;
 mod helpers;
+mod process;
 mod providers;
+mod redis_store;
 mod route_config;
 mod routing;
 mod service;
