@@ -11,6 +11,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::domain::Policy;
+use crate::sms::config::{apply_secret_env, validate_chain, validate_routes};
+use crate::sms::{RouteSettings, RoutingSettings};
 
 /// Top-level keys; environment variables outside them (e.g. `OTPD_TEST_*`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -23,6 +25,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tenants",
     "log",
     "auth",
+    "routes",
+    "routing",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +44,10 @@ pub struct Settings {
     pub tenants: BTreeMap<String, TenantSettings>,
     pub log: LogSettings,
     pub auth: AuthSettings,
+    /// `[[routes]]`: SMS routes by id (empty: everything goes to the sandbox).
+    pub routes: Vec<RouteSettings>,
+    /// `[routing]`: failover on timeout, circuit breaker, per-country chains.
+    pub routing: RoutingSettings,
 }
 
 impl Default for Settings {
@@ -54,6 +62,8 @@ impl Default for Settings {
             tenants: BTreeMap::new(),
             log: LogSettings::default(),
             auth: AuthSettings::default(),
+            routes: Vec::new(),
+            routing: RoutingSettings::default(),
         }
     }
 }
@@ -198,7 +208,7 @@ impl Settings {
         if let Some(url) = &overrides.store_url {
             figment = figment.merge(Serialized::default("store.url", url));
         }
-        let settings: Settings = figment.extract().map_err(|e| {
+        let mut settings: Settings = figment.extract().map_err(|e| {
             let key = e.path.join(".");
             let detail = e.kind.to_string();
             ConfigError::Invalid(if key.is_empty() {
@@ -207,6 +217,9 @@ impl Settings {
                 format!("{key}: {detail}")
             })
         })?;
+        // Array entries cannot be addressed by `OTPD_*` keys, so route secrets
+        // have their own variables: OTPD_ROUTE_<id>_API_KEY and the like.
+        apply_secret_env(&mut settings.routes, |name| std::env::var(name).ok());
         settings.validate()?;
         Ok(settings)
     }
@@ -270,6 +283,18 @@ impl Settings {
         for name in self.tenants.keys() {
             self.tenant_policy(name)?;
         }
+        validate_routes(&self.routes, &self.routing).map_err(invalid)?;
+        validate_chain("policy.routes", &self.policy.routes, &self.routes).map_err(invalid)?;
+        for name in self.tenants.keys() {
+            if let Some(chain) = self.tenant_chain(name) {
+                validate_chain(
+                    &format!("tenants.{name}.policy.routes"),
+                    &chain,
+                    &self.routes,
+                )
+                .map_err(invalid)?;
+            }
+        }
         Ok(())
     }
 
@@ -290,6 +315,13 @@ impl Settings {
     }
 
     /// The default policy with the tenant's overrides applied and validated.
+    /// The failover chain a tenant set for itself (`tenants.X.policy.routes`),
+    /// which wins over per-country chains and limits what it may pin.
+    pub fn tenant_chain(&self, tenant: &str) -> Option<Vec<u32>> {
+        let value = self.tenants.get(tenant)?.policy.get("routes")?;
+        serde_json::from_value(value.clone()).ok()
+    }
+
     pub fn tenant_policy(&self, tenant: &str) -> Result<Policy, ConfigError> {
         let Some(t) = self.tenants.get(tenant) else {
             return Ok(self.policy.clone());
@@ -397,6 +429,34 @@ mod tests {
             let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(s.store_url(), "memory://");
             assert_eq!(s.policy.ttl_seconds, 120);
+            Ok(())
+        });
+    }
+
+    // Here rather than in tests/api: that binary also spawns otpd processes,
+    // which would inherit the variables this test sets.
+    #[test]
+    fn route_secrets_come_from_their_own_variables_and_chains_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "otpd.toml",
+                "[[routes]]\nid = 1\nprovider = \"bridgexapi\"\nprovider_route_id = 3\ncaller_id = \"OTPD\"\n\n[policy]\nroutes = [1]\n",
+            )?;
+            let load = || Settings::load(None, &Overrides::default());
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("routes[0].api_key: required (or set OTPD_ROUTE_1_API_KEY)"),
+                "{err}"
+            );
+            jail.set_env("OTPD_ROUTE_1_API_KEY", "from-env");
+            let settings = load().map_err(|e| e.to_string())?;
+            assert_eq!(settings.routes.len(), 1);
+            jail.set_env("OTPD_POLICY__ROUTES", "[1, 7]");
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("policy.routes: route 7 is not configured"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -18,11 +18,11 @@ use tokio::task::JoinHandle;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::crypto::{Crypto, KeyMaterial};
-use crate::domain::{CodeGenerator, OsCodeGenerator};
+use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
 use crate::http::{self, AppState, Policies};
 use crate::service::{ApiKeys, VerificationService};
 use crate::sms::router::SANDBOX_ROUTE_ID;
-use crate::sms::{Route, SandboxProvider, SmsRouter};
+use crate::sms::{Route, SandboxProvider, SmsProvider, SmsRouter, build_routes, http_client};
 use crate::store::{self, DynStore};
 
 /// Replaceable parts; tests swap the clock or the store.
@@ -62,9 +62,27 @@ impl Application {
             None => open_store(&settings).await?,
         };
         let crypto = Arc::new(load_crypto(&settings)?);
-        let sandbox = SandboxProvider::new(store.clone(), crypto.clone(), deps.clock.clone());
-        let sandbox_route = Route::new(SANDBOX_ROUTE_ID, Arc::new(sandbox));
-        let router = Arc::new(SmsRouter::new(Vec::new(), sandbox_route, true));
+        let sandbox: Arc<dyn SmsProvider> = Arc::new(SandboxProvider::new(
+            store.clone(),
+            crypto.clone(),
+            deps.clock.clone(),
+        ));
+        let http = http_client(
+            settings.routing.connect_timeout(),
+            settings.routing.timeout(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let routes = build_routes(&settings.routes, &settings.routing, &http, sandbox.clone())
+            .map_err(anyhow::Error::msg)?;
+        let router = Arc::new(
+            SmsRouter::new(
+                routes,
+                Route::new(SANDBOX_ROUTE_ID, sandbox),
+                &settings.routing,
+                deps.clock.clone(),
+            )
+            .with_default_chain(settings.policy.routes.clone()),
+        );
         let service = Arc::new(VerificationService::new(
             store.clone(),
             router,
@@ -78,14 +96,20 @@ impl Application {
             deps.clock.clone(),
             Duration::from_secs(settings.auth.cache_seconds),
         ));
+        // A policy's `routes` reaches the router as the tenant's own chain, so it
+        // holds only what the tenant set itself; the global chain is the router's
+        // default, after per-country chains.
         let mut policies = Policies {
-            default: settings.policy.clone(),
+            default: Policy {
+                routes: Vec::new(),
+                ..settings.policy.clone()
+            },
             ..Policies::default()
         };
         for name in settings.tenants.keys() {
-            policies
-                .tenants
-                .insert(name.clone(), settings.tenant_policy(name)?);
+            let mut policy = settings.tenant_policy(name)?;
+            policy.routes = settings.tenant_chain(name).unwrap_or_default();
+            policies.tenants.insert(name.clone(), policy);
         }
         let state = AppState {
             service,

@@ -16,7 +16,7 @@ use crate::domain::{
     SubjectKey, Verification,
 };
 use crate::sms::router::{DeliveryRequest, RoutingError};
-use crate::sms::{DeliveryAttempt, ProviderErrorKind, SmsRouter};
+use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
     CancelOutcome, CheckOutcome, SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
@@ -396,7 +396,7 @@ impl VerificationService {
                     r.currency.clone(),
                 ),
                 Err(e) => (
-                    if e.kind == ProviderErrorKind::Timeout {
+                    if e.kind.outcome_unknown() {
                         DeliveryStatus::Unknown
                     } else {
                         DeliveryStatus::Failed

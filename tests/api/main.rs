@@ -1,9 +1,13 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod failover;
 mod helpers;
 mod process;
+mod providers;
 mod redis_store;
+mod route_config;
+mod routing;
 mod scale_out;
 mod service;
 mod sql_stores;
