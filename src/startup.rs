@@ -80,6 +80,8 @@ impl Application {
         ));
         let mut policies = Policies {
             default: settings.policy.clone(),
+            bridgex: settings.bridgex_policy()?,
+            openlyne: settings.openlyne_policy()?,
             ..Policies::default()
         };
         for name in settings.tenants.keys() {
@@ -94,6 +96,8 @@ impl Application {
             max_body_bytes: settings.server.max_body_bytes,
             pending_gauge: Arc::new(AtomicU64::new(0)),
             version: env!("CARGO_PKG_VERSION"),
+            dialects: Arc::new(settings.dialects.clone()),
+            debug_codes: settings.debug_codes,
         };
         let addr = settings.listen_addr()?;
         let listener = TcpListener::bind(addr)
