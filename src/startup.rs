@@ -31,6 +31,8 @@ pub struct Dependencies {
     pub codes: Arc<dyn CodeGenerator>,
     /// When set, used instead of connecting to `store.url`.
     pub store: Option<DynStore>,
+    /// When set, the routes to deliver over (tests inject fake providers).
+    pub routes: Option<Vec<Route>>,
 }
 
 impl Default for Dependencies {
@@ -39,6 +41,7 @@ impl Default for Dependencies {
             clock: Arc::new(SystemClock),
             codes: Arc::new(OsCodeGenerator),
             store: None,
+            routes: None,
         }
     }
 }
@@ -64,7 +67,8 @@ impl Application {
         let crypto = Arc::new(load_crypto(&settings)?);
         let sandbox = SandboxProvider::new(store.clone(), crypto.clone(), deps.clock.clone());
         let sandbox_route = Route::new(SANDBOX_ROUTE_ID, Arc::new(sandbox));
-        let router = Arc::new(SmsRouter::new(Vec::new(), sandbox_route, true));
+        let routes = deps.routes.unwrap_or_default();
+        let router = Arc::new(SmsRouter::new(routes, sandbox_route, true));
         let service = Arc::new(VerificationService::new(
             store.clone(),
             router,

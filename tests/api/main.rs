@@ -1,7 +1,10 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod bridgex;
 mod helpers;
+mod openlyne;
+mod seed_clients;
 mod service;
 mod store_contract;
 mod v1;
@@ -16,4 +19,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/messages/{id}"),
     ("get", "/v1/sandbox/messages"),
     ("get", "/health"),
+    ("post", "/send-otp"),
+    ("post", "/verify-otp"),
+    ("get", "/config"),
+    ("post", "/webhook/send-otp"),
+    ("post", "/webhook/verify-otp"),
 ];
