@@ -447,6 +447,25 @@ mod tests {
     }
 
     #[test]
+    fn code_is_digits_as_a_string_or_a_number() {
+        assert_eq!(
+            parse_code(Some(&json!("123456"))).unwrap().expose(),
+            "123456"
+        );
+        assert_eq!(parse_code(Some(&json!(654321))).unwrap().expose(), "654321");
+        for bad in [
+            json!("12a456"),
+            json!(-123456),
+            json!(1.5),
+            json!(null),
+            json!(""),
+        ] {
+            assert!(parse_code(Some(&bad)).is_err(), "{bad}");
+        }
+        assert!(parse_code(None).is_err());
+    }
+
+    #[test]
     fn env_is_sandbox_or_absent() {
         assert!(parse_env(Some(&json!("sandbox"))).unwrap());
         assert!(!parse_env(None).unwrap());

@@ -723,8 +723,16 @@ fn bridgexapi_accepts() -> Result<SendReceipt, ProviderError> {
 
 #[tokio::test]
 async fn a_bridgexapi_route_gives_its_ids_and_the_delivery_status_url() {
-    let app = TestApp::spawn_routed(vec![route(3, "bridgexapi", bridgexapi_accepts())], |s| {
+    let routes = vec![
+        route(3, "bridgexapi", bridgexapi_accepts()),
+        route(5, "bridgexapi", bridgexapi_accepts()),
+    ];
+    let app = TestApp::spawn_routed(routes, |s| {
         s.dialects.bridgex.bridgexapi_base_url = "https://bx.example.test/".into();
+        s.dialects
+            .bridgex
+            .policy
+            .insert("routes".into(), json!([3]));
     })
     .await;
     let (status, body) = parts(app.post_bearer("/send-otp", readme_send()).await).await;
@@ -750,6 +758,33 @@ async fn a_bridgexapi_route_gives_its_ids_and_the_delivery_status_url() {
     assert_eq!(
         got,
         json!({ "detail": [{ "type": "value_error", "loc": ["body", "route_id"], "msg": "Value error, route_id 4 is not a configured route.", "input": 4, "ctx": { "error": {} } }] })
+    );
+    // Configured, but outside the dialect policy's chain.
+    let (status, got) = parts(
+        app.post_bearer(
+            "/send-otp",
+            json!({ "phone_number": PHONE, "purpose": "other", "route_id": 5 }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        got["detail"][0]["msg"],
+        "Value error, route_id 5 is not allowed."
+    );
+    // Which routes exist is not told to a caller without a key.
+    let (status, _, text) = raw(app
+        .client
+        .post(format!("{}/send-otp", app.base))
+        .json(&json!({ "phone_number": PHONE, "route_id": 4 }))
+        .send()
+        .await
+        .unwrap())
+    .await;
+    assert_eq!(
+        (status, text),
+        (StatusCode::UNAUTHORIZED, detail("Unauthorized."))
     );
 }
 
@@ -784,5 +819,42 @@ async fn a_failed_send_is_502_without_internals_and_leaves_no_cooldown() {
         status,
         StatusCode::NOT_FOUND,
         "nothing stays pending: {text}"
+    );
+}
+
+#[tokio::test]
+async fn both_dialects_are_documented_under_their_own_tags() {
+    let app = TestApp::spawn().await;
+    let (_, spec) = parts(
+        app.client
+            .get(format!("{}/openapi.json", app.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    for (method, path, tag) in [
+        ("post", "/send-otp", "bridgex"),
+        ("post", "/verify-otp", "bridgex"),
+        ("get", "/config", "bridgex"),
+        ("get", "/health", "bridgex"),
+        ("post", "/webhook/send-otp", "openlyne"),
+        ("post", "/webhook/verify-otp", "openlyne"),
+    ] {
+        let tags = &spec["paths"][path][method]["tags"];
+        assert!(
+            tags.as_array().is_some_and(|t| t.contains(&json!(tag))),
+            "{method} {path}: {tags}"
+        );
+    }
+    let names: Vec<&str> = spec["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"bridgex") && names.contains(&"openlyne"),
+        "{names:?}"
     );
 }
