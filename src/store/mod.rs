@@ -3,6 +3,9 @@
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
 pub mod memory;
+pub mod postgres;
+pub mod redis;
+mod sql_common;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -16,8 +19,10 @@ use crate::domain::{
     ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
 };
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
-pub use sqlite::SqliteStore;
+pub use postgres::PostgresStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -152,19 +157,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// The subject's current unexpired verification that a check should address:
     /// pending, or dead from spent attempts (so a check can say `max_attempts`
-    /// rather than "not found"). Backends override the default, which only sees
-    /// pending ones.
+    /// rather than "not found").
     async fn find_current(
         &self,
         tenant: &str,
         subject: &SubjectKey,
         now: DateTime<Utc>,
-    ) -> StoreResult<Option<(Uuid, Status)>> {
-        Ok(self
-            .find_pending(tenant, subject, now)
-            .await?
-            .map(|id| (id, Status::Pending)))
-    }
+    ) -> StoreResult<Option<(Uuid, Status)>>;
 
     /// Atomically: cooldown check, window check, then create or replace.
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision>;
@@ -247,10 +246,23 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
         return Ok(Arc::new(MemoryStore::new()));
     }
     if let Some(path) = url.strip_prefix("sqlite://") {
-        let _ = path; // MERGE: SqliteStore::open lands from the sql branch
-        return Err(StoreError::Unavailable(
-            "sqlite store not merged yet".into(),
+        return Ok(Arc::new(
+            SqliteStore::open(std::path::Path::new(path)).await?,
         ));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PostgresStore::connect(url).await?));
+    }
+    if [
+        "redis://",
+        "rediss://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|scheme| url.starts_with(scheme))
+    {
+        return Ok(Arc::new(RedisStore::connect(url).await?));
     }
     Err(StoreError::Unavailable(format!(
         "unsupported store url scheme: {}",

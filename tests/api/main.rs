@@ -4,8 +4,11 @@
 mod bridgex;
 mod helpers;
 mod openlyne;
+mod process;
+mod redis_store;
 mod seed_clients;
 mod service;
+mod sql_stores;
 mod store_contract;
 mod v1;
 
