@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{ops, v1};
+use super::{bridgex, openlyne, ops, v1};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +19,11 @@ use super::{ops, v1};
         v1::get_message,
         v1::list_sandbox_messages,
         ops::health,
+        bridgex::send_otp,
+        bridgex::verify_otp,
+        bridgex::config,
+        openlyne::send_otp,
+        openlyne::verify_otp,
     ),
     modifiers(&Security),
     tags(
@@ -26,6 +31,8 @@ use super::{ops, v1};
         (name = "messages", description = "Native API: delivery attempts"),
         (name = "sandbox", description = "Native API: the sandbox inbox"),
         (name = "operations", description = "Health and metrics"),
+        (name = "bridgex", description = "Seed-compatible: the BridgeXAPI FastAPI OTP server's API (errors as FastAPI `{\"detail\": ...}`; `GET /health` is shared)"),
+        (name = "openlyne", description = "Seed-compatible: Openlyne's OTP webhooks (every answer in the `{success, data, message, error}` envelope)"),
     )
 )]
 pub struct ApiDoc;

@@ -1,14 +1,17 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod bridgex;
 mod failover;
 mod helpers;
+mod openlyne;
 mod process;
 mod providers;
 mod redis_store;
 mod route_config;
 mod routing;
 mod scale_out;
+mod seed_clients;
 mod service;
 mod sql_stores;
 mod store_contract;
@@ -24,4 +27,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/messages/{id}"),
     ("get", "/v1/sandbox/messages"),
     ("get", "/health"),
+    ("post", "/send-otp"),
+    ("post", "/verify-otp"),
+    ("get", "/config"),
+    ("post", "/webhook/send-otp"),
+    ("post", "/webhook/verify-otp"),
 ];
