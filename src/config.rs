@@ -85,6 +85,11 @@ pub struct StoreSettings {
     pub url: Option<String>,
     pub purge_interval_seconds: u64,
     pub purge_batch: u32,
+    /// A network store's operation that takes longer answers 503 instead of hanging.
+    pub operation_timeout_ms: u64,
+    /// SQLite only: fsync every commit (`synchronous=FULL`) to survive power loss,
+    /// not just a crash of otpd. Costs write throughput.
+    pub sqlite_synchronous_full: bool,
 }
 
 impl Default for StoreSettings {
@@ -93,6 +98,8 @@ impl Default for StoreSettings {
             url: None,
             purge_interval_seconds: 30,
             purge_batch: 1_000,
+            operation_timeout_ms: 5_000,
+            sqlite_synchronous_full: false,
         }
     }
 }
@@ -235,6 +242,11 @@ impl Settings {
                 "store.url: unsupported scheme in {:?}; use sqlite://PATH, memory://, redis://, rediss://, redis+cluster://, rediss+cluster://, postgres://",
                 redact_url(&url)
             )));
+        }
+        if !(10..=60_000).contains(&self.store.operation_timeout_ms) {
+            return Err(invalid(
+                "store.operation_timeout_ms: must be between 10 and 60000".into(),
+            ));
         }
         if self.store.purge_batch == 0 {
             return Err(invalid("store.purge_batch: must be at least 1".into()));

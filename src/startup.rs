@@ -166,9 +166,21 @@ impl Application {
 
 pub async fn open_store(settings: &Settings) -> anyhow::Result<DynStore> {
     let url = settings.store_url();
-    store::connect(&url)
+    let sqlite = store::SqliteOptions {
+        synchronous_full: settings.store.sqlite_synchronous_full,
+        ..store::SqliteOptions::default()
+    };
+    let store = store::connect_with(&url, &sqlite)
         .await
-        .with_context(|| format!("store.url: cannot open {}", crate::config::redact_url(&url)))
+        .with_context(|| format!("store.url: cannot open {}", crate::config::redact_url(&url)))?;
+    // Network stores get a hard time bound per operation; local ones cannot stall that way.
+    let networked = !(url.starts_with("memory://") || url.starts_with("sqlite://"));
+    Ok(if networked {
+        let limit = Duration::from_millis(settings.store.operation_timeout_ms);
+        Arc::new(store::bounded::Bounded::new(store, limit))
+    } else {
+        store
+    })
 }
 
 /// Key material from config, or from `{data_dir}/secret.key`, generated on first start.

@@ -4,6 +4,7 @@
 mod helpers;
 mod process;
 mod redis_store;
+mod scale_out;
 mod service;
 mod sql_stores;
 mod store_contract;
