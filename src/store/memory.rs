@@ -169,6 +169,10 @@ impl Store for MemoryStore {
                 };
                 v.code_hash = planned.code_hash;
                 v.expires_at = planned.expires_at;
+                // A resend goes to the number of this request (a uid's number may change).
+                v.phone = planned.phone.clone();
+                v.masked_to = planned.masked_to.clone();
+                v.country = planned.country.clone();
                 v.send_count += 1;
                 v.updated_at = now;
                 v.last_sent_at = now;

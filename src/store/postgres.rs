@@ -318,15 +318,20 @@ impl Store for PostgresStore {
         let decision = match pending {
             Some(v) if v.id == planned.id => {
                 let row = sqlx::query_as::<_, VerificationRow>(
+                    // A resend goes to the number of this request (a uid's number may change).
                     "UPDATE verifications
                      SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
-                         updated_at = $3, last_sent_at = $3
+                         updated_at = $3, last_sent_at = $3,
+                         phone = $5, masked_to = $6, country = $7
                      WHERE id = $4 RETURNING *",
                 )
                 .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
                 .bind(millis(planned.expires_at))
                 .bind(millis(now))
                 .bind(id_text(v.id))
+                .bind(planned.phone.to_bytes())
+                .bind(&planned.masked_to)
+                .bind(planned.country.as_deref())
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(map_sqlx)?;

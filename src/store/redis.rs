@@ -503,6 +503,14 @@ if pending and pending == ARGV[6] then
   end
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
+  -- A resend goes to the number of this request (a uid's number may change).
+  redis.call('HDEL', KEYS[2], 'country')
+  for i = 13, #ARGV, 2 do
+    local f = ARGV[i]
+    if f == 'phone' or f == 'masked_to' or f == 'country' then
+      redis.call('HSET', KEYS[2], f, ARGV[i + 1])
+    end
+  end
   decision = 'replaced'
 elseif pending or ARGV[12] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then
   return {'conflict'}

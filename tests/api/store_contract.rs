@@ -336,6 +336,33 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     assert!(matches!(new, CheckOutcome::Approved(_)));
 }
 
+pub async fn a_resend_to_another_number_records_that_number(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let later = now + Duration::seconds(31);
+    let ug = PhoneNumber::parse("+256700123456").unwrap();
+    let mut resend = f.verification(id, "222222", later);
+    resend.phone = f.crypto.seal_phone(&ug).unwrap();
+    resend.masked_to = ug.masked();
+    resend.country = Some("UG".into());
+    let decision = store.start_send(&f.plan(resend), later).await.unwrap();
+    assert!(
+        matches!(decision, SendDecision::Replaced { .. }),
+        "{decision:?}"
+    );
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.crypto.open_phone(&v.phone).unwrap(), ug);
+    assert_eq!(
+        (v.masked_to.as_str(), v.country.as_deref()),
+        ("+********3456", Some("UG"))
+    );
+}
+
 pub async fn plan_for_a_stale_id_conflicts(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -997,6 +1024,7 @@ macro_rules! store_contract_tests {
                 find_current_sees_pending_and_dead_but_not_ended,
                 cooldown_then_resend_keeps_attempts,
                 plan_for_a_stale_id_conflicts,
+                a_resend_to_another_number_records_that_number,
                 send_window_limits_resends,
                 spent_attempts_do_not_skip_cooldown_or_window,
                 abort_releases_cooldown_and_leaves_nothing_pending,
