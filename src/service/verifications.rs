@@ -26,11 +26,11 @@ use crate::store::{
 const MAX_PLAN_ROUNDS: usize = 3;
 
 pub struct VerificationService {
-    store: Arc<dyn Store>,
-    router: Arc<SmsRouter>,
-    clock: Arc<dyn Clock>,
-    codes: Arc<dyn CodeGenerator>,
-    crypto: Arc<Crypto>,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) router: Arc<SmsRouter>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) codes: Arc<dyn CodeGenerator>,
+    pub(super) crypto: Arc<Crypto>,
     debug_codes: bool,
 }
 
@@ -266,12 +266,15 @@ impl VerificationService {
                 SendDecision::Created {
                     verification,
                     previous_sent_at,
+                } => {
+                    started = Some((verification, previous_sent_at, code, now, true));
+                    break;
                 }
-                | SendDecision::Replaced {
+                SendDecision::Replaced {
                     verification,
                     previous_sent_at,
                 } => {
-                    started = Some((verification, previous_sent_at, code, now));
+                    started = Some((verification, previous_sent_at, code, now, false));
                     break;
                 }
                 SendDecision::Cooldown {
@@ -292,7 +295,7 @@ impl VerificationService {
                 SendDecision::Conflict => continue,
             }
         }
-        let Some((verification, previous_sent_at, code, now)) = started else {
+        let Some((verification, previous_sent_at, code, now, created)) = started else {
             // Only a burst of concurrent sends for one subject gets here: the
             // winner's cooldown applies to the rest.
             return Err(SendError::Cooldown {
@@ -315,7 +318,8 @@ impl VerificationService {
                 },
             )
             .await;
-        let records = self.record_attempts(&verification, &attempts).await;
+        let records = self.record_attempts(&verification, &attempts, None).await;
+        self.count_sends(&records, created).await;
         let accepted = attempts
             .iter()
             .zip(&records)
@@ -377,12 +381,14 @@ impl VerificationService {
         }
     }
 
-    /// Stores one message record per attempt. A failure to record is logged, not
-    /// returned: the SMS has already gone out and the caller must learn that.
-    async fn record_attempts(
+    /// Stores one message record per attempt (`resend_of`: the message whose
+    /// failed delivery they rescue). A failure to record is logged, not returned:
+    /// the SMS has already gone out and the caller must learn that.
+    pub(super) async fn record_attempts(
         &self,
         v: &Verification,
         attempts: &[DeliveryAttempt],
+        resend_of: Option<Uuid>,
     ) -> Vec<MessageRecord> {
         let now = self.clock.now();
         let mut records = Vec::with_capacity(attempts.len());
@@ -407,7 +413,7 @@ impl VerificationService {
                     None,
                 ),
             };
-            let record = MessageRecord {
+            let mut record = MessageRecord {
                 id: Uuid::new_v4(),
                 verification_id: v.id,
                 tenant: v.tenant.clone(),
@@ -416,14 +422,19 @@ impl VerificationService {
                 provider_message_id,
                 masked_to: v.masked_to.clone(),
                 country: v.country.clone(),
-                status,
+                status: DeliveryStatus::Queued,
                 error,
                 cost,
                 currency,
                 latency_ms: u32::try_from(a.latency.as_millis()).unwrap_or(u32::MAX),
+                resend_of,
                 created_at: now,
+                sent_at: None,
+                delivered_at: None,
+                failed_at: None,
                 updated_at: now,
             };
+            record.mark(status, now);
             if let Err(e) = self.store.insert_message(&record).await {
                 tracing::error!(verification_id = %v.id, error = %e, "could not record a delivery attempt");
             }
@@ -478,6 +489,9 @@ impl VerificationService {
         };
         let hash = hash_for(id);
         let outcome = self.store.check_code(tenant, id, &hash, now).await?;
+        if let CheckOutcome::Approved(v) = &outcome {
+            self.count_approval(v).await;
+        }
         let label = match &outcome {
             CheckOutcome::Approved(_) => "approved",
             CheckOutcome::Wrong { attempts_left: 0 } => "wrong_last",
