@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::domain::Policy;
@@ -28,6 +28,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "routes",
     "routing",
     "dialects",
+    "dlr",
+    "retention",
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +53,10 @@ pub struct Settings {
     pub routing: RoutingSettings,
     /// The seed-compatible APIs (BridgeX-style, Openlyne-style).
     pub dialects: DialectSettings,
+    /// `[dlr]`: provider delivery reports, pushed and polled.
+    pub dlr: DlrSettings,
+    /// `[retention]`: how long delivery records are kept.
+    pub retention: RetentionSettings,
 }
 
 impl Default for Settings {
@@ -68,6 +74,8 @@ impl Default for Settings {
             routes: Vec::new(),
             routing: RoutingSettings::default(),
             dialects: DialectSettings::default(),
+            dlr: DlrSettings::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -213,6 +221,68 @@ pub struct OpenlyneDialect {
     pub policy: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Delivery reports: the callback endpoints `POST /v1/dlr/{provider}/{secret}`
+/// (Africa's Talking, Twilio) and the BridgeXAPI poller.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DlrSettings {
+    /// The `{secret}` path segment providers must call; unset, the callback
+    /// endpoints answer 404. At least 16 URL-safe characters.
+    pub secret: Option<SecretString>,
+    /// otpd's base URL as providers reach it (`https://otpd.example.com`). Twilio
+    /// signs the full URL it called, so it is needed to check signatures; it also
+    /// gives Twilio routes without their own `status_callback` one.
+    pub public_base_url: Option<String>,
+    /// How often the poller looks for BridgeXAPI messages due a status check.
+    pub poll_interval_seconds: u64,
+    /// Messages older than this are no longer polled.
+    pub poll_max_age_seconds: u64,
+    /// Messages considered per poll page.
+    pub poll_batch: u32,
+}
+
+impl Default for DlrSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            public_base_url: None,
+            poll_interval_seconds: 5,
+            poll_max_age_seconds: 6 * 3_600,
+            poll_batch: 200,
+        }
+    }
+}
+
+impl DlrSettings {
+    /// The callback URL for `provider`, when both the secret and the public base
+    /// URL are configured.
+    pub fn callback_url(&self, provider: &str) -> Option<String> {
+        let base = self.public_base_url.as_deref()?.trim_end_matches('/');
+        let secret = self.secret.as_ref()?;
+        Some(format!(
+            "{base}/v1/dlr/{provider}/{}",
+            secret.expose_secret()
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Delivery attempts (masked numbers only) older than this are deleted.
+    /// Usage stays as daily aggregates.
+    pub message_days: u32,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self { message_days: 30 }
+    }
+}
+
+/// Longest `retention.message_days`: Redis keeps messages this long at most.
+pub const MAX_MESSAGE_DAYS: u32 = 366;
+
 /// The route ids a BridgeX-style client may send, as the original validates them.
 pub const BRIDGEX_ROUTE_IDS: std::ops::RangeInclusive<u32> = 1..=8;
 
@@ -345,7 +415,61 @@ impl Settings {
                 .map_err(invalid)?;
             }
         }
+        self.validate_delivery()?;
         self.validate_dialects()
+    }
+
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        let invalid = ConfigError::Invalid;
+        let dlr = &self.dlr;
+        if let Some(secret) = &dlr.secret {
+            let secret = secret.expose_secret();
+            if secret.len() < 16
+                || !secret
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+            {
+                return Err(invalid(
+                    "dlr.secret: must be at least 16 characters of A-Z, a-z, 0-9, '-', '_', '.', '~'"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(base) = &dlr.public_base_url {
+            match url::Url::parse(base) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.query().is_none() => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "dlr.public_base_url: {:?} is not an http(s) URL without a query",
+                        redact_url(base)
+                    )));
+                }
+            }
+        }
+        if !(1..=3_600).contains(&dlr.poll_interval_seconds) {
+            return Err(invalid(
+                "dlr.poll_interval_seconds: must be between 1 and 3600".into(),
+            ));
+        }
+        if !(60..=7 * 86_400).contains(&dlr.poll_max_age_seconds) {
+            return Err(invalid(
+                "dlr.poll_max_age_seconds: must be between 60 and 604800".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&dlr.poll_batch) {
+            return Err(invalid(
+                "dlr.poll_batch: must be between 1 and 10000".into(),
+            ));
+        }
+        if !(1..=MAX_MESSAGE_DAYS).contains(&self.retention.message_days) {
+            return Err(invalid(format!(
+                "retention.message_days: must be between 1 and {MAX_MESSAGE_DAYS}"
+            )));
+        }
+        Ok(())
     }
 
     fn validate_dialects(&self) -> Result<(), ConfigError> {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -19,10 +19,16 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::crypto::{Crypto, KeyMaterial};
 use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
+use crate::http::dlr::DlrEndpoints;
 use crate::http::{self, AppState, Policies};
+use crate::service::dlr_poller::{DlrPoller, PollSettings};
 use crate::service::{ApiKeys, VerificationService};
+use crate::sms::config::ProviderSettings;
 use crate::sms::router::SANDBOX_ROUTE_ID;
-use crate::sms::{Route, SandboxProvider, SmsProvider, SmsRouter, build_routes, http_client};
+use crate::sms::{
+    BridgexProvider, Route, RouteSettings, SandboxProvider, SmsProvider, SmsRouter, build_routes,
+    http_client,
+};
 use crate::store::{self, DynStore};
 
 /// Replaceable parts; tests swap the clock or the store.
@@ -52,6 +58,7 @@ pub struct Application {
     settings: Settings,
     store: DynStore,
     clock: Arc<dyn Clock>,
+    poller: Arc<DlrPoller>,
 }
 
 impl Application {
@@ -75,9 +82,10 @@ impl Application {
             settings.routing.timeout(),
         )
         .map_err(anyhow::Error::msg)?;
+        let route_settings = with_status_callbacks(&settings);
         let routes = match deps.routes {
             Some(routes) => routes,
-            None => build_routes(&settings.routes, &settings.routing, &http, sandbox.clone())
+            None => build_routes(&route_settings, &settings.routing, &http, sandbox.clone())
                 .map_err(anyhow::Error::msg)?,
         };
         let router = Arc::new(
@@ -119,15 +127,29 @@ impl Application {
             policy.routes = settings.tenant_chain(name).unwrap_or_default();
             policies.tenants.insert(name.clone(), policy);
         }
+        let policies = Arc::new(policies);
+        let poller = Arc::new(DlrPoller::new(
+            service.clone(),
+            policies.clone(),
+            bridgex_pollers(&settings, &http)?,
+            PollSettings {
+                interval: Duration::from_secs(settings.dlr.poll_interval_seconds),
+                max_age: chrono::Duration::seconds(
+                    i64::try_from(settings.dlr.poll_max_age_seconds).unwrap_or(i64::MAX),
+                ),
+                batch: settings.dlr.poll_batch,
+            },
+        ));
         let state = AppState {
             service,
             keys,
-            policies: Arc::new(policies),
+            policies,
             max_body_bytes: settings.server.max_body_bytes,
             pending_gauge: Arc::new(AtomicU64::new(0)),
             version: env!("CARGO_PKG_VERSION"),
             dialects: Arc::new(settings.dialects.clone()),
             debug_codes: settings.debug_codes,
+            dlr: Arc::new(dlr_endpoints(&settings, &route_settings)),
         };
         let addr = settings.listen_addr()?;
         let listener = TcpListener::bind(addr)
@@ -139,6 +161,7 @@ impl Application {
             settings,
             store,
             clock: deps.clock,
+            poller,
         })
     }
 
@@ -148,6 +171,12 @@ impl Application {
 
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// The BridgeXAPI delivery-report poller (`run_until` runs it in the
+    /// background; tests call `poll_once` themselves).
+    pub fn dlr_poller(&self) -> Arc<DlrPoller> {
+        self.poller.clone()
     }
 
     /// Creates the first API key (tenant `default`) when the store has none and
@@ -181,8 +210,12 @@ impl Application {
             self.clock.clone(),
             self.state.pending_gauge.clone(),
             &self.settings,
-            stop_rx,
+            stop_rx.clone(),
         );
+        let poller = self
+            .poller
+            .has_routes()
+            .then(|| self.poller.clone().spawn(stop_rx));
         let app = http::router(
             self.state.clone(),
             Duration::from_secs(self.settings.server.request_timeout_seconds),
@@ -193,6 +226,9 @@ impl Application {
             .await?;
         let _ = stop_tx.send(true);
         let _ = housekeeping.await;
+        if let Some(poller) = poller {
+            let _ = poller.await;
+        }
         tracing::info!("otpd stopped");
         Ok(())
     }
@@ -278,6 +314,61 @@ fn load_or_create_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 const MAX_PURGE_ROUNDS_PER_TICK: usize = 20;
 
+/// The routes' settings, with Twilio routes that set no `status_callback` given
+/// otpd's own callback URL when `dlr.secret` and `dlr.public_base_url` are set.
+fn with_status_callbacks(settings: &Settings) -> Vec<RouteSettings> {
+    let mut routes = settings.routes.clone();
+    if let Some(url) = settings.dlr.callback_url("twilio") {
+        for route in &mut routes {
+            if let ProviderSettings::Twilio(t) = &mut route.provider
+                && t.status_callback.is_none()
+            {
+                t.status_callback = Some(SecretString::from(url.clone()));
+            }
+        }
+    }
+    routes
+}
+
+/// One BridgeXAPI client per BridgeXAPI route, for polling delivery reports.
+fn bridgex_pollers(
+    settings: &Settings,
+    http: &reqwest::Client,
+) -> anyhow::Result<BTreeMap<u32, BridgexProvider>> {
+    let mut clients = BTreeMap::new();
+    for (index, route) in settings.routes.iter().enumerate() {
+        if let ProviderSettings::Bridgexapi(s) = &route.provider {
+            let timeout =
+                Duration::from_millis(route.timeout_ms.unwrap_or(settings.routing.timeout_ms));
+            let client = BridgexProvider::new(s, http.clone(), timeout)
+                .map_err(|e| anyhow::anyhow!("routes[{index}]: {e}"))?;
+            clients.insert(route.id, client);
+        }
+    }
+    Ok(clients)
+}
+
+fn dlr_endpoints(settings: &Settings, routes: &[RouteSettings]) -> DlrEndpoints {
+    let mut endpoints = DlrEndpoints {
+        secret: settings.dlr.secret.clone(),
+        public_base_url: settings
+            .dlr
+            .public_base_url
+            .as_deref()
+            .map(|u| u.trim_end_matches('/').to_owned()),
+        ..DlrEndpoints::default()
+    };
+    for route in routes {
+        if let ProviderSettings::Twilio(t) = &route.provider {
+            endpoints.twilio_auth_tokens.extend(t.auth_token.clone());
+            endpoints
+                .twilio_callback_urls
+                .extend(t.status_callback.clone());
+        }
+    }
+    endpoints
+}
+
 fn spawn_housekeeping(
     store: DynStore,
     clock: Arc<dyn Clock>,
@@ -287,6 +378,7 @@ fn spawn_housekeeping(
 ) -> JoinHandle<()> {
     let interval = Duration::from_secs(settings.store.purge_interval_seconds);
     let batch = settings.store.purge_batch;
+    let keep_messages = chrono::Duration::days(settings.retention.message_days.into());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,6 +396,17 @@ fn spawn_housekeeping(
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "purge failed");
+                        break;
+                    }
+                }
+            }
+            // Delivery records past retention, likewise in bounded batches.
+            for _ in 0..MAX_PURGE_ROUNDS_PER_TICK {
+                match store.purge_messages(now - keep_messages, batch).await {
+                    Ok(n) if n >= u64::from(batch) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "message retention purge failed");
                         break;
                     }
                 }

@@ -1,6 +1,7 @@
 //! The HTTP edge: one file per API surface, shared errors and extractors.
 
 pub mod bridgex;
+pub mod dlr;
 pub mod error;
 pub mod extract;
 pub mod openapi;
@@ -27,6 +28,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let max_body = state.max_body_bytes;
     Router::new()
         .merge(v1::routes())
+        .merge(dlr::routes())
         .merge(ops::routes())
         .merge(bridgex::routes())
         .merge(openlyne::routes())

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{bridgex, openlyne, ops, v1};
+use super::{bridgex, dlr, openlyne, ops, v1};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,8 @@ use super::{bridgex, openlyne, ops, v1};
         v1::get_verification,
         v1::cancel_verification,
         v1::get_message,
+        v1::get_usage,
+        dlr::delivery_report,
         v1::list_sandbox_messages,
         ops::health,
         bridgex::send_otp,
@@ -29,6 +31,8 @@ use super::{bridgex, openlyne, ops, v1};
     tags(
         (name = "verifications", description = "Native API: the OTP lifecycle"),
         (name = "messages", description = "Native API: delivery attempts"),
+        (name = "usage", description = "Native API: usage and cost per tenant"),
+        (name = "delivery reports", description = "Callbacks providers post delivery reports to (no API key: a secret in the path)"),
         (name = "sandbox", description = "Native API: the sandbox inbox"),
         (name = "operations", description = "Health and metrics"),
         (name = "bridgex", description = "Seed-compatible: the BridgeXAPI FastAPI OTP server's API (errors as FastAPI `{\"detail\": ...}`; `GET /health` is shared)"),

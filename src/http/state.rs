@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::dlr::DlrEndpoints;
 use crate::config::DialectSettings;
 use crate::domain::Policy;
-use crate::service::{ApiKeys, VerificationService};
+use crate::service::{ApiKeys, PolicySource, VerificationService};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -21,6 +22,8 @@ pub struct AppState {
     pub dialects: Arc<DialectSettings>,
     /// Whether send answers carry the code (`debug_codes`); `GET /config` reports it.
     pub debug_codes: bool,
+    /// Delivery-report callback settings (secret, Twilio signing).
+    pub dlr: Arc<DlrEndpoints>,
 }
 
 impl AppState {
@@ -42,5 +45,11 @@ pub struct Policies {
 impl Policies {
     pub fn for_tenant(&self, tenant: &str) -> &Policy {
         self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+}
+
+impl PolicySource for Policies {
+    fn policy_for(&self, tenant: &str) -> &Policy {
+        self.for_tenant(tenant)
     }
 }

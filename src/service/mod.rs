@@ -4,6 +4,7 @@
 
 pub mod api_keys;
 pub mod delivery;
+pub mod dlr_poller;
 pub mod usage;
 pub mod verifications;
 

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod bridgex;
+mod delivery;
 mod failover;
 mod helpers;
 mod openlyne;
@@ -25,6 +26,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/verifications/{id}"),
     ("post", "/v1/verifications/{id}/cancel"),
     ("get", "/v1/messages/{id}"),
+    ("get", "/v1/usage"),
+    ("post", "/v1/dlr/{provider}/{secret}"),
     ("get", "/v1/sandbox/messages"),
     ("get", "/health"),
     ("post", "/send-otp"),
