@@ -766,6 +766,57 @@ mod tests {
     }
 
     #[test]
+    fn delivery_settings_are_checked_and_errors_name_the_key() {
+        for (toml, key) in [
+            ("[dlr]\nsecret = \"short\"\n", "dlr.secret"),
+            (
+                "[dlr]\nsecret = \"has a space in it, sixteen+\"\n",
+                "dlr.secret",
+            ),
+            (
+                "[dlr]\npublic_base_url = \"otpd.example.com\"\n",
+                "dlr.public_base_url",
+            ),
+            (
+                "[dlr]\npublic_base_url = \"https://x.example/?a=1\"\n",
+                "dlr.public_base_url",
+            ),
+            (
+                "[dlr]\npoll_interval_seconds = 0\n",
+                "dlr.poll_interval_seconds",
+            ),
+            (
+                "[dlr]\npoll_max_age_seconds = 5\n",
+                "dlr.poll_max_age_seconds",
+            ),
+            ("[dlr]\npoll_batch = 0\n", "dlr.poll_batch"),
+            ("[retention]\nmessage_days = 0\n", "retention.message_days"),
+            (
+                "[retention]\nmessage_days = 400\n",
+                "retention.message_days",
+            ),
+            (
+                "[policy]\nresend_on_failed_delivery = \"yes\"\n",
+                "resend_on_failed_delivery",
+            ),
+        ] {
+            let err = load_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let s = load_toml(
+            "[dlr]\nsecret = \"0123456789abcdef-_.~\"\npublic_base_url = \"https://otpd.example.com/\"\n[tenants.acme.policy]\nresend_on_failed_delivery = false\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.dlr.callback_url("twilio").as_deref(),
+            Some("https://otpd.example.com/v1/dlr/twilio/0123456789abcdef-_.~")
+        );
+        assert!(s.policy.resend_on_failed_delivery);
+        assert!(!s.tenant_policy("acme").unwrap().resend_on_failed_delivery);
+        assert_eq!(Settings::default().dlr.callback_url("twilio"), None);
+    }
+
+    #[test]
     fn no_file_and_no_environment_is_a_valid_start() {
         figment::Jail::expect_with(|_| {
             Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;

@@ -5,6 +5,7 @@
 
 mod callbacks;
 mod polling;
+mod retention;
 mod usage;
 
 use std::collections::{BTreeSet, HashMap};
