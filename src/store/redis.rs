@@ -2483,6 +2483,19 @@ mod tests {
             hash_tag(&keys.api_key_ids()),
             hash_tag(&keys.api_key(&[1u8; 32]))
         );
+        assert_eq!(
+            hash_tag(&keys.message_list(vid)),
+            hash_tag(&keys.message_record(vid, Uuid::new_v4()))
+        );
+        let day = |d| NaiveDate::from_ymd_opt(2030, 1, d).unwrap();
+        assert_eq!(
+            hash_tag(&keys.usage_day("acme", day(1))),
+            hash_tag(&keys.usage_day("acme", day(31)))
+        );
+        assert_ne!(
+            hash_tag(&keys.usage_day("acme", day(1))),
+            hash_tag(&keys.usage_day("globex", day(1)))
+        );
         let (values, expiries) = keys.markers("guard:acme");
         assert_eq!(hash_tag(&values), "otpd:mk:guard:acme");
         assert_eq!(hash_tag(&values), hash_tag(&expiries));
@@ -2491,6 +2504,33 @@ mod tests {
             hash_tag(&format!("{inbox}:all")),
             hash_tag(&format!("{inbox}:e:x"))
         );
+    }
+
+    #[test]
+    fn usage_fields_round_trip_and_stay_separable() {
+        let day = NaiveDate::from_ymd_opt(2030, 1, 2).unwrap();
+        let flat: Vec<String> = [
+            ("3|NL||sent", "2"),
+            ("3|NL|EUR|delivered", "1"),
+            ("3|NL|EUR|cost_micros", "50000"),
+            ("4|||verifications_started", "1"),
+        ]
+        .iter()
+        .flat_map(|(k, v)| [(*k).to_owned(), (*v).to_owned()])
+        .collect();
+        let mut rows = decode_usage("acme", day, &flat).unwrap();
+        rows.sort_by_key(|r| (r.route_id, r.currency.clone()));
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].route_id, rows[0].sent), (3, 2));
+        assert_eq!(rows[0].currency, None);
+        assert_eq!(rows[1].currency.as_deref(), Some("EUR"));
+        assert_eq!((rows[1].delivered, rows[1].cost_micros), (1, 50_000));
+        assert_eq!(
+            (rows[2].country.clone(), rows[2].verifications_started),
+            (None, 1)
+        );
+        assert_eq!(usage_part(Some("K|S")), "K_S");
+        assert!(decode_usage("acme", day, &["3|NL|x".to_owned(), "1".to_owned()]).is_err());
     }
 
     #[test]
