@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod observe;
 pub mod openapi;
 pub mod ops;
 pub mod state;
@@ -37,5 +38,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .layer(CatchPanicLayer::custom(|_| -> Response {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
+        // Outermost, so timeouts and panics are counted and carry the request id.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .with_state(state)
 }

@@ -19,6 +19,9 @@ use super::{ops, v1};
         v1::get_message,
         v1::list_sandbox_messages,
         ops::health,
+        ops::live,
+        ops::ready,
+        ops::metrics,
     ),
     modifiers(&Security),
     tags(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::domain::Policy;
+use crate::metrics::Metrics;
 use crate::service::{ApiKeys, VerificationService};
 
 #[derive(Clone)]
@@ -16,6 +17,8 @@ pub struct AppState {
     /// Pending verifications, refreshed by the housekeeping task (never a scan per request).
     pub pending_gauge: Arc<AtomicU64>,
     pub version: &'static str,
+    /// This app's own metrics (see `crate::metrics` for why not a global recorder).
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {

@@ -15,6 +15,7 @@ use crate::domain::{
     Code, CodeGenerator, DeliveryStatus, MessageRecord, PhoneNumber, Policy, Purpose, Status,
     SubjectKey, Verification,
 };
+use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
 use crate::sms::{DeliveryAttempt, ProviderErrorKind, SmsRouter};
 use crate::store::{
@@ -32,6 +33,7 @@ pub struct VerificationService {
     codes: Arc<dyn CodeGenerator>,
     crypto: Arc<Crypto>,
     debug_codes: bool,
+    metrics: Arc<Metrics>,
 }
 
 /// One request to send a code, already parsed.
@@ -169,7 +171,14 @@ impl VerificationService {
             codes,
             crypto,
             debug_codes,
+            metrics: Arc::new(Metrics::disabled()),
         }
+    }
+
+    /// Records sends, checks, provider calls and blocks into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -277,6 +286,7 @@ impl VerificationService {
                 SendDecision::Cooldown {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("cooldown");
                     return Err(SendError::Cooldown {
                         retry_after_seconds,
                     });
@@ -284,6 +294,7 @@ impl VerificationService {
                 SendDecision::WindowExhausted {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("subject_sends_per_window");
                     return Err(SendError::RateLimited {
                         retry_after_seconds,
                         limit: "subject_sends_per_window",
@@ -295,6 +306,7 @@ impl VerificationService {
         let Some((verification, previous_sent_at, code, now)) = started else {
             // Only a burst of concurrent sends for one subject gets here: the
             // winner's cooldown applies to the rest.
+            self.metrics.record_block("cooldown");
             return Err(SendError::Cooldown {
                 retry_after_seconds: policy.cooldown_seconds.max(1).into(),
             });
@@ -315,6 +327,7 @@ impl VerificationService {
                 },
             )
             .await;
+        self.metrics.record_delivery_attempts(&attempts);
         let records = self.record_attempts(&verification, &attempts).await;
         let accepted = attempts
             .iter()
@@ -328,6 +341,12 @@ impl VerificationService {
                     .as_ref()
                     .ok()
                     .and_then(|r| r.order_id.clone());
+                self.metrics.record_send(
+                    tenant,
+                    attempt.route_id,
+                    attempt.provider,
+                    SendResult::Sent,
+                );
                 tracing::info!(
                     target: "audit",
                     event = "send",
@@ -360,6 +379,14 @@ impl VerificationService {
                         at: self.clock.now(),
                     })
                     .await?;
+                if let Some(last) = attempts.last() {
+                    self.metrics.record_send(
+                        tenant,
+                        last.route_id,
+                        last.provider,
+                        SendResult::Failed,
+                    );
+                }
                 tracing::warn!(
                     target: "audit",
                     event = "send",
@@ -433,6 +460,27 @@ impl VerificationService {
     }
 
     pub async fn check(
+        &self,
+        tenant: &str,
+        target: Target,
+        code: &Code,
+    ) -> Result<CheckResult, CheckError> {
+        let result = self.check_code(tenant, target, code).await;
+        let label = match &result {
+            Ok(CheckResult::Approved(_)) => Some(CheckResultLabel::Approved),
+            Ok(CheckResult::Wrong { .. }) => Some(CheckResultLabel::Wrong),
+            Err(CheckError::NotFound) => Some(CheckResultLabel::NotFound),
+            Err(CheckError::MaxAttempts) => Some(CheckResultLabel::MaxAttempts),
+            // An outage is no answer about the code; store errors count it.
+            Err(CheckError::Unavailable(_)) => None,
+        };
+        if let Some(label) = label {
+            self.metrics.record_check(tenant, label);
+        }
+        result
+    }
+
+    async fn check_code(
         &self,
         tenant: &str,
         target: Target,

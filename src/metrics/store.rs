@@ -1,0 +1,248 @@
+//! A `Store` wrapper that times every operation into
+//! `otpd_store_operation_duration_seconds`, so backends stay free of metrics code.
+//!
+//! Every trait method must be forwarded here, including those with a default body
+//! (`find_current`, `close`): otherwise the backend's override is silently skipped.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::Metrics;
+use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
+use crate::store::{
+    CancelOutcome, CheckOutcome, DynStore, InboxEntry, MessageUpdate, RateDecision, SendAbort,
+    SendDecision, SendPlan, Store, StoreResult,
+};
+
+pub struct InstrumentedStore {
+    inner: DynStore,
+    metrics: Arc<Metrics>,
+}
+
+impl InstrumentedStore {
+    /// Wraps `inner` when metrics are on; otherwise returns it unchanged.
+    pub fn wrap(inner: DynStore, metrics: Arc<Metrics>) -> DynStore {
+        if !metrics.is_enabled() {
+            return inner;
+        }
+        Arc::new(Self { inner, metrics })
+    }
+
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics
+            .record_store_op(operation, result.is_ok(), started.elapsed());
+        result
+    }
+}
+
+#[async_trait]
+impl Store for InstrumentedStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.timed("ping", self.inner.ping()).await
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        self.timed("insert_api_key", self.inner.insert_api_key(key))
+            .await
+    }
+
+    async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
+        self.timed("find_api_key", self.inner.find_api_key(key_hash))
+            .await
+    }
+
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        self.timed("list_api_keys", self.inner.list_api_keys())
+            .await
+    }
+
+    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        self.timed("revoke_api_key", self.inner.revoke_api_key(id, at))
+            .await
+    }
+
+    async fn find_pending(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Uuid>> {
+        self.timed(
+            "find_pending",
+            self.inner.find_pending(tenant, subject, now),
+        )
+        .await
+    }
+
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        self.timed(
+            "find_current",
+            self.inner.find_current(tenant, subject, now),
+        )
+        .await
+    }
+
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
+        self.timed("start_send", self.inner.start_send(plan, now))
+            .await
+    }
+
+    async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
+        self.timed("abort_send", self.inner.abort_send(abort)).await
+    }
+
+    async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        self.timed(
+            "check_code",
+            self.inner.check_code(tenant, id, code_hash, now),
+        )
+        .await
+    }
+
+    async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
+        self.timed("get_verification", self.inner.get_verification(tenant, id))
+            .await
+    }
+
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CancelOutcome> {
+        self.timed("cancel", self.inner.cancel(tenant, id, now))
+            .await
+    }
+
+    async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()> {
+        self.timed("insert_message", self.inner.insert_message(message))
+            .await
+    }
+
+    async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>> {
+        self.timed("get_message", self.inner.get_message(tenant, id))
+            .await
+    }
+
+    async fn list_messages(
+        &self,
+        tenant: &str,
+        verification_id: Uuid,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        self.timed(
+            "list_messages",
+            self.inner.list_messages(tenant, verification_id),
+        )
+        .await
+    }
+
+    async fn update_message_by_provider_id(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        update: &MessageUpdate,
+    ) -> StoreResult<Option<MessageRecord>> {
+        self.timed(
+            "update_message_by_provider_id",
+            self.inner
+                .update_message_by_provider_id(provider, provider_message_id, update),
+        )
+        .await
+    }
+
+    async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()> {
+        self.timed("push_inbox", self.inner.push_inbox(entry)).await
+    }
+
+    async fn list_inbox(
+        &self,
+        tenant: &str,
+        phone_index: Option<&[u8; 32]>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        self.timed(
+            "list_inbox",
+            self.inner.list_inbox(tenant, phone_index, now, limit),
+        )
+        .await
+    }
+
+    async fn hit_rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RateDecision> {
+        self.timed(
+            "hit_rate_limit",
+            self.inner.hit_rate_limit(key, limit, window_seconds, now),
+        )
+        .await
+    }
+
+    async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        self.timed("purge_expired", self.inner.purge_expired(now, batch))
+            .await
+    }
+
+    async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        self.timed("count_pending", self.inner.count_pending(now))
+            .await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MetricsSettings;
+    use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn each_operation_is_timed_under_its_own_name() {
+        let metrics = Arc::new(Metrics::new(&MetricsSettings::default()).unwrap());
+        let store = InstrumentedStore::wrap(Arc::new(MemoryStore::new()), metrics.clone());
+        store.ping().await.unwrap();
+        store.ping().await.unwrap();
+        store.count_pending(Utc::now()).await.unwrap();
+        let text = metrics.render().unwrap();
+        assert!(
+            text.contains("otpd_store_operation_duration_seconds_count{operation=\"ping\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "otpd_store_operation_duration_seconds_count{operation=\"count_pending\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("otpd_store_errors_total{"), "{text}");
+    }
+}
