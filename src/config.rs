@@ -208,12 +208,16 @@ impl Settings {
                 )));
             }
             Some(p) => figment = figment.merge(Toml::file_exact(p)),
-            None => figment = figment.merge(Toml::file_exact("otpd.toml")),
+            // The default file is optional: no configuration is a valid start.
+            None if Path::new("otpd.toml").exists() => {
+                figment = figment.merge(Toml::file_exact("otpd.toml"));
+            }
+            None => {}
         }
         figment = figment.merge(Env::prefixed("OTPD_").split("__").filter(|k| {
             let first = k.as_str().split("__").next().unwrap_or_default();
             let first = first.split('.').next().unwrap_or_default();
-            TOP_LEVEL_KEYS.contains(&first)
+            TOP_LEVEL_KEYS.iter().any(|t| t.eq_ignore_ascii_case(first))
         }));
         if let Some(listen) = &overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
@@ -410,6 +414,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail fixes the closure error type
 mod tests {
     use super::*;
 
@@ -533,6 +538,28 @@ max_attempts = 3
             .unwrap_err()
             .to_string();
         assert!(err.contains("metrics.token"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_ignores_foreign_ones() {
+        // figment::Jail isolates the environment and working directory for this test.
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OTPD_STORE__URL", "memory://");
+            jail.set_env("OTPD_POLICY__TTL_SECONDS", "120");
+            jail.set_env("OTPD_TEST_REDIS_URL", "redis://ignored");
+            let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(s.store_url(), "memory://");
+            assert_eq!(s.policy.ttl_seconds, 120);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn no_file_and_no_environment_is_a_valid_start() {
+        figment::Jail::expect_with(|_| {
+            Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            Ok(())
+        });
     }
 
     #[test]

@@ -268,6 +268,8 @@ fn load_or_create_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(secret.to_vec())
 }
 
+const MAX_PURGE_ROUNDS_PER_TICK: usize = 20;
+
 fn spawn_housekeeping(
     store: DynStore,
     clock: Arc<dyn Clock>,
@@ -286,10 +288,17 @@ fn spawn_housekeeping(
                 _ = stop.changed() => return,
             }
             let now = clock.now();
-            match store.purge_expired(now, batch).await {
-                Ok(n) if n > 0 => tracing::debug!(purged = n, "purged expired verifications"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "purge failed"),
+            // Keep going while batches come back full, so a backlog drains, but
+            // bounded so one tick never monopolises the store.
+            for _ in 0..MAX_PURGE_ROUNDS_PER_TICK {
+                match store.purge_expired(now, batch).await {
+                    Ok(n) if n >= u64::from(batch) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "purge failed");
+                        break;
+                    }
+                }
             }
             match store.count_pending(now).await {
                 Ok(n) => pending.store(n, Ordering::Relaxed),

@@ -3,6 +3,8 @@
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
 pub mod memory;
+pub mod postgres;
+mod sql_common;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use crate::domain::{
 };
 
 pub use memory::MemoryStore;
-pub use sqlite::SqliteStore;
+pub use postgres::PostgresStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -251,10 +254,12 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
         return Ok(Arc::new(MemoryStore::new()));
     }
     if let Some(path) = url.strip_prefix("sqlite://") {
-        let _ = path; // MERGE: SqliteStore::open lands from the sql branch
-        return Err(StoreError::Unavailable(
-            "sqlite store not merged yet".into(),
+        return Ok(Arc::new(
+            SqliteStore::open(std::path::Path::new(path)).await?,
         ));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PostgresStore::connect(url).await?));
     }
     Err(StoreError::Unavailable(format!(
         "unsupported store url scheme: {}",

@@ -1,13 +1,738 @@
-//! SQLite store (in progress).
+//! The embedded store: one SQLite file in WAL mode. SQLite allows one writer at
+//! a time, so every write goes through a pool of exactly one connection and
+//! starts with `BEGIN IMMEDIATE` (the write lock is taken up front, never
+//! upgraded mid-transaction); requests queue on that pool instead of failing
+//! with `SQLITE_BUSY`. Reads use a separate pool and never wait for writers.
 
 use std::path::Path;
+use std::time::Duration;
 
-use super::{StoreError, StoreResult};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use uuid::Uuid;
 
-pub struct SqliteStore;
+use super::sql_common::{
+    ApiKeyRow, InboxRow, KEEP_SUBJECTS, MessageRow, SubjectRow, SubjectState, VerificationRow,
+    admit_send, apply_message_update, decide_check, id_text, map_migrate, map_sqlx, millis,
+    rate_slot,
+};
+use super::{
+    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
+    SendPlan, Store, StoreError, StoreResult, seconds_until,
+};
+use crate::domain::{ApiKeyRecord, MessageRecord, SubjectKey, Verification};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// `false` (the default) is `synchronous=NORMAL`: a committed send survives
+    /// the process being killed, but the last commits before an OS crash or
+    /// power loss may be lost. `true` is `synchronous=FULL`: every commit is
+    /// fsynced, which survives power loss at the cost of write throughput.
+    pub synchronous_full: bool,
+    /// How long a request waits for the write connection (or for another
+    /// process holding the file lock) before the store reports unavailable.
+    pub busy_timeout: Duration,
+    pub max_readers: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            synchronous_full: false,
+            busy_timeout: Duration::from_secs(5),
+            max_readers: 8,
+        }
+    }
+}
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
 
 impl SqliteStore {
-    pub async fn open(_path: &Path) -> StoreResult<Self> {
-        Err(StoreError::Unavailable("not yet implemented".into()))
+    /// Opens (creating it and its directory if missing) and migrates the file.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    pub async fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if options.synchronous_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(true);
+
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(options.busy_timeout)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect.clone())
+            .await
+            .map_err(map_sqlx)?;
+        MIGRATOR.run(&writer).await.map_err(map_migrate)?;
+        // `query_only` turns an accidental write on a reader into an error
+        // instead of a second writer racing the first for the file lock.
+        let reader = SqlitePoolOptions::new()
+            .max_connections(options.max_readers.max(1))
+            .acquire_timeout(options.busy_timeout)
+            .connect_with(connect.pragma("query_only", "ON"))
+            .await
+            .map_err(map_sqlx)?;
+        Ok(Self { writer, reader })
+    }
+
+    /// Applies pending migrations (`open` already does; this is for `otpd migrate`).
+    pub async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.writer).await.map_err(map_migrate)
+    }
+
+    /// Waits for in-flight work and closes the file, so a new store may open it.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_sqlx)
+    }
+}
+
+async fn fetch_verification<'e, E>(exec: E, id: Uuid) -> StoreResult<Option<Verification>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    sqlx::query_as::<_, VerificationRow>("SELECT * FROM verifications WHERE id = ?1")
+        .bind(id_text(id))
+        .fetch_optional(exec)
+        .await
+        .map_err(map_sqlx)?
+        .map(Verification::try_from)
+        .transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn close(&self) {
+        // The writer last: closing its final connection checkpoints the WAL.
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, key_hash, created_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&key.id)
+        .bind(&key.tenant)
+        .bind(key.key_hash.as_slice())
+        .bind(millis(key.created_at))
+        .bind(key.revoked_at.map(millis))
+        .execute(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
+        sqlx::query_as::<_, ApiKeyRow>("SELECT * FROM api_keys WHERE key_hash = ?1")
+            .bind(key_hash.as_slice())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_sqlx)?
+            .map(ApiKeyRecord::try_from)
+            .transpose()
+    }
+
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        sqlx::query_as::<_, ApiKeyRow>("SELECT * FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_sqlx)?
+            .into_iter()
+            .map(ApiKeyRecord::try_from)
+            .collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL")
+                .bind(millis(at))
+                .bind(id)
+                .execute(&self.writer)
+                .await
+                .map_err(map_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn find_pending(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Uuid>> {
+        let id: Option<String> = sqlx::query_scalar(
+            "SELECT v.id FROM subjects s JOIN verifications v ON v.id = s.current_id
+             WHERE s.tenant = ?1 AND s.subject = ?2 AND v.tenant = ?1
+               AND v.status = 'pending' AND v.expires_at > ?3",
+        )
+        .bind(tenant)
+        .bind(subject.0.as_slice())
+        .bind(millis(now))
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_sqlx)?;
+        id.map(|id| {
+            Uuid::parse_str(&id).map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))
+        })
+        .transpose()
+    }
+
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
+        let planned = &plan.verification;
+        let mut tx = self.begin_write().await?;
+
+        let state = sqlx::query_as::<_, SubjectRow>(
+            "SELECT current_id, last_sent_at, window_start, window_count
+             FROM subjects WHERE tenant = ?1 AND subject = ?2",
+        )
+        .bind(&planned.tenant)
+        .bind(planned.subject.0.as_slice())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_sqlx)?
+        .map(SubjectState::try_from)
+        .transpose()?
+        .unwrap_or(SubjectState {
+            current: None,
+            last_sent_at: None,
+            window_start: None,
+            window_count: 0,
+        });
+        let window = match admit_send(&state, plan, now) {
+            Ok(window) => window,
+            Err(refusal) => return Ok(refusal.into()),
+        };
+
+        let pending = match state.current {
+            Some(current) => fetch_verification(&mut *tx, current)
+                .await?
+                .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
+            None => None,
+        };
+        let previous_sent_at = state.last_sent_at;
+        let decision = match pending {
+            Some(v) if v.id == planned.id => {
+                let row = sqlx::query_as::<_, VerificationRow>(
+                    "UPDATE verifications
+                     SET code_hash = ?1, expires_at = ?2, send_count = send_count + 1,
+                         updated_at = ?3, last_sent_at = ?3
+                     WHERE id = ?4 RETURNING *",
+                )
+                .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                .bind(millis(planned.expires_at))
+                .bind(millis(now))
+                .bind(id_text(v.id))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                SendDecision::Replaced {
+                    verification: row.try_into()?,
+                    previous_sent_at,
+                }
+            }
+            Some(_) => return Ok(SendDecision::Conflict),
+            None => {
+                let inserted = sqlx::query(
+                    "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone,
+                         masked_to, country, code_hash, status, attempts, max_attempts,
+                         send_count, created_at, updated_at, expires_at, last_sent_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
+                         ?15, ?16, ?17)
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(id_text(planned.id))
+                .bind(&planned.tenant)
+                .bind(planned.subject.0.as_slice())
+                .bind(&planned.purpose)
+                .bind(&planned.uid)
+                .bind(planned.phone.to_bytes())
+                .bind(&planned.masked_to)
+                .bind(&planned.country)
+                .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                .bind(planned.status.as_str())
+                .bind(i64::from(planned.attempts))
+                .bind(i64::from(planned.max_attempts))
+                .bind(i64::from(planned.send_count))
+                .bind(millis(planned.created_at))
+                .bind(millis(planned.updated_at))
+                .bind(millis(planned.expires_at))
+                .bind(millis(planned.last_sent_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                // The plan names a verification that exists but is no longer
+                // pending (expired or ended since the service looked).
+                if inserted.rows_affected() == 0 {
+                    return Ok(SendDecision::Conflict);
+                }
+                SendDecision::Created {
+                    verification: planned.clone(),
+                    previous_sent_at,
+                }
+            }
+        };
+
+        sqlx::query(
+            "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
+                 window_count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (tenant, subject) DO UPDATE SET
+                 current_id = excluded.current_id, last_sent_at = excluded.last_sent_at,
+                 window_start = excluded.window_start, window_count = excluded.window_count",
+        )
+        .bind(&planned.tenant)
+        .bind(planned.subject.0.as_slice())
+        .bind(id_text(planned.id))
+        .bind(millis(now))
+        .bind(millis(window.start))
+        .bind(i64::from(window.count + 1))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(decision)
+    }
+
+    async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE subjects SET last_sent_at = ?1, window_count = max(window_count - 1, 0)
+             WHERE tenant = ?2 AND subject = ?3",
+        )
+        .bind(abort.previous_sent_at.map(millis))
+        .bind(&abort.tenant)
+        .bind(abort.subject.0.as_slice())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        sqlx::query(
+            "UPDATE verifications SET status = 'failed', code_hash = NULL, updated_at = ?1
+             WHERE id = ?2 AND tenant = ?3",
+        )
+        .bind(millis(abort.at))
+        .bind(id_text(abort.verification_id))
+        .bind(&abort.tenant)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)
+    }
+
+    async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        let mut tx = self.begin_write().await?;
+        let Some(mut v) = fetch_verification(&mut *tx, id)
+            .await?
+            .filter(|v| v.tenant == tenant)
+        else {
+            return Ok(CheckOutcome::NotFound);
+        };
+        let (outcome, changed) = decide_check(&mut v, code_hash, now);
+        if changed {
+            sqlx::query(
+                "UPDATE verifications SET status = ?1, code_hash = ?2, attempts = ?3,
+                     updated_at = ?4
+                 WHERE id = ?5",
+            )
+            .bind(v.status.as_str())
+            .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
+            .bind(i64::from(v.attempts))
+            .bind(millis(v.updated_at))
+            .bind(id_text(id))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+            tx.commit().await.map_err(map_sqlx)?;
+        }
+        Ok(outcome)
+    }
+
+    async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
+        Ok(fetch_verification(&self.reader, id)
+            .await?
+            .filter(|v| v.tenant == tenant))
+    }
+
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CancelOutcome> {
+        // One statement is one transaction: the pending test and the update
+        // cannot be separated by a concurrent check.
+        let row = sqlx::query_as::<_, VerificationRow>(
+            "UPDATE verifications SET status = 'canceled', code_hash = NULL, updated_at = ?1
+             WHERE id = ?2 AND tenant = ?3 AND status = 'pending' AND expires_at > ?1
+             RETURNING *",
+        )
+        .bind(millis(now))
+        .bind(id_text(id))
+        .bind(tenant)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(match row {
+            Some(row) => CancelOutcome::Canceled(row.try_into()?),
+            None => CancelOutcome::NotFound,
+        })
+    }
+
+    async fn insert_message(&self, m: &MessageRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
+                 provider_message_id, masked_to, country, status, error, cost, currency,
+                 latency_ms, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )
+        .bind(id_text(m.id))
+        .bind(id_text(m.verification_id))
+        .bind(&m.tenant)
+        .bind(i64::from(m.route_id))
+        .bind(&m.provider)
+        .bind(&m.provider_message_id)
+        .bind(&m.masked_to)
+        .bind(&m.country)
+        .bind(m.status.as_str())
+        .bind(&m.error)
+        .bind(m.cost)
+        .bind(&m.currency)
+        .bind(i64::from(m.latency_ms))
+        .bind(millis(m.created_at))
+        .bind(millis(m.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>> {
+        sqlx::query_as::<_, MessageRow>("SELECT * FROM messages WHERE id = ?1 AND tenant = ?2")
+            .bind(id_text(id))
+            .bind(tenant)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_sqlx)?
+            .map(MessageRecord::try_from)
+            .transpose()
+    }
+
+    async fn list_messages(
+        &self,
+        tenant: &str,
+        verification_id: Uuid,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        sqlx::query_as::<_, MessageRow>(
+            "SELECT * FROM messages WHERE verification_id = ?1 AND tenant = ?2
+             ORDER BY created_at, rowid",
+        )
+        .bind(id_text(verification_id))
+        .bind(tenant)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_sqlx)?
+        .into_iter()
+        .map(MessageRecord::try_from)
+        .collect()
+    }
+
+    async fn update_message_by_provider_id(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        update: &MessageUpdate,
+    ) -> StoreResult<Option<MessageRecord>> {
+        let mut tx = self.begin_write().await?;
+        // Should a provider ever reuse an id, the newest message is the one meant.
+        let Some(row) = sqlx::query_as::<_, MessageRow>(
+            "SELECT * FROM messages WHERE provider = ?1 AND provider_message_id = ?2
+             ORDER BY rowid DESC LIMIT 1",
+        )
+        .bind(provider)
+        .bind(provider_message_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_sqlx)?
+        else {
+            return Ok(None);
+        };
+        let current = MessageRecord::try_from(row)?;
+        let Some(next) = apply_message_update(&current, update) else {
+            return Ok(Some(current));
+        };
+        sqlx::query(
+            "UPDATE messages SET status = ?1, error = ?2, cost = ?3, currency = ?4,
+                 updated_at = ?5
+             WHERE id = ?6",
+        )
+        .bind(next.status.as_str())
+        .bind(&next.error)
+        .bind(next.cost)
+        .bind(&next.currency)
+        .bind(millis(next.updated_at))
+        .bind(id_text(next.id))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(Some(next))
+    }
+
+    async fn push_inbox(&self, e: &InboxEntry) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO inbox (id, tenant, phone_index, masked_to, sealed_body, created_at,
+                 expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(id_text(e.id))
+        .bind(&e.tenant)
+        .bind(e.phone_index.as_slice())
+        .bind(&e.masked_to)
+        .bind(e.sealed_body.to_bytes())
+        .bind(millis(e.created_at))
+        .bind(millis(e.expires_at))
+        .execute(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn list_inbox(
+        &self,
+        tenant: &str,
+        phone_index: Option<&[u8; 32]>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        let rows = match phone_index {
+            Some(index) => {
+                sqlx::query_as::<_, InboxRow>(
+                    "SELECT * FROM inbox
+                     WHERE tenant = ?1 AND expires_at > ?2 AND phone_index = ?3
+                     ORDER BY created_at DESC, rowid DESC LIMIT ?4",
+                )
+                .bind(tenant)
+                .bind(millis(now))
+                .bind(index.as_slice())
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await
+            }
+            None => {
+                sqlx::query_as::<_, InboxRow>(
+                    "SELECT * FROM inbox WHERE tenant = ?1 AND expires_at > ?2
+                     ORDER BY created_at DESC, rowid DESC LIMIT ?3",
+                )
+                .bind(tenant)
+                .bind(millis(now))
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await
+            }
+        };
+        rows.map_err(map_sqlx)?
+            .into_iter()
+            .map(InboxEntry::try_from)
+            .collect()
+    }
+
+    async fn hit_rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RateDecision> {
+        let (slot, window_end) = rate_slot(window_seconds, now);
+        let limited = || RateDecision::Limited {
+            retry_after_seconds: seconds_until(
+                now,
+                DateTime::from_timestamp_millis(window_end).unwrap_or(now),
+            ),
+        };
+        if limit == 0 {
+            return Ok(limited());
+        }
+        // One upsert is one atomic step: it starts a fresh window, counts a hit,
+        // or (when the window is full) changes nothing and returns no row.
+        let count: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO rate_limits (key, slot, window_end, count) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT (key) DO UPDATE SET
+                 count = CASE WHEN rate_limits.slot = excluded.slot
+                              THEN rate_limits.count + 1 ELSE 1 END,
+                 slot = excluded.slot,
+                 window_end = excluded.window_end
+             WHERE rate_limits.slot <> excluded.slot OR rate_limits.count < ?4
+             RETURNING count",
+        )
+        .bind(key)
+        .bind(slot)
+        .bind(window_end)
+        .bind(i64::from(limit))
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(match count {
+            Some(count) => RateDecision::Allowed {
+                remaining: u32::try_from(i64::from(limit) - count).unwrap_or(0),
+            },
+            None => limited(),
+        })
+    }
+
+    async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        let now_ms = millis(now);
+        let mut budget = u64::from(batch);
+        let mut tx = self.begin_write().await?;
+        // Each step spends what is left of the batch, so one call touches at most
+        // `batch` rows and holds the write lock only briefly; the subqueries walk
+        // the expiry indexes instead of the tables.
+        let steps: [(&'static str, i64); 4] = [
+            (
+                "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = ?1
+                 WHERE id IN (SELECT id FROM verifications
+                              WHERE status = 'pending' AND expires_at <= ?1 LIMIT ?2)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM inbox WHERE id IN
+                     (SELECT id FROM inbox WHERE expires_at <= ?1 LIMIT ?2)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM rate_limits WHERE key IN
+                     (SELECT key FROM rate_limits WHERE window_end <= ?1 LIMIT ?2)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM subjects WHERE rowid IN
+                     (SELECT rowid FROM subjects
+                      WHERE last_sent_at <= ?1 OR last_sent_at IS NULL LIMIT ?2)",
+                millis(now - KEEP_SUBJECTS),
+            ),
+        ];
+        for (sql, cutoff) in steps {
+            if budget == 0 {
+                break;
+            }
+            let done = sqlx::query(sql)
+                .bind(cutoff)
+                .bind(i64::try_from(budget).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+            budget = budget.saturating_sub(done.rows_affected());
+        }
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(u64::from(batch) - budget)
+    }
+
+    async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM verifications WHERE status = 'pending' AND expires_at > ?1",
+        )
+        .bind(millis(now))
+        .fetch_one(&self.reader)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open_in_tempdir(options: SqliteOptions) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_with(&dir.path().join("otpd.db"), options)
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    async fn synchronous(pool: &SqlitePool) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn durability_settings_are_applied() {
+        let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(synchronous(&store.writer).await, 1, "NORMAL by default");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+
+        let full = SqliteOptions {
+            synchronous_full: true,
+            ..SqliteOptions::default()
+        };
+        let (_dir, store) = open_in_tempdir(full).await;
+        assert_eq!(synchronous(&store.writer).await, 2, "FULL when asked");
+    }
+
+    #[tokio::test]
+    async fn readers_cannot_write() {
+        let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
+        let write = sqlx::query("DELETE FROM api_keys")
+            .execute(&store.reader)
+            .await;
+        assert!(write.is_err(), "a reader connection must refuse writes");
     }
 }

@@ -2,7 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod helpers;
+mod process;
 mod service;
+mod sql_stores;
 mod store_contract;
 mod v1;
 

@@ -770,4 +770,39 @@ store_contract_tests!(memory, || async {
     Some(Arc::new(otpd::store::MemoryStore::new()) as DynStore)
 });
 
-// SQLITE_CONTRACT (wired in when SqliteStore lands)
+/// A fresh SQLite file under Cargo's scratch dir for integration tests. The
+/// directory is kept (not deleted on drop) because the store outlives this
+/// function; `cargo clean` removes it.
+pub async fn sqlite_store() -> Arc<otpd::store::SqliteStore> {
+    let dir = tempfile::Builder::new()
+        .prefix("otpd-sqlite-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep();
+    Arc::new(
+        otpd::store::SqliteStore::open(&dir.join("otpd.db"))
+            .await
+            .unwrap(),
+    )
+}
+
+/// A PostgreSQL store in its own fresh schema, or `None` (said on stderr)
+/// when `OTPD_TEST_POSTGRES_URL` is not set.
+pub async fn postgres_store() -> Option<Arc<otpd::store::PostgresStore>> {
+    let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+        eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    Some(Arc::new(
+        otpd::store::PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .unwrap(),
+    ))
+}
+
+store_contract_tests!(sqlite, || async { Some(sqlite_store().await as DynStore) });
+
+store_contract_tests!(postgres, || async {
+    postgres_store().await.map(|s| s as DynStore)
+});

@@ -1,0 +1,320 @@
+//! Behaviour of the SQL stores beyond the shared contract: durability across a
+//! restart, bounded purges, several store handles (instances) on one database,
+//! and failing fast when the database is unreachable.
+
+use std::sync::Arc;
+use std::time::{Duration as StdDuration, Instant};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use otpd::crypto::Crypto;
+use otpd::domain::{Code, PhoneNumber, Status, SubjectKey, Verification};
+use otpd::store::{
+    CheckOutcome, InboxEntry, PostgresStore, SendDecision, SendPlan, SqliteStore, Store, StoreError,
+};
+use uuid::Uuid;
+
+use crate::store_contract::{DynStore, postgres_store};
+
+fn t0() -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(1_900_000_000_456)
+        .single()
+        .unwrap()
+}
+
+fn random_subject() -> SubjectKey {
+    let mut k = [0u8; 32];
+    k[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+    k[16..].copy_from_slice(Uuid::new_v4().as_bytes());
+    SubjectKey(k)
+}
+
+fn hash(crypto: &Crypto, id: Uuid, code: &str) -> [u8; 32] {
+    crypto.code_hash(id, &Code::parse(code).unwrap())
+}
+
+/// A plan for a new verification of a fresh subject with code 123456.
+fn plan(crypto: &Crypto, tenant: &str, subject: SubjectKey, now: DateTime<Utc>) -> SendPlan {
+    let phone = PhoneNumber::parse("+31651860670").unwrap();
+    let id = Uuid::new_v4();
+    SendPlan {
+        verification: Verification {
+            id,
+            tenant: tenant.to_owned(),
+            subject,
+            purpose: "login".into(),
+            uid: Some("user-42".into()),
+            phone: crypto.seal_phone(&phone).unwrap(),
+            masked_to: phone.masked(),
+            country: Some("NL".into()),
+            code_hash: Some(hash(crypto, id, "123456")),
+            status: Status::Pending,
+            attempts: 0,
+            max_attempts: 5,
+            send_count: 1,
+            created_at: now,
+            updated_at: now,
+            expires_at: now + Duration::seconds(300),
+            last_sent_at: now,
+        },
+        cooldown_seconds: 30,
+        max_sends_per_window: 3,
+        send_window_seconds: 600,
+    }
+}
+
+async fn create(store: &dyn Store, plan: &SendPlan, now: DateTime<Utc>) -> Verification {
+    match store.start_send(plan, now).await.unwrap() {
+        SendDecision::Created { verification, .. } => verification,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+fn scratch_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("otpd-sqlite-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep()
+}
+
+#[tokio::test]
+async fn sqlite_verification_survives_reopening_the_file() {
+    let crypto = Crypto::for_tests();
+    let path = scratch_dir().join("nested").join("otpd.db");
+    let now = t0();
+    let subject = random_subject();
+    let plan = plan(&crypto, "acme", subject, now);
+    let id = plan.verification.id;
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    let written = create(&store, &plan, now).await;
+    let wrong = store
+        .check_code("acme", id, &hash(&crypto, id, "000000"), now)
+        .await
+        .unwrap();
+    assert_eq!(wrong, CheckOutcome::Wrong { attempts_left: 4 });
+    // Dropped without `close`, as when the process goes away.
+    drop(store);
+
+    let reopened = SqliteStore::open(&path).await.unwrap();
+    let read = reopened
+        .get_verification("acme", id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        read,
+        Verification {
+            attempts: 1,
+            ..written
+        }
+    );
+    assert_eq!(
+        reopened.find_pending("acme", &subject, now).await.unwrap(),
+        Some(id)
+    );
+    let retry = reopened
+        .start_send(&self::plan(&crypto, "acme", subject, now), now)
+        .await
+        .unwrap();
+    assert!(
+        matches!(retry, SendDecision::Cooldown { .. }),
+        "the cooldown survives too: {retry:?}"
+    );
+    let right = reopened
+        .check_code("acme", id, &hash(&crypto, id, "123456"), now)
+        .await
+        .unwrap();
+    assert!(matches!(right, CheckOutcome::Approved(_)), "{right:?}");
+}
+
+async fn purge_touches_at_most_its_batch(store: &dyn Store) {
+    let crypto = Crypto::for_tests();
+    let now = t0();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let plan = plan(&crypto, "acme", random_subject(), now);
+        ids.push(create(store, &plan, now).await.id);
+    }
+    for i in 0..3 {
+        store
+            .push_inbox(&InboxEntry {
+                id: Uuid::new_v4(),
+                tenant: "acme".into(),
+                phone_index: [i; 32],
+                masked_to: "+*******0670".into(),
+                sealed_body: crypto.seal(b"code 123456").unwrap(),
+                created_at: now,
+                expires_at: now + Duration::seconds(60),
+            })
+            .await
+            .unwrap();
+    }
+    let later = now + Duration::seconds(301);
+
+    assert_eq!(store.purge_expired(later, 2).await.unwrap(), 2);
+    let mut expired = 0;
+    for id in &ids {
+        let v = store.get_verification("acme", *id).await.unwrap().unwrap();
+        if v.status == Status::Expired {
+            assert_eq!(v.code_hash, None);
+            expired += 1;
+        } else {
+            assert_eq!(
+                v.status,
+                Status::Pending,
+                "untouched rows stay as they were"
+            );
+            assert!(v.code_hash.is_some());
+        }
+    }
+    assert_eq!(expired, 2);
+
+    // One verification and three inbox entries remain, then nothing.
+    assert_eq!(store.purge_expired(later, 2).await.unwrap(), 2);
+    assert_eq!(store.purge_expired(later, 2).await.unwrap(), 2);
+    assert_eq!(store.purge_expired(later, 2).await.unwrap(), 0);
+    for id in &ids {
+        let v = store.get_verification("acme", *id).await.unwrap().unwrap();
+        assert_eq!(v.status, Status::Expired);
+    }
+}
+
+#[tokio::test]
+async fn sqlite_purge_touches_at_most_its_batch() {
+    let store = SqliteStore::open(&scratch_dir().join("otpd.db"))
+        .await
+        .unwrap();
+    purge_touches_at_most_its_batch(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_purge_touches_at_most_its_batch() {
+    if let Some(store) = postgres_store().await {
+        purge_touches_at_most_its_batch(store.as_ref()).await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_open_rejects_an_unusable_path() {
+    let dir = scratch_dir();
+    // A directory where the database file should be.
+    let started = Instant::now();
+    let err = SqliteStore::open(&dir).await.err().expect("open must fail");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < StdDuration::from_secs(10));
+}
+
+/// Two handles on one file stand for two processes (e.g. `otpd keys create`
+/// while the server runs): their writes must neither fail with `SQLITE_BUSY`
+/// nor break single use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_two_handles_on_one_file_approve_once() {
+    let crypto = Arc::new(Crypto::for_tests());
+    let path = scratch_dir().join("otpd.db");
+    let a: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let b: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let now = t0();
+    let plan = plan(&crypto, "acme", random_subject(), now);
+    let id = create(a.as_ref(), &plan, now).await.id;
+    let right = hash(&crypto, id, "123456");
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { store.check_code("acme", id, &right, now).await })
+        })
+        .collect();
+    let mut approved = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            CheckOutcome::Approved(_) => approved += 1,
+            CheckOutcome::NotFound => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(approved, 1);
+}
+
+#[tokio::test]
+async fn postgres_unreachable_is_unavailable_quickly() {
+    let started = Instant::now();
+    // Port 1 on loopback: nothing listens, the connection is refused.
+    let result = PostgresStore::connect("postgres://postgres@127.0.0.1:1/test").await;
+    let err = result.err().expect("connect must fail");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < StdDuration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn postgres_bad_url_or_schema_is_refused() {
+    let err = PostgresStore::connect("not a url").await.err().unwrap();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let err = PostgresStore::connect_in_schema("postgres://postgres@127.0.0.1/x", "a\"; DROP")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+/// Two stores on one schema stand for two otpd instances behind a load
+/// balancer: racing sends and checks spread over both still decide once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_instances_send_once_and_approve_once() {
+    let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+        eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let a: DynStore = Arc::new(
+        PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .unwrap(),
+    );
+    let b: DynStore = Arc::new(
+        PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .unwrap(),
+    );
+    let crypto = Arc::new(Crypto::for_tests());
+    let now = t0();
+    let subject = random_subject();
+
+    let sends: Vec<_> = (0..20)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let plan = plan(&crypto, "acme", subject, now);
+            tokio::spawn(async move { store.start_send(&plan, now).await.unwrap() })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for t in sends {
+        match t.await.unwrap() {
+            SendDecision::Created { verification, .. } => created.push(verification.id),
+            SendDecision::Cooldown { .. } | SendDecision::Conflict => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(created.len(), 1);
+    let id = created[0];
+
+    let right = hash(&crypto, id, "123456");
+    let checks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { store.check_code("acme", id, &right, now).await.unwrap() })
+        })
+        .collect();
+    let mut approved = 0;
+    for t in checks {
+        match t.await.unwrap() {
+            CheckOutcome::Approved(_) => approved += 1,
+            CheckOutcome::NotFound => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(approved, 1);
+}
