@@ -274,6 +274,7 @@ impl Settings {
             "redis://",
             "rediss://",
             "redis+cluster://",
+            "rediss+cluster://",
             "postgres://",
             "postgresql://",
         ]
@@ -281,7 +282,7 @@ impl Settings {
         .any(|s| url.starts_with(s))
         {
             return Err(invalid(format!(
-                "store.url: unsupported scheme in {:?}; use sqlite://PATH, memory://, redis://, rediss://, redis+cluster://, postgres://",
+                "store.url: unsupported scheme in {:?}; use sqlite://PATH, memory://, redis://, rediss://, redis+cluster://, rediss+cluster://, postgres://",
                 redact_url(&url)
             )));
         }

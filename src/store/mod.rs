@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod postgres;
+pub mod redis;
 mod sql_common;
 pub mod sqlite;
 
@@ -18,6 +19,7 @@ use crate::domain::{
     ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
 };
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -155,19 +157,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// The subject's current unexpired verification that a check should address:
     /// pending, or dead from spent attempts (so a check can say `max_attempts`
-    /// rather than "not found"). Backends override the default, which only sees
-    /// pending ones.
+    /// rather than "not found").
     async fn find_current(
         &self,
         tenant: &str,
         subject: &SubjectKey,
         now: DateTime<Utc>,
-    ) -> StoreResult<Option<(Uuid, Status)>> {
-        Ok(self
-            .find_pending(tenant, subject, now)
-            .await?
-            .map(|id| (id, Status::Pending)))
-    }
+    ) -> StoreResult<Option<(Uuid, Status)>>;
 
     /// Atomically: cooldown check, window check, then create or replace.
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision>;
@@ -260,6 +256,17 @@ pub async fn connect(url: &str) -> StoreResult<DynStore> {
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Ok(Arc::new(PostgresStore::connect(url).await?));
+    }
+    if [
+        "redis://",
+        "rediss://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|scheme| url.starts_with(scheme))
+    {
+        return Ok(Arc::new(RedisStore::connect(url).await?));
     }
     Err(StoreError::Unavailable(format!(
         "unsupported store url scheme: {}",

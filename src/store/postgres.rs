@@ -23,7 +23,7 @@ use super::{
     CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
     SendPlan, Store, StoreError, StoreResult, seconds_until,
 };
-use crate::domain::{ApiKeyRecord, MessageRecord, SubjectKey, Verification};
+use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -272,6 +272,33 @@ impl Store for PostgresStore {
         .map_err(map_sqlx)?;
         id.map(|id| {
             Uuid::parse_str(&id).map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))
+        })
+        .transpose()
+    }
+
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT v.id, v.status FROM subjects s JOIN verifications v ON v.id = s.current_id
+             WHERE s.tenant = $1 AND s.subject = $2 AND v.tenant = $1
+               AND v.status IN ('pending', 'max_attempts') AND v.expires_at > $3",
+        )
+        .bind(tenant)
+        .bind(subject.0.as_slice())
+        .bind(millis(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        row.map(|(id, status)| {
+            let id = Uuid::parse_str(&id)
+                .map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))?;
+            let status = Status::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("bad status {status:?}")))?;
+            Ok((id, status))
         })
         .transpose()
     }

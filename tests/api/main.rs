@@ -3,6 +3,7 @@
 
 mod helpers;
 mod process;
+mod redis_store;
 mod service;
 mod sql_stores;
 mod store_contract;

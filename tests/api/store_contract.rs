@@ -188,6 +188,70 @@ pub async fn wrong_guesses_count_down_then_kill(store: DynStore) {
     assert_eq!(v.code_hash, None);
 }
 
+pub async fn find_current_sees_pending_and_dead_but_not_ended(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let current = store
+        .find_current(&f.tenant, &f.subject, now)
+        .await
+        .unwrap();
+    assert_eq!(current, Some((id, Status::Pending)));
+    for _ in 0..MAX_ATTEMPTS {
+        store
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+            .await
+            .unwrap();
+    }
+    let dead = store
+        .find_current(&f.tenant, &f.subject, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        dead,
+        Some((id, Status::MaxAttempts)),
+        "a dead verification still answers max_attempts"
+    );
+    assert_eq!(
+        store
+            .find_pending(&f.tenant, &f.subject, now)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .find_current(&tenant(), &f.subject, now)
+            .await
+            .unwrap(),
+        None
+    );
+    let later = now + Duration::seconds(300);
+    assert_eq!(
+        store
+            .find_current(&f.tenant, &f.subject, later)
+            .await
+            .unwrap(),
+        None,
+        "expired"
+    );
+
+    let g = Fixture::new();
+    let id = g.start(&store, "123456", now).await;
+    store
+        .check_code(&g.tenant, id, &g.hash(id, "123456"), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .find_current(&g.tenant, &g.subject, now)
+            .await
+            .unwrap(),
+        None,
+        "approved"
+    );
+}
+
 pub async fn expired_code_is_not_found(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -736,6 +800,7 @@ macro_rules! store_contract_tests {
                 right_code_approves_once,
                 wrong_guesses_count_down_then_kill,
                 expired_code_is_not_found,
+                find_current_sees_pending_and_dead_but_not_ended,
                 cooldown_then_resend_keeps_attempts,
                 plan_for_a_stale_id_conflicts,
                 send_window_limits_resends,
@@ -806,3 +871,22 @@ store_contract_tests!(sqlite, || async { Some(sqlite_store().await as DynStore) 
 store_contract_tests!(postgres, || async {
     postgres_store().await.map(|s| s as DynStore)
 });
+
+/// A Redis store under a fresh key prefix, or `None` (with a note) when `var` is unset.
+pub async fn redis_store_from_env(var: &str) -> Option<DynStore> {
+    let Some(url) = std::env::var(var).ok().filter(|u| !u.is_empty()) else {
+        eprintln!("skipping: {var} is not set");
+        return None;
+    };
+    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+    let store = otpd::store::RedisStore::connect_with_prefix(&url, &prefix)
+        .await
+        .unwrap();
+    Some(Arc::new(store) as DynStore)
+}
+
+store_contract_tests!(redis, || redis_store_from_env("OTPD_TEST_REDIS_URL"));
+
+store_contract_tests!(redis_cluster, || redis_store_from_env(
+    "OTPD_TEST_REDIS_CLUSTER_URL"
+));

@@ -1,0 +1,1740 @@
+//! Redis store: one Redis/Valkey node or a Redis Cluster, shared by any number of
+//! otpd instances. Every operation that decides something is one Lua script over
+//! keys that share a hash tag, so it is atomic on one node and can never cross
+//! slots on a cluster.
+//!
+//! URLs:
+//! - `redis://[user:pass@]host:port[/db]`, `rediss://…` (TLS) — one node.
+//! - `redis+cluster://[user:pass@]host1:port1,host2:port2,…` (`rediss+cluster://`
+//!   for TLS) — a Redis Cluster, discovered from any of the listed nodes. A path
+//!   or query applies to every node.
+//!
+//! TLS verifies the server against the system's roots (`SSL_CERT_FILE` names
+//! another bundle). Needs Redis ≥ 6.2 or Valkey (`ZADD … GT`, Lua's `bit`
+//! library). A verification survives a Redis restart only if Redis persists
+//! (`appendonly yes`).
+//!
+//! Key layout (`P` is the key prefix, default `otpd`; `S` the subject key in hex):
+//! - `{P:s:S}:state` — the subject's current verification id, last send, send
+//!   window; `{P:s:S}:v:<id>` — a verification. One tag, so one slot, for every
+//!   key a send, check, cancel or abort touches.
+//! - `P:vref:<id>` → `S`: written before the creating script runs and outliving
+//!   the record, so reads by id find the slot (read ref, then script the record).
+//! - `P:pending` — sorted set of `S:<id>` by expiry: what the purge walks and
+//!   `count_pending` counts. Maintained next to the deciding scripts (it lives in
+//!   another slot); a missed update only delays a purge, never changes a decision.
+//! - `{P:m:<verification id>}:list|:r:<message id>` — a verification's messages;
+//!   `P:mref:<message id>` and `P:pm:<provider>:<provider message id>` find them.
+//! - `{P:i:<tenant hex>}:…` — one tenant's sandbox inbox; `{P:keys}:…` — API keys;
+//!   `P:rl:<key>:<window>` — rate-limit counters.
+//!
+//! Native TTLs do the forgetting: an ended verification stays readable for a day,
+//! cooldown and window state expire after the window, inbox entries when their
+//! code would. The purge only ends verifications whose code expired (erasing
+//! the hash), as the other backends do.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration as StdDuration;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::io::tcp::TcpSettings;
+use ::redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use futures::StreamExt;
+use uuid::Uuid;
+
+use super::{
+    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
+    SendPlan, Store, StoreError, StoreResult, seconds_until,
+};
+use crate::crypto::SealedPhone;
+use crate::domain::{
+    ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
+};
+
+pub const DEFAULT_KEY_PREFIX: &str = "otpd";
+
+const HOUR_MS: i64 = 3_600_000;
+/// Ended verifications stay readable this long, as in the other backends.
+const KEEP_ENDED_MS: i64 = 24 * HOUR_MS;
+/// Id references outlive their records by this much, so a record is never unreachable.
+const REF_MARGIN_MS: i64 = HOUR_MS;
+/// Delivery attempts stay readable at least as long as their verification can
+/// (a day's TTL, extended by resends, then a day ended).
+const KEEP_MESSAGES_MS: i64 = 3 * KEEP_ENDED_MS;
+const INBOX_CAPACITY: u32 = 10_000;
+
+const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(2);
+const RESPONSE_TIMEOUT: StdDuration = StdDuration::from_secs(2);
+/// Whole-operation bound (reconnects and several round trips included), so a dead
+/// or black-holed Redis turns into `Unavailable` instead of a hung request.
+const OPERATION_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+/// Unacknowledged data this old means the peer is gone: drop the connection so
+/// that the next command reconnects.
+const DEAD_PEER_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+const CONNECT_BUDGET: StdDuration = StdDuration::from_secs(10);
+/// How many purge scripts run at once.
+const PURGE_CONCURRENCY: usize = 32;
+
+/// One node behind a self-reconnecting manager, or a cluster (which reconnects
+/// and follows slot moves by itself).
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    keys: Keys,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        let kind = match self.conn {
+            Conn::Node(_) => "node",
+            Conn::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStore")
+            .field("kind", &kind)
+            .field("prefix", &self.keys.prefix)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Connects with the default key prefix (`otpd`).
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        Self::connect_with_prefix(url, DEFAULT_KEY_PREFIX).await
+    }
+
+    /// Connects and keeps every key under `key_prefix`, so several deployments
+    /// (or tests) can share one Redis.
+    pub async fn connect_with_prefix(url: &str, key_prefix: &str) -> StoreResult<Self> {
+        if key_prefix.is_empty()
+            || key_prefix
+                .chars()
+                .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        {
+            return Err(StoreError::Unavailable(
+                "redis key prefix must be non-empty, without braces or whitespace".into(),
+            ));
+        }
+        let conn = tokio::time::timeout(CONNECT_BUDGET, open(url))
+            .await
+            .map_err(|_| StoreError::Unavailable("redis did not answer in time".into()))??;
+        Ok(Self {
+            conn,
+            keys: Keys {
+                prefix: key_prefix.to_owned(),
+            },
+            scripts: Scripts::new(),
+        })
+    }
+
+    fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    /// Index upkeep after a decision has been made. It runs on its own, so that
+    /// a slow or failing Redis can neither delay nor turn into an error an answer
+    /// already decided; whatever it misses, the purge repairs.
+    fn housekeeping(&self, what: &'static str, cmd: Cmd) {
+        let mut conn = self.conn();
+        tokio::spawn(async move {
+            let done = tokio::time::timeout(OPERATION_TIMEOUT, cmd.query_async::<Value>(&mut conn));
+            match done.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis store: {what} failed"),
+                Err(_) => tracing::warn!("redis store: {what} timed out"),
+            }
+        });
+    }
+
+    fn unindex_pending(&self, subject_hex: &str, id: Uuid) {
+        let mut cmd = ::redis::cmd("ZREM");
+        cmd.arg(self.keys.pending())
+            .arg(pending_member(subject_hex, id));
+        self.housekeeping("unindexing a verification", cmd);
+    }
+
+    /// The subject's current unexpired verification: pending, or also dead from
+    /// spent attempts when `or_spent`.
+    async fn current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+        or_spent: bool,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        bounded(async {
+            let subject = hex::encode(subject.0);
+            let found: Option<(String, String)> = self
+                .scripts
+                .find_current
+                .key(self.keys.state(&subject))
+                .arg(self.keys.record_prefix(&subject))
+                .arg(tenant)
+                .arg(ms(now))
+                .arg(if or_spent { "1" } else { "0" })
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let Some((id, status)) = found else {
+                return Ok(None);
+            };
+            let id = id
+                .parse()
+                .map_err(|_| StoreError::Corrupt("malformed verification id".into()))?;
+            let status = Status::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown status {status:?}")))?;
+            Ok(Some((id, status)))
+        })
+        .await
+    }
+
+    /// The subject (hex) a verification id belongs to, if the id is known.
+    async fn subject_of(&self, id: Uuid) -> StoreResult<Option<String>> {
+        ::redis::cmd("GET")
+            .arg(self.keys.vref(id))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)
+    }
+}
+
+async fn open(url: &str) -> StoreResult<Conn> {
+    if let Some(nodes) = cluster_nodes(url) {
+        let client = ClusterClient::builder(nodes?)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            // Room for a redirect or a reconnect within one command.
+            .overall_response_timeout(Some(2 * RESPONSE_TIMEOUT))
+            .retries(3)
+            .max_retry_wait(500)
+            .tcp_settings(tcp_settings())
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis cluster url: {e}")))?;
+        let conn = client.get_async_connection().await.map_err(store_error)?;
+        return Ok(Conn::Cluster(conn));
+    }
+    let info = url
+        .into_connection_info()
+        .map_err(|_| {
+            StoreError::Unavailable(
+                "invalid redis url (expected redis://, rediss:// or redis+cluster://)".into(),
+            )
+        })?
+        .set_tcp_settings(tcp_settings());
+    let client = ::redis::Client::open(info).map_err(store_error)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(StdDuration::from_millis(500));
+    let manager = ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(store_error)?;
+    Ok(Conn::Node(manager))
+}
+
+fn tcp_settings() -> TcpSettings {
+    let settings = TcpSettings::default().set_nodelay(true);
+    // A response timeout alone never replaces a connection; a peer that vanished
+    // without a reset (host down, network cut) would otherwise keep every command
+    // timing out until the kernel gives up, minutes later.
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(DEAD_PEER_TIMEOUT);
+    settings
+}
+
+/// Node URLs of a `redis+cluster://` / `rediss+cluster://` URL; `None` for other schemes.
+fn cluster_nodes(url: &str) -> Option<StoreResult<Vec<String>>> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else {
+        ("rediss", url.strip_prefix("rediss+cluster://")?)
+    };
+    let (authority, suffix) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => authority.split_at(at + 1),
+        None => ("", authority),
+    };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{userinfo}{h}{suffix}"))
+        .collect();
+    if nodes.is_empty() {
+        return Some(Err(StoreError::Unavailable(
+            "redis cluster url names no nodes".into(),
+        )));
+    }
+    Some(Ok(nodes))
+}
+
+fn store_error(e: RedisError) -> StoreError {
+    match e.kind() {
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+async fn bounded<T>(op: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+    tokio::time::timeout(OPERATION_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            ))
+        })
+}
+
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn subject_tag(&self, subject_hex: &str) -> String {
+        format!("{{{}:s:{subject_hex}}}", self.prefix)
+    }
+
+    fn state(&self, subject_hex: &str) -> String {
+        format!("{}:state", self.subject_tag(subject_hex))
+    }
+
+    /// Verification keys are this followed by the id; scripts build the key of the
+    /// subject's current verification from it (same tag, so same slot).
+    fn record_prefix(&self, subject_hex: &str) -> String {
+        format!("{}:v:", self.subject_tag(subject_hex))
+    }
+
+    fn record(&self, subject_hex: &str, id: Uuid) -> String {
+        format!("{}{id}", self.record_prefix(subject_hex))
+    }
+
+    fn vref(&self, id: Uuid) -> String {
+        format!("{}:vref:{id}", self.prefix)
+    }
+
+    fn pending(&self) -> String {
+        format!("{}:pending", self.prefix)
+    }
+
+    fn messages_tag(&self, verification_id: Uuid) -> String {
+        format!("{{{}:m:{verification_id}}}", self.prefix)
+    }
+
+    fn message_list(&self, verification_id: Uuid) -> String {
+        format!("{}:list", self.messages_tag(verification_id))
+    }
+
+    fn message_prefix(&self, verification_id: Uuid) -> String {
+        format!("{}:r:", self.messages_tag(verification_id))
+    }
+
+    fn mref(&self, id: Uuid) -> String {
+        format!("{}:mref:{id}", self.prefix)
+    }
+
+    fn provider_ref(&self, provider: &str, provider_message_id: &str) -> String {
+        format!("{}:pm:{provider}:{provider_message_id}", self.prefix)
+    }
+
+    fn inbox_tag(&self, tenant: &str) -> String {
+        format!("{{{}:i:{}}}", self.prefix, hex::encode(tenant))
+    }
+
+    fn keys_tag(&self) -> String {
+        format!("{{{}:keys}}", self.prefix)
+    }
+
+    fn api_key(&self, key_hash: &[u8; 32]) -> String {
+        format!("{}:k:{}", self.keys_tag(), hex::encode(key_hash))
+    }
+
+    fn api_key_ids(&self) -> String {
+        format!("{}:ids", self.keys_tag())
+    }
+
+    fn rate(&self, key: &str, window_index: i64) -> String {
+        format!("{}:rl:{key}:{window_index}", self.prefix)
+    }
+}
+
+fn pending_member(subject_hex: &str, id: Uuid) -> String {
+    format!("{subject_hex}:{id}")
+}
+
+fn ms(t: DateTime<Utc>) -> String {
+    t.timestamp_millis().to_string()
+}
+
+// --- Lua ---
+
+/// Shared helpers. Numbers go back to Redis as integer strings (never `%.14g`).
+const PRELUDE: &str = r#"
+local function int(n) return string.format('%.0f', n) end
+-- Constant-time comparison: the time taken does not depend on where the
+-- strings differ.
+local function same(a, b)
+  if #a ~= #b then return false end
+  local d = 0
+  for i = 1, #a do d = bit.bor(d, bit.bxor(string.byte(a, i), string.byte(b, i))) end
+  return d == 0
+end
+-- Brings a key's TTL down to `ttl` ms, never up: an ended record must not outlive
+-- the reference that finds it.
+local function shorten(key, ttl)
+  local left = redis.call('PTTL', key)
+  if left < 0 or left > tonumber(ttl) then redis.call('PEXPIRE', key, ttl) end
+end
+local function append(out, list)
+  for i = 1, #list do out[#out + 1] = list[i] end
+  return out
+end
+"#;
+
+/// KEYS: vref. ARGV: subject hex, ttl ms. 0 when the id belongs to another subject.
+const CLAIM_ID: &str = r#"
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+if not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"#;
+
+/// KEYS: state, planned record. ARGV: now, cooldown ms, window ms, max sends,
+/// record prefix, planned id, tenant, code hash ('' = none), expires_at,
+/// record ttl, state ttl, '1' when the id is another subject's, then the planned
+/// record's field/value pairs.
+const START_SEND: &str = r#"
+local now = tonumber(ARGV[1])
+local st = redis.call('HMGET', KEYS[1], 'current', 'last_sent', 'win_start', 'win_count')
+local current, last_sent = st[1], st[2]
+if last_sent then
+  local until_ms = tonumber(last_sent) + tonumber(ARGV[2])
+  if now < until_ms then return {'cooldown', int(until_ms)} end
+end
+local window = tonumber(ARGV[3])
+local win_start, win_count = now, 0
+if st[3] and now < tonumber(st[3]) + window then
+  win_start, win_count = tonumber(st[3]), tonumber(st[4] or '0')
+end
+if win_count >= tonumber(ARGV[4]) then return {'window', int(win_start + window)} end
+local pending = false
+if current then
+  local c = redis.call('HMGET', ARGV[5] .. current, 'tenant', 'status', 'expires_at')
+  if c[1] == ARGV[7] and c[2] == 'pending' and now < tonumber(c[3]) then pending = current end
+end
+local decision
+if pending and pending == ARGV[6] then
+  if ARGV[8] == '' then
+    redis.call('HDEL', KEYS[2], 'code_hash')
+  else
+    redis.call('HSET', KEYS[2], 'code_hash', ARGV[8])
+  end
+  redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
+  redis.call('HINCRBY', KEYS[2], 'send_count', 1)
+  decision = 'replaced'
+elseif pending or ARGV[12] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then
+  return {'conflict'}
+else
+  redis.call('HSET', KEYS[2], unpack(ARGV, 13))
+  decision = 'created'
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[10])
+redis.call('HSET', KEYS[1], 'current', ARGV[6], 'last_sent', ARGV[1],
+  'win_start', int(win_start), 'win_count', int(win_count + 1))
+redis.call('PEXPIRE', KEYS[1], ARGV[11])
+return append({decision, last_sent or ''}, redis.call('HGETALL', KEYS[2]))
+"#;
+
+/// KEYS: state. ARGV: record prefix, tenant, now, '1' to count a verification
+/// dead from spent attempts as current too. The current id and its status.
+const FIND_CURRENT: &str = r#"
+local current = redis.call('HGET', KEYS[1], 'current')
+if not current then return false end
+local c = redis.call('HMGET', ARGV[1] .. current, 'tenant', 'status', 'expires_at')
+if c[1] == ARGV[2] and tonumber(ARGV[3]) < tonumber(c[3])
+  and (c[2] == 'pending' or (ARGV[4] == '1' and c[2] == 'max_attempts')) then
+  return {current, c[2]}
+end
+return false
+"#;
+
+/// KEYS: record. ARGV: tenant, code hash, now, keep-ended ms.
+const CHECK_CODE: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts')
+if r[1] ~= ARGV[1] then return {'not_found'} end
+if r[2] == 'max_attempts' then return {'max_attempts'} end
+if r[2] ~= 'pending' or tonumber(ARGV[3]) >= tonumber(r[3]) or not r[4] then
+  return {'not_found'}
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+if same(r[4], ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'status', 'approved')
+  redis.call('HDEL', KEYS[1], 'code_hash')
+  shorten(KEYS[1], ARGV[4])
+  return append({'approved'}, redis.call('HGETALL', KEYS[1]))
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local max = tonumber(r[5])
+if attempts >= max then
+  redis.call('HSET', KEYS[1], 'status', 'max_attempts')
+  redis.call('HDEL', KEYS[1], 'code_hash')
+  shorten(KEYS[1], ARGV[4])
+end
+return {'wrong', int(math.max(max - attempts, 0))}
+"#;
+
+/// KEYS: record. ARGV: tenant, now, keep-ended ms.
+const CANCEL: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at')
+if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[2]) >= tonumber(r[3]) then
+  return {'not_found'}
+end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'updated_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'code_hash')
+shorten(KEYS[1], ARGV[3])
+return append({'canceled'}, redis.call('HGETALL', KEYS[1]))
+"#;
+
+/// KEYS: state, record. ARGV: tenant, previous send ('' = none), at, keep-ended ms.
+const ABORT_SEND: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[2] == '' then
+    redis.call('HDEL', KEYS[1], 'last_sent')
+  else
+    redis.call('HSET', KEYS[1], 'last_sent', ARGV[2])
+  end
+  local count = tonumber(redis.call('HGET', KEYS[1], 'win_count') or '0')
+  if count > 0 then redis.call('HSET', KEYS[1], 'win_count', int(count - 1)) end
+end
+if redis.call('HGET', KEYS[2], 'tenant') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'status', 'failed', 'updated_at', ARGV[3])
+  redis.call('HDEL', KEYS[2], 'code_hash')
+  shorten(KEYS[2], ARGV[4])
+end
+return 1
+"#;
+
+/// KEYS: record. ARGV: now. Ends a pending verification whose code has expired.
+const EXPIRE: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 'status', 'expires_at')
+if not r[1] then return {'gone'} end
+if r[1] ~= 'pending' then return {'ended'} end
+if tonumber(ARGV[1]) < tonumber(r[2]) then return {'later', r[2]} end
+redis.call('HSET', KEYS[1], 'status', 'expired', 'updated_at', ARGV[1])
+redis.call('HDEL', KEYS[1], 'code_hash')
+return {'expired'}
+"#;
+
+/// KEYS: record, list. ARGV: ttl ms, message id, field/value pairs.
+const INSERT_MESSAGE: &str = r#"
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// KEYS: list. ARGV: record prefix.
+const LIST_MESSAGES: &str = r#"
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local m = redis.call('HGETALL', ARGV[1] .. id)
+  if #m > 0 then out[#out + 1] = m end
+end
+return out
+"#;
+
+/// KEYS: record. ARGV: status, its rank, at, then field/value pairs to set.
+/// Status only moves forward; a late report of an earlier stage changes nothing.
+const UPDATE_MESSAGE: &str = r#"
+local rank = redis.call('HGET', KEYS[1], 'rank')
+if not rank then return false end
+if tonumber(ARGV[2]) > tonumber(rank) then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'updated_at', ARGV[3], unpack(ARGV, 4))
+end
+return redis.call('HGETALL', KEYS[1])
+"#;
+
+/// KEYS: entry, tenant index, number index, sequence. ARGV: ttl ms, id, capacity,
+/// field/value pairs. The sequence orders entries as they were pushed.
+const PUSH_INBOX: &str = r#"
+local seq = redis.call('INCR', KEYS[4])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+for i = 2, 3 do
+  redis.call('ZADD', KEYS[i], seq, ARGV[2])
+  redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(ARGV[3]) - 1)
+end
+for i = 2, 4 do
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"#;
+
+/// KEYS: index. ARGV: entry prefix, now, limit. Newest first, unexpired only;
+/// drops index entries whose record has already expired away.
+const LIST_INBOX: &str = r#"
+local now, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, stale, start = {}, {}, 0
+while #out < limit do
+  local ids = redis.call('ZREVRANGE', KEYS[1], start, start + 99)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local key = ARGV[1] .. id
+    local expires = redis.call('HGET', key, 'expires_at')
+    if not expires then
+      stale[#stale + 1] = id
+    elseif tonumber(expires) > now then
+      out[#out + 1] = redis.call('HGETALL', key)
+      if #out >= limit then break end
+    end
+  end
+  start = start + 100
+end
+for _, id in ipairs(stale) do redis.call('ZREM', KEYS[1], id) end
+return out
+"#;
+
+/// KEYS: id index, record. ARGV: id, field/value pairs.
+const INSERT_API_KEY: &str = r#"
+local old = redis.call('HGET', KEYS[2], 'id')
+if old then redis.call('HDEL', KEYS[1], old) end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], ARGV[1], KEYS[2])
+return 1
+"#;
+
+/// KEYS: id index. Every key record (the index holds their key names, same tag).
+const LIST_API_KEYS: &str = r#"
+local out = {}
+for _, key in ipairs(redis.call('HVALS', KEYS[1])) do
+  local k = redis.call('HGETALL', key)
+  if #k > 0 then out[#out + 1] = k end
+end
+return out
+"#;
+
+/// KEYS: id index. ARGV: id, at.
+const REVOKE_API_KEY: &str = r#"
+local key = redis.call('HGET', KEYS[1], ARGV[1])
+if not key or redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'revoked_at') == 1 then
+  return 0
+end
+redis.call('HSET', key, 'revoked_at', ARGV[2])
+return 1
+"#;
+
+/// KEYS: counter. ARGV: limit, ttl ms. Refuses at the limit without counting.
+const HIT_RATE_LIMIT: &str = r#"
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count >= tonumber(ARGV[1]) then return {0, count} end
+count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {1, count}
+"#;
+
+struct Scripts {
+    claim_id: Script,
+    start_send: Script,
+    find_current: Script,
+    check_code: Script,
+    cancel: Script,
+    abort_send: Script,
+    expire: Script,
+    insert_message: Script,
+    list_messages: Script,
+    update_message: Script,
+    push_inbox: Script,
+    list_inbox: Script,
+    insert_api_key: Script,
+    list_api_keys: Script,
+    revoke_api_key: Script,
+    hit_rate_limit: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        Self {
+            claim_id: s(CLAIM_ID),
+            start_send: s(START_SEND),
+            find_current: s(FIND_CURRENT),
+            check_code: s(CHECK_CODE),
+            cancel: s(CANCEL),
+            abort_send: s(ABORT_SEND),
+            expire: s(EXPIRE),
+            insert_message: s(INSERT_MESSAGE),
+            list_messages: s(LIST_MESSAGES),
+            update_message: s(UPDATE_MESSAGE),
+            push_inbox: s(PUSH_INBOX),
+            list_inbox: s(LIST_INBOX),
+            insert_api_key: s(INSERT_API_KEY),
+            list_api_keys: s(LIST_API_KEYS),
+            revoke_api_key: s(REVOKE_API_KEY),
+            hit_rate_limit: s(HIT_RATE_LIMIT),
+        }
+    }
+}
+
+// --- encoding ---
+
+type Pairs = Vec<(&'static str, String)>;
+
+fn verification_pairs(v: &Verification) -> Pairs {
+    let mut pairs = vec![
+        ("id", v.id.to_string()),
+        ("tenant", v.tenant.clone()),
+        ("subject", hex::encode(v.subject.0)),
+        ("purpose", v.purpose.clone()),
+        ("phone", hex::encode(v.phone.to_bytes())),
+        ("masked_to", v.masked_to.clone()),
+        ("status", v.status.as_str().to_owned()),
+        ("attempts", v.attempts.to_string()),
+        ("max_attempts", v.max_attempts.to_string()),
+        ("send_count", v.send_count.to_string()),
+        ("created_at", ms(v.created_at)),
+        ("updated_at", ms(v.updated_at)),
+        ("expires_at", ms(v.expires_at)),
+        ("last_sent_at", ms(v.last_sent_at)),
+    ];
+    if let Some(uid) = &v.uid {
+        pairs.push(("uid", uid.clone()));
+    }
+    if let Some(country) = &v.country {
+        pairs.push(("country", country.clone()));
+    }
+    if let Some(hash) = &v.code_hash {
+        pairs.push(("code_hash", hex::encode(hash)));
+    }
+    pairs
+}
+
+fn message_pairs(m: &MessageRecord) -> Pairs {
+    let mut pairs = vec![
+        ("id", m.id.to_string()),
+        ("verification_id", m.verification_id.to_string()),
+        ("tenant", m.tenant.clone()),
+        ("route_id", m.route_id.to_string()),
+        ("provider", m.provider.clone()),
+        ("masked_to", m.masked_to.clone()),
+        ("status", m.status.as_str().to_owned()),
+        ("rank", m.status.rank().to_string()),
+        ("latency_ms", m.latency_ms.to_string()),
+        ("created_at", ms(m.created_at)),
+        ("updated_at", ms(m.updated_at)),
+    ];
+    if let Some(pid) = &m.provider_message_id {
+        pairs.push(("provider_message_id", pid.clone()));
+    }
+    if let Some(country) = &m.country {
+        pairs.push(("country", country.clone()));
+    }
+    pairs.extend(optional_message_pairs(
+        m.error.as_ref(),
+        m.cost,
+        m.currency.as_ref(),
+    ));
+    pairs
+}
+
+fn optional_message_pairs(
+    error: Option<&String>,
+    cost: Option<f64>,
+    currency: Option<&String>,
+) -> Pairs {
+    let mut pairs = Vec::new();
+    if let Some(error) = error {
+        pairs.push(("error", error.clone()));
+    }
+    if let Some(cost) = cost {
+        // Rust prints the shortest string that parses back to the same f64.
+        pairs.push(("cost", cost.to_string()));
+    }
+    if let Some(currency) = currency {
+        pairs.push(("currency", currency.clone()));
+    }
+    pairs
+}
+
+fn inbox_pairs(e: &InboxEntry) -> Pairs {
+    vec![
+        ("id", e.id.to_string()),
+        ("tenant", e.tenant.clone()),
+        ("phone_index", hex::encode(e.phone_index)),
+        ("masked_to", e.masked_to.clone()),
+        ("sealed_body", hex::encode(e.sealed_body.to_bytes())),
+        ("created_at", ms(e.created_at)),
+        ("expires_at", ms(e.expires_at)),
+    ]
+}
+
+fn api_key_pairs(k: &ApiKeyRecord) -> Pairs {
+    let mut pairs = vec![
+        ("id", k.id.clone()),
+        ("tenant", k.tenant.clone()),
+        ("key_hash", hex::encode(k.key_hash)),
+        ("created_at", ms(k.created_at)),
+    ];
+    if let Some(at) = k.revoked_at {
+        pairs.push(("revoked_at", ms(at)));
+    }
+    pairs
+}
+
+fn add_pairs(inv: &mut ::redis::ScriptInvocation<'_>, pairs: Pairs) {
+    for (field, value) in pairs {
+        inv.arg(field).arg(value);
+    }
+}
+
+// --- decoding ---
+
+/// A hash as HGETALL returned it.
+struct Fields(HashMap<String, String>);
+
+impl Fields {
+    fn from_flat(flat: &[String]) -> StoreResult<Self> {
+        if !flat.len().is_multiple_of(2) {
+            return Err(StoreError::Corrupt("odd field list from redis".into()));
+        }
+        Ok(Self(
+            flat.chunks_exact(2)
+                .map(|kv| (kv[0].clone(), kv[1].clone()))
+                .collect(),
+        ))
+    }
+
+    fn opt(&self, field: &str) -> Option<String> {
+        self.0.get(field).cloned()
+    }
+
+    fn text(&self, field: &str) -> StoreResult<String> {
+        self.opt(field)
+            .ok_or_else(|| StoreError::Corrupt(format!("redis record lacks {field}")))
+    }
+
+    fn parse<T: FromStr>(&self, field: &str) -> StoreResult<T> {
+        let raw = self.text(field)?;
+        raw.parse()
+            .map_err(|_| StoreError::Corrupt(format!("redis field {field} is malformed")))
+    }
+
+    fn time(&self, field: &str) -> StoreResult<DateTime<Utc>> {
+        parse_ms(&self.text(field)?)
+    }
+
+    fn bytes(&self, field: &str) -> StoreResult<Vec<u8>> {
+        hex::decode(self.text(field)?)
+            .map_err(|_| StoreError::Corrupt(format!("redis field {field} is not hex")))
+    }
+
+    fn hash32(&self, field: &str) -> StoreResult<[u8; 32]> {
+        self.bytes(field)?
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("redis field {field} is not 32 bytes")))
+    }
+
+    fn sealed(&self, field: &str) -> StoreResult<SealedPhone> {
+        SealedPhone::from_bytes(&self.bytes(field)?)
+            .ok_or_else(|| StoreError::Corrupt(format!("redis field {field} is not sealed data")))
+    }
+}
+
+fn parse_ms(raw: &str) -> StoreResult<DateTime<Utc>> {
+    raw.parse::<i64>()
+        .ok()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        .ok_or_else(|| StoreError::Corrupt(format!("redis timestamp {raw:?} is malformed")))
+}
+
+fn decode_verification(flat: &[String]) -> StoreResult<Verification> {
+    let f = Fields::from_flat(flat)?;
+    let status = f.text("status")?;
+    Ok(Verification {
+        id: f.parse("id")?,
+        tenant: f.text("tenant")?,
+        subject: SubjectKey(f.hash32("subject")?),
+        purpose: f.text("purpose")?,
+        uid: f.opt("uid"),
+        phone: f.sealed("phone")?,
+        masked_to: f.text("masked_to")?,
+        country: f.opt("country"),
+        code_hash: match f.opt("code_hash") {
+            Some(_) => Some(f.hash32("code_hash")?),
+            None => None,
+        },
+        status: Status::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown status {status:?}")))?,
+        attempts: f.parse("attempts")?,
+        max_attempts: f.parse("max_attempts")?,
+        send_count: f.parse("send_count")?,
+        created_at: f.time("created_at")?,
+        updated_at: f.time("updated_at")?,
+        expires_at: f.time("expires_at")?,
+        last_sent_at: f.time("last_sent_at")?,
+    })
+}
+
+fn decode_message(flat: &[String]) -> StoreResult<MessageRecord> {
+    let f = Fields::from_flat(flat)?;
+    let status = f.text("status")?;
+    Ok(MessageRecord {
+        id: f.parse("id")?,
+        verification_id: f.parse("verification_id")?,
+        tenant: f.text("tenant")?,
+        route_id: f.parse("route_id")?,
+        provider: f.text("provider")?,
+        provider_message_id: f.opt("provider_message_id"),
+        masked_to: f.text("masked_to")?,
+        country: f.opt("country"),
+        status: DeliveryStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown delivery status {status:?}")))?,
+        error: f.opt("error"),
+        cost: match f.opt("cost") {
+            Some(_) => Some(f.parse("cost")?),
+            None => None,
+        },
+        currency: f.opt("currency"),
+        latency_ms: f.parse("latency_ms")?,
+        created_at: f.time("created_at")?,
+        updated_at: f.time("updated_at")?,
+    })
+}
+
+fn decode_inbox(flat: &[String]) -> StoreResult<InboxEntry> {
+    let f = Fields::from_flat(flat)?;
+    Ok(InboxEntry {
+        id: f.parse("id")?,
+        tenant: f.text("tenant")?,
+        phone_index: f.hash32("phone_index")?,
+        masked_to: f.text("masked_to")?,
+        sealed_body: f.sealed("sealed_body")?,
+        created_at: f.time("created_at")?,
+        expires_at: f.time("expires_at")?,
+    })
+}
+
+fn decode_api_key(flat: &[String]) -> StoreResult<ApiKeyRecord> {
+    let f = Fields::from_flat(flat)?;
+    Ok(ApiKeyRecord {
+        id: f.text("id")?,
+        tenant: f.text("tenant")?,
+        key_hash: f.hash32("key_hash")?,
+        created_at: f.time("created_at")?,
+        revoked_at: match f.opt("revoked_at") {
+            Some(raw) => Some(parse_ms(&raw)?),
+            None => None,
+        },
+    })
+}
+
+/// Splits a script's answer into its verdict and the rest.
+fn verdict(out: &[String]) -> StoreResult<(&str, &[String])> {
+    out.split_first()
+        .map(|(head, rest)| (head.as_str(), rest))
+        .ok_or_else(|| StoreError::Corrupt("empty answer from a redis script".into()))
+}
+
+fn unexpected(verdict: &str) -> StoreError {
+    StoreError::Corrupt(format!("unexpected redis script verdict {verdict:?}"))
+}
+
+fn nth(rest: &[String], i: usize) -> StoreResult<&str> {
+    rest.get(i)
+        .map(String::as_str)
+        .ok_or_else(|| StoreError::Corrupt("short answer from a redis script".into()))
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn ping(&self) -> StoreResult<()> {
+        bounded(async {
+            ::redis::cmd("PING")
+                .query_async::<String>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        bounded(async {
+            let mut inv = self.scripts.insert_api_key.key(self.keys.api_key_ids());
+            inv.key(self.keys.api_key(&key.key_hash)).arg(&key.id);
+            add_pairs(&mut inv, api_key_pairs(key));
+            inv.invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
+        bounded(async {
+            let flat: Vec<String> = ::redis::cmd("HGETALL")
+                .arg(self.keys.api_key(key_hash))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            if flat.is_empty() {
+                return Ok(None);
+            }
+            decode_api_key(&flat).map(Some)
+        })
+        .await
+    }
+
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        bounded(async {
+            let rows: Vec<Vec<String>> = self
+                .scripts
+                .list_api_keys
+                .key(self.keys.api_key_ids())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let mut keys = rows
+                .iter()
+                .map(|row| decode_api_key(row))
+                .collect::<StoreResult<Vec<_>>>()?;
+            keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+        bounded(async {
+            let revoked: i64 = self
+                .scripts
+                .revoke_api_key
+                .key(self.keys.api_key_ids())
+                .arg(id)
+                .arg(ms(at))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(revoked == 1)
+        })
+        .await
+    }
+
+    async fn find_pending(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Uuid>> {
+        Ok(self
+            .current(tenant, subject, now, false)
+            .await?
+            .map(|(id, _)| id))
+    }
+
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        self.current(tenant, subject, now, true).await
+    }
+
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
+        bounded(async {
+            let v = &plan.verification;
+            let subject = hex::encode(v.subject.0);
+            let now_ms = now.timestamp_millis();
+            let expires_ms = v.expires_at.timestamp_millis();
+            let record_ttl = (expires_ms - now_ms).max(0) + KEEP_ENDED_MS;
+            let cooldown_ms = i64::from(plan.cooldown_seconds) * 1000;
+            let window_ms = i64::from(plan.send_window_seconds) * 1000;
+            let state_ttl = KEEP_ENDED_MS
+                .max(cooldown_ms)
+                .max(window_ms)
+                .max(record_ttl);
+            let member = pending_member(&subject, v.id);
+
+            // The id reference and the purge index come first, so that a crash
+            // after the script can leave neither a record nobody finds by id nor a
+            // code nobody purges.
+            let (mut claim_conn, mut index_conn) = (self.conn(), self.conn());
+            let claim = async {
+                self.scripts
+                    .claim_id
+                    .key(self.keys.vref(v.id))
+                    .arg(&subject)
+                    .arg(record_ttl + REF_MARGIN_MS)
+                    .invoke_async::<i64>(&mut claim_conn)
+                    .await
+            };
+            let index = async {
+                ::redis::cmd("ZADD")
+                    .arg(self.keys.pending())
+                    .arg("NX")
+                    .arg(expires_ms)
+                    .arg(&member)
+                    .query_async::<i64>(&mut index_conn)
+                    .await
+            };
+            let (claimed, indexed) = tokio::join!(claim, index);
+            let indexed_now = indexed.map_err(store_error)? == 1;
+            // An id that is another subject's conflicts, but only once the
+            // cooldown and window checks have passed, as in the other backends.
+            let foreign_id = claimed.map_err(store_error)? == 0;
+
+            let mut inv = self.scripts.start_send.key(self.keys.state(&subject));
+            inv.key(self.keys.record(&subject, v.id))
+                .arg(now_ms)
+                .arg(cooldown_ms)
+                .arg(window_ms)
+                .arg(plan.max_sends_per_window)
+                .arg(self.keys.record_prefix(&subject))
+                .arg(v.id.to_string())
+                .arg(&v.tenant)
+                .arg(v.code_hash.map(hex::encode).unwrap_or_default())
+                .arg(expires_ms)
+                .arg(record_ttl)
+                .arg(state_ttl)
+                .arg(if foreign_id { "1" } else { "0" });
+            add_pairs(&mut inv, verification_pairs(v));
+            let out: Vec<String> = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let (verdict, rest) = verdict(&out)?;
+            let decision = match verdict {
+                "cooldown" => SendDecision::Cooldown {
+                    retry_after_seconds: seconds_until(now, parse_ms(nth(rest, 0)?)?),
+                },
+                "window" => SendDecision::WindowExhausted {
+                    retry_after_seconds: seconds_until(now, parse_ms(nth(rest, 0)?)?),
+                },
+                "conflict" => SendDecision::Conflict,
+                "created" | "replaced" => {
+                    let previous_sent_at = match nth(rest, 0)? {
+                        "" => None,
+                        raw => Some(parse_ms(raw)?),
+                    };
+                    let verification = decode_verification(&rest[1..])?;
+                    if verdict == "created" {
+                        SendDecision::Created {
+                            verification,
+                            previous_sent_at,
+                        }
+                    } else {
+                        SendDecision::Replaced {
+                            verification,
+                            previous_sent_at,
+                        }
+                    }
+                }
+                other => return Err(unexpected(other)),
+            };
+            match &decision {
+                SendDecision::Created { verification, .. }
+                | SendDecision::Replaced { verification, .. } => {
+                    let fresh = matches!(decision, SendDecision::Created { .. }) && indexed_now;
+                    if !fresh {
+                        // A resend moved the expiry later (or an old entry was there).
+                        let mut cmd = ::redis::cmd("ZADD");
+                        cmd.arg(self.keys.pending())
+                            .arg("XX")
+                            .arg("GT")
+                            .arg(verification.expires_at.timestamp_millis())
+                            .arg(&member);
+                        self.housekeeping("re-indexing a verification", cmd);
+                    }
+                }
+                _ if indexed_now => self.unindex_pending(&subject, v.id),
+                _ => {}
+            }
+            Ok(decision)
+        })
+        .await
+    }
+
+    async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
+        bounded(async {
+            let subject = hex::encode(abort.subject.0);
+            self.scripts
+                .abort_send
+                .key(self.keys.state(&subject))
+                .key(self.keys.record(&subject, abort.verification_id))
+                .arg(&abort.tenant)
+                .arg(abort.previous_sent_at.map(ms).unwrap_or_default())
+                .arg(ms(abort.at))
+                .arg(KEEP_ENDED_MS)
+                .invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            self.unindex_pending(&subject, abort.verification_id);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        bounded(async {
+            let Some(subject) = self.subject_of(id).await? else {
+                return Ok(CheckOutcome::NotFound);
+            };
+            let out: Vec<String> = self
+                .scripts
+                .check_code
+                .key(self.keys.record(&subject, id))
+                .arg(tenant)
+                .arg(hex::encode(code_hash))
+                .arg(ms(now))
+                .arg(KEEP_ENDED_MS)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let (verdict, rest) = verdict(&out)?;
+            Ok(match verdict {
+                "approved" => {
+                    let v = decode_verification(rest)?;
+                    self.unindex_pending(&subject, id);
+                    CheckOutcome::Approved(v)
+                }
+                "wrong" => {
+                    let attempts_left: u32 = nth(rest, 0)?
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt("malformed attempts left".into()))?;
+                    if attempts_left == 0 {
+                        self.unindex_pending(&subject, id);
+                    }
+                    CheckOutcome::Wrong { attempts_left }
+                }
+                "max_attempts" => CheckOutcome::MaxAttempts,
+                "not_found" => CheckOutcome::NotFound,
+                other => return Err(unexpected(other)),
+            })
+        })
+        .await
+    }
+
+    async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
+        bounded(async {
+            let Some(subject) = self.subject_of(id).await? else {
+                return Ok(None);
+            };
+            let flat: Vec<String> = ::redis::cmd("HGETALL")
+                .arg(self.keys.record(&subject, id))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            if flat.is_empty() {
+                return Ok(None);
+            }
+            let v = decode_verification(&flat)?;
+            Ok((v.tenant == tenant).then_some(v))
+        })
+        .await
+    }
+
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CancelOutcome> {
+        bounded(async {
+            let Some(subject) = self.subject_of(id).await? else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            let out: Vec<String> = self
+                .scripts
+                .cancel
+                .key(self.keys.record(&subject, id))
+                .arg(tenant)
+                .arg(ms(now))
+                .arg(KEEP_ENDED_MS)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let (verdict, rest) = verdict(&out)?;
+            Ok(match verdict {
+                "canceled" => {
+                    let v = decode_verification(rest)?;
+                    self.unindex_pending(&subject, id);
+                    CancelOutcome::Canceled(v)
+                }
+                "not_found" => CancelOutcome::NotFound,
+                other => return Err(unexpected(other)),
+            })
+        })
+        .await
+    }
+
+    async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()> {
+        bounded(async {
+            let vid = message.verification_id;
+            let record = format!("{}{}", self.keys.message_prefix(vid), message.id);
+            // References first: a record nobody can find would be lost.
+            let mref = async {
+                ::redis::cmd("SET")
+                    .arg(self.keys.mref(message.id))
+                    .arg(vid.to_string())
+                    .arg("PX")
+                    .arg(KEEP_MESSAGES_MS)
+                    .query_async::<Value>(&mut self.conn())
+                    .await
+            };
+            let provider_ref = async {
+                let Some(pid) = &message.provider_message_id else {
+                    return Ok(Value::Nil);
+                };
+                ::redis::cmd("SET")
+                    .arg(self.keys.provider_ref(&message.provider, pid))
+                    .arg(&record)
+                    .arg("PX")
+                    .arg(KEEP_MESSAGES_MS)
+                    .query_async::<Value>(&mut self.conn())
+                    .await
+            };
+            let (a, b) = tokio::join!(mref, provider_ref);
+            a.map_err(store_error)?;
+            b.map_err(store_error)?;
+            let mut inv = self.scripts.insert_message.key(&record);
+            inv.key(self.keys.message_list(vid))
+                .arg(KEEP_MESSAGES_MS)
+                .arg(message.id.to_string());
+            add_pairs(&mut inv, message_pairs(message));
+            inv.invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>> {
+        bounded(async {
+            let vid: Option<String> = ::redis::cmd("GET")
+                .arg(self.keys.mref(id))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let Some(vid) = vid else { return Ok(None) };
+            let vid: Uuid = vid
+                .parse()
+                .map_err(|_| StoreError::Corrupt("malformed message reference".into()))?;
+            let flat: Vec<String> = ::redis::cmd("HGETALL")
+                .arg(format!("{}{id}", self.keys.message_prefix(vid)))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            if flat.is_empty() {
+                return Ok(None);
+            }
+            let m = decode_message(&flat)?;
+            Ok((m.tenant == tenant).then_some(m))
+        })
+        .await
+    }
+
+    async fn list_messages(
+        &self,
+        tenant: &str,
+        verification_id: Uuid,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        bounded(async {
+            let rows: Vec<Vec<String>> = self
+                .scripts
+                .list_messages
+                .key(self.keys.message_list(verification_id))
+                .arg(self.keys.message_prefix(verification_id))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let m = decode_message(&row)?;
+                if m.tenant == tenant {
+                    out.push(m);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_message_by_provider_id(
+        &self,
+        provider: &str,
+        provider_message_id: &str,
+        update: &MessageUpdate,
+    ) -> StoreResult<Option<MessageRecord>> {
+        bounded(async {
+            let record: Option<String> = ::redis::cmd("GET")
+                .arg(self.keys.provider_ref(provider, provider_message_id))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let Some(record) = record else {
+                return Ok(None);
+            };
+            let mut inv = self.scripts.update_message.key(record);
+            inv.arg(update.status.as_str())
+                .arg(update.status.rank())
+                .arg(ms(update.at));
+            add_pairs(
+                &mut inv,
+                optional_message_pairs(
+                    update.error.as_ref(),
+                    update.cost,
+                    update.currency.as_ref(),
+                ),
+            );
+            let flat: Option<Vec<String>> = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            match flat {
+                Some(flat) if !flat.is_empty() => decode_message(&flat).map(Some),
+                _ => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()> {
+        bounded(async {
+            let tag = self.keys.inbox_tag(&entry.tenant);
+            // Lives as long as the code in it could; push has no clock of its own.
+            let ttl = (entry.expires_at - entry.created_at)
+                .num_milliseconds()
+                .max(1);
+            let mut inv = self.scripts.push_inbox.key(format!("{tag}:e:{}", entry.id));
+            inv.key(format!("{tag}:all"))
+                .key(format!("{tag}:n:{}", hex::encode(entry.phone_index)))
+                .key(format!("{tag}:seq"))
+                .arg(ttl)
+                .arg(entry.id.to_string())
+                .arg(INBOX_CAPACITY);
+            add_pairs(&mut inv, inbox_pairs(entry));
+            inv.invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_inbox(
+        &self,
+        tenant: &str,
+        phone_index: Option<&[u8; 32]>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        bounded(async {
+            let tag = self.keys.inbox_tag(tenant);
+            let index = match phone_index {
+                Some(p) => format!("{tag}:n:{}", hex::encode(p)),
+                None => format!("{tag}:all"),
+            };
+            let rows: Vec<Vec<String>> = self
+                .scripts
+                .list_inbox
+                .key(index)
+                .arg(format!("{tag}:e:"))
+                .arg(ms(now))
+                .arg(limit.min(INBOX_CAPACITY))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            rows.iter().map(|row| decode_inbox(row)).collect()
+        })
+        .await
+    }
+
+    async fn hit_rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RateDecision> {
+        bounded(async {
+            let window = i64::from(window_seconds.max(1));
+            let index = now.timestamp().div_euclid(window);
+            let reset = DateTime::<Utc>::from_timestamp((index + 1) * window, 0).unwrap_or(now);
+            // A second past the window's end, so the counter never vanishes early.
+            let ttl = (reset - now).num_milliseconds().max(0) + 1000;
+            let (allowed, count): (i64, i64) = self
+                .scripts
+                .hit_rate_limit
+                .key(self.keys.rate(key, index))
+                .arg(limit)
+                .arg(ttl)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(if allowed == 1 {
+                RateDecision::Allowed {
+                    remaining: limit.saturating_sub(u32::try_from(count).unwrap_or(u32::MAX)),
+                }
+            } else {
+                RateDecision::Limited {
+                    retry_after_seconds: seconds_until(now, reset),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        bounded(async {
+            let pending = self.keys.pending();
+            let due: Vec<String> = ::redis::cmd("ZRANGEBYSCORE")
+                .arg(&pending)
+                .arg("-inf")
+                .arg(now.timestamp_millis())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(batch)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            if due.is_empty() {
+                return Ok(0);
+            }
+            let outcomes: Vec<StoreResult<(String, Vec<String>)>> = futures::stream::iter(due)
+                .map(|member| async move {
+                    let parsed = member
+                        .split_once(':')
+                        .and_then(|(s, id)| Some((s.to_owned(), id.parse::<Uuid>().ok()?)));
+                    let Some((subject, id)) = parsed else {
+                        return Ok((member, vec!["gone".to_owned()]));
+                    };
+                    let out: Vec<String> = self
+                        .scripts
+                        .expire
+                        .key(self.keys.record(&subject, id))
+                        .arg(ms(now))
+                        .invoke_async(&mut self.conn())
+                        .await
+                        .map_err(store_error)?;
+                    Ok((member, out))
+                })
+                .buffer_unordered(PURGE_CONCURRENCY)
+                .collect()
+                .await;
+
+            let mut expired = 0u64;
+            let mut remove = ::redis::cmd("ZREM");
+            remove.arg(&pending);
+            let mut removing = 0;
+            let mut requeue = ::redis::cmd("ZADD");
+            requeue.arg(&pending).arg("XX").arg("GT");
+            let mut requeuing = 0;
+            for outcome in outcomes {
+                let (member, out) = outcome?;
+                let (verdict, rest) = verdict(&out)?;
+                match verdict {
+                    "expired" | "ended" | "gone" => {
+                        expired += u64::from(verdict == "expired");
+                        remove.arg(member);
+                        removing += 1;
+                    }
+                    // Resent since it was indexed: due later.
+                    "later" => {
+                        requeue.arg(nth(rest, 0)?).arg(member);
+                        requeuing += 1;
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+            if removing > 0 {
+                remove
+                    .query_async::<Value>(&mut self.conn())
+                    .await
+                    .map_err(store_error)?;
+            }
+            if requeuing > 0 {
+                requeue
+                    .query_async::<Value>(&mut self.conn())
+                    .await
+                    .map_err(store_error)?;
+            }
+            Ok(expired)
+        })
+        .await
+    }
+
+    async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        bounded(async {
+            // Ended verifications leave the index as they end, so this counts the
+            // pending ones (give or take a housekeeping step that failed).
+            ::redis::cmd("ZCOUNT")
+                .arg(self.keys.pending())
+                .arg(format!("({}", now.timestamp_millis()))
+                .arg("+inf")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_become_node_urls() {
+        let nodes = cluster_nodes("redis+cluster://127.0.0.1:7001,127.0.0.1:7002")
+            .unwrap()
+            .unwrap();
+        assert_eq!(nodes, ["redis://127.0.0.1:7001", "redis://127.0.0.1:7002"]);
+        let nodes = cluster_nodes("rediss+cluster://u:p%40ss@a:1, b:2/?protocol=resp3")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            nodes,
+            [
+                "rediss://u:p%40ss@a:1/?protocol=resp3",
+                "rediss://u:p%40ss@b:2/?protocol=resp3"
+            ]
+        );
+        assert!(cluster_nodes("redis://127.0.0.1:6379").is_none());
+        assert!(cluster_nodes("redis+cluster://").unwrap().is_err());
+    }
+
+    /// What Redis Cluster hashes: the first `{…}` with something inside, else the key.
+    fn hash_tag(key: &str) -> &str {
+        key.find('{')
+            .and_then(|open| {
+                let close = open + 1 + key[open + 1..].find('}')?;
+                (close > open + 1).then(|| &key[open + 1..close])
+            })
+            .unwrap_or(key)
+    }
+
+    #[test]
+    fn every_key_a_script_touches_shares_one_hash_tag() {
+        let keys = Keys {
+            prefix: "otpd".into(),
+        };
+        let subject = hex::encode([7u8; 32]);
+        let id = Uuid::new_v4();
+        let state = keys.state(&subject);
+        let tag = hash_tag(&state);
+        assert_eq!(tag, format!("otpd:s:{subject}"));
+        assert_eq!(hash_tag(&keys.record(&subject, id)), tag);
+        assert_eq!(
+            hash_tag(&format!(
+                "{}{}",
+                keys.record_prefix(&subject),
+                Uuid::new_v4()
+            )),
+            tag
+        );
+        let vid = Uuid::new_v4();
+        assert_eq!(
+            hash_tag(&keys.message_list(vid)),
+            hash_tag(&format!("{}{}", keys.message_prefix(vid), Uuid::new_v4()))
+        );
+        assert_eq!(
+            hash_tag(&keys.api_key_ids()),
+            hash_tag(&keys.api_key(&[1u8; 32]))
+        );
+        let inbox = keys.inbox_tag("tenant-}{");
+        assert_eq!(
+            hash_tag(&format!("{inbox}:all")),
+            hash_tag(&format!("{inbox}:e:x"))
+        );
+    }
+
+    #[test]
+    fn verifications_round_trip_through_hash_fields() {
+        let now = Utc.timestamp_millis_opt(1_900_000_000_123).unwrap();
+        let v = Verification {
+            id: Uuid::new_v4(),
+            tenant: "t".into(),
+            subject: SubjectKey([3; 32]),
+            purpose: "login".into(),
+            uid: Some(String::new()),
+            phone: SealedPhone {
+                key_id: 9,
+                blob: vec![0, 255, 10, 13],
+            },
+            masked_to: "+*******0670".into(),
+            country: None,
+            code_hash: Some([0xab; 32]),
+            status: Status::Pending,
+            attempts: 2,
+            max_attempts: 5,
+            send_count: 1,
+            created_at: now,
+            updated_at: now,
+            expires_at: now + chrono::Duration::seconds(300),
+            last_sent_at: now,
+        };
+        let flat: Vec<String> = verification_pairs(&v)
+            .into_iter()
+            .flat_map(|(k, val)| [k.to_owned(), val])
+            .collect();
+        assert_eq!(decode_verification(&flat).unwrap(), v);
+    }
+}

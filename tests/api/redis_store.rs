@@ -1,0 +1,384 @@
+//! Redis-specific behaviour the shared contract cannot show: a dead, silent or
+//! stalled Redis turns into `Unavailable` within bounds instead of a hang, and a
+//! store whose connection is killed or stalled recovers by itself.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use otpd::domain::ApiKeyRecord;
+use otpd::store::{RedisStore, Store, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use uuid::Uuid;
+
+/// Far above the store's own bounds (2 s per attempt, 10 s to connect), far below
+/// "hung".
+const HANG: Duration = Duration::from_secs(20);
+
+async fn connect_within_bound(url: &str) -> (Result<RedisStore, StoreError>, Duration) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(HANG, RedisStore::connect(url))
+        .await
+        .unwrap_or_else(|_| panic!("connecting to {url} hung for {HANG:?}"));
+    (result, started.elapsed())
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_unavailable_quickly() {
+    for url in ["redis://127.0.0.1:1", "redis+cluster://127.0.0.1:1"] {
+        let (result, took) = connect_within_bound(url).await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{url}: {result:?}"
+        );
+        assert!(took < Duration::from_secs(12), "{url} took {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn silent_redis_is_unavailable_quickly() {
+    // Accepts connections and never answers: what a hung or black-holed Redis
+    // looks like from here.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let (result, took) = connect_within_bound(&format!("redis://127.0.0.1:{port}")).await;
+    holder.abort();
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+}
+
+fn test_redis_url() -> Option<String> {
+    let url = std::env::var("OTPD_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    if url.is_none() {
+        eprintln!("skipping: OTPD_TEST_REDIS_URL is not set");
+    }
+    url
+}
+
+fn api_key(key_hash: [u8; 32]) -> ApiKeyRecord {
+    ApiKeyRecord {
+        id: format!("key_{}", Uuid::new_v4().simple()),
+        tenant: "t".into(),
+        key_hash,
+        // Stores keep milliseconds.
+        created_at: chrono::DateTime::from_timestamp_millis(1_900_000_000_123).unwrap(),
+        revoked_at: None,
+    }
+}
+
+/// Retries `find_api_key` while the store answers `Unavailable`, for at most 10 s.
+async fn find_once_recovered(store: &RedisStore, key: &[u8; 32]) -> Option<ApiKeyRecord> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.find_api_key(key).await {
+            Ok(found) => return found,
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the store did not recover: {e}"),
+        }
+    }
+}
+
+/// A TCP proxy that can stall: it then holds every byte in both directions, as a
+/// network path or a frozen server would, until resumed.
+struct StallingProxy {
+    port: u16,
+    stalled: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, watch) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            // Dropped (aborting every pipe) when the proxy task is aborted.
+            let mut pipes = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                pipes.spawn(pump(client_read, server_write, watch.clone()));
+                pipes.spawn(pump(server_read, client_write, watch.clone()));
+            }
+        });
+        Self {
+            port,
+            stalled,
+            task,
+        }
+    }
+
+    fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut stalled: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_redis_is_unavailable_within_bounds_then_recovers() {
+    let Some(url) = test_redis_url() else { return };
+    let mut via_proxy = url::Url::parse(&url).unwrap();
+    let upstream = tokio::net::lookup_host((
+        via_proxy.host_str().unwrap().to_owned(),
+        via_proxy.port().unwrap_or(6379),
+    ))
+    .await
+    .unwrap()
+    .next()
+    .unwrap();
+    let proxy = StallingProxy::start(upstream).await;
+    via_proxy.set_host(Some("127.0.0.1")).unwrap();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+    let store = RedisStore::connect_with_prefix(via_proxy.as_str(), &prefix)
+        .await
+        .unwrap();
+    let key = [7u8; 32];
+    let record = api_key(key);
+    store.insert_api_key(&record).await.unwrap();
+
+    proxy.stall(true);
+    for _ in 0..2 {
+        let started = Instant::now();
+        let result = tokio::time::timeout(HANG, store.find_api_key(&key))
+            .await
+            .expect("a stalled redis hung the store");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(8), "took {took:?}");
+    }
+
+    proxy.stall(false);
+    assert_eq!(find_once_recovered(&store, &key).await, Some(record));
+}
+
+fn client_ids_of(client_list: &str, user: &str) -> Vec<String> {
+    client_list
+        .lines()
+        .filter(|line| line.split(' ').any(|f| f == format!("user={user}")))
+        .filter_map(|line| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix("id=").map(str::to_owned))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn store_reconnects_after_its_connection_is_killed() {
+    let Some(url) = test_redis_url() else { return };
+    let admin = redis::Client::open(url.as_str()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+
+    // The store logs in as a user of its own, so that killing its connections
+    // cannot disturb tests running in parallel on the same Redis.
+    let user = format!("otpdtest-{}", Uuid::new_v4().simple());
+    let password = Uuid::new_v4().simple().to_string();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut store_url = url::Url::parse(&url).unwrap();
+    store_url.set_username(&user).unwrap();
+    store_url.set_password(Some(&password)).unwrap();
+    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+    let store = RedisStore::connect_with_prefix(store_url.as_str(), &prefix)
+        .await
+        .unwrap();
+
+    let key = [42u8; 32];
+    let record = api_key(key);
+    store.insert_api_key(&record).await.unwrap();
+
+    let lister = admin.clone();
+    let list = || async {
+        let mut admin = lister.clone();
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        client_ids_of(&list, &user)
+    };
+    let before = list().await;
+    assert!(!before.is_empty(), "the store holds a connection");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("USER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 1, "killed {killed}");
+
+    // The first call may see the dead connection; within a bounded number of
+    // tries the store must be back, with its data.
+    let found = find_once_recovered(&store, &key).await;
+    assert_eq!(found, Some(record));
+    store.ping().await.unwrap();
+    let after = list().await;
+    assert!(!after.is_empty(), "the store reconnected");
+    assert!(
+        after.iter().all(|id| !before.contains(id)),
+        "a new connection, not the killed one: {before:?} -> {after:?}"
+    );
+
+    let _: i64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+}
+
+/// `find_current` is not in the shared contract yet; hold Redis to the memory
+/// store's answers.
+#[tokio::test]
+async fn find_current_matches_the_memory_store() {
+    use chrono::Duration as Span;
+    use otpd::crypto::Crypto;
+    use otpd::domain::{Code, PhoneNumber, Status, SubjectKey, Verification};
+    use otpd::store::{MemoryStore, SendPlan};
+
+    let Some(url) = test_redis_url() else { return };
+    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+    let redis = RedisStore::connect_with_prefix(&url, &prefix)
+        .await
+        .unwrap();
+    let memory = MemoryStore::new();
+    let crypto = Crypto::for_tests();
+    let now = chrono::DateTime::from_timestamp_millis(1_900_000_000_123).unwrap();
+    let tenant = format!("tenant-{}", Uuid::new_v4().simple());
+    let phone = PhoneNumber::parse("+31651860670").unwrap();
+    let code = Code::parse("123456").unwrap();
+    let wrong = Code::parse("000000").unwrap();
+
+    let mut answers: Vec<Vec<Option<(Uuid, Status)>>> = Vec::new();
+    for store in [&redis as &dyn Store, &memory as &dyn Store] {
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+        let subject = SubjectKey(key);
+        let spent = Uuid::new_v4();
+        let pending = Uuid::new_v4();
+        let verification = |id: Uuid, at| Verification {
+            id,
+            tenant: tenant.clone(),
+            subject,
+            purpose: "login".into(),
+            uid: None,
+            phone: crypto.seal_phone(&phone).unwrap(),
+            masked_to: phone.masked(),
+            country: None,
+            code_hash: Some(crypto.code_hash(id, &code)),
+            status: Status::Pending,
+            attempts: 0,
+            max_attempts: 2,
+            send_count: 1,
+            created_at: at,
+            updated_at: at,
+            expires_at: at + Span::seconds(300),
+            last_sent_at: at,
+        };
+        let plan = |v| SendPlan {
+            verification: v,
+            cooldown_seconds: 30,
+            max_sends_per_window: 5,
+            send_window_seconds: 600,
+        };
+        let mut seen = Vec::new();
+        store
+            .start_send(&plan(verification(spent, now)), now)
+            .await
+            .unwrap();
+        seen.push(store.find_current(&tenant, &subject, now).await.unwrap());
+        for _ in 0..2 {
+            let hash = crypto.code_hash(spent, &wrong);
+            store.check_code(&tenant, spent, &hash, now).await.unwrap();
+        }
+        seen.push(store.find_current(&tenant, &subject, now).await.unwrap());
+        seen.push(store.find_current("other", &subject, now).await.unwrap());
+        let expired = now + Span::seconds(300);
+        seen.push(
+            store
+                .find_current(&tenant, &subject, expired)
+                .await
+                .unwrap(),
+        );
+        // A new verification after the cooldown takes over.
+        let later = now + Span::seconds(60);
+        store
+            .start_send(&plan(verification(pending, later)), later)
+            .await
+            .unwrap();
+        seen.push(store.find_current(&tenant, &subject, later).await.unwrap());
+        // Ids differ per store; compare shapes.
+        let shape = |found: Option<(Uuid, Status)>| {
+            found.map(|(id, status)| {
+                let which = if id == spent {
+                    Uuid::nil()
+                } else {
+                    Uuid::max()
+                };
+                (which, status)
+            })
+        };
+        answers.push(seen.into_iter().map(shape).collect());
+    }
+    assert_eq!(
+        answers[0],
+        vec![
+            Some((Uuid::nil(), Status::Pending)),
+            Some((Uuid::nil(), Status::MaxAttempts)),
+            None,
+            None,
+            Some((Uuid::max(), Status::Pending)),
+        ]
+    );
+    assert_eq!(answers[0], answers[1], "redis and memory disagree");
+}
