@@ -37,9 +37,9 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
     // log level, so even a warning logged under `RUST_LOG=warn` carries the id.
     let span = tracing::error_span!(
         "request",
-        request_id = id.to_str().unwrap_or_default(),
+        request_id = %id.to_str().unwrap_or_default(),
         method = %method,
-        route = route_label,
+        route = %route_label,
     );
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status().as_u16();

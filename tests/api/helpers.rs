@@ -5,6 +5,7 @@ use std::sync::Arc;
 use chrono::Duration;
 use otpd::clock::ManualClock;
 use otpd::config::Settings;
+use otpd::sms::Route;
 use otpd::startup::{Application, Dependencies};
 use otpd::store::{MemoryStore, Store};
 use reqwest::{Response, StatusCode};
@@ -45,6 +46,19 @@ impl TestApp {
     }
 
     pub async fn spawn_on(store: Arc<dyn Store>, configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::launch(store, None, configure).await
+    }
+
+    /// With these routes instead of the sandbox (e.g. a failing provider first).
+    pub async fn spawn_routed(routes: Vec<Route>, configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::launch(Arc::new(MemoryStore::new()), Some(routes), configure).await
+    }
+
+    async fn launch(
+        store: Arc<dyn Store>,
+        routes: Option<Vec<Route>>,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = test_settings(dir.path());
         configure(&mut settings);
@@ -52,6 +66,7 @@ impl TestApp {
         let deps = Dependencies {
             clock: clock.clone(),
             store: Some(store),
+            routes,
             ..Dependencies::default()
         };
         let app = Application::build_with(settings, deps).await.unwrap();

@@ -2,7 +2,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod helpers;
+mod lifecycle;
+mod ops;
 mod process;
+mod prometheus_text;
 mod redis_store;
 mod service;
 mod sql_stores;
@@ -19,4 +22,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/messages/{id}"),
     ("get", "/v1/sandbox/messages"),
     ("get", "/health"),
+    ("get", "/health/live"),
+    ("get", "/health/ready"),
+    ("get", "/metrics"),
 ];
