@@ -154,21 +154,17 @@ fn family_of(kinds: &HashMap<String, Kind>, name: &str) -> String {
 }
 
 fn check_sample_fits_kind(kind: Kind, family: &str, s: &Sample) -> Result<(), String> {
+    let bucket = s.name == format!("{family}_bucket");
     match kind {
-        Kind::Counter => {
-            if !(s.value >= 0.0) {
-                return Err(format!("counter {} is {}", s.name, s.value));
-            }
+        // NaN is not a valid count either, hence not `< 0.0`.
+        Kind::Counter if s.value.is_nan() || s.value < 0.0 => {
+            return Err(format!("counter {} is {}", s.name, s.value));
         }
-        Kind::Histogram if s.name == format!("{family}_bucket") => {
-            if !s.labels.contains_key("le") {
-                return Err("histogram bucket without le".into());
-            }
+        Kind::Histogram if bucket && !s.labels.contains_key("le") => {
+            return Err("histogram bucket without le".into());
         }
-        Kind::Summary if s.name == family => {
-            if !s.labels.contains_key("quantile") {
-                return Err("summary sample without quantile".into());
-            }
+        Kind::Summary if s.name == family && !s.labels.contains_key("quantile") => {
+            return Err("summary sample without quantile".into());
         }
         _ => {}
     }
@@ -184,7 +180,9 @@ fn check_histograms(out: &Exposition) -> Result<(), String> {
             continue;
         }
         let bucket_name = format!("{family}_bucket");
-        let mut by_series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+        // Labels without `le` → (le, cumulative count) of each bucket.
+        type Buckets = Vec<(f64, f64)>;
+        let mut by_series: BTreeMap<Vec<(String, String)>, Buckets> = BTreeMap::new();
         for s in out.series(&bucket_name) {
             let mut rest = s.labels.clone();
             let le = rest.remove("le").unwrap_or_default();
