@@ -11,6 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::domain::Policy;
+use crate::sms::config::{apply_secret_env, validate_chain, validate_routes};
+use crate::sms::{RouteSettings, RoutingSettings};
 
 /// Top-level keys; environment variables outside them (e.g. `OTPD_TEST_*`) are ignored.
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -24,6 +26,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "log",
     "auth",
     "metrics",
+    "routes",
+    "routing",
 ];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -42,6 +46,10 @@ pub struct Settings {
     pub log: LogSettings,
     pub auth: AuthSettings,
     pub metrics: MetricsSettings,
+    /// `[[routes]]`: SMS routes by id (empty: everything goes to the sandbox).
+    pub routes: Vec<RouteSettings>,
+    /// `[routing]`: failover on timeout, circuit breaker, per-country chains.
+    pub routing: RoutingSettings,
 }
 
 impl Default for Settings {
@@ -57,6 +65,8 @@ impl Default for Settings {
             log: LogSettings::default(),
             auth: AuthSettings::default(),
             metrics: MetricsSettings::default(),
+            routes: Vec::new(),
+            routing: RoutingSettings::default(),
         }
     }
 }
@@ -93,6 +103,11 @@ pub struct StoreSettings {
     pub url: Option<String>,
     pub purge_interval_seconds: u64,
     pub purge_batch: u32,
+    /// A network store's operation that takes longer answers 503 instead of hanging.
+    pub operation_timeout_ms: u64,
+    /// SQLite only: fsync every commit (`synchronous=FULL`) to survive power loss,
+    /// not just a crash of otpd. Costs write throughput.
+    pub sqlite_synchronous_full: bool,
 }
 
 impl Default for StoreSettings {
@@ -101,6 +116,8 @@ impl Default for StoreSettings {
             url: None,
             purge_interval_seconds: 30,
             purge_batch: 1_000,
+            operation_timeout_ms: 5_000,
+            sqlite_synchronous_full: false,
         }
     }
 }
@@ -225,7 +242,7 @@ impl Settings {
         if let Some(url) = &overrides.store_url {
             figment = figment.merge(Serialized::default("store.url", url));
         }
-        let settings: Settings = figment.extract().map_err(|e| {
+        let mut settings: Settings = figment.extract().map_err(|e| {
             let key = e.path.join(".");
             let detail = e.kind.to_string();
             ConfigError::Invalid(if key.is_empty() {
@@ -234,6 +251,9 @@ impl Settings {
                 format!("{key}: {detail}")
             })
         })?;
+        // Array entries cannot be addressed by `OTPD_*` keys, so route secrets
+        // have their own variables: OTPD_ROUTE_<id>_API_KEY and the like.
+        apply_secret_env(&mut settings.routes, |name| std::env::var(name).ok());
         settings.validate()?;
         Ok(settings)
     }
@@ -286,6 +306,11 @@ impl Settings {
                 redact_url(&url)
             )));
         }
+        if !(10..=60_000).contains(&self.store.operation_timeout_ms) {
+            return Err(invalid(
+                "store.operation_timeout_ms: must be between 10 and 60000".into(),
+            ));
+        }
         if self.store.purge_batch == 0 {
             return Err(invalid("store.purge_batch: must be at least 1".into()));
         }
@@ -308,6 +333,18 @@ impl Settings {
         for name in self.tenants.keys() {
             self.tenant_policy(name)?;
         }
+        validate_routes(&self.routes, &self.routing).map_err(invalid)?;
+        validate_chain("policy.routes", &self.policy.routes, &self.routes).map_err(invalid)?;
+        for name in self.tenants.keys() {
+            if let Some(chain) = self.tenant_chain(name) {
+                validate_chain(
+                    &format!("tenants.{name}.policy.routes"),
+                    &chain,
+                    &self.routes,
+                )
+                .map_err(invalid)?;
+            }
+        }
         Ok(())
     }
 
@@ -328,6 +365,13 @@ impl Settings {
     }
 
     /// The default policy with the tenant's overrides applied and validated.
+    /// The failover chain a tenant set for itself (`tenants.X.policy.routes`),
+    /// which wins over per-country chains and limits what it may pin.
+    pub fn tenant_chain(&self, tenant: &str) -> Option<Vec<u32>> {
+        let value = self.tenants.get(tenant)?.policy.get("routes")?;
+        serde_json::from_value(value.clone()).ok()
+    }
+
     pub fn tenant_policy(&self, tenant: &str) -> Result<Policy, ConfigError> {
         let Some(t) = self.tenants.get(tenant) else {
             return Ok(self.policy.clone());
@@ -376,7 +420,7 @@ impl Settings {
     }
 }
 
-fn redact_secret_option<S: Serializer>(
+pub(crate) fn redact_secret_option<S: Serializer>(
     secret: &Option<SecretString>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
@@ -485,11 +529,45 @@ token = "metrics-secret-1"
 tenant_label = false
 [tenants.acme.policy]
 max_attempts = 3
+
+[[routes]]
+id = 1
+provider = "bridgexapi"
+api_key = "bx-secret-1"
+provider_route_id = 3
+caller_id = "OTPD"
+price = { NL = 0.07, "*" = 0.1 }
+currency = "EUR"
+
+[[routes]]
+id = 2
+provider = "twilio"
+account_sid = "AC0123456789abcdef0123456789abcdef"
+auth_token = "twilio-secret-1"
+from = "+15005550006"
+status_callback = "https://otpd.example/v1/dlr/twilio/callback-secret-1"
+
+[[routes]]
+id = 3
+provider = "africastalking"
+username = "sandbox"
+api_key = "at-secret-1"
+
+[[routes]]
+id = 4
+provider = "webhook"
+url = "https://gateway.example/sms"
+secret = "webhook-secret-1"
 "#,
         )
         .unwrap();
         let printed = s.to_redacted_toml().unwrap();
         for secret in [
+            "bx-secret-1",
+            "twilio-secret-1",
+            "callback-secret-1",
+            "at-secret-1",
+            "webhook-secret-1",
             "pg-password-1",
             "master-secret-1",
             "code-secret-1",
@@ -516,9 +594,23 @@ max_attempts = 3
             back["tenants"]["acme"]["policy"]["max_attempts"].as_integer(),
             Some(3)
         );
-        // What was printed is itself a valid configuration.
-        let reloaded = load_toml(&printed).unwrap();
+        let routes = back["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 4);
+        assert_eq!(routes[0]["provider"].as_str(), Some("bridgexapi"));
+        assert_eq!(routes[0]["api_key"].as_str(), Some(REDACTED));
+        assert_eq!(routes[0]["price"]["NL"].as_float(), Some(0.07));
+        assert_eq!(routes[1]["auth_token"].as_str(), Some(REDACTED));
+        assert_eq!(routes[1]["status_callback"].as_str(), Some(REDACTED));
+        assert_eq!(
+            routes[3]["url"].as_str(),
+            Some("https://gateway.example/sms")
+        );
+        // What was printed reads back with the same keys (deny_unknown_fields
+        // catches a serialized name that differs from the one read). Not
+        // validated: "***" is not a valid callback URL.
+        let reloaded: Settings = toml::from_str(&printed).unwrap();
         assert_eq!(reloaded.tenant_policy("acme").unwrap().max_attempts, 3);
+        assert_eq!(reloaded.routes.len(), 4);
     }
 
     #[test]
@@ -551,6 +643,34 @@ max_attempts = 3
             let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(s.store_url(), "memory://");
             assert_eq!(s.policy.ttl_seconds, 120);
+            Ok(())
+        });
+    }
+
+    // Here rather than in tests/api: that binary also spawns otpd processes,
+    // which would inherit the variables this test sets.
+    #[test]
+    fn route_secrets_come_from_their_own_variables_and_chains_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "otpd.toml",
+                "[[routes]]\nid = 1\nprovider = \"bridgexapi\"\nprovider_route_id = 3\ncaller_id = \"OTPD\"\n\n[policy]\nroutes = [1]\n",
+            )?;
+            let load = || Settings::load(None, &Overrides::default());
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("routes[0].api_key: required (or set OTPD_ROUTE_1_API_KEY)"),
+                "{err}"
+            );
+            jail.set_env("OTPD_ROUTE_1_API_KEY", "from-env");
+            let settings = load().map_err(|e| e.to_string())?;
+            assert_eq!(settings.routes.len(), 1);
+            jail.set_env("OTPD_POLICY__ROUTES", "[1, 7]");
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("policy.routes: route 7 is not configured"),
+                "{err}"
+            );
             Ok(())
         });
     }

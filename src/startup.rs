@@ -18,12 +18,12 @@ use tokio::task::JoinHandle;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::crypto::{Crypto, KeyMaterial};
-use crate::domain::{CodeGenerator, OsCodeGenerator};
+use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
 use crate::http::{self, AppState, Policies};
 use crate::metrics::{InstrumentedStore, Metrics};
 use crate::service::{ApiKeys, VerificationService};
 use crate::sms::router::SANDBOX_ROUTE_ID;
-use crate::sms::{Route, SandboxProvider, SmsRouter};
+use crate::sms::{Route, SandboxProvider, SmsProvider, SmsRouter, build_routes, http_client};
 use crate::store::{self, DynStore};
 
 /// Replaceable parts; tests swap the clock or the store.
@@ -32,9 +32,6 @@ pub struct Dependencies {
     pub codes: Arc<dyn CodeGenerator>,
     /// When set, used instead of connecting to `store.url`.
     pub store: Option<DynStore>,
-    /// When set, these routes are used instead of the configured ones (tests
-    /// put failing or slow providers in the chain).
-    pub routes: Option<Vec<Route>>,
 }
 
 impl Default for Dependencies {
@@ -43,7 +40,6 @@ impl Default for Dependencies {
             clock: Arc::new(SystemClock),
             codes: Arc::new(OsCodeGenerator),
             store: None,
-            routes: None,
         }
     }
 }
@@ -69,10 +65,27 @@ impl Application {
         };
         let store = InstrumentedStore::wrap(store, metrics.clone());
         let crypto = Arc::new(load_crypto(&settings)?);
-        let sandbox = SandboxProvider::new(store.clone(), crypto.clone(), deps.clock.clone());
-        let sandbox_route = Route::new(SANDBOX_ROUTE_ID, Arc::new(sandbox));
-        let routes = deps.routes.unwrap_or_default();
-        let router = Arc::new(SmsRouter::new(routes, sandbox_route, true));
+        let sandbox: Arc<dyn SmsProvider> = Arc::new(SandboxProvider::new(
+            store.clone(),
+            crypto.clone(),
+            deps.clock.clone(),
+        ));
+        let http = http_client(
+            settings.routing.connect_timeout(),
+            settings.routing.timeout(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let routes = build_routes(&settings.routes, &settings.routing, &http, sandbox.clone())
+            .map_err(anyhow::Error::msg)?;
+        let router = Arc::new(
+            SmsRouter::new(
+                routes,
+                Route::new(SANDBOX_ROUTE_ID, sandbox),
+                &settings.routing,
+                deps.clock.clone(),
+            )
+            .with_default_chain(settings.policy.routes.clone()),
+        );
         let service = Arc::new(
             VerificationService::new(
                 store.clone(),
@@ -89,14 +102,20 @@ impl Application {
             deps.clock.clone(),
             Duration::from_secs(settings.auth.cache_seconds),
         ));
+        // A policy's `routes` reaches the router as the tenant's own chain, so it
+        // holds only what the tenant set itself; the global chain is the router's
+        // default, after per-country chains.
         let mut policies = Policies {
-            default: settings.policy.clone(),
+            default: Policy {
+                routes: Vec::new(),
+                ..settings.policy.clone()
+            },
             ..Policies::default()
         };
         for name in settings.tenants.keys() {
-            policies
-                .tenants
-                .insert(name.clone(), settings.tenant_policy(name)?);
+            let mut policy = settings.tenant_policy(name)?;
+            policy.routes = settings.tenant_chain(name).unwrap_or_default();
+            policies.tenants.insert(name.clone(), policy);
         }
         let state = AppState {
             service,
@@ -204,9 +223,21 @@ impl Application {
 
 pub async fn open_store(settings: &Settings) -> anyhow::Result<DynStore> {
     let url = settings.store_url();
-    store::connect(&url)
+    let sqlite = store::SqliteOptions {
+        synchronous_full: settings.store.sqlite_synchronous_full,
+        ..store::SqliteOptions::default()
+    };
+    let store = store::connect_with(&url, &sqlite)
         .await
-        .with_context(|| format!("store.url: cannot open {}", crate::config::redact_url(&url)))
+        .with_context(|| format!("store.url: cannot open {}", crate::config::redact_url(&url)))?;
+    // Network stores get a hard time bound per operation; local ones cannot stall that way.
+    let networked = !(url.starts_with("memory://") || url.starts_with("sqlite://"));
+    Ok(if networked {
+        let limit = Duration::from_millis(settings.store.operation_timeout_ms);
+        Arc::new(store::bounded::Bounded::new(store, limit))
+    } else {
+        store
+    })
 }
 
 /// Key material from config, or from `{data_dir}/secret.key`, generated on first start.

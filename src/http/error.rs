@@ -157,8 +157,11 @@ impl From<RoutingError> for ApiError {
     fn from(e: RoutingError) -> Self {
         match e {
             RoutingError::UnknownRoute(_) => ApiError::InvalidRequest(e.to_string()),
-            RoutingError::RouteNotAllowed(_) => ApiError::RouteNotAllowed(e.to_string()),
+            RoutingError::RouteNotAllowed(_) | RoutingError::RouteDoesNotServe(_) => {
+                ApiError::RouteNotAllowed(e.to_string())
+            }
             RoutingError::NoRoute => ApiError::CountryNotAllowed(e.to_string()),
+            RoutingError::CircuitOpen { .. } => ApiError::Unavailable(e.to_string()),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::domain::{
 };
 use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
-use crate::sms::{DeliveryAttempt, ProviderErrorKind, SmsRouter};
+use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
     CancelOutcome, CheckOutcome, SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
@@ -423,7 +423,7 @@ impl VerificationService {
                     r.currency.clone(),
                 ),
                 Err(e) => (
-                    if e.kind == ProviderErrorKind::Timeout {
+                    if e.kind.outcome_unknown() {
                         DeliveryStatus::Unknown
                     } else {
                         DeliveryStatus::Failed

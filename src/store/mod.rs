@@ -2,6 +2,7 @@
 //! (start a send, check a code, cancel) is a single atomic step in each backend:
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
+pub mod bounded;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
@@ -246,26 +247,28 @@ pub type DynStore = Arc<dyn Store>;
 
 /// Opens the store a `store.url` names, running migrations where the backend has them.
 pub async fn connect(url: &str) -> StoreResult<DynStore> {
+    connect_with(url, &SqliteOptions::default()).await
+}
+
+/// As [`connect`], with the SQLite file's options.
+pub async fn connect_with(url: &str, sqlite: &SqliteOptions) -> StoreResult<DynStore> {
     if url.starts_with("memory://") {
         return Ok(Arc::new(MemoryStore::new()));
     }
     if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(Arc::new(
-            SqliteStore::open(std::path::Path::new(path)).await?,
-        ));
+        let store = SqliteStore::open_with(std::path::Path::new(path), sqlite.clone()).await?;
+        return Ok(Arc::new(store));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Ok(Arc::new(PostgresStore::connect(url).await?));
     }
-    if [
+    const REDIS_SCHEMES: [&str; 4] = [
         "redis://",
         "rediss://",
         "redis+cluster://",
         "rediss+cluster://",
-    ]
-    .iter()
-    .any(|scheme| url.starts_with(scheme))
-    {
+    ];
+    if REDIS_SCHEMES.iter().any(|scheme| url.starts_with(scheme)) {
         return Ok(Arc::new(RedisStore::connect(url).await?));
     }
     Err(StoreError::Unavailable(format!(

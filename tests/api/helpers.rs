@@ -1,11 +1,17 @@
 //! A real otpd on port 0 with a memory store and a manual clock, and a client for it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
 
 use chrono::Duration;
 use otpd::clock::ManualClock;
 use otpd::config::Settings;
-use otpd::sms::Route;
 use otpd::startup::{Application, Dependencies};
 use otpd::store::{MemoryStore, Store};
 use reqwest::{Response, StatusCode};
@@ -46,19 +52,6 @@ impl TestApp {
     }
 
     pub async fn spawn_on(store: Arc<dyn Store>, configure: impl FnOnce(&mut Settings)) -> Self {
-        Self::launch(store, None, configure).await
-    }
-
-    /// With these routes instead of the sandbox (e.g. a failing provider first).
-    pub async fn spawn_routed(routes: Vec<Route>, configure: impl FnOnce(&mut Settings)) -> Self {
-        Self::launch(Arc::new(MemoryStore::new()), Some(routes), configure).await
-    }
-
-    async fn launch(
-        store: Arc<dyn Store>,
-        routes: Option<Vec<Route>>,
-        configure: impl FnOnce(&mut Settings),
-    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = test_settings(dir.path());
         configure(&mut settings);
@@ -66,7 +59,6 @@ impl TestApp {
         let deps = Dependencies {
             clock: clock.clone(),
             store: Some(store),
-            routes,
             ..Dependencies::default()
         };
         let app = Application::build_with(settings, deps).await.unwrap();
@@ -166,4 +158,61 @@ pub fn wrong(code: &str) -> String {
     code.chars()
         .map(|c| char::from(b'0' + ((c as u8 - b'0' + 1) % 10)))
         .collect()
+}
+
+/// A TCP proxy that can stall: it then holds every byte in both directions, as a
+/// network path or a frozen server would, until resumed.
+pub struct StallingProxy {
+    pub port: u16,
+    stalled: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl StallingProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, watch) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            // Dropped (aborting every pipe) when the proxy task is aborted.
+            let mut pipes = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                pipes.spawn(pump(client_read, server_write, watch.clone()));
+                pipes.spawn(pump(server_read, client_write, watch.clone()));
+            }
+        });
+        Self {
+            port,
+            stalled,
+            task,
+        }
+    }
+
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut stalled: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }

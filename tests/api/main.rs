@@ -1,12 +1,17 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod failover;
 mod helpers;
 mod lifecycle;
 mod ops;
 mod process;
 mod prometheus_text;
+mod providers;
 mod redis_store;
+mod route_config;
+mod routing;
+mod scale_out;
 mod service;
 mod sql_stores;
 mod store_contract;

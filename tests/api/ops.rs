@@ -4,14 +4,16 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use async_trait::async_trait;
-use otpd::config::LogSettings;
-use otpd::sms::{OutgoingSms, ProviderError, ProviderErrorKind, Route, SendReceipt, SmsProvider};
+use otpd::config::{LogSettings, Settings};
+use otpd::sms::RouteSettings;
 use reqwest::StatusCode;
 use secrecy::SecretString;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::{TestApp, expect_error, parts, wrong};
 use crate::prometheus_text::{self, Exposition, Kind};
@@ -20,51 +22,47 @@ const NL: &str = "+31651860670";
 /// What must never be logged or labelled, whatever the format of the number.
 const NL_DIGITS: &str = "651860670";
 
-/// A provider that always fails (as if it were down) or always accepts.
-struct StubProvider {
-    name: &'static str,
-    up: bool,
+/// Route 1: a webhook gateway that answers 503 (down); route 2: the sandbox,
+/// which takes everything. Every default send fails over from 1 to 2.
+async fn failing_then_working(configure: impl FnOnce(&mut Settings)) -> (TestApp, MockServer) {
+    routed(true, configure).await
 }
 
-#[async_trait]
-impl SmsProvider for StubProvider {
-    fn name(&self) -> &'static str {
-        self.name
+/// Route 1 down, and with `fallback` route 2, the sandbox.
+async fn routed(fallback: bool, configure: impl FnOnce(&mut Settings)) -> (TestApp, MockServer) {
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&gateway)
+        .await;
+    #[derive(Deserialize)]
+    struct Routes {
+        routes: Vec<RouteSettings>,
     }
-
-    async fn send(&self, _sms: &OutgoingSms<'_>) -> Result<SendReceipt, ProviderError> {
-        if self.up {
-            Ok(SendReceipt {
-                provider_message_id: Some(uuid::Uuid::new_v4().to_string()),
-                ..SendReceipt::default()
-            })
+    let parsed: Routes = toml::from_str(&format!(
+        r#"
+        [[routes]]
+        id = 1
+        provider = "webhook"
+        url = "{}/sms"
+        secret = "a-long-webhook-signing-secret"
+        {}
+        "#,
+        gateway.uri(),
+        if fallback {
+            "[[routes]]\nid = 2\nprovider = \"sandbox\""
         } else {
-            Err(ProviderError::new(
-                ProviderErrorKind::Unavailable,
-                "connection refused",
-            ))
+            ""
         }
-    }
-}
-
-/// Route 1 is down, route 2 takes everything: every default send fails over.
-fn failing_then_working() -> Vec<Route> {
-    vec![
-        Route::new(
-            1,
-            Arc::new(StubProvider {
-                name: "failing",
-                up: false,
-            }),
-        ),
-        Route::new(
-            2,
-            Arc::new(StubProvider {
-                name: "accepting",
-                up: true,
-            }),
-        ),
-    ]
+    ))
+    .unwrap();
+    let app = TestApp::spawn_with(|s| {
+        s.policy.routes = parsed.routes.iter().map(|r| r.id).collect();
+        s.routes = parsed.routes;
+        configure(s);
+    })
+    .await;
+    (app, gateway)
 }
 
 async fn scrape(app: &TestApp) -> (String, Exposition) {
@@ -91,7 +89,7 @@ fn code_of(body: &Value) -> String {
 
 #[tokio::test]
 async fn metrics_count_exactly_what_a_scripted_run_did() {
-    let app = TestApp::spawn_routed(failing_then_working(), |_| {}).await;
+    let (app, _gateway) = failing_then_working(|_| {}).await;
     let mut codes = Vec::new();
 
     // A send that fails over from route 1 to route 2, then a resend within the cooldown.
@@ -163,7 +161,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
             &[
                 acme,
                 ("route_id", "2"),
-                ("provider", "accepting"),
+                ("provider", "sandbox"),
                 ("outcome", "sent")
             ]
         ),
@@ -175,7 +173,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
             &[
                 acme,
                 ("route_id", "1"),
-                ("provider", "failing"),
+                ("provider", "webhook"),
                 ("outcome", "failed")
             ]
         ),
@@ -187,7 +185,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
             "otpd_provider_requests_total",
             &[
                 ("route_id", "1"),
-                ("provider", "failing"),
+                ("provider", "webhook"),
                 ("result", "unavailable")
             ]
         ),
@@ -196,11 +194,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
     assert_eq!(
         m.value(
             "otpd_provider_requests_total",
-            &[
-                ("route_id", "2"),
-                ("provider", "accepting"),
-                ("result", "ok")
-            ]
+            &[("route_id", "2"), ("provider", "sandbox"), ("result", "ok")]
         ),
         2.0
     );
@@ -208,7 +202,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
     assert_eq!(
         m.value(
             "otpd_failovers_total",
-            &[("route_id", "1"), ("provider", "failing")]
+            &[("route_id", "1"), ("provider", "webhook")]
         ),
         2.0
     );
@@ -216,14 +210,14 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
     assert_eq!(
         m.value(
             "otpd_provider_request_duration_seconds_count",
-            &[("provider", "failing")]
+            &[("provider", "webhook")]
         ),
         3.0
     );
     assert_eq!(
         m.value(
             "otpd_provider_request_duration_seconds_count",
-            &[("provider", "accepting")]
+            &[("provider", "sandbox")]
         ),
         2.0
     );
@@ -286,7 +280,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
     );
     assert!(m.series("otpd_store_errors_total").is_empty());
 
-    for (route_id, provider) in [("1", "failing"), ("2", "accepting")] {
+    for (route_id, provider) in [("1", "webhook"), ("2", "sandbox")] {
         assert_eq!(
             m.value(
                 "otpd_route_circuit_state",
@@ -331,10 +325,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
 
 #[tokio::test]
 async fn the_tenant_label_can_be_turned_off() {
-    let app = TestApp::spawn_routed(failing_then_working(), |s| {
-        s.metrics.tenant_label = false;
-    })
-    .await;
+    let (app, _gateway) = failing_then_working(|s| s.metrics.tenant_label = false).await;
     app.send_to(NL).await;
     let (text, m) = scrape(&app).await;
     assert_eq!(
@@ -342,13 +333,63 @@ async fn the_tenant_label_can_be_turned_off() {
             "otpd_sends_total",
             &[
                 ("route_id", "2"),
-                ("provider", "accepting"),
+                ("provider", "sandbox"),
                 ("outcome", "sent")
             ]
         ),
         1.0
     );
     assert!(!text.contains("tenant="), "{text}");
+}
+
+async fn pinned_send_fails(app: &TestApp, to: &str) {
+    expect_error(
+        app.post(
+            "/v1/verifications",
+            json!({ "to": to, "route_id": 1, "failover": false }),
+        )
+        .await,
+        StatusCode::BAD_GATEWAY,
+        "delivery_failed",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_open_circuit_shows_in_its_gauge() {
+    let (app, _gateway) = failing_then_working(|s| s.routing.breaker.failure_threshold = 2).await;
+    let state = |m: &Exposition, route_id, provider| {
+        m.value(
+            "otpd_route_circuit_state",
+            &[("route_id", route_id), ("provider", provider)],
+        )
+    };
+    pinned_send_fails(&app, NL).await;
+    let (_, m) = scrape(&app).await;
+    assert_eq!(state(&m, "1", "webhook"), 0.0, "one failure is not enough");
+    pinned_send_fails(&app, "+256700123456").await;
+    let (_, m) = scrape(&app).await;
+    assert_eq!(state(&m, "1", "webhook"), 2.0);
+    assert_eq!(state(&m, "2", "sandbox"), 0.0);
+    // Route 2 can still send: ready.
+    let (status, body) = parts(app.get("/health/ready").await).await;
+    assert_eq!((status, &body["routes"]), (StatusCode::OK, &json!(true)));
+}
+
+#[tokio::test]
+async fn not_ready_once_every_route_is_open() {
+    let (app, _gateway) = routed(false, |s| s.routing.breaker.failure_threshold = 1).await;
+    let (status, _) = parts(app.get("/health/ready").await).await;
+    assert_eq!(status, StatusCode::OK);
+    pinned_send_fails(&app, NL).await;
+    let (status, body) = parts(app.get("/health/ready").await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        json!({ "status": "not_ready", "store": true, "routes": false })
+    );
+    let r = app.get("/health/live").await;
+    assert_eq!(r.status(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -544,7 +585,7 @@ async fn logged_run(format: &str) -> (String, Vec<String>) {
     // The test runtime is single-threaded, so the app's tasks log here too.
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let app = TestApp::spawn_routed(failing_then_working(), |_| {}).await;
+    let (app, _gateway) = failing_then_working(|_| {}).await;
     let post = |path: &'static str, id: &'static str, body: Value| {
         app.client
             .post(format!("{}{path}", app.base))
