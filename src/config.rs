@@ -28,6 +28,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "metrics",
     "routes",
     "routing",
+    "dialects",
 ];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -50,6 +51,8 @@ pub struct Settings {
     pub routes: Vec<RouteSettings>,
     /// `[routing]`: failover on timeout, circuit breaker, per-country chains.
     pub routing: RoutingSettings,
+    /// The seed-compatible APIs (BridgeX-style, Openlyne-style).
+    pub dialects: DialectSettings,
 }
 
 impl Default for Settings {
@@ -67,6 +70,7 @@ impl Default for Settings {
             metrics: MetricsSettings::default(),
             routes: Vec::new(),
             routing: RoutingSettings::default(),
+            dialects: DialectSettings::default(),
         }
     }
 }
@@ -199,6 +203,52 @@ impl Default for MetricsSettings {
         }
     }
 }
+
+/// The seed-compatible APIs. Each has its own policy: the original service's
+/// defaults over `[policy]`, then the keys set in `dialects.<name>.policy`.
+/// Per-tenant policy overrides do not apply to the dialects.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DialectSettings {
+    pub bridgex: BridgexDialect,
+    pub openlyne: OpenlyneDialect,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgexDialect {
+    /// Overrides of the dialect policy (code_length 6, ttl_seconds 300,
+    /// cooldown_seconds 45, max_attempts 5; other keys from `[policy]`).
+    pub policy: serde_json::Map<String, serde_json::Value>,
+    /// `route_id` of a `/send-otp` request that names none (1 to 8).
+    pub default_route_id: u32,
+    /// Reported by `GET /config`.
+    pub default_caller_id: String,
+    /// Base of `delivery_status_url` for messages a BridgeXAPI route delivered.
+    pub bridgexapi_base_url: String,
+}
+
+impl Default for BridgexDialect {
+    fn default() -> Self {
+        Self {
+            policy: serde_json::Map::new(),
+            default_route_id: 3,
+            default_caller_id: "BRIDGEXAPI".into(),
+            bridgexapi_base_url: "https://hi.bridgexapi.io".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenlyneDialect {
+    /// Overrides of the dialect policy (code_length 6, ttl_seconds 180,
+    /// cooldown_seconds 30, max_attempts 5; other keys from `[policy]`).
+    pub policy: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The route ids a BridgeX-style client may send, as the original validates them.
+pub const BRIDGEX_ROUTE_IDS: std::ops::RangeInclusive<u32> = 1..=8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -345,7 +395,73 @@ impl Settings {
                 .map_err(invalid)?;
             }
         }
+        self.validate_dialects()
+    }
+
+    fn validate_dialects(&self) -> Result<(), ConfigError> {
+        let invalid = ConfigError::Invalid;
+        let bx = &self.dialects.bridgex;
+        if !BRIDGEX_ROUTE_IDS.contains(&bx.default_route_id) {
+            return Err(invalid(
+                "dialects.bridgex.default_route_id: must be between 1 and 8".into(),
+            ));
+        }
+        if !(3..=11).contains(&bx.default_caller_id.trim().chars().count()) {
+            return Err(invalid(
+                "dialects.bridgex.default_caller_id: must be 3 to 11 characters".into(),
+            ));
+        }
+        match url::Url::parse(&bx.bridgexapi_base_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err(invalid(format!(
+                    "dialects.bridgex.bridgexapi_base_url: {:?} is not an http(s) URL",
+                    redact_url(&bx.bridgexapi_base_url)
+                )));
+            }
+        }
+        self.bridgex_policy()?;
+        self.openlyne_policy()?;
         Ok(())
+    }
+
+    /// The BridgeX-style API's policy: the original's defaults (6 digits, 300 s,
+    /// 45 s cooldown, 5 attempts) over `[policy]`, then `dialects.bridgex.policy`.
+    pub fn bridgex_policy(&self) -> Result<Policy, ConfigError> {
+        self.dialect_policy(
+            (6, 300, 45, 5),
+            &self.dialects.bridgex.policy,
+            "dialects.bridgex.policy",
+        )
+    }
+
+    /// The Openlyne-style API's policy: the original's defaults (6 digits, 180 s,
+    /// 30 s cooldown, 5 attempts) over `[policy]`, then `dialects.openlyne.policy`.
+    pub fn openlyne_policy(&self) -> Result<Policy, ConfigError> {
+        self.dialect_policy(
+            (6, 180, 30, 5),
+            &self.dialects.openlyne.policy,
+            "dialects.openlyne.policy",
+        )
+    }
+
+    fn dialect_policy(
+        &self,
+        (code_length, ttl_seconds, cooldown_seconds, max_attempts): (u8, u32, u32, u32),
+        overrides: &serde_json::Map<String, serde_json::Value>,
+        prefix: &str,
+    ) -> Result<Policy, ConfigError> {
+        let base = Policy {
+            code_length,
+            ttl_seconds,
+            cooldown_seconds,
+            max_attempts,
+            // Dialect requests never ask for their own TTL, so the cap is moot;
+            // keeping it at the maximum lets `ttl_seconds` be overridden alone.
+            max_ttl_seconds: crate::domain::policy::MAX_TTL_SECONDS,
+            ..self.policy.clone()
+        };
+        merge_policy(&base, overrides, prefix)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -631,6 +747,70 @@ secret = "webhook-secret-1"
             .unwrap_err()
             .to_string();
         assert!(err.contains("metrics.token"), "{err}");
+    }
+
+    #[test]
+    fn dialect_policies_have_the_seed_defaults_and_take_overrides() {
+        let s = Settings::default();
+        let bx = s.bridgex_policy().unwrap();
+        assert_eq!(
+            (
+                bx.code_length,
+                bx.ttl_seconds,
+                bx.cooldown_seconds,
+                bx.max_attempts
+            ),
+            (6, 300, 45, 5)
+        );
+        let ol = s.openlyne_policy().unwrap();
+        assert_eq!(
+            (
+                ol.code_length,
+                ol.ttl_seconds,
+                ol.cooldown_seconds,
+                ol.max_attempts
+            ),
+            (6, 180, 30, 5)
+        );
+
+        let s = load_toml(
+            "[policy]\nmax_sends_per_window = 9\n[dialects.bridgex.policy]\ncooldown_seconds = 60\n[dialects.openlyne.policy]\nttl_seconds = 7200\n",
+        )
+        .unwrap();
+        let bx = s.bridgex_policy().unwrap();
+        assert_eq!((bx.cooldown_seconds, bx.ttl_seconds), (60, 300));
+        assert_eq!(bx.max_sends_per_window, 9, "the rest comes from [policy]");
+        assert_eq!(s.openlyne_policy().unwrap().ttl_seconds, 7200);
+    }
+
+    #[test]
+    fn dialect_errors_name_the_key() {
+        for (toml, key) in [
+            (
+                "[dialects.bridgex.policy]\ncode_length = 2\n",
+                "dialects.bridgex.policy.code_length",
+            ),
+            (
+                "[dialects.openlyne.policy]\ncooldown = 2\n",
+                "dialects.openlyne.policy.cooldown",
+            ),
+            (
+                "[dialects.bridgex]\ndefault_route_id = 9\n",
+                "dialects.bridgex.default_route_id",
+            ),
+            (
+                "[dialects.bridgex]\ndefault_caller_id = \"X\"\n",
+                "dialects.bridgex.default_caller_id",
+            ),
+            (
+                "[dialects.bridgex]\nbridgexapi_base_url = \"ftp://x\"\n",
+                "dialects.bridgex.bridgexapi_base_url",
+            ),
+            ("[dialects.other]\nx = 1\n", "other"),
+        ] {
+            let err = load_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Dependencies {
     pub codes: Arc<dyn CodeGenerator>,
     /// When set, used instead of connecting to `store.url`.
     pub store: Option<DynStore>,
+    /// When set, the routes to deliver over (tests inject fake providers).
+    pub routes: Option<Vec<Route>>,
 }
 
 impl Default for Dependencies {
@@ -40,6 +42,7 @@ impl Default for Dependencies {
             clock: Arc::new(SystemClock),
             codes: Arc::new(OsCodeGenerator),
             store: None,
+            routes: None,
         }
     }
 }
@@ -75,8 +78,11 @@ impl Application {
             settings.routing.timeout(),
         )
         .map_err(anyhow::Error::msg)?;
-        let routes = build_routes(&settings.routes, &settings.routing, &http, sandbox.clone())
-            .map_err(anyhow::Error::msg)?;
+        let routes = match deps.routes {
+            Some(routes) => routes,
+            None => build_routes(&settings.routes, &settings.routing, &http, sandbox.clone())
+                .map_err(anyhow::Error::msg)?,
+        };
         let router = Arc::new(
             SmsRouter::new(
                 routes,
@@ -110,6 +116,8 @@ impl Application {
                 routes: Vec::new(),
                 ..settings.policy.clone()
             },
+            bridgex: settings.bridgex_policy()?,
+            openlyne: settings.openlyne_policy()?,
             ..Policies::default()
         };
         for name in settings.tenants.keys() {
@@ -125,6 +133,8 @@ impl Application {
             pending_gauge: Arc::new(AtomicU64::new(0)),
             version: env!("CARGO_PKG_VERSION"),
             metrics,
+            dialects: Arc::new(settings.dialects.clone()),
+            debug_codes: settings.debug_codes,
         };
         let addr = settings.listen_addr()?;
         let listener = TcpListener::bind(addr)

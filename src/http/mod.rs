@@ -1,9 +1,11 @@
 //! The HTTP edge: one file per API surface, shared errors and extractors.
 
+pub mod bridgex;
 pub mod error;
 pub mod extract;
 pub mod observe;
 pub mod openapi;
+pub mod openlyne;
 pub mod ops;
 pub mod state;
 pub mod v1;
@@ -27,6 +29,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new()
         .merge(v1::routes())
         .merge(ops::routes())
+        .merge(bridgex::routes())
+        .merge(openlyne::routes())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{ops, v1};
+use super::{bridgex, openlyne, ops, v1};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,11 @@ use super::{ops, v1};
         ops::live,
         ops::ready,
         ops::metrics,
+        bridgex::send_otp,
+        bridgex::verify_otp,
+        bridgex::config,
+        openlyne::send_otp,
+        openlyne::verify_otp,
     ),
     modifiers(&Security),
     tags(
@@ -29,6 +34,8 @@ use super::{ops, v1};
         (name = "messages", description = "Native API: delivery attempts"),
         (name = "sandbox", description = "Native API: the sandbox inbox"),
         (name = "operations", description = "Health and metrics"),
+        (name = "bridgex", description = "Seed-compatible: the BridgeXAPI FastAPI OTP server's API (errors as FastAPI `{\"detail\": ...}`; `GET /health` is shared)"),
+        (name = "openlyne", description = "Seed-compatible: Openlyne's OTP webhooks (every answer in the `{success, data, message, error}` envelope)"),
     )
 )]
 pub struct ApiDoc;

@@ -50,7 +50,7 @@ pub struct HealthResponse {
 }
 
 #[utoipa::path(
-    get, path = "/health", tag = "operations",
+    get, path = "/health", tags = ["operations", "bridgex"],
     responses(
         (status = 200, description = "Up and the store is reachable", body = HealthResponse),
         (status = 503, description = "The store is unreachable", body = HealthResponse),

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::config::DialectSettings;
 use crate::domain::Policy;
 use crate::metrics::Metrics;
 use crate::service::{ApiKeys, VerificationService};
@@ -19,6 +20,10 @@ pub struct AppState {
     pub version: &'static str,
     /// This app's own metrics (see `crate::metrics` for why not a global recorder).
     pub metrics: Arc<Metrics>,
+    /// Dialect settings besides their policies (which live in `policies`).
+    pub dialects: Arc<DialectSettings>,
+    /// Whether send answers carry the code (`debug_codes`); `GET /config` reports it.
+    pub debug_codes: bool,
 }
 
 impl AppState {
@@ -27,11 +32,14 @@ impl AppState {
     }
 }
 
-/// Policies resolved once at start: the default and each configured tenant's.
+/// Policies resolved once at start: the default, each configured tenant's, and
+/// each seed-compatible dialect's.
 #[derive(Debug, Clone, Default)]
 pub struct Policies {
     pub default: Policy,
     pub tenants: HashMap<String, Policy>,
+    pub bridgex: Policy,
+    pub openlyne: Policy,
 }
 
 impl Policies {

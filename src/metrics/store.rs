@@ -15,8 +15,8 @@ use uuid::Uuid;
 use super::Metrics;
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 use crate::store::{
-    CancelOutcome, CheckOutcome, DynStore, InboxEntry, MessageUpdate, RateDecision, SendAbort,
-    SendDecision, SendPlan, Store, StoreResult,
+    CancelOutcome, CheckOutcome, DynStore, InboxEntry, Marker, MessageUpdate, RateDecision,
+    SendAbort, SendDecision, SendPlan, Store, StoreResult,
 };
 
 pub struct InstrumentedStore {
@@ -200,6 +200,83 @@ impl Store for InstrumentedStore {
         self.timed(
             "hit_rate_limit",
             self.inner.hit_rate_limit(key, limit, window_seconds, now),
+        )
+        .await
+    }
+
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        self.timed(
+            "add_to_counter",
+            self.inner.add_to_counter(key, amount, window_seconds, now),
+        )
+        .await
+    }
+
+    async fn read_counter(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        self.timed(
+            "read_counter",
+            self.inner.read_counter(key, window_seconds, now),
+        )
+        .await
+    }
+
+    async fn set_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.timed(
+            "set_marker",
+            self.inner.set_marker(namespace, name, value, expires_at),
+        )
+        .await
+    }
+
+    async fn get_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Marker>> {
+        self.timed("get_marker", self.inner.get_marker(namespace, name, now))
+            .await
+    }
+
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        self.timed("list_markers", self.inner.list_markers(namespace, now))
+            .await
+    }
+
+    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
+        self.timed("delete_marker", self.inner.delete_marker(namespace, name))
+            .await
+    }
+
+    async fn claim_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        self.timed(
+            "claim_marker",
+            self.inner
+                .claim_marker(namespace, name, holder, expires_at, now),
         )
         .await
     }

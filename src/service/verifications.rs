@@ -465,7 +465,34 @@ impl VerificationService {
         target: Target,
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
-        let result = self.check_code(tenant, target, code).await;
+        self.check_hash(tenant, target, |id| self.crypto.code_hash(id, code))
+            .await
+    }
+
+    /// Checks a guess that cannot be any issued code (digits of a length no code
+    /// has): it is counted as a wrong attempt, so it answers and costs exactly
+    /// like a wrong code. For APIs whose contract accepts such guesses.
+    pub async fn check_unusable_guess(
+        &self,
+        tenant: &str,
+        target: Target,
+    ) -> Result<CheckResult, CheckError> {
+        // A hash under another key and domain: it matches no code hash.
+        self.check_hash(tenant, target, |id| {
+            self.crypto
+                .blind_index("unusable-guess", &[id.to_string().as_str()])
+        })
+        .await
+    }
+
+    /// Every check ends here, so each is counted once, whatever the API surface.
+    async fn check_hash(
+        &self,
+        tenant: &str,
+        target: Target,
+        hash_for: impl FnOnce(Uuid) -> [u8; 32],
+    ) -> Result<CheckResult, CheckError> {
+        let result = self.check_hashed(tenant, target, hash_for).await;
         let label = match &result {
             Ok(CheckResult::Approved(_)) => Some(CheckResultLabel::Approved),
             Ok(CheckResult::Wrong { .. }) => Some(CheckResultLabel::Wrong),
@@ -480,11 +507,11 @@ impl VerificationService {
         result
     }
 
-    async fn check_code(
+    async fn check_hashed(
         &self,
         tenant: &str,
         target: Target,
-        code: &Code,
+        hash_for: impl FnOnce(Uuid) -> [u8; 32],
     ) -> Result<CheckResult, CheckError> {
         let now = self.clock.now();
         let id = match target {
@@ -498,7 +525,7 @@ impl VerificationService {
                 self.current(tenant, &subject, now).await?
             }
         };
-        let hash = self.crypto.code_hash(id, code);
+        let hash = hash_for(id);
         let outcome = self.store.check_code(tenant, id, &hash, now).await?;
         let label = match &outcome {
             CheckOutcome::Approved(_) => "approved",

@@ -166,6 +166,72 @@ impl Store for Bounded {
             .await
     }
 
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        self.bounded(self.inner.add_to_counter(key, amount, window_seconds, now))
+            .await
+    }
+
+    async fn read_counter(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        self.bounded(self.inner.read_counter(key, window_seconds, now))
+            .await
+    }
+
+    async fn set_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.bounded(self.inner.set_marker(namespace, name, value, expires_at))
+            .await
+    }
+
+    async fn get_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Marker>> {
+        self.bounded(self.inner.get_marker(namespace, name, now))
+            .await
+    }
+
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        self.bounded(self.inner.list_markers(namespace, now)).await
+    }
+
+    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
+        self.bounded(self.inner.delete_marker(namespace, name))
+            .await
+    }
+
+    async fn claim_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        self.bounded(
+            self.inner
+                .claim_marker(namespace, name, holder, expires_at, now),
+        )
+        .await
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         self.bounded(self.inner.purge_expired(now, batch)).await
     }

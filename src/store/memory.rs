@@ -3,7 +3,7 @@
 //! subject's entry first and only then the verification, a check locks only the
 //! verification, so lock order is always subject → verification.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -12,8 +12,8 @@ use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
-    SendPlan, Store, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SendAbort,
+    SendDecision, SendPlan, Store, StoreResult, seconds_until,
 };
 use crate::crypto::Crypto;
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
@@ -40,6 +40,11 @@ pub struct MemoryStore {
     messages_by_provider_id: DashMap<(String, String), Uuid>,
     inbox: Mutex<VecDeque<InboxEntry>>,
     rate: DashMap<String, (i64, u32)>,
+    /// (key, window length) → (slot, total).
+    counters: DashMap<(String, u32), (i64, u64)>,
+    /// Namespace → its markers by name; one map entry locks a whole namespace,
+    /// which is what makes a claim atomic.
+    markers: DashMap<String, BTreeMap<String, Marker>>,
 }
 
 impl MemoryStore {
@@ -59,6 +64,10 @@ fn current_window(
         Some(s) if now < s + window => (s, count),
         _ => (now, 0),
     }
+}
+
+fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> i64 {
+    now.timestamp().div_euclid(i64::from(window_seconds.max(1)))
 }
 
 #[async_trait]
@@ -160,6 +169,10 @@ impl Store for MemoryStore {
                 };
                 v.code_hash = planned.code_hash;
                 v.expires_at = planned.expires_at;
+                // A resend goes to the number of this request (a uid's number may change).
+                v.phone = planned.phone.clone();
+                v.masked_to = planned.masked_to.clone();
+                v.country = planned.country.clone();
                 v.send_count += 1;
                 v.updated_at = now;
                 v.last_sent_at = now;
@@ -379,6 +392,118 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let slot = counter_slot(window_seconds, now);
+        let mut entry = self
+            .counters
+            .entry((key.to_owned(), window_seconds))
+            .or_insert((slot, 0));
+        if entry.0 != slot {
+            *entry = (slot, 0);
+        }
+        entry.1 = entry.1.saturating_add(amount);
+        Ok(entry.1)
+    }
+
+    async fn read_counter(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let slot = counter_slot(window_seconds, now);
+        Ok(self
+            .counters
+            .get(&(key.to_owned(), window_seconds))
+            .filter(|c| c.0 == slot)
+            .map_or(0, |c| c.1))
+    }
+
+    async fn set_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.markers
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(
+                name.to_owned(),
+                Marker {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                    expires_at,
+                },
+            );
+        Ok(())
+    }
+
+    async fn get_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Marker>> {
+        Ok(self
+            .markers
+            .get(namespace)
+            .and_then(|ns| ns.get(name).filter(|m| now < m.expires_at).cloned()))
+    }
+
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        Ok(self
+            .markers
+            .get(namespace)
+            .map(|ns| {
+                ns.values()
+                    .filter(|m| now < m.expires_at)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
+        Ok(self
+            .markers
+            .get_mut(namespace)
+            .is_some_and(|mut ns| ns.remove(name).is_some()))
+    }
+
+    async fn claim_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut ns = self.markers.entry(namespace.to_owned()).or_default();
+        if let Some(m) = ns.get(name)
+            && now < m.expires_at
+            && m.value != holder
+        {
+            return Ok(false);
+        }
+        ns.insert(
+            name.to_owned(),
+            Marker {
+                name: name.to_owned(),
+                value: holder.to_owned(),
+                expires_at,
+            },
+        );
+        Ok(true)
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         let mut touched = 0u64;
         let mut forget = Vec::new();
@@ -411,6 +536,12 @@ impl Store for MemoryStore {
         self.subjects
             .retain(|_, s| s.last_sent_at.is_some_and(|t| t + KEEP_ENDED > now));
         self.inbox.lock().retain(|e| e.expires_at > now);
+        self.counters
+            .retain(|(_, window), c| c.0 == counter_slot(*window, now));
+        self.markers.retain(|_, ns| {
+            ns.retain(|_, m| now < m.expires_at);
+            !ns.is_empty()
+        });
         Ok(touched)
     }
 

@@ -125,6 +125,15 @@ pub enum RateDecision {
     Limited { retry_after_seconds: u64 },
 }
 
+/// A small named value with an expiry, in a namespace (quarantines, leases).
+/// It is live while `now < expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    pub name: String,
+    pub value: String,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// A delivery-status update from a provider report or poll.
 #[derive(Debug, Clone)]
 pub struct MessageUpdate {
@@ -230,9 +239,67 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> StoreResult<RateDecision>;
 
+    /// Adds `amount` to `key`'s counter in the fixed window of `window_seconds`
+    /// containing `now` (slot = floor(unix seconds / window), as in
+    /// `hit_rate_limit`) and returns the window's new total, atomically. A key's
+    /// counters for different window lengths are separate; `amount` 0 reads.
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+
+    /// The total `add_to_counter` has reached in the window containing `now`.
+    async fn read_counter(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+
+    // --- markers (named values with an expiry, shared across instances) ---
+    /// Creates or overwrites the marker `name` in `namespace`.
+    async fn set_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// The marker if it is live at `now`.
+    async fn get_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Marker>>;
+
+    /// The namespace's live markers, by name.
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>>;
+
+    /// Removes the marker; `false` when there was none (an expired marker the
+    /// store has not forgotten yet may still count as one).
+    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool>;
+
+    /// A lease: atomically sets the marker to `holder` until `expires_at` if it is
+    /// absent, expired at `now`, or already held by `holder` (which renews it);
+    /// `false` when someone else holds it.
+    async fn claim_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
     // --- housekeeping ---
     /// Ends up to `batch` verifications whose TTL has passed (erasing their code
-    /// hashes) and deletes expired inbox entries; returns how many were touched.
+    /// hashes) and deletes expired inbox entries, finished counters and expired
+    /// markers; returns how many were touched.
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
 
     /// Pending, unexpired verifications across all tenants (for gauges; may scan).

@@ -15,13 +15,13 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::sql_common::{
-    ApiKeyRow, InboxRow, KEEP_SUBJECTS, MessageRow, SubjectRow, SubjectState, VerificationRow,
-    admit_send, apply_message_update, decide_check, id_text, map_migrate, map_sqlx, millis,
-    rate_slot,
+    ApiKeyRow, InboxRow, KEEP_SUBJECTS, MarkerRow, MessageRow, SubjectRow, SubjectState,
+    VerificationRow, admit_send, apply_message_update, counter_amount, counter_total, decide_check,
+    id_text, map_migrate, map_sqlx, millis, rate_slot,
 };
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
-    SendPlan, Store, StoreError, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SendAbort,
+    SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
 };
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 
@@ -322,15 +322,20 @@ impl Store for PostgresStore {
         let decision = match pending {
             Some(v) if v.id == planned.id => {
                 let row = sqlx::query_as::<_, VerificationRow>(
+                    // A resend goes to the number of this request (a uid's number may change).
                     "UPDATE verifications
                      SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
-                         updated_at = $3, last_sent_at = $3
+                         updated_at = $3, last_sent_at = $3,
+                         phone = $5, masked_to = $6, country = $7
                      WHERE id = $4 RETURNING *",
                 )
                 .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
                 .bind(millis(planned.expires_at))
                 .bind(millis(now))
                 .bind(id_text(v.id))
+                .bind(planned.phone.to_bytes())
+                .bind(&planned.masked_to)
+                .bind(planned.country.as_deref())
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(map_sqlx)?;
@@ -698,6 +703,150 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let (slot, window_end) = rate_slot(window_seconds, now);
+        // One upsert is one atomic step: the window's row is created or added to.
+        let total: i64 = sqlx::query_scalar(
+            "INSERT INTO counters AS c (key, window_seconds, slot, window_end, total)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
+                 total = c.total + EXCLUDED.total
+             RETURNING total",
+        )
+        .bind(key)
+        .bind(i64::from(window_seconds))
+        .bind(slot)
+        .bind(window_end)
+        .bind(counter_amount(amount))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(counter_total(Some(total)))
+    }
+
+    async fn read_counter(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let (slot, _) = rate_slot(window_seconds, now);
+        let total: Option<i64> = sqlx::query_scalar(
+            "SELECT total FROM counters
+             WHERE key = $1 AND window_seconds = $2 AND slot = $3",
+        )
+        .bind(key)
+        .bind(i64::from(window_seconds))
+        .bind(slot)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(counter_total(total))
+    }
+
+    async fn set_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO markers (namespace, name, value, expires_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (namespace, name) DO UPDATE SET
+                 value = EXCLUDED.value, expires_at = EXCLUDED.expires_at",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(value)
+        .bind(millis(expires_at))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn get_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Marker>> {
+        sqlx::query_as::<_, MarkerRow>(
+            "SELECT name, value, expires_at FROM markers
+             WHERE namespace = $1 AND name = $2 AND expires_at > $3",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(millis(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .map(Marker::try_from)
+        .transpose()
+    }
+
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        sqlx::query_as::<_, MarkerRow>(
+            "SELECT name, value, expires_at FROM markers
+             WHERE namespace = $1 AND expires_at > $2 ORDER BY name",
+        )
+        .bind(namespace)
+        .bind(millis(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .into_iter()
+        .map(Marker::try_from)
+        .collect()
+    }
+
+    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM markers WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn claim_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        // One upsert decides and writes: it takes a free or expired marker, renews
+        // the holder's own, and leaves anyone else's alone (returning no row).
+        let claimed: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO markers AS m (namespace, name, value, expires_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (namespace, name) DO UPDATE SET
+                 value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
+             WHERE m.expires_at <= $5 OR m.value = EXCLUDED.value
+             RETURNING 1::BIGINT",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(holder)
+        .bind(millis(expires_at))
+        .bind(millis(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(claimed.is_some())
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         let mut tx = self.begin().await?;
         let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -716,7 +865,7 @@ impl Store for PostgresStore {
         // rows a request holds locked rather than waiting for them, so the purge
         // never blocks a request (nor deadlocks with one). A row whose status
         // changed before it was locked is re-checked by `FOR UPDATE` and dropped.
-        let steps: [(&'static str, i64); 4] = [
+        let steps: [(&'static str, i64); 6] = [
             (
                 "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = $1
                  WHERE id IN
@@ -734,6 +883,18 @@ impl Store for PostgresStore {
             (
                 "DELETE FROM rate_limits WHERE key IN
                      (SELECT key FROM rate_limits WHERE window_end <= $1
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM counters WHERE (key, window_seconds, slot) IN
+                     (SELECT key, window_seconds, slot FROM counters WHERE window_end <= $1
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM markers WHERE (namespace, name) IN
+                     (SELECT namespace, name FROM markers WHERE expires_at <= $1
                       LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 now_ms,
             ),

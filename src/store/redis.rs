@@ -26,7 +26,12 @@
 //! - `{P:m:<verification id>}:list|:r:<message id>` — a verification's messages;
 //!   `P:mref:<message id>` and `P:pm:<provider>:<provider message id>` find them.
 //! - `{P:i:<tenant hex>}:…` — one tenant's sandbox inbox; `{P:keys}:…` — API keys;
-//!   `P:rl:<key>:<window>` — rate-limit counters.
+//!   `P:rl:<key>:<window>` — rate-limit counters; `P:ctr:<key>:<length>:<window>`
+//!   — additive counters.
+//! - `{P:mk:<namespace>}:v` (hash name → value) and `…:x` (sorted set name →
+//!   expiry) — one namespace's markers, listed without SCAN. Expired markers are
+//!   pruned as the namespace is listed; both keys expire a day after the
+//!   namespace's last marker does (by the expiry times given, which are wall clock).
 //!
 //! Native TTLs do the forgetting: an ended verification stays readable for a day,
 //! cooldown and window state expire after the window, inbox entries when their
@@ -51,8 +56,8 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
-    SendPlan, Store, StoreError, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SendAbort,
+    SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
 };
 use crate::crypto::SealedPhone;
 use crate::domain::{
@@ -70,6 +75,8 @@ const REF_MARGIN_MS: i64 = HOUR_MS;
 /// (a day's TTL, extended by resends, then a day ended).
 const KEEP_MESSAGES_MS: i64 = 3 * KEEP_ENDED_MS;
 const INBOX_CAPACITY: u32 = 10_000;
+/// A marker namespace's keys outlive its last marker by this much.
+const KEEP_MARKERS_MS: i64 = 24 * HOUR_MS;
 
 const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(2);
 const RESPONSE_TIMEOUT: StdDuration = StdDuration::from_secs(2);
@@ -398,10 +405,29 @@ impl Keys {
     fn rate(&self, key: &str, window_index: i64) -> String {
         format!("{}:rl:{key}:{window_index}", self.prefix)
     }
+
+    fn counter(&self, key: &str, window_seconds: u32, slot: i64) -> String {
+        format!("{}:ctr:{key}:{window_seconds}:{slot}", self.prefix)
+    }
+
+    /// A namespace's (values, expiries) keys: one tag, so one slot.
+    fn markers(&self, namespace: &str) -> (String, String) {
+        let tag = format!("{{{}:mk:{namespace}}}", self.prefix);
+        (format!("{tag}:v"), format!("{tag}:x"))
+    }
 }
 
 fn pending_member(subject_hex: &str, id: Uuid) -> String {
     format!("{subject_hex}:{id}")
+}
+
+/// The counter window containing `now` (slot number) and how long its key must
+/// live: a second past the window's end, so it never vanishes early.
+fn counter_window(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64) {
+    let window = i64::from(window_seconds.max(1));
+    let slot = now.timestamp().div_euclid(window);
+    let end_ms = (slot + 1) * window * 1000;
+    (slot, (end_ms - now.timestamp_millis()).max(0) + 1000)
 }
 
 fn ms(t: DateTime<Utc>) -> String {
@@ -477,6 +503,14 @@ if pending and pending == ARGV[6] then
   end
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
+  -- A resend goes to the number of this request (a uid's number may change).
+  redis.call('HDEL', KEYS[2], 'country')
+  for i = 13, #ARGV, 2 do
+    local f = ARGV[i]
+    if f == 'phone' or f == 'masked_to' or f == 'country' then
+      redis.call('HSET', KEYS[2], f, ARGV[i + 1])
+    end
+  end
   decision = 'replaced'
 elseif pending or ARGV[12] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then
   return {'conflict'}
@@ -682,6 +716,83 @@ if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {1, count}
 "#;
 
+/// KEYS: counter. ARGV: amount, ttl ms. The window's new total.
+const ADD_TO_COUNTER: &str = r#"
+local total = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return total
+"#;
+
+/// Marker scripts share this: KEYS are always (values hash, expiries zset).
+/// `keep` lets both keys live until a while after the latest expiry they hold.
+const MARKER_PRELUDE: &str = r#"
+local function keep(margin)
+  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  if #last == 2 then
+    local at = int(tonumber(last[2]) + tonumber(margin))
+    redis.call('PEXPIREAT', KEYS[1], at)
+    redis.call('PEXPIREAT', KEYS[2], at)
+  end
+end
+"#;
+
+/// ARGV: name, value, expires_at ms, keep ms.
+const SET_MARKER: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+keep(ARGV[4])
+return 1
+"#;
+
+/// ARGV: name, now. {value, expires_at} when live.
+const GET_MARKER: &str = r#"
+local expires = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not expires or tonumber(expires) <= tonumber(ARGV[2]) then return false end
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value then return false end
+return {value, int(tonumber(expires))}
+"#;
+
+/// ARGV: now. Forgets expired markers, then {name, value, expires_at, …}.
+const LIST_MARKERS: &str = r#"
+local now = tonumber(ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, name in ipairs(dead) do
+  redis.call('HDEL', KEYS[1], name)
+  redis.call('ZREM', KEYS[2], name)
+end
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. int(now), '+inf', 'WITHSCORES')
+local out = {}
+for i = 1, #live, 2 do
+  local value = redis.call('HGET', KEYS[1], live[i])
+  if value then
+    out[#out + 1] = live[i]
+    out[#out + 1] = value
+    out[#out + 1] = int(tonumber(live[i + 1]))
+  end
+end
+return out
+"#;
+
+/// ARGV: name. 1 when a marker was there.
+const DELETE_MARKER: &str = r#"
+redis.call('HDEL', KEYS[1], ARGV[1])
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"#;
+
+/// ARGV: name, holder, expires_at ms, now, keep ms. 1 when the caller holds it now.
+const CLAIM_MARKER: &str = r#"
+local expires = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if expires and tonumber(expires) > tonumber(ARGV[4])
+  and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+keep(ARGV[5])
+return 1
+"#;
+
 struct Scripts {
     claim_id: Script,
     start_send: Script,
@@ -699,11 +810,18 @@ struct Scripts {
     list_api_keys: Script,
     revoke_api_key: Script,
     hit_rate_limit: Script,
+    add_to_counter: Script,
+    set_marker: Script,
+    get_marker: Script,
+    list_markers: Script,
+    delete_marker: Script,
+    claim_marker: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let marker = |body: &str| Script::new(&format!("{PRELUDE}{MARKER_PRELUDE}{body}"));
         Self {
             claim_id: s(CLAIM_ID),
             start_send: s(START_SEND),
@@ -721,6 +839,12 @@ impl Scripts {
             list_api_keys: s(LIST_API_KEYS),
             revoke_api_key: s(REVOKE_API_KEY),
             hit_rate_limit: s(HIT_RATE_LIMIT),
+            add_to_counter: s(ADD_TO_COUNTER),
+            set_marker: marker(SET_MARKER),
+            get_marker: marker(GET_MARKER),
+            list_markers: marker(LIST_MARKERS),
+            delete_marker: marker(DELETE_MARKER),
+            claim_marker: marker(CLAIM_MARKER),
         }
     }
 }
@@ -1542,6 +1666,179 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        bounded(async {
+            let (slot, ttl) = counter_window(window_seconds, now);
+            let total: i64 = self
+                .scripts
+                .add_to_counter
+                .key(self.keys.counter(key, window_seconds, slot))
+                .arg(i64::try_from(amount).unwrap_or(i64::MAX))
+                .arg(ttl)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(u64::try_from(total).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn read_counter(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        bounded(async {
+            let (slot, _) = counter_window(window_seconds, now);
+            let total: Option<i64> = ::redis::cmd("GET")
+                .arg(self.keys.counter(key, window_seconds, slot))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(total.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn set_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        bounded(async {
+            let (values, expiries) = self.keys.markers(namespace);
+            self.scripts
+                .set_marker
+                .key(values)
+                .key(expiries)
+                .arg(name)
+                .arg(value)
+                .arg(expires_at.timestamp_millis())
+                .arg(KEEP_MARKERS_MS)
+                .invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Marker>> {
+        bounded(async {
+            let (values, expiries) = self.keys.markers(namespace);
+            let found: Option<(String, String)> = self
+                .scripts
+                .get_marker
+                .key(values)
+                .key(expiries)
+                .arg(name)
+                .arg(now.timestamp_millis())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            found
+                .map(|(value, expires_at)| {
+                    Ok(Marker {
+                        name: name.to_owned(),
+                        value,
+                        expires_at: parse_ms(&expires_at)?,
+                    })
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        bounded(async {
+            let (values, expiries) = self.keys.markers(namespace);
+            let flat: Vec<String> = self
+                .scripts
+                .list_markers
+                .key(values)
+                .key(expiries)
+                .arg(now.timestamp_millis())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            if !flat.len().is_multiple_of(3) {
+                return Err(StoreError::Corrupt("ragged marker list from redis".into()));
+            }
+            let mut markers = flat
+                .chunks_exact(3)
+                .map(|m| {
+                    Ok(Marker {
+                        name: m[0].clone(),
+                        value: m[1].clone(),
+                        expires_at: parse_ms(&m[2])?,
+                    })
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            markers.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(markers)
+        })
+        .await
+    }
+
+    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
+        bounded(async {
+            let (values, expiries) = self.keys.markers(namespace);
+            let removed: i64 = self
+                .scripts
+                .delete_marker
+                .key(values)
+                .key(expiries)
+                .arg(name)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(removed == 1)
+        })
+        .await
+    }
+
+    async fn claim_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        bounded(async {
+            let (values, expiries) = self.keys.markers(namespace);
+            let claimed: i64 = self
+                .scripts
+                .claim_marker
+                .key(values)
+                .key(expiries)
+                .arg(name)
+                .arg(holder)
+                .arg(expires_at.timestamp_millis())
+                .arg(now.timestamp_millis())
+                .arg(KEEP_MARKERS_MS)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(claimed == 1)
+        })
+        .await
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         bounded(async {
             let pending = self.keys.pending();
@@ -1699,6 +1996,9 @@ mod tests {
             hash_tag(&keys.api_key_ids()),
             hash_tag(&keys.api_key(&[1u8; 32]))
         );
+        let (values, expiries) = keys.markers("guard:acme");
+        assert_eq!(hash_tag(&values), "otpd:mk:guard:acme");
+        assert_eq!(hash_tag(&values), hash_tag(&expiries));
         let inbox = keys.inbox_tag("tenant-}{");
         assert_eq!(
             hash_tag(&format!("{inbox}:all")),

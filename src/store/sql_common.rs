@@ -7,7 +7,8 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 use super::{
-    CheckOutcome, InboxEntry, SendDecision, SendPlan, StoreError, StoreResult, seconds_until,
+    CheckOutcome, InboxEntry, Marker, SendDecision, SendPlan, StoreError, StoreResult,
+    seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{
@@ -366,4 +367,33 @@ pub(crate) fn rate_slot(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64) {
     let window = i64::from(window_seconds.max(1));
     let slot = now.timestamp().div_euclid(window);
     (slot, (slot + 1) * window * 1000)
+}
+
+/// An `add_to_counter` amount as SQL's signed 64-bit integer; nothing real
+/// comes near the bound, so clamping only guards against nonsense input.
+pub(crate) fn counter_amount(amount: u64) -> i64 {
+    i64::try_from(amount).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn counter_total(total: Option<i64>) -> u64 {
+    total.map_or(0, |t| u64::try_from(t).unwrap_or(0))
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct MarkerRow {
+    name: String,
+    value: String,
+    expires_at: i64,
+}
+
+impl TryFrom<MarkerRow> for Marker {
+    type Error = StoreError;
+
+    fn try_from(r: MarkerRow) -> StoreResult<Self> {
+        Ok(Marker {
+            name: r.name,
+            value: r.value,
+            expires_at: time(r.expires_at)?,
+        })
+    }
 }

@@ -15,13 +15,13 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 use super::sql_common::{
-    ApiKeyRow, InboxRow, KEEP_SUBJECTS, MessageRow, SubjectRow, SubjectState, VerificationRow,
-    admit_send, apply_message_update, decide_check, id_text, map_migrate, map_sqlx, millis,
-    rate_slot,
+    ApiKeyRow, InboxRow, KEEP_SUBJECTS, MarkerRow, MessageRow, SubjectRow, SubjectState,
+    VerificationRow, admit_send, apply_message_update, counter_amount, counter_total, decide_check,
+    id_text, map_migrate, map_sqlx, millis, rate_slot,
 };
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
-    SendPlan, Store, StoreError, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SendAbort,
+    SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
 };
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 
@@ -281,15 +281,20 @@ impl Store for SqliteStore {
         let decision = match pending {
             Some(v) if v.id == planned.id => {
                 let row = sqlx::query_as::<_, VerificationRow>(
+                    // A resend goes to the number of this request (a uid's number may change).
                     "UPDATE verifications
                      SET code_hash = ?1, expires_at = ?2, send_count = send_count + 1,
-                         updated_at = ?3, last_sent_at = ?3
+                         updated_at = ?3, last_sent_at = ?3,
+                         phone = ?5, masked_to = ?6, country = ?7
                      WHERE id = ?4 RETURNING *",
                 )
                 .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
                 .bind(millis(planned.expires_at))
                 .bind(millis(now))
                 .bind(id_text(v.id))
+                .bind(planned.phone.to_bytes())
+                .bind(&planned.masked_to)
+                .bind(planned.country.as_deref())
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(map_sqlx)?;
@@ -653,6 +658,150 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let (slot, window_end) = rate_slot(window_seconds, now);
+        // One upsert is one atomic step: the window's row is created or added to.
+        let total: i64 = sqlx::query_scalar(
+            "INSERT INTO counters (key, window_seconds, slot, window_end, total)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
+                 total = counters.total + excluded.total
+             RETURNING total",
+        )
+        .bind(key)
+        .bind(i64::from(window_seconds))
+        .bind(slot)
+        .bind(window_end)
+        .bind(counter_amount(amount))
+        .fetch_one(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(counter_total(Some(total)))
+    }
+
+    async fn read_counter(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let (slot, _) = rate_slot(window_seconds, now);
+        let total: Option<i64> = sqlx::query_scalar(
+            "SELECT total FROM counters
+             WHERE key = ?1 AND window_seconds = ?2 AND slot = ?3",
+        )
+        .bind(key)
+        .bind(i64::from(window_seconds))
+        .bind(slot)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(counter_total(total))
+    }
+
+    async fn set_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        value: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO markers (namespace, name, value, expires_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (namespace, name) DO UPDATE SET
+                 value = excluded.value, expires_at = excluded.expires_at",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(value)
+        .bind(millis(expires_at))
+        .execute(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn get_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Marker>> {
+        sqlx::query_as::<_, MarkerRow>(
+            "SELECT name, value, expires_at FROM markers
+             WHERE namespace = ?1 AND name = ?2 AND expires_at > ?3",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(millis(now))
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_sqlx)?
+        .map(Marker::try_from)
+        .transpose()
+    }
+
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        sqlx::query_as::<_, MarkerRow>(
+            "SELECT name, value, expires_at FROM markers
+             WHERE namespace = ?1 AND expires_at > ?2 ORDER BY name",
+        )
+        .bind(namespace)
+        .bind(millis(now))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_sqlx)?
+        .into_iter()
+        .map(Marker::try_from)
+        .collect()
+    }
+
+    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM markers WHERE namespace = ?1 AND name = ?2")
+            .bind(namespace)
+            .bind(name)
+            .execute(&self.writer)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn claim_marker(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        // One upsert decides and writes: it takes a free or expired marker, renews
+        // the holder's own, and leaves anyone else's alone (returning no row).
+        let claimed: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO markers (namespace, name, value, expires_at)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (namespace, name) DO UPDATE SET
+                 value = excluded.value, expires_at = excluded.expires_at
+             WHERE markers.expires_at <= ?5 OR markers.value = excluded.value
+             RETURNING 1",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(holder)
+        .bind(millis(expires_at))
+        .bind(millis(now))
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(claimed.is_some())
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         let now_ms = millis(now);
         let mut budget = u64::from(batch);
@@ -660,7 +809,7 @@ impl Store for SqliteStore {
         // Each step spends what is left of the batch, so one call touches at most
         // `batch` rows and holds the write lock only briefly; the subqueries walk
         // the expiry indexes instead of the tables.
-        let steps: [(&'static str, i64); 4] = [
+        let steps: [(&'static str, i64); 6] = [
             (
                 "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = ?1
                  WHERE id IN (SELECT id FROM verifications
@@ -675,6 +824,16 @@ impl Store for SqliteStore {
             (
                 "DELETE FROM rate_limits WHERE key IN
                      (SELECT key FROM rate_limits WHERE window_end <= ?1 LIMIT ?2)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM counters WHERE rowid IN
+                     (SELECT rowid FROM counters WHERE window_end <= ?1 LIMIT ?2)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM markers WHERE rowid IN
+                     (SELECT rowid FROM markers WHERE expires_at <= ?1 LIMIT ?2)",
                 now_ms,
             ),
             (

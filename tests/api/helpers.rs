@@ -12,6 +12,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use chrono::Duration;
 use otpd::clock::ManualClock;
 use otpd::config::Settings;
+use otpd::sms::Route;
 use otpd::startup::{Application, Dependencies};
 use otpd::store::{MemoryStore, Store};
 use reqwest::{Response, StatusCode};
@@ -52,6 +53,19 @@ impl TestApp {
     }
 
     pub async fn spawn_on(store: Arc<dyn Store>, configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_full(store, None, configure).await
+    }
+
+    /// With these routes instead of the zero-config sandbox.
+    pub async fn spawn_routed(routes: Vec<Route>, configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_full(Arc::new(MemoryStore::new()), Some(routes), configure).await
+    }
+
+    pub async fn spawn_full(
+        store: Arc<dyn Store>,
+        routes: Option<Vec<Route>>,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = test_settings(dir.path());
         configure(&mut settings);
@@ -59,6 +73,7 @@ impl TestApp {
         let deps = Dependencies {
             clock: clock.clone(),
             store: Some(store),
+            routes,
             ..Dependencies::default()
         };
         let app = Application::build_with(settings, deps).await.unwrap();
@@ -109,6 +124,40 @@ impl TestApp {
         self.post_as(&self.key, path, body).await
     }
 
+    /// POST with `Authorization: Bearer <key>` (what BridgeX-style clients send).
+    pub async fn post_bearer(&self, path: &str, body: Value) -> Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POST raw bytes with the given headers and no others (no key unless given).
+    pub async fn post_raw(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .body(body.to_vec());
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// The code in the newest sandbox message to `to` (E.164).
+    pub async fn inbox_code(&self, to: &str) -> String {
+        let path = format!("/v1/sandbox/messages?to={}", urlencoding::encode(to));
+        let (status, inbox) = parts(self.get(&path).await).await;
+        assert_eq!(status, StatusCode::OK, "{inbox}");
+        let body = inbox["messages"][0]["body"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no sandbox message to {to}: {inbox}"));
+        body.chars().filter(char::is_ascii_digit).collect()
+    }
+
     pub async fn get_as(&self, key: &str, path: &str) -> Response {
         self.client
             .get(format!("{}{path}", self.base))
@@ -137,6 +186,13 @@ pub async fn parts(r: Response) -> (StatusCode, Value) {
     let body =
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
     (status, body)
+}
+
+/// Status, headers and the exact body text of a response.
+pub async fn raw(r: Response) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let status = r.status();
+    let headers = r.headers().clone();
+    (status, headers, r.text().await.unwrap())
 }
 
 /// Asserts the native error shape and returns the body.

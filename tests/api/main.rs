@@ -1,9 +1,11 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod bridgex;
 mod failover;
 mod helpers;
 mod lifecycle;
+mod openlyne;
 mod ops;
 mod process;
 mod prometheus_text;
@@ -12,6 +14,7 @@ mod redis_store;
 mod route_config;
 mod routing;
 mod scale_out;
+mod seed_clients;
 mod service;
 mod sql_stores;
 mod store_contract;
@@ -30,4 +33,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/health/live"),
     ("get", "/health/ready"),
     ("get", "/metrics"),
+    ("post", "/send-otp"),
+    ("post", "/verify-otp"),
+    ("get", "/config"),
+    ("post", "/webhook/send-otp"),
+    ("post", "/webhook/verify-otp"),
 ];

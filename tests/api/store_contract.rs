@@ -336,6 +336,33 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     assert!(matches!(new, CheckOutcome::Approved(_)));
 }
 
+pub async fn a_resend_to_another_number_records_that_number(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let later = now + Duration::seconds(31);
+    let ug = PhoneNumber::parse("+256700123456").unwrap();
+    let mut resend = f.verification(id, "222222", later);
+    resend.phone = f.crypto.seal_phone(&ug).unwrap();
+    resend.masked_to = ug.masked();
+    resend.country = Some("UG".into());
+    let decision = store.start_send(&f.plan(resend), later).await.unwrap();
+    assert!(
+        matches!(decision, SendDecision::Replaced { .. }),
+        "{decision:?}"
+    );
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.crypto.open_phone(&v.phone).unwrap(), ug);
+    assert_eq!(
+        (v.masked_to.as_str(), v.country.as_deref()),
+        ("+********3456", Some("UG"))
+    );
+}
+
 pub async fn plan_for_a_stale_id_conflicts(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -755,6 +782,200 @@ pub async fn rate_limit_counts_per_window(store: DynStore) {
     assert_eq!(next, RateDecision::Allowed { remaining: 2 });
 }
 
+pub async fn counters_add_up_per_window(store: DynStore) {
+    let key = format!("test:{}", Uuid::new_v4().simple());
+    // Aligned to a 60 s window boundary.
+    let start = Utc.timestamp_opt(1_900_000_020, 0).single().unwrap();
+    assert_eq!(store.read_counter(&key, 60, start).await.unwrap(), 0);
+    assert_eq!(store.add_to_counter(&key, 3, 60, start).await.unwrap(), 3);
+    let later = start + Duration::seconds(59);
+    assert_eq!(store.add_to_counter(&key, 2, 60, later).await.unwrap(), 5);
+    assert_eq!(store.add_to_counter(&key, 0, 60, later).await.unwrap(), 5);
+    assert_eq!(store.read_counter(&key, 60, later).await.unwrap(), 5);
+
+    // The same key with another window length is another counter.
+    assert_eq!(store.read_counter(&key, 3600, start).await.unwrap(), 0);
+    assert_eq!(store.add_to_counter(&key, 7, 3600, start).await.unwrap(), 7);
+    assert_eq!(store.read_counter(&key, 60, start).await.unwrap(), 5);
+
+    let next = start + Duration::seconds(60);
+    assert_eq!(store.read_counter(&key, 60, next).await.unwrap(), 0);
+    assert_eq!(store.add_to_counter(&key, 1, 60, next).await.unwrap(), 1);
+    assert_eq!(store.read_counter(&key, 3600, next).await.unwrap(), 7);
+}
+
+pub async fn concurrent_counter_adds_are_all_counted(store: DynStore) {
+    let key = format!("test:{}", Uuid::new_v4().simple());
+    let now = t0();
+    let adds = (0..40).map(|_| {
+        let store = store.clone();
+        let key = key.clone();
+        tokio::spawn(async move { store.add_to_counter(&key, 1, 600, now).await.unwrap() })
+    });
+    let mut totals: Vec<u64> = futures::future::join_all(adds)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    totals.sort_unstable();
+    assert_eq!(
+        totals,
+        (1..=40).collect::<Vec<u64>>(),
+        "each add saw its own total"
+    );
+    assert_eq!(store.read_counter(&key, 600, now).await.unwrap(), 40);
+}
+
+/// Markers keep real expiry times: Redis lets a namespace's keys go a day after
+/// their last expiry, which must not be years ahead in a shared test server.
+fn recent() -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(Utc::now().timestamp_millis())
+        .single()
+        .unwrap()
+}
+
+fn namespace() -> String {
+    format!("ns-{}", Uuid::new_v4().simple())
+}
+
+pub async fn markers_live_until_expiry_and_list_by_namespace(store: DynStore) {
+    let (ns, other) = (namespace(), namespace());
+    let now = recent();
+    let soon = now + Duration::seconds(60);
+    let late = now + Duration::seconds(3600);
+    store.set_marker(&ns, "b", "second", late).await.unwrap();
+    store.set_marker(&ns, "a", "first", soon).await.unwrap();
+    store
+        .set_marker(&other, "c", "elsewhere", late)
+        .await
+        .unwrap();
+
+    let a = store.get_marker(&ns, "a", now).await.unwrap().unwrap();
+    assert_eq!(
+        (a.name.as_str(), a.value.as_str(), a.expires_at),
+        ("a", "first", soon)
+    );
+    let names = |ms: Vec<otpd::store::Marker>| ms.into_iter().map(|m| m.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(store.list_markers(&ns, now).await.unwrap()),
+        ["a", "b"]
+    );
+    assert_eq!(names(store.list_markers(&other, now).await.unwrap()), ["c"]);
+    assert!(store.get_marker(&ns, "c", now).await.unwrap().is_none());
+
+    // Expiry is exclusive: at `expires_at` the marker is gone.
+    assert!(store.get_marker(&ns, "a", soon).await.unwrap().is_none());
+    assert_eq!(names(store.list_markers(&ns, soon).await.unwrap()), ["b"]);
+
+    // Setting again overwrites value and expiry (and can revive).
+    let later = soon + Duration::seconds(60);
+    store.set_marker(&ns, "a", "again", later).await.unwrap();
+    let a = store.get_marker(&ns, "a", soon).await.unwrap().unwrap();
+    assert_eq!((a.value.as_str(), a.expires_at), ("again", later));
+
+    assert!(store.delete_marker(&ns, "a").await.unwrap());
+    assert!(
+        !store.delete_marker(&ns, "a").await.unwrap(),
+        "already gone"
+    );
+    assert!(store.get_marker(&ns, "a", now).await.unwrap().is_none());
+    assert_eq!(names(store.list_markers(&ns, now).await.unwrap()), ["b"]);
+    assert!(!store.delete_marker(&namespace(), "b").await.unwrap());
+}
+
+pub async fn claim_marker_is_a_renewable_lease(store: DynStore) {
+    let ns = namespace();
+    let now = recent();
+    let lease = now + Duration::seconds(30);
+    assert!(
+        store
+            .claim_marker(&ns, "msg", "one", lease, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_marker(&ns, "msg", "two", lease, now)
+            .await
+            .unwrap(),
+        "held"
+    );
+    let marker = store.get_marker(&ns, "msg", now).await.unwrap().unwrap();
+    assert_eq!((marker.value.as_str(), marker.expires_at), ("one", lease));
+
+    // The holder renews its own lease.
+    let renewed = now + Duration::seconds(50);
+    let at = now + Duration::seconds(20);
+    assert!(
+        store
+            .claim_marker(&ns, "msg", "one", renewed, at)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .claim_marker(&ns, "msg", "two", renewed, lease)
+            .await
+            .unwrap(),
+        "renewed"
+    );
+
+    // Once it expires, anyone may take it.
+    let taken = renewed + Duration::seconds(30);
+    assert!(
+        store
+            .claim_marker(&ns, "msg", "two", taken, renewed)
+            .await
+            .unwrap()
+    );
+    let marker = store
+        .get_marker(&ns, "msg", renewed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((marker.value.as_str(), marker.expires_at), ("two", taken));
+
+    // A marker set by name is claimable only by its value's holder.
+    store.set_marker(&ns, "set", "three", lease).await.unwrap();
+    assert!(
+        !store
+            .claim_marker(&ns, "set", "one", lease, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_marker(&ns, "set", "three", lease, now)
+            .await
+            .unwrap()
+    );
+}
+
+pub async fn racing_claims_grant_one_lease(store: DynStore) {
+    let ns = namespace();
+    let now = recent();
+    let claims = (0..16).map(|i| {
+        let store = store.clone();
+        let ns = ns.clone();
+        tokio::spawn(async move {
+            let holder = format!("instance-{i}");
+            let won = store
+                .claim_marker(&ns, "msg", &holder, now + Duration::seconds(30), now)
+                .await
+                .unwrap();
+            won.then_some(holder)
+        })
+    });
+    let winners: Vec<String> = futures::future::join_all(claims)
+        .await
+        .into_iter()
+        .filter_map(Result::unwrap)
+        .collect();
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let marker = store.get_marker(&ns, "msg", now).await.unwrap().unwrap();
+    assert_eq!(marker.value, winners[0]);
+}
+
 pub async fn purge_ends_expired_verifications(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -803,6 +1024,7 @@ macro_rules! store_contract_tests {
                 find_current_sees_pending_and_dead_but_not_ended,
                 cooldown_then_resend_keeps_attempts,
                 plan_for_a_stale_id_conflicts,
+                a_resend_to_another_number_records_that_number,
                 send_window_limits_resends,
                 spent_attempts_do_not_skip_cooldown_or_window,
                 abort_releases_cooldown_and_leaves_nothing_pending,
@@ -815,6 +1037,11 @@ macro_rules! store_contract_tests {
                 messages_record_attempts_and_only_move_forward,
                 inbox_lists_newest_first_per_tenant_and_number,
                 rate_limit_counts_per_window,
+                counters_add_up_per_window,
+                concurrent_counter_adds_are_all_counted,
+                markers_live_until_expiry_and_list_by_namespace,
+                claim_marker_is_a_renewable_lease,
+                racing_claims_grant_one_lease,
                 purge_ends_expired_verifications,
                 count_pending_sees_new_verifications
             );
