@@ -26,6 +26,9 @@ use crate::sms::router::SANDBOX_ROUTE_ID;
 use crate::sms::{Route, SandboxProvider, SmsProvider, SmsRouter, build_routes, http_client};
 use crate::store::{self, DynStore};
 
+/// How long shutdown waits for the store to release its connections.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Replaceable parts; tests swap the clock or the store.
 pub struct Dependencies {
     pub clock: Arc<dyn Clock>,
@@ -225,7 +228,14 @@ impl Application {
         if let Some(upkeep) = upkeep {
             let _ = upkeep.await;
         }
-        self.store.close().await;
+        // Closing a pool waits for checked-out connections; a request dropped at
+        // the deadline may still hold one, so this wait is bounded too.
+        if tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the store did not close in time; exiting anyway");
+        }
         tracing::info!("otpd stopped");
         Ok(())
     }
