@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::domain::Policy;
 use crate::sms::config::{apply_secret_env, validate_chain, validate_routes};
@@ -25,6 +25,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tenants",
     "log",
     "auth",
+    "metrics",
     "routes",
     "routing",
     "dialects",
@@ -32,7 +33,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "retention",
 ];
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -47,6 +48,7 @@ pub struct Settings {
     pub tenants: BTreeMap<String, TenantSettings>,
     pub log: LogSettings,
     pub auth: AuthSettings,
+    pub metrics: MetricsSettings,
     /// `[[routes]]`: SMS routes by id (empty: everything goes to the sandbox).
     pub routes: Vec<RouteSettings>,
     /// `[routing]`: failover on timeout, circuit breaker, per-country chains.
@@ -71,6 +73,7 @@ impl Default for Settings {
             tenants: BTreeMap::new(),
             log: LogSettings::default(),
             auth: AuthSettings::default(),
+            metrics: MetricsSettings::default(),
             routes: Vec::new(),
             routing: RoutingSettings::default(),
             dialects: DialectSettings::default(),
@@ -80,7 +83,7 @@ impl Default for Settings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: String,
@@ -88,6 +91,9 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// A request still running after this answers 503.
     pub request_timeout_seconds: u64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before
+    /// their connections are dropped.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -96,14 +102,16 @@ impl Default for ServerSettings {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 16 * 1024,
             request_timeout_seconds: 30,
+            shutdown_grace_seconds: 20,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
     /// `sqlite://PATH`, `memory://`. Default: `sqlite://{data_dir}/otpd.db`.
+    #[serde(serialize_with = "redact_url_option")]
     pub url: Option<String>,
     pub purge_interval_seconds: u64,
     pub purge_batch: u32,
@@ -126,28 +134,31 @@ impl Default for StoreSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecretsSettings {
     /// Master secret all keys derive from. Default: generated into
     /// `{data_dir}/secret.key` (mode 0600) on first start.
+    #[serde(serialize_with = "redact_secret_option")]
     pub master_key: Option<SecretString>,
     /// Explicit HMAC key for code hashes (otherwise derived from the master).
+    #[serde(serialize_with = "redact_secret_option")]
     pub code_key: Option<SecretString>,
     /// Phone-number encryption keys by numeric id, for rotation.
+    #[serde(serialize_with = "redact_secret_map")]
     pub phone_keys: BTreeMap<String, SecretString>,
     /// Which of `phone_keys` encrypts new records (default: the highest id).
     pub current_phone_key: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantSettings {
     /// Keys set here override `policy` for this tenant.
     pub policy: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     /// `text` or `json`.
@@ -165,7 +176,7 @@ impl Default for LogSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
     /// How long a key lookup is cached; a revoked key stops working within this.
@@ -178,17 +189,40 @@ impl Default for AuthSettings {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve `GET /metrics` (Prometheus text format) and record metrics.
+    pub enabled: bool,
+    /// Label sends and checks with the tenant. Turn off when tenants are many
+    /// (every tenant multiplies the number of series).
+    pub tenant_label: bool,
+    /// When set, `/metrics` requires `Authorization: Bearer <token>`.
+    #[serde(serialize_with = "redact_secret_option")]
+    pub token: Option<SecretString>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tenant_label: true,
+            token: None,
+        }
+    }
+}
+
 /// The seed-compatible APIs. Each has its own policy: the original service's
 /// defaults over `[policy]`, then the keys set in `dialects.<name>.policy`.
 /// Per-tenant policy overrides do not apply to the dialects.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DialectSettings {
     pub bridgex: BridgexDialect,
     pub openlyne: OpenlyneDialect,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BridgexDialect {
     /// Overrides of the dialect policy (code_length 6, ttl_seconds 300,
@@ -213,7 +247,7 @@ impl Default for BridgexDialect {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OpenlyneDialect {
     /// Overrides of the dialect policy (code_length 6, ttl_seconds 180,
@@ -223,15 +257,17 @@ pub struct OpenlyneDialect {
 
 /// Delivery reports: the callback endpoints `POST /v1/dlr/{provider}/{secret}`
 /// (Africa's Talking, Twilio) and the BridgeXAPI poller.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DlrSettings {
     /// The `{secret}` path segment providers must call; unset, the callback
     /// endpoints answer 404. At least 16 URL-safe characters.
+    #[serde(serialize_with = "redact_secret_option")]
     pub secret: Option<SecretString>,
     /// otpd's base URL as providers reach it (`https://otpd.example.com`). Twilio
     /// signs the full URL it called, so it is needed to check signatures; it also
     /// gives Twilio routes without their own `status_callback` one.
+    #[serde(serialize_with = "redact_url_option")]
     pub public_base_url: Option<String>,
     /// How often the poller looks for BridgeXAPI messages due a status check.
     pub poll_interval_seconds: u64,
@@ -266,7 +302,7 @@ impl DlrSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionSettings {
     /// Delivery attempts (masked numbers only) older than this are deleted.
@@ -350,6 +386,22 @@ impl Settings {
         if !(1024..=10 * 1024 * 1024).contains(&self.server.max_body_bytes) {
             return Err(invalid(
                 "server.max_body_bytes: must be between 1024 and 10485760".into(),
+            ));
+        }
+        if self.server.shutdown_grace_seconds > 3600 {
+            return Err(invalid(
+                "server.shutdown_grace_seconds: must be at most 3600".into(),
+            ));
+        }
+        if self
+            .metrics
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().trim().is_empty())
+        {
+            return Err(invalid(
+                "metrics.token: must not be empty (leave it out to serve /metrics without a token)"
+                    .into(),
             ));
         }
         if self.server.request_timeout_seconds == 0 {
@@ -592,6 +644,51 @@ pub fn merge_policy(
     Ok(policy)
 }
 
+/// Serialized in place of every secret by `to_redacted_toml`.
+pub const REDACTED: &str = "***";
+
+impl Settings {
+    /// The effective configuration as TOML, every secret shown as `"***"`
+    /// (`otpd --print-config`). `store.url` is shown resolved, password hidden.
+    ///
+    /// Secret fields are `SecretString`, which does not implement `Serialize`, so a
+    /// new secret setting cannot reach this output unless it is given a
+    /// `serialize_with = "redact_secret_option"` (or similar) attribute.
+    pub fn to_redacted_toml(&self) -> Result<String, ConfigError> {
+        let mut effective = self.clone();
+        effective.store.url = Some(self.store_url());
+        toml::to_string(&effective)
+            .map_err(|e| ConfigError::Invalid(format!("cannot print the configuration: {e}")))
+    }
+}
+
+pub(crate) fn redact_secret_option<S: Serializer>(
+    secret: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => serializer.serialize_some(REDACTED),
+        None => serializer.serialize_none(),
+    }
+}
+
+fn redact_secret_map<S: Serializer>(
+    secrets: &BTreeMap<String, SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(secrets.keys().map(|k| (k, REDACTED)))
+}
+
+fn redact_url_option<S: Serializer>(
+    url: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => serializer.serialize_some(&redact_url(u)),
+        None => serializer.serialize_none(),
+    }
+}
+
 /// Hides credentials in a URL for messages and logs.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -657,6 +754,125 @@ mod tests {
         let p = s.tenant_policy("acme").unwrap();
         assert_eq!((p.ttl_seconds, p.max_attempts), (120, 3));
         assert_eq!(s.tenant_policy("other").unwrap().max_attempts, 5);
+    }
+
+    #[test]
+    fn printed_config_hides_every_secret_and_loads_back() {
+        let s = load_toml(
+            r#"
+[store]
+url = "postgres://otpd:pg-password-1@127.0.0.1/otpd"
+[secrets]
+master_key = "master-secret-1"
+code_key = "code-secret-1"
+phone_keys = { 1 = "phone-secret-1", 2 = "phone-secret-2" }
+[metrics]
+token = "metrics-secret-1"
+tenant_label = false
+[tenants.acme.policy]
+max_attempts = 3
+
+[[routes]]
+id = 1
+provider = "bridgexapi"
+api_key = "bx-secret-1"
+provider_route_id = 3
+caller_id = "OTPD"
+price = { NL = 0.07, "*" = 0.1 }
+currency = "EUR"
+
+[[routes]]
+id = 2
+provider = "twilio"
+account_sid = "AC0123456789abcdef0123456789abcdef"
+auth_token = "twilio-secret-1"
+from = "+15005550006"
+status_callback = "https://otpd.example/v1/dlr/twilio/callback-secret-1"
+
+[[routes]]
+id = 3
+provider = "africastalking"
+username = "sandbox"
+api_key = "at-secret-1"
+
+[[routes]]
+id = 4
+provider = "webhook"
+url = "https://gateway.example/sms"
+secret = "webhook-secret-1"
+"#,
+        )
+        .unwrap();
+        let printed = s.to_redacted_toml().unwrap();
+        for secret in [
+            "bx-secret-1",
+            "twilio-secret-1",
+            "callback-secret-1",
+            "at-secret-1",
+            "webhook-secret-1",
+            "pg-password-1",
+            "master-secret-1",
+            "code-secret-1",
+            "phone-secret-1",
+            "phone-secret-2",
+            "metrics-secret-1",
+        ] {
+            assert!(!printed.contains(secret), "{secret} leaked:\n{printed}");
+        }
+        let back: toml::Value = toml::from_str(&printed).unwrap();
+        assert_eq!(back["secrets"]["master_key"].as_str(), Some(REDACTED));
+        assert_eq!(back["secrets"]["phone_keys"]["2"].as_str(), Some(REDACTED));
+        assert_eq!(back["metrics"]["token"].as_str(), Some(REDACTED));
+        assert_eq!(
+            back["store"]["url"].as_str(),
+            Some("postgres://otpd:***@127.0.0.1/otpd")
+        );
+        assert_eq!(back["metrics"]["tenant_label"].as_bool(), Some(false));
+        assert_eq!(
+            back["server"]["shutdown_grace_seconds"].as_integer(),
+            Some(20)
+        );
+        assert_eq!(
+            back["tenants"]["acme"]["policy"]["max_attempts"].as_integer(),
+            Some(3)
+        );
+        let routes = back["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 4);
+        assert_eq!(routes[0]["provider"].as_str(), Some("bridgexapi"));
+        assert_eq!(routes[0]["api_key"].as_str(), Some(REDACTED));
+        assert_eq!(routes[0]["price"]["NL"].as_float(), Some(0.07));
+        assert_eq!(routes[1]["auth_token"].as_str(), Some(REDACTED));
+        assert_eq!(routes[1]["status_callback"].as_str(), Some(REDACTED));
+        assert_eq!(
+            routes[3]["url"].as_str(),
+            Some("https://gateway.example/sms")
+        );
+        // What was printed reads back with the same keys (deny_unknown_fields
+        // catches a serialized name that differs from the one read). Not
+        // validated: "***" is not a valid callback URL.
+        let reloaded: Settings = toml::from_str(&printed).unwrap();
+        assert_eq!(reloaded.tenant_policy("acme").unwrap().max_attempts, 3);
+        assert_eq!(reloaded.routes.len(), 4);
+    }
+
+    #[test]
+    fn printed_config_shows_the_resolved_default_store() {
+        let printed = Settings::default().to_redacted_toml().unwrap();
+        let back: toml::Value = toml::from_str(&printed).unwrap();
+        assert_eq!(
+            back["store"]["url"].as_str(),
+            Some("sqlite://./data/otpd.db")
+        );
+        assert!(back["secrets"].get("master_key").is_none(), "{printed}");
+        assert_eq!(back["metrics"]["enabled"].as_bool(), Some(true));
+    }
+
+    #[test]
+    fn an_empty_metrics_token_is_refused() {
+        let err = load_toml("[metrics]\ntoken = \" \"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics.token"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::crypto::{Crypto, KeyMaterial};
 use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
 use crate::http::dlr::DlrEndpoints;
 use crate::http::{self, AppState, Policies};
+use crate::metrics::{InstrumentedStore, Metrics};
 use crate::service::dlr_poller::{DlrPoller, PollSettings};
 use crate::service::{ApiKeys, VerificationService};
 use crate::sms::config::ProviderSettings;
@@ -30,6 +31,9 @@ use crate::sms::{
     http_client,
 };
 use crate::store::{self, DynStore};
+
+/// How long shutdown waits for the store to release its connections.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Replaceable parts; tests swap the clock or the store.
 pub struct Dependencies {
@@ -67,10 +71,12 @@ impl Application {
     }
 
     pub async fn build_with(settings: Settings, deps: Dependencies) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new(&settings.metrics)?);
         let store = match deps.store {
             Some(s) => s,
             None => open_store(&settings).await?,
         };
+        let store = InstrumentedStore::wrap(store, metrics.clone());
         let crypto = Arc::new(load_crypto(&settings)?);
         let sandbox: Arc<dyn SmsProvider> = Arc::new(SandboxProvider::new(
             store.clone(),
@@ -97,14 +103,17 @@ impl Application {
             )
             .with_default_chain(settings.policy.routes.clone()),
         );
-        let service = Arc::new(VerificationService::new(
-            store.clone(),
-            router,
-            deps.clock.clone(),
-            deps.codes,
-            crypto,
-            settings.debug_codes,
-        ));
+        let service = Arc::new(
+            VerificationService::new(
+                store.clone(),
+                router,
+                deps.clock.clone(),
+                deps.codes,
+                crypto,
+                settings.debug_codes,
+            )
+            .with_metrics(metrics.clone()),
+        );
         let keys = Arc::new(ApiKeys::new(
             store.clone(),
             deps.clock.clone(),
@@ -147,6 +156,7 @@ impl Application {
             max_body_bytes: settings.server.max_body_bytes,
             pending_gauge: Arc::new(AtomicU64::new(0)),
             version: env!("CARGO_PKG_VERSION"),
+            metrics,
             dialects: Arc::new(settings.dialects.clone()),
             debug_codes: settings.debug_codes,
             dlr: Arc::new(dlr_endpoints(&settings, &route_settings)),
@@ -195,11 +205,15 @@ impl Application {
 
     /// Serves until SIGINT or SIGTERM.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.run_until(shutdown_signal()).await
+        // Registered before the first request can arrive, so an early SIGTERM
+        // still drains instead of killing the process.
+        let signal = shutdown_signal()?;
+        self.run_until(signal).await
     }
 
-    /// Serves until `shutdown` completes, then drains in-flight requests and
-    /// stops the background tasks.
+    /// Serves until `shutdown` completes, then: stops accepting connections,
+    /// lets in-flight requests finish for up to `server.shutdown_grace_seconds`,
+    /// stops the background tasks and closes the store.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -215,19 +229,48 @@ impl Application {
         let poller = self
             .poller
             .has_routes()
-            .then(|| self.poller.clone().spawn(stop_rx));
+            .then(|| self.poller.clone().spawn(stop_rx.clone()));
+        let upkeep = self.state.metrics.spawn_upkeep(stop_rx);
         let app = http::router(
             self.state.clone(),
             Duration::from_secs(self.settings.server.request_timeout_seconds),
         );
+        let grace = Duration::from_secs(self.settings.server.shutdown_grace_seconds);
+        let (signalled_tx, mut signalled_rx) = watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = signalled_tx.send(true);
+        };
+        let deadline = async move {
+            if signalled_rx.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
         tracing::info!(addr = %self.listener.local_addr()?, "otpd listening");
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(shutdown);
+        tokio::select! {
+            served = server.into_future() => served?,
+            _ = deadline => tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "shutdown grace period over; dropping the requests still in flight"
+            ),
+        }
         let _ = stop_tx.send(true);
         let _ = housekeeping.await;
         if let Some(poller) = poller {
             let _ = poller.await;
+        }
+        if let Some(upkeep) = upkeep {
+            let _ = upkeep.await;
+        }
+        // Closing a pool waits for checked-out connections; a request dropped at
+        // the deadline may still hold one, so this wait is bounded too.
+        if tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the store did not close in time; exiting anyway");
         }
         tracing::info!("otpd stopped");
         Ok(())
@@ -419,24 +462,27 @@ fn spawn_housekeeping(
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when the future is first polled.
+#[cfg(unix)]
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown signal received; draining");
+    })
+}
+
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracing::info!("shutdown signal received; draining");
+        tracing::info!(signal = "ctrl-c", "shutdown signal received; draining");
+    })
 }

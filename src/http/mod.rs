@@ -4,6 +4,7 @@ pub mod bridgex;
 pub mod dlr;
 pub mod error;
 pub mod extract;
+pub mod observe;
 pub mod openapi;
 pub mod openlyne;
 pub mod ops;
@@ -43,5 +44,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .layer(CatchPanicLayer::custom(|_| -> Response {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
+        // Outermost, so timeouts and panics are counted and carry the request id.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .with_state(state)
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::dlr::DlrEndpoints;
 use crate::config::DialectSettings;
 use crate::domain::Policy;
+use crate::metrics::Metrics;
 use crate::service::{ApiKeys, PolicySource, VerificationService};
 
 #[derive(Clone)]
@@ -18,6 +19,8 @@ pub struct AppState {
     /// Pending verifications, refreshed by the housekeeping task (never a scan per request).
     pub pending_gauge: Arc<AtomicU64>,
     pub version: &'static str,
+    /// This app's own metrics (see `crate::metrics` for why not a global recorder).
+    pub metrics: Arc<Metrics>,
     /// Dialect settings besides their policies (which live in `policies`).
     pub dialects: Arc<DialectSettings>,
     /// Whether send answers carry the code (`debug_codes`); `GET /config` reports it.

@@ -363,10 +363,17 @@ pub async fn get_verification(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<VerificationView>, ApiError> {
-    let id = parse_id(&id)?;
+    verification_view(&state, &tenant, parse_id(&id)?).await
+}
+
+async fn verification_view(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+) -> Result<Json<VerificationView>, ApiError> {
     let (v, messages) = state
         .service
-        .get(&tenant, id)
+        .get(tenant, id)
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(VerificationView::new(
@@ -393,21 +400,12 @@ pub async fn cancel_verification(
     Path(id): Path<String>,
 ) -> Result<Json<VerificationView>, ApiError> {
     let id = parse_id(&id)?;
-    let v = state
+    state
         .service
         .cancel(&tenant, id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let (v, messages) = state
-        .service
-        .get(&tenant, v.id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    Ok(Json(VerificationView::new(
-        &v,
-        &messages,
-        state.service.now(),
-    )))
+    verification_view(&state, &tenant, id).await
 }
 
 /// One delivery attempt and its delivery status.

@@ -15,6 +15,7 @@ use crate::domain::{
     Code, CodeGenerator, DeliveryStatus, MessageRecord, PhoneNumber, Policy, Purpose, Status,
     SubjectKey, Verification,
 };
+use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
 use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
@@ -32,6 +33,7 @@ pub struct VerificationService {
     pub(super) codes: Arc<dyn CodeGenerator>,
     pub(super) crypto: Arc<Crypto>,
     debug_codes: bool,
+    metrics: Arc<Metrics>,
 }
 
 /// One request to send a code, already parsed.
@@ -169,7 +171,14 @@ impl VerificationService {
             codes,
             crypto,
             debug_codes,
+            metrics: Arc::new(Metrics::disabled()),
         }
+    }
+
+    /// Records sends, checks, provider calls and blocks into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -280,6 +289,7 @@ impl VerificationService {
                 SendDecision::Cooldown {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("cooldown");
                     return Err(SendError::Cooldown {
                         retry_after_seconds,
                     });
@@ -287,6 +297,7 @@ impl VerificationService {
                 SendDecision::WindowExhausted {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("subject_sends_per_window");
                     return Err(SendError::RateLimited {
                         retry_after_seconds,
                         limit: "subject_sends_per_window",
@@ -298,6 +309,7 @@ impl VerificationService {
         let Some((verification, previous_sent_at, code, now, created)) = started else {
             // Only a burst of concurrent sends for one subject gets here: the
             // winner's cooldown applies to the rest.
+            self.metrics.record_block("cooldown");
             return Err(SendError::Cooldown {
                 retry_after_seconds: policy.cooldown_seconds.max(1).into(),
             });
@@ -318,6 +330,7 @@ impl VerificationService {
                 },
             )
             .await;
+        self.metrics.record_delivery_attempts(&attempts);
         let records = self.record_attempts(&verification, &attempts, None).await;
         self.count_sends(&records, created).await;
         let accepted = attempts
@@ -332,6 +345,12 @@ impl VerificationService {
                     .as_ref()
                     .ok()
                     .and_then(|r| r.order_id.clone());
+                self.metrics.record_send(
+                    tenant,
+                    attempt.route_id,
+                    attempt.provider,
+                    SendResult::Sent,
+                );
                 tracing::info!(
                     target: "audit",
                     event = "send",
@@ -364,6 +383,14 @@ impl VerificationService {
                         at: self.clock.now(),
                     })
                     .await?;
+                if let Some(last) = attempts.last() {
+                    self.metrics.record_send(
+                        tenant,
+                        last.route_id,
+                        last.provider,
+                        SendResult::Failed,
+                    );
+                }
                 tracing::warn!(
                     target: "audit",
                     event = "send",
@@ -469,7 +496,29 @@ impl VerificationService {
         .await
     }
 
+    /// Every check ends here, so each is counted once, whatever the API surface.
     async fn check_hash(
+        &self,
+        tenant: &str,
+        target: Target,
+        hash_for: impl FnOnce(Uuid) -> [u8; 32],
+    ) -> Result<CheckResult, CheckError> {
+        let result = self.check_hashed(tenant, target, hash_for).await;
+        let label = match &result {
+            Ok(CheckResult::Approved(_)) => Some(CheckResultLabel::Approved),
+            Ok(CheckResult::Wrong { .. }) => Some(CheckResultLabel::Wrong),
+            Err(CheckError::NotFound) => Some(CheckResultLabel::NotFound),
+            Err(CheckError::MaxAttempts) => Some(CheckResultLabel::MaxAttempts),
+            // An outage is no answer about the code; store errors count it.
+            Err(CheckError::Unavailable(_)) => None,
+        };
+        if let Some(label) = label {
+            self.metrics.record_check(tenant, label);
+        }
+        result
+    }
+
+    async fn check_hashed(
         &self,
         tenant: &str,
         target: Target,

@@ -278,4 +278,9 @@ impl Store for Bounded {
     async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         self.bounded(self.inner.count_pending(now)).await
     }
+
+    // Bounded by the caller (shutdown), which knows how long it may wait.
+    async fn close(&self) {
+        self.inner.close().await;
+    }
 }

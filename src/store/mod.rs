@@ -440,6 +440,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Pending, unexpired verifications across all tenants (for gauges; may scan).
     async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// Releases connections once the server has drained, so a SIGTERM does not
+    /// leave the database with half-closed sessions. Backends with pools override it.
+    async fn close(&self) {}
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -195,6 +195,10 @@ async fn lock_subject(
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

@@ -135,6 +135,12 @@ where
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn close(&self) {
+        // The writer last: closing its final connection checkpoints the WAL.
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.reader)

@@ -5,8 +5,11 @@ mod bridgex;
 mod delivery;
 mod failover;
 mod helpers;
+mod lifecycle;
 mod openlyne;
+mod ops;
 mod process;
+mod prometheus_text;
 mod providers;
 mod redis_store;
 mod route_config;
@@ -30,6 +33,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/dlr/{provider}/{secret}"),
     ("get", "/v1/sandbox/messages"),
     ("get", "/health"),
+    ("get", "/health/live"),
+    ("get", "/health/ready"),
+    ("get", "/metrics"),
     ("post", "/send-otp"),
     ("post", "/verify-otp"),
     ("get", "/config"),
