@@ -1853,15 +1853,24 @@ impl Store for RedisStore {
                         (member, _) => stale.push(member),
                     }
                 }
-                offset += page - stale.len();
-                if !stale.is_empty() {
-                    let mut cmd = ::redis::cmd("ZREM");
-                    cmd.arg(&index).arg(stale);
-                    self.housekeeping("unindexing finished messages", cmd);
-                }
                 if page < want {
+                    if !stale.is_empty() {
+                        let mut cmd = ::redis::cmd("ZREM");
+                        cmd.arg(&index).arg(stale);
+                        self.housekeeping("unindexing finished messages", cmd);
+                    }
                     break;
                 }
+                // Gone before the next page is read, so that offsets stay true.
+                if !stale.is_empty() {
+                    ::redis::cmd("ZREM")
+                        .arg(&index)
+                        .arg(&stale)
+                        .query_async::<Value>(&mut self.conn())
+                        .await
+                        .map_err(store_error)?;
+                }
+                offset += page - stale.len();
             }
             Ok(out)
         })

@@ -893,6 +893,14 @@ pub async fn unfinished_messages_are_listed_per_provider_oldest_first(store: Dyn
             .unwrap()),
         vec![sent.id, unknown.id, later.id]
     );
+    assert_eq!(
+        ids(store
+            .list_unfinished_messages(&provider, at(1), 2)
+            .await
+            .unwrap()),
+        vec![unknown.id, later.id],
+        "a finished message does not use up the limit"
+    );
 }
 
 pub async fn purge_messages_deletes_old_ones_in_batches(store: DynStore) {
