@@ -203,6 +203,7 @@ impl VerificationService {
                 },
             )
             .await;
+        self.metrics.record_delivery_attempts(&attempts);
         let records = self.record_attempts(&v, &attempts, Some(failed.id)).await;
         self.count_sends(&records, false).await;
         let accepted = records.iter().find(|m| m.was_accepted());

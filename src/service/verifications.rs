@@ -33,7 +33,7 @@ pub struct VerificationService {
     pub(super) codes: Arc<dyn CodeGenerator>,
     pub(super) crypto: Arc<Crypto>,
     debug_codes: bool,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// One request to send a code, already parsed.
