@@ -20,6 +20,9 @@ pub struct Policy {
     pub send_window_seconds: u32,
     /// The failover chain of route ids; empty means every configured route.
     pub routes: Vec<u32>,
+    /// When a delivery report says a pending verification's SMS failed, send a
+    /// new code over the next route of the chain not yet used for it.
+    pub resend_on_failed_delivery: bool,
 }
 
 impl Default for Policy {
@@ -33,6 +36,7 @@ impl Default for Policy {
             max_sends_per_window: 5,
             send_window_seconds: 600,
             routes: Vec::new(),
+            resend_on_failed_delivery: true,
         }
     }
 }

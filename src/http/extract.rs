@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -41,16 +41,30 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 
 /// The presented API key: `x-api-key`, or `Authorization: Bearer`.
 pub fn presented_key(parts: &Parts) -> Option<&str> {
-    if let Some(v) = parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+    presented_key_in(&parts.headers)
+}
+
+/// [`presented_key`] for handlers that hold only the headers.
+pub fn presented_key_in(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim());
     }
-    let auth = parts.headers.get("authorization")?.to_str().ok()?;
+    let auth = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = auth.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Arc<str>, AuthError> {
-    let key = presented_key(parts).filter(|k| !k.is_empty() && k.len() <= 256);
+    authenticate_headers(&parts.headers, state).await
+}
+
+/// [`authenticate`] after the body was read: for a surface that, like the
+/// service it replaces, validates the body before it checks the key.
+pub async fn authenticate_headers(
+    headers: &HeaderMap,
+    state: &AppState,
+) -> Result<Arc<str>, AuthError> {
+    let key = presented_key_in(headers).filter(|k| !k.is_empty() && k.len() <= 256);
     match key {
         Some(k) => state.keys.authenticate(k).await,
         None => Err(AuthError::Unauthorized),

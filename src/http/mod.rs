@@ -1,8 +1,12 @@
 //! The HTTP edge: one file per API surface, shared errors and extractors.
 
+pub mod bridgex;
+pub mod dlr;
 pub mod error;
 pub mod extract;
+pub mod observe;
 pub mod openapi;
+pub mod openlyne;
 pub mod ops;
 pub mod state;
 pub mod v1;
@@ -25,7 +29,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let max_body = state.max_body_bytes;
     Router::new()
         .merge(v1::routes())
+        .merge(dlr::routes())
         .merge(ops::routes())
+        .merge(bridgex::routes())
+        .merge(openlyne::routes())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -37,5 +44,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .layer(CatchPanicLayer::custom(|_| -> Response {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
+        // Outermost, so timeouts and panics are counted and carry the request id.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .with_state(state)
 }

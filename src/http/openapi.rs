@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{ops, v1};
+use super::{bridgex, dlr, openlyne, ops, v1};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,15 +17,29 @@ use super::{ops, v1};
         v1::get_verification,
         v1::cancel_verification,
         v1::get_message,
+        v1::get_usage,
+        dlr::delivery_report,
         v1::list_sandbox_messages,
         ops::health,
+        ops::live,
+        ops::ready,
+        ops::metrics,
+        bridgex::send_otp,
+        bridgex::verify_otp,
+        bridgex::config,
+        openlyne::send_otp,
+        openlyne::verify_otp,
     ),
     modifiers(&Security),
     tags(
         (name = "verifications", description = "Native API: the OTP lifecycle"),
         (name = "messages", description = "Native API: delivery attempts"),
+        (name = "usage", description = "Native API: usage and cost per tenant"),
+        (name = "delivery reports", description = "Callbacks providers post delivery reports to (no API key: a secret in the path)"),
         (name = "sandbox", description = "Native API: the sandbox inbox"),
         (name = "operations", description = "Health and metrics"),
+        (name = "bridgex", description = "Seed-compatible: the BridgeXAPI FastAPI OTP server's API (errors as FastAPI `{\"detail\": ...}`; `GET /health` is shared)"),
+        (name = "openlyne", description = "Seed-compatible: Openlyne's OTP webhooks (every answer in the `{success, data, message, error}` envelope)"),
     )
 )]
 pub struct ApiDoc;

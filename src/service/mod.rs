@@ -3,9 +3,14 @@
 //! translates into its own envelope.
 
 pub mod api_keys;
+pub mod delivery;
+pub mod dlr_poller;
+pub mod usage;
 pub mod verifications;
 
 pub use api_keys::{ApiKeys, AuthError};
+pub use delivery::{PolicySource, ReportOutcome};
+pub use usage::UsageReport;
 pub use verifications::{
     CheckError, CheckResult, SendCommand, SendError, SendOutcome, Target, VerificationService,
 };

@@ -15,8 +15,9 @@ use crate::domain::{
     Code, CodeGenerator, DeliveryStatus, MessageRecord, PhoneNumber, Policy, Purpose, Status,
     SubjectKey, Verification,
 };
+use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
-use crate::sms::{DeliveryAttempt, ProviderErrorKind, SmsRouter};
+use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
     CancelOutcome, CheckOutcome, SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
@@ -26,12 +27,13 @@ use crate::store::{
 const MAX_PLAN_ROUNDS: usize = 3;
 
 pub struct VerificationService {
-    store: Arc<dyn Store>,
-    router: Arc<SmsRouter>,
-    clock: Arc<dyn Clock>,
-    codes: Arc<dyn CodeGenerator>,
-    crypto: Arc<Crypto>,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) router: Arc<SmsRouter>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) codes: Arc<dyn CodeGenerator>,
+    pub(super) crypto: Arc<Crypto>,
     debug_codes: bool,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// One request to send a code, already parsed.
@@ -169,7 +171,14 @@ impl VerificationService {
             codes,
             crypto,
             debug_codes,
+            metrics: Arc::new(Metrics::disabled()),
         }
+    }
+
+    /// Records sends, checks, provider calls and blocks into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -266,17 +275,21 @@ impl VerificationService {
                 SendDecision::Created {
                     verification,
                     previous_sent_at,
+                } => {
+                    started = Some((verification, previous_sent_at, code, now, true));
+                    break;
                 }
-                | SendDecision::Replaced {
+                SendDecision::Replaced {
                     verification,
                     previous_sent_at,
                 } => {
-                    started = Some((verification, previous_sent_at, code, now));
+                    started = Some((verification, previous_sent_at, code, now, false));
                     break;
                 }
                 SendDecision::Cooldown {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("cooldown");
                     return Err(SendError::Cooldown {
                         retry_after_seconds,
                     });
@@ -284,6 +297,7 @@ impl VerificationService {
                 SendDecision::WindowExhausted {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("subject_sends_per_window");
                     return Err(SendError::RateLimited {
                         retry_after_seconds,
                         limit: "subject_sends_per_window",
@@ -292,9 +306,10 @@ impl VerificationService {
                 SendDecision::Conflict => continue,
             }
         }
-        let Some((verification, previous_sent_at, code, now)) = started else {
+        let Some((verification, previous_sent_at, code, now, created)) = started else {
             // Only a burst of concurrent sends for one subject gets here: the
             // winner's cooldown applies to the rest.
+            self.metrics.record_block("cooldown");
             return Err(SendError::Cooldown {
                 retry_after_seconds: policy.cooldown_seconds.max(1).into(),
             });
@@ -315,7 +330,9 @@ impl VerificationService {
                 },
             )
             .await;
-        let records = self.record_attempts(&verification, &attempts).await;
+        self.metrics.record_delivery_attempts(&attempts);
+        let records = self.record_attempts(&verification, &attempts, None).await;
+        self.count_sends(&records, created).await;
         let accepted = attempts
             .iter()
             .zip(&records)
@@ -328,6 +345,12 @@ impl VerificationService {
                     .as_ref()
                     .ok()
                     .and_then(|r| r.order_id.clone());
+                self.metrics.record_send(
+                    tenant,
+                    attempt.route_id,
+                    attempt.provider,
+                    SendResult::Sent,
+                );
                 tracing::info!(
                     target: "audit",
                     event = "send",
@@ -360,6 +383,14 @@ impl VerificationService {
                         at: self.clock.now(),
                     })
                     .await?;
+                if let Some(last) = attempts.last() {
+                    self.metrics.record_send(
+                        tenant,
+                        last.route_id,
+                        last.provider,
+                        SendResult::Failed,
+                    );
+                }
                 tracing::warn!(
                     target: "audit",
                     event = "send",
@@ -377,12 +408,14 @@ impl VerificationService {
         }
     }
 
-    /// Stores one message record per attempt. A failure to record is logged, not
-    /// returned: the SMS has already gone out and the caller must learn that.
-    async fn record_attempts(
+    /// Stores one message record per attempt (`resend_of`: the message whose
+    /// failed delivery they rescue). A failure to record is logged, not returned:
+    /// the SMS has already gone out and the caller must learn that.
+    pub(super) async fn record_attempts(
         &self,
         v: &Verification,
         attempts: &[DeliveryAttempt],
+        resend_of: Option<Uuid>,
     ) -> Vec<MessageRecord> {
         let now = self.clock.now();
         let mut records = Vec::with_capacity(attempts.len());
@@ -396,7 +429,7 @@ impl VerificationService {
                     r.currency.clone(),
                 ),
                 Err(e) => (
-                    if e.kind == ProviderErrorKind::Timeout {
+                    if e.kind.outcome_unknown() {
                         DeliveryStatus::Unknown
                     } else {
                         DeliveryStatus::Failed
@@ -407,7 +440,7 @@ impl VerificationService {
                     None,
                 ),
             };
-            let record = MessageRecord {
+            let mut record = MessageRecord {
                 id: Uuid::new_v4(),
                 verification_id: v.id,
                 tenant: v.tenant.clone(),
@@ -416,14 +449,19 @@ impl VerificationService {
                 provider_message_id,
                 masked_to: v.masked_to.clone(),
                 country: v.country.clone(),
-                status,
+                status: DeliveryStatus::Queued,
                 error,
                 cost,
                 currency,
                 latency_ms: u32::try_from(a.latency.as_millis()).unwrap_or(u32::MAX),
+                resend_of,
                 created_at: now,
+                sent_at: None,
+                delivered_at: None,
+                failed_at: None,
                 updated_at: now,
             };
+            record.mark(status, now);
             if let Err(e) = self.store.insert_message(&record).await {
                 tracing::error!(verification_id = %v.id, error = %e, "could not record a delivery attempt");
             }
@@ -438,6 +476,54 @@ impl VerificationService {
         target: Target,
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
+        self.check_hash(tenant, target, |id| self.crypto.code_hash(id, code))
+            .await
+    }
+
+    /// Checks a guess that cannot be any issued code (digits of a length no code
+    /// has): it is counted as a wrong attempt, so it answers and costs exactly
+    /// like a wrong code. For APIs whose contract accepts such guesses.
+    pub async fn check_unusable_guess(
+        &self,
+        tenant: &str,
+        target: Target,
+    ) -> Result<CheckResult, CheckError> {
+        // A hash under another key and domain: it matches no code hash.
+        self.check_hash(tenant, target, |id| {
+            self.crypto
+                .blind_index("unusable-guess", &[id.to_string().as_str()])
+        })
+        .await
+    }
+
+    /// Every check ends here, so each is counted once, whatever the API surface.
+    async fn check_hash(
+        &self,
+        tenant: &str,
+        target: Target,
+        hash_for: impl FnOnce(Uuid) -> [u8; 32],
+    ) -> Result<CheckResult, CheckError> {
+        let result = self.check_hashed(tenant, target, hash_for).await;
+        let label = match &result {
+            Ok(CheckResult::Approved(_)) => Some(CheckResultLabel::Approved),
+            Ok(CheckResult::Wrong { .. }) => Some(CheckResultLabel::Wrong),
+            Err(CheckError::NotFound) => Some(CheckResultLabel::NotFound),
+            Err(CheckError::MaxAttempts) => Some(CheckResultLabel::MaxAttempts),
+            // An outage is no answer about the code; store errors count it.
+            Err(CheckError::Unavailable(_)) => None,
+        };
+        if let Some(label) = label {
+            self.metrics.record_check(tenant, label);
+        }
+        result
+    }
+
+    async fn check_hashed(
+        &self,
+        tenant: &str,
+        target: Target,
+        hash_for: impl FnOnce(Uuid) -> [u8; 32],
+    ) -> Result<CheckResult, CheckError> {
         let now = self.clock.now();
         let id = match target {
             Target::Id(id) => id,
@@ -450,8 +536,11 @@ impl VerificationService {
                 self.current(tenant, &subject, now).await?
             }
         };
-        let hash = self.crypto.code_hash(id, code);
+        let hash = hash_for(id);
         let outcome = self.store.check_code(tenant, id, &hash, now).await?;
+        if let CheckOutcome::Approved(v) = &outcome {
+            self.count_approval(v).await;
+        }
         let label = match &outcome {
             CheckOutcome::Approved(_) => "approved",
             CheckOutcome::Wrong { attempts_left: 0 } => "wrong_last",

@@ -1,8 +1,16 @@
 //! SMS delivery behind one trait: one file per provider, plus the router that
 //! walks a route chain with failover.
 
+pub mod africastalking;
+pub mod breaker;
+pub mod bridgexapi;
+pub mod config;
+pub mod console;
+mod http;
 pub mod router;
 pub mod sandbox;
+pub mod twilio;
+pub mod webhook;
 
 use std::time::Duration;
 
@@ -11,8 +19,17 @@ use uuid::Uuid;
 
 use crate::domain::{DeliveryStatus, PhoneNumber};
 
-pub use router::{DeliveryAttempt, Route, SmsRouter};
+pub use africastalking::AfricasTalkingProvider;
+pub use breaker::{BreakerState, CircuitBreakers};
+pub use bridgexapi::BridgexProvider;
+pub use config::{BreakerSettings, RouteSettings, RoutingSettings, build_routes};
+pub use console::ConsoleProvider;
+pub use http::http_client;
+pub(crate) use http::safe_snippet;
+pub use router::{DeliveryAttempt, DeliveryRequest, Route, RoutingError, SmsRouter};
 pub use sandbox::SandboxProvider;
+pub use twilio::TwilioProvider;
+pub use webhook::WebhookProvider;
 
 /// One message to send. `body` contains the code: providers must never log it,
 /// nor `to` unmasked.
@@ -49,11 +66,13 @@ pub enum ProviderErrorKind {
     RateLimited,
     /// The account cannot pay for the message.
     InsufficientBalance,
-    /// Our credentials or route authorisation were refused.
+    /// Our credentials, sender id or route authorisation were refused: every
+    /// message on this route fails until its configuration changes.
     Auth,
     /// A 2xx answer that is not the documented format.
     Malformed,
-    /// The provider refused this message for this route (sender id, blacklist, route).
+    /// The provider refused this one message (blacklist, do-not-disturb, risk hold,
+    /// no path to this destination); the route itself is healthy.
     Rejected,
     /// The destination itself is invalid: no other route will do better.
     InvalidNumber,
@@ -76,6 +95,16 @@ impl ProviderErrorKind {
     /// Whether trying the next route can help.
     pub fn try_next_route(self) -> bool {
         !matches!(self, ProviderErrorKind::InvalidNumber)
+    }
+
+    /// Whether the provider may have taken the message despite the error: no answer
+    /// in time, or a success status whose body we could not read. Such an attempt is
+    /// recorded as `DeliveryStatus::Unknown`, and failing over risks a duplicate SMS.
+    pub fn outcome_unknown(self) -> bool {
+        matches!(
+            self,
+            ProviderErrorKind::Timeout | ProviderErrorKind::Malformed
+        )
     }
 
     /// Whether this failure says the route itself is unhealthy (feeds the breaker).
@@ -108,6 +137,11 @@ impl ProviderError {
             message: message.into(),
             retry_after: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
     }
 }
 

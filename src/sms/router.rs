@@ -7,13 +7,21 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::breaker::CircuitBreakers;
+use super::config::RoutingSettings;
 use super::{OutgoingSms, ProviderError, ProviderErrorKind, SendReceipt, SmsProvider};
-use crate::domain::{Code, PhoneNumber};
+use crate::clock::Clock;
+use crate::domain::{Code, DeliveryStatus, PhoneNumber};
 
 pub const DEFAULT_TEMPLATE: &str = "Your verification code is {code}.";
 
 /// Route id of the built-in sandbox when no routes are configured.
 pub const SANDBOX_ROUTE_ID: u32 = 0;
+
+/// Extra time the router gives a provider over the route's timeout before
+/// cutting it off itself, so the provider's own (more precise) timeout error
+/// wins: a connect timeout is safe to fail over, a read timeout may not be.
+const TIMEOUT_GRACE: Duration = Duration::from_millis(100);
 
 pub struct Route {
     pub id: u32,
@@ -24,6 +32,9 @@ pub struct Route {
     pub template: String,
     pub templates_by_locale: BTreeMap<String, String>,
     pub timeout: Duration,
+    /// Price per message by ISO code (`"*"`: any other country).
+    pub price: BTreeMap<String, f64>,
+    pub currency: Option<String>,
 }
 
 impl Route {
@@ -35,6 +46,8 @@ impl Route {
             template: DEFAULT_TEMPLATE.to_owned(),
             templates_by_locale: BTreeMap::new(),
             timeout: Duration::from_secs(5),
+            price: BTreeMap::new(),
+            currency: None,
         }
     }
 
@@ -43,11 +56,26 @@ impl Route {
             || country.is_some_and(|c| self.countries.iter().any(|r| r.eq_ignore_ascii_case(c)))
     }
 
+    /// The template for `locale` (`pt-BR`, then `pt`), else the default one.
     pub fn render(&self, code: &Code, locale: Option<&str>) -> String {
         let template = locale
-            .and_then(|l| self.templates_by_locale.get(l))
+            .and_then(|l| {
+                self.templates_by_locale.get(l).or_else(|| {
+                    let language = l.split(['-', '_']).next()?;
+                    self.templates_by_locale.get(language)
+                })
+            })
             .unwrap_or(&self.template);
         template.replace("{code}", code.expose())
+    }
+
+    /// The configured price of one message to `country` and its currency.
+    pub fn price_for(&self, country: Option<&str>) -> Option<(f64, String)> {
+        let currency = self.currency.clone()?;
+        let price = country
+            .and_then(|c| self.price.get(&c.to_ascii_uppercase()))
+            .or_else(|| self.price.get("*"))?;
+        Some((*price, currency))
     }
 }
 
@@ -57,8 +85,15 @@ pub enum RoutingError {
     UnknownRoute(u32),
     #[error("route {0} is not allowed for this tenant")]
     RouteNotAllowed(u32),
+    #[error("route {0} does not serve this destination's country")]
+    RouteDoesNotServe(u32),
     #[error("no configured route serves this destination")]
     NoRoute,
+    /// Every route that could take the message is skipped after repeated
+    /// failures. Answer 503 with `Retry-After`: sending anyway would only make
+    /// the caller wait for the same failures.
+    #[error("every route for this destination is failing; retry in {retry_after_seconds} s")]
+    CircuitOpen { retry_after_seconds: u64 },
 }
 
 /// One provider call and how it went.
@@ -68,6 +103,27 @@ pub struct DeliveryAttempt {
     pub provider: &'static str,
     pub result: Result<SendReceipt, ProviderError>,
     pub latency: Duration,
+}
+
+impl DeliveryAttempt {
+    /// What to record for this attempt: the provider's status on success,
+    /// `Unknown` when the provider may have taken the message (timeout,
+    /// unreadable success answer), `Failed` otherwise.
+    pub fn delivery_status(&self) -> DeliveryStatus {
+        match &self.result {
+            Ok(receipt) => receipt.status.unwrap_or(DeliveryStatus::Queued),
+            Err(e) if e.kind.outcome_unknown() => DeliveryStatus::Unknown,
+            Err(_) => DeliveryStatus::Failed,
+        }
+    }
+
+    /// `"<kind>: <reason>"` for `MessageRecord::error`.
+    pub fn error_summary(&self) -> Option<String> {
+        self.result
+            .as_ref()
+            .err()
+            .map(|e| format!("{}: {}", e.kind.as_str(), e.message))
+    }
 }
 
 pub struct DeliveryRequest<'a> {
@@ -83,16 +139,48 @@ pub struct SmsRouter {
     routes: BTreeMap<u32, Route>,
     sandbox: Route,
     failover_on_timeout: bool,
+    /// Per-country chains by upper-case ISO code.
+    country_chains: BTreeMap<String, Vec<u32>>,
+    default_chain: Vec<u32>,
+    breakers: CircuitBreakers,
+    clock: Arc<dyn Clock>,
 }
 
 impl SmsRouter {
     /// `routes` empty means the zero-config setup: everything goes to `sandbox`.
-    pub fn new(routes: Vec<Route>, sandbox: Route, failover_on_timeout: bool) -> Self {
+    /// The default chain is every route in id order until `with_default_chain`.
+    pub fn new(
+        routes: Vec<Route>,
+        sandbox: Route,
+        routing: &RoutingSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let routes: BTreeMap<u32, Route> = routes.into_iter().map(|r| (r.id, r)).collect();
+        let breakers = CircuitBreakers::new(
+            routing.breaker.clone(),
+            clock.clone(),
+            routes.keys().copied(),
+        );
         Self {
-            routes: routes.into_iter().map(|r| (r.id, r)).collect(),
+            routes,
             sandbox,
-            failover_on_timeout,
+            failover_on_timeout: routing.failover_on_timeout,
+            country_chains: routing
+                .countries
+                .iter()
+                .map(|(cc, c)| (cc.to_ascii_uppercase(), c.routes.clone()))
+                .collect(),
+            default_chain: Vec::new(),
+            breakers,
+            clock,
         }
+    }
+
+    /// The chain used when neither the tenant nor the destination country has
+    /// one (`policy.routes`).
+    pub fn with_default_chain(mut self, chain: Vec<u32>) -> Self {
+        self.default_chain = chain;
+        self
     }
 
     pub fn has_configured_routes(&self) -> bool {
@@ -103,23 +191,42 @@ impl SmsRouter {
         self.routes.get(&id)
     }
 
-    /// Each route's id, provider and circuit state, for `/health`.
+    /// Each route's id, provider and circuit state (`closed`, `open`,
+    /// `half_open`), for `/health`.
     pub fn route_health(&self) -> Vec<(u32, &'static str, &'static str)> {
         if self.routes.is_empty() {
             return vec![(self.sandbox.id, self.sandbox.provider.name(), "closed")];
         }
         self.routes
             .values()
-            .map(|r| (r.id, r.provider.name(), "closed"))
+            .map(|r| (r.id, r.provider.name(), self.breakers.state(r.id).as_str()))
             .collect()
     }
 
-    /// The routes to try, in order. `allowed` is the tenant's chain (empty: every
-    /// configured route in id order); `pinned` goes first; `sandbox` short-cuts
-    /// to the built-in inbox.
+    /// Each configured route's breaker state (`closed`, `open`, `half_open`),
+    /// for `/health` and metrics.
+    pub fn breaker_states(&self) -> Vec<(u32, &'static str)> {
+        self.breakers
+            .states()
+            .into_iter()
+            .map(|(id, state)| (id, state.as_str()))
+            .collect()
+    }
+
+    /// The routes to try, in order.
+    ///
+    /// The chain is the tenant's own (`tenant_chain`, which also limits what may
+    /// be pinned) if it has one, else the destination country's
+    /// (`routing.countries.CC.routes`), else the default chain, else every
+    /// configured route in id order. `pinned` goes first and must serve the
+    /// destination's country; without `failover` it is the only route.
+    /// Routes that do not serve the country, and routes whose circuit is open,
+    /// are left out. When every candidate is open the answer is
+    /// `CircuitOpen` rather than a send that would fail the same way.
+    /// `sandbox` short-cuts to the built-in inbox.
     pub fn plan(
         &self,
-        allowed: &[u32],
+        tenant_chain: &[u32],
         pinned: Option<u32>,
         failover: bool,
         sandbox: bool,
@@ -128,38 +235,87 @@ impl SmsRouter {
         if sandbox || self.routes.is_empty() {
             return Ok(vec![&self.sandbox]);
         }
-        let chain: Vec<u32> = if allowed.is_empty() {
-            self.routes.keys().copied().collect()
+        let all: Vec<u32>;
+        let chain: &[u32] = if !tenant_chain.is_empty() {
+            tenant_chain
+        } else if let Some(chain) =
+            country.and_then(|c| self.country_chains.get(&c.to_ascii_uppercase()))
+        {
+            chain
+        } else if !self.default_chain.is_empty() {
+            &self.default_chain
         } else {
-            allowed.to_vec()
+            all = self.routes.keys().copied().collect();
+            &all
         };
         let mut ordered = Vec::with_capacity(chain.len());
+        let mut open = Vec::new();
         if let Some(id) = pinned {
             let route = self.routes.get(&id).ok_or(RoutingError::UnknownRoute(id))?;
-            if !allowed.is_empty() && !allowed.contains(&id) {
+            if !tenant_chain.is_empty() && !tenant_chain.contains(&id) {
                 return Err(RoutingError::RouteNotAllowed(id));
             }
-            ordered.push(route);
+            if !route.serves(country) {
+                return Err(RoutingError::RouteDoesNotServe(id));
+            }
+            if self.breakers.is_available(id) {
+                ordered.push(route);
+            } else {
+                open.push(id);
+            }
             if !failover {
-                return Ok(ordered);
+                return self.finish(ordered, &open);
             }
         }
-        ordered.extend(
-            chain
-                .iter()
-                .filter(|id| Some(**id) != pinned)
-                .filter_map(|id| self.routes.get(id))
-                .filter(|r| r.serves(country)),
-        );
-        if ordered.is_empty() {
-            return Err(RoutingError::NoRoute);
+        for route in chain
+            .iter()
+            .filter(|id| Some(**id) != pinned)
+            .filter_map(|id| self.routes.get(id))
+            .filter(|r| r.serves(country))
+        {
+            if self.breakers.is_available(route.id) {
+                ordered.push(route);
+            } else {
+                open.push(route.id);
+            }
         }
-        Ok(ordered)
+        self.finish(ordered, &open)
+    }
+
+    fn finish<'a>(
+        &self,
+        ordered: Vec<&'a Route>,
+        open: &[u32],
+    ) -> Result<Vec<&'a Route>, RoutingError> {
+        if !ordered.is_empty() {
+            return Ok(ordered);
+        }
+        let now = self.clock.now();
+        let soonest = open
+            .iter()
+            .filter_map(|id| self.breakers.open_until(*id))
+            .min();
+        match soonest {
+            Some(until) => Err(RoutingError::CircuitOpen {
+                retry_after_seconds: u64::try_from((until - now).num_seconds())
+                    .unwrap_or(0)
+                    .max(1),
+            }),
+            // Open routes whose probe is in flight: retry shortly.
+            None if !open.is_empty() => Err(RoutingError::CircuitOpen {
+                retry_after_seconds: 1,
+            }),
+            None => Err(RoutingError::NoRoute),
+        }
     }
 
     /// Tries each route in turn until one accepts. Stops early when the error says
-    /// no route can do better, or on a timeout when failover on timeout is off
-    /// (the first provider may have sent it; a second send would duplicate).
+    /// no route can do better, or, with `failover_on_timeout` off, when the
+    /// provider may have taken the message (a second send could duplicate it).
+    /// A route whose circuit opened since `plan` (or whose probe another send
+    /// holds) is skipped, so the result can be empty: treat that as failed.
+    /// A receipt without a cost gets the route's configured price; one with a
+    /// cost but no currency gets the route's currency.
     pub async fn deliver(
         &self,
         chain: &[&Route],
@@ -167,6 +323,10 @@ impl SmsRouter {
     ) -> Vec<DeliveryAttempt> {
         let mut attempts = Vec::with_capacity(chain.len());
         for route in chain {
+            let Some(permit) = self.breakers.acquire(route.id) else {
+                tracing::info!(route_id = route.id, "route skipped: circuit open");
+                continue;
+            };
             let body = route.render(req.code, req.locale);
             let sms = OutgoingSms {
                 tenant: req.tenant,
@@ -177,20 +337,38 @@ impl SmsRouter {
                 ttl: req.ttl,
             };
             let started = Instant::now();
-            let result = match tokio::time::timeout(route.timeout, route.provider.send(&sms)).await
+            let result = match tokio::time::timeout(
+                route.timeout + TIMEOUT_GRACE,
+                route.provider.send(&sms),
+            )
+            .await
             {
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::new(
                     ProviderErrorKind::Timeout,
-                    "no answer in time",
+                    format!("no answer within {} ms", route.timeout.as_millis()),
                 )),
             };
             let latency = started.elapsed();
+            permit.record(&result);
+            let result = result.map(|receipt| with_price(receipt, route, req.to.country()));
+            match &result {
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    route_id = route.id,
+                    provider = route.provider.name(),
+                    to = %req.to.masked(),
+                    error_kind = e.kind.as_str(),
+                    error = %e.message,
+                    latency_ms = latency.as_millis() as u64,
+                    "SMS route failed"
+                ),
+            }
             let stop = match &result {
                 Ok(_) => true,
                 Err(e) => {
                     !e.kind.try_next_route()
-                        || (e.kind == ProviderErrorKind::Timeout && !self.failover_on_timeout)
+                        || (e.kind.outcome_unknown() && !self.failover_on_timeout)
                 }
             };
             attempts.push(DeliveryAttempt {
@@ -205,4 +383,18 @@ impl SmsRouter {
         }
         attempts
     }
+}
+
+fn with_price(mut receipt: SendReceipt, route: &Route, country: Option<&str>) -> SendReceipt {
+    match (receipt.cost, &receipt.currency) {
+        (None, _) => {
+            if let Some((price, currency)) = route.price_for(country) {
+                receipt.cost = Some(price);
+                receipt.currency = Some(currency);
+            }
+        }
+        (Some(_), None) => receipt.currency = route.currency.clone(),
+        (Some(_), Some(_)) => {}
+    }
+    receipt
 }

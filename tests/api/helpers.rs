@@ -1,10 +1,18 @@
 //! A real otpd on port 0 with a memory store and a manual clock, and a client for it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
 
 use chrono::Duration;
 use otpd::clock::ManualClock;
 use otpd::config::Settings;
+use otpd::sms::Route;
 use otpd::startup::{Application, Dependencies};
 use otpd::store::{MemoryStore, Store};
 use reqwest::{Response, StatusCode};
@@ -17,6 +25,8 @@ pub struct TestApp {
     pub key: String,
     pub clock: Arc<ManualClock>,
     pub state: otpd::http::AppState,
+    /// The BridgeXAPI delivery-report poller; tests run rounds with `poll_once`.
+    pub poller: Arc<otpd::service::dlr_poller::DlrPoller>,
     pub client: reqwest::Client,
     _stop: oneshot::Sender<()>,
     _dir: tempfile::TempDir,
@@ -45,6 +55,19 @@ impl TestApp {
     }
 
     pub async fn spawn_on(store: Arc<dyn Store>, configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_full(store, None, configure).await
+    }
+
+    /// With these routes instead of the zero-config sandbox.
+    pub async fn spawn_routed(routes: Vec<Route>, configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_full(Arc::new(MemoryStore::new()), Some(routes), configure).await
+    }
+
+    pub async fn spawn_full(
+        store: Arc<dyn Store>,
+        routes: Option<Vec<Route>>,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = test_settings(dir.path());
         configure(&mut settings);
@@ -52,11 +75,13 @@ impl TestApp {
         let deps = Dependencies {
             clock: clock.clone(),
             store: Some(store),
+            routes,
             ..Dependencies::default()
         };
         let app = Application::build_with(settings, deps).await.unwrap();
         let base = format!("http://127.0.0.1:{}", app.port());
         let state = app.state().clone();
+        let poller = app.dlr_poller();
         let (_, key) = state.keys.create("acme").await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async {
@@ -67,6 +92,7 @@ impl TestApp {
             key: key.expose().to_owned(),
             clock,
             state,
+            poller,
             client: reqwest::Client::new(),
             _stop: stop,
             _dir: dir,
@@ -102,6 +128,40 @@ impl TestApp {
         self.post_as(&self.key, path, body).await
     }
 
+    /// POST with `Authorization: Bearer <key>` (what BridgeX-style clients send).
+    pub async fn post_bearer(&self, path: &str, body: Value) -> Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POST raw bytes with the given headers and no others (no key unless given).
+    pub async fn post_raw(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .body(body.to_vec());
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// The code in the newest sandbox message to `to` (E.164).
+    pub async fn inbox_code(&self, to: &str) -> String {
+        let path = format!("/v1/sandbox/messages?to={}", urlencoding::encode(to));
+        let (status, inbox) = parts(self.get(&path).await).await;
+        assert_eq!(status, StatusCode::OK, "{inbox}");
+        let body = inbox["messages"][0]["body"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no sandbox message to {to}: {inbox}"));
+        body.chars().filter(char::is_ascii_digit).collect()
+    }
+
     pub async fn get_as(&self, key: &str, path: &str) -> Response {
         self.client
             .get(format!("{}{path}", self.base))
@@ -132,6 +192,13 @@ pub async fn parts(r: Response) -> (StatusCode, Value) {
     (status, body)
 }
 
+/// Status, headers and the exact body text of a response.
+pub async fn raw(r: Response) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let status = r.status();
+    let headers = r.headers().clone();
+    (status, headers, r.text().await.unwrap())
+}
+
 /// Asserts the native error shape and returns the body.
 pub async fn expect_error(r: Response, status: StatusCode, code: &str) -> Value {
     let (got, body) = parts(r).await;
@@ -151,4 +218,61 @@ pub fn wrong(code: &str) -> String {
     code.chars()
         .map(|c| char::from(b'0' + ((c as u8 - b'0' + 1) % 10)))
         .collect()
+}
+
+/// A TCP proxy that can stall: it then holds every byte in both directions, as a
+/// network path or a frozen server would, until resumed.
+pub struct StallingProxy {
+    pub port: u16,
+    stalled: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl StallingProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, watch) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            // Dropped (aborting every pipe) when the proxy task is aborted.
+            let mut pipes = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                pipes.spawn(pump(client_read, server_write, watch.clone()));
+                pipes.spawn(pump(server_read, client_write, watch.clone()));
+            }
+        });
+        Self {
+            port,
+            stalled,
+            task,
+        }
+    }
+
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut stalled: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }

@@ -1,9 +1,21 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod bridgex;
+mod delivery;
+mod failover;
 mod helpers;
+mod lifecycle;
+mod openlyne;
+mod ops;
 mod process;
+mod prometheus_text;
+mod providers;
 mod redis_store;
+mod route_config;
+mod routing;
+mod scale_out;
+mod seed_clients;
 mod service;
 mod sql_stores;
 mod store_contract;
@@ -17,6 +29,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/verifications/{id}"),
     ("post", "/v1/verifications/{id}/cancel"),
     ("get", "/v1/messages/{id}"),
+    ("get", "/v1/usage"),
+    ("post", "/v1/dlr/{provider}/{secret}"),
     ("get", "/v1/sandbox/messages"),
     ("get", "/health"),
+    ("get", "/health/live"),
+    ("get", "/health/ready"),
+    ("get", "/metrics"),
+    ("post", "/send-otp"),
+    ("post", "/verify-otp"),
+    ("get", "/config"),
+    ("post", "/webhook/send-otp"),
+    ("post", "/webhook/verify-otp"),
 ];

@@ -2,17 +2,14 @@
 //! stalled Redis turns into `Unavailable` within bounds instead of a hang, and a
 //! store whose connection is killed or stalled recovers by itself.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
 
 use otpd::domain::ApiKeyRecord;
 use otpd::store::{RedisStore, Store, StoreError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
+
+use crate::helpers::StallingProxy;
 
 /// Far above the store's own bounds (2 s per attempt, 10 s to connect), far below
 /// "hung".
@@ -90,63 +87,6 @@ async fn find_once_recovered(store: &RedisStore, key: &[u8; 32]) -> Option<ApiKe
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("the store did not recover: {e}"),
-        }
-    }
-}
-
-/// A TCP proxy that can stall: it then holds every byte in both directions, as a
-/// network path or a frozen server would, until resumed.
-struct StallingProxy {
-    port: u16,
-    stalled: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl StallingProxy {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (stalled, watch) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            // Dropped (aborting every pipe) when the proxy task is aborted.
-            let mut pipes = JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                pipes.spawn(pump(client_read, server_write, watch.clone()));
-                pipes.spawn(pump(server_read, client_write, watch.clone()));
-            }
-        });
-        Self {
-            port,
-            stalled,
-            task,
-        }
-    }
-
-    fn stall(&self, stalled: bool) {
-        self.stalled.send_replace(stalled);
-    }
-}
-
-impl Drop for StallingProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut stalled: watch::Receiver<bool>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            return;
         }
     }
 }
