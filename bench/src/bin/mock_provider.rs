@@ -1,14 +1,16 @@
 //! A loopback stand-in for BridgeXAPI: `POST /api/v1/send_sms` answers the
-//! documented success body at once, so send benchmarks measure otpd (and its
-//! provider client), not a remote network. One runtime thread: on a small machine
+//! documented success body at once (and `GET /api/v1/dlr/{id}` reports every
+//! message delivered), so send benchmarks measure otpd (and its provider
+//! client), not a remote network. One runtime thread: on a small machine
 //! it should take as little CPU from the server under test as it can.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Path;
 use axum::http::StatusCode;
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -65,6 +67,19 @@ async fn send_sms(
     )
 }
 
+/// Delivery status poll: every message the mock took is reported delivered.
+async fn dlr(Path(id): Path<String>) -> Json<Value> {
+    Json(json!({
+        "bx_message_id": id,
+        "msisdn": "31600000000",
+        "status": "delivered",
+        "route_id": 3,
+        "sms_order_id": 0,
+        "created_at": "2026-01-01T00:00:00Z",
+        "error": null,
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let addr = std::env::args()
         .nth(1)
@@ -75,7 +90,9 @@ fn main() -> anyhow::Result<()> {
         .block_on(async move {
             let listener = TcpListener::bind(&addr).await?;
             println!("listening on {}", listener.local_addr()?);
-            let app = Router::new().route("/api/v1/send_sms", post(send_sms));
+            let app = Router::new()
+                .route("/api/v1/send_sms", post(send_sms))
+                .route("/api/v1/dlr/{id}", get(dlr));
             axum::serve(listener, app).await?;
             Ok(())
         })
