@@ -1,14 +1,30 @@
 //! In-process store for tests, benchmarks and single-instance demos. Nothing
-//! survives a restart. Sharded maps keep contention low; a send locks its
-//! subject's entry first and only then the verification, a check locks only the
-//! verification, so lock order is always subject → verification.
+//! survives a restart.
+//!
+//! Records are kept compact because a busy instance holds millions of them:
+//! fixed-size structs in chunked slabs (no per-record heap allocation), indexed
+//! by open-addressing tables of 4-byte slab positions; tenant, purpose, provider
+//! and currency strings are interned; a masked number is stored as its last four
+//! digits and a count of stars, a country as two letters, times as milliseconds
+//! (the precision every backend keeps). Anything that does not fit that shape (a
+//! `uid`, an error text, an unusual mask) goes to a per-record side table.
+//!
+//! Verifications and subjects are sharded by their keys, each shard behind its
+//! own mutex. A send locks its subject's shard first and only then the
+//! verification's, a check locks only the verification's, so lock order is
+//! always subject → verification (messages, the inbox and the interner are
+//! leaves: nothing else is locked while they are held). Delivery attempts have
+//! their own retention (`purge_messages`), independent of their verification's.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use dashmap::DashMap;
-use parking_lot::Mutex;
+use hashbrown::HashTable;
+use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use super::{
@@ -16,33 +32,788 @@ use super::{
     MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, Store, StoreResult, UsageRow,
     advance_message, is_unfinished, seconds_until,
 };
-use crate::crypto::Crypto;
-use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
+use crate::crypto::{Crypto, SealedPhone};
+use crate::domain::{
+    ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
+};
 
 /// Ended verifications stay readable this long before the purge forgets them.
 const KEEP_ENDED: Duration = Duration::hours(24);
 const INBOX_CAPACITY: usize = 10_000;
+const SHARDS: usize = 16;
+/// Records per slab chunk: big enough to amortise, small enough not to matter idle.
+const CHUNK: usize = 1024;
+/// A sealed E.164 number: 24-byte nonce, at most 16 bytes of text, 16-byte tag.
+const PHONE_INLINE: usize = 56;
+/// Provider message ids up to this length are stored inline (BridgeXAPI's are 25).
+const PMID_INLINE: usize = 40;
+/// Distinct interned strings; past this, new ones go to the side table instead
+/// (a flood of distinct purposes must not grow the interner without bound).
+const MAX_SYMBOLS: usize = 65_536;
+const NO_SYMBOL: u32 = u32::MAX;
+const NONE: u32 = u32::MAX;
 
-#[derive(Debug, Default, Clone)]
-struct SubjectState {
-    current: Option<Uuid>,
-    last_sent_at: Option<DateTime<Utc>>,
-    window_start: Option<DateTime<Utc>>,
-    window_count: u32,
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Strings stored once and referred to by number.
+#[derive(Default)]
+struct Symbols {
+    table: RwLock<SymbolTable>,
 }
 
 #[derive(Default)]
+struct SymbolTable {
+    ids: HashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
+}
+
+impl Symbols {
+    fn find(&self, s: &str) -> Option<u32> {
+        self.table.read().ids.get(s).copied()
+    }
+
+    /// `NO_SYMBOL` once the table is full.
+    fn intern(&self, s: &str) -> u32 {
+        if let Some(id) = self.find(s) {
+            return id;
+        }
+        let mut t = self.table.write();
+        if let Some(id) = t.ids.get(s) {
+            return *id;
+        }
+        if t.names.len() >= MAX_SYMBOLS {
+            return NO_SYMBOL;
+        }
+        let id = t.names.len() as u32;
+        let name: Arc<str> = Arc::from(s);
+        t.names.push(name.clone());
+        t.ids.insert(name, id);
+        id
+    }
+
+    fn name(&self, id: u32) -> Arc<str> {
+        self.table
+            .read()
+            .names
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
+    }
+}
+
+/// A string field: interned when it could be, else in the record's side entry.
+fn text_matches(symbols: &Symbols, sym: u32, spilled: Option<&str>, wanted: &str) -> bool {
+    if sym == NO_SYMBOL {
+        spilled == Some(wanted)
+    } else {
+        symbols.find(wanted) == Some(sym)
+    }
+}
+
+fn text(symbols: &Symbols, sym: u32, spilled: Option<&str>) -> String {
+    if sym == NO_SYMBOL {
+        spilled.unwrap_or_default().to_owned()
+    } else {
+        symbols.name(sym).to_string()
+    }
+}
+
+/// `+*******0670` as (7 stars, "0670"); `None` for any other shape.
+fn compact_mask(masked: &str) -> Option<(u8, [u8; 4])> {
+    let rest = masked.strip_prefix('+')?;
+    let stars = rest.bytes().take_while(|b| *b == b'*').count();
+    let tail = &rest.as_bytes()[stars..];
+    if tail.len() != 4 || tail.contains(&b'*') || !tail.is_ascii() {
+        return None;
+    }
+    Some((
+        u8::try_from(stars).ok()?,
+        [tail[0], tail[1], tail[2], tail[3]],
+    ))
+}
+
+fn expand_mask(stars: u8, tail: [u8; 4]) -> String {
+    let mut s = String::with_capacity(5 + usize::from(stars));
+    s.push('+');
+    s.extend(std::iter::repeat_n('*', usize::from(stars)));
+    s.extend(tail.iter().map(|b| char::from(*b)));
+    s
+}
+
+fn compact_country(country: &str) -> Option<[u8; 2]> {
+    match country.as_bytes() {
+        [a, b] if a.is_ascii_uppercase() && b.is_ascii_uppercase() => Some([*a, *b]),
+        _ => None,
+    }
+}
+
+/// A string that did not fit its compact form.
+#[derive(Debug, Clone, Default)]
+struct Spill {
+    tenant: Option<Box<str>>,
+    purpose: Option<Box<str>>,
+    uid: Option<Box<str>>,
+    masked_to: Option<Box<str>>,
+    country: Option<Box<str>>,
+    phone: Option<SealedPhone>,
+    provider: Option<Box<str>>,
+    provider_message_id: Option<Box<str>>,
+    currency: Option<Box<str>>,
+    error: Option<Box<str>>,
+}
+
+/// Fixed-size records in chunks; freed slots are reused.
+struct Slab<T> {
+    chunks: Vec<Box<[T]>>,
+    free: Vec<u32>,
+    used: usize,
+}
+
+impl<T: Copy + Default> Default for Slab<T> {
+    fn default() -> Self {
+        Self {
+            chunks: Vec::new(),
+            free: Vec::new(),
+            used: 0,
+        }
+    }
+}
+
+impl<T: Copy + Default> Slab<T> {
+    fn insert(&mut self, value: T) -> u32 {
+        if let Some(i) = self.free.pop() {
+            *self.get_mut(i) = value;
+            return i;
+        }
+        if self.used == self.chunks.len() * CHUNK {
+            self.chunks
+                .push(vec![T::default(); CHUNK].into_boxed_slice());
+        }
+        let i = self.used;
+        self.used += 1;
+        self.chunks[i / CHUNK][i % CHUNK] = value;
+        i as u32
+    }
+
+    fn get(&self, i: u32) -> &T {
+        let i = i as usize;
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+
+    fn get_mut(&mut self, i: u32) -> &mut T {
+        let i = i as usize;
+        &mut self.chunks[i / CHUNK][i % CHUNK]
+    }
+
+    fn release(&mut self, i: u32) {
+        *self.get_mut(i) = T::default();
+        self.free.push(i);
+    }
+
+    /// Positions of every slot ever used (live or free).
+    fn positions(&self) -> std::ops::Range<u32> {
+        0..self.used as u32
+    }
+}
+
+// Flags shared by the record kinds.
+const LIVE: u8 = 1;
+const SPILLED: u8 = 2;
+// Verification flags.
+const HAS_CODE: u8 = 4;
+const HAS_COUNTRY: u8 = 8;
+const COMPACT_MASK: u8 = 16;
+
+/// One verification, 208 bytes.
+#[derive(Clone, Copy)]
+struct VRec {
+    id: [u8; 16],
+    subject: [u8; 32],
+    code_hash: [u8; 32],
+    phone: [u8; PHONE_INLINE],
+    created: i64,
+    updated: i64,
+    expires: i64,
+    last_sent: i64,
+    phone_key: u32,
+    attempts: u32,
+    max_attempts: u32,
+    send_count: u32,
+    tenant: u32,
+    purpose: u32,
+    masked_tail: [u8; 4],
+    country: [u8; 2],
+    masked_stars: u8,
+    /// Bytes of `phone` in use; 0 when the sealed number is in the side table.
+    phone_len: u8,
+    status: u8,
+    flags: u8,
+}
+
+impl Default for VRec {
+    fn default() -> Self {
+        Self {
+            id: [0; 16],
+            subject: [0; 32],
+            code_hash: [0; 32],
+            phone: [0; PHONE_INLINE],
+            created: 0,
+            updated: 0,
+            expires: 0,
+            last_sent: 0,
+            phone_key: 0,
+            attempts: 0,
+            max_attempts: 0,
+            send_count: 0,
+            tenant: NO_SYMBOL,
+            purpose: NO_SYMBOL,
+            masked_tail: [0; 4],
+            country: [0; 2],
+            masked_stars: 0,
+            phone_len: 0,
+            status: 0,
+            flags: 0,
+        }
+    }
+}
+
+fn status_code(s: Status) -> u8 {
+    match s {
+        Status::Pending => 0,
+        Status::Approved => 1,
+        Status::Expired => 2,
+        Status::Canceled => 3,
+        Status::MaxAttempts => 4,
+        Status::Failed => 5,
+    }
+}
+
+fn status_of(code: u8) -> Status {
+    match code {
+        0 => Status::Pending,
+        1 => Status::Approved,
+        2 => Status::Expired,
+        3 => Status::Canceled,
+        4 => Status::MaxAttempts,
+        _ => Status::Failed,
+    }
+}
+
+impl VRec {
+    fn status(&self) -> Status {
+        status_of(self.status)
+    }
+
+    fn is_pending_at(&self, now: i64) -> bool {
+        self.status() == Status::Pending && now < self.expires
+    }
+
+    fn code_hash(&self) -> Option<[u8; 32]> {
+        (self.flags & HAS_CODE != 0).then_some(self.code_hash)
+    }
+
+    fn clear_code(&mut self) {
+        self.flags &= !HAS_CODE;
+        self.code_hash = [0; 32];
+    }
+
+    fn encode(v: &Verification, symbols: &Symbols) -> (Self, Option<Box<Spill>>) {
+        let mut spill = Spill::default();
+        let mut r = VRec {
+            id: *v.id.as_bytes(),
+            subject: v.subject.0,
+            created: ms(v.created_at),
+            updated: ms(v.updated_at),
+            expires: ms(v.expires_at),
+            last_sent: ms(v.last_sent_at),
+            phone_key: v.phone.key_id,
+            attempts: v.attempts,
+            max_attempts: v.max_attempts,
+            send_count: v.send_count,
+            tenant: symbols.intern(&v.tenant),
+            purpose: symbols.intern(&v.purpose),
+            status: status_code(v.status),
+            flags: LIVE,
+            ..VRec::default()
+        };
+        if r.tenant == NO_SYMBOL {
+            spill.tenant = Some(v.tenant.as_str().into());
+        }
+        if r.purpose == NO_SYMBOL {
+            spill.purpose = Some(v.purpose.as_str().into());
+        }
+        spill.uid = v.uid.as_deref().map(Into::into);
+        if let Some(h) = v.code_hash {
+            r.code_hash = h;
+            r.flags |= HAS_CODE;
+        }
+        if v.phone.blob.len() <= PHONE_INLINE && !v.phone.blob.is_empty() {
+            r.phone[..v.phone.blob.len()].copy_from_slice(&v.phone.blob);
+            r.phone_len = v.phone.blob.len() as u8;
+        } else {
+            spill.phone = Some(v.phone.clone());
+        }
+        match compact_mask(&v.masked_to) {
+            Some((stars, tail)) => {
+                r.masked_stars = stars;
+                r.masked_tail = tail;
+                r.flags |= COMPACT_MASK;
+            }
+            None => spill.masked_to = Some(v.masked_to.as_str().into()),
+        }
+        if let Some(c) = &v.country {
+            match compact_country(c) {
+                Some(cc) => {
+                    r.country = cc;
+                    r.flags |= HAS_COUNTRY;
+                }
+                None => spill.country = Some(c.as_str().into()),
+            }
+        }
+        let spill = spill.is_used().then(|| Box::new(spill));
+        if spill.is_some() {
+            r.flags |= SPILLED;
+        }
+        (r, spill)
+    }
+
+    fn decode(&self, spill: Option<&Spill>, symbols: &Symbols) -> Verification {
+        let s = |f: fn(&Spill) -> Option<&str>| spill.and_then(f);
+        Verification {
+            id: Uuid::from_bytes(self.id),
+            tenant: text(symbols, self.tenant, s(|x| x.tenant.as_deref())),
+            subject: SubjectKey(self.subject),
+            purpose: text(symbols, self.purpose, s(|x| x.purpose.as_deref())),
+            uid: s(|x| x.uid.as_deref()).map(str::to_owned),
+            phone: match spill.and_then(|x| x.phone.clone()) {
+                Some(p) => p,
+                None => SealedPhone {
+                    key_id: self.phone_key,
+                    blob: self.phone[..usize::from(self.phone_len)].to_vec(),
+                },
+            },
+            masked_to: if self.flags & COMPACT_MASK != 0 {
+                expand_mask(self.masked_stars, self.masked_tail)
+            } else {
+                s(|x| x.masked_to.as_deref()).unwrap_or_default().to_owned()
+            },
+            country: if self.flags & HAS_COUNTRY != 0 {
+                Some(self.country.iter().map(|b| char::from(*b)).collect())
+            } else {
+                s(|x| x.country.as_deref()).map(str::to_owned)
+            },
+            code_hash: self.code_hash(),
+            status: self.status(),
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            send_count: self.send_count,
+            created_at: time(self.created),
+            updated_at: time(self.updated),
+            expires_at: time(self.expires),
+            last_sent_at: time(self.last_sent),
+        }
+    }
+}
+
+impl Spill {
+    fn is_used(&self) -> bool {
+        self.tenant.is_some()
+            || self.purpose.is_some()
+            || self.uid.is_some()
+            || self.masked_to.is_some()
+            || self.country.is_some()
+            || self.phone.is_some()
+            || self.provider.is_some()
+            || self.provider_message_id.is_some()
+            || self.currency.is_some()
+            || self.error.is_some()
+    }
+}
+
+/// One shard of verifications, by id.
+#[derive(Default)]
+struct VShard {
+    slab: Slab<VRec>,
+    by_id: HashTable<u32>,
+    spills: HashMap<u32, Box<Spill>>,
+}
+
+impl VShard {
+    fn find(&self, hash: u64, id: &[u8; 16]) -> Option<u32> {
+        self.by_id
+            .find(hash, |&i| self.slab.get(i).id == *id)
+            .copied()
+    }
+
+    fn spill(&self, i: u32) -> Option<&Spill> {
+        if self.slab.get(i).flags & SPILLED != 0 {
+            self.spills.get(&i).map(|b| &**b)
+        } else {
+            None
+        }
+    }
+
+    fn tenant_is(&self, i: u32, symbols: &Symbols, tenant: &str) -> bool {
+        let r = self.slab.get(i);
+        text_matches(
+            symbols,
+            r.tenant,
+            self.spill(i).and_then(|s| s.tenant.as_deref()),
+            tenant,
+        )
+    }
+
+    fn decode(&self, i: u32, symbols: &Symbols) -> Verification {
+        self.slab.get(i).decode(self.spill(i), symbols)
+    }
+}
+
+/// A subject's cooldown and window state and its current verification.
+#[derive(Clone, Copy, Default)]
+struct SRec {
+    key: [u8; 32],
+    current: [u8; 16],
+    last_sent: i64,
+    window_start: i64,
+    window_count: u32,
+    flags: u8,
+}
+
+const HAS_CURRENT: u8 = 4;
+const HAS_LAST_SENT: u8 = 8;
+const HAS_WINDOW: u8 = 16;
+
+impl SRec {
+    fn current(&self) -> Option<Uuid> {
+        (self.flags & HAS_CURRENT != 0).then(|| Uuid::from_bytes(self.current))
+    }
+
+    fn last_sent(&self) -> Option<i64> {
+        (self.flags & HAS_LAST_SENT != 0).then_some(self.last_sent)
+    }
+
+    fn set_last_sent(&mut self, t: Option<i64>) {
+        match t {
+            Some(t) => {
+                self.last_sent = t;
+                self.flags |= HAS_LAST_SENT;
+            }
+            None => self.flags &= !HAS_LAST_SENT,
+        }
+    }
+}
+
+#[derive(Default)]
+struct SShard {
+    slab: Slab<SRec>,
+    by_key: HashTable<u32>,
+}
+
+impl SShard {
+    fn find(&self, hash: u64, key: &[u8; 32]) -> Option<u32> {
+        self.by_key
+            .find(hash, |&i| self.slab.get(i).key == *key)
+            .copied()
+    }
+}
+
+// Message flags.
+const M_LIVE: u16 = 1;
+const M_SPILLED: u16 = 2;
+const HAS_PMID: u16 = 4;
+const HAS_COST: u16 = 8;
+const M_HAS_COUNTRY: u16 = 16;
+const M_COMPACT_MASK: u16 = 32;
+const HAS_RESEND_OF: u16 = 64;
+const HAS_SENT_AT: u16 = 128;
+const HAS_DELIVERED_AT: u16 = 256;
+const HAS_FAILED_AT: u16 = 512;
+
+/// One delivery attempt, 176 bytes.
+#[derive(Clone, Copy)]
+struct MRec {
+    id: [u8; 16],
+    verification_id: [u8; 16],
+    resend_of: [u8; 16],
+    pmid: [u8; PMID_INLINE],
+    created: i64,
+    updated: i64,
+    sent_at: i64,
+    delivered_at: i64,
+    failed_at: i64,
+    cost: f64,
+    tenant: u32,
+    provider: u32,
+    /// `NONE` when absent; `NO_SYMBOL` never (a spilled currency is flagged by the spill).
+    currency: u32,
+    route_id: u32,
+    latency_ms: u32,
+    /// The next attempt of the same verification.
+    next: u32,
+    masked_tail: [u8; 4],
+    country: [u8; 2],
+    masked_stars: u8,
+    pmid_len: u8,
+    status: u8,
+    flags: u16,
+}
+
+impl Default for MRec {
+    fn default() -> Self {
+        Self {
+            id: [0; 16],
+            verification_id: [0; 16],
+            resend_of: [0; 16],
+            pmid: [0; PMID_INLINE],
+            created: 0,
+            updated: 0,
+            sent_at: 0,
+            delivered_at: 0,
+            failed_at: 0,
+            cost: 0.0,
+            tenant: NO_SYMBOL,
+            provider: NO_SYMBOL,
+            currency: NONE,
+            route_id: 0,
+            latency_ms: 0,
+            next: NONE,
+            masked_tail: [0; 4],
+            country: [0; 2],
+            masked_stars: 0,
+            pmid_len: 0,
+            status: 0,
+            flags: 0,
+        }
+    }
+}
+
+fn delivery_code(s: DeliveryStatus) -> u8 {
+    match s {
+        DeliveryStatus::Queued => 0,
+        DeliveryStatus::Sent => 1,
+        DeliveryStatus::Delivered => 2,
+        DeliveryStatus::Failed => 3,
+        DeliveryStatus::Undelivered => 4,
+        DeliveryStatus::Unknown => 5,
+    }
+}
+
+fn delivery_of(code: u8) -> DeliveryStatus {
+    match code {
+        0 => DeliveryStatus::Queued,
+        1 => DeliveryStatus::Sent,
+        2 => DeliveryStatus::Delivered,
+        3 => DeliveryStatus::Failed,
+        4 => DeliveryStatus::Undelivered,
+        _ => DeliveryStatus::Unknown,
+    }
+}
+
+impl MRec {
+    fn encode(m: &MessageRecord, symbols: &Symbols) -> (Self, Option<Box<Spill>>) {
+        let mut spill = Spill::default();
+        let mut r = MRec {
+            id: *m.id.as_bytes(),
+            verification_id: *m.verification_id.as_bytes(),
+            created: ms(m.created_at),
+            updated: ms(m.updated_at),
+            tenant: symbols.intern(&m.tenant),
+            provider: symbols.intern(&m.provider),
+            route_id: m.route_id,
+            latency_ms: m.latency_ms,
+            status: delivery_code(m.status),
+            flags: M_LIVE,
+            ..MRec::default()
+        };
+        if let Some(r0) = m.resend_of {
+            r.resend_of = *r0.as_bytes();
+            r.flags |= HAS_RESEND_OF;
+        }
+        for (at, field, flag) in [
+            (m.sent_at, &mut r.sent_at, HAS_SENT_AT),
+            (m.delivered_at, &mut r.delivered_at, HAS_DELIVERED_AT),
+            (m.failed_at, &mut r.failed_at, HAS_FAILED_AT),
+        ] {
+            if let Some(at) = at {
+                *field = ms(at);
+                r.flags |= flag;
+            }
+        }
+        if r.tenant == NO_SYMBOL {
+            spill.tenant = Some(m.tenant.as_str().into());
+        }
+        if r.provider == NO_SYMBOL {
+            spill.provider = Some(m.provider.as_str().into());
+        }
+        if let Some(pmid) = &m.provider_message_id {
+            r.flags |= HAS_PMID;
+            if pmid.len() <= PMID_INLINE {
+                r.pmid[..pmid.len()].copy_from_slice(pmid.as_bytes());
+                r.pmid_len = pmid.len() as u8;
+            } else {
+                spill.provider_message_id = Some(pmid.as_str().into());
+            }
+        }
+        if let Some(cost) = m.cost {
+            r.cost = cost;
+            r.flags |= HAS_COST;
+        }
+        r.set_currency(m.currency.as_deref(), symbols, &mut spill);
+        spill.error = m.error.as_deref().map(Into::into);
+        match compact_mask(&m.masked_to) {
+            Some((stars, tail)) => {
+                r.masked_stars = stars;
+                r.masked_tail = tail;
+                r.flags |= M_COMPACT_MASK;
+            }
+            None => spill.masked_to = Some(m.masked_to.as_str().into()),
+        }
+        if let Some(c) = &m.country {
+            match compact_country(c) {
+                Some(cc) => {
+                    r.country = cc;
+                    r.flags |= M_HAS_COUNTRY;
+                }
+                None => spill.country = Some(c.as_str().into()),
+            }
+        }
+        let spill = spill.is_used().then(|| Box::new(spill));
+        if spill.is_some() {
+            r.flags |= M_SPILLED;
+        }
+        (r, spill)
+    }
+
+    fn set_currency(&mut self, currency: Option<&str>, symbols: &Symbols, spill: &mut Spill) {
+        spill.currency = None;
+        self.currency = match currency {
+            None => NONE,
+            Some(c) => match symbols.intern(c) {
+                NO_SYMBOL => {
+                    spill.currency = Some(c.into());
+                    NONE
+                }
+                id => id,
+            },
+        };
+    }
+
+    /// The provider message id when it is stored inline.
+    fn inline_pmid(&self) -> Option<&[u8]> {
+        (self.flags & HAS_PMID != 0 && self.pmid_len > 0)
+            .then(|| &self.pmid[..usize::from(self.pmid_len)])
+    }
+
+    fn decode(&self, spill: Option<&Spill>, symbols: &Symbols) -> MessageRecord {
+        let s = |f: fn(&Spill) -> Option<&str>| spill.and_then(f);
+        MessageRecord {
+            id: Uuid::from_bytes(self.id),
+            verification_id: Uuid::from_bytes(self.verification_id),
+            tenant: text(symbols, self.tenant, s(|x| x.tenant.as_deref())),
+            route_id: self.route_id,
+            provider: text(symbols, self.provider, s(|x| x.provider.as_deref())),
+            provider_message_id: match self.inline_pmid() {
+                Some(p) => Some(String::from_utf8_lossy(p).into_owned()),
+                None => s(|x| x.provider_message_id.as_deref()).map(str::to_owned),
+            },
+            masked_to: if self.flags & M_COMPACT_MASK != 0 {
+                expand_mask(self.masked_stars, self.masked_tail)
+            } else {
+                s(|x| x.masked_to.as_deref()).unwrap_or_default().to_owned()
+            },
+            country: if self.flags & M_HAS_COUNTRY != 0 {
+                Some(self.country.iter().map(|b| char::from(*b)).collect())
+            } else {
+                s(|x| x.country.as_deref()).map(str::to_owned)
+            },
+            status: delivery_of(self.status),
+            error: s(|x| x.error.as_deref()).map(str::to_owned),
+            cost: (self.flags & HAS_COST != 0).then_some(self.cost),
+            currency: if self.currency == NONE {
+                s(|x| x.currency.as_deref()).map(str::to_owned)
+            } else {
+                Some(symbols.name(self.currency).to_string())
+            },
+            latency_ms: self.latency_ms,
+            resend_of: (self.flags & HAS_RESEND_OF != 0).then(|| Uuid::from_bytes(self.resend_of)),
+            created_at: time(self.created),
+            sent_at: (self.flags & HAS_SENT_AT != 0).then(|| time(self.sent_at)),
+            delivered_at: (self.flags & HAS_DELIVERED_AT != 0).then(|| time(self.delivered_at)),
+            failed_at: (self.flags & HAS_FAILED_AT != 0).then(|| time(self.failed_at)),
+            updated_at: time(self.updated),
+        }
+    }
+}
+
+/// Every delivery attempt, with its indexes: by id, by verification (the
+/// first attempt; the rest follow `next`), by (provider, provider id), the
+/// attempts still awaiting a final status by (provider, creation, id) for the
+/// delivery-status poller, and every attempt by creation for retention.
+#[derive(Default)]
+struct Messages {
+    slab: Slab<MRec>,
+    by_id: HashTable<u32>,
+    by_verification: HashTable<u32>,
+    by_provider_id: HashTable<u32>,
+    unfinished: BTreeSet<(u32, i64, [u8; 16])>,
+    by_created: BTreeSet<(i64, u32)>,
+    spills: HashMap<u32, Box<Spill>>,
+}
+
+impl Messages {
+    fn spill(&self, i: u32) -> Option<&Spill> {
+        if self.slab.get(i).flags & M_SPILLED != 0 {
+            self.spills.get(&i).map(|b| &**b)
+        } else {
+            None
+        }
+    }
+
+    fn pmid(&self, i: u32) -> Option<&[u8]> {
+        let r = self.slab.get(i);
+        r.inline_pmid().or_else(|| {
+            self.spill(i)
+                .and_then(|s| s.provider_message_id.as_deref())
+                .map(str::as_bytes)
+        })
+    }
+
+    fn provider_is(&self, i: u32, symbols: &Symbols, provider: &str) -> bool {
+        text_matches(
+            symbols,
+            self.slab.get(i).provider,
+            self.spill(i).and_then(|s| s.provider.as_deref()),
+            provider,
+        )
+    }
+
+    fn tenant_is(&self, i: u32, symbols: &Symbols, tenant: &str) -> bool {
+        text_matches(
+            symbols,
+            self.slab.get(i).tenant,
+            self.spill(i).and_then(|s| s.tenant.as_deref()),
+            tenant,
+        )
+    }
+
+    fn decode(&self, i: u32, symbols: &Symbols) -> MessageRecord {
+        self.slab.get(i).decode(self.spill(i), symbols)
+    }
+}
+
 pub struct MemoryStore {
+    hasher: RandomState,
+    symbols: Symbols,
     keys: DashMap<[u8; 32], ApiKeyRecord>,
-    subjects: DashMap<SubjectKey, SubjectState>,
-    verifications: DashMap<Uuid, Verification>,
-    messages: DashMap<Uuid, MessageRecord>,
-    messages_by_verification: DashMap<Uuid, Vec<Uuid>>,
-    messages_by_provider_id: DashMap<(String, String), Uuid>,
-    /// (provider, created_at, id) of messages awaiting a final status.
-    unfinished: Mutex<BTreeSet<(String, DateTime<Utc>, Uuid)>>,
-    /// (created_at, id) of every message, for retention.
-    messages_by_created: Mutex<BTreeSet<(DateTime<Utc>, Uuid)>>,
+    subjects: Box<[Mutex<SShard>]>,
+    verifications: Box<[Mutex<VShard>]>,
+    messages: Mutex<Messages>,
     /// Tenant → its usage rows by (day, route, country, currency).
     usage: DashMap<String, BTreeMap<UsageKey, UsageRow>>,
     inbox: Mutex<VecDeque<InboxEntry>>,
@@ -56,27 +827,153 @@ pub struct MemoryStore {
 
 type UsageKey = (NaiveDate, u32, String, String);
 
+fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> i64 {
+    now.timestamp().div_euclid(i64::from(window_seconds.max(1)))
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            hasher: RandomState::new(),
+            symbols: Symbols::default(),
+            keys: DashMap::new(),
+            subjects: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            verifications: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            messages: Mutex::default(),
+            usage: DashMap::new(),
+            inbox: Mutex::default(),
+            rate: DashMap::new(),
+            counters: DashMap::new(),
+            markers: DashMap::new(),
+        }
+    }
+}
+
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
-}
 
-/// Shared window arithmetic: returns (window start, count) after rolling over.
-fn current_window(
-    start: Option<DateTime<Utc>>,
-    count: u32,
-    window: Duration,
-    now: DateTime<Utc>,
-) -> (DateTime<Utc>, u32) {
-    match start {
-        Some(s) if now < s + window => (s, count),
-        _ => (now, 0),
+    fn hash<T: Hash + ?Sized>(&self, value: &T) -> u64 {
+        self.hasher.hash_one(value)
     }
-}
 
-fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> i64 {
-    now.timestamp().div_euclid(i64::from(window_seconds.max(1)))
+    /// The shard a hash falls in.
+    fn shard_of(hash: u64) -> usize {
+        // Bits the tables use neither for the bucket (low bits) nor for the
+        // control byte (top seven), so every shard's table sees full entropy.
+        (hash >> 32) as usize % SHARDS
+    }
+
+    fn verification_shard(&self, id: &[u8; 16]) -> (u64, &Mutex<VShard>) {
+        let h = self.hash(id);
+        (h, &self.verifications[Self::shard_of(h)])
+    }
+
+    fn subject_shard(&self, key: &[u8; 32]) -> (u64, &Mutex<SShard>) {
+        let h = self.hash(key);
+        (h, &self.subjects[Self::shard_of(h)])
+    }
+
+    fn pmid_hash(&self, provider: &str, pmid: &[u8]) -> u64 {
+        self.hash(&(provider, pmid))
+    }
+
+    /// Inserts a verification that is not stored yet.
+    fn insert_verification(&self, shard: &mut VShard, hash: u64, v: &Verification) {
+        let (rec, spill) = VRec::encode(v, &self.symbols);
+        let i = shard.slab.insert(rec);
+        if let Some(s) = spill {
+            shard.spills.insert(i, s);
+        }
+        let hasher = &self.hasher;
+        let slab = &shard.slab;
+        shard
+            .by_id
+            .insert_unique(hash, i, |&j| hasher.hash_one(slab.get(j).id));
+    }
+
+    /// The subject's current verification, if it is the tenant's and `keep` says so.
+    fn current_of(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        keep: impl Fn(&VRec) -> bool,
+    ) -> Option<(Uuid, Status)> {
+        let (sh, sshard) = self.subject_shard(&subject.0);
+        let current = {
+            let s = sshard.lock();
+            let i = s.find(sh, &subject.0)?;
+            s.slab.get(i).current()?
+        };
+        let (vh, vshard) = self.verification_shard(current.as_bytes());
+        let v = vshard.lock();
+        let i = v.find(vh, current.as_bytes())?;
+        let r = v.slab.get(i);
+        (v.tenant_is(i, &self.symbols, tenant) && keep(r)).then(|| (current, r.status()))
+    }
+
+    /// Removes a verification (the purge's forget step). Its delivery attempts
+    /// stay until `purge_messages` (the retention period).
+    fn forget(&self, shard: &mut VShard, i: u32) {
+        let id = shard.slab.get(i).id;
+        let h = self.hash(&id);
+        if let Ok(entry) = shard.by_id.find_entry(h, |&j| j == i) {
+            entry.remove();
+        }
+        shard.spills.remove(&i);
+        shard.slab.release(i);
+    }
+
+    /// Removes one delivery attempt and every index entry that points at it.
+    fn remove_message(&self, m: &mut Messages, j: u32) {
+        let rec = *m.slab.get(j);
+        let ih = self.hash(&rec.id);
+        if let Ok(entry) = m.by_id.find_entry(ih, |&k| k == j) {
+            entry.remove();
+        }
+        // Unlink from its verification's chain.
+        let vh = self.hash(&rec.verification_id);
+        let slab = &m.slab;
+        let head = m
+            .by_verification
+            .find(vh, |&k| slab.get(k).verification_id == rec.verification_id)
+            .copied();
+        if head == Some(j) {
+            if let Ok(entry) = m.by_verification.find_entry(vh, |&k| k == j) {
+                entry.remove();
+            }
+            if rec.next != NONE {
+                let hasher = &self.hasher;
+                let Messages {
+                    slab,
+                    by_verification,
+                    ..
+                } = &mut *m;
+                by_verification.insert_unique(vh, rec.next, |&k| {
+                    hasher.hash_one(slab.get(k).verification_id)
+                });
+            }
+        } else if let Some(mut k) = head {
+            while m.slab.get(k).next != NONE && m.slab.get(k).next != j {
+                k = m.slab.get(k).next;
+            }
+            if m.slab.get(k).next == j {
+                m.slab.get_mut(k).next = rec.next;
+            }
+        }
+        let provider = m.decode(j, &self.symbols).provider;
+        if let Some(pmid) = m.pmid(j).map(<[u8]>::to_vec) {
+            let ph = self.pmid_hash(&provider, &pmid);
+            if let Ok(entry) = m.by_provider_id.find_entry(ph, |&k| k == j) {
+                entry.remove();
+            }
+        }
+        m.unfinished.remove(&(rec.provider, rec.created, rec.id));
+        m.by_created.remove(&(rec.created, j));
+        m.spills.remove(&j);
+        m.slab.release(j);
+    }
 }
 
 #[async_trait]
@@ -116,14 +1013,10 @@ impl Store for MemoryStore {
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Uuid>> {
-        let Some(current) = self.subjects.get(subject).and_then(|s| s.current) else {
-            return Ok(None);
-        };
+        let now = ms(now);
         Ok(self
-            .verifications
-            .get(&current)
-            .filter(|v| v.tenant == tenant && v.is_pending_at(now))
-            .map(|v| v.id))
+            .current_of(tenant, subject, |r| r.is_pending_at(now))
+            .map(|(id, _)| id))
     }
 
     async fn find_current(
@@ -132,23 +1025,35 @@ impl Store for MemoryStore {
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<(Uuid, Status)>> {
-        let Some(current) = self.subjects.get(subject).and_then(|s| s.current) else {
-            return Ok(None);
-        };
-        Ok(self
-            .verifications
-            .get(&current)
-            .filter(|v| v.tenant == tenant && now < v.expires_at)
-            .filter(|v| matches!(v.status, Status::Pending | Status::MaxAttempts))
-            .map(|v| (v.id, v.status)))
+        let now = ms(now);
+        Ok(self.current_of(tenant, subject, |r| {
+            now < r.expires && matches!(r.status(), Status::Pending | Status::MaxAttempts)
+        }))
     }
 
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let planned = &plan.verification;
-        let mut subject = self.subjects.entry(planned.subject).or_default();
+        let now_ms = ms(now);
+        let (sh, sshard) = self.subject_shard(&planned.subject.0);
+        let mut subjects = sshard.lock();
+        let si = match subjects.find(sh, &planned.subject.0) {
+            Some(i) => i,
+            None => {
+                let i = subjects.slab.insert(SRec {
+                    key: planned.subject.0,
+                    flags: LIVE,
+                    ..SRec::default()
+                });
+                let hasher = &self.hasher;
+                let SShard { slab, by_key } = &mut *subjects;
+                by_key.insert_unique(sh, i, |&j| hasher.hash_one(slab.get(j).key));
+                i
+            }
+        };
+        let subject = *subjects.slab.get(si);
 
-        if let Some(last) = subject.last_sent_at {
-            let until = last + Duration::seconds(plan.cooldown_seconds.into());
+        if let Some(last) = subject.last_sent() {
+            let until = time(last) + Duration::seconds(plan.cooldown_seconds.into());
             if now < until {
                 return Ok(SendDecision::Cooldown {
                     retry_after_seconds: seconds_until(now, until),
@@ -156,70 +1061,116 @@ impl Store for MemoryStore {
             }
         }
         let window = Duration::seconds(plan.send_window_seconds.into());
-        let (window_start, window_count) =
-            current_window(subject.window_start, subject.window_count, window, now);
+        let (window_start, window_count) = match subject.flags & HAS_WINDOW != 0 {
+            true if now < time(subject.window_start) + window => {
+                (time(subject.window_start), subject.window_count)
+            }
+            _ => (now, 0),
+        };
         if window_count >= plan.max_sends_per_window {
             return Ok(SendDecision::WindowExhausted {
                 retry_after_seconds: seconds_until(now, window_start + window),
             });
         }
 
-        let pending = subject.current.and_then(|id| {
-            self.verifications
-                .get(&id)
-                .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now))
-                .map(|v| v.id)
-        });
-        let previous_sent_at = subject.last_sent_at;
-        let decision = match pending {
-            Some(id) if id == planned.id => {
-                let Some(mut v) = self.verifications.get_mut(&id) else {
-                    return Ok(SendDecision::Conflict);
-                };
-                v.code_hash = planned.code_hash;
-                v.expires_at = planned.expires_at;
-                // A resend goes to the number of this request (a uid's number may change).
-                v.phone = planned.phone.clone();
-                v.masked_to = planned.masked_to.clone();
-                v.country = planned.country.clone();
-                v.send_count += 1;
-                v.updated_at = now;
-                v.last_sent_at = now;
-                SendDecision::Replaced {
-                    verification: v.clone(),
-                    previous_sent_at,
-                }
+        let previous_sent_at = subject.last_sent().map(time);
+        // Whether another verification is still pending for this subject. Only
+        // one verification shard is locked at a time (two at once could deadlock
+        // against a send locking them the other way round); the subject lock,
+        // held throughout, keeps the subject's current verification fixed.
+        let current = subject.current();
+        let other_pending = match current {
+            Some(cur) if cur != planned.id => {
+                let (ch, cshard) = self.verification_shard(cur.as_bytes());
+                let c = cshard.lock();
+                c.find(ch, cur.as_bytes()).is_some_and(|i| {
+                    c.tenant_is(i, &self.symbols, &planned.tenant)
+                        && c.slab.get(i).is_pending_at(now_ms)
+                })
             }
-            Some(_) => return Ok(SendDecision::Conflict),
-            None if self.verifications.contains_key(&planned.id) => {
+            _ => false,
+        };
+        if other_pending {
+            return Ok(SendDecision::Conflict);
+        }
+        let (vh, vshard) = self.verification_shard(planned.id.as_bytes());
+        let mut shard = vshard.lock();
+        let existing = shard.find(vh, planned.id.as_bytes());
+        let decision = if current == Some(planned.id) {
+            // A resend: the planned verification must still be pending.
+            let Some(i) = existing.filter(|&i| {
+                shard.tenant_is(i, &self.symbols, &planned.tenant)
+                    && shard.slab.get(i).is_pending_at(now_ms)
+            }) else {
                 return Ok(SendDecision::Conflict);
-            }
-            None => {
-                self.verifications.insert(planned.id, planned.clone());
-                SendDecision::Created {
-                    verification: planned.clone(),
-                    previous_sent_at,
+            };
+            let r = shard.slab.get_mut(i);
+            match planned.code_hash {
+                Some(h) => {
+                    r.code_hash = h;
+                    r.flags |= HAS_CODE;
                 }
+                None => r.clear_code(),
+            }
+            r.expires = ms(planned.expires_at);
+            r.send_count += 1;
+            r.updated = now_ms;
+            r.last_sent = now_ms;
+            // A resend goes to the number of this request (a uid's number may
+            // change): take its phone, mask and country, keeping the rest.
+            let mut v = shard.decode(i, &self.symbols);
+            v.phone = planned.phone.clone();
+            v.masked_to = planned.masked_to.clone();
+            v.country = planned.country.clone();
+            let (mut fresh, spill) = VRec::encode(&v, &self.symbols);
+            fresh.flags |= shard.slab.get(i).flags & LIVE;
+            *shard.slab.get_mut(i) = fresh;
+            shard.spills.remove(&i);
+            if let Some(s) = spill {
+                shard.spills.insert(i, s);
+            }
+            SendDecision::Replaced {
+                verification: shard.decode(i, &self.symbols),
+                previous_sent_at,
+            }
+        } else if existing.is_some() {
+            return Ok(SendDecision::Conflict);
+        } else {
+            self.insert_verification(&mut shard, vh, planned);
+            SendDecision::Created {
+                verification: planned.clone(),
+                previous_sent_at,
             }
         };
-        subject.current = Some(planned.id);
-        subject.last_sent_at = Some(now);
-        subject.window_start = Some(window_start);
-        subject.window_count = window_count + 1;
+        drop(shard);
+        let s = subjects.slab.get_mut(si);
+        s.current = *planned.id.as_bytes();
+        s.last_sent = now_ms;
+        s.window_start = ms(window_start);
+        s.window_count = window_count + 1;
+        s.flags |= HAS_CURRENT | HAS_LAST_SENT | HAS_WINDOW;
         Ok(decision)
     }
 
     async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
-        if let Some(mut subject) = self.subjects.get_mut(&abort.subject) {
-            subject.last_sent_at = abort.previous_sent_at;
-            subject.window_count = subject.window_count.saturating_sub(1);
-        }
-        if let Some(mut v) = self.verifications.get_mut(&abort.verification_id)
-            && v.tenant == abort.tenant
         {
-            v.status = Status::Failed;
-            v.code_hash = None;
-            v.updated_at = abort.at;
+            let (sh, sshard) = self.subject_shard(&abort.subject.0);
+            let mut subjects = sshard.lock();
+            if let Some(i) = subjects.find(sh, &abort.subject.0) {
+                let s = subjects.slab.get_mut(i);
+                s.set_last_sent(abort.previous_sent_at.map(ms));
+                s.window_count = s.window_count.saturating_sub(1);
+            }
+        }
+        let (vh, vshard) = self.verification_shard(abort.verification_id.as_bytes());
+        let mut shard = vshard.lock();
+        if let Some(i) = shard.find(vh, abort.verification_id.as_bytes())
+            && shard.tenant_is(i, &self.symbols, &abort.tenant)
+        {
+            let r = shard.slab.get_mut(i);
+            r.status = status_code(Status::Failed);
+            r.clear_code();
+            r.updated = ms(abort.at);
         }
         Ok(())
     }
@@ -231,43 +1182,48 @@ impl Store for MemoryStore {
         code_hash: &[u8; 32],
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
-        let Some(mut v) = self.verifications.get_mut(&id) else {
+        let now = ms(now);
+        let (vh, vshard) = self.verification_shard(id.as_bytes());
+        let mut shard = vshard.lock();
+        let Some(i) = shard.find(vh, id.as_bytes()) else {
             return Ok(CheckOutcome::NotFound);
         };
-        if v.tenant != tenant {
+        if !shard.tenant_is(i, &self.symbols, tenant) {
             return Ok(CheckOutcome::NotFound);
         }
-        if v.status == Status::MaxAttempts {
+        let r = shard.slab.get_mut(i);
+        if r.status() == Status::MaxAttempts {
             return Ok(CheckOutcome::MaxAttempts);
         }
-        if !v.is_pending_at(now) {
+        if !r.is_pending_at(now) {
             return Ok(CheckOutcome::NotFound);
         }
-        let Some(stored) = v.code_hash else {
+        let Some(stored) = r.code_hash() else {
             return Ok(CheckOutcome::NotFound);
         };
-        v.updated_at = now;
+        r.updated = now;
         if Crypto::hashes_match(&stored, code_hash) {
-            v.status = Status::Approved;
-            v.code_hash = None;
-            return Ok(CheckOutcome::Approved(v.clone()));
+            r.status = status_code(Status::Approved);
+            r.clear_code();
+            return Ok(CheckOutcome::Approved(shard.decode(i, &self.symbols)));
         }
-        v.attempts += 1;
-        if v.attempts >= v.max_attempts {
-            v.status = Status::MaxAttempts;
-            v.code_hash = None;
+        r.attempts += 1;
+        if r.attempts >= r.max_attempts {
+            r.status = status_code(Status::MaxAttempts);
+            r.clear_code();
         }
         Ok(CheckOutcome::Wrong {
-            attempts_left: v.attempts_left(),
+            attempts_left: r.max_attempts.saturating_sub(r.attempts),
         })
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
-        Ok(self
-            .verifications
-            .get(&id)
-            .filter(|v| v.tenant == tenant)
-            .map(|v| v.clone()))
+        let (vh, vshard) = self.verification_shard(id.as_bytes());
+        let shard = vshard.lock();
+        Ok(shard
+            .find(vh, id.as_bytes())
+            .filter(|&i| shard.tenant_is(i, &self.symbols, tenant))
+            .map(|i| shard.decode(i, &self.symbols)))
     }
 
     async fn cancel(
@@ -276,47 +1232,122 @@ impl Store for MemoryStore {
         id: Uuid,
         now: DateTime<Utc>,
     ) -> StoreResult<CancelOutcome> {
-        let Some(mut v) = self.verifications.get_mut(&id) else {
+        let now = ms(now);
+        let (vh, vshard) = self.verification_shard(id.as_bytes());
+        let mut shard = vshard.lock();
+        let Some(i) = shard.find(vh, id.as_bytes()) else {
             return Ok(CancelOutcome::NotFound);
         };
-        if v.tenant != tenant || !v.is_pending_at(now) {
+        if !shard.tenant_is(i, &self.symbols, tenant) || !shard.slab.get(i).is_pending_at(now) {
             return Ok(CancelOutcome::NotFound);
         }
-        v.status = Status::Canceled;
-        v.code_hash = None;
-        v.updated_at = now;
-        Ok(CancelOutcome::Canceled(v.clone()))
+        let r = shard.slab.get_mut(i);
+        r.status = status_code(Status::Canceled);
+        r.clear_code();
+        r.updated = now;
+        Ok(CancelOutcome::Canceled(shard.decode(i, &self.symbols)))
     }
 
     async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()> {
-        self.messages.insert(message.id, message.clone());
-        self.messages_by_verification
-            .entry(message.verification_id)
-            .or_default()
-            .push(message.id);
-        if let Some(pid) = &message.provider_message_id {
-            self.messages_by_provider_id
-                .insert((message.provider.clone(), pid.clone()), message.id);
+        let (rec, spill) = MRec::encode(message, &self.symbols);
+        let id_hash = self.hash(&rec.id);
+        let v_hash = self.hash(&rec.verification_id);
+        let p_hash = message
+            .provider_message_id
+            .as_deref()
+            .map(|p| self.pmid_hash(&message.provider, p.as_bytes()));
+        let mut m = self.messages.lock();
+        let i = m.slab.insert(rec);
+        if let Some(s) = spill {
+            m.spills.insert(i, s);
+        }
+        let Messages {
+            slab,
+            by_id,
+            by_verification,
+            by_provider_id,
+            spills,
+            ..
+        } = &mut *m;
+        let hasher = &self.hasher;
+        by_id.insert_unique(id_hash, i, |&j| hasher.hash_one(slab.get(j).id));
+        // Append to the verification's chain, keeping insertion order.
+        match by_verification
+            .find(v_hash, |&j| {
+                slab.get(j).verification_id == rec.verification_id
+            })
+            .copied()
+        {
+            Some(mut j) => {
+                while slab.get(j).next != NONE {
+                    j = slab.get(j).next;
+                }
+                slab.get_mut(j).next = i;
+            }
+            None => {
+                by_verification
+                    .insert_unique(v_hash, i, |&j| hasher.hash_one(slab.get(j).verification_id));
+            }
+        }
+        if let Some(ph) = p_hash {
+            // The newest message wins should a provider ever reuse an id: the
+            // older entry is dropped from the index.
+            let provider = message.provider.as_str();
+            let pmid = message.provider_message_id.as_deref().unwrap_or_default();
+            let symbols = &self.symbols;
+            let spills = &*spills;
+            let same = |j: u32| {
+                let r = slab.get(j);
+                let stored = r.inline_pmid().or_else(|| {
+                    spills
+                        .get(&j)
+                        .and_then(|s| s.provider_message_id.as_deref())
+                        .map(str::as_bytes)
+                });
+                stored == Some(pmid.as_bytes())
+                    && text_matches(
+                        symbols,
+                        r.provider,
+                        spills.get(&j).and_then(|s| s.provider.as_deref()),
+                        provider,
+                    )
+            };
+            if let Ok(entry) = by_provider_id.find_entry(ph, |&j| same(j)) {
+                entry.remove();
+            }
+            let rehash = |&j: &u32| {
+                let r = slab.get(j);
+                let name = text(
+                    symbols,
+                    r.provider,
+                    spills.get(&j).and_then(|s| s.provider.as_deref()),
+                );
+                let stored = r.inline_pmid().map(<[u8]>::to_vec).unwrap_or_else(|| {
+                    spills
+                        .get(&j)
+                        .and_then(|s| s.provider_message_id.as_deref())
+                        .map(|p| p.as_bytes().to_vec())
+                        .unwrap_or_default()
+                });
+                hasher.hash_one((name.as_str(), stored.as_slice()))
+            };
+            by_provider_id.insert_unique(ph, i, rehash);
         }
         if is_unfinished(message) {
-            self.unfinished.lock().insert((
-                message.provider.clone(),
-                message.created_at,
-                message.id,
-            ));
+            m.unfinished.insert((rec.provider, rec.created, rec.id));
         }
-        self.messages_by_created
-            .lock()
-            .insert((message.created_at, message.id));
+        m.by_created.insert((rec.created, i));
         Ok(())
     }
 
     async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>> {
-        Ok(self
-            .messages
-            .get(&id)
-            .filter(|m| m.tenant == tenant)
-            .map(|m| m.clone()))
+        let h = self.hash(id.as_bytes());
+        let m = self.messages.lock();
+        Ok(m.by_id
+            .find(h, |&j| m.slab.get(j).id == *id.as_bytes())
+            .copied()
+            .filter(|&j| m.tenant_is(j, &self.symbols, tenant))
+            .map(|j| m.decode(j, &self.symbols)))
     }
 
     async fn list_messages(
@@ -324,16 +1355,23 @@ impl Store for MemoryStore {
         tenant: &str,
         verification_id: Uuid,
     ) -> StoreResult<Vec<MessageRecord>> {
-        let ids = self
-            .messages_by_verification
-            .get(&verification_id)
-            .map(|ids| ids.clone())
-            .unwrap_or_default();
-        Ok(ids
-            .iter()
-            .filter_map(|id| self.messages.get(id).map(|m| m.clone()))
-            .filter(|m| m.tenant == tenant)
-            .collect())
+        let h = self.hash(verification_id.as_bytes());
+        let m = self.messages.lock();
+        let mut out = Vec::new();
+        let mut next = m
+            .by_verification
+            .find(h, |&j| {
+                m.slab.get(j).verification_id == *verification_id.as_bytes()
+            })
+            .copied()
+            .unwrap_or(NONE);
+        while next != NONE {
+            if m.tenant_is(next, &self.symbols, tenant) {
+                out.push(m.decode(next, &self.symbols));
+            }
+            next = m.slab.get(next).next;
+        }
+        Ok(out)
     }
 
     async fn update_message_by_provider_id(
@@ -342,25 +1380,43 @@ impl Store for MemoryStore {
         provider_message_id: &str,
         update: &MessageUpdate,
     ) -> StoreResult<Option<MessageTransition>> {
-        let key = (provider.to_owned(), provider_message_id.to_owned());
-        let Some(id) = self.messages_by_provider_id.get(&key).map(|id| *id) else {
+        let h = self.pmid_hash(provider, provider_message_id.as_bytes());
+        let mut guard = self.messages.lock();
+        let m = &mut *guard;
+        let Some(i) = m
+            .by_provider_id
+            .find(h, |&j| {
+                m.pmid(j) == Some(provider_message_id.as_bytes())
+                    && m.provider_is(j, &self.symbols, provider)
+            })
+            .copied()
+        else {
             return Ok(None);
         };
-        let Some(mut m) = self.messages.get_mut(&id) else {
-            return Ok(None);
+        let current = m.decode(i, &self.symbols);
+        let previous = current.status;
+        let Some(next) = advance_message(&current, update) else {
+            return Ok(Some(MessageTransition {
+                previous,
+                message: current,
+            }));
         };
-        let previous = m.status;
-        if let Some(next) = advance_message(&m, update) {
-            if !is_unfinished(&next) {
-                self.unfinished
-                    .lock()
-                    .remove(&(m.provider.clone(), m.created_at, m.id));
-            }
-            *m = next;
+        // Same id, provider id and verification, so every index stays valid;
+        // only the chain link has to be carried over.
+        let old = *m.slab.get(i);
+        let (mut rec, spill) = MRec::encode(&next, &self.symbols);
+        rec.next = old.next;
+        *m.slab.get_mut(i) = rec;
+        m.spills.remove(&i);
+        if let Some(s) = spill {
+            m.spills.insert(i, s);
+        }
+        if !is_unfinished(&next) {
+            m.unfinished.remove(&(old.provider, old.created, old.id));
         }
         Ok(Some(MessageTransition {
             previous,
-            message: m.clone(),
+            message: next,
         }))
     }
 
@@ -370,52 +1426,40 @@ impl Store for MemoryStore {
         created_after: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
-        let ids: Vec<Uuid> = {
-            let unfinished = self.unfinished.lock();
-            let after = (provider.to_owned(), created_after, Uuid::max());
-            unfinished
-                .range(after..)
-                .take_while(|(p, _, _)| p == provider)
-                .take(limit as usize)
-                .map(|(_, _, id)| *id)
-                .collect()
+        let Some(sym) = self.symbols.find(provider) else {
+            return Ok(Vec::new());
         };
+        let m = self.messages.lock();
+        let after = (sym, ms(created_after), [0xff; 16]);
+        let ids: Vec<[u8; 16]> = m
+            .unfinished
+            .range(after..)
+            .take_while(|(p, _, _)| *p == sym)
+            .take(limit as usize)
+            .map(|(_, _, id)| *id)
+            .collect();
         Ok(ids
             .iter()
-            .filter_map(|id| self.messages.get(id).map(|m| m.clone()))
+            .filter_map(|id| {
+                let h = self.hash(id);
+                m.by_id.find(h, |&j| m.slab.get(j).id == *id).copied()
+            })
+            .map(|j| m.decode(j, &self.symbols))
             .collect())
     }
 
     async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-        let old: Vec<(DateTime<Utc>, Uuid)> = {
-            let mut by_created = self.messages_by_created.lock();
-            let old: Vec<_> = by_created
-                .iter()
-                .take_while(|(at, _)| *at < before)
-                .take(batch as usize)
-                .copied()
-                .collect();
-            for key in &old {
-                by_created.remove(key);
-            }
-            old
-        };
-        for (_, id) in &old {
-            let Some((_, m)) = self.messages.remove(id) else {
-                continue;
-            };
-            if let Some(mut ids) = self.messages_by_verification.get_mut(&m.verification_id) {
-                ids.retain(|x| x != id);
-            }
-            self.messages_by_verification
-                .remove_if(&m.verification_id, |_, ids| ids.is_empty());
-            if let Some(pid) = &m.provider_message_id {
-                self.messages_by_provider_id
-                    .remove_if(&(m.provider.clone(), pid.clone()), |_, v| v == id);
-            }
-            self.unfinished
-                .lock()
-                .remove(&(m.provider.clone(), m.created_at, m.id));
+        let before = ms(before);
+        let mut guard = self.messages.lock();
+        let old: Vec<u32> = guard
+            .by_created
+            .iter()
+            .take_while(|(at, _)| *at < before)
+            .take(batch as usize)
+            .map(|(_, j)| *j)
+            .collect();
+        for j in &old {
+            self.remove_message(&mut guard, *j);
         }
         Ok(old.len() as u64)
     }
@@ -473,18 +1517,27 @@ impl Store for MemoryStore {
         r: &CodeReplacement,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Verification>> {
-        let Some(mut v) = self.verifications.get_mut(&r.verification_id) else {
+        let now_ms = ms(now);
+        let (vh, vshard) = self.verification_shard(r.verification_id.as_bytes());
+        let mut shard = vshard.lock();
+        let Some(i) = shard.find(vh, r.verification_id.as_bytes()) else {
             return Ok(None);
         };
-        if v.tenant != r.tenant || !v.is_pending_at(now) || v.send_count != r.expected_send_count {
+        let rec = shard.slab.get(i);
+        if !shard.tenant_is(i, &self.symbols, &r.tenant)
+            || !rec.is_pending_at(now_ms)
+            || rec.send_count != r.expected_send_count
+        {
             return Ok(None);
         }
-        v.code_hash = Some(r.code_hash);
-        v.expires_at = r.expires_at;
-        v.send_count += 1;
-        v.last_sent_at = now;
-        v.updated_at = now;
-        Ok(Some(v.clone()))
+        let rec = shard.slab.get_mut(i);
+        rec.code_hash = r.code_hash;
+        rec.flags |= HAS_CODE;
+        rec.expires = ms(r.expires_at);
+        rec.send_count += 1;
+        rec.last_sent = now_ms;
+        rec.updated = now_ms;
+        Ok(Some(shard.decode(i, &self.symbols)))
     }
 
     async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()> {
@@ -652,28 +1705,52 @@ impl Store for MemoryStore {
     }
 
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        let now_ms = ms(now);
+        let forget_before = ms(now - KEEP_ENDED);
+        let budget = u64::from(batch);
         let mut touched = 0u64;
-        let mut forget = Vec::new();
-        for mut v in self.verifications.iter_mut() {
-            if touched >= u64::from(batch) {
-                break;
-            }
-            if v.status == Status::Pending && now >= v.expires_at {
-                v.status = Status::Expired;
-                v.code_hash = None;
-                v.updated_at = now;
-                touched += 1;
-            } else if v.status != Status::Pending && v.updated_at + KEEP_ENDED < now {
-                forget.push(v.id);
+        // One shard at a time, so a purge never holds more than one lock.
+        'shards: for vshard in self.verifications.iter() {
+            let mut shard = vshard.lock();
+            for i in shard.slab.positions() {
+                if touched >= budget {
+                    break 'shards;
+                }
+                let r = shard.slab.get_mut(i);
+                if r.flags & LIVE == 0 {
+                    continue;
+                }
+                if r.status() == Status::Pending && now_ms >= r.expires {
+                    r.status = status_code(Status::Expired);
+                    r.clear_code();
+                    r.updated = now_ms;
+                    touched += 1;
+                } else if r.status() != Status::Pending && r.updated < forget_before {
+                    self.forget(&mut shard, i);
+                    touched += 1;
+                }
             }
         }
-        // Their messages stay until `purge_messages` (the retention period).
-        for id in forget {
-            self.verifications.remove(&id);
-            touched += 1;
+        let keep_after = ms(now - KEEP_ENDED);
+        for sshard in self.subjects.iter() {
+            let mut s = sshard.lock();
+            let stale: Vec<u32> = s
+                .slab
+                .positions()
+                .filter(|&i| {
+                    let r = s.slab.get(i);
+                    r.flags & LIVE != 0 && r.last_sent().is_none_or(|t| t <= keep_after)
+                })
+                .collect();
+            for i in stale {
+                let key = s.slab.get(i).key;
+                let h = self.hash(&key);
+                if let Ok(entry) = s.by_key.find_entry(h, |&j| j == i) {
+                    entry.remove();
+                }
+                s.slab.release(i);
+            }
         }
-        self.subjects
-            .retain(|_, s| s.last_sent_at.is_some_and(|t| t + KEEP_ENDED > now));
         self.inbox.lock().retain(|e| e.expires_at > now);
         self.counters
             .retain(|(_, window), c| c.0 == counter_slot(*window, now));
@@ -685,10 +1762,299 @@ impl Store for MemoryStore {
     }
 
     async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        Ok(self
-            .verifications
-            .iter()
-            .filter(|v| v.is_pending_at(now))
-            .count() as u64)
+        let now = ms(now);
+        let mut n = 0u64;
+        for vshard in self.verifications.iter() {
+            let shard = vshard.lock();
+            n += shard
+                .slab
+                .positions()
+                .filter(|&i| {
+                    let r = shard.slab.get(i);
+                    r.flags & LIVE != 0 && r.is_pending_at(now)
+                })
+                .count() as u64;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_stay_small() {
+        assert_eq!(std::mem::size_of::<VRec>(), 208);
+        assert_eq!(std::mem::size_of::<SRec>(), 72);
+        assert_eq!(std::mem::size_of::<MRec>(), 176);
+    }
+
+    fn random_subject() -> SubjectKey {
+        let mut k = [0u8; 32];
+        k[..16].copy_from_slice(Uuid::new_v4().as_bytes());
+        SubjectKey(k)
+    }
+
+    fn verification(tenant: &str, now: DateTime<Utc>) -> Verification {
+        Verification {
+            id: Uuid::new_v4(),
+            tenant: tenant.into(),
+            subject: random_subject(),
+            purpose: "login".into(),
+            uid: None,
+            phone: SealedPhone {
+                key_id: 1,
+                blob: vec![9; 52],
+            },
+            masked_to: "+*******0670".into(),
+            country: Some("NL".into()),
+            code_hash: Some([1; 32]),
+            status: Status::Pending,
+            attempts: 0,
+            max_attempts: 5,
+            send_count: 1,
+            created_at: now,
+            updated_at: now,
+            expires_at: now + Duration::seconds(300),
+            last_sent_at: now,
+        }
+    }
+
+    fn plan(v: Verification) -> SendPlan {
+        SendPlan {
+            verification: v,
+            cooldown_seconds: 30,
+            max_sends_per_window: 5,
+            send_window_seconds: 600,
+        }
+    }
+
+    fn message(v: &Verification, pmid: Option<&str>) -> MessageRecord {
+        MessageRecord {
+            id: Uuid::new_v4(),
+            verification_id: v.id,
+            tenant: v.tenant.clone(),
+            route_id: 1,
+            provider: "bridgexapi".into(),
+            provider_message_id: pmid.map(str::to_owned),
+            masked_to: v.masked_to.clone(),
+            country: v.country.clone(),
+            status: DeliveryStatus::Queued,
+            error: None,
+            cost: Some(0.05),
+            currency: None,
+            latency_ms: 3,
+            resend_of: None,
+            created_at: v.created_at,
+            sent_at: None,
+            delivered_at: None,
+            failed_at: None,
+            updated_at: v.created_at,
+        }
+    }
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_900_000_000_123).unwrap()
+    }
+
+    #[tokio::test]
+    async fn fields_outside_the_compact_shapes_round_trip() {
+        let store = MemoryStore::new();
+        let mut v = verification("t", t0());
+        v.uid = Some("user-42".into());
+        v.masked_to = "hidden".into();
+        v.country = Some("Atlantis".into());
+        v.purpose = "p".repeat(50);
+        v.phone.blob = vec![3; 90];
+        v.code_hash = None;
+        store.start_send(&plan(v.clone()), t0()).await.unwrap();
+        assert_eq!(
+            store.get_verification("t", v.id).await.unwrap(),
+            Some(v.clone())
+        );
+
+        let long = "X".repeat(PMID_INLINE + 10);
+        let mut m = message(&v, Some(&long));
+        m.resend_of = Some(Uuid::new_v4());
+        m.sent_at = Some(t0() + Duration::seconds(1));
+        m.error = Some("rejected: blacklist".into());
+        m.currency = Some("EUR".into());
+        m.masked_to = "odd".into();
+        m.country = None;
+        store.insert_message(&m).await.unwrap();
+        assert_eq!(store.get_message("t", m.id).await.unwrap(), Some(m.clone()));
+        let update = MessageUpdate {
+            status: DeliveryStatus::Delivered,
+            error: None,
+            cost: Some(0.07),
+            currency: Some("USD".into()),
+            at: t0() + Duration::seconds(2),
+        };
+        let updated = store
+            .update_message_by_provider_id("bridgexapi", &long, &update)
+            .await
+            .unwrap()
+            .unwrap()
+            .message;
+        assert_eq!(updated.delivered_at, Some(t0() + Duration::seconds(2)));
+        assert_eq!(updated.status, DeliveryStatus::Delivered);
+        assert_eq!(updated.error.as_deref(), Some("rejected: blacklist"));
+        assert_eq!(updated.currency.as_deref(), Some("USD"));
+        assert_eq!(updated.cost, Some(0.07));
+    }
+
+    #[tokio::test]
+    async fn purge_forgets_ended_verifications_then_retention_their_messages() {
+        let store = MemoryStore::new();
+        let now = t0();
+        let v = verification("t", now);
+        store.start_send(&plan(v.clone()), now).await.unwrap();
+        let a = message(&v, Some("BX-1-a"));
+        let b = message(&v, Some("BX-1-b"));
+        store.insert_message(&a).await.unwrap();
+        store.insert_message(&b).await.unwrap();
+        assert_eq!(
+            store.list_messages("t", v.id).await.unwrap(),
+            vec![a.clone(), b.clone()]
+        );
+        store.cancel("t", v.id, now).await.unwrap();
+
+        let later = now + KEEP_ENDED + Duration::seconds(1);
+        assert!(store.purge_expired(later, 100).await.unwrap() >= 1);
+        assert_eq!(store.get_verification("t", v.id).await.unwrap(), None);
+        // Delivery attempts have their own retention.
+        assert_eq!(store.get_message("t", a.id).await.unwrap(), Some(a.clone()));
+        assert_eq!(store.purge_messages(later, 100).await.unwrap(), 2);
+        assert_eq!(store.get_message("t", a.id).await.unwrap(), None);
+        assert_eq!(store.list_messages("t", v.id).await.unwrap(), vec![]);
+        let update = MessageUpdate {
+            status: DeliveryStatus::Delivered,
+            error: None,
+            cost: None,
+            currency: None,
+            at: later,
+        };
+        assert_eq!(
+            store
+                .update_message_by_provider_id("bridgexapi", "BX-1-b", &update)
+                .await
+                .unwrap(),
+            None
+        );
+        // The subject's state went with it: a new send is not in cooldown.
+        let again = Verification {
+            id: Uuid::new_v4(),
+            ..verification("t", later)
+        };
+        let again = Verification {
+            subject: v.subject,
+            ..again
+        };
+        let d = store.start_send(&plan(again.clone()), later).await.unwrap();
+        assert!(matches!(d, SendDecision::Created { .. }), "{d:?}");
+        assert_eq!(store.count_pending(later).await.unwrap(), 1);
+        assert_eq!(
+            store.get_verification("t", again.id).await.unwrap(),
+            Some(again)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reused_provider_id_points_at_the_newest_message() {
+        let store = MemoryStore::new();
+        let v = verification("t", t0());
+        store.start_send(&plan(v.clone()), t0()).await.unwrap();
+        let old = message(&v, Some("BX-dup"));
+        let new = message(&v, Some("BX-dup"));
+        store.insert_message(&old).await.unwrap();
+        store.insert_message(&new).await.unwrap();
+        let update = MessageUpdate {
+            status: DeliveryStatus::Sent,
+            error: None,
+            cost: None,
+            currency: None,
+            at: t0(),
+        };
+        let got = store
+            .update_message_by_provider_id("bridgexapi", "BX-dup", &update)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.message.id, new.id);
+        assert_eq!(got.previous, DeliveryStatus::Queued);
+    }
+
+    #[tokio::test]
+    async fn retention_unlinks_any_attempt_and_unfinished_lists_only_open_ones() {
+        let store = MemoryStore::new();
+        let v = verification("t", t0());
+        store.start_send(&plan(v.clone()), t0()).await.unwrap();
+        let at = |s: i64| t0() + Duration::seconds(s);
+        let mut a = message(&v, Some("BX-a"));
+        a.created_at = at(3);
+        let mut b = message(&v, Some("BX-b"));
+        b.created_at = at(1);
+        let mut c = message(&v, None);
+        c.created_at = at(5);
+        for m in [&a, &b, &c] {
+            store.insert_message(m).await.unwrap();
+        }
+        // `b` is the oldest but sits in the middle of the chain.
+        assert_eq!(store.purge_messages(at(2), 10).await.unwrap(), 1);
+        assert_eq!(
+            store.list_messages("t", v.id).await.unwrap(),
+            vec![a.clone(), c.clone()]
+        );
+        let open = store
+            .list_unfinished_messages("bridgexapi", t0(), 10)
+            .await
+            .unwrap();
+        assert_eq!(open, vec![a.clone()], "c has no provider id, b is gone");
+        let done = MessageUpdate {
+            status: DeliveryStatus::Delivered,
+            error: None,
+            cost: None,
+            currency: None,
+            at: at(9),
+        };
+        store
+            .update_message_by_provider_id("bridgexapi", "BX-a", &done)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .list_unfinished_messages("bridgexapi", t0(), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.purge_messages(at(10), 10).await.unwrap(), 2);
+        assert!(store.list_messages("t", v.id).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn many_verifications_stay_findable_across_table_growth() {
+        let store = MemoryStore::new();
+        let now = t0();
+        let mut ids = Vec::new();
+        for _ in 0..5_000 {
+            let v = verification("t", now);
+            ids.push(v.id);
+            store.start_send(&plan(v), now).await.unwrap();
+        }
+        assert_eq!(store.count_pending(now).await.unwrap(), 5_000);
+        for id in ids.iter().step_by(97) {
+            assert!(store.get_verification("t", *id).await.unwrap().is_some());
+            assert_eq!(store.get_verification("other", *id).await.unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn masks_round_trip_or_spill() {
+        assert_eq!(compact_mask("+*******0670"), Some((7, *b"0670")));
+        assert_eq!(expand_mask(7, *b"0670"), "+*******0670");
+        assert_eq!(compact_mask("0670"), None);
+        assert_eq!(compact_mask("+**06701"), None);
     }
 }
