@@ -20,7 +20,7 @@ use crate::config::Settings;
 use crate::crypto::{Crypto, KeyMaterial};
 use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
 use crate::http::dlr::DlrEndpoints;
-use crate::http::{self, AppState, Policies};
+use crate::http::{self, AppState, AppStateInner, Policies};
 use crate::metrics::{InstrumentedStore, Metrics};
 use crate::service::dlr_poller::{DlrPoller, PollSettings};
 use crate::service::{ApiKeys, VerificationService};
@@ -149,7 +149,7 @@ impl Application {
                 batch: settings.dlr.poll_batch,
             },
         ));
-        let state = AppState {
+        let state = AppState::new(AppStateInner {
             service,
             keys,
             policies,
@@ -160,7 +160,7 @@ impl Application {
             dialects: Arc::new(settings.dialects.clone()),
             debug_codes: settings.debug_codes,
             dlr: Arc::new(dlr_endpoints(&settings, &route_settings)),
-        };
+        });
         let addr = settings.listen_addr()?;
         let listener = TcpListener::bind(addr)
             .await

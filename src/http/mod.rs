@@ -22,7 +22,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
-pub use state::{AppState, Policies};
+pub use state::{AppState, AppStateInner, Policies};
 
 /// The whole application's routes, without a socket (tests call `.oneshot`).
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
