@@ -199,6 +199,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         stores::cleanup(kind).await;
     }
     mock.stop().await;
+    let unscaled: Vec<&String> = cli
+        .stores
+        .iter()
+        .filter(|s| !cli.scaling_stores.contains(s))
+        .collect();
+    if !unscaled.is_empty() {
+        ctx.notes.push(format!(
+            "No 1k/100k/1M scaling runs for {}: filling them needs a bulk loader per backend, which the harness does not have yet (through the API they fill at their send rate, far too slowly for 1M within the run's time budget).",
+            unscaled.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
 
     let targets = judge(&ctx);
     let command = if cli.quick {
@@ -930,7 +941,7 @@ async fn scaling_on(ctx: &mut Ctx, kind: StoreKind, running: &Running) -> anyhow
         }
     }
     ctx.notes.push(format!(
-        "Scaling and memory ({name}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path (sandbox delivery); each level also holds a fresh 20k working set for the checks and what its send run added."
+        "Scaling and memory ({name}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path (sandbox delivery, so each pending verification also has its delivery record); each level also holds a fresh 20k working set for the checks and what its send run added. Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added."
     ));
     Ok(())
 }
@@ -1008,13 +1019,27 @@ fn judge(ctx: &Ctx) -> Vec<Target> {
         .iter()
         .filter(|(label, _, _)| label.ends_with("@1M"))
         .min_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)));
+    let mut scaled: Vec<&str> = ctx
+        .scaling
+        .iter()
+        .filter_map(|(label, _, _)| label.split_whitespace().next())
+        .collect();
+    scaled.dedup();
+    let all_stores = ctx.cli.stores.iter().all(|s| scaled.contains(&s.as_str()));
     targets.push(Target {
         measure: "throughput at 1M pending vs 1k pending".into(),
         target: "≥ 90 % on every store".into(),
         value: worst_scaling
-            .map(|(label, v, b)| format!("{} (worst: {label})", pct(v / b)))
+            .map(|(label, v, b)| {
+                format!(
+                    "{} (worst: {label}; stores measured: {})",
+                    pct(v / b),
+                    scaled.join(", ")
+                )
+            })
             .unwrap_or_else(|| "-".into()),
-        met: worst_scaling.map(|(_, v, b)| v / b >= 0.90),
+        // Met only when every store was measured and each held up.
+        met: worst_scaling.map(|(_, v, b)| v / b >= 0.90 && all_stores),
     });
     targets.push(Target {
         measure: "bytes per pending verification (memory)".into(),
