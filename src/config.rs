@@ -457,10 +457,21 @@ pub fn merge_policy(
         _ => return Err(ConfigError::Invalid(format!("{prefix}: cannot merge"))),
     };
     for (k, v) in overrides {
-        if !merged.contains_key(k) {
-            return Err(ConfigError::Invalid(format!("{prefix}.{k}: unknown key")));
+        match (merged.get_mut(k), v) {
+            (None, _) => return Err(ConfigError::Invalid(format!("{prefix}.{k}: unknown key"))),
+            // A nested table (`guard`) overrides key by key, like the policy itself.
+            (Some(serde_json::Value::Object(base)), serde_json::Value::Object(over)) => {
+                for (kk, vv) in over {
+                    if !base.contains_key(kk) {
+                        return Err(ConfigError::Invalid(format!(
+                            "{prefix}.{k}.{kk}: unknown key"
+                        )));
+                    }
+                    base.insert(kk.clone(), vv.clone());
+                }
+            }
+            (Some(slot), v) => *slot = v.clone(),
         }
-        merged.insert(k.clone(), v.clone());
     }
     let policy: Policy = serde_json::from_value(serde_json::Value::Object(merged))
         .map_err(|e| ConfigError::Invalid(format!("{prefix}: {e}")))?;
@@ -533,6 +544,23 @@ mod tests {
         let p = s.tenant_policy("acme").unwrap();
         assert_eq!((p.ttl_seconds, p.max_attempts), (120, 3));
         assert_eq!(s.tenant_policy("other").unwrap().max_attempts, 5);
+    }
+
+    #[test]
+    fn tenant_guard_overrides_merge_key_by_key() {
+        let s = load_toml(
+            "[policy.guard]\nquarantine_seconds = 600\n[tenants.acme.policy.guard]\nmin_conversion = 0.5\n",
+        )
+        .unwrap();
+        let g = s.tenant_policy("acme").unwrap().guard;
+        assert_eq!((g.min_conversion, g.quarantine_seconds), (0.5, 600));
+        let err = load_toml("[tenants.acme.policy.guard]\nmin_convresion = 0.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tenants.acme.policy.guard.min_convresion"),
+            "{err}"
+        );
     }
 
     #[test]

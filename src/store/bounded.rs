@@ -232,6 +232,28 @@ impl Store for Bounded {
         .await
     }
 
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>> {
+        self.bounded(
+            self.inner
+                .list_sealed_with_other_key(current_key, after, limit),
+        )
+        .await
+    }
+
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
+    ) -> StoreResult<bool> {
+        self.bounded(self.inner.reseal_phone(id, old, new)).await
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         self.bounded(self.inner.purge_expired(now, batch)).await
     }

@@ -12,10 +12,10 @@ use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SendAbort,
-    SendDecision, SendPlan, Store, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
+    SendAbort, SendDecision, SendPlan, Store, StoreResult, seconds_until,
 };
-use crate::crypto::Crypto;
+use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 
 /// Ended verifications stay readable this long before the purge forgets them.
@@ -498,6 +498,43 @@ impl Store for MemoryStore {
             },
         );
         Ok(true)
+    }
+
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>> {
+        let mut found: Vec<SealedRecord> = self
+            .verifications
+            .iter()
+            .filter(|v| v.status == Status::Pending && v.phone.key_id != current_key)
+            .filter(|v| after.is_none_or(|a| v.id > a))
+            .map(|v| SealedRecord {
+                tenant: v.tenant.clone(),
+                id: v.id,
+                phone: v.phone.clone(),
+            })
+            .collect();
+        found.sort_by_key(|r| r.id);
+        found.truncate(limit as usize);
+        Ok(found)
+    }
+
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
+    ) -> StoreResult<bool> {
+        match self.verifications.get_mut(&id) {
+            Some(mut v) if &v.phone == old => {
+                v.phone = new.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {

@@ -134,6 +134,14 @@ pub struct Marker {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A pending verification's sealed number, as key rotation sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedRecord {
+    pub tenant: String,
+    pub id: Uuid,
+    pub phone: SealedPhone,
+}
+
 /// A delivery-status update from a provider report or poll.
 #[derive(Debug, Clone)]
 pub struct MessageUpdate {
@@ -294,6 +302,25 @@ pub trait Store: Send + Sync + 'static {
         holder: &str,
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    // --- key rotation ---
+    /// Pending verifications whose number is sealed under a key other than
+    /// `current_key`: ids ascending, after `after`, at most `limit`.
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>>;
+
+    /// Replaces verification `id`'s sealed number with `new` if it is still
+    /// `old`; `false` when it changed meanwhile or is gone.
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
     ) -> StoreResult<bool>;
 
     // --- housekeeping ---

@@ -20,9 +20,10 @@ use super::sql_common::{
     id_text, map_migrate, map_sqlx, millis, rate_slot,
 };
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SendAbort,
-    SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
+    SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
 };
+use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -836,6 +837,53 @@ impl Store for PostgresStore {
         .await
         .map_err(map_sqlx)?;
         Ok(claimed.is_some())
+    }
+
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>> {
+        // Sealed numbers start with their key id (4 bytes, big endian).
+        let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, tenant, phone FROM verifications
+             WHERE status = 'pending' AND id > $1 AND substring(phone from 1 for 4) <> $2
+             ORDER BY id LIMIT $3",
+        )
+        .bind(after.map(id_text).unwrap_or_default())
+        .bind(current_key.to_be_bytes().to_vec())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        rows.into_iter()
+            .map(|(id, tenant, phone)| {
+                Ok(SealedRecord {
+                    tenant,
+                    id: Uuid::parse_str(&id)
+                        .map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))?,
+                    phone: SealedPhone::from_bytes(&phone)
+                        .ok_or_else(|| StoreError::Corrupt("sealed phone too short".into()))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE verifications SET phone = $1 WHERE id = $2 AND phone = $3")
+            .bind(new.to_bytes())
+            .bind(id_text(id))
+            .bind(old.to_bytes())
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {

@@ -56,8 +56,8 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SendAbort,
-    SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
+    SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
 };
 use crate::crypto::SealedPhone;
 use crate::domain::{
@@ -235,6 +235,37 @@ impl RedisStore {
             Ok(Some((id, status)))
         })
         .await
+    }
+
+    /// A pending verification's sealed number, unless it is sealed under the
+    /// key whose id is `key_hex` (or the record is gone or ended).
+    async fn sealed_unless_under(
+        &self,
+        id: Uuid,
+        subject: String,
+        key_hex: &str,
+    ) -> StoreResult<Option<SealedRecord>> {
+        let (tenant, status, phone): (Option<String>, Option<String>, Option<String>) =
+            ::redis::cmd("HMGET")
+                .arg(self.keys.record(&subject, id))
+                .arg("tenant")
+                .arg("status")
+                .arg("phone")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+        let (Some(tenant), Some("pending"), Some(phone)) = (tenant, status.as_deref(), phone)
+        else {
+            return Ok(None);
+        };
+        if phone.starts_with(key_hex) {
+            return Ok(None);
+        }
+        let bytes = hex::decode(&phone)
+            .map_err(|_| StoreError::Corrupt("redis field phone is not hex".into()))?;
+        let phone = SealedPhone::from_bytes(&bytes)
+            .ok_or_else(|| StoreError::Corrupt("redis field phone is not sealed data".into()))?;
+        Ok(Some(SealedRecord { tenant, id, phone }))
     }
 
     /// The subject (hex) a verification id belongs to, if the id is known.
@@ -785,6 +816,13 @@ keep(ARGV[5])
 return 1
 "#;
 
+/// KEYS: record. ARGV: old sealed phone (hex), new. 1 when replaced.
+const RESEAL_PHONE: &str = r#"
+if redis.call('HGET', KEYS[1], 'phone') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'phone', ARGV[2])
+return 1
+"#;
+
 struct Scripts {
     claim_id: Script,
     start_send: Script,
@@ -808,6 +846,7 @@ struct Scripts {
     list_markers: Script,
     delete_marker: Script,
     claim_marker: Script,
+    reseal_phone: Script,
 }
 
 impl Scripts {
@@ -837,6 +876,7 @@ impl Scripts {
             list_markers: marker(LIST_MARKERS),
             delete_marker: marker(DELETE_MARKER),
             claim_marker: marker(CLAIM_MARKER),
+            reseal_phone: s(RESEAL_PHONE),
         }
     }
 }
@@ -1827,6 +1867,77 @@ impl Store for RedisStore {
                 .await
                 .map_err(store_error)?;
             Ok(claimed == 1)
+        })
+        .await
+    }
+
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>> {
+        // A maintenance walk over the pending index (every pending verification
+        // is in it), not a request path: no time bound, and records are read
+        // a few at a time.
+        let members: Vec<String> = ::redis::cmd("ZRANGE")
+            .arg(self.keys.pending())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        let mut candidates: Vec<(Uuid, String)> = members
+            .iter()
+            .filter_map(|m| {
+                let (subject, id) = m.split_once(':')?;
+                Some((id.parse().ok()?, subject.to_owned()))
+            })
+            .filter(|(id, _)| after.is_none_or(|a| *id > a))
+            .collect();
+        candidates.sort();
+        candidates.dedup_by_key(|(id, _)| *id);
+        let current = hex::encode(current_key.to_be_bytes());
+        let mut found = Vec::new();
+        for chunk in candidates.chunks(256) {
+            let rows: Vec<StoreResult<Option<SealedRecord>>> =
+                futures::stream::iter(chunk.to_vec())
+                    .map(|(id, subject)| self.sealed_unless_under(id, subject, &current))
+                    .buffered(PURGE_CONCURRENCY)
+                    .collect()
+                    .await;
+            for row in rows {
+                if let Some(record) = row? {
+                    found.push(record);
+                    if found.len() >= limit as usize {
+                        return Ok(found);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
+    ) -> StoreResult<bool> {
+        bounded(async {
+            let Some(subject) = self.subject_of(id).await? else {
+                return Ok(false);
+            };
+            let replaced: i64 = self
+                .scripts
+                .reseal_phone
+                .key(self.keys.record(&subject, id))
+                .arg(hex::encode(old.to_bytes()))
+                .arg(hex::encode(new.to_bytes()))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(replaced == 1)
         })
         .await
     }
