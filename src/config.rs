@@ -80,6 +80,9 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// A request still running after this answers 503.
     pub request_timeout_seconds: u64,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the
+    /// client; from anyone else the header is ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -88,6 +91,7 @@ impl Default for ServerSettings {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 16 * 1024,
             request_timeout_seconds: 30,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -287,6 +291,8 @@ impl Settings {
                 "server.request_timeout_seconds: must be at least 1".into(),
             ));
         }
+        crate::http::client_ip::TrustedProxies::parse(&self.server.trusted_proxies)
+            .map_err(|e| invalid(format!("server.trusted_proxies: {e}")))?;
         let url = self.store_url();
         if ![
             "sqlite://",
@@ -548,19 +554,28 @@ mod tests {
 
     #[test]
     fn tenant_guard_overrides_merge_key_by_key() {
-        let s = load_toml(
-            "[policy.guard]\nquarantine_seconds = 600\n[tenants.acme.policy.guard]\nmin_conversion = 0.5\n",
-        )
-        .unwrap();
-        let g = s.tenant_policy("acme").unwrap().guard;
-        assert_eq!((g.min_conversion, g.quarantine_seconds), (0.5, 600));
-        let err = load_toml("[tenants.acme.policy.guard]\nmin_convresion = 0.5\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("tenants.acme.policy.guard.min_convresion"),
-            "{err}"
-        );
+        // In a Jail: other tests here set OTPD_* variables that Settings::load reads.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "otpd.toml",
+                "[policy.guard]\nquarantine_seconds = 600\n[tenants.acme.policy.guard]\nmin_conversion = 0.5\n",
+            )?;
+            let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let g = s.tenant_policy("acme").map_err(|e| e.to_string())?.guard;
+            assert_eq!((g.min_conversion, g.quarantine_seconds), (0.5, 600));
+            jail.create_file(
+                "otpd.toml",
+                "[tenants.acme.policy.guard]\nmin_convresion = 0.5\n",
+            )?;
+            let err = Settings::load(None, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("tenants.acme.policy.guard.min_convresion"),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

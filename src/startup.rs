@@ -19,6 +19,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::crypto::{Crypto, KeyMaterial};
 use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
+use crate::http::client_ip::TrustedProxies;
 use crate::http::{self, AppState, Policies};
 use crate::service::{ApiKeys, VerificationService};
 use crate::sms::router::SANDBOX_ROUTE_ID;
@@ -128,6 +129,10 @@ impl Application {
             version: env!("CARGO_PKG_VERSION"),
             dialects: Arc::new(settings.dialects.clone()),
             debug_codes: settings.debug_codes,
+            trusted_proxies: Arc::new(
+                TrustedProxies::parse(&settings.server.trusted_proxies)
+                    .map_err(|e| anyhow::anyhow!("server.trusted_proxies: {e}"))?,
+            ),
         };
         let addr = settings.listen_addr()?;
         let listener = TcpListener::bind(addr)
@@ -188,6 +193,8 @@ impl Application {
             Duration::from_secs(self.settings.server.request_timeout_seconds),
         );
         tracing::info!(addr = %self.listener.local_addr()?, "otpd listening");
+        // The peer address is the client's, or a trusted proxy's (`ClientIp`).
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;

@@ -1,8 +1,10 @@
 //! The HTTP edge: one file per API surface, shared errors and extractors.
 
 pub mod bridgex;
+pub mod client_ip;
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod openapi;
 pub mod openlyne;
 pub mod ops;
@@ -27,6 +29,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let max_body = state.max_body_bytes;
     Router::new()
         .merge(v1::routes())
+        .merge(guard::routes())
         .merge(ops::routes())
         .merge(bridgex::routes())
         .merge(openlyne::routes())

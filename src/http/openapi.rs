@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{bridgex, openlyne, ops, v1};
+use super::{bridgex, guard, openlyne, ops, v1};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,8 @@ use super::{bridgex, openlyne, ops, v1};
         v1::cancel_verification,
         v1::get_message,
         v1::list_sandbox_messages,
+        guard::get_guard,
+        guard::lift_quarantine,
         ops::health,
         bridgex::send_otp,
         bridgex::verify_otp,
@@ -30,6 +32,7 @@ use super::{bridgex, openlyne, ops, v1};
         (name = "verifications", description = "Native API: the OTP lifecycle"),
         (name = "messages", description = "Native API: delivery attempts"),
         (name = "sandbox", description = "Native API: the sandbox inbox"),
+        (name = "guard", description = "Native API: the SMS-pumping guard's quarantines"),
         (name = "operations", description = "Health and metrics"),
         (name = "bridgex", description = "Seed-compatible: the BridgeXAPI FastAPI OTP server's API (errors as FastAPI `{\"detail\": ...}`; `GET /health` is shared)"),
         (name = "openlyne", description = "Seed-compatible: Openlyne's OTP webhooks (every answer in the `{success, data, message, error}` envelope)"),

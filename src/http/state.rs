@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::client_ip::TrustedProxies;
 use crate::config::DialectSettings;
 use crate::domain::Policy;
 use crate::service::{ApiKeys, VerificationService};
@@ -21,6 +22,8 @@ pub struct AppState {
     pub dialects: Arc<DialectSettings>,
     /// Whether send answers carry the code (`debug_codes`); `GET /config` reports it.
     pub debug_codes: bool,
+    /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Arc<TrustedProxies>,
 }
 
 impl AppState {

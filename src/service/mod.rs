@@ -3,9 +3,14 @@
 //! translates into its own envelope.
 
 pub mod api_keys;
+pub mod guard;
+pub mod rotation;
 pub mod verifications;
 
 pub use api_keys::{ApiKeys, AuthError};
+pub use guard::{AbuseGuard, GuardReport, Quarantine};
+pub use rotation::{RotationReport, rotate_phone_keys};
 pub use verifications::{
-    CheckError, CheckResult, SendCommand, SendError, SendOutcome, Target, VerificationService,
+    Caller, CheckError, CheckResult, SendCommand, SendError, SendOutcome, Target,
+    VerificationService,
 };

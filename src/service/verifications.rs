@@ -1,6 +1,7 @@
-//! The OTP lifecycle: send (plan → atomic start → deliver → record or undo),
-//! check, read and cancel.
+//! The OTP lifecycle: send (plan → admit → atomic start → count → deliver →
+//! record or undo), check, read and cancel. Abuse rules are `AbuseGuard`'s.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -21,6 +22,8 @@ use crate::store::{
     CancelOutcome, CheckOutcome, SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
 
+use super::guard::{AbuseGuard, SendContext};
+
 /// How many times a send re-plans when another request changed the subject
 /// between its read and its atomic write.
 const MAX_PLAN_ROUNDS: usize = 3;
@@ -31,7 +34,17 @@ pub struct VerificationService {
     clock: Arc<dyn Clock>,
     codes: Arc<dyn CodeGenerator>,
     crypto: Arc<Crypto>,
+    guard: AbuseGuard,
     debug_codes: bool,
+}
+
+/// Who is asking: the tenant, the policy that applies, and the client's
+/// address (for per-client limits and the audit log; `None` when unknown).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub tenant: &'a str,
+    pub policy: &'a Policy,
+    pub client_ip: Option<IpAddr>,
 }
 
 /// One request to send a code, already parsed.
@@ -47,6 +60,8 @@ pub struct SendCommand {
     pub locale: Option<String>,
     pub code_length: Option<u8>,
     pub ttl_seconds: Option<u32>,
+    /// The client's address, for the per-client limit and the audit log.
+    pub client_ip: Option<IpAddr>,
 }
 
 impl SendCommand {
@@ -61,6 +76,7 @@ impl SendCommand {
             locale: None,
             code_length: None,
             ttl_seconds: None,
+            client_ip: None,
         }
     }
 }
@@ -91,6 +107,15 @@ pub enum SendError {
     RateLimited {
         retry_after_seconds: u64,
         limit: &'static str,
+    },
+    #[error("numbers from this country may not receive codes")]
+    CountryNotAllowed { country: Option<String> },
+    /// The pumping guard has quarantined the number's prefix.
+    #[error("sends to {prefix} are suspended: {reason}")]
+    SuspectedFraud {
+        prefix: String,
+        reason: String,
+        until: DateTime<Utc>,
     },
     #[error(transparent)]
     Routing(#[from] RoutingError),
@@ -134,6 +159,12 @@ pub enum CheckError {
     NotFound,
     #[error("attempts exhausted")]
     MaxAttempts,
+    /// The subject's wrong guesses, across its verifications, reached the limit.
+    #[error("check limit {limit} reached")]
+    RateLimited {
+        retry_after_seconds: u64,
+        limit: &'static str,
+    },
     #[error("service unavailable: {0}")]
     Unavailable(String),
 }
@@ -163,6 +194,7 @@ impl VerificationService {
         debug_codes: bool,
     ) -> Self {
         Self {
+            guard: AbuseGuard::new(store.clone(), crypto.clone()),
             store,
             router,
             clock,
@@ -178,6 +210,10 @@ impl VerificationService {
 
     pub fn router(&self) -> &SmsRouter {
         &self.router
+    }
+
+    pub fn guard(&self) -> &AbuseGuard {
+        &self.guard
     }
 
     fn subject(
@@ -219,6 +255,23 @@ impl VerificationService {
             cmd.sandbox,
             cmd.to.country(),
         )?;
+        let price_estimate = chain
+            .first()
+            .and_then(|route| route.price_for(cmd.to.country()))
+            .map_or(0.0, |(price, _)| price);
+        let admission = self
+            .guard
+            .admit_send(
+                &SendContext {
+                    tenant,
+                    policy,
+                    to: &cmd.to,
+                    client_ip: cmd.client_ip,
+                    price_estimate,
+                },
+                self.clock.now(),
+            )
+            .await?;
         let subject = self.subject(tenant, cmd.uid.as_deref(), &cmd.to, &cmd.purpose);
         let sealed = self
             .crypto
@@ -299,6 +352,13 @@ impl VerificationService {
                 retry_after_seconds: policy.cooldown_seconds.max(1).into(),
             });
         };
+        // Counted only now that the subject's cooldown let it through, so a
+        // refused request costs nothing against the number, client or tenant.
+        if let Err(refused) = self.guard.count_send(&admission, now).await {
+            self.abort(tenant, subject, verification.id, previous_sent_at)
+                .await?;
+            return Err(refused);
+        }
 
         // No store lock or transaction is held across the provider calls.
         let attempts = self
@@ -338,7 +398,10 @@ impl VerificationService {
                     provider = record.provider,
                     attempts = records.len(),
                     outcome = "sent",
+                    client_ip = cmd.client_ip.map(|ip| ip.to_string()),
                 );
+                let cost = record.cost.unwrap_or(price_estimate);
+                self.guard.record_spend(tenant, policy, cost, now).await;
                 Ok(SendOutcome {
                     delivery: record.clone(),
                     order_id,
@@ -351,14 +414,7 @@ impl VerificationService {
                 })
             }
             None => {
-                self.store
-                    .abort_send(&SendAbort {
-                        tenant: tenant.to_owned(),
-                        subject,
-                        verification_id: verification.id,
-                        previous_sent_at,
-                        at: self.clock.now(),
-                    })
+                self.abort(tenant, subject, verification.id, previous_sent_at)
                     .await?;
                 tracing::warn!(
                     target: "audit",
@@ -368,6 +424,7 @@ impl VerificationService {
                     to = %verification.masked_to,
                     attempts = records.len(),
                     outcome = "delivery_failed",
+                    client_ip = cmd.client_ip.map(|ip| ip.to_string()),
                 );
                 Err(SendError::DeliveryFailed {
                     verification_id: verification.id,
@@ -375,6 +432,26 @@ impl VerificationService {
                 })
             }
         }
+    }
+
+    /// Undoes a started send: nothing stays pending and the subject's cooldown
+    /// and window slot are given back.
+    async fn abort(
+        &self,
+        tenant: &str,
+        subject: SubjectKey,
+        verification_id: Uuid,
+        previous_sent_at: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .abort_send(&SendAbort {
+                tenant: tenant.to_owned(),
+                subject,
+                verification_id,
+                previous_sent_at,
+                at: self.clock.now(),
+            })
+            .await
     }
 
     /// Stores one message record per attempt. A failure to record is logged, not
@@ -434,11 +511,11 @@ impl VerificationService {
 
     pub async fn check(
         &self,
-        tenant: &str,
+        caller: &Caller<'_>,
         target: Target,
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
-        self.check_hash(tenant, target, |id| self.crypto.code_hash(id, code))
+        self.check_hash(caller, target, |id| self.crypto.code_hash(id, code))
             .await
     }
 
@@ -447,33 +524,75 @@ impl VerificationService {
     /// like a wrong code. For APIs whose contract accepts such guesses.
     pub async fn check_unusable_guess(
         &self,
-        tenant: &str,
+        caller: &Caller<'_>,
         target: Target,
     ) -> Result<CheckResult, CheckError> {
         // A hash under another key and domain: it matches no code hash.
-        self.check_hash(tenant, target, |id| {
+        self.check_hash(caller, target, |id| {
             self.crypto
                 .blind_index("unusable-guess", &[id.to_string().as_str()])
         })
         .await
     }
 
+    /// Every way of answering "nothing pending" costs the same: one lookup,
+    /// then the same error, whether or not anything ever existed.
     async fn check_hash(
         &self,
-        tenant: &str,
+        caller: &Caller<'_>,
         target: Target,
         hash_for: impl FnOnce(Uuid) -> [u8; 32],
     ) -> Result<CheckResult, CheckError> {
+        let tenant = caller.tenant;
         let now = self.clock.now();
-        let id = match target {
-            Target::Id(id) => id,
+        let audit = |id: Option<Uuid>, to: Option<&str>, outcome: &str| {
+            tracing::info!(
+                target: "audit",
+                event = "check",
+                tenant,
+                verification_id = id.map(|id| id.to_string()),
+                to,
+                outcome,
+                client_ip = caller.client_ip.map(|ip| ip.to_string()),
+            );
+        };
+        let (id, subject, masked_to) = match target {
+            Target::Id(id) => {
+                let live = self
+                    .store
+                    .get_verification(tenant, id)
+                    .await?
+                    .filter(|v| now < v.expires_at)
+                    .filter(|v| matches!(v.status, Status::Pending | Status::MaxAttempts));
+                let Some(v) = live else {
+                    audit(Some(id), None, "not_found");
+                    return Err(CheckError::NotFound);
+                };
+                self.guard
+                    .admit_check(tenant, caller.policy, &v.subject, caller.client_ip, now)
+                    .await?;
+                (id, v.subject, Some(v.masked_to))
+            }
             Target::Uid(uid) => {
                 let subject = self.crypto.subject_for_uid(tenant, &uid);
-                self.current(tenant, &subject, now).await?
+                self.guard
+                    .admit_check(tenant, caller.policy, &subject, caller.client_ip, now)
+                    .await?;
+                let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
+                    audit(None, None, check_error_label(e));
+                })?;
+                (id, subject, None)
             }
             Target::Phone { to, purpose } => {
                 let subject = self.crypto.subject_for_phone(tenant, &to, purpose.as_str());
-                self.current(tenant, &subject, now).await?
+                self.guard
+                    .admit_check(tenant, caller.policy, &subject, caller.client_ip, now)
+                    .await?;
+                let masked = to.masked();
+                let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
+                    audit(None, Some(&masked), check_error_label(e));
+                })?;
+                (id, subject, Some(masked))
             }
         };
         let hash = hash_for(id);
@@ -485,13 +604,25 @@ impl VerificationService {
             CheckOutcome::MaxAttempts => "max_attempts",
             CheckOutcome::NotFound => "not_found",
         };
-        tracing::info!(target: "audit", event = "check", tenant, verification_id = %id, outcome = label);
+        let masked_to = match &outcome {
+            CheckOutcome::Approved(v) => Some(v.masked_to.clone()),
+            _ => masked_to,
+        };
+        audit(Some(id), masked_to.as_deref(), label);
         match outcome {
-            CheckOutcome::Approved(v) => Ok(CheckResult::Approved(v)),
-            CheckOutcome::Wrong { attempts_left } => Ok(CheckResult::Wrong {
-                verification_id: id,
-                attempts_left,
-            }),
+            CheckOutcome::Approved(v) => {
+                self.guard.record_approval(caller.policy, &v, now).await;
+                Ok(CheckResult::Approved(v))
+            }
+            CheckOutcome::Wrong { attempts_left } => {
+                self.guard
+                    .record_wrong_guess(caller.policy, &subject, now)
+                    .await;
+                Ok(CheckResult::Wrong {
+                    verification_id: id,
+                    attempts_left,
+                })
+            }
             CheckOutcome::MaxAttempts => Err(CheckError::MaxAttempts),
             CheckOutcome::NotFound => Err(CheckError::NotFound),
         }
@@ -523,7 +654,12 @@ impl VerificationService {
         Ok(Some((v, messages)))
     }
 
-    pub async fn cancel(&self, tenant: &str, id: Uuid) -> Result<Option<Verification>, StoreError> {
+    pub async fn cancel(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        client_ip: Option<IpAddr>,
+    ) -> Result<Option<Verification>, StoreError> {
         let outcome = self.store.cancel(tenant, id, self.clock.now()).await?;
         let canceled = match outcome {
             CancelOutcome::Canceled(v) => Some(v),
@@ -534,7 +670,9 @@ impl VerificationService {
             event = "cancel",
             tenant,
             verification_id = %id,
+            to = canceled.as_ref().map(|v| v.masked_to.as_str()),
             outcome = if canceled.is_some() { "canceled" } else { "not_found" },
+            client_ip = client_ip.map(|ip| ip.to_string()),
         );
         Ok(canceled)
     }
@@ -583,5 +721,14 @@ impl VerificationService {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+}
+
+fn check_error_label(e: &CheckError) -> &'static str {
+    match e {
+        CheckError::NotFound => "not_found",
+        CheckError::MaxAttempts => "max_attempts",
+        CheckError::RateLimited { .. } => "rate_limited",
+        CheckError::Unavailable(_) => "unavailable",
     }
 }
