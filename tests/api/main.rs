@@ -1,6 +1,8 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod abuse;
+mod at_rest;
 mod bridgex;
 mod failover;
 mod helpers;
@@ -26,6 +28,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/verifications/{id}/cancel"),
     ("get", "/v1/messages/{id}"),
     ("get", "/v1/sandbox/messages"),
+    ("get", "/v1/guard"),
+    ("delete", "/v1/guard/{prefix}"),
     ("get", "/health"),
     ("post", "/send-otp"),
     ("post", "/verify-otp"),
