@@ -78,6 +78,14 @@ fn assert_limited(answer: &(StatusCode, HeaderMap, Value), limit: &str) -> i64 {
     header
 }
 
+#[test]
+fn the_example_config_documents_the_default_policy() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("otpd.example.toml");
+    let settings = otpd::config::Settings::load(Some(&example), &Default::default()).unwrap();
+    assert_eq!(settings.policy, otpd::domain::Policy::default());
+    assert!(settings.server.trusted_proxies.is_empty());
+}
+
 fn assert_status(answer: &(StatusCode, HeaderMap, Value), expected: StatusCode) {
     assert_eq!(answer.0, expected, "{}", answer.2);
 }
