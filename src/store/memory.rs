@@ -40,8 +40,8 @@ pub struct MemoryStore {
     messages_by_provider_id: DashMap<(String, String), Uuid>,
     inbox: Mutex<VecDeque<InboxEntry>>,
     rate: DashMap<String, (i64, u32)>,
-    /// (key, window length) → (slot, total).
-    counters: DashMap<(String, u32), (i64, u64)>,
+    /// (key, window length, slot) → total.
+    counters: DashMap<(String, u32, i64), u64>,
     /// Namespace → its markers by name; one map entry locks a whole namespace,
     /// which is what makes a claim atomic.
     markers: DashMap<String, BTreeMap<String, Marker>>,
@@ -396,15 +396,12 @@ impl Store for MemoryStore {
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
         let slot = counter_slot(window_seconds, now);
-        let mut entry = self
+        let mut total = self
             .counters
-            .entry((key.to_owned(), window_seconds))
-            .or_insert((slot, 0));
-        if entry.0 != slot {
-            *entry = (slot, 0);
-        }
-        entry.1 = entry.1.saturating_add(amount);
-        Ok(entry.1)
+            .entry((key.to_owned(), window_seconds, slot))
+            .or_insert(0);
+        *total = total.saturating_add(amount);
+        Ok(*total)
     }
 
     async fn read_counter(
@@ -416,9 +413,8 @@ impl Store for MemoryStore {
         let slot = counter_slot(window_seconds, now);
         Ok(self
             .counters
-            .get(&(key.to_owned(), window_seconds))
-            .filter(|c| c.0 == slot)
-            .map_or(0, |c| c.1))
+            .get(&(key.to_owned(), window_seconds, slot))
+            .map_or(0, |total| *total))
     }
 
     async fn set_marker(
@@ -569,8 +565,9 @@ impl Store for MemoryStore {
         self.subjects
             .retain(|_, s| s.last_sent_at.is_some_and(|t| t + KEEP_ENDED > now));
         self.inbox.lock().retain(|e| e.expires_at > now);
+        // A sliding window also reads the previous window's total.
         self.counters
-            .retain(|(_, window), c| c.0 == counter_slot(*window, now));
+            .retain(|(_, window, slot), _| *slot >= counter_slot(*window, now) - 1);
         self.markers.retain(|_, ns| {
             ns.retain(|_, m| now < m.expires_at);
             !ns.is_empty()

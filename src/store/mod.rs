@@ -251,6 +251,8 @@ pub trait Store: Send + Sync + 'static {
     /// containing `now` (slot = floor(unix seconds / window), as in
     /// `hit_rate_limit`) and returns the window's new total, atomically. A key's
     /// counters for different window lengths are separate; `amount` 0 reads.
+    /// A window's total stays readable until the end of the window after it,
+    /// so a sliding window can weigh it in.
     async fn add_to_counter(
         &self,
         key: &str,

@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use super::sql_common::{
     ApiKeyRow, InboxRow, KEEP_SUBJECTS, MarkerRow, MessageRow, SubjectRow, SubjectState,
-    VerificationRow, admit_send, apply_message_update, counter_amount, counter_total, decide_check,
-    id_text, map_migrate, map_sqlx, millis, rate_slot,
+    VerificationRow, admit_send, apply_message_update, counter_amount, counter_slot, counter_total,
+    decide_check, id_text, map_migrate, map_sqlx, millis, rate_slot,
 };
 use super::{
     CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
@@ -702,10 +702,10 @@ impl Store for PostgresStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let (slot, window_end) = rate_slot(window_seconds, now);
+        let (slot, keep_until) = counter_slot(window_seconds, now);
         // One upsert is one atomic step: the window's row is created or added to.
         let total: i64 = sqlx::query_scalar(
-            "INSERT INTO counters AS c (key, window_seconds, slot, window_end, total)
+            "INSERT INTO counters AS c (key, window_seconds, slot, keep_until, total)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
                  total = c.total + EXCLUDED.total
@@ -714,7 +714,7 @@ impl Store for PostgresStore {
         .bind(key)
         .bind(i64::from(window_seconds))
         .bind(slot)
-        .bind(window_end)
+        .bind(keep_until)
         .bind(counter_amount(amount))
         .fetch_one(&self.pool)
         .await
@@ -927,7 +927,7 @@ impl Store for PostgresStore {
             ),
             (
                 "DELETE FROM counters WHERE (key, window_seconds, slot) IN
-                     (SELECT key, window_seconds, slot FROM counters WHERE window_end <= $1
+                     (SELECT key, window_seconds, slot FROM counters WHERE keep_until <= $1
                       LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 now_ms,
             ),

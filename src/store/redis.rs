@@ -453,12 +453,13 @@ fn pending_member(subject_hex: &str, id: Uuid) -> String {
 }
 
 /// The counter window containing `now` (slot number) and how long its key must
-/// live: a second past the window's end, so it never vanishes early.
+/// live: through the window after it (a sliding window reads the previous
+/// window's total) and a second more, so it never vanishes early.
 fn counter_window(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64) {
     let window = i64::from(window_seconds.max(1));
     let slot = now.timestamp().div_euclid(window);
-    let end_ms = (slot + 1) * window * 1000;
-    (slot, (end_ms - now.timestamp_millis()).max(0) + 1000)
+    let keep_until_ms = (slot + 2) * window * 1000;
+    (slot, (keep_until_ms - now.timestamp_millis()).max(0) + 1000)
 }
 
 fn ms(t: DateTime<Utc>) -> String {
@@ -2107,6 +2108,15 @@ mod tests {
             hash_tag(&format!("{inbox}:all")),
             hash_tag(&format!("{inbox}:e:x"))
         );
+    }
+
+    #[test]
+    fn counters_outlive_the_window_after_theirs() {
+        let now = Utc.timestamp_millis_opt(1_900_000_030_500).unwrap();
+        // 60 s windows: this one ends at 1_900_000_080 s, the next at ..._140 s.
+        let (slot, ttl) = counter_window(60, now);
+        assert_eq!(slot, 31_666_667);
+        assert_eq!(ttl, 109_500 + 1_000);
     }
 
     #[test]

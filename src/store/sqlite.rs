@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use super::sql_common::{
     ApiKeyRow, InboxRow, KEEP_SUBJECTS, MarkerRow, MessageRow, SubjectRow, SubjectState,
-    VerificationRow, admit_send, apply_message_update, counter_amount, counter_total, decide_check,
-    id_text, map_migrate, map_sqlx, millis, rate_slot,
+    VerificationRow, admit_send, apply_message_update, counter_amount, counter_slot, counter_total,
+    decide_check, id_text, map_migrate, map_sqlx, millis, rate_slot,
 };
 use super::{
     CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
@@ -655,10 +655,10 @@ impl Store for SqliteStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let (slot, window_end) = rate_slot(window_seconds, now);
+        let (slot, keep_until) = counter_slot(window_seconds, now);
         // One upsert is one atomic step: the window's row is created or added to.
         let total: i64 = sqlx::query_scalar(
-            "INSERT INTO counters (key, window_seconds, slot, window_end, total)
+            "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
                  total = counters.total + excluded.total
@@ -667,7 +667,7 @@ impl Store for SqliteStore {
         .bind(key)
         .bind(i64::from(window_seconds))
         .bind(slot)
-        .bind(window_end)
+        .bind(keep_until)
         .bind(counter_amount(amount))
         .fetch_one(&self.writer)
         .await
@@ -865,7 +865,7 @@ impl Store for SqliteStore {
             ),
             (
                 "DELETE FROM counters WHERE rowid IN
-                     (SELECT rowid FROM counters WHERE window_end <= ?1 LIMIT ?2)",
+                     (SELECT rowid FROM counters WHERE keep_until <= ?1 LIMIT ?2)",
                 now_ms,
             ),
             (

@@ -119,6 +119,29 @@ async fn per_number_limit_counts_every_purpose_and_uid_and_says_when_to_retry() 
 }
 
 #[tokio::test]
+async fn no_double_burst_across_a_window_boundary() {
+    let app = TestApp::spawn_with(|s| s.policy.max_sends_per_number_10min = 6).await;
+    // To the last second of a 10-minute window.
+    let now = otpd::clock::Clock::now(app.clock.as_ref()).timestamp();
+    app.advance(600 - now.rem_euclid(600) - 1);
+    for i in 0..5 {
+        let answer = send(&app, json!({ "to": NL, "purpose": format!("p{i}") })).await;
+        assert_status(&answer, StatusCode::CREATED);
+    }
+    // Two seconds later a fixed window would start again from zero; the sliding
+    // one still weighs the five (about 4.98 of them): room for one more send,
+    // counted in the new window, and not for a second.
+    app.advance(2);
+    let answer = send(&app, json!({ "to": NL, "purpose": "p5" })).await;
+    assert_status(&answer, StatusCode::CREATED);
+    let wait = assert_limited(
+        &send(&app, json!({ "to": NL, "purpose": "p6" })).await,
+        "number_10min",
+    );
+    assert!(wait > 100, "{wait}");
+}
+
+#[tokio::test]
 async fn per_number_daily_limit() {
     let app = TestApp::spawn_with(|s| {
         s.policy.max_sends_per_number_10min = 0;

@@ -775,6 +775,16 @@ pub async fn counters_add_up_per_window(store: DynStore) {
     assert_eq!(store.read_counter(&key, 60, next).await.unwrap(), 0);
     assert_eq!(store.add_to_counter(&key, 1, 60, next).await.unwrap(), 1);
     assert_eq!(store.read_counter(&key, 3600, next).await.unwrap(), 7);
+
+    // Through the next window the previous total stays readable (sliding
+    // windows weigh it in), even across a purge; after that it is gone.
+    store.purge_expired(next, 1_000).await.unwrap();
+    assert_eq!(store.read_counter(&key, 60, start).await.unwrap(), 5);
+    store
+        .purge_expired(next + Duration::seconds(60), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(store.read_counter(&key, 60, next).await.unwrap(), 1);
 }
 
 pub async fn concurrent_counter_adds_are_all_counted(store: DynStore) {
