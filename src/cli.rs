@@ -1,5 +1,5 @@
 //! The command line: `otpd [serve]`, `keys`, `guard`, `rotate-keys`, `migrate`,
-//! `check-config`.
+//! `check-config`, and the global `--print-config`.
 
 use std::path::PathBuf;
 
@@ -19,6 +19,10 @@ pub struct Cli {
     /// Overrides `store.url`.
     #[arg(long, global = true, value_name = "URL")]
     pub store: Option<String>,
+
+    /// Print the effective configuration as TOML, secrets shown as "***", and exit.
+    #[arg(long, global = true)]
+    pub print_config: bool,
 
     #[command(subcommand)]
     pub command: Option<Command>,

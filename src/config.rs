@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use secrecy::SecretString;
-use serde::Deserialize;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::domain::Policy;
 use crate::sms::config::{apply_secret_env, validate_chain, validate_routes};
@@ -25,12 +25,15 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tenants",
     "log",
     "auth",
+    "metrics",
     "routes",
     "routing",
     "dialects",
+    "dlr",
+    "retention",
 ];
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -45,12 +48,17 @@ pub struct Settings {
     pub tenants: BTreeMap<String, TenantSettings>,
     pub log: LogSettings,
     pub auth: AuthSettings,
+    pub metrics: MetricsSettings,
     /// `[[routes]]`: SMS routes by id (empty: everything goes to the sandbox).
     pub routes: Vec<RouteSettings>,
     /// `[routing]`: failover on timeout, circuit breaker, per-country chains.
     pub routing: RoutingSettings,
     /// The seed-compatible APIs (BridgeX-style, Openlyne-style).
     pub dialects: DialectSettings,
+    /// `[dlr]`: provider delivery reports, pushed and polled.
+    pub dlr: DlrSettings,
+    /// `[retention]`: how long delivery records are kept.
+    pub retention: RetentionSettings,
 }
 
 impl Default for Settings {
@@ -65,14 +73,17 @@ impl Default for Settings {
             tenants: BTreeMap::new(),
             log: LogSettings::default(),
             auth: AuthSettings::default(),
+            metrics: MetricsSettings::default(),
             routes: Vec::new(),
             routing: RoutingSettings::default(),
             dialects: DialectSettings::default(),
+            dlr: DlrSettings::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: String,
@@ -83,6 +94,9 @@ pub struct ServerSettings {
     /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the
     /// client; from anyone else the header is ignored.
     pub trusted_proxies: Vec<String>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before
+    /// their connections are dropped.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -92,14 +106,16 @@ impl Default for ServerSettings {
             max_body_bytes: 16 * 1024,
             request_timeout_seconds: 30,
             trusted_proxies: Vec::new(),
+            shutdown_grace_seconds: 20,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
     /// `sqlite://PATH`, `memory://`. Default: `sqlite://{data_dir}/otpd.db`.
+    #[serde(serialize_with = "redact_url_option")]
     pub url: Option<String>,
     pub purge_interval_seconds: u64,
     pub purge_batch: u32,
@@ -122,28 +138,31 @@ impl Default for StoreSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecretsSettings {
     /// Master secret all keys derive from. Default: generated into
     /// `{data_dir}/secret.key` (mode 0600) on first start.
+    #[serde(serialize_with = "redact_secret_option")]
     pub master_key: Option<SecretString>,
     /// Explicit HMAC key for code hashes (otherwise derived from the master).
+    #[serde(serialize_with = "redact_secret_option")]
     pub code_key: Option<SecretString>,
     /// Phone-number encryption keys by numeric id, for rotation.
+    #[serde(serialize_with = "redact_secret_map")]
     pub phone_keys: BTreeMap<String, SecretString>,
     /// Which of `phone_keys` encrypts new records (default: the highest id).
     pub current_phone_key: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantSettings {
     /// Keys set here override `policy` for this tenant.
     pub policy: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     /// `text` or `json`.
@@ -161,7 +180,7 @@ impl Default for LogSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
     /// How long a key lookup is cached; a revoked key stops working within this.
@@ -174,17 +193,40 @@ impl Default for AuthSettings {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve `GET /metrics` (Prometheus text format) and record metrics.
+    pub enabled: bool,
+    /// Label sends and checks with the tenant. Turn off when tenants are many
+    /// (every tenant multiplies the number of series).
+    pub tenant_label: bool,
+    /// When set, `/metrics` requires `Authorization: Bearer <token>`.
+    #[serde(serialize_with = "redact_secret_option")]
+    pub token: Option<SecretString>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tenant_label: true,
+            token: None,
+        }
+    }
+}
+
 /// The seed-compatible APIs. Each has its own policy: the original service's
 /// defaults over `[policy]`, then the keys set in `dialects.<name>.policy`.
 /// Per-tenant policy overrides do not apply to the dialects.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DialectSettings {
     pub bridgex: BridgexDialect,
     pub openlyne: OpenlyneDialect,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BridgexDialect {
     /// Overrides of the dialect policy (code_length 6, ttl_seconds 300,
@@ -209,13 +251,77 @@ impl Default for BridgexDialect {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OpenlyneDialect {
     /// Overrides of the dialect policy (code_length 6, ttl_seconds 180,
     /// cooldown_seconds 30, max_attempts 5; other keys from `[policy]`).
     pub policy: serde_json::Map<String, serde_json::Value>,
 }
+
+/// Delivery reports: the callback endpoints `POST /v1/dlr/{provider}/{secret}`
+/// (Africa's Talking, Twilio) and the BridgeXAPI poller.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DlrSettings {
+    /// The `{secret}` path segment providers must call; unset, the callback
+    /// endpoints answer 404. At least 16 URL-safe characters.
+    #[serde(serialize_with = "redact_secret_option")]
+    pub secret: Option<SecretString>,
+    /// otpd's base URL as providers reach it (`https://otpd.example.com`). Twilio
+    /// signs the full URL it called, so it is needed to check signatures; it also
+    /// gives Twilio routes without their own `status_callback` one.
+    #[serde(serialize_with = "redact_url_option")]
+    pub public_base_url: Option<String>,
+    /// How often the poller looks for BridgeXAPI messages due a status check.
+    pub poll_interval_seconds: u64,
+    /// Messages older than this are no longer polled.
+    pub poll_max_age_seconds: u64,
+    /// Messages considered per poll page.
+    pub poll_batch: u32,
+}
+
+impl Default for DlrSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            public_base_url: None,
+            poll_interval_seconds: 5,
+            poll_max_age_seconds: 6 * 3_600,
+            poll_batch: 200,
+        }
+    }
+}
+
+impl DlrSettings {
+    /// The callback URL for `provider`, when both the secret and the public base
+    /// URL are configured.
+    pub fn callback_url(&self, provider: &str) -> Option<String> {
+        let base = self.public_base_url.as_deref()?.trim_end_matches('/');
+        let secret = self.secret.as_ref()?;
+        Some(format!(
+            "{base}/v1/dlr/{provider}/{}",
+            secret.expose_secret()
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Delivery attempts (masked numbers only) older than this are deleted.
+    /// Usage stays as daily aggregates.
+    pub message_days: u32,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self { message_days: 30 }
+    }
+}
+
+/// Longest `retention.message_days`: Redis keeps messages this long at most.
+pub const MAX_MESSAGE_DAYS: u32 = 366;
 
 /// The route ids a BridgeX-style client may send, as the original validates them.
 pub const BRIDGEX_ROUTE_IDS: std::ops::RangeInclusive<u32> = 1..=8;
@@ -286,6 +392,22 @@ impl Settings {
                 "server.max_body_bytes: must be between 1024 and 10485760".into(),
             ));
         }
+        if self.server.shutdown_grace_seconds > 3600 {
+            return Err(invalid(
+                "server.shutdown_grace_seconds: must be at most 3600".into(),
+            ));
+        }
+        if self
+            .metrics
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().trim().is_empty())
+        {
+            return Err(invalid(
+                "metrics.token: must not be empty (leave it out to serve /metrics without a token)"
+                    .into(),
+            ));
+        }
         if self.server.request_timeout_seconds == 0 {
             return Err(invalid(
                 "server.request_timeout_seconds: must be at least 1".into(),
@@ -351,7 +473,61 @@ impl Settings {
                 .map_err(invalid)?;
             }
         }
+        self.validate_delivery()?;
         self.validate_dialects()
+    }
+
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        let invalid = ConfigError::Invalid;
+        let dlr = &self.dlr;
+        if let Some(secret) = &dlr.secret {
+            let secret = secret.expose_secret();
+            if secret.len() < 16
+                || !secret
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+            {
+                return Err(invalid(
+                    "dlr.secret: must be at least 16 characters of A-Z, a-z, 0-9, '-', '_', '.', '~'"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(base) = &dlr.public_base_url {
+            match url::Url::parse(base) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.query().is_none() => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "dlr.public_base_url: {:?} is not an http(s) URL without a query",
+                        redact_url(base)
+                    )));
+                }
+            }
+        }
+        if !(1..=3_600).contains(&dlr.poll_interval_seconds) {
+            return Err(invalid(
+                "dlr.poll_interval_seconds: must be between 1 and 3600".into(),
+            ));
+        }
+        if !(60..=7 * 86_400).contains(&dlr.poll_max_age_seconds) {
+            return Err(invalid(
+                "dlr.poll_max_age_seconds: must be between 60 and 604800".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&dlr.poll_batch) {
+            return Err(invalid(
+                "dlr.poll_batch: must be between 1 and 10000".into(),
+            ));
+        }
+        if !(1..=MAX_MESSAGE_DAYS).contains(&self.retention.message_days) {
+            return Err(invalid(format!(
+                "retention.message_days: must be between 1 and {MAX_MESSAGE_DAYS}"
+            )));
+        }
+        Ok(())
     }
 
     fn validate_dialects(&self) -> Result<(), ConfigError> {
@@ -485,6 +661,51 @@ pub fn merge_policy(
     Ok(policy)
 }
 
+/// Serialized in place of every secret by `to_redacted_toml`.
+pub const REDACTED: &str = "***";
+
+impl Settings {
+    /// The effective configuration as TOML, every secret shown as `"***"`
+    /// (`otpd --print-config`). `store.url` is shown resolved, password hidden.
+    ///
+    /// Secret fields are `SecretString`, which does not implement `Serialize`, so a
+    /// new secret setting cannot reach this output unless it is given a
+    /// `serialize_with = "redact_secret_option"` (or similar) attribute.
+    pub fn to_redacted_toml(&self) -> Result<String, ConfigError> {
+        let mut effective = self.clone();
+        effective.store.url = Some(self.store_url());
+        toml::to_string(&effective)
+            .map_err(|e| ConfigError::Invalid(format!("cannot print the configuration: {e}")))
+    }
+}
+
+pub(crate) fn redact_secret_option<S: Serializer>(
+    secret: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => serializer.serialize_some(REDACTED),
+        None => serializer.serialize_none(),
+    }
+}
+
+fn redact_secret_map<S: Serializer>(
+    secrets: &BTreeMap<String, SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(secrets.keys().map(|k| (k, REDACTED)))
+}
+
+fn redact_url_option<S: Serializer>(
+    url: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => serializer.serialize_some(&redact_url(u)),
+        None => serializer.serialize_none(),
+    }
+}
+
 /// Hides credentials in a URL for messages and logs.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -576,6 +797,125 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn printed_config_hides_every_secret_and_loads_back() {
+        let s = load_toml(
+            r#"
+[store]
+url = "postgres://otpd:pg-password-1@127.0.0.1/otpd"
+[secrets]
+master_key = "master-secret-1"
+code_key = "code-secret-1"
+phone_keys = { 1 = "phone-secret-1", 2 = "phone-secret-2" }
+[metrics]
+token = "metrics-secret-1"
+tenant_label = false
+[tenants.acme.policy]
+max_attempts = 3
+
+[[routes]]
+id = 1
+provider = "bridgexapi"
+api_key = "bx-secret-1"
+provider_route_id = 3
+caller_id = "OTPD"
+price = { NL = 0.07, "*" = 0.1 }
+currency = "EUR"
+
+[[routes]]
+id = 2
+provider = "twilio"
+account_sid = "AC0123456789abcdef0123456789abcdef"
+auth_token = "twilio-secret-1"
+from = "+15005550006"
+status_callback = "https://otpd.example/v1/dlr/twilio/callback-secret-1"
+
+[[routes]]
+id = 3
+provider = "africastalking"
+username = "sandbox"
+api_key = "at-secret-1"
+
+[[routes]]
+id = 4
+provider = "webhook"
+url = "https://gateway.example/sms"
+secret = "webhook-secret-1"
+"#,
+        )
+        .unwrap();
+        let printed = s.to_redacted_toml().unwrap();
+        for secret in [
+            "bx-secret-1",
+            "twilio-secret-1",
+            "callback-secret-1",
+            "at-secret-1",
+            "webhook-secret-1",
+            "pg-password-1",
+            "master-secret-1",
+            "code-secret-1",
+            "phone-secret-1",
+            "phone-secret-2",
+            "metrics-secret-1",
+        ] {
+            assert!(!printed.contains(secret), "{secret} leaked:\n{printed}");
+        }
+        let back: toml::Value = toml::from_str(&printed).unwrap();
+        assert_eq!(back["secrets"]["master_key"].as_str(), Some(REDACTED));
+        assert_eq!(back["secrets"]["phone_keys"]["2"].as_str(), Some(REDACTED));
+        assert_eq!(back["metrics"]["token"].as_str(), Some(REDACTED));
+        assert_eq!(
+            back["store"]["url"].as_str(),
+            Some("postgres://otpd:***@127.0.0.1/otpd")
+        );
+        assert_eq!(back["metrics"]["tenant_label"].as_bool(), Some(false));
+        assert_eq!(
+            back["server"]["shutdown_grace_seconds"].as_integer(),
+            Some(20)
+        );
+        assert_eq!(
+            back["tenants"]["acme"]["policy"]["max_attempts"].as_integer(),
+            Some(3)
+        );
+        let routes = back["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 4);
+        assert_eq!(routes[0]["provider"].as_str(), Some("bridgexapi"));
+        assert_eq!(routes[0]["api_key"].as_str(), Some(REDACTED));
+        assert_eq!(routes[0]["price"]["NL"].as_float(), Some(0.07));
+        assert_eq!(routes[1]["auth_token"].as_str(), Some(REDACTED));
+        assert_eq!(routes[1]["status_callback"].as_str(), Some(REDACTED));
+        assert_eq!(
+            routes[3]["url"].as_str(),
+            Some("https://gateway.example/sms")
+        );
+        // What was printed reads back with the same keys (deny_unknown_fields
+        // catches a serialized name that differs from the one read). Not
+        // validated: "***" is not a valid callback URL.
+        let reloaded: Settings = toml::from_str(&printed).unwrap();
+        assert_eq!(reloaded.tenant_policy("acme").unwrap().max_attempts, 3);
+        assert_eq!(reloaded.routes.len(), 4);
+    }
+
+    #[test]
+    fn printed_config_shows_the_resolved_default_store() {
+        let printed = Settings::default().to_redacted_toml().unwrap();
+        let back: toml::Value = toml::from_str(&printed).unwrap();
+        assert_eq!(
+            back["store"]["url"].as_str(),
+            Some("sqlite://./data/otpd.db")
+        );
+        assert!(back["secrets"].get("master_key").is_none(), "{printed}");
+        assert_eq!(back["metrics"]["enabled"].as_bool(), Some(true));
+    }
+
+    #[test]
+    fn an_empty_metrics_token_is_refused() {
+        let err = load_toml("[metrics]\ntoken = \" \"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics.token"), "{err}");
     }
 
     #[test]
@@ -682,6 +1022,57 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn delivery_settings_are_checked_and_errors_name_the_key() {
+        for (toml, key) in [
+            ("[dlr]\nsecret = \"short\"\n", "dlr.secret"),
+            (
+                "[dlr]\nsecret = \"has a space in it, sixteen+\"\n",
+                "dlr.secret",
+            ),
+            (
+                "[dlr]\npublic_base_url = \"otpd.example.com\"\n",
+                "dlr.public_base_url",
+            ),
+            (
+                "[dlr]\npublic_base_url = \"https://x.example/?a=1\"\n",
+                "dlr.public_base_url",
+            ),
+            (
+                "[dlr]\npoll_interval_seconds = 0\n",
+                "dlr.poll_interval_seconds",
+            ),
+            (
+                "[dlr]\npoll_max_age_seconds = 5\n",
+                "dlr.poll_max_age_seconds",
+            ),
+            ("[dlr]\npoll_batch = 0\n", "dlr.poll_batch"),
+            ("[retention]\nmessage_days = 0\n", "retention.message_days"),
+            (
+                "[retention]\nmessage_days = 400\n",
+                "retention.message_days",
+            ),
+            (
+                "[policy]\nresend_on_failed_delivery = \"yes\"\n",
+                "resend_on_failed_delivery",
+            ),
+        ] {
+            let err = load_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let s = load_toml(
+            "[dlr]\nsecret = \"0123456789abcdef-_.~\"\npublic_base_url = \"https://otpd.example.com/\"\n[tenants.acme.policy]\nresend_on_failed_delivery = false\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.dlr.callback_url("twilio").as_deref(),
+            Some("https://otpd.example.com/v1/dlr/twilio/0123456789abcdef-_.~")
+        );
+        assert!(s.policy.resend_on_failed_delivery);
+        assert!(!s.tenant_policy("acme").unwrap().resend_on_failed_delivery);
+        assert_eq!(Settings::default().dlr.callback_url("twilio"), None);
     }
 
     #[test]

@@ -35,6 +35,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         store_url: cli.store.clone(),
     };
     let settings = Settings::load(cli.config.as_deref(), &overrides)?;
+    if cli.print_config {
+        print!("{}", settings.to_redacted_toml()?);
+        return Ok(());
+    }
     otpd::telemetry::init(&settings.log);
 
     match cli.command.unwrap_or(Command::Serve { listen: None }) {

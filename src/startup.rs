@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,11 +20,21 @@ use crate::config::Settings;
 use crate::crypto::{Crypto, KeyMaterial};
 use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
 use crate::http::client_ip::TrustedProxies;
+use crate::http::dlr::DlrEndpoints;
 use crate::http::{self, AppState, Policies};
+use crate::metrics::{InstrumentedStore, Metrics};
+use crate::service::dlr_poller::{DlrPoller, PollSettings};
 use crate::service::{ApiKeys, VerificationService};
+use crate::sms::config::ProviderSettings;
 use crate::sms::router::SANDBOX_ROUTE_ID;
-use crate::sms::{Route, SandboxProvider, SmsProvider, SmsRouter, build_routes, http_client};
+use crate::sms::{
+    BridgexProvider, Route, RouteSettings, SandboxProvider, SmsProvider, SmsRouter, build_routes,
+    http_client,
+};
 use crate::store::{self, DynStore};
+
+/// How long shutdown waits for the store to release its connections.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Replaceable parts; tests swap the clock or the store.
 pub struct Dependencies {
@@ -53,6 +63,7 @@ pub struct Application {
     settings: Settings,
     store: DynStore,
     clock: Arc<dyn Clock>,
+    poller: Arc<DlrPoller>,
 }
 
 impl Application {
@@ -61,10 +72,12 @@ impl Application {
     }
 
     pub async fn build_with(settings: Settings, deps: Dependencies) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new(&settings.metrics)?);
         let store = match deps.store {
             Some(s) => s,
             None => open_store(&settings).await?,
         };
+        let store = InstrumentedStore::wrap(store, metrics.clone());
         let crypto = Arc::new(load_crypto(&settings)?);
         let sandbox: Arc<dyn SmsProvider> = Arc::new(SandboxProvider::new(
             store.clone(),
@@ -76,9 +89,10 @@ impl Application {
             settings.routing.timeout(),
         )
         .map_err(anyhow::Error::msg)?;
+        let route_settings = with_status_callbacks(&settings);
         let routes = match deps.routes {
             Some(routes) => routes,
-            None => build_routes(&settings.routes, &settings.routing, &http, sandbox.clone())
+            None => build_routes(&route_settings, &settings.routing, &http, sandbox.clone())
                 .map_err(anyhow::Error::msg)?,
         };
         let router = Arc::new(
@@ -90,14 +104,17 @@ impl Application {
             )
             .with_default_chain(settings.policy.routes.clone()),
         );
-        let service = Arc::new(VerificationService::new(
-            store.clone(),
-            router,
-            deps.clock.clone(),
-            deps.codes,
-            crypto,
-            settings.debug_codes,
-        ));
+        let service = Arc::new(
+            VerificationService::new(
+                store.clone(),
+                router,
+                deps.clock.clone(),
+                deps.codes,
+                crypto,
+                settings.debug_codes,
+            )
+            .with_metrics(metrics.clone()),
+        );
         let keys = Arc::new(ApiKeys::new(
             store.clone(),
             deps.clock.clone(),
@@ -120,19 +137,34 @@ impl Application {
             policy.routes = settings.tenant_chain(name).unwrap_or_default();
             policies.tenants.insert(name.clone(), policy);
         }
+        let policies = Arc::new(policies);
+        let poller = Arc::new(DlrPoller::new(
+            service.clone(),
+            policies.clone(),
+            bridgex_pollers(&settings, &http)?,
+            PollSettings {
+                interval: Duration::from_secs(settings.dlr.poll_interval_seconds),
+                max_age: chrono::Duration::seconds(
+                    i64::try_from(settings.dlr.poll_max_age_seconds).unwrap_or(i64::MAX),
+                ),
+                batch: settings.dlr.poll_batch,
+            },
+        ));
         let state = AppState {
             service,
             keys,
-            policies: Arc::new(policies),
+            policies,
             max_body_bytes: settings.server.max_body_bytes,
             pending_gauge: Arc::new(AtomicU64::new(0)),
             version: env!("CARGO_PKG_VERSION"),
+            metrics,
             dialects: Arc::new(settings.dialects.clone()),
             debug_codes: settings.debug_codes,
             trusted_proxies: Arc::new(
                 TrustedProxies::parse(&settings.server.trusted_proxies)
                     .map_err(|e| anyhow::anyhow!("server.trusted_proxies: {e}"))?,
             ),
+            dlr: Arc::new(dlr_endpoints(&settings, &route_settings)),
         };
         let addr = settings.listen_addr()?;
         let listener = TcpListener::bind(addr)
@@ -144,6 +176,7 @@ impl Application {
             settings,
             store,
             clock: deps.clock,
+            poller,
         })
     }
 
@@ -153,6 +186,12 @@ impl Application {
 
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// The BridgeXAPI delivery-report poller (`run_until` runs it in the
+    /// background; tests call `poll_once` themselves).
+    pub fn dlr_poller(&self) -> Arc<DlrPoller> {
+        self.poller.clone()
     }
 
     /// Creates the first API key (tenant `default`) when the store has none and
@@ -171,11 +210,15 @@ impl Application {
 
     /// Serves until SIGINT or SIGTERM.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.run_until(shutdown_signal()).await
+        // Registered before the first request can arrive, so an early SIGTERM
+        // still drains instead of killing the process.
+        let signal = shutdown_signal()?;
+        self.run_until(signal).await
     }
 
-    /// Serves until `shutdown` completes, then drains in-flight requests and
-    /// stops the background tasks.
+    /// Serves until `shutdown` completes, then: stops accepting connections,
+    /// lets in-flight requests finish for up to `server.shutdown_grace_seconds`,
+    /// stops the background tasks and closes the store.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -186,20 +229,56 @@ impl Application {
             self.clock.clone(),
             self.state.pending_gauge.clone(),
             &self.settings,
-            stop_rx,
+            stop_rx.clone(),
         );
+        let poller = self
+            .poller
+            .has_routes()
+            .then(|| self.poller.clone().spawn(stop_rx.clone()));
+        let upkeep = self.state.metrics.spawn_upkeep(stop_rx);
         let app = http::router(
             self.state.clone(),
             Duration::from_secs(self.settings.server.request_timeout_seconds),
         );
+        let grace = Duration::from_secs(self.settings.server.shutdown_grace_seconds);
+        let (signalled_tx, mut signalled_rx) = watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = signalled_tx.send(true);
+        };
+        let deadline = async move {
+            if signalled_rx.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
         tracing::info!(addr = %self.listener.local_addr()?, "otpd listening");
         // The peer address is the client's, or a trusted proxy's (`ClientIp`).
         let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(shutdown);
+        tokio::select! {
+            served = server.into_future() => served?,
+            _ = deadline => tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "shutdown grace period over; dropping the requests still in flight"
+            ),
+        }
         let _ = stop_tx.send(true);
         let _ = housekeeping.await;
+        if let Some(poller) = poller {
+            let _ = poller.await;
+        }
+        if let Some(upkeep) = upkeep {
+            let _ = upkeep.await;
+        }
+        // Closing a pool waits for checked-out connections; a request dropped at
+        // the deadline may still hold one, so this wait is bounded too.
+        if tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.store.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the store did not close in time; exiting anyway");
+        }
         tracing::info!("otpd stopped");
         Ok(())
     }
@@ -285,6 +364,61 @@ fn load_or_create_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 const MAX_PURGE_ROUNDS_PER_TICK: usize = 20;
 
+/// The routes' settings, with Twilio routes that set no `status_callback` given
+/// otpd's own callback URL when `dlr.secret` and `dlr.public_base_url` are set.
+fn with_status_callbacks(settings: &Settings) -> Vec<RouteSettings> {
+    let mut routes = settings.routes.clone();
+    if let Some(url) = settings.dlr.callback_url("twilio") {
+        for route in &mut routes {
+            if let ProviderSettings::Twilio(t) = &mut route.provider
+                && t.status_callback.is_none()
+            {
+                t.status_callback = Some(SecretString::from(url.clone()));
+            }
+        }
+    }
+    routes
+}
+
+/// One BridgeXAPI client per BridgeXAPI route, for polling delivery reports.
+fn bridgex_pollers(
+    settings: &Settings,
+    http: &reqwest::Client,
+) -> anyhow::Result<BTreeMap<u32, BridgexProvider>> {
+    let mut clients = BTreeMap::new();
+    for (index, route) in settings.routes.iter().enumerate() {
+        if let ProviderSettings::Bridgexapi(s) = &route.provider {
+            let timeout =
+                Duration::from_millis(route.timeout_ms.unwrap_or(settings.routing.timeout_ms));
+            let client = BridgexProvider::new(s, http.clone(), timeout)
+                .map_err(|e| anyhow::anyhow!("routes[{index}]: {e}"))?;
+            clients.insert(route.id, client);
+        }
+    }
+    Ok(clients)
+}
+
+fn dlr_endpoints(settings: &Settings, routes: &[RouteSettings]) -> DlrEndpoints {
+    let mut endpoints = DlrEndpoints {
+        secret: settings.dlr.secret.clone(),
+        public_base_url: settings
+            .dlr
+            .public_base_url
+            .as_deref()
+            .map(|u| u.trim_end_matches('/').to_owned()),
+        ..DlrEndpoints::default()
+    };
+    for route in routes {
+        if let ProviderSettings::Twilio(t) = &route.provider {
+            endpoints.twilio_auth_tokens.extend(t.auth_token.clone());
+            endpoints
+                .twilio_callback_urls
+                .extend(t.status_callback.clone());
+        }
+    }
+    endpoints
+}
+
 fn spawn_housekeeping(
     store: DynStore,
     clock: Arc<dyn Clock>,
@@ -294,6 +428,7 @@ fn spawn_housekeeping(
 ) -> JoinHandle<()> {
     let interval = Duration::from_secs(settings.store.purge_interval_seconds);
     let batch = settings.store.purge_batch;
+    let keep_messages = chrono::Duration::days(settings.retention.message_days.into());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -315,6 +450,17 @@ fn spawn_housekeeping(
                     }
                 }
             }
+            // Delivery records past retention, likewise in bounded batches.
+            for _ in 0..MAX_PURGE_ROUNDS_PER_TICK {
+                match store.purge_messages(now - keep_messages, batch).await {
+                    Ok(n) if n >= u64::from(batch) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "message retention purge failed");
+                        break;
+                    }
+                }
+            }
             match store.count_pending(now).await {
                 Ok(n) => pending.store(n, Ordering::Relaxed),
                 Err(e) => tracing::warn!(error = %e, "could not count pending verifications"),
@@ -323,24 +469,27 @@ fn spawn_housekeeping(
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when the future is first polled.
+#[cfg(unix)]
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown signal received; draining");
+    })
+}
+
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracing::info!("shutdown signal received; draining");
+        tracing::info!(signal = "ctrl-c", "shutdown signal received; draining");
+    })
 }

@@ -1,21 +1,47 @@
 //! Logging setup: human-readable by default, JSON with `log.format = "json"`.
 //! Logs go to stderr; stdout is kept for what scripts capture (a new API key).
+//!
+//! Every event inside a request carries that request's `request_id` (from the
+//! span `http::observe` opens). Audit events use the target `audit`.
 
+use std::io::IsTerminal;
+
+use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogSettings;
 
-pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
+/// `RUST_LOG` when set and valid, else `log.level`, else `info`.
+pub fn filter(settings: &LogSettings) -> EnvFilter {
+    EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// The subscriber `init` installs, writing to `writer`; tests capture with it.
+pub fn subscriber<W>(
+    settings: &LogSettings,
+    filter: EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests, embedding) keeps the first subscriber.
-    let _ = if settings.format == "json" {
-        builder.json().flatten_event(true).try_init()
+        .with_writer(writer);
+    if settings.format == "json" {
+        Box::new(builder.json().flatten_event(true).finish())
     } else {
-        builder.try_init()
-    };
+        Box::new(builder.with_ansi(ansi).finish())
+    }
+}
+
+pub fn init(settings: &LogSettings) {
+    let ansi = std::io::stderr().is_terminal();
+    // A second init (tests, embedding) keeps the first subscriber.
+    let _ = subscriber(settings, filter(settings), std::io::stderr, ansi).try_init();
 }

@@ -62,6 +62,11 @@ impl DeliveryStatus {
             DeliveryStatus::Queued | DeliveryStatus::Sent | DeliveryStatus::Delivered
         )
     }
+
+    /// Whether this is a final "did not arrive" (failed or undelivered).
+    pub fn is_failure(self) -> bool {
+        matches!(self, DeliveryStatus::Failed | DeliveryStatus::Undelivered)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +85,35 @@ pub struct MessageRecord {
     pub cost: Option<f64>,
     pub currency: Option<String>,
     pub latency_ms: u32,
+    /// The message whose failed delivery this one re-sends the verification for.
+    pub resend_of: Option<Uuid>,
+    /// When it was queued; then when it reached each later status. `sent_at` stays
+    /// empty when a provider reports delivery without reporting sending first.
     pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// When it failed or was reported undelivered.
+    pub failed_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl MessageRecord {
+    /// Whether a provider took this message. Refusals at send time never carry a
+    /// provider message id, and delivery reports (the only way a status changes
+    /// later) need one, so an accepted message keeps counting as such after a
+    /// report says it failed.
+    pub fn was_accepted(&self) -> bool {
+        self.status.accepted() || self.provider_message_id.is_some()
+    }
+
+    /// Sets `status` and stamps the time it was reached (`created_at` covers queued).
+    pub fn mark(&mut self, status: DeliveryStatus, at: DateTime<Utc>) {
+        self.status = status;
+        match status {
+            DeliveryStatus::Sent => self.sent_at = Some(at),
+            DeliveryStatus::Delivered => self.delivered_at = Some(at),
+            DeliveryStatus::Failed | DeliveryStatus::Undelivered => self.failed_at = Some(at),
+            DeliveryStatus::Queued | DeliveryStatus::Unknown => {}
+        }
+    }
 }

@@ -39,6 +39,9 @@ pub struct Policy {
     /// (route prices, in the routes' currency) reach this; 0 = no budget.
     pub daily_spend_limit: f64,
     pub guard: GuardPolicy,
+    /// When a delivery report says a pending verification's SMS failed, send a
+    /// new code over the next route of the chain not yet used for it.
+    pub resend_on_failed_delivery: bool,
 }
 
 /// The SMS-pumping guard: a number prefix (or a whole country) whose send
@@ -96,6 +99,7 @@ impl Default for Policy {
             blocked_countries: Vec::new(),
             daily_spend_limit: 0.0,
             guard: GuardPolicy::default(),
+            resend_on_failed_delivery: true,
         }
     }
 }

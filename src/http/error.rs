@@ -16,6 +16,8 @@ pub enum ApiError {
     InvalidPhone(String),
     #[error("missing or invalid API key")]
     Unauthorized,
+    #[error("{0}")]
+    InvalidSignature(String),
     #[error("no pending verification matches")]
     NotFound,
     #[error("{0}")]
@@ -60,6 +62,7 @@ impl ApiError {
             ApiError::InvalidRequest(_) => ("invalid_request", StatusCode::BAD_REQUEST),
             ApiError::InvalidPhone(_) => ("invalid_phone", StatusCode::BAD_REQUEST),
             ApiError::Unauthorized => ("unauthorized", StatusCode::UNAUTHORIZED),
+            ApiError::InvalidSignature(_) => ("invalid_signature", StatusCode::FORBIDDEN),
             ApiError::NotFound => ("not_found", StatusCode::NOT_FOUND),
             ApiError::RouteNotAllowed(_) => ("route_not_allowed", StatusCode::FORBIDDEN),
             ApiError::CountryNotAllowed(_) => ("country_not_allowed", StatusCode::FORBIDDEN),

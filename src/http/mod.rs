@@ -2,9 +2,11 @@
 
 pub mod bridgex;
 pub mod client_ip;
+pub mod dlr;
 pub mod error;
 pub mod extract;
 pub mod guard;
+pub mod observe;
 pub mod openapi;
 pub mod openlyne;
 pub mod ops;
@@ -30,6 +32,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new()
         .merge(v1::routes())
         .merge(guard::routes())
+        .merge(dlr::routes())
         .merge(ops::routes())
         .merge(bridgex::routes())
         .merge(openlyne::routes())
@@ -44,5 +47,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .layer(CatchPanicLayer::custom(|_| -> Response {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
+        // Outermost, so timeouts and panics are counted and carry the request id.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .with_state(state)
 }

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{bridgex, guard, openlyne, ops, v1};
+use super::{bridgex, dlr, guard, openlyne, ops, v1};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,10 +17,15 @@ use super::{bridgex, guard, openlyne, ops, v1};
         v1::get_verification,
         v1::cancel_verification,
         v1::get_message,
+        v1::get_usage,
+        dlr::delivery_report,
         v1::list_sandbox_messages,
         guard::get_guard,
         guard::lift_quarantine,
         ops::health,
+        ops::live,
+        ops::ready,
+        ops::metrics,
         bridgex::send_otp,
         bridgex::verify_otp,
         bridgex::config,
@@ -31,6 +36,8 @@ use super::{bridgex, guard, openlyne, ops, v1};
     tags(
         (name = "verifications", description = "Native API: the OTP lifecycle"),
         (name = "messages", description = "Native API: delivery attempts"),
+        (name = "usage", description = "Native API: usage and cost per tenant"),
+        (name = "delivery reports", description = "Callbacks providers post delivery reports to (no API key: a secret in the path)"),
         (name = "sandbox", description = "Native API: the sandbox inbox"),
         (name = "guard", description = "Native API: the SMS-pumping guard's quarantines"),
         (name = "operations", description = "Health and metrics"),

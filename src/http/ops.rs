@@ -1,17 +1,26 @@
-//! Operational endpoints: health.
+//! Operational endpoints: health, liveness, readiness, Prometheus metrics.
 
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::error::ApiError;
 use super::state::AppState;
 
+/// The Prometheus text exposition format's content type.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/health", get(health))
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -74,4 +83,98 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthRe
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LiveResponse {
+    /// Always `ok`: the process is up and serving.
+    pub status: String,
+}
+
+/// Liveness: the process answers. Restart it when this fails.
+#[utoipa::path(
+    get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "The process is up", body = LiveResponse))
+)]
+pub async fn live() -> Json<LiveResponse> {
+    Json(LiveResponse {
+        status: "ok".into(),
+    })
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadyResponse {
+    /// `ready`, or `not_ready` when a check below is false.
+    pub status: String,
+    /// The store answers. It is opened only after its migrations applied, so
+    /// this also means the schema is current.
+    pub store: bool,
+    /// At least one route's circuit is not open, so a send can go out.
+    pub routes: bool,
+}
+
+/// Readiness: send traffic here only while this answers 200.
+#[utoipa::path(
+    get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Store reachable and a route available", body = ReadyResponse),
+        (status = 503, description = "Not ready; the false field says why", body = ReadyResponse),
+    )
+)]
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<ReadyResponse>) {
+    let store = state.service.ping_store().await.is_ok();
+    let routes = state
+        .service
+        .router()
+        .route_health()
+        .iter()
+        .any(|(_, _, circuit)| *circuit != "open");
+    let ready = store && routes;
+    let body = ReadyResponse {
+        status: if ready { "ready" } else { "not_ready" }.into(),
+        store,
+        routes,
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+/// Prometheus metrics in the text exposition format. When `metrics.token` is
+/// set, requires `Authorization: Bearer <token>`; 404 when `metrics.enabled` is off.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, description = "unauthorized: metrics.token is set and was not presented"),
+        (status = 404, description = "not_found: metrics are disabled"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !state.metrics.is_enabled() {
+        return Err(ApiError::NoRoute);
+    }
+    if !state.metrics.may_scrape(bearer(&headers)) {
+        return Err(ApiError::Unauthorized);
+    }
+    // Gauges that mirror state owned elsewhere are set at scrape time.
+    state.metrics.set_pending(state.pending_estimate());
+    for (route_id, provider, circuit) in state.service.router().route_health() {
+        state.metrics.set_circuit_state(route_id, provider, circuit);
+    }
+    let body = state.metrics.render().unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], body).into_response())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

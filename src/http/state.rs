@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::client_ip::TrustedProxies;
+use super::dlr::DlrEndpoints;
 use crate::config::DialectSettings;
 use crate::domain::Policy;
-use crate::service::{ApiKeys, VerificationService};
+use crate::metrics::Metrics;
+use crate::service::{ApiKeys, PolicySource, VerificationService};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -18,12 +20,16 @@ pub struct AppState {
     /// Pending verifications, refreshed by the housekeeping task (never a scan per request).
     pub pending_gauge: Arc<AtomicU64>,
     pub version: &'static str,
+    /// This app's own metrics (see `crate::metrics` for why not a global recorder).
+    pub metrics: Arc<Metrics>,
     /// Dialect settings besides their policies (which live in `policies`).
     pub dialects: Arc<DialectSettings>,
     /// Whether send answers carry the code (`debug_codes`); `GET /config` reports it.
     pub debug_codes: bool,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Arc<TrustedProxies>,
+    /// Delivery-report callback settings (secret, Twilio signing).
+    pub dlr: Arc<DlrEndpoints>,
 }
 
 impl AppState {
@@ -45,5 +51,11 @@ pub struct Policies {
 impl Policies {
     pub fn for_tenant(&self, tenant: &str) -> &Policy {
         self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+}
+
+impl PolicySource for Policies {
+    fn policy_for(&self, tenant: &str) -> &Policy {
+        self.for_tenant(tenant)
     }
 }

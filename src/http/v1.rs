@@ -5,7 +5,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -17,7 +17,7 @@ use super::state::AppState;
 use crate::domain::{
     Code, DeliveryStatus, MessageRecord, PhoneNumber, Purpose, Status, Verification,
 };
-use crate::service::{Caller, CheckResult, SendCommand, Target};
+use crate::service::{Caller, CheckResult, SendCommand, Target, UsageReport};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -26,6 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/verifications/{id}", get(get_verification))
         .route("/v1/verifications/{id}/cancel", post(cancel_verification))
         .route("/v1/messages/{id}", get(get_message))
+        .route("/v1/usage", get(get_usage))
         .route("/v1/sandbox/messages", get(list_sandbox_messages))
 }
 
@@ -52,18 +53,31 @@ pub struct SendVerificationRequest {
     pub ttl_seconds: Option<u32>,
 }
 
+/// One delivery attempt (a message) and its live delivery status.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryView {
     pub message_id: Uuid,
+    pub verification_id: Uuid,
     pub route_id: u32,
     pub provider: String,
     pub provider_message_id: Option<String>,
+    /// Masked: all but the last four digits hidden.
+    pub to: String,
+    pub country: Option<String>,
     pub status: DeliveryStatus,
     pub error: Option<String>,
+    /// What the provider charged (or the route's price); billed only once delivered.
     pub cost: Option<f64>,
     pub currency: Option<String>,
     pub latency_ms: u32,
+    /// The message whose failed delivery this one re-sent the verification for.
+    pub resend_of: Option<Uuid>,
+    /// When the attempt was made (queued).
     pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// When it failed or was reported undelivered.
+    pub failed_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -71,15 +85,22 @@ impl From<&MessageRecord> for DeliveryView {
     fn from(m: &MessageRecord) -> Self {
         Self {
             message_id: m.id,
+            verification_id: m.verification_id,
             route_id: m.route_id,
             provider: m.provider.clone(),
             provider_message_id: m.provider_message_id.clone(),
+            to: m.masked_to.clone(),
+            country: m.country.clone(),
             status: m.status,
             error: m.error.clone(),
             cost: m.cost,
             currency: m.currency.clone(),
             latency_ms: m.latency_ms,
+            resend_of: m.resend_of,
             created_at: m.created_at,
+            sent_at: m.sent_at,
+            delivered_at: m.delivered_at,
+            failed_at: m.failed_at,
             updated_at: m.updated_at,
         }
     }
@@ -351,10 +372,17 @@ pub async fn get_verification(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<VerificationView>, ApiError> {
-    let id = parse_id(&id)?;
+    verification_view(&state, &tenant, parse_id(&id)?).await
+}
+
+async fn verification_view(
+    state: &AppState,
+    tenant: &str,
+    id: Uuid,
+) -> Result<Json<VerificationView>, ApiError> {
     let (v, messages) = state
         .service
-        .get(&tenant, id)
+        .get(tenant, id)
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(VerificationView::new(
@@ -382,21 +410,12 @@ pub async fn cancel_verification(
     Path(id): Path<String>,
 ) -> Result<Json<VerificationView>, ApiError> {
     let id = parse_id(&id)?;
-    let v = state
+    state
         .service
         .cancel(&tenant, id, client_ip)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let (v, messages) = state
-        .service
-        .get(&tenant, v.id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    Ok(Json(VerificationView::new(
-        &v,
-        &messages,
-        state.service.now(),
-    )))
+    verification_view(&state, &tenant, id).await
 }
 
 /// One delivery attempt and its delivery status.
@@ -422,6 +441,64 @@ pub async fn get_message(
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(DeliveryView::from(&m)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct UsageQuery {
+    /// First day, `YYYY-MM-DD` (UTC, inclusive); default 29 days before `to`.
+    pub from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (UTC, inclusive); default today.
+    pub to: Option<String>,
+}
+
+/// Longest range one usage request may cover.
+const MAX_USAGE_DAYS: i64 = 366;
+
+fn parse_day(key: &str, value: &str) -> Result<NaiveDate, ApiError> {
+    NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d")
+        .map_err(|_| ApiError::InvalidRequest(format!("{key}: expected a date as YYYY-MM-DD")))
+}
+
+/// The tenant's usage per day range: sends, deliveries, failures, pending
+/// deliveries, verifications started and approved, conversion rate and cost,
+/// in total and by route and by country. Messages and verifications count on
+/// the day they were sent, with outcomes reported since; only delivered
+/// messages carry cost.
+#[utoipa::path(
+    get, path = "/v1/usage", tag = "usage",
+    params(UsageQuery),
+    responses(
+        (status = 200, body = UsageReport),
+        (status = 400, description = "invalid_request: a malformed date, `from` after `to`, or more than 366 days"),
+        (status = 401, description = "unauthorized"),
+        (status = 503, description = "unavailable"),
+    ),
+    security(("api_key" = []), ("bearer" = []))
+)]
+pub async fn get_usage(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> Result<Json<UsageReport>, ApiError> {
+    let to = match q.to.as_deref() {
+        Some(to) => parse_day("to", to)?,
+        None => state.service.now().date_naive(),
+    };
+    let from = match q.from.as_deref() {
+        Some(from) => parse_day("from", from)?,
+        None => to - chrono::Days::new(29),
+    };
+    if from > to {
+        return Err(ApiError::InvalidRequest(
+            "from: must not be after to".into(),
+        ));
+    }
+    if (to - from).num_days() >= MAX_USAGE_DAYS {
+        return Err(ApiError::InvalidRequest(format!(
+            "from, to: at most {MAX_USAGE_DAYS} days per request"
+        )));
+    }
+    Ok(Json(state.service.usage(&tenant, from, to).await?))
 }
 
 /// The sandbox inbox: what the sandbox provider "delivered", newest first.

@@ -24,6 +24,7 @@ use crate::domain::limits::{
     self, DAY, HOUR, Limit, Traffic, WindowCounts, admit_spend, judge_traffic, micro_units,
 };
 use crate::domain::{PhoneNumber, Policy, SubjectKey, Verification};
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, StoreResult};
 
 use super::verifications::{CheckError, SendError};
@@ -94,6 +95,7 @@ pub struct GuardReport {
 pub struct AbuseGuard {
     store: Arc<dyn Store>,
     crypto: Arc<Crypto>,
+    metrics: Arc<Metrics>,
 }
 
 fn quarantine_namespace(tenant: &str) -> String {
@@ -106,7 +108,17 @@ fn lifted_namespace(tenant: &str) -> String {
 
 impl AbuseGuard {
     pub fn new(store: Arc<dyn Store>, crypto: Arc<Crypto>) -> Self {
-        Self { store, crypto }
+        Self {
+            store,
+            crypto,
+            metrics: Arc::new(Metrics::disabled()),
+        }
+    }
+
+    /// Counts every refusal in `otpd_blocks_total` by reason, too.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Counter keys hold blind indexes, never a number, an address or a raw
@@ -434,6 +446,7 @@ impl AbuseGuard {
     }
 
     async fn count_block(&self, tenant: &str, reason: &'static str, now: DateTime<Utc>) {
+        self.metrics.record_block(reason);
         let key = self.traffic_key("blocked", tenant, reason);
         if let Err(e) = self.store.add_to_counter(&key, 1, DAY, now).await {
             tracing::warn!(tenant, error = %e, "could not count a block");

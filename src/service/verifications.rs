@@ -16,6 +16,7 @@ use crate::domain::{
     Code, CodeGenerator, DeliveryStatus, MessageRecord, PhoneNumber, Policy, Purpose, Status,
     SubjectKey, Verification,
 };
+use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
 use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
@@ -29,13 +30,14 @@ use super::guard::{AbuseGuard, SendContext};
 const MAX_PLAN_ROUNDS: usize = 3;
 
 pub struct VerificationService {
-    store: Arc<dyn Store>,
-    router: Arc<SmsRouter>,
-    clock: Arc<dyn Clock>,
-    codes: Arc<dyn CodeGenerator>,
-    crypto: Arc<Crypto>,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) router: Arc<SmsRouter>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) codes: Arc<dyn CodeGenerator>,
+    pub(super) crypto: Arc<Crypto>,
     guard: AbuseGuard,
     debug_codes: bool,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// Who is asking: the tenant, the policy that applies, and the client's
@@ -201,7 +203,16 @@ impl VerificationService {
             codes,
             crypto,
             debug_codes,
+            metrics: Arc::new(Metrics::disabled()),
         }
+    }
+
+    /// Records sends, checks, provider calls and blocks into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.guard =
+            AbuseGuard::new(self.store.clone(), self.crypto.clone()).with_metrics(metrics.clone());
+        self.metrics = metrics;
+        self
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -319,17 +330,21 @@ impl VerificationService {
                 SendDecision::Created {
                     verification,
                     previous_sent_at,
+                } => {
+                    started = Some((verification, previous_sent_at, code, now, true));
+                    break;
                 }
-                | SendDecision::Replaced {
+                SendDecision::Replaced {
                     verification,
                     previous_sent_at,
                 } => {
-                    started = Some((verification, previous_sent_at, code, now));
+                    started = Some((verification, previous_sent_at, code, now, false));
                     break;
                 }
                 SendDecision::Cooldown {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("cooldown");
                     return Err(SendError::Cooldown {
                         retry_after_seconds,
                     });
@@ -337,6 +352,7 @@ impl VerificationService {
                 SendDecision::WindowExhausted {
                     retry_after_seconds,
                 } => {
+                    self.metrics.record_block("subject_sends_per_window");
                     return Err(SendError::RateLimited {
                         retry_after_seconds,
                         limit: "subject_sends_per_window",
@@ -345,9 +361,10 @@ impl VerificationService {
                 SendDecision::Conflict => continue,
             }
         }
-        let Some((verification, previous_sent_at, code, now)) = started else {
+        let Some((verification, previous_sent_at, code, now, created)) = started else {
             // Only a burst of concurrent sends for one subject gets here: the
             // winner's cooldown applies to the rest.
+            self.metrics.record_block("cooldown");
             return Err(SendError::Cooldown {
                 retry_after_seconds: policy.cooldown_seconds.max(1).into(),
             });
@@ -375,7 +392,9 @@ impl VerificationService {
                 },
             )
             .await;
-        let records = self.record_attempts(&verification, &attempts).await;
+        self.metrics.record_delivery_attempts(&attempts);
+        let records = self.record_attempts(&verification, &attempts, None).await;
+        self.count_sends(&records, created).await;
         let accepted = attempts
             .iter()
             .zip(&records)
@@ -388,6 +407,12 @@ impl VerificationService {
                     .as_ref()
                     .ok()
                     .and_then(|r| r.order_id.clone());
+                self.metrics.record_send(
+                    tenant,
+                    attempt.route_id,
+                    attempt.provider,
+                    SendResult::Sent,
+                );
                 tracing::info!(
                     target: "audit",
                     event = "send",
@@ -416,6 +441,14 @@ impl VerificationService {
             None => {
                 self.abort(tenant, subject, verification.id, previous_sent_at)
                     .await?;
+                if let Some(last) = attempts.last() {
+                    self.metrics.record_send(
+                        tenant,
+                        last.route_id,
+                        last.provider,
+                        SendResult::Failed,
+                    );
+                }
                 tracing::warn!(
                     target: "audit",
                     event = "send",
@@ -454,12 +487,14 @@ impl VerificationService {
             .await
     }
 
-    /// Stores one message record per attempt. A failure to record is logged, not
-    /// returned: the SMS has already gone out and the caller must learn that.
-    async fn record_attempts(
+    /// Stores one message record per attempt (`resend_of`: the message whose
+    /// failed delivery they rescue). A failure to record is logged, not returned:
+    /// the SMS has already gone out and the caller must learn that.
+    pub(super) async fn record_attempts(
         &self,
         v: &Verification,
         attempts: &[DeliveryAttempt],
+        resend_of: Option<Uuid>,
     ) -> Vec<MessageRecord> {
         let now = self.clock.now();
         let mut records = Vec::with_capacity(attempts.len());
@@ -484,7 +519,7 @@ impl VerificationService {
                     None,
                 ),
             };
-            let record = MessageRecord {
+            let mut record = MessageRecord {
                 id: Uuid::new_v4(),
                 verification_id: v.id,
                 tenant: v.tenant.clone(),
@@ -493,14 +528,19 @@ impl VerificationService {
                 provider_message_id,
                 masked_to: v.masked_to.clone(),
                 country: v.country.clone(),
-                status,
+                status: DeliveryStatus::Queued,
                 error,
                 cost,
                 currency,
                 latency_ms: u32::try_from(a.latency.as_millis()).unwrap_or(u32::MAX),
+                resend_of,
                 created_at: now,
+                sent_at: None,
+                delivered_at: None,
+                failed_at: None,
                 updated_at: now,
             };
+            record.mark(status, now);
             if let Err(e) = self.store.insert_message(&record).await {
                 tracing::error!(verification_id = %v.id, error = %e, "could not record a delivery attempt");
             }
@@ -535,9 +575,32 @@ impl VerificationService {
         .await
     }
 
-    /// Every way of answering "nothing pending" costs the same: one lookup,
-    /// then the same error, whether or not anything ever existed.
+    /// Every check ends here, so each is counted once, whatever the API surface.
     async fn check_hash(
+        &self,
+        caller: &Caller<'_>,
+        target: Target,
+        hash_for: impl FnOnce(Uuid) -> [u8; 32],
+    ) -> Result<CheckResult, CheckError> {
+        let result = self.check_hashed(caller, target, hash_for).await;
+        let label = match &result {
+            Ok(CheckResult::Approved(_)) => Some(CheckResultLabel::Approved),
+            Ok(CheckResult::Wrong { .. }) => Some(CheckResultLabel::Wrong),
+            Err(CheckError::NotFound) => Some(CheckResultLabel::NotFound),
+            Err(CheckError::MaxAttempts) => Some(CheckResultLabel::MaxAttempts),
+            // A refusal by the wrong-guess budget is counted as a block; an
+            // outage is no answer about the code (store errors count it).
+            Err(CheckError::RateLimited { .. } | CheckError::Unavailable(_)) => None,
+        };
+        if let Some(label) = label {
+            self.metrics.record_check(caller.tenant, label);
+        }
+        result
+    }
+
+    /// Every way of answering "nothing pending" costs the same: the same
+    /// lookups, then the same error, whether or not anything ever existed.
+    async fn check_hashed(
         &self,
         caller: &Caller<'_>,
         target: Target,
@@ -597,6 +660,9 @@ impl VerificationService {
         };
         let hash = hash_for(id);
         let outcome = self.store.check_code(tenant, id, &hash, now).await?;
+        if let CheckOutcome::Approved(v) = &outcome {
+            self.count_approval(v).await;
+        }
         let label = match &outcome {
             CheckOutcome::Approved(_) => "approved",
             CheckOutcome::Wrong { attempts_left: 0 } => "wrong_last",

@@ -16,6 +16,7 @@ const NAME: &str = "bridgexapi";
 
 pub struct BridgexProvider {
     client: reqwest::Client,
+    base_url: String,
     send_url: String,
     api_key: SecretString,
     route_id: u8,
@@ -33,12 +34,11 @@ impl BridgexProvider {
             .api_key
             .clone()
             .ok_or_else(|| "api_key: required".to_owned())?;
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
         Ok(Self {
             client,
-            send_url: format!(
-                "{}/api/v1/send_sms",
-                settings.base_url.trim_end_matches('/')
-            ),
+            send_url: format!("{base_url}/api/v1/send_sms"),
+            base_url,
             api_key,
             route_id: settings.provider_route_id,
             caller_id: settings.caller_id.clone(),
@@ -59,6 +59,89 @@ struct SendResponse {
 struct SentMessage {
     bx_message_id: Option<String>,
     status: Option<String>,
+}
+
+/// What BridgeXAPI knows about one message's delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DlrPoll {
+    /// The delivery record: `status` is `None` for a status string this code
+    /// does not know (leave the message as it is); `error` is the provider's
+    /// reason, made safe to store.
+    Report {
+        status: Option<DeliveryStatus>,
+        error: Option<String>,
+    },
+    /// "DLR record not found": no report yet (or never).
+    NotFound,
+}
+
+#[derive(Deserialize)]
+struct DlrRecord {
+    status: Option<String>,
+    error: Option<serde_json::Value>,
+}
+
+impl BridgexProvider {
+    /// How long one call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// `GET /api/v1/dlr/{bx_message_id}`: the message's delivery status.
+    pub async fn poll_dlr(&self, bx_message_id: &str) -> Result<DlrPoll, ProviderError> {
+        let url = format!(
+            "{}/api/v1/dlr/{}",
+            self.base_url,
+            urlencoding::encode(bx_message_id)
+        );
+        let request = self
+            .client
+            .get(url)
+            .header("X-API-KEY", self.api_key.expose_secret());
+        let answer = execute(request, self.timeout).await?;
+        if answer.status.is_success() {
+            let record: DlrRecord = answer.json().ok_or_else(|| answer.malformed(NAME))?;
+            let error = match record.error {
+                Some(serde_json::Value::String(e)) if !e.trim().is_empty() => {
+                    Some(safe_snippet(&e))
+                }
+                Some(serde_json::Value::Null) | None => None,
+                Some(serde_json::Value::String(_)) => None,
+                Some(other) => Some(safe_snippet(&other.to_string())),
+            };
+            return Ok(DlrPoll::Report {
+                status: record.status.as_deref().and_then(dlr_status),
+                error,
+            });
+        }
+        let detail = match answer.json::<ErrorResponse>().map(|e| e.detail) {
+            Some(Detail::Text(text)) => Some(text),
+            _ => None,
+        };
+        if answer.status.as_u16() == 404
+            && detail
+                .as_deref()
+                .is_some_and(|d| d.to_ascii_lowercase().contains("dlr record not found"))
+        {
+            return Ok(DlrPoll::NotFound);
+        }
+        Err(parse_failure(&answer))
+    }
+}
+
+/// A BridgeXAPI delivery status (its own words, or the SMPP ones its vendors
+/// pass through) as otpd's; `None` for anything unknown.
+pub fn dlr_status(raw: &str) -> Option<DeliveryStatus> {
+    Some(match raw.trim().to_ascii_lowercase().as_str() {
+        "queued" | "pending" | "scheduled" | "accepted" | "acceptd" => DeliveryStatus::Queued,
+        "sent" | "sending" | "submitted" | "enroute" | "buffered" => DeliveryStatus::Sent,
+        "delivered" | "delivrd" | "success" => DeliveryStatus::Delivered,
+        "undelivered" | "undeliv" | "undeliverable" => DeliveryStatus::Undelivered,
+        "failed" | "rejected" | "rejectd" | "expired" | "expird" | "error" | "deleted" => {
+            DeliveryStatus::Failed
+        }
+        _ => return None,
+    })
 }
 
 #[derive(Deserialize)]

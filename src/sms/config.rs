@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer, de::Error as _};
+use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
 
 use super::router::DEFAULT_TEMPLATE;
 use super::{
@@ -48,23 +48,28 @@ const BRIDGEX_ROUTE_IDS: [u8; 7] = [1, 2, 3, 4, 5, 7, 8];
 /// One `[[routes]]` entry: otpd's route id, the provider and its settings, and
 /// what the route serves and costs. Keys of the provider's settings sit in the
 /// same table as the common keys; unknown keys are rejected.
-#[derive(Debug, Clone)]
+/// Serialized flat, as it is written (for `--print-config`); secrets as `"***"`.
+#[derive(Debug, Clone, Serialize)]
 pub struct RouteSettings {
     /// What callers pass as `route_id`. 0 is the built-in sandbox.
     pub id: u32,
+    #[serde(flatten)]
     pub provider: ProviderSettings,
     /// ISO 3166-1 alpha-2 codes this route serves; empty means every country.
     pub countries: Vec<String>,
     /// Price per message by ISO code, `"*"` for every other country; for cost
     /// estimates when the provider reports none.
     pub price: BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
     pub template: String,
     /// Per-locale templates (`fr`, `pt-BR`, …).
     pub templates: BTreeMap<String, String>,
     /// Total time for one provider call; `routing.timeout_ms` when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     /// Time to establish the connection; `routing.connect_timeout_ms` when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
 }
 
@@ -128,7 +133,7 @@ impl<'de> Deserialize<'de> for RouteSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ProviderSettings {
     Bridgexapi(BridgexSettings),
@@ -152,15 +157,19 @@ impl ProviderSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoSettings {}
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgexSettings {
     #[serde(default = "default_bridgex_base_url")]
     pub base_url: String,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::config::redact_secret_option"
+    )]
     pub api_key: Option<SecretString>,
     /// BridgeXAPI's own route (1–5, 7, 8), sent as `route_id` on the wire.
     pub provider_route_id: u8,
@@ -174,31 +183,47 @@ fn default_bridgex_base_url() -> String {
     BRIDGEX_BASE_URL.to_owned()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AfricasTalkingSettings {
     /// `sandbox` selects the sandbox API unless `base_url` is set.
     pub username: String,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::config::redact_secret_option"
+    )]
     pub api_key: Option<SecretString>,
     /// Sender id or short code (`from`); the account default when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sender_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     /// Ask Africa's Talking to queue the message (`enqueue=1`).
     #[serde(default)]
     pub enqueue: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TwilioSettings {
     #[serde(default = "default_twilio_base_url")]
     pub base_url: String,
     pub account_sid: String,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::config::redact_secret_option"
+    )]
     pub auth_token: Option<SecretString>,
     /// Exactly one of `from` and `messaging_service_sid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub messaging_service_sid: Option<String>,
     /// Delivery-report URL (it embeds otpd's callback secret, hence a secret).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::config::redact_secret_option"
+    )]
     pub status_callback: Option<SecretString>,
 }
 
@@ -208,16 +233,20 @@ fn default_twilio_base_url() -> String {
     TWILIO_BASE_URL.to_owned()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     /// Where to POST `{to, message, verification_id, route_id}`.
     pub url: String,
     /// Key for the `X-Otpd-Signature: sha256=<hex>` HMAC of the body.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::config::redact_secret_option"
+    )]
     pub secret: Option<SecretString>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerSettings {
     /// Consecutive route failures (outage, rate limit, balance, auth, timeout)
@@ -236,14 +265,14 @@ impl Default for BreakerSettings {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CountryRouting {
     pub routes: Vec<u32>,
 }
 
 /// The `[routing]` table.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingSettings {
     /// Whether to try the next route after a timeout (or an unreadable success

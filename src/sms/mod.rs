@@ -25,6 +25,7 @@ pub use bridgexapi::BridgexProvider;
 pub use config::{BreakerSettings, RouteSettings, RoutingSettings, build_routes};
 pub use console::ConsoleProvider;
 pub use http::http_client;
+pub(crate) use http::safe_snippet;
 pub use router::{DeliveryAttempt, DeliveryRequest, Route, RoutingError, SmsRouter};
 pub use sandbox::SandboxProvider;
 pub use twilio::TwilioProvider;

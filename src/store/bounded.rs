@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
 use super::*;
@@ -131,13 +131,52 @@ impl Store for Bounded {
         provider: &str,
         provider_message_id: &str,
         update: &MessageUpdate,
-    ) -> StoreResult<Option<MessageRecord>> {
+    ) -> StoreResult<Option<MessageTransition>> {
         self.bounded(self.inner.update_message_by_provider_id(
             provider,
             provider_message_id,
             update,
         ))
         .await
+    }
+
+    async fn list_unfinished_messages(
+        &self,
+        provider: &str,
+        created_after: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        self.bounded(
+            self.inner
+                .list_unfinished_messages(provider, created_after, limit),
+        )
+        .await
+    }
+
+    async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        self.bounded(self.inner.purge_messages(before, batch)).await
+    }
+
+    async fn record_usage(&self, delta: &UsageRow) -> StoreResult<()> {
+        self.bounded(self.inner.record_usage(delta)).await
+    }
+
+    async fn usage(
+        &self,
+        tenant: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<UsageRow>> {
+        self.bounded(self.inner.usage(tenant, from, to)).await
+    }
+
+    async fn replace_code(
+        &self,
+        replacement: &CodeReplacement,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Verification>> {
+        self.bounded(self.inner.replace_code(replacement, now))
+            .await
     }
 
     async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()> {
@@ -260,5 +299,10 @@ impl Store for Bounded {
 
     async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         self.bounded(self.inner.count_pending(now)).await
+    }
+
+    // Bounded by the caller (shutdown), which knows how long it may wait.
+    async fn close(&self) {
+        self.inner.close().await;
     }
 }

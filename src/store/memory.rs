@@ -3,17 +3,18 @@
 //! subject's entry first and only then the verification, a check locks only the
 //! verification, so lock order is always subject → verification.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
-    SendAbort, SendDecision, SendPlan, Store, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
+    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
+    StoreResult, UsageRow, advance_message, is_unfinished, seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
@@ -38,6 +39,12 @@ pub struct MemoryStore {
     messages: DashMap<Uuid, MessageRecord>,
     messages_by_verification: DashMap<Uuid, Vec<Uuid>>,
     messages_by_provider_id: DashMap<(String, String), Uuid>,
+    /// (provider, created_at, id) of messages awaiting a final status.
+    unfinished: Mutex<BTreeSet<(String, DateTime<Utc>, Uuid)>>,
+    /// (created_at, id) of every message, for retention.
+    messages_by_created: Mutex<BTreeSet<(DateTime<Utc>, Uuid)>>,
+    /// Tenant → its usage rows by (day, route, country, currency).
+    usage: DashMap<String, BTreeMap<UsageKey, UsageRow>>,
     inbox: Mutex<VecDeque<InboxEntry>>,
     rate: DashMap<String, (i64, u32)>,
     /// (key, window length, slot) → total.
@@ -46,6 +53,8 @@ pub struct MemoryStore {
     /// which is what makes a claim atomic.
     markers: DashMap<String, BTreeMap<String, Marker>>,
 }
+
+type UsageKey = (NaiveDate, u32, String, String);
 
 impl MemoryStore {
     pub fn new() -> Self {
@@ -169,6 +178,10 @@ impl Store for MemoryStore {
                 };
                 v.code_hash = planned.code_hash;
                 v.expires_at = planned.expires_at;
+                // A resend goes to the number of this request (a uid's number may change).
+                v.phone = planned.phone.clone();
+                v.masked_to = planned.masked_to.clone();
+                v.country = planned.country.clone();
                 v.send_count += 1;
                 v.updated_at = now;
                 v.last_sent_at = now;
@@ -285,6 +298,16 @@ impl Store for MemoryStore {
             self.messages_by_provider_id
                 .insert((message.provider.clone(), pid.clone()), message.id);
         }
+        if is_unfinished(message) {
+            self.unfinished.lock().insert((
+                message.provider.clone(),
+                message.created_at,
+                message.id,
+            ));
+        }
+        self.messages_by_created
+            .lock()
+            .insert((message.created_at, message.id));
         Ok(())
     }
 
@@ -318,7 +341,7 @@ impl Store for MemoryStore {
         provider: &str,
         provider_message_id: &str,
         update: &MessageUpdate,
-    ) -> StoreResult<Option<MessageRecord>> {
+    ) -> StoreResult<Option<MessageTransition>> {
         let key = (provider.to_owned(), provider_message_id.to_owned());
         let Some(id) = self.messages_by_provider_id.get(&key).map(|id| *id) else {
             return Ok(None);
@@ -326,14 +349,142 @@ impl Store for MemoryStore {
         let Some(mut m) = self.messages.get_mut(&id) else {
             return Ok(None);
         };
-        if update.status.rank() > m.status.rank() {
-            m.status = update.status;
-            m.error = update.error.clone().or(m.error.take());
-            m.cost = update.cost.or(m.cost);
-            m.currency = update.currency.clone().or(m.currency.take());
-            m.updated_at = update.at;
+        let previous = m.status;
+        if let Some(next) = advance_message(&m, update) {
+            if !is_unfinished(&next) {
+                self.unfinished
+                    .lock()
+                    .remove(&(m.provider.clone(), m.created_at, m.id));
+            }
+            *m = next;
         }
-        Ok(Some(m.clone()))
+        Ok(Some(MessageTransition {
+            previous,
+            message: m.clone(),
+        }))
+    }
+
+    async fn list_unfinished_messages(
+        &self,
+        provider: &str,
+        created_after: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let ids: Vec<Uuid> = {
+            let unfinished = self.unfinished.lock();
+            let after = (provider.to_owned(), created_after, Uuid::max());
+            unfinished
+                .range(after..)
+                .take_while(|(p, _, _)| p == provider)
+                .take(limit as usize)
+                .map(|(_, _, id)| *id)
+                .collect()
+        };
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.messages.get(id).map(|m| m.clone()))
+            .collect())
+    }
+
+    async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        let old: Vec<(DateTime<Utc>, Uuid)> = {
+            let mut by_created = self.messages_by_created.lock();
+            let old: Vec<_> = by_created
+                .iter()
+                .take_while(|(at, _)| *at < before)
+                .take(batch as usize)
+                .copied()
+                .collect();
+            for key in &old {
+                by_created.remove(key);
+            }
+            old
+        };
+        for (_, id) in &old {
+            let Some((_, m)) = self.messages.remove(id) else {
+                continue;
+            };
+            if let Some(mut ids) = self.messages_by_verification.get_mut(&m.verification_id) {
+                ids.retain(|x| x != id);
+            }
+            self.messages_by_verification
+                .remove_if(&m.verification_id, |_, ids| ids.is_empty());
+            if let Some(pid) = &m.provider_message_id {
+                self.messages_by_provider_id
+                    .remove_if(&(m.provider.clone(), pid.clone()), |_, v| v == id);
+            }
+            self.unfinished
+                .lock()
+                .remove(&(m.provider.clone(), m.created_at, m.id));
+        }
+        Ok(old.len() as u64)
+    }
+
+    async fn record_usage(&self, delta: &UsageRow) -> StoreResult<()> {
+        let key = (
+            delta.day,
+            delta.route_id,
+            delta.country.clone().unwrap_or_default(),
+            delta.currency.clone().unwrap_or_default(),
+        );
+        let mut rows = self.usage.entry(delta.tenant.clone()).or_default();
+        let row = rows.entry(key).or_insert_with(|| {
+            UsageRow::new(
+                &delta.tenant,
+                delta.day,
+                delta.route_id,
+                delta.country.as_deref(),
+                delta.currency.as_deref(),
+            )
+        });
+        row.sent += delta.sent;
+        row.delivered += delta.delivered;
+        row.failed += delta.failed;
+        row.verifications_started += delta.verifications_started;
+        row.verifications_approved += delta.verifications_approved;
+        row.cost_micros += delta.cost_micros;
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        tenant: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<UsageRow>> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let start = (from, 0, String::new(), String::new());
+        Ok(self
+            .usage
+            .get(tenant)
+            .map(|rows| {
+                rows.range(start..)
+                    .take_while(|((day, ..), _)| *day <= to)
+                    .map(|(_, row)| row.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn replace_code(
+        &self,
+        r: &CodeReplacement,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Verification>> {
+        let Some(mut v) = self.verifications.get_mut(&r.verification_id) else {
+            return Ok(None);
+        };
+        if v.tenant != r.tenant || !v.is_pending_at(now) || v.send_count != r.expected_send_count {
+            return Ok(None);
+        }
+        v.code_hash = Some(r.code_hash);
+        v.expires_at = r.expires_at;
+        v.send_count += 1;
+        v.last_sent_at = now;
+        v.updated_at = now;
+        Ok(Some(v.clone()))
     }
 
     async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()> {
@@ -549,17 +700,9 @@ impl Store for MemoryStore {
                 forget.push(v.id);
             }
         }
+        // Their messages stay until `purge_messages` (the retention period).
         for id in forget {
             self.verifications.remove(&id);
-            if let Some((_, msgs)) = self.messages_by_verification.remove(&id) {
-                for m in msgs {
-                    if let Some((_, m)) = self.messages.remove(&m)
-                        && let Some(pid) = m.provider_message_id
-                    {
-                        self.messages_by_provider_id.remove(&(m.provider, pid));
-                    }
-                }
-            }
             touched += 1;
         }
         self.subjects

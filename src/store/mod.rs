@@ -12,7 +12,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
 use crate::crypto::SealedPhone;
@@ -152,6 +152,103 @@ pub struct MessageUpdate {
     pub at: DateTime<Utc>,
 }
 
+/// What `update_message_by_provider_id` found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageTransition {
+    /// The status before the update.
+    pub previous: DeliveryStatus,
+    /// The record after the update (as it was, when the update was no step forward).
+    pub message: MessageRecord,
+}
+
+impl MessageTransition {
+    /// Whether this update moved the status: a duplicate or late report did not,
+    /// so it must not be counted again.
+    pub fn moved(&self) -> bool {
+        self.previous != self.message.status
+    }
+}
+
+/// One day's usage of one tenant over one route to one country, in one currency;
+/// also the amount `record_usage` adds to that row. Messages and verifications
+/// count on the day they were created, so a range's numbers describe what was
+/// sent in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub tenant: String,
+    /// UTC.
+    pub day: NaiveDate,
+    pub route_id: u32,
+    pub country: Option<String>,
+    /// The currency of `cost_micros`; `None` on rows that carry no cost.
+    pub currency: Option<String>,
+    /// Messages a provider accepted.
+    pub sent: u64,
+    pub delivered: u64,
+    /// Accepted, then reported failed or undelivered.
+    pub failed: u64,
+    pub verifications_started: u64,
+    pub verifications_approved: u64,
+    /// Cost of delivered messages, in millionths of `currency` (integers add up exactly).
+    pub cost_micros: i64,
+}
+
+impl UsageRow {
+    /// A row of zeros for the given key.
+    pub fn new(
+        tenant: &str,
+        day: NaiveDate,
+        route_id: u32,
+        country: Option<&str>,
+        currency: Option<&str>,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            day,
+            route_id,
+            country: country.map(str::to_owned),
+            currency: currency.map(str::to_owned),
+            sent: 0,
+            delivered: 0,
+            failed: 0,
+            verifications_started: 0,
+            verifications_approved: 0,
+            cost_micros: 0,
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.sent == 0
+            && self.delivered == 0
+            && self.failed == 0
+            && self.verifications_started == 0
+            && self.verifications_approved == 0
+            && self.cost_micros == 0
+    }
+}
+
+/// A cost in millionths, for `UsageRow::cost_micros`.
+pub fn cost_micros(cost: f64) -> i64 {
+    let micros = (cost * 1_000_000.0).round();
+    if micros.is_finite() {
+        // `as` saturates at the bounds, which no real price comes near.
+        micros as i64
+    } else {
+        0
+    }
+}
+
+/// An automatic re-send's new code for a pending verification.
+#[derive(Debug, Clone)]
+pub struct CodeReplacement {
+    pub tenant: String,
+    pub verification_id: Uuid,
+    /// The `send_count` the caller saw: a send in between makes this one stale.
+    pub expected_send_count: u32,
+    pub code_hash: [u8; 32],
+    pub expires_at: DateTime<Utc>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap reachability probe for `/health`.
@@ -216,14 +313,53 @@ pub trait Store: Send + Sync + 'static {
         tenant: &str,
         verification_id: Uuid,
     ) -> StoreResult<Vec<MessageRecord>>;
-    /// Moves a message's status forward only; returns the record after the update,
-    /// or `None` when no message has that provider id.
+    /// Atomically moves a message's status forward only (stamping the time of the
+    /// status it reaches, and keeping error, cost and currency the update does not
+    /// carry); returns the status before and the record after, or `None` when no
+    /// message has that provider id.
     async fn update_message_by_provider_id(
         &self,
         provider: &str,
         provider_message_id: &str,
         update: &MessageUpdate,
-    ) -> StoreResult<Option<MessageRecord>>;
+    ) -> StoreResult<Option<MessageTransition>>;
+
+    /// `provider`'s messages still awaiting a final status (queued, sent or
+    /// unknown, with a provider message id) created after `created_after`, oldest
+    /// first, at most `limit`. Served from an index, never a scan of all messages.
+    async fn list_unfinished_messages(
+        &self,
+        provider: &str,
+        created_after: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>>;
+
+    /// Deletes up to `batch` messages created before `before` (retention);
+    /// returns how many went.
+    async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64>;
+
+    // --- usage (daily aggregates) ---
+    /// Atomically adds `delta`'s counts and cost to the row with its key
+    /// (tenant, day, route, country, currency), creating it.
+    async fn record_usage(&self, delta: &UsageRow) -> StoreResult<()>;
+
+    /// The tenant's rows from `from` to `to` (inclusive), in no particular order.
+    async fn usage(
+        &self,
+        tenant: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<UsageRow>>;
+
+    /// An automatic re-send (after a failed delivery): atomically, when the
+    /// verification is the tenant's, pending, unexpired and still at
+    /// `expected_send_count`, replaces its code hash and expiry, counts the send
+    /// and returns it. No cooldown or send window applies, and attempts are kept.
+    async fn replace_code(
+        &self,
+        replacement: &CodeReplacement,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Verification>>;
 
     // --- sandbox inbox ---
     async fn push_inbox(&self, entry: &InboxEntry) -> StoreResult<()>;
@@ -333,6 +469,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Pending, unexpired verifications across all tenants (for gauges; may scan).
     async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// Releases connections once the server has drained, so a SIGTERM does not
+    /// leave the database with half-closed sessions. Backends with pools override it.
+    async fn close(&self) {}
 }
 
 pub type DynStore = Arc<dyn Store>;
@@ -367,6 +507,29 @@ pub async fn connect_with(url: &str, sqlite: &SqliteOptions) -> StoreResult<DynS
         "unsupported store url scheme: {}",
         url.split("://").next().unwrap_or_default()
     )))
+}
+
+/// Whether delivery tracking still waits on this message.
+pub(crate) fn is_unfinished(m: &MessageRecord) -> bool {
+    !m.status.is_final() && m.provider_message_id.is_some()
+}
+
+/// The message after a forward-only update, or `None` when the update reports
+/// the same or an earlier stage. Every backend decides the same way.
+pub(crate) fn advance_message(
+    current: &MessageRecord,
+    update: &MessageUpdate,
+) -> Option<MessageRecord> {
+    if update.status.rank() <= current.status.rank() {
+        return None;
+    }
+    let mut m = current.clone();
+    m.mark(update.status, update.at);
+    m.error = update.error.clone().or(m.error);
+    m.cost = update.cost.or(m.cost);
+    m.currency = update.currency.clone().or(m.currency);
+    m.updated_at = update.at;
+    Some(m)
 }
 
 /// Seconds from `now` until `until`, rounded up and at least 1.

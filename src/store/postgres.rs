@@ -9,19 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::sql_common::{
     ApiKeyRow, InboxRow, KEEP_SUBJECTS, MarkerRow, MessageRow, SubjectRow, SubjectState,
-    VerificationRow, admit_send, apply_message_update, counter_amount, counter_slot, counter_total,
-    decide_check, id_text, map_migrate, map_sqlx, millis, rate_slot,
+    UsageDbRow, VerificationRow, admit_send, counter_amount, counter_slot, counter_total, day_text,
+    decide_check, id_text, map_migrate, map_sqlx, millis, rate_slot, usage_amount,
 };
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
-    SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
+    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
+    StoreError, StoreResult, UsageRow, advance_message, seconds_until,
 };
 use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
@@ -195,6 +196,10 @@ async fn lock_subject(
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -319,15 +324,20 @@ impl Store for PostgresStore {
         let decision = match pending {
             Some(v) if v.id == planned.id => {
                 let row = sqlx::query_as::<_, VerificationRow>(
+                    // A resend goes to the number of this request (a uid's number may change).
                     "UPDATE verifications
                      SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
-                         updated_at = $3, last_sent_at = $3
+                         updated_at = $3, last_sent_at = $3,
+                         phone = $5, masked_to = $6, country = $7
                      WHERE id = $4 RETURNING *",
                 )
                 .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
                 .bind(millis(planned.expires_at))
                 .bind(millis(now))
                 .bind(id_text(v.id))
+                .bind(planned.phone.to_bytes())
+                .bind(&planned.masked_to)
+                .bind(planned.country.as_deref())
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(map_sqlx)?;
@@ -497,8 +507,10 @@ impl Store for PostgresStore {
         sqlx::query(
             "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
                  provider_message_id, masked_to, country, status, error, cost, currency,
-                 latency_ms, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                 latency_ms, resend_of, created_at, sent_at, delivered_at, failed_at,
+                 updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                 $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         )
         .bind(id_text(m.id))
         .bind(id_text(m.verification_id))
@@ -513,7 +525,11 @@ impl Store for PostgresStore {
         .bind(m.cost)
         .bind(&m.currency)
         .bind(i64::from(m.latency_ms))
+        .bind(m.resend_of.map(id_text))
         .bind(millis(m.created_at))
+        .bind(m.sent_at.map(millis))
+        .bind(m.delivered_at.map(millis))
+        .bind(m.failed_at.map(millis))
         .bind(millis(m.updated_at))
         .execute(&self.pool)
         .await
@@ -556,7 +572,7 @@ impl Store for PostgresStore {
         provider: &str,
         provider_message_id: &str,
         update: &MessageUpdate,
-    ) -> StoreResult<Option<MessageRecord>> {
+    ) -> StoreResult<Option<MessageTransition>> {
         let mut tx = self.begin().await?;
         // Should a provider ever reuse an id, the newest message is the one meant.
         let Some(row) = sqlx::query_as::<_, MessageRow>(
@@ -572,25 +588,154 @@ impl Store for PostgresStore {
             return Ok(None);
         };
         let current = MessageRecord::try_from(row)?;
-        let Some(next) = apply_message_update(&current, update) else {
-            return Ok(Some(current));
+        let previous = current.status;
+        let Some(next) = advance_message(&current, update) else {
+            return Ok(Some(MessageTransition {
+                previous,
+                message: current,
+            }));
         };
         sqlx::query(
             "UPDATE messages SET status = $1, error = $2, cost = $3, currency = $4,
-                 updated_at = $5
-             WHERE id = $6",
+                 updated_at = $5, sent_at = $6, delivered_at = $7, failed_at = $8
+             WHERE id = $9",
         )
         .bind(next.status.as_str())
         .bind(&next.error)
         .bind(next.cost)
         .bind(&next.currency)
         .bind(millis(next.updated_at))
+        .bind(next.sent_at.map(millis))
+        .bind(next.delivered_at.map(millis))
+        .bind(next.failed_at.map(millis))
         .bind(id_text(next.id))
         .execute(&mut *tx)
         .await
         .map_err(map_sqlx)?;
         tx.commit().await.map_err(map_sqlx)?;
-        Ok(Some(next))
+        Ok(Some(MessageTransition {
+            previous,
+            message: next,
+        }))
+    }
+
+    async fn list_unfinished_messages(
+        &self,
+        provider: &str,
+        created_after: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        // The conditions repeat the partial index's, so the index serves the query.
+        sqlx::query_as::<_, MessageRow>(
+            "SELECT * FROM messages
+             WHERE provider = $1 AND created_at > $2
+               AND status IN ('queued', 'sent', 'unknown') AND provider_message_id IS NOT NULL
+             ORDER BY created_at LIMIT $3",
+        )
+        .bind(provider)
+        .bind(millis(created_after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .into_iter()
+        .map(MessageRecord::try_from)
+        .collect()
+    }
+
+    async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM messages WHERE id IN
+                 (SELECT id FROM messages WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(millis(before))
+        .bind(i64::from(batch))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
+        // One upsert is one atomic step: the row is created or added to.
+        sqlx::query(
+            "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent, delivered,
+                 failed, verifications_started, verifications_approved, cost_micros)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
+                 sent = usage_daily.sent + excluded.sent,
+                 delivered = usage_daily.delivered + excluded.delivered,
+                 failed = usage_daily.failed + excluded.failed,
+                 verifications_started =
+                     usage_daily.verifications_started + excluded.verifications_started,
+                 verifications_approved =
+                     usage_daily.verifications_approved + excluded.verifications_approved,
+                 cost_micros = usage_daily.cost_micros + excluded.cost_micros",
+        )
+        .bind(&d.tenant)
+        .bind(day_text(d.day))
+        .bind(i64::from(d.route_id))
+        .bind(d.country.as_deref().unwrap_or_default())
+        .bind(d.currency.as_deref().unwrap_or_default())
+        .bind(usage_amount(d.sent))
+        .bind(usage_amount(d.delivered))
+        .bind(usage_amount(d.failed))
+        .bind(usage_amount(d.verifications_started))
+        .bind(usage_amount(d.verifications_approved))
+        .bind(d.cost_micros)
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        tenant: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<UsageRow>> {
+        // ISO dates order as text, so the primary key serves the range.
+        sqlx::query_as::<_, UsageDbRow>(
+            "SELECT * FROM usage_daily WHERE tenant = $1 AND day >= $2 AND day <= $3",
+        )
+        .bind(tenant)
+        .bind(day_text(from))
+        .bind(day_text(to))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .into_iter()
+        .map(UsageRow::try_from)
+        .collect()
+    }
+
+    async fn replace_code(
+        &self,
+        r: &CodeReplacement,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Verification>> {
+        // One statement: the conditions and the write cannot be separated by a
+        // concurrent send, check or cancel.
+        sqlx::query_as::<_, VerificationRow>(
+            "UPDATE verifications
+             SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
+                 last_sent_at = $3, updated_at = $3
+             WHERE id = $4 AND tenant = $5 AND status = 'pending' AND expires_at > $3
+               AND send_count = $6
+             RETURNING *",
+        )
+        .bind(r.code_hash.as_slice())
+        .bind(millis(r.expires_at))
+        .bind(millis(now))
+        .bind(id_text(r.verification_id))
+        .bind(&r.tenant)
+        .bind(i64::from(r.expected_send_count))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?
+        .map(Verification::try_from)
+        .transpose()
     }
 
     async fn push_inbox(&self, e: &InboxEntry) -> StoreResult<()> {

@@ -25,6 +25,13 @@
 //!   another slot); a missed update only delays a purge, never changes a decision.
 //! - `{P:m:<verification id>}:list|:r:<message id>` — a verification's messages;
 //!   `P:mref:<message id>` and `P:pm:<provider>:<provider message id>` find them.
+//!   `P:msgs` (every message) and `P:unfin:<provider>` (those awaiting a final
+//!   status) are sorted sets of `<verification id>:<message id>` by creation time:
+//!   what retention and the delivery-report poller walk. Like `P:pending` they
+//!   live in their own slots and are kept up next to the scripts; entries whose
+//!   record is gone or final are dropped as they are read.
+//! - `{P:u:<tenant hex>}:<YYYY-MM-DD>` — a tenant's usage that day, a hash of
+//!   `<route>|<country>|<currency>|<counter>` → total.
 //! - `{P:i:<tenant hex>}:…` — one tenant's sandbox inbox; `{P:keys}:…` — API keys;
 //!   `P:rl:<key>:<window>` — rate-limit counters; `P:ctr:<key>:<length>:<window>`
 //!   — additive counters.
@@ -51,13 +58,14 @@ use ::redis::{
     Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value,
 };
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, InboxEntry, Marker, MessageUpdate, RateDecision, SealedRecord,
-    SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult, seconds_until,
+    CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
+    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
+    StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
 };
 use crate::crypto::SealedPhone;
 use crate::domain::{
@@ -71,9 +79,11 @@ const HOUR_MS: i64 = 3_600_000;
 const KEEP_ENDED_MS: i64 = 24 * HOUR_MS;
 /// Id references outlive their records by this much, so a record is never unreachable.
 const REF_MARGIN_MS: i64 = HOUR_MS;
-/// Delivery attempts stay readable at least as long as their verification can
-/// (a day's TTL, extended by resends, then a day ended).
-const KEEP_MESSAGES_MS: i64 = 3 * KEEP_ENDED_MS;
+/// Retention (`purge_messages`) deletes delivery attempts; this native TTL is
+/// only the backstop should purges stop running, beyond any configurable retention.
+const KEEP_MESSAGES_MS: i64 = 400 * KEEP_ENDED_MS;
+/// How many days one usage read script covers.
+const USAGE_DAYS_PER_SCRIPT: usize = 100;
 const INBOX_CAPACITY: u32 = 10_000;
 /// A marker namespace's keys outlive its last marker by this much.
 const KEEP_MARKERS_MS: i64 = 24 * HOUR_MS;
@@ -417,6 +427,27 @@ impl Keys {
         format!("{}:pm:{provider}:{provider_message_id}", self.prefix)
     }
 
+    fn message_record(&self, verification_id: Uuid, id: Uuid) -> String {
+        format!("{}{id}", self.message_prefix(verification_id))
+    }
+
+    fn all_messages(&self) -> String {
+        format!("{}:msgs", self.prefix)
+    }
+
+    fn unfinished(&self, provider: &str) -> String {
+        format!("{}:unfin:{provider}", self.prefix)
+    }
+
+    fn usage_day(&self, tenant: &str, day: NaiveDate) -> String {
+        format!(
+            "{{{}:u:{}}}:{}",
+            self.prefix,
+            hex::encode(tenant),
+            day.format("%Y-%m-%d")
+        )
+    }
+
     fn inbox_tag(&self, tenant: &str) -> String {
         format!("{{{}:i:{}}}", self.prefix, hex::encode(tenant))
     }
@@ -451,6 +482,31 @@ impl Keys {
 fn pending_member(subject_hex: &str, id: Uuid) -> String {
     format!("{subject_hex}:{id}")
 }
+
+/// A message's member in the `msgs` and `unfin` indexes.
+fn message_member(m: &MessageRecord) -> String {
+    format!("{}:{}", m.verification_id, m.id)
+}
+
+fn parse_message_member(member: &str) -> Option<(Uuid, Uuid)> {
+    let (vid, id) = member.split_once(':')?;
+    Some((vid.parse().ok()?, id.parse().ok()?))
+}
+
+/// Usage hash fields are `<route>|<country>|<currency>|<counter>`; the separator
+/// cannot appear inside a part.
+fn usage_part(value: Option<&str>) -> String {
+    value.unwrap_or_default().replace('|', "_")
+}
+
+const USAGE_COUNTERS: [&str; 6] = [
+    "sent",
+    "delivered",
+    "failed",
+    "verifications_started",
+    "verifications_approved",
+    "cost_micros",
+];
 
 /// The counter window containing `now` (slot number) and how long its key must
 /// live: through the window after it (a sliding window reads the previous
@@ -535,6 +591,14 @@ if pending and pending == ARGV[6] then
   end
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
+  -- A resend goes to the number of this request (a uid's number may change).
+  redis.call('HDEL', KEYS[2], 'country')
+  for i = 13, #ARGV, 2 do
+    local f = ARGV[i]
+    if f == 'phone' or f == 'masked_to' or f == 'country' then
+      redis.call('HSET', KEYS[2], f, ARGV[i + 1])
+    end
+  end
   decision = 'replaced'
 elseif pending or ARGV[12] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then
   return {'conflict'}
@@ -649,14 +713,61 @@ end
 return out
 "#;
 
-/// KEYS: record. ARGV: status, its rank, at, then field/value pairs to set.
-/// Status only moves forward; a late report of an earlier stage changes nothing.
+/// KEYS: record. ARGV: status, its rank, at, the field that stamps the status
+/// ('' = none), then field/value pairs to set. Status only moves forward; a late
+/// report of an earlier stage changes nothing. {previous status, record…}.
 const UPDATE_MESSAGE: &str = r#"
-local rank = redis.call('HGET', KEYS[1], 'rank')
-if not rank then return false end
-if tonumber(ARGV[2]) > tonumber(rank) then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'updated_at', ARGV[3], unpack(ARGV, 4))
+local r = redis.call('HMGET', KEYS[1], 'rank', 'status')
+if not r[1] then return false end
+if tonumber(ARGV[2]) > tonumber(r[1]) then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'updated_at', ARGV[3])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[3]) end
+  if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 end
+return append({r[2]}, redis.call('HGETALL', KEYS[1]))
+"#;
+
+/// KEYS: record, list. ARGV: message id. Deletes the record; {provider, provider
+/// message id} when it had one, so the caller can drop the reference.
+const PURGE_MESSAGE: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 'provider', 'provider_message_id')
+redis.call('DEL', KEYS[1])
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+if r[1] and r[2] then return {r[1], r[2]} end
+return {}
+"#;
+
+/// KEYS: key. ARGV: value. Deletes the key only while it still holds the value.
+const DELETE_IF: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// KEYS: a tenant's usage day. ARGV: field/increment pairs.
+const RECORD_USAGE: &str = r#"
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"#;
+
+/// KEYS: usage days (one tenant, so one slot). Each day's fields, in KEYS order.
+const READ_USAGE: &str = r#"
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HGETALL', KEYS[i]) end
+return out
+"#;
+
+/// KEYS: record. ARGV: tenant, expected send count, code hash, expires_at, now,
+/// record ttl. The verification after the new code, or false.
+const REPLACE_CODE: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at', 'send_count')
+if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[5]) >= tonumber(r[3])
+  or r[4] ~= ARGV[2] then
+  return false
+end
+redis.call('HSET', KEYS[1], 'code_hash', ARGV[3], 'expires_at', ARGV[4],
+  'updated_at', ARGV[5], 'last_sent_at', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'send_count', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return redis.call('HGETALL', KEYS[1])
 "#;
 
@@ -835,6 +946,11 @@ struct Scripts {
     insert_message: Script,
     list_messages: Script,
     update_message: Script,
+    purge_message: Script,
+    delete_if: Script,
+    record_usage: Script,
+    read_usage: Script,
+    replace_code: Script,
     push_inbox: Script,
     list_inbox: Script,
     insert_api_key: Script,
@@ -865,6 +981,11 @@ impl Scripts {
             insert_message: s(INSERT_MESSAGE),
             list_messages: s(LIST_MESSAGES),
             update_message: s(UPDATE_MESSAGE),
+            purge_message: s(PURGE_MESSAGE),
+            delete_if: s(DELETE_IF),
+            record_usage: s(RECORD_USAGE),
+            read_usage: s(READ_USAGE),
+            replace_code: s(REPLACE_CODE),
             push_inbox: s(PUSH_INBOX),
             list_inbox: s(LIST_INBOX),
             insert_api_key: s(INSERT_API_KEY),
@@ -934,6 +1055,18 @@ fn message_pairs(m: &MessageRecord) -> Pairs {
     }
     if let Some(country) = &m.country {
         pairs.push(("country", country.clone()));
+    }
+    if let Some(resend_of) = m.resend_of {
+        pairs.push(("resend_of", resend_of.to_string()));
+    }
+    for (field, at) in [
+        ("sent_at", m.sent_at),
+        ("delivered_at", m.delivered_at),
+        ("failed_at", m.failed_at),
+    ] {
+        if let Some(at) = at {
+            pairs.push((field, ms(at)));
+        }
     }
     pairs.extend(optional_message_pairs(
         m.error.as_ref(),
@@ -1029,6 +1162,10 @@ impl Fields {
         parse_ms(&self.text(field)?)
     }
 
+    fn opt_time(&self, field: &str) -> StoreResult<Option<DateTime<Utc>>> {
+        self.0.get(field).map(|raw| parse_ms(raw)).transpose()
+    }
+
     fn bytes(&self, field: &str) -> StoreResult<Vec<u8>> {
         hex::decode(self.text(field)?)
             .map_err(|_| StoreError::Corrupt(format!("redis field {field} is not hex")))
@@ -1102,9 +1239,68 @@ fn decode_message(flat: &[String]) -> StoreResult<MessageRecord> {
         },
         currency: f.opt("currency"),
         latency_ms: f.parse("latency_ms")?,
+        resend_of: match f.opt("resend_of") {
+            Some(_) => Some(f.parse("resend_of")?),
+            None => None,
+        },
         created_at: f.time("created_at")?,
+        sent_at: f.opt_time("sent_at")?,
+        delivered_at: f.opt_time("delivered_at")?,
+        failed_at: f.opt_time("failed_at")?,
         updated_at: f.time("updated_at")?,
     })
+}
+
+/// The field that records when a message reached `status`.
+fn stamp_field(status: DeliveryStatus) -> &'static str {
+    match status {
+        DeliveryStatus::Sent => "sent_at",
+        DeliveryStatus::Delivered => "delivered_at",
+        DeliveryStatus::Failed | DeliveryStatus::Undelivered => "failed_at",
+        DeliveryStatus::Queued | DeliveryStatus::Unknown => "",
+    }
+}
+
+/// One day's usage hash back into rows.
+fn decode_usage(tenant: &str, day: NaiveDate, flat: &[String]) -> StoreResult<Vec<UsageRow>> {
+    let fields = Fields::from_flat(flat)?;
+    let mut rows: HashMap<(u32, String, String), UsageRow> = HashMap::new();
+    for (field, value) in &fields.0 {
+        let mut parts = field.splitn(4, '|');
+        let (Some(route), Some(country), Some(currency), Some(counter)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(StoreError::Corrupt(format!("usage field {field:?}")));
+        };
+        let route_id: u32 = route
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("usage field {field:?}")))?;
+        let amount: i64 = value
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("usage value {value:?}")))?;
+        let row = rows
+            .entry((route_id, country.to_owned(), currency.to_owned()))
+            .or_insert_with(|| {
+                UsageRow::new(
+                    tenant,
+                    day,
+                    route_id,
+                    Some(country).filter(|c| !c.is_empty()),
+                    Some(currency).filter(|c| !c.is_empty()),
+                )
+            });
+        let count = u64::try_from(amount).unwrap_or(0);
+        match counter {
+            "sent" => row.sent = count,
+            "delivered" => row.delivered = count,
+            "failed" => row.failed = count,
+            "verifications_started" => row.verifications_started = count,
+            "verifications_approved" => row.verifications_approved = count,
+            "cost_micros" => row.cost_micros = amount,
+            _ => return Err(StoreError::Corrupt(format!("usage field {field:?}"))),
+        }
+    }
+    Ok(rows.into_values().collect())
 }
 
 fn decode_inbox(flat: &[String]) -> StoreResult<InboxEntry> {
@@ -1507,9 +1703,28 @@ impl Store for RedisStore {
                     .query_async::<Value>(&mut self.conn())
                     .await
             };
-            let (a, b) = tokio::join!(mref, provider_ref);
+            let member = message_member(message);
+            let indexes = async {
+                ::redis::cmd("ZADD")
+                    .arg(self.keys.all_messages())
+                    .arg(message.created_at.timestamp_millis())
+                    .arg(&member)
+                    .query_async::<Value>(&mut self.conn())
+                    .await?;
+                if is_unfinished(message) {
+                    ::redis::cmd("ZADD")
+                        .arg(self.keys.unfinished(&message.provider))
+                        .arg(message.created_at.timestamp_millis())
+                        .arg(&member)
+                        .query_async::<Value>(&mut self.conn())
+                        .await?;
+                }
+                Ok::<_, RedisError>(())
+            };
+            let (a, b, c) = tokio::join!(mref, provider_ref, indexes);
             a.map_err(store_error)?;
             b.map_err(store_error)?;
+            c.map_err(store_error)?;
             let mut inv = self.scripts.insert_message.key(&record);
             inv.key(self.keys.message_list(vid))
                 .arg(KEEP_MESSAGES_MS)
@@ -1579,7 +1794,7 @@ impl Store for RedisStore {
         provider: &str,
         provider_message_id: &str,
         update: &MessageUpdate,
-    ) -> StoreResult<Option<MessageRecord>> {
+    ) -> StoreResult<Option<MessageTransition>> {
         bounded(async {
             let record: Option<String> = ::redis::cmd("GET")
                 .arg(self.keys.provider_ref(provider, provider_message_id))
@@ -1592,7 +1807,8 @@ impl Store for RedisStore {
             let mut inv = self.scripts.update_message.key(record);
             inv.arg(update.status.as_str())
                 .arg(update.status.rank())
-                .arg(ms(update.at));
+                .arg(ms(update.at))
+                .arg(stamp_field(update.status));
             add_pairs(
                 &mut inv,
                 optional_message_pairs(
@@ -1601,14 +1817,302 @@ impl Store for RedisStore {
                     update.currency.as_ref(),
                 ),
             );
-            let flat: Option<Vec<String>> = inv
+            let out: Option<Vec<String>> = inv
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(store_error)?;
-            match flat {
-                Some(flat) if !flat.is_empty() => decode_message(&flat).map(Some),
-                _ => Ok(None),
+            let Some(out) = out.filter(|o| o.len() > 1) else {
+                return Ok(None);
+            };
+            let (previous, rest) = verdict(&out)?;
+            let previous = DeliveryStatus::parse(previous).ok_or_else(|| {
+                StoreError::Corrupt(format!("unknown delivery status {previous:?}"))
+            })?;
+            let message = decode_message(rest)?;
+            if !is_unfinished(&message) {
+                let mut cmd = ::redis::cmd("ZREM");
+                cmd.arg(self.keys.unfinished(&message.provider))
+                    .arg(message_member(&message));
+                self.housekeeping("unindexing a finished message", cmd);
             }
+            Ok(Some(MessageTransition { previous, message }))
+        })
+        .await
+    }
+
+    async fn list_unfinished_messages(
+        &self,
+        provider: &str,
+        created_after: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        bounded(async {
+            let index = self.keys.unfinished(provider);
+            let mut out = Vec::new();
+            let mut offset = 0usize;
+            // Entries whose record finished or went are dropped as found, so a
+            // page can come back short; a few more pages fill it.
+            for _ in 0..4 {
+                let want = (limit as usize).saturating_sub(out.len());
+                if want == 0 {
+                    break;
+                }
+                let members: Vec<String> = ::redis::cmd("ZRANGEBYSCORE")
+                    .arg(&index)
+                    .arg(format!("({}", created_after.timestamp_millis()))
+                    .arg("+inf")
+                    .arg("LIMIT")
+                    .arg(offset)
+                    .arg(want)
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(store_error)?;
+                let page = members.len();
+                let fetched: Vec<StoreResult<(String, Option<MessageRecord>)>> =
+                    futures::stream::iter(members)
+                        .map(|member| async move {
+                            let Some((vid, id)) = parse_message_member(&member) else {
+                                return Ok((member, None));
+                            };
+                            let flat: Vec<String> = ::redis::cmd("HGETALL")
+                                .arg(self.keys.message_record(vid, id))
+                                .query_async(&mut self.conn())
+                                .await
+                                .map_err(store_error)?;
+                            if flat.is_empty() {
+                                return Ok((member, None));
+                            }
+                            Ok((member, Some(decode_message(&flat)?)))
+                        })
+                        .buffered(PURGE_CONCURRENCY)
+                        .collect()
+                        .await;
+                let mut stale = Vec::new();
+                for item in fetched {
+                    match item? {
+                        (_, Some(m)) if is_unfinished(&m) => out.push(m),
+                        (member, _) => stale.push(member),
+                    }
+                }
+                if page < want {
+                    if !stale.is_empty() {
+                        let mut cmd = ::redis::cmd("ZREM");
+                        cmd.arg(&index).arg(stale);
+                        self.housekeeping("unindexing finished messages", cmd);
+                    }
+                    break;
+                }
+                // Gone before the next page is read, so that offsets stay true.
+                if !stale.is_empty() {
+                    ::redis::cmd("ZREM")
+                        .arg(&index)
+                        .arg(&stale)
+                        .query_async::<Value>(&mut self.conn())
+                        .await
+                        .map_err(store_error)?;
+                }
+                offset += page - stale.len();
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+        bounded(async {
+            let index = self.keys.all_messages();
+            let due: Vec<String> = ::redis::cmd("ZRANGEBYSCORE")
+                .arg(&index)
+                .arg("-inf")
+                .arg(format!("({}", before.timestamp_millis()))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(batch)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            if due.is_empty() {
+                return Ok(0);
+            }
+            let outcomes: Vec<StoreResult<(String, Option<String>)>> = futures::stream::iter(due)
+                .map(|member| async move {
+                    let Some((vid, id)) = parse_message_member(&member) else {
+                        return Ok((member, None));
+                    };
+                    let record = self.keys.message_record(vid, id);
+                    let provider: Vec<String> = self
+                        .scripts
+                        .purge_message
+                        .key(&record)
+                        .key(self.keys.message_list(vid))
+                        .arg(id.to_string())
+                        .invoke_async(&mut self.conn())
+                        .await
+                        .map_err(store_error)?;
+                    ::redis::cmd("DEL")
+                        .arg(self.keys.mref(id))
+                        .query_async::<Value>(&mut self.conn())
+                        .await
+                        .map_err(store_error)?;
+                    let provider = match provider.as_slice() {
+                        [name, pid] => {
+                            self.scripts
+                                .delete_if
+                                .key(self.keys.provider_ref(name, pid))
+                                .arg(&record)
+                                .invoke_async::<i64>(&mut self.conn())
+                                .await
+                                .map_err(store_error)?;
+                            Some(name.clone())
+                        }
+                        _ => None,
+                    };
+                    Ok((member, provider))
+                })
+                .buffer_unordered(PURGE_CONCURRENCY)
+                .collect()
+                .await;
+            let mut purged = Vec::with_capacity(outcomes.len());
+            let mut by_provider: HashMap<String, Vec<String>> = HashMap::new();
+            for outcome in outcomes {
+                let (member, provider) = outcome?;
+                if let Some(provider) = provider {
+                    by_provider
+                        .entry(provider)
+                        .or_default()
+                        .push(member.clone());
+                }
+                purged.push(member);
+            }
+            for (provider, members) in by_provider {
+                ::redis::cmd("ZREM")
+                    .arg(self.keys.unfinished(&provider))
+                    .arg(members)
+                    .query_async::<Value>(&mut self.conn())
+                    .await
+                    .map_err(store_error)?;
+            }
+            let count = purged.len() as u64;
+            ::redis::cmd("ZREM")
+                .arg(&index)
+                .arg(purged)
+                .query_async::<Value>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(count)
+        })
+        .await
+    }
+
+    async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
+        bounded(async {
+            let prefix = format!(
+                "{}|{}|{}|",
+                d.route_id,
+                usage_part(d.country.as_deref()),
+                usage_part(d.currency.as_deref())
+            );
+            let amounts = [
+                i64::try_from(d.sent).unwrap_or(i64::MAX),
+                i64::try_from(d.delivered).unwrap_or(i64::MAX),
+                i64::try_from(d.failed).unwrap_or(i64::MAX),
+                i64::try_from(d.verifications_started).unwrap_or(i64::MAX),
+                i64::try_from(d.verifications_approved).unwrap_or(i64::MAX),
+                d.cost_micros,
+            ];
+            let mut inv = self
+                .scripts
+                .record_usage
+                .key(self.keys.usage_day(&d.tenant, d.day));
+            let mut any = false;
+            for (counter, amount) in USAGE_COUNTERS.iter().zip(amounts) {
+                if amount != 0 {
+                    inv.arg(format!("{prefix}{counter}")).arg(amount);
+                    any = true;
+                }
+            }
+            if any {
+                inv.invoke_async::<i64>(&mut self.conn())
+                    .await
+                    .map_err(store_error)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn usage(
+        &self,
+        tenant: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> StoreResult<Vec<UsageRow>> {
+        bounded(async {
+            let days: Vec<NaiveDate> = from.iter_days().take_while(|d| *d <= to).collect();
+            let mut rows = Vec::new();
+            for chunk in days.chunks(USAGE_DAYS_PER_SCRIPT) {
+                let mut inv = self.scripts.read_usage.prepare_invoke();
+                for day in chunk {
+                    inv.key(self.keys.usage_day(tenant, *day));
+                }
+                let hashes: Vec<Vec<String>> = inv
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(store_error)?;
+                for (day, flat) in chunk.iter().zip(hashes) {
+                    rows.extend(decode_usage(tenant, *day, &flat)?);
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn replace_code(
+        &self,
+        r: &CodeReplacement,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Verification>> {
+        bounded(async {
+            let Some(subject) = self.subject_of(r.verification_id).await? else {
+                return Ok(None);
+            };
+            let expires_ms = r.expires_at.timestamp_millis();
+            let record_ttl = (expires_ms - now.timestamp_millis()).max(0) + KEEP_ENDED_MS;
+            // The reference must outlive the record it finds, as on a send.
+            self.scripts
+                .claim_id
+                .key(self.keys.vref(r.verification_id))
+                .arg(&subject)
+                .arg(record_ttl + REF_MARGIN_MS)
+                .invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let flat: Option<Vec<String>> = self
+                .scripts
+                .replace_code
+                .key(self.keys.record(&subject, r.verification_id))
+                .arg(&r.tenant)
+                .arg(r.expected_send_count)
+                .arg(hex::encode(r.code_hash))
+                .arg(expires_ms)
+                .arg(ms(now))
+                .arg(record_ttl)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let Some(flat) = flat.filter(|f| !f.is_empty()) else {
+                return Ok(None);
+            };
+            let v = decode_verification(&flat)?;
+            let mut cmd = ::redis::cmd("ZADD");
+            cmd.arg(self.keys.pending())
+                .arg("XX")
+                .arg("GT")
+                .arg(expires_ms)
+                .arg(pending_member(&subject, v.id));
+            self.housekeeping("re-indexing a verification", cmd);
+            Ok(Some(v))
         })
         .await
     }
@@ -2100,6 +2604,19 @@ mod tests {
             hash_tag(&keys.api_key_ids()),
             hash_tag(&keys.api_key(&[1u8; 32]))
         );
+        assert_eq!(
+            hash_tag(&keys.message_list(vid)),
+            hash_tag(&keys.message_record(vid, Uuid::new_v4()))
+        );
+        let day = |d| NaiveDate::from_ymd_opt(2030, 1, d).unwrap();
+        assert_eq!(
+            hash_tag(&keys.usage_day("acme", day(1))),
+            hash_tag(&keys.usage_day("acme", day(31)))
+        );
+        assert_ne!(
+            hash_tag(&keys.usage_day("acme", day(1))),
+            hash_tag(&keys.usage_day("globex", day(1)))
+        );
         let (values, expiries) = keys.markers("guard:acme");
         assert_eq!(hash_tag(&values), "otpd:mk:guard:acme");
         assert_eq!(hash_tag(&values), hash_tag(&expiries));
@@ -2117,6 +2634,33 @@ mod tests {
         let (slot, ttl) = counter_window(60, now);
         assert_eq!(slot, 31_666_667);
         assert_eq!(ttl, 109_500 + 1_000);
+    }
+
+    #[test]
+    fn usage_fields_round_trip_and_stay_separable() {
+        let day = NaiveDate::from_ymd_opt(2030, 1, 2).unwrap();
+        let flat: Vec<String> = [
+            ("3|NL||sent", "2"),
+            ("3|NL|EUR|delivered", "1"),
+            ("3|NL|EUR|cost_micros", "50000"),
+            ("4|||verifications_started", "1"),
+        ]
+        .iter()
+        .flat_map(|(k, v)| [(*k).to_owned(), (*v).to_owned()])
+        .collect();
+        let mut rows = decode_usage("acme", day, &flat).unwrap();
+        rows.sort_by_key(|r| (r.route_id, r.currency.clone()));
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].route_id, rows[0].sent), (3, 2));
+        assert_eq!(rows[0].currency, None);
+        assert_eq!(rows[1].currency.as_deref(), Some("EUR"));
+        assert_eq!((rows[1].delivered, rows[1].cost_micros), (1, 50_000));
+        assert_eq!(
+            (rows[2].country.clone(), rows[2].verifications_started),
+            (None, 1)
+        );
+        assert_eq!(usage_part(Some("K|S")), "K_S");
+        assert!(decode_usage("acme", day, &["3|NL|x".to_owned(), "1".to_owned()]).is_err());
     }
 
     #[test]

@@ -3,11 +3,11 @@
 //! their conversion to domain types, sqlx error mapping, and the pure decisions
 //! each backend takes inside its own transaction.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
 
 use super::{
-    CheckOutcome, InboxEntry, Marker, SendDecision, SendPlan, StoreError, StoreResult,
+    CheckOutcome, InboxEntry, Marker, SendDecision, SendPlan, StoreError, StoreResult, UsageRow,
     seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
@@ -136,7 +136,11 @@ pub(crate) struct MessageRow {
     cost: Option<f64>,
     currency: Option<String>,
     latency_ms: i64,
+    resend_of: Option<String>,
     created_at: i64,
+    sent_at: Option<i64>,
+    delivered_at: Option<i64>,
+    failed_at: Option<i64>,
     updated_at: i64,
 }
 
@@ -160,7 +164,11 @@ impl TryFrom<MessageRow> for MessageRecord {
             cost: r.cost,
             currency: r.currency,
             latency_ms: count(r.latency_ms, "latency_ms")?,
+            resend_of: r.resend_of.as_deref().map(uuid).transpose()?,
             created_at: time(r.created_at)?,
+            sent_at: opt_time(r.sent_at)?,
+            delivered_at: opt_time(r.delivered_at)?,
+            failed_at: opt_time(r.failed_at)?,
             updated_at: time(r.updated_at)?,
         })
     }
@@ -344,22 +352,56 @@ pub(crate) fn decide_check(
     (outcome, true)
 }
 
-/// The record after applying a delivery update, or `None` when the update
-/// reports an earlier stage than the record already has.
-pub(crate) fn apply_message_update(
-    current: &MessageRecord,
-    update: &super::MessageUpdate,
-) -> Option<MessageRecord> {
-    if update.status.rank() <= current.status.rank() {
-        return None;
+/// A usage row as both SQL schemas store it: no country or currency is '' (they
+/// are part of the primary key), the day is `YYYY-MM-DD` text.
+#[derive(sqlx::FromRow)]
+pub(crate) struct UsageDbRow {
+    tenant: String,
+    day: String,
+    route_id: i64,
+    country: String,
+    currency: String,
+    sent: i64,
+    delivered: i64,
+    failed: i64,
+    verifications_started: i64,
+    verifications_approved: i64,
+    cost_micros: i64,
+}
+
+impl TryFrom<UsageDbRow> for UsageRow {
+    type Error = StoreError;
+
+    fn try_from(r: UsageDbRow) -> StoreResult<Self> {
+        let n = |v: i64, what: &str| {
+            u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {v}")))
+        };
+        Ok(UsageRow {
+            day: NaiveDate::parse_from_str(&r.day, DAY_FORMAT)
+                .map_err(|_| StoreError::Corrupt(format!("bad usage day {:?}", r.day)))?,
+            route_id: count(r.route_id, "route_id")?,
+            country: Some(r.country).filter(|c| !c.is_empty()),
+            currency: Some(r.currency).filter(|c| !c.is_empty()),
+            sent: n(r.sent, "sent")?,
+            delivered: n(r.delivered, "delivered")?,
+            failed: n(r.failed, "failed")?,
+            verifications_started: n(r.verifications_started, "verifications_started")?,
+            verifications_approved: n(r.verifications_approved, "verifications_approved")?,
+            cost_micros: r.cost_micros,
+            tenant: r.tenant,
+        })
     }
-    let mut m = current.clone();
-    m.status = update.status;
-    m.error = update.error.clone().or(m.error);
-    m.cost = update.cost.or(m.cost);
-    m.currency = update.currency.clone().or(m.currency);
-    m.updated_at = update.at;
-    Some(m)
+}
+
+pub(crate) const DAY_FORMAT: &str = "%Y-%m-%d";
+
+pub(crate) fn day_text(day: NaiveDate) -> String {
+    day.format(DAY_FORMAT).to_string()
+}
+
+/// A usage count as SQL's signed 64-bit integer.
+pub(crate) fn usage_amount(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// The fixed rate-limit window containing `now`: (slot number, end in millis).

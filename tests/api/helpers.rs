@@ -25,6 +25,8 @@ pub struct TestApp {
     pub key: String,
     pub clock: Arc<ManualClock>,
     pub state: otpd::http::AppState,
+    /// The BridgeXAPI delivery-report poller; tests run rounds with `poll_once`.
+    pub poller: Arc<otpd::service::dlr_poller::DlrPoller>,
     pub client: reqwest::Client,
     _stop: oneshot::Sender<()>,
     _dir: tempfile::TempDir,
@@ -79,6 +81,7 @@ impl TestApp {
         let app = Application::build_with(settings, deps).await.unwrap();
         let base = format!("http://127.0.0.1:{}", app.port());
         let state = app.state().clone();
+        let poller = app.dlr_poller();
         let (_, key) = state.keys.create("acme").await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async {
@@ -89,6 +92,7 @@ impl TestApp {
             key: key.expose().to_owned(),
             clock,
             state,
+            poller,
             client: reqwest::Client::new(),
             _stop: stop,
             _dir: dir,

@@ -4,10 +4,14 @@
 mod abuse;
 mod at_rest;
 mod bridgex;
+mod delivery;
 mod failover;
 mod helpers;
+mod lifecycle;
 mod openlyne;
+mod ops;
 mod process;
+mod prometheus_text;
 mod providers;
 mod redis_store;
 mod route_config;
@@ -27,10 +31,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/verifications/{id}"),
     ("post", "/v1/verifications/{id}/cancel"),
     ("get", "/v1/messages/{id}"),
+    ("get", "/v1/usage"),
+    ("post", "/v1/dlr/{provider}/{secret}"),
     ("get", "/v1/sandbox/messages"),
     ("get", "/v1/guard"),
     ("delete", "/v1/guard/{prefix}"),
     ("get", "/health"),
+    ("get", "/health/live"),
+    ("get", "/health/ready"),
+    ("get", "/metrics"),
     ("post", "/send-otp"),
     ("post", "/verify-otp"),
     ("get", "/config"),

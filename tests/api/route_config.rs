@@ -281,3 +281,18 @@ fn the_example_config_file_loads_and_its_commented_routes_are_valid() {
     assert_eq!(config.routes.len(), 5);
     validate_routes(&config.routes, &config.routing).unwrap();
 }
+
+#[test]
+fn the_readme_routing_example_is_a_valid_configuration() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("## SMS routing").unwrap()..];
+    let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("otpd.toml");
+    std::fs::write(&path, block).unwrap();
+    let settings = otpd::config::Settings::load(Some(&path), &otpd::config::Overrides::default())
+        .unwrap_or_else(|e| panic!("README routing example: {e}"));
+    assert_eq!(settings.routes.len(), 3);
+}

@@ -318,3 +318,133 @@ async fn postgres_two_instances_send_once_and_approve_once() {
     }
     assert_eq!(approved, 1);
 }
+
+/// The migrations before delivery tracking (0001, 0002) in a directory of their own.
+fn migrations_before_delivery(backend: &str) -> std::path::PathBuf {
+    let dir = scratch_dir();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    for name in ["0001_init.sql", "0002_counters_markers.sql"] {
+        std::fs::copy(source.join(name), dir.join(name)).unwrap();
+    }
+    dir
+}
+
+/// A verification and its delivered message as otpd wrote them before delivery
+/// tracking; `BLOB` is the backend's literal for a few bytes.
+fn old_rows_sql(blob: &str, verification: Uuid, message: Uuid) -> [String; 2] {
+    let at = |secs: i64| (t0() + Duration::seconds(secs)).timestamp_millis();
+    [
+        format!(
+            "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone, masked_to,
+                 country, code_hash, status, attempts, max_attempts, send_count, created_at,
+                 updated_at, expires_at, last_sent_at)
+             VALUES ('{verification}', 'acme', {blob}, 'login', NULL, {blob}, '+*******0670',
+                 'NL', NULL, 'approved', 0, 5, 1, {t}, {t}, {t}, {t})",
+            t = at(0)
+        ),
+        format!(
+            "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
+                 provider_message_id, masked_to, country, status, error, cost, currency,
+                 latency_ms, created_at, updated_at)
+             VALUES ('{message}', '{verification}', 'acme', 3, 'bridgexapi', 'BX-old',
+                 '+*******0670', 'NL', 'delivered', NULL, 0.05, 'EUR', 12, {}, {})",
+            at(0),
+            at(7)
+        ),
+    ]
+}
+
+/// What a store migrated past 0003 must make of the rows `old_rows_sql` wrote.
+async fn old_rows_read_back(store: &dyn Store, verification: Uuid, message: Uuid) {
+    let m = store.get_message("acme", message).await.unwrap().unwrap();
+    assert_eq!(m.status, otpd::domain::DeliveryStatus::Delivered);
+    assert_eq!(m.cost, Some(0.05));
+    assert_eq!(
+        m.delivered_at,
+        Some(t0() + Duration::seconds(7)),
+        "backfilled from the last change"
+    );
+    assert_eq!((m.sent_at, m.failed_at, m.resend_of), (None, None, None));
+    assert_eq!(
+        store.list_messages("acme", verification).await.unwrap(),
+        vec![m]
+    );
+    // A late duplicate of the old delivery report is still recognised as one.
+    let late = otpd::store::MessageUpdate {
+        status: otpd::domain::DeliveryStatus::Delivered,
+        error: None,
+        cost: None,
+        currency: None,
+        at: t0() + Duration::seconds(60),
+    };
+    let t = store
+        .update_message_by_provider_id("bridgexapi", "BX-old", &late)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!t.moved());
+}
+
+#[tokio::test]
+async fn sqlite_messages_written_before_delivery_tracking_still_read() {
+    let file = scratch_dir().join("otpd.db");
+    let (verification, message) = (Uuid::new_v4(), Uuid::new_v4());
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&file)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::migrate::Migrator::new(migrations_before_delivery("sqlite"))
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    for sql in old_rows_sql("X'0000000101'", verification, message) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+
+    let store = SqliteStore::open(&file).await.unwrap();
+    old_rows_read_back(&store, verification, message).await;
+}
+
+#[tokio::test]
+async fn postgres_messages_written_before_delivery_tracking_still_read() {
+    let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+        eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let (verification, message) = (Uuid::new_v4(), Uuid::new_v4());
+    {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let setup = format!("CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(migrations_before_delivery("postgres"))
+            .await
+            .unwrap()
+            .run(&mut conn)
+            .await
+            .unwrap();
+        for sql in old_rows_sql("'\\x0000000101'::bytea", verification, message) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    let store = PostgresStore::connect_in_schema(&url, &schema)
+        .await
+        .unwrap();
+    old_rows_read_back(&store, verification, message).await;
+}

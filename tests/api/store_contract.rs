@@ -336,6 +336,33 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     assert!(matches!(new, CheckOutcome::Approved(_)));
 }
 
+pub async fn a_resend_to_another_number_records_that_number(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let later = now + Duration::seconds(31);
+    let ug = PhoneNumber::parse("+256700123456").unwrap();
+    let mut resend = f.verification(id, "222222", later);
+    resend.phone = f.crypto.seal_phone(&ug).unwrap();
+    resend.masked_to = ug.masked();
+    resend.country = Some("UG".into());
+    let decision = store.start_send(&f.plan(resend), later).await.unwrap();
+    assert!(
+        matches!(decision, SendDecision::Replaced { .. }),
+        "{decision:?}"
+    );
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.crypto.open_phone(&v.phone).unwrap(), ug);
+    assert_eq!(
+        (v.masked_to.as_str(), v.country.as_deref()),
+        ("+********3456", Some("UG"))
+    );
+}
+
 pub async fn plan_for_a_stale_id_conflicts(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -622,7 +649,11 @@ fn message(
         cost: Some(0.05),
         currency: Some("EUR".into()),
         latency_ms: 12,
+        resend_of: None,
         created_at: at,
+        sent_at: None,
+        delivered_at: None,
+        failed_at: None,
         updated_at: at,
     }
 }
@@ -655,12 +686,16 @@ pub async fn messages_record_attempts_and_only_move_forward(store: DynStore) {
         currency: None,
         at: now + Duration::seconds(5),
     };
-    let updated = store
+    let transition = store
         .update_message_by_provider_id("bridgexapi", &pid_a, &delivered)
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(transition.previous, DeliveryStatus::Queued);
+    assert!(transition.moved());
+    let updated = transition.message;
     assert_eq!(updated.status, DeliveryStatus::Delivered);
+    assert_eq!(updated.delivered_at, Some(now + Duration::seconds(5)));
     assert_eq!(
         updated.cost,
         Some(0.05),
@@ -671,11 +706,14 @@ pub async fn messages_record_attempts_and_only_move_forward(store: DynStore) {
         at: now + Duration::seconds(9),
         ..delivered.clone()
     };
-    let after = store
+    let late_transition = store
         .update_message_by_provider_id("bridgexapi", &pid_a, &late)
         .await
         .unwrap()
         .unwrap();
+    assert!(!late_transition.moved(), "a late report is no transition");
+    let after = late_transition.message;
+    assert_eq!(after.sent_at, None);
     assert_eq!(
         after.status,
         DeliveryStatus::Delivered,
@@ -688,6 +726,407 @@ pub async fn messages_record_attempts_and_only_move_forward(store: DynStore) {
             .await
             .unwrap(),
         None
+    );
+}
+
+pub async fn message_transitions_are_stamped_and_duplicates_do_not_move(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let vid = f.start(&store, "111111", now).await;
+    let pid = format!("AT-{}", Uuid::new_v4().simple());
+    let first = message(&f.tenant, vid, &pid, now);
+    store.insert_message(&first).await.unwrap();
+    let pid_resend = format!("TW-{}", Uuid::new_v4().simple());
+    let resend = MessageRecord {
+        resend_of: Some(first.id),
+        route_id: 4,
+        provider: "twilio".into(),
+        ..message(&f.tenant, vid, &pid_resend, now + Duration::seconds(20))
+    };
+    store.insert_message(&resend).await.unwrap();
+
+    let update = |status, secs, error: Option<&str>| MessageUpdate {
+        status,
+        error: error.map(str::to_owned),
+        cost: None,
+        currency: None,
+        at: now + Duration::seconds(secs),
+    };
+    let sent = store
+        .update_message_by_provider_id("bridgexapi", &pid, &update(DeliveryStatus::Sent, 2, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(sent.moved());
+    assert_eq!(sent.message.sent_at, Some(now + Duration::seconds(2)));
+    let failed = store
+        .update_message_by_provider_id(
+            "bridgexapi",
+            &pid,
+            &update(
+                DeliveryStatus::Failed,
+                9,
+                Some("delivery_failed: AbsentSubscriber"),
+            ),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.previous, DeliveryStatus::Sent);
+    assert!(failed.moved());
+    assert_eq!(failed.message.failed_at, Some(now + Duration::seconds(9)));
+    assert_eq!(
+        failed.message.sent_at,
+        Some(now + Duration::seconds(2)),
+        "earlier stamps stay"
+    );
+    assert_eq!(
+        failed.message.error.as_deref(),
+        Some("delivery_failed: AbsentSubscriber")
+    );
+    for (status, secs) in [
+        (DeliveryStatus::Failed, 10),
+        (DeliveryStatus::Delivered, 11),
+    ] {
+        let again = store
+            .update_message_by_provider_id("bridgexapi", &pid, &update(status, secs, None))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!again.moved(), "{status:?} after failed must not move");
+        assert_eq!(again.previous, DeliveryStatus::Failed);
+        assert_eq!(again.message, failed.message);
+    }
+    // The same id under another provider is another message.
+    assert_eq!(
+        store
+            .update_message_by_provider_id("twilio", &pid, &update(DeliveryStatus::Sent, 3, None))
+            .await
+            .unwrap(),
+        None
+    );
+    let listed = store.list_messages(&f.tenant, vid).await.unwrap();
+    assert_eq!(listed, vec![failed.message.clone(), resend.clone()]);
+    assert_eq!(
+        store.get_message(&f.tenant, resend.id).await.unwrap(),
+        Some(resend)
+    );
+}
+
+pub async fn unfinished_messages_are_listed_per_provider_oldest_first(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let vid = f.start(&store, "111111", now).await;
+    // A provider of its own, so that other cases on a shared store stay out.
+    let provider = format!("bx{}", Uuid::new_v4().simple());
+    let at = |secs| now + Duration::seconds(secs);
+    let mk = |secs: i64, status| MessageRecord {
+        provider: provider.clone(),
+        status,
+        ..message(
+            &f.tenant,
+            vid,
+            &format!("BX-{}", Uuid::new_v4().simple()),
+            at(secs),
+        )
+    };
+    let queued = mk(3, DeliveryStatus::Queued);
+    let sent = mk(1, DeliveryStatus::Sent);
+    let unknown = mk(2, DeliveryStatus::Unknown);
+    let delivered = mk(4, DeliveryStatus::Delivered);
+    let no_id = MessageRecord {
+        provider_message_id: None,
+        ..mk(5, DeliveryStatus::Queued)
+    };
+    let later = mk(6, DeliveryStatus::Queued);
+    let other_provider = MessageRecord {
+        provider: format!("{provider}x"),
+        ..mk(3, DeliveryStatus::Queued)
+    };
+    for m in [
+        &queued,
+        &sent,
+        &unknown,
+        &delivered,
+        &no_id,
+        &later,
+        &other_provider,
+    ] {
+        store.insert_message(m).await.unwrap();
+    }
+    let ids = |list: Vec<MessageRecord>| list.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store
+            .list_unfinished_messages(&provider, at(0), 10)
+            .await
+            .unwrap()),
+        vec![sent.id, unknown.id, queued.id, later.id]
+    );
+    assert_eq!(
+        ids(store
+            .list_unfinished_messages(&provider, at(1), 2)
+            .await
+            .unwrap()),
+        vec![unknown.id, queued.id],
+        "created strictly after, at most limit"
+    );
+    // A final report takes a message off the list.
+    store
+        .update_message_by_provider_id(
+            &provider,
+            queued.provider_message_id.as_deref().unwrap(),
+            &MessageUpdate {
+                status: DeliveryStatus::Undelivered,
+                error: None,
+                cost: None,
+                currency: None,
+                at: at(30),
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ids(store
+            .list_unfinished_messages(&provider, at(0), 10)
+            .await
+            .unwrap()),
+        vec![sent.id, unknown.id, later.id]
+    );
+    assert_eq!(
+        ids(store
+            .list_unfinished_messages(&provider, at(1), 2)
+            .await
+            .unwrap()),
+        vec![unknown.id, later.id],
+        "a finished message does not use up the limit"
+    );
+}
+
+pub async fn purge_messages_deletes_old_ones_in_batches(store: DynStore) {
+    let f = Fixture::new();
+    // Far in the past, so no other case's messages are this old.
+    let long_ago = Utc
+        .timestamp_millis_opt(1_000_000_000_000)
+        .single()
+        .unwrap();
+    let vid = f.start(&store, "111111", t0()).await;
+    let provider = format!("bx{}", Uuid::new_v4().simple());
+    let mk = |at| MessageRecord {
+        provider: provider.clone(),
+        ..message(
+            &f.tenant,
+            vid,
+            &format!("BX-{}", Uuid::new_v4().simple()),
+            at,
+        )
+    };
+    let old: Vec<MessageRecord> = (0..3)
+        .map(|i| mk(long_ago + Duration::seconds(i)))
+        .collect();
+    let young = mk(long_ago + Duration::days(40));
+    for m in old.iter().chain([&young]) {
+        store.insert_message(m).await.unwrap();
+    }
+    let cutoff = long_ago + Duration::days(30);
+    assert_eq!(store.purge_messages(cutoff, 2).await.unwrap(), 2);
+    assert_eq!(store.purge_messages(cutoff, 2).await.unwrap(), 1);
+    assert_eq!(store.purge_messages(cutoff, 2).await.unwrap(), 0);
+    assert_eq!(
+        store.list_messages(&f.tenant, vid).await.unwrap(),
+        vec![young.clone()]
+    );
+    assert_eq!(store.get_message(&f.tenant, old[0].id).await.unwrap(), None);
+    let pid = old[1].provider_message_id.clone().unwrap();
+    let late_report = MessageUpdate {
+        status: DeliveryStatus::Delivered,
+        error: None,
+        cost: None,
+        currency: None,
+        at: t0(),
+    };
+    assert_eq!(
+        store
+            .update_message_by_provider_id(&provider, &pid, &late_report)
+            .await
+            .unwrap(),
+        None,
+        "a purged message is unknown to reports"
+    );
+    assert_eq!(
+        store
+            .list_unfinished_messages(&provider, long_ago - Duration::days(1), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+fn day(d: u32) -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(2030, 3, d).unwrap()
+}
+
+pub async fn usage_adds_up_per_day_route_country_and_currency(store: DynStore) {
+    use otpd::store::UsageRow;
+    let t = tenant();
+    let add =
+        |d, route, country: Option<&str>, currency: Option<&str>, f: &dyn Fn(&mut UsageRow)| {
+            let mut row = UsageRow::new(&t, day(d), route, country, currency);
+            f(&mut row);
+            row
+        };
+    let deltas = [
+        add(1, 1, Some("NL"), None, &|r| {
+            r.sent = 2;
+            r.verifications_started = 1;
+        }),
+        add(1, 1, Some("NL"), None, &|r| r.sent = 1),
+        add(1, 1, Some("NL"), Some("EUR"), &|r| {
+            r.delivered = 1;
+            r.cost_micros = 50_000;
+        }),
+        add(1, 1, Some("NL"), Some("EUR"), &|r| {
+            r.delivered = 1;
+            r.cost_micros = 50_000;
+        }),
+        add(1, 2, None, None, &|r| r.failed = 1),
+        add(2, 1, Some("NL"), None, &|r| r.verifications_approved = 1),
+        add(5, 1, Some("NL"), None, &|r| r.sent = 7),
+    ];
+    for d in &deltas {
+        store.record_usage(d).await.unwrap();
+    }
+    store
+        .record_usage(&UsageRow::new("other", day(1), 1, Some("NL"), None))
+        .await
+        .unwrap();
+    let mut rows = store.usage(&t, day(1), day(2)).await.unwrap();
+    rows.sort_by_key(|r| (r.day, r.route_id, r.currency.clone()));
+    let expected = vec![
+        add(1, 1, Some("NL"), None, &|r| {
+            r.sent = 3;
+            r.verifications_started = 1;
+        }),
+        add(1, 1, Some("NL"), Some("EUR"), &|r| {
+            r.delivered = 2;
+            r.cost_micros = 100_000;
+        }),
+        add(1, 2, None, None, &|r| r.failed = 1),
+        add(2, 1, Some("NL"), None, &|r| r.verifications_approved = 1),
+    ];
+    assert_eq!(rows, expected);
+    assert_eq!(store.usage(&t, day(3), day(4)).await.unwrap(), vec![]);
+    assert_eq!(store.usage(&t, day(5), day(5)).await.unwrap().len(), 1);
+    assert_eq!(store.usage(&t, day(2), day(1)).await.unwrap(), vec![]);
+}
+
+pub async fn concurrent_usage_adds_are_all_counted(store: DynStore) {
+    use otpd::store::UsageRow;
+    let t = tenant();
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let store = store.clone();
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut row = UsageRow::new(&t, day(9), 3, Some("UG"), Some("UGX"));
+            row.sent = 1;
+            row.delivered = 1;
+            row.cost_micros = 35_000_000;
+            store.record_usage(&row).await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rows = store.usage(&t, day(9), day(9)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].sent, rows[0].delivered), (40, 40));
+    assert_eq!(rows[0].cost_micros, 40 * 35_000_000);
+}
+
+pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: DynStore) {
+    use otpd::store::CodeReplacement;
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let wrong = store
+        .check_code(&f.tenant, id, &f.hash(id, "999999"), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong,
+        CheckOutcome::Wrong {
+            attempts_left: MAX_ATTEMPTS - 1
+        }
+    );
+    let later = now + Duration::seconds(5);
+    let replacement = |expected_send_count| CodeReplacement {
+        tenant: f.tenant.clone(),
+        verification_id: id,
+        expected_send_count,
+        code_hash: f.hash(id, "222222"),
+        expires_at: later + Duration::seconds(300),
+    };
+    assert_eq!(
+        store.replace_code(&replacement(2), later).await.unwrap(),
+        None,
+        "a stale send count changes nothing"
+    );
+    let other_tenant = CodeReplacement {
+        tenant: "other".into(),
+        ..replacement(1)
+    };
+    assert_eq!(
+        store.replace_code(&other_tenant, later).await.unwrap(),
+        None
+    );
+    // Within the 30 s cooldown: an automatic re-send is not held to it.
+    let v = store
+        .replace_code(&replacement(1), later)
+        .await
+        .unwrap()
+        .expect("replaced");
+    assert_eq!(v.send_count, 2);
+    assert_eq!(v.attempts, 1, "attempts are kept");
+    assert_eq!(v.expires_at, later + Duration::seconds(300));
+    assert_eq!(v.last_sent_at, later);
+    assert_eq!(
+        store.replace_code(&replacement(1), later).await.unwrap(),
+        None,
+        "the same replacement twice takes effect once"
+    );
+    assert_eq!(
+        store
+            .check_code(&f.tenant, id, &f.hash(id, "111111"), later)
+            .await
+            .unwrap(),
+        CheckOutcome::Wrong {
+            attempts_left: MAX_ATTEMPTS - 2
+        },
+        "the old code is gone"
+    );
+    assert!(matches!(
+        store
+            .check_code(&f.tenant, id, &f.hash(id, "222222"), later)
+            .await
+            .unwrap(),
+        CheckOutcome::Approved(_)
+    ));
+    assert_eq!(
+        store.replace_code(&replacement(2), later).await.unwrap(),
+        None,
+        "an approved verification takes no new code"
+    );
+    // The subject's own cooldown is untouched by the automatic re-send.
+    let next = f.verification(Uuid::new_v4(), "333333", now + Duration::seconds(31));
+    let decision = store
+        .start_send(&f.plan(next), now + Duration::seconds(31))
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Created { .. }),
+        "{decision:?}"
     );
 }
 
@@ -1071,6 +1510,7 @@ macro_rules! store_contract_tests {
                 find_current_sees_pending_and_dead_but_not_ended,
                 cooldown_then_resend_keeps_attempts,
                 plan_for_a_stale_id_conflicts,
+                a_resend_to_another_number_records_that_number,
                 send_window_limits_resends,
                 spent_attempts_do_not_skip_cooldown_or_window,
                 abort_releases_cooldown_and_leaves_nothing_pending,
@@ -1081,6 +1521,12 @@ macro_rules! store_contract_tests {
                 racing_sends_accept_exactly_one,
                 api_keys_lifecycle,
                 messages_record_attempts_and_only_move_forward,
+                message_transitions_are_stamped_and_duplicates_do_not_move,
+                unfinished_messages_are_listed_per_provider_oldest_first,
+                purge_messages_deletes_old_ones_in_batches,
+                usage_adds_up_per_day_route_country_and_currency,
+                concurrent_usage_adds_are_all_counted,
+                replace_code_resends_without_cooldown_and_keeps_attempts,
                 inbox_lists_newest_first_per_tenant_and_number,
                 rate_limit_counts_per_window,
                 counters_add_up_per_window,

@@ -193,3 +193,95 @@ async fn transport_failures_map_to_router_kinds() {
     })
     .await;
 }
+
+fn dlr(id: &str) -> MockBuilder {
+    Mock::given(method("GET")).and(path(format!("/api/v1/dlr/{id}")))
+}
+
+#[tokio::test]
+async fn delivery_status_polls_read_the_dlr_record() {
+    use otpd::sms::bridgexapi::DlrPoll;
+
+    let server = MockServer::start().await;
+    let record = |status: &str, error: serde_json::Value| {
+        ResponseTemplate::new(200).set_body_json(json!({
+            "bx_message_id": "BX-1", "msisdn": "31651860670", "status": status,
+            "route_id": 3, "sms_order_id": 22229, "created_at": "2026-01-01T10:00:00",
+            "error": error
+        }))
+    };
+    for (id, answer, expected) in [
+        (
+            "BX-1",
+            record("DELIVRD", json!(null)),
+            DlrPoll::Report {
+                status: Some(DeliveryStatus::Delivered),
+                error: None,
+            },
+        ),
+        (
+            "BX-2",
+            record("rejected", json!("Number 31651860670 blacklisted")),
+            DlrPoll::Report {
+                status: Some(DeliveryStatus::Failed),
+                error: Some("Number [digits] blacklisted".into()),
+            },
+        ),
+        (
+            "BX-3",
+            record("on its way", json!(null)),
+            DlrPoll::Report {
+                status: None,
+                error: None,
+            },
+        ),
+        (
+            "BX-4",
+            ResponseTemplate::new(404).set_body_json(json!({"detail": "DLR record not found"})),
+            DlrPoll::NotFound,
+        ),
+    ] {
+        dlr(id)
+            .and(header("X-API-KEY", "test-key"))
+            .respond_with(answer)
+            .mount(&server)
+            .await;
+        let got = provider(&server.uri(), Duration::from_secs(5))
+            .poll_dlr(id)
+            .await
+            .unwrap();
+        assert_eq!(got, expected, "{id}");
+    }
+
+    let p = provider(&server.uri(), Duration::from_millis(300));
+    dlr("BX-slow")
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2)))
+        .mount(&server)
+        .await;
+    let err = p.poll_dlr("BX-slow").await.unwrap_err();
+    assert_eq!(err.kind, ProviderErrorKind::Timeout);
+    dlr("BX-auth")
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_json(json!({"detail": "Invalid or inactive API key"})),
+        )
+        .mount(&server)
+        .await;
+    assert_eq!(
+        p.poll_dlr("BX-auth").await.unwrap_err().kind,
+        ProviderErrorKind::Auth
+    );
+    dlr("BX-garbage")
+        .respond_with(ResponseTemplate::new(200).set_body_string("<html>"))
+        .mount(&server)
+        .await;
+    assert_eq!(
+        p.poll_dlr("BX-garbage").await.unwrap_err().kind,
+        ProviderErrorKind::Malformed
+    );
+    // Some other 404 (a wrong base URL) is an error, not "no report yet".
+    assert_eq!(
+        p.poll_dlr("BX-unmounted").await.unwrap_err().kind,
+        ProviderErrorKind::Unavailable
+    );
+}

@@ -1,0 +1,283 @@
+//! Delivery tracking: applying provider delivery reports (pushed or polled) to
+//! message records, counting usage for each status that actually changed, and
+//! rescuing a verification whose SMS failed after a provider accepted it by
+//! re-sending it over the next untried route of its chain.
+
+use std::collections::HashSet;
+use std::time::Duration as StdDuration;
+
+use super::usage::{self, UsageReport};
+use super::verifications::VerificationService;
+use crate::domain::policy::MIN_TTL_SECONDS;
+use crate::domain::{DeliveryStatus, MessageRecord, Policy, Verification};
+use crate::sms::router::DeliveryRequest;
+use crate::store::{CodeReplacement, MessageUpdate, StoreError, UsageRow};
+use chrono::{Duration, NaiveDate};
+
+/// Which policy a tenant's verifications follow (resolved once at start).
+pub trait PolicySource: Send + Sync + 'static {
+    fn policy_for(&self, tenant: &str) -> &Policy;
+}
+
+/// What a delivery report did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportOutcome {
+    /// No message has that provider message id (not ours, or already purged).
+    UnknownMessage,
+    /// A duplicate, or a report of an earlier stage than the message has reached.
+    Unchanged(MessageRecord),
+    /// The status moved forward; `resent` holds the attempts of the re-send it
+    /// triggered, if any.
+    Updated {
+        message: MessageRecord,
+        resent: Vec<MessageRecord>,
+    },
+}
+
+impl ReportOutcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReportOutcome::UnknownMessage => "ignored",
+            ReportOutcome::Unchanged(_) => "unchanged",
+            ReportOutcome::Updated { .. } => "updated",
+        }
+    }
+}
+
+impl VerificationService {
+    /// Applies one provider report about `provider_message_id`. Only a status
+    /// that actually moved counts in usage or can trigger a re-send, so
+    /// duplicate and late reports change nothing.
+    pub async fn apply_delivery_report(
+        &self,
+        policies: &dyn PolicySource,
+        provider: &str,
+        provider_message_id: &str,
+        status: DeliveryStatus,
+        error: Option<String>,
+    ) -> Result<ReportOutcome, StoreError> {
+        let update = MessageUpdate {
+            status,
+            error,
+            cost: None,
+            currency: None,
+            at: self.clock.now(),
+        };
+        let Some(transition) = self
+            .store
+            .update_message_by_provider_id(provider, provider_message_id, &update)
+            .await?
+        else {
+            tracing::debug!(
+                provider,
+                "delivery report for an unknown message id; ignored"
+            );
+            return Ok(ReportOutcome::UnknownMessage);
+        };
+        if !transition.moved() {
+            return Ok(ReportOutcome::Unchanged(transition.message));
+        }
+        let message = transition.message;
+        tracing::info!(
+            target: "audit",
+            event = "delivery_report",
+            tenant = %message.tenant,
+            verification_id = %message.verification_id,
+            message_id = %message.id,
+            route_id = message.route_id,
+            provider,
+            status = message.status.as_str(),
+        );
+        if let Some(delta) = usage::for_transition(&message) {
+            self.add_usage(&delta).await;
+        }
+        let resent = if message.status.is_failure() {
+            let policy = policies.policy_for(&message.tenant);
+            match self.resend_after_failure(policy, &message).await {
+                Ok(resent) => resent,
+                Err(e) => {
+                    tracing::error!(
+                        message_id = %message.id,
+                        error = %e,
+                        "could not re-send after a failed delivery"
+                    );
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(ReportOutcome::Updated { message, resent })
+    }
+
+    /// Re-sends a verification whose message `failed` did not arrive: when the
+    /// policy allows it, the verification is still pending, and `failed` carried
+    /// its current code, a new code goes out over the chain's routes this
+    /// verification has not used yet (each route at most once, first come first).
+    /// Neither cooldown nor send window applies, and the attempts left stay.
+    /// Returns the new attempts (empty when nothing was re-sent).
+    async fn resend_after_failure(
+        &self,
+        policy: &Policy,
+        failed: &MessageRecord,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        if !policy.resend_on_failed_delivery {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now();
+        let tenant = failed.tenant.as_str();
+        let Some(v) = self
+            .store
+            .get_verification(tenant, failed.verification_id)
+            .await?
+            .filter(|v| v.is_pending_at(now))
+        else {
+            return Ok(Vec::new());
+        };
+        let messages = self.store.list_messages(tenant, v.id).await?;
+        // Each send replaces the code; only the latest accepted message's code
+        // can still be typed in, so an older message's failure needs no rescue.
+        if messages
+            .iter()
+            .rev()
+            .find(|m| m.was_accepted())
+            .map(|m| m.id)
+            != Some(failed.id)
+        {
+            return Ok(Vec::new());
+        }
+        let used: HashSet<u32> = messages.iter().map(|m| m.route_id).collect();
+        let Some(to) = self.phone_of(&v) else {
+            tracing::error!(verification_id = %v.id, "cannot open the stored number for a re-send");
+            return Ok(Vec::new());
+        };
+        let chain = match self
+            .router
+            .plan(&policy.routes, None, true, false, to.country())
+        {
+            Ok(chain) => chain,
+            Err(e) => {
+                tracing::info!(verification_id = %v.id, reason = %e, "no route to re-send over");
+                return Ok(Vec::new());
+            }
+        };
+        let untried: Vec<_> = chain
+            .into_iter()
+            .filter(|r| !used.contains(&r.id))
+            .collect();
+        if untried.is_empty() {
+            tracing::info!(verification_id = %v.id, "every route of the chain was tried; no re-send");
+            return Ok(Vec::new());
+        }
+
+        // The new code lives as long as the last one was given.
+        let ttl_seconds = (v.expires_at - v.last_sent_at)
+            .num_seconds()
+            .max(i64::from(MIN_TTL_SECONDS));
+        let code = self
+            .codes
+            .generate(policy.code_length)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let replacement = CodeReplacement {
+            tenant: tenant.to_owned(),
+            verification_id: v.id,
+            expected_send_count: v.send_count,
+            code_hash: self.crypto.code_hash(v.id, &code),
+            expires_at: now + Duration::seconds(ttl_seconds),
+        };
+        // A send, check or cancel since we looked wins: nothing to rescue then.
+        let Some(v) = self.store.replace_code(&replacement, now).await? else {
+            return Ok(Vec::new());
+        };
+        let attempts = self
+            .router
+            .deliver(
+                &untried,
+                &DeliveryRequest {
+                    tenant,
+                    verification_id: v.id,
+                    to: &to,
+                    code: &code,
+                    locale: None,
+                    ttl: StdDuration::from_secs(u64::try_from(ttl_seconds).unwrap_or(0)),
+                },
+            )
+            .await;
+        self.metrics.record_delivery_attempts(&attempts);
+        let records = self.record_attempts(&v, &attempts, Some(failed.id)).await;
+        self.count_sends(&records, false).await;
+        let accepted = records.iter().find(|m| m.was_accepted());
+        if let Some(m) = accepted {
+            // A re-send costs like any send: it counts against the day's budget.
+            let price = untried
+                .iter()
+                .find(|r| r.id == m.route_id)
+                .and_then(|r| r.price_for(to.country()))
+                .map_or(0.0, |(price, _)| price);
+            self.guard()
+                .record_spend(tenant, policy, m.cost.unwrap_or(price), now)
+                .await;
+        }
+        tracing::info!(
+            target: "audit",
+            event = "resend_after_failed_delivery",
+            tenant,
+            verification_id = %v.id,
+            to = %v.masked_to,
+            failed_message_id = %failed.id,
+            route_id = accepted.map(|m| m.route_id),
+            attempts = records.len(),
+            outcome = if accepted.is_some() { "sent" } else { "delivery_failed" },
+        );
+        Ok(records)
+    }
+
+    /// Counts the attempts of one send; `started` when it created the verification.
+    pub(super) async fn count_sends(&self, records: &[MessageRecord], started: bool) {
+        let mut started = started;
+        for m in records {
+            if let Some(mut delta) = usage::for_new_message(m) {
+                if started {
+                    delta.verifications_started = 1;
+                    started = false;
+                }
+                self.add_usage(&delta).await;
+            }
+        }
+    }
+
+    /// Counts an approval against the verification's first accepted message,
+    /// where its start was counted, so conversion by route and country holds.
+    pub(super) async fn count_approval(&self, v: &Verification) {
+        let first = match self.store.list_messages(&v.tenant, v.id).await {
+            Ok(messages) => messages.into_iter().find(MessageRecord::was_accepted),
+            Err(e) => {
+                tracing::warn!(verification_id = %v.id, error = %e, "approval not counted in usage");
+                return;
+            }
+        };
+        let Some(first) = first else { return };
+        let mut delta = usage::row_for(&first, false);
+        delta.verifications_approved = 1;
+        self.add_usage(&delta).await;
+    }
+
+    /// Usage is accounting, not a decision: a failure to count is logged and the
+    /// request it belongs to goes on.
+    async fn add_usage(&self, delta: &UsageRow) {
+        if let Err(e) = self.store.record_usage(delta).await {
+            tracing::warn!(tenant = %delta.tenant, error = %e, "usage not recorded");
+        }
+    }
+
+    /// The tenant's usage from `from` to `to` (inclusive, UTC days).
+    pub async fn usage(
+        &self,
+        tenant: &str,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<UsageReport, StoreError> {
+        let rows = self.store.usage(tenant, from, to).await?;
+        Ok(usage::report(from, to, &rows))
+    }
+}
