@@ -56,6 +56,7 @@ pub struct SendContext<'a> {
 /// What `admit_send` found; `count_send` counts against it.
 #[derive(Debug)]
 pub struct Admission {
+    tenant: String,
     limits: Vec<Counted>,
     /// Guard counters of sends to the number's country and prefix.
     traffic_keys: Vec<String>,
@@ -315,17 +316,20 @@ impl AbuseGuard {
             });
         }
 
+        let mut limits: Vec<Counted> = wanted
+            .into_iter()
+            .zip(limit_counts)
+            .map(|((limit, max, key), counts)| Counted {
+                limit,
+                key,
+                max,
+                previous: counts.previous,
+            })
+            .collect();
+        limits.sort_by_key(|c| c.limit.window_seconds());
         Ok(Admission {
-            limits: wanted
-                .into_iter()
-                .zip(limit_counts)
-                .map(|((limit, max, key), counts)| Counted {
-                    limit,
-                    key,
-                    max,
-                    previous: counts.previous,
-                })
-                .collect(),
+            tenant: ctx.tenant.to_owned(),
+            limits,
             traffic_keys: levels
                 .iter()
                 .map(|(prefix, _)| self.traffic_key("sent", ctx.tenant, prefix))
@@ -369,30 +373,43 @@ impl AbuseGuard {
         admission: &Admission,
         now: DateTime<Utc>,
     ) -> Result<(), SendError> {
-        let limits = try_join_all(admission.limits.iter().map(|c| {
-            self.store
+        // One limit at a time, shortest window first, stopping at a refusal: a
+        // send refused by one limit then takes no room in the others, so
+        // concurrent sends never crowd each other out of a limit they would
+        // have fitted (a burst against a per-number limit of 5 gets exactly 5).
+        for c in &admission.limits {
+            let total = self
+                .store
                 .add_to_counter(&c.key, 1, c.limit.window_seconds(), now)
-        }));
-        let traffic = try_join_all(
-            admission
-                .traffic_keys
-                .iter()
-                .map(|key| self.store.add_to_counter(key, 1, HOUR, now)),
-        );
-        let (totals, _) = tokio::try_join!(limits, traffic)?;
-        for (c, total) in admission.limits.iter().zip(totals) {
+                .await?;
             let counts = WindowCounts {
                 previous: c.previous,
                 current: total,
             };
             if let Err(retry_after_seconds) = counts.admit(0, c.max, c.limit.window_seconds(), now)
             {
+                let reason = c.limit.as_str();
+                tracing::warn!(
+                    target: "audit",
+                    event = "blocked",
+                    tenant = %admission.tenant,
+                    reason,
+                    detail = "concurrent sends took the last room",
+                );
+                self.count_block(&admission.tenant, reason, now).await;
                 return Err(SendError::RateLimited {
                     retry_after_seconds,
-                    limit: c.limit.as_str(),
+                    limit: reason,
                 });
             }
         }
+        try_join_all(
+            admission
+                .traffic_keys
+                .iter()
+                .map(|key| self.store.add_to_counter(key, 1, HOUR, now)),
+        )
+        .await?;
         Ok(())
     }
 

@@ -371,6 +371,8 @@ impl VerificationService {
         };
         // Counted only now that the subject's cooldown let it through, so a
         // refused request costs nothing against the number, client or tenant.
+        // Refused here only when concurrent sends took a limit's last room;
+        // undone then (a resend's old code was already replaced, so it stays dead).
         if let Err(refused) = self.guard.count_send(&admission, now).await {
             self.abort(tenant, subject, verification.id, previous_sent_at)
                 .await?;

@@ -696,6 +696,29 @@ async fn audit_log_has_one_event_per_action_and_no_secrets() {
     assert_eq!(events[9]["key_id"], json!(key_id));
 }
 
+/// Twenty sends to one number at once, split over two instances: exactly the
+/// limit's five get through, however the requests interleave.
+async fn concurrent_sends_never_exceed_a_limit(a: &TestApp, b: &TestApp) {
+    let sends = (0..20).map(|i| {
+        let app = if i % 2 == 0 { a } else { b };
+        send_raw(
+            app,
+            &a.key,
+            json!({ "to": nl(99), "purpose": format!("c{i}") }),
+            None,
+        )
+    });
+    let answers = futures::future::join_all(sends).await;
+    let created = answers
+        .iter()
+        .filter(|(s, _, _)| *s == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 5, "{answers:?}");
+    for answer in answers.iter().filter(|(s, _, _)| *s != StatusCode::CREATED) {
+        assert_limited(answer, "number_10min");
+    }
+}
+
 /// The same limits, two instances on one store.
 async fn limits_hold_across_instances(a: TestApp, b: TestApp) {
     let apps = [&a, &b];
@@ -758,6 +781,13 @@ async fn limits_hold_across_instances(a: TestApp, b: TestApp) {
     assert_eq!(guard["quarantines"][0]["prefix"], "+256700", "{guard}");
 }
 
+/// The per-number limits alone (so twenty sends from one address to one
+/// prefix meet nothing else).
+fn only_number_limits(s: &mut otpd::config::Settings) {
+    s.policy.max_sends_per_ip_10min = 0;
+    s.policy.guard.enabled = false;
+}
+
 fn shared_limits(s: &mut otpd::config::Settings) {
     s.policy.max_wrong_guesses_per_hour = 2;
     s.policy.guard.max_sends_per_prefix_hour = 5;
@@ -769,6 +799,11 @@ async fn limits_hold_across_instances_on_one_memory_store() {
     let a = TestApp::spawn_on(store.clone(), shared_limits).await;
     let b = TestApp::spawn_on(store, shared_limits).await;
     limits_hold_across_instances(a, b).await;
+
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let a = TestApp::spawn_on(store.clone(), only_number_limits).await;
+    let b = TestApp::spawn_on(store, only_number_limits).await;
+    concurrent_sends_never_exceed_a_limit(&a, &b).await;
 }
 
 async fn across_shared(kind: Shared) {
@@ -777,6 +812,11 @@ async fn across_shared(kind: Shared) {
     let a = TestApp::spawn_on(kind.open(&url, &namespace).await, shared_limits).await;
     let b = TestApp::spawn_on(kind.open(&url, &namespace).await, shared_limits).await;
     limits_hold_across_instances(a, b).await;
+
+    let namespace = format!("t_{}", Uuid::new_v4().simple());
+    let a = TestApp::spawn_on(kind.open(&url, &namespace).await, only_number_limits).await;
+    let b = TestApp::spawn_on(kind.open(&url, &namespace).await, only_number_limits).await;
+    concurrent_sends_never_exceed_a_limit(&a, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
