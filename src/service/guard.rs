@@ -99,6 +99,30 @@ pub struct AbuseGuard {
     metrics: Arc<Metrics>,
 }
 
+/// The prefixes the pumping guard judges a number by, each with its hourly
+/// threshold: the country calling code, and the longer prefix (one level when
+/// `prefix_digits` is 0 or the number is too short for more, with the lower
+/// threshold). None when the guard is off.
+fn guard_levels<'a>(policy: &Policy, to: &'a PhoneNumber) -> Vec<(&'a str, u32)> {
+    let guard = &policy.guard;
+    if !guard.enabled {
+        return Vec::new();
+    }
+    let country = (to.calling_code(), guard.max_sends_per_country_hour);
+    let prefix = (
+        to.prefix(guard.prefix_digits.into()),
+        guard.max_sends_per_prefix_hour,
+    );
+    if prefix.0 != country.0 {
+        return vec![country, prefix];
+    }
+    let lower = match (country.1, prefix.1) {
+        (0, t) | (t, 0) => t,
+        (a, b) => a.min(b),
+    };
+    vec![(country.0, lower)]
+}
+
 fn quarantine_namespace(tenant: &str) -> String {
     format!("guard:q:{tenant}")
 }
@@ -199,17 +223,7 @@ impl AbuseGuard {
         wanted.retain(|(_, max, _)| *max > 0);
 
         let guard = &policy.guard;
-        let levels: Vec<(&str, u32)> = if guard.enabled {
-            vec![
-                (ctx.to.calling_code(), guard.max_sends_per_country_hour),
-                (
-                    ctx.to.prefix(guard.prefix_digits.into()),
-                    guard.max_sends_per_prefix_hour,
-                ),
-            ]
-        } else {
-            Vec::new()
-        };
+        let levels = guard_levels(policy, ctx.to);
 
         let limit_counts = try_join_all(
             wanted
@@ -496,11 +510,8 @@ impl AbuseGuard {
         let Ok(phone) = self.crypto.open_phone(&v.phone) else {
             return;
         };
-        let prefixes = [
-            phone.calling_code(),
-            phone.prefix(policy.guard.prefix_digits.into()),
-        ];
-        let adds = prefixes.iter().map(|prefix| {
+        let levels = guard_levels(policy, &phone);
+        let adds = levels.iter().map(|(prefix, _)| {
             let key = self.traffic_key("ok", &v.tenant, prefix);
             async move { self.store.add_to_counter(&key, 1, HOUR, now).await }
         });
@@ -601,5 +612,31 @@ impl AbuseGuard {
             since: value.map_or(now, |v| v.since),
             until: marker.expires_at,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_number_is_judged_by_country_and_prefix_once_each() {
+        let nl = PhoneNumber::parse("+31651860670").unwrap();
+        let mut policy = Policy::default();
+        assert_eq!(guard_levels(&policy, &nl), [("+31", 500), ("+31651", 50)]);
+        policy.guard.prefix_digits = 0;
+        assert_eq!(
+            guard_levels(&policy, &nl),
+            [("+31", 50)],
+            "one level, lower threshold"
+        );
+        policy.guard.max_sends_per_prefix_hour = 0;
+        assert_eq!(
+            guard_levels(&policy, &nl),
+            [("+31", 500)],
+            "0 is off, not lowest"
+        );
+        policy.guard.enabled = false;
+        assert!(guard_levels(&policy, &nl).is_empty());
     }
 }
