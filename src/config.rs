@@ -722,11 +722,19 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Loads `toml` inside a figment Jail: Jail-using tests that set `OTPD_*`
+    /// variables run one at a time, so none of theirs leaks into this load.
     fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("otpd.toml");
-        std::fs::write(&path, toml).unwrap();
-        Settings::load(Some(&path), &Overrides::default())
+        let mut loaded = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("otpd.toml", toml)?;
+            loaded = Some(Settings::load(
+                Some(Path::new("otpd.toml")),
+                &Overrides::default(),
+            ));
+            Ok(())
+        });
+        loaded.unwrap()
     }
 
     #[test]
