@@ -3,6 +3,7 @@
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
 pub mod bounded;
+mod decorate;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
