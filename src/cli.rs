@@ -1,5 +1,5 @@
-//! The command line: `otpd [serve]`, `keys`, `migrate`, `check-config`, and the
-//! global `--print-config`.
+//! The command line: `otpd [serve]`, `keys`, `guard`, `rotate-keys`, `migrate`,
+//! `check-config`, and the global `--print-config`.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,15 @@ pub enum Command {
         #[command(subcommand)]
         action: KeysCommand,
     },
+    /// The SMS-pumping guard's quarantines.
+    Guard {
+        #[command(subcommand)]
+        action: GuardCommand,
+    },
+    /// Re-encrypt stored phone numbers of pending verifications with the
+    /// current phone key (`secrets.current_phone_key`); old keys can then go
+    /// once the last verifications sealed with them have ended.
+    RotateKeys,
     /// Apply store migrations and exit.
     Migrate,
     /// Validate the configuration and exit.
@@ -58,4 +67,21 @@ pub enum KeysCommand {
     List,
     /// Revoke a key by id.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GuardCommand {
+    /// List live quarantines: tenant, prefix, until, reason.
+    List {
+        /// Only this tenant's (default: every tenant with a key or a config section).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Lift a quarantine; the prefix is then spared for `guard.quarantine_seconds`.
+    Lift {
+        #[arg(long)]
+        tenant: String,
+        /// The quarantined prefix, e.g. +256700.
+        prefix: String,
+    },
 }

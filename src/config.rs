@@ -91,6 +91,9 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// A request still running after this answers 503.
     pub request_timeout_seconds: u64,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the
+    /// client; from anyone else the header is ignored.
+    pub trusted_proxies: Vec<String>,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before
     /// their connections are dropped.
     pub shutdown_grace_seconds: u64,
@@ -102,6 +105,7 @@ impl Default for ServerSettings {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 16 * 1024,
             request_timeout_seconds: 30,
+            trusted_proxies: Vec::new(),
             shutdown_grace_seconds: 20,
         }
     }
@@ -409,6 +413,8 @@ impl Settings {
                 "server.request_timeout_seconds: must be at least 1".into(),
             ));
         }
+        crate::http::client_ip::TrustedProxies::parse(&self.server.trusted_proxies)
+            .map_err(|e| invalid(format!("server.trusted_proxies: {e}")))?;
         let url = self.store_url();
         if ![
             "sqlite://",
@@ -633,10 +639,21 @@ pub fn merge_policy(
         _ => return Err(ConfigError::Invalid(format!("{prefix}: cannot merge"))),
     };
     for (k, v) in overrides {
-        if !merged.contains_key(k) {
-            return Err(ConfigError::Invalid(format!("{prefix}.{k}: unknown key")));
+        match (merged.get_mut(k), v) {
+            (None, _) => return Err(ConfigError::Invalid(format!("{prefix}.{k}: unknown key"))),
+            // A nested table (`guard`) overrides key by key, like the policy itself.
+            (Some(serde_json::Value::Object(base)), serde_json::Value::Object(over)) => {
+                for (kk, vv) in over {
+                    if !base.contains_key(kk) {
+                        return Err(ConfigError::Invalid(format!(
+                            "{prefix}.{k}.{kk}: unknown key"
+                        )));
+                    }
+                    base.insert(kk.clone(), vv.clone());
+                }
+            }
+            (Some(slot), v) => *slot = v.clone(),
         }
-        merged.insert(k.clone(), v.clone());
     }
     let policy: Policy = serde_json::from_value(serde_json::Value::Object(merged))
         .map_err(|e| ConfigError::Invalid(format!("{prefix}: {e}")))?;
@@ -705,11 +722,19 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Loads `toml` inside a figment Jail: Jail-using tests that set `OTPD_*`
+    /// variables run one at a time, so none of theirs leaks into this load.
     fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("otpd.toml");
-        std::fs::write(&path, toml).unwrap();
-        Settings::load(Some(&path), &Overrides::default())
+        let mut loaded = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("otpd.toml", toml)?;
+            loaded = Some(Settings::load(
+                Some(Path::new("otpd.toml")),
+                &Overrides::default(),
+            ));
+            Ok(())
+        });
+        loaded.unwrap()
     }
 
     #[test]
@@ -754,6 +779,32 @@ mod tests {
         let p = s.tenant_policy("acme").unwrap();
         assert_eq!((p.ttl_seconds, p.max_attempts), (120, 3));
         assert_eq!(s.tenant_policy("other").unwrap().max_attempts, 5);
+    }
+
+    #[test]
+    fn tenant_guard_overrides_merge_key_by_key() {
+        // In a Jail: other tests here set OTPD_* variables that Settings::load reads.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "otpd.toml",
+                "[policy.guard]\nquarantine_seconds = 600\n[tenants.acme.policy.guard]\nmin_conversion = 0.5\n",
+            )?;
+            let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let g = s.tenant_policy("acme").map_err(|e| e.to_string())?.guard;
+            assert_eq!((g.min_conversion, g.quarantine_seconds), (0.5, 600));
+            jail.create_file(
+                "otpd.toml",
+                "[tenants.acme.policy.guard]\nmin_convresion = 0.5\n",
+            )?;
+            let err = Settings::load(None, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("tenants.acme.policy.guard.min_convresion"),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

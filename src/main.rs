@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use otpd::cli::{Cli, Command, KeysCommand};
+use otpd::cli::{Cli, Command, GuardCommand, KeysCommand};
 use otpd::clock::SystemClock;
 use otpd::config::{Overrides, Settings};
-use otpd::service::ApiKeys;
-use otpd::startup::{Application, open_store};
+use otpd::domain::limits::normalize_prefix;
+use otpd::service::{AbuseGuard, ApiKeys, rotate_phone_keys};
+use otpd::startup::{Application, load_crypto, open_store};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -52,7 +53,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { action } => keys(settings, action).await,
+        Command::Guard { action } => guard(settings, action).await,
+        Command::RotateKeys => rotate_keys(settings).await,
     }
+}
+
+async fn guard(settings: Settings, action: GuardCommand) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let crypto = Arc::new(load_crypto(&settings)?);
+    let guard = AbuseGuard::new(store.clone(), crypto);
+    let now = chrono::Utc::now();
+    match action {
+        GuardCommand::List { tenant } => {
+            let tenants: Vec<String> = match tenant {
+                Some(t) => vec![t],
+                None => {
+                    let mut all: Vec<String> = settings.tenants.keys().cloned().collect();
+                    all.extend(store.list_api_keys().await?.into_iter().map(|k| k.tenant));
+                    all.sort();
+                    all.dedup();
+                    all
+                }
+            };
+            for tenant in tenants {
+                for q in guard.report(&tenant, now).await?.quarantines {
+                    println!(
+                        "{tenant}\t{}\t{}\t{}",
+                        q.prefix,
+                        q.until.to_rfc3339(),
+                        q.reason
+                    );
+                }
+            }
+        }
+        GuardCommand::Lift { tenant, prefix } => {
+            let prefix = normalize_prefix(&prefix)
+                .context("PREFIX: expected + and 1 to 15 digits, e.g. +256700")?;
+            let grace = settings.tenant_policy(&tenant)?.guard.quarantine_seconds;
+            let lifted = guard.lift(&tenant, &prefix, grace, "cli", now).await?;
+            anyhow::ensure!(
+                lifted.is_some(),
+                "tenant {tenant} has no quarantine of {prefix}"
+            );
+            println!("lifted {prefix} for tenant {tenant}");
+        }
+    }
+    Ok(())
+}
+
+async fn rotate_keys(settings: Settings) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    let crypto = load_crypto(&settings)?;
+    let report = rotate_phone_keys(store.as_ref(), &crypto).await?;
+    println!(
+        "resealed {} numbers with key {}; {} changed meanwhile; {} sealed with a key that is not configured",
+        report.resealed,
+        crypto.current_phone_key(),
+        report.raced,
+        report.unreadable
+    );
+    anyhow::ensure!(
+        report.unreadable == 0,
+        "some numbers could not be opened: keep their keys configured"
+    );
+    Ok(())
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

@@ -19,6 +19,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::crypto::{Crypto, KeyMaterial};
 use crate::domain::{CodeGenerator, OsCodeGenerator, Policy};
+use crate::http::client_ip::TrustedProxies;
 use crate::http::dlr::DlrEndpoints;
 use crate::http::{self, AppState, AppStateInner, Policies};
 use crate::metrics::{InstrumentedStore, Metrics};
@@ -159,6 +160,10 @@ impl Application {
             metrics,
             dialects: Arc::new(settings.dialects.clone()),
             debug_codes: settings.debug_codes,
+            trusted_proxies: Arc::new(
+                TrustedProxies::parse(&settings.server.trusted_proxies)
+                    .map_err(|e| anyhow::anyhow!("server.trusted_proxies: {e}"))?,
+            ),
             dlr: Arc::new(dlr_endpoints(&settings, &route_settings)),
         });
         let addr = settings.listen_addr()?;
@@ -248,6 +253,8 @@ impl Application {
             tokio::time::sleep(grace).await;
         };
         tracing::info!(addr = %self.listener.local_addr()?, "otpd listening");
+        // The peer address is the client's, or a trusted proxy's (`ClientIp`).
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let server = axum::serve(self.listener, app).with_graceful_shutdown(shutdown);
         tokio::select! {
             served = server.into_future() => served?,

@@ -228,6 +228,9 @@ pub async fn run<W: Workload>(
     Ok(result)
 }
 
+/// Reconnects one connection may need before the run is called broken.
+const MAX_RECONNECTS: u64 = 2_000;
+
 struct Pace {
     first: Instant,
     interval: Duration,
@@ -294,7 +297,9 @@ async fn connection_loop<W: Workload>(
         let sent = Instant::now();
         let answer = match exchange(&mut stream, &req, &mut buf).await {
             Ok(a) => a,
-            Err(_) if out.io_errors < 100 => {
+            // A server may close a keep-alive connection at any time; the
+            // request is retried on a new one (and counted, not hidden).
+            Err(_) if out.io_errors < MAX_RECONNECTS => {
                 out.io_errors += 1;
                 stream = connect(addr).await?;
                 continue;
@@ -302,6 +307,10 @@ async fn connection_loop<W: Workload>(
             Err(e) => return Err(e.context("too many connection failures")),
         };
         let done = Instant::now();
+        if answer.close {
+            out.io_errors += 1;
+            stream = connect(addr).await?;
+        }
         workload.response(&mut state, answer.status, &buf[answer.body.clone()]);
         out.answered += 1;
         if done >= measure_from && done <= deadline {
@@ -326,6 +335,8 @@ async fn connection_loop<W: Workload>(
 pub struct Answer {
     pub status: u16,
     pub body: std::ops::Range<usize>,
+    /// The server said it closes the connection after this answer.
+    pub close: bool,
 }
 
 /// Writes one request and reads its whole answer into `buf`.
@@ -349,11 +360,12 @@ pub async fn exchange(
             head_end = find(buf, b"\r\n\r\n").map(|i| i + 4);
         }
         if let Some(h) = head_end {
-            let (status, length) = parse_head(&buf[..h])?;
+            let (status, length, close) = parse_head(&buf[..h])?;
             if buf.len() >= h + length {
                 return Ok(Answer {
                     status,
                     body: h..h + length,
+                    close,
                 });
             }
         }
@@ -364,7 +376,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_head(head: &[u8]) -> anyhow::Result<(u16, usize)> {
+fn parse_head(head: &[u8]) -> anyhow::Result<(u16, usize, bool)> {
     let text = std::str::from_utf8(head).context("response head is not UTF-8")?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
@@ -374,16 +386,19 @@ fn parse_head(head: &[u8]) -> anyhow::Result<(u16, usize)> {
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line {status_line:?}"))?;
     let mut length = None;
+    let mut close = false;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().ok();
+            } else if name.eq_ignore_ascii_case("connection") {
+                close = value.trim().eq_ignore_ascii_case("close");
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 bail!("chunked answers are not supported by the load generator");
             }
         }
     }
-    Ok((status, length.unwrap_or(0)))
+    Ok((status, length.unwrap_or(0), close))
 }
 
 /// Appends a request with a JSON body.
@@ -416,9 +431,11 @@ mod tests {
 
     #[test]
     fn head_parsing_reads_status_and_length() {
-        let (s, l) =
+        let (s, l, c) =
             parse_head(b"HTTP/1.1 201 Created\r\ncontent-type: x\r\nContent-Length: 42\r\n\r\n")
                 .unwrap();
-        assert_eq!((s, l), (201, 42));
+        assert_eq!((s, l, c), (201, 42, false));
+        let (_, _, c) = parse_head(b"HTTP/1.1 503 X\r\nconnection: close\r\n\r\n").unwrap();
+        assert!(c);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod api_key;
 pub mod code;
+pub mod limits;
 pub mod message;
 pub mod phone;
 pub mod policy;
@@ -12,6 +13,6 @@ pub use api_key::{ApiKey, ApiKeyRecord};
 pub use code::{Code, CodeGenerator, OsCodeGenerator};
 pub use message::{DeliveryStatus, MessageRecord};
 pub use phone::PhoneNumber;
-pub use policy::Policy;
+pub use policy::{GuardPolicy, Policy};
 pub use purpose::Purpose;
 pub use verification::{Status, SubjectKey, Verification};

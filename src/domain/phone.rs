@@ -8,6 +8,8 @@ use std::fmt;
 pub struct PhoneNumber {
     e164: String,
     country: Option<String>,
+    /// Digits of the E.164 country calling code (`31`, `256`, `1`).
+    calling_code_len: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,7 +49,12 @@ impl PhoneNumber {
         }
         let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
         let country = parsed.country().id().map(|id| format!("{id:?}"));
-        Ok(Self { e164, country })
+        let calling_code_len = parsed.code().value().to_string().len();
+        Ok(Self {
+            e164,
+            country,
+            calling_code_len,
+        })
     }
 
     /// `+256700123456`.
@@ -70,11 +77,18 @@ impl PhoneNumber {
         format!("+{}", mask_digits(self.digits()))
     }
 
-    /// A routing and abuse-tracking prefix that does not identify a person:
-    /// the country code and up to three further digits.
-    pub fn prefix(&self, len: usize) -> &str {
-        let end = (1 + len).min(self.e164.len().saturating_sub(4)).max(1);
-        &self.e164[..end]
+    /// `+31`: the E.164 country calling code.
+    pub fn calling_code(&self) -> &str {
+        &self.e164[..1 + self.calling_code_len]
+    }
+
+    /// An abuse-tracking prefix that does not identify a person: the calling
+    /// code and up to `digits` further digits, never reaching into the last
+    /// four (`+31651` for `+31651860670` with 3).
+    pub fn prefix(&self, digits: usize) -> &str {
+        let national = self.e164.len() - 1 - self.calling_code_len;
+        let extra = digits.min(national.saturating_sub(4));
+        &self.e164[..1 + self.calling_code_len + extra]
     }
 }
 
@@ -125,6 +139,19 @@ mod tests {
         assert_eq!(PhoneNumber::parse("+3165"), Err(PhoneError::Length));
         assert_eq!(PhoneNumber::parse("+31abc"), Err(PhoneError::Characters));
         assert_eq!(PhoneNumber::parse(""), Err(PhoneError::Characters));
+    }
+
+    #[test]
+    fn prefixes_start_at_the_calling_code_and_stop_before_the_last_four() {
+        let nl = PhoneNumber::parse("+31651860670").unwrap();
+        assert_eq!(nl.calling_code(), "+31");
+        assert_eq!(nl.prefix(0), "+31");
+        assert_eq!(nl.prefix(3), "+31651");
+        assert_eq!(nl.prefix(20), "+3165186", "the last four digits stay out");
+        let us = PhoneNumber::parse("+12025550143").unwrap();
+        assert_eq!((us.calling_code(), us.prefix(3)), ("+1", "+1202"));
+        let ug = PhoneNumber::parse("+256700123456").unwrap();
+        assert_eq!((ug.calling_code(), ug.prefix(3)), ("+256", "+256700"));
     }
 
     #[test]

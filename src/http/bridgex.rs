@@ -19,12 +19,13 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
+use super::client_ip::ClientIp;
 use super::extract::authenticate_headers;
 use super::state::AppState;
 use crate::config::BRIDGEX_ROUTE_IDS;
 use crate::domain::phone::mask_digits;
 use crate::domain::{Code, PhoneNumber, Purpose};
-use crate::service::{AuthError, CheckError, CheckResult, SendCommand, SendError, Target};
+use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
 use crate::sms::router::RoutingError;
 
 pub fn routes() -> Router<AppState> {
@@ -172,7 +173,10 @@ impl From<CheckError> for BridgexError {
     fn from(e: CheckError) -> Self {
         match e {
             CheckError::NotFound => BridgexError::NotFound,
-            CheckError::MaxAttempts => BridgexError::AttemptsExceeded,
+            // The subject's wrong-guess budget is spent: the same answer.
+            CheckError::MaxAttempts | CheckError::RateLimited { .. } => {
+                BridgexError::AttemptsExceeded
+            }
             CheckError::Unavailable(cause) => BridgexError::Unavailable(cause),
         }
     }
@@ -204,6 +208,12 @@ fn send_error(e: SendError, route_id: u32) -> BridgexError {
         SendError::Routing(RoutingError::RouteDoesNotServe(_)) => {
             route_issue(route_id, "does not serve this destination")
         }
+        SendError::CountryNotAllowed { .. } => {
+            BridgexError::SendFailed("destination country not allowed".into())
+        }
+        SendError::SuspectedFraud { prefix, .. } => BridgexError::SendFailed(format!(
+            "sends to {prefix} are suspended (suspected SMS pumping)"
+        )),
         SendError::Routing(RoutingError::NoRoute) => {
             BridgexError::SendFailed("no route serves this destination".into())
         }
@@ -662,6 +672,7 @@ pub struct BridgexConfigResponse {
 )]
 pub async fn send_otp(
     State(state): State<AppState>,
+    ClientIp(client_ip): ClientIp,
     headers: HeaderMap,
     BridgexBody(body): BridgexBody,
 ) -> Result<Json<BridgexSendResponse>, BridgexError> {
@@ -674,6 +685,7 @@ pub async fn send_otp(
     // 422 on `route_id` (checked after the key, so configuration does not leak).
     let cmd = SendCommand {
         route_id: Some(form.route_id),
+        client_ip,
         ..SendCommand::new(form.phone, form.purpose)
     };
     let out = state
@@ -725,6 +737,7 @@ pub async fn send_otp(
 )]
 pub async fn verify_otp(
     State(state): State<AppState>,
+    ClientIp(client_ip): ClientIp,
     headers: HeaderMap,
     BridgexBody(body): BridgexBody,
 ) -> Result<Json<BridgexVerifyResponse>, BridgexError> {
@@ -739,10 +752,15 @@ pub async fn verify_otp(
         return Err(BridgexError::NotFound);
     };
     let target = Target::Phone { to, purpose };
+    let caller = Caller {
+        tenant: &tenant,
+        policy: &state.policies.bridgex,
+        client_ip,
+    };
     let result = match Code::parse(&form.code) {
-        Ok(code) => state.service.check(&tenant, target, &code).await?,
+        Ok(code) => state.service.check(&caller, target, &code).await?,
         // The original counts any digit string as a guess; so does this.
-        Err(_) => state.service.check_unusable_guess(&tenant, target).await?,
+        Err(_) => state.service.check_unusable_guess(&caller, target).await?,
     };
     match result {
         CheckResult::Approved(_) => Ok(Json(BridgexVerifyResponse {

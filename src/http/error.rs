@@ -24,9 +24,15 @@ pub enum ApiError {
     RouteNotAllowed(String),
     #[error("{0}")]
     CountryNotAllowed(String),
+    #[error("sends to {prefix} are suspended until {until}: {reason}")]
+    SuspectedFraud {
+        prefix: String,
+        reason: String,
+        until: chrono::DateTime<chrono::Utc>,
+    },
     #[error("a code was sent too recently; retry in {retry_after_seconds} s")]
     Cooldown { retry_after_seconds: u64 },
-    #[error("send limit {limit} reached; retry in {retry_after_seconds} s")]
+    #[error("limit {limit} reached; retry in {retry_after_seconds} s")]
     RateLimited {
         retry_after_seconds: u64,
         limit: &'static str,
@@ -60,6 +66,7 @@ impl ApiError {
             ApiError::NotFound => ("not_found", StatusCode::NOT_FOUND),
             ApiError::RouteNotAllowed(_) => ("route_not_allowed", StatusCode::FORBIDDEN),
             ApiError::CountryNotAllowed(_) => ("country_not_allowed", StatusCode::FORBIDDEN),
+            ApiError::SuspectedFraud { .. } => ("suspected_fraud", StatusCode::FORBIDDEN),
             ApiError::Cooldown { .. } => ("cooldown", StatusCode::TOO_MANY_REQUESTS),
             ApiError::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             ApiError::MaxAttempts => ("max_attempts", StatusCode::TOO_MANY_REQUESTS),
@@ -100,6 +107,15 @@ impl ApiError {
             }
             ApiError::DeliveryFailed { verification_id } => {
                 extra.insert("verification_id".into(), json!(verification_id));
+            }
+            ApiError::SuspectedFraud {
+                prefix,
+                reason,
+                until,
+            } => {
+                extra.insert("prefix".into(), json!(prefix));
+                extra.insert("reason".into(), json!(reason));
+                extra.insert("until".into(), json!(until));
             }
             _ => {}
         }
@@ -145,6 +161,23 @@ impl From<SendError> for ApiError {
                 retry_after_seconds,
                 limit,
             },
+            SendError::CountryNotAllowed { country } => {
+                ApiError::CountryNotAllowed(match country {
+                    Some(c) => format!("numbers from {c} may not receive codes for this tenant"),
+                    None => {
+                        "numbers without a country may not receive codes for this tenant".into()
+                    }
+                })
+            }
+            SendError::SuspectedFraud {
+                prefix,
+                reason,
+                until,
+            } => ApiError::SuspectedFraud {
+                prefix,
+                reason,
+                until,
+            },
             SendError::Routing(r) => r.into(),
             SendError::DeliveryFailed {
                 verification_id, ..
@@ -174,6 +207,13 @@ impl From<CheckError> for ApiError {
         match e {
             CheckError::NotFound => ApiError::NotFound,
             CheckError::MaxAttempts => ApiError::MaxAttempts,
+            CheckError::RateLimited {
+                retry_after_seconds,
+                limit,
+            } => ApiError::RateLimited {
+                retry_after_seconds,
+                limit,
+            },
             CheckError::Unavailable(cause) => ApiError::Unavailable(cause),
         }
     }

@@ -1,9 +1,11 @@
 //! The HTTP edge: one file per API surface, shared errors and extractors.
 
 pub mod bridgex;
+pub mod client_ip;
 pub mod dlr;
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod observe;
 pub mod openapi;
 pub mod openlyne;
@@ -29,6 +31,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let max_body = state.max_body_bytes;
     Router::new()
         .merge(v1::routes())
+        .merge(guard::routes())
         .merge(dlr::routes())
         .merge(ops::routes())
         .merge(bridgex::routes())

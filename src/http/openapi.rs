@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{bridgex, dlr, openlyne, ops, v1};
+use super::{bridgex, dlr, guard, openlyne, ops, v1};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,8 @@ use super::{bridgex, dlr, openlyne, ops, v1};
         v1::get_usage,
         dlr::delivery_report,
         v1::list_sandbox_messages,
+        guard::get_guard,
+        guard::lift_quarantine,
         ops::health,
         ops::live,
         ops::ready,
@@ -37,6 +39,7 @@ use super::{bridgex, dlr, openlyne, ops, v1};
         (name = "usage", description = "Native API: usage and cost per tenant"),
         (name = "delivery reports", description = "Callbacks providers post delivery reports to (no API key: a secret in the path)"),
         (name = "sandbox", description = "Native API: the sandbox inbox"),
+        (name = "guard", description = "Native API: the SMS-pumping guard's quarantines"),
         (name = "operations", description = "Health and metrics"),
         (name = "bridgex", description = "Seed-compatible: the BridgeXAPI FastAPI OTP server's API (errors as FastAPI `{\"detail\": ...}`; `GET /health` is shared)"),
         (name = "openlyne", description = "Seed-compatible: Openlyne's OTP webhooks (every answer in the `{success, data, message, error}` envelope)"),

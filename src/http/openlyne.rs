@@ -21,10 +21,11 @@ use std::sync::Arc;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::client_ip::ClientIp;
 use super::extract::authenticate;
 use super::state::AppState;
 use crate::domain::{Code, PhoneNumber, Purpose};
-use crate::service::{AuthError, CheckError, CheckResult, SendCommand, SendError, Target};
+use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
 
 pub fn routes() -> Router<AppState> {
     let not_allowed = || async { OpenlyneError::MethodNotAllowed };
@@ -151,7 +152,10 @@ impl From<SendError> for OpenlyneError {
                 ..
             } => OpenlyneError::RateLimited(retry_after_seconds),
             // No route may serve this number: to the caller, a number it cannot use.
-            SendError::Routing(_) => OpenlyneError::InvalidPhone,
+            SendError::Routing(_) | SendError::CountryNotAllowed { .. } => {
+                OpenlyneError::InvalidPhone
+            }
+            SendError::SuspectedFraud { .. } => OpenlyneError::SendFailed,
             SendError::DeliveryFailed { .. } => OpenlyneError::SendFailed,
             // Dialect policies fix code length and TTL, so a request cannot be out of bounds.
             SendError::InvalidRequest(m) => OpenlyneError::Internal(m),
@@ -163,7 +167,9 @@ impl From<SendError> for OpenlyneError {
 impl From<CheckError> for OpenlyneError {
     fn from(e: CheckError) -> Self {
         match e {
-            CheckError::NotFound | CheckError::MaxAttempts => OpenlyneError::InvalidCode,
+            CheckError::NotFound | CheckError::MaxAttempts | CheckError::RateLimited { .. } => {
+                OpenlyneError::InvalidCode
+            }
             CheckError::Unavailable(cause) => OpenlyneError::Unavailable(cause),
         }
     }
@@ -345,6 +351,7 @@ pub struct OpenlyneVerified {
 pub async fn send_otp(
     State(state): State<AppState>,
     OpenlyneTenant(tenant): OpenlyneTenant,
+    ClientIp(client_ip): ClientIp,
     OpenlyneJson(body): OpenlyneJson<Value>,
 ) -> Result<Json<OpenlyneSendResponse>, OpenlyneError> {
     let body = object(&body)?;
@@ -354,6 +361,7 @@ pub async fn send_otp(
     let cmd = SendCommand {
         uid: Some(uid),
         sandbox,
+        client_ip,
         ..SendCommand::new(phone, Purpose::default())
     };
     state
@@ -387,14 +395,20 @@ pub async fn send_otp(
 pub async fn verify_otp(
     State(state): State<AppState>,
     OpenlyneTenant(tenant): OpenlyneTenant,
+    ClientIp(client_ip): ClientIp,
     OpenlyneJson(body): OpenlyneJson<Value>,
 ) -> Result<Json<OpenlyneVerifyResponse>, OpenlyneError> {
     let body = object(&body)?;
     let uid = parse_uid(body.get("uid"))?;
     let code = parse_code(body.get("code"))?;
+    let caller = Caller {
+        tenant: &tenant,
+        policy: &state.policies.openlyne,
+        client_ip,
+    };
     match state
         .service
-        .check(&tenant, Target::Uid(uid), &code)
+        .check(&caller, Target::Uid(uid), &code)
         .await?
     {
         CheckResult::Approved(v) => {

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::client_ip::TrustedProxies;
 use super::dlr::DlrEndpoints;
 use crate::config::DialectSettings;
 use crate::domain::Policy;
@@ -44,6 +45,8 @@ pub struct AppStateInner {
     pub dialects: Arc<DialectSettings>,
     /// Whether send answers carry the code (`debug_codes`); `GET /config` reports it.
     pub debug_codes: bool,
+    /// `server.trusted_proxies`: whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Arc<TrustedProxies>,
     /// Delivery-report callback settings (secret, Twilio signing).
     pub dlr: Arc<DlrEndpoints>,
 }

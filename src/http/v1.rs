@@ -10,13 +10,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::client_ip::ClientIp;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Tenant};
 use super::state::AppState;
 use crate::domain::{
     Code, DeliveryStatus, MessageRecord, PhoneNumber, Purpose, Status, Verification,
 };
-use crate::service::{CheckResult, SendCommand, Target, UsageReport};
+use crate::service::{Caller, CheckResult, SendCommand, Target, UsageReport};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -243,9 +244,9 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
         (status = 201, description = "Code sent", body = SendVerificationResponse),
         (status = 400, description = "invalid_phone / invalid_request"),
         (status = 401, description = "unauthorized"),
-        (status = 403, description = "country_not_allowed / route_not_allowed"),
+        (status = 403, description = "country_not_allowed / route_not_allowed / suspected_fraud (the number's prefix is quarantined: `prefix`, `reason`, `until`)"),
         (status = 413, description = "payload_too_large"),
-        (status = 429, description = "cooldown / rate_limited (with Retry-After)"),
+        (status = 429, description = "cooldown / rate_limited (with Retry-After; `limit` names it: number_10min, number_day, ip_10min, tenant_minute, daily_spend, subject_sends_per_window)"),
         (status = 502, description = "delivery_failed: every route failed, nothing left pending"),
         (status = 503, description = "unavailable"),
     ),
@@ -254,6 +255,7 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 pub async fn send_verification(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
+    ClientIp(client_ip): ClientIp,
     ApiJson(req): ApiJson<SendVerificationRequest>,
 ) -> Result<(StatusCode, Json<SendVerificationResponse>), ApiError> {
     let cmd = SendCommand {
@@ -266,6 +268,7 @@ pub async fn send_verification(
         locale: req.locale,
         code_length: req.code_length,
         ttl_seconds: req.ttl_seconds,
+        client_ip,
     };
     let policy = state.policies.for_tenant(&tenant);
     let out = state.service.send(&tenant, policy, cmd).await?;
@@ -298,7 +301,7 @@ pub async fn send_verification(
         (status = 400, description = "invalid_request"),
         (status = 401, description = "unauthorized"),
         (status = 404, description = "not_found: nothing pending (never existed, expired, approved, canceled)"),
-        (status = 429, description = "max_attempts: the verification is dead"),
+        (status = 429, description = "max_attempts: the verification is dead / rate_limited with limit wrong_guesses_hour (with Retry-After)"),
         (status = 503, description = "unavailable"),
     ),
     security(("api_key" = []), ("bearer" = []))
@@ -306,6 +309,7 @@ pub async fn send_verification(
 pub async fn check_verification(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
+    ClientIp(client_ip): ClientIp,
     ApiJson(req): ApiJson<CheckVerificationRequest>,
 ) -> Result<Json<CheckVerificationResponse>, ApiError> {
     let code =
@@ -323,7 +327,12 @@ pub async fn check_verification(
             ));
         }
     };
-    let result = state.service.check(&tenant, target, &code).await?;
+    let caller = Caller {
+        tenant: &tenant,
+        policy: state.policies.for_tenant(&tenant),
+        client_ip,
+    };
+    let result = state.service.check(&caller, target, &code).await?;
     Ok(Json(match result {
         CheckResult::Approved(v) => CheckVerificationResponse {
             valid: true,
@@ -397,12 +406,13 @@ async fn verification_view(
 pub async fn cancel_verification(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
+    ClientIp(client_ip): ClientIp,
     Path(id): Path<String>,
 ) -> Result<Json<VerificationView>, ApiError> {
     let id = parse_id(&id)?;
     state
         .service
-        .cancel(&tenant, id)
+        .cancel(&tenant, id, client_ip)
         .await?
         .ok_or(ApiError::NotFound)?;
     verification_view(&state, &tenant, id).await

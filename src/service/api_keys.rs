@@ -74,6 +74,7 @@ impl ApiKeys {
         };
         self.store.insert_api_key(&record).await?;
         self.cache.remove(&record.key_hash);
+        tracing::info!(target: "audit", event = "key_created", tenant, key_id = %record.id);
         Ok((record, key))
     }
 
@@ -85,6 +86,12 @@ impl ApiKeys {
         let revoked = self.store.revoke_api_key(id, self.clock.now()).await?;
         // Other instances notice within the cache TTL; this one at once.
         self.cache.clear();
+        tracing::info!(
+            target: "audit",
+            event = "key_revoked",
+            key_id = id,
+            outcome = if revoked { "revoked" } else { "not_found" },
+        );
         Ok(revoked)
     }
 

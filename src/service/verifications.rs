@@ -1,6 +1,7 @@
-//! The OTP lifecycle: send (plan → atomic start → deliver → record or undo),
-//! check, read and cancel.
+//! The OTP lifecycle: send (plan → admit → atomic start → count → deliver →
+//! record or undo), check, read and cancel. Abuse rules are `AbuseGuard`'s.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -22,6 +23,8 @@ use crate::store::{
     CancelOutcome, CheckOutcome, SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
 
+use super::guard::{AbuseGuard, SendContext};
+
 /// How many times a send re-plans when another request changed the subject
 /// between its read and its atomic write.
 const MAX_PLAN_ROUNDS: usize = 3;
@@ -32,8 +35,18 @@ pub struct VerificationService {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) codes: Arc<dyn CodeGenerator>,
     pub(super) crypto: Arc<Crypto>,
+    guard: AbuseGuard,
     debug_codes: bool,
     pub(super) metrics: Arc<Metrics>,
+}
+
+/// Who is asking: the tenant, the policy that applies, and the client's
+/// address (for per-client limits and the audit log; `None` when unknown).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub tenant: &'a str,
+    pub policy: &'a Policy,
+    pub client_ip: Option<IpAddr>,
 }
 
 /// One request to send a code, already parsed.
@@ -49,6 +62,8 @@ pub struct SendCommand {
     pub locale: Option<String>,
     pub code_length: Option<u8>,
     pub ttl_seconds: Option<u32>,
+    /// The client's address, for the per-client limit and the audit log.
+    pub client_ip: Option<IpAddr>,
 }
 
 impl SendCommand {
@@ -63,6 +78,7 @@ impl SendCommand {
             locale: None,
             code_length: None,
             ttl_seconds: None,
+            client_ip: None,
         }
     }
 }
@@ -93,6 +109,15 @@ pub enum SendError {
     RateLimited {
         retry_after_seconds: u64,
         limit: &'static str,
+    },
+    #[error("numbers from this country may not receive codes")]
+    CountryNotAllowed { country: Option<String> },
+    /// The pumping guard has quarantined the number's prefix.
+    #[error("sends to {prefix} are suspended: {reason}")]
+    SuspectedFraud {
+        prefix: String,
+        reason: String,
+        until: DateTime<Utc>,
     },
     #[error(transparent)]
     Routing(#[from] RoutingError),
@@ -136,6 +161,12 @@ pub enum CheckError {
     NotFound,
     #[error("attempts exhausted")]
     MaxAttempts,
+    /// The subject's wrong guesses, across its verifications, reached the limit.
+    #[error("check limit {limit} reached")]
+    RateLimited {
+        retry_after_seconds: u64,
+        limit: &'static str,
+    },
     #[error("service unavailable: {0}")]
     Unavailable(String),
 }
@@ -165,6 +196,7 @@ impl VerificationService {
         debug_codes: bool,
     ) -> Self {
         Self {
+            guard: AbuseGuard::new(store.clone(), crypto.clone()),
             store,
             router,
             clock,
@@ -177,6 +209,8 @@ impl VerificationService {
 
     /// Records sends, checks, provider calls and blocks into `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.guard =
+            AbuseGuard::new(self.store.clone(), self.crypto.clone()).with_metrics(metrics.clone());
         self.metrics = metrics;
         self
     }
@@ -187,6 +221,10 @@ impl VerificationService {
 
     pub fn router(&self) -> &SmsRouter {
         &self.router
+    }
+
+    pub fn guard(&self) -> &AbuseGuard {
+        &self.guard
     }
 
     fn subject(
@@ -228,6 +266,23 @@ impl VerificationService {
             cmd.sandbox,
             cmd.to.country(),
         )?;
+        let price_estimate = chain
+            .first()
+            .and_then(|route| route.price_for(cmd.to.country()))
+            .map_or(0.0, |(price, _)| price);
+        let admission = self
+            .guard
+            .admit_send(
+                &SendContext {
+                    tenant,
+                    policy,
+                    to: &cmd.to,
+                    client_ip: cmd.client_ip,
+                    price_estimate,
+                },
+                self.clock.now(),
+            )
+            .await?;
         let subject = self.subject(tenant, cmd.uid.as_deref(), &cmd.to, &cmd.purpose);
         let sealed = self
             .crypto
@@ -314,6 +369,15 @@ impl VerificationService {
                 retry_after_seconds: policy.cooldown_seconds.max(1).into(),
             });
         };
+        // Counted only now that the subject's cooldown let it through, so a
+        // refused request costs nothing against the number, client or tenant.
+        // Refused here only when concurrent sends took a limit's last room;
+        // undone then (a resend's old code was already replaced, so it stays dead).
+        if let Err(refused) = self.guard.count_send(&admission, now).await {
+            self.abort(tenant, subject, verification.id, previous_sent_at)
+                .await?;
+            return Err(refused);
+        }
 
         // No store lock or transaction is held across the provider calls.
         let attempts = self
@@ -361,7 +425,10 @@ impl VerificationService {
                     provider = record.provider,
                     attempts = records.len(),
                     outcome = "sent",
+                    client_ip = cmd.client_ip.map(|ip| ip.to_string()),
                 );
+                let cost = record.cost.unwrap_or(price_estimate);
+                self.guard.record_spend(tenant, policy, cost, now).await;
                 Ok(SendOutcome {
                     delivery: record.clone(),
                     order_id,
@@ -374,14 +441,7 @@ impl VerificationService {
                 })
             }
             None => {
-                self.store
-                    .abort_send(&SendAbort {
-                        tenant: tenant.to_owned(),
-                        subject,
-                        verification_id: verification.id,
-                        previous_sent_at,
-                        at: self.clock.now(),
-                    })
+                self.abort(tenant, subject, verification.id, previous_sent_at)
                     .await?;
                 if let Some(last) = attempts.last() {
                     self.metrics.record_send(
@@ -399,6 +459,7 @@ impl VerificationService {
                     to = %verification.masked_to,
                     attempts = records.len(),
                     outcome = "delivery_failed",
+                    client_ip = cmd.client_ip.map(|ip| ip.to_string()),
                 );
                 Err(SendError::DeliveryFailed {
                     verification_id: verification.id,
@@ -406,6 +467,26 @@ impl VerificationService {
                 })
             }
         }
+    }
+
+    /// Undoes a started send: nothing stays pending and the subject's cooldown
+    /// and window slot are given back.
+    async fn abort(
+        &self,
+        tenant: &str,
+        subject: SubjectKey,
+        verification_id: Uuid,
+        previous_sent_at: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .abort_send(&SendAbort {
+                tenant: tenant.to_owned(),
+                subject,
+                verification_id,
+                previous_sent_at,
+                at: self.clock.now(),
+            })
+            .await
     }
 
     /// Stores one message record per attempt (`resend_of`: the message whose
@@ -472,11 +553,11 @@ impl VerificationService {
 
     pub async fn check(
         &self,
-        tenant: &str,
+        caller: &Caller<'_>,
         target: Target,
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
-        self.check_hash(tenant, target, |id| self.crypto.code_hash(id, code))
+        self.check_hash(caller, target, |id| self.crypto.code_hash(id, code))
             .await
     }
 
@@ -485,11 +566,11 @@ impl VerificationService {
     /// like a wrong code. For APIs whose contract accepts such guesses.
     pub async fn check_unusable_guess(
         &self,
-        tenant: &str,
+        caller: &Caller<'_>,
         target: Target,
     ) -> Result<CheckResult, CheckError> {
         // A hash under another key and domain: it matches no code hash.
-        self.check_hash(tenant, target, |id| {
+        self.check_hash(caller, target, |id| {
             self.crypto
                 .blind_index("unusable-guess", &[id.to_string().as_str()])
         })
@@ -499,41 +580,84 @@ impl VerificationService {
     /// Every check ends here, so each is counted once, whatever the API surface.
     async fn check_hash(
         &self,
-        tenant: &str,
+        caller: &Caller<'_>,
         target: Target,
         hash_for: impl FnOnce(Uuid) -> [u8; 32],
     ) -> Result<CheckResult, CheckError> {
-        let result = self.check_hashed(tenant, target, hash_for).await;
+        let result = self.check_hashed(caller, target, hash_for).await;
         let label = match &result {
             Ok(CheckResult::Approved(_)) => Some(CheckResultLabel::Approved),
             Ok(CheckResult::Wrong { .. }) => Some(CheckResultLabel::Wrong),
             Err(CheckError::NotFound) => Some(CheckResultLabel::NotFound),
             Err(CheckError::MaxAttempts) => Some(CheckResultLabel::MaxAttempts),
-            // An outage is no answer about the code; store errors count it.
-            Err(CheckError::Unavailable(_)) => None,
+            // A refusal by the wrong-guess budget is counted as a block; an
+            // outage is no answer about the code (store errors count it).
+            Err(CheckError::RateLimited { .. } | CheckError::Unavailable(_)) => None,
         };
         if let Some(label) = label {
-            self.metrics.record_check(tenant, label);
+            self.metrics.record_check(caller.tenant, label);
         }
         result
     }
 
+    /// Every way of answering "nothing pending" costs the same: the same
+    /// lookups, then the same error, whether or not anything ever existed.
     async fn check_hashed(
         &self,
-        tenant: &str,
+        caller: &Caller<'_>,
         target: Target,
         hash_for: impl FnOnce(Uuid) -> [u8; 32],
     ) -> Result<CheckResult, CheckError> {
+        let tenant = caller.tenant;
         let now = self.clock.now();
-        let id = match target {
-            Target::Id(id) => id,
+        let audit = |id: Option<Uuid>, to: Option<&str>, outcome: &str| {
+            tracing::info!(
+                target: "audit",
+                event = "check",
+                tenant,
+                verification_id = id.map(|id| id.to_string()),
+                to,
+                outcome,
+                client_ip = caller.client_ip.map(|ip| ip.to_string()),
+            );
+        };
+        let (id, subject, masked_to) = match target {
+            Target::Id(id) => {
+                let live = self
+                    .store
+                    .get_verification(tenant, id)
+                    .await?
+                    .filter(|v| now < v.expires_at)
+                    .filter(|v| matches!(v.status, Status::Pending | Status::MaxAttempts));
+                let Some(v) = live else {
+                    audit(Some(id), None, "not_found");
+                    return Err(CheckError::NotFound);
+                };
+                self.guard
+                    .admit_check(tenant, caller.policy, &v.subject, caller.client_ip, now)
+                    .await?;
+                (id, v.subject, Some(v.masked_to))
+            }
             Target::Uid(uid) => {
                 let subject = self.crypto.subject_for_uid(tenant, &uid);
-                self.current(tenant, &subject, now).await?
+                self.guard
+                    .admit_check(tenant, caller.policy, &subject, caller.client_ip, now)
+                    .await?;
+                let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
+                    audit(None, None, check_error_label(e));
+                })?;
+                (id, subject, None)
             }
             Target::Phone { to, purpose } => {
                 let subject = self.crypto.subject_for_phone(tenant, &to, purpose.as_str());
-                self.current(tenant, &subject, now).await?
+                self.guard
+                    .admit_check(tenant, caller.policy, &subject, caller.client_ip, now)
+                    .await?;
+                let masked = to.masked();
+                let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
+                    audit(None, Some(&masked), check_error_label(e));
+                })?;
+                (id, subject, Some(masked))
             }
         };
         let hash = hash_for(id);
@@ -548,13 +672,25 @@ impl VerificationService {
             CheckOutcome::MaxAttempts => "max_attempts",
             CheckOutcome::NotFound => "not_found",
         };
-        tracing::info!(target: "audit", event = "check", tenant, verification_id = %id, outcome = label);
+        let masked_to = match &outcome {
+            CheckOutcome::Approved(v) => Some(v.masked_to.clone()),
+            _ => masked_to,
+        };
+        audit(Some(id), masked_to.as_deref(), label);
         match outcome {
-            CheckOutcome::Approved(v) => Ok(CheckResult::Approved(v)),
-            CheckOutcome::Wrong { attempts_left } => Ok(CheckResult::Wrong {
-                verification_id: id,
-                attempts_left,
-            }),
+            CheckOutcome::Approved(v) => {
+                self.guard.record_approval(caller.policy, &v, now).await;
+                Ok(CheckResult::Approved(v))
+            }
+            CheckOutcome::Wrong { attempts_left } => {
+                self.guard
+                    .record_wrong_guess(caller.policy, &subject, now)
+                    .await;
+                Ok(CheckResult::Wrong {
+                    verification_id: id,
+                    attempts_left,
+                })
+            }
             CheckOutcome::MaxAttempts => Err(CheckError::MaxAttempts),
             CheckOutcome::NotFound => Err(CheckError::NotFound),
         }
@@ -586,7 +722,12 @@ impl VerificationService {
         Ok(Some((v, messages)))
     }
 
-    pub async fn cancel(&self, tenant: &str, id: Uuid) -> Result<Option<Verification>, StoreError> {
+    pub async fn cancel(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        client_ip: Option<IpAddr>,
+    ) -> Result<Option<Verification>, StoreError> {
         let outcome = self.store.cancel(tenant, id, self.clock.now()).await?;
         let canceled = match outcome {
             CancelOutcome::Canceled(v) => Some(v),
@@ -597,7 +738,9 @@ impl VerificationService {
             event = "cancel",
             tenant,
             verification_id = %id,
+            to = canceled.as_ref().map(|v| v.masked_to.as_str()),
             outcome = if canceled.is_some() { "canceled" } else { "not_found" },
+            client_ip = client_ip.map(|ip| ip.to_string()),
         );
         Ok(canceled)
     }
@@ -646,5 +789,14 @@ impl VerificationService {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+}
+
+fn check_error_label(e: &CheckError) -> &'static str {
+    match e {
+        CheckError::NotFound => "not_found",
+        CheckError::MaxAttempts => "max_attempts",
+        CheckError::RateLimited { .. } => "rate_limited",
+        CheckError::Unavailable(_) => "unavailable",
     }
 }

@@ -29,8 +29,8 @@ use uuid::Uuid;
 
 use super::{
     CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
-    MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, Store, StoreResult, UsageRow,
-    advance_message, is_unfinished, seconds_until,
+    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
+    StoreResult, UsageRow, advance_message, is_unfinished, seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{
@@ -818,8 +818,8 @@ pub struct MemoryStore {
     usage: DashMap<String, BTreeMap<UsageKey, UsageRow>>,
     inbox: Mutex<VecDeque<InboxEntry>>,
     rate: DashMap<String, (i64, u32)>,
-    /// (key, window length) → (slot, total).
-    counters: DashMap<(String, u32), (i64, u64)>,
+    /// (key, window length, slot) → total.
+    counters: DashMap<(String, u32, i64), u64>,
     /// Namespace → its markers by name; one map entry locks a whole namespace,
     /// which is what makes a claim atomic.
     markers: DashMap<String, BTreeMap<String, Marker>>,
@@ -1600,15 +1600,12 @@ impl Store for MemoryStore {
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
         let slot = counter_slot(window_seconds, now);
-        let mut entry = self
+        let mut total = self
             .counters
-            .entry((key.to_owned(), window_seconds))
-            .or_insert((slot, 0));
-        if entry.0 != slot {
-            *entry = (slot, 0);
-        }
-        entry.1 = entry.1.saturating_add(amount);
-        Ok(entry.1)
+            .entry((key.to_owned(), window_seconds, slot))
+            .or_insert(0);
+        *total = total.saturating_add(amount);
+        Ok(*total)
     }
 
     async fn read_counter(
@@ -1620,9 +1617,8 @@ impl Store for MemoryStore {
         let slot = counter_slot(window_seconds, now);
         Ok(self
             .counters
-            .get(&(key.to_owned(), window_seconds))
-            .filter(|c| c.0 == slot)
-            .map_or(0, |c| c.1))
+            .get(&(key.to_owned(), window_seconds, slot))
+            .map_or(0, |total| *total))
     }
 
     async fn set_marker(
@@ -1704,6 +1700,65 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>> {
+        let mut found = Vec::new();
+        for vshard in self.verifications.iter() {
+            let shard = vshard.lock();
+            for i in shard.slab.positions() {
+                let r = shard.slab.get(i);
+                if r.flags & LIVE == 0 || r.status() != Status::Pending {
+                    continue;
+                }
+                let id = Uuid::from_bytes(r.id);
+                if after.is_some_and(|a| id <= a) {
+                    continue;
+                }
+                let v = shard.decode(i, &self.symbols);
+                if v.phone.key_id != current_key {
+                    found.push(SealedRecord {
+                        tenant: v.tenant,
+                        id,
+                        phone: v.phone,
+                    });
+                }
+            }
+        }
+        found.sort_by_key(|r| r.id);
+        found.truncate(limit as usize);
+        Ok(found)
+    }
+
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
+    ) -> StoreResult<bool> {
+        let (vh, vshard) = self.verification_shard(id.as_bytes());
+        let mut shard = vshard.lock();
+        let Some(i) = shard.find(vh, id.as_bytes()) else {
+            return Ok(false);
+        };
+        let mut v = shard.decode(i, &self.symbols);
+        if &v.phone != old {
+            return Ok(false);
+        }
+        v.phone = new.clone();
+        let (mut fresh, spill) = VRec::encode(&v, &self.symbols);
+        fresh.flags |= shard.slab.get(i).flags & LIVE;
+        *shard.slab.get_mut(i) = fresh;
+        shard.spills.remove(&i);
+        if let Some(s) = spill {
+            shard.spills.insert(i, s);
+        }
+        Ok(true)
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         let now_ms = ms(now);
         let forget_before = ms(now - KEEP_ENDED);
@@ -1752,8 +1807,9 @@ impl Store for MemoryStore {
             }
         }
         self.inbox.lock().retain(|e| e.expires_at > now);
+        // A sliding window also reads the previous window's total.
         self.counters
-            .retain(|(_, window), c| c.0 == counter_slot(*window, now));
+            .retain(|(_, window, slot), _| *slot >= counter_slot(*window, now) - 1);
         self.markers.retain(|_, ns| {
             ns.retain(|_, m| now < m.expires_at);
             !ns.is_empty()

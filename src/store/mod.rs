@@ -3,6 +3,7 @@
 //! one Lua script, one SQL transaction, or one critical section in memory.
 
 pub mod bounded;
+mod decorate;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
@@ -132,6 +133,14 @@ pub struct Marker {
     pub name: String,
     pub value: String,
     pub expires_at: DateTime<Utc>,
+}
+
+/// A pending verification's sealed number, as key rotation sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedRecord {
+    pub tenant: String,
+    pub id: Uuid,
+    pub phone: SealedPhone,
 }
 
 /// A delivery-status update from a provider report or poll.
@@ -379,6 +388,8 @@ pub trait Store: Send + Sync + 'static {
     /// containing `now` (slot = floor(unix seconds / window), as in
     /// `hit_rate_limit`) and returns the window's new total, atomically. A key's
     /// counters for different window lengths are separate; `amount` 0 reads.
+    /// A window's total stays readable until the end of the window after it,
+    /// so a sliding window can weigh it in.
     async fn add_to_counter(
         &self,
         key: &str,
@@ -430,6 +441,25 @@ pub trait Store: Send + Sync + 'static {
         holder: &str,
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    // --- key rotation ---
+    /// Pending verifications whose number is sealed under a key other than
+    /// `current_key`: ids ascending, after `after`, at most `limit`.
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>>;
+
+    /// Replaces verification `id`'s sealed number with `new` if it is still
+    /// `old`; `false` when it changed meanwhile or is gone.
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
     ) -> StoreResult<bool>;
 
     // --- housekeeping ---

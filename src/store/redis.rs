@@ -64,8 +64,8 @@ use uuid::Uuid;
 
 use super::{
     CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
-    MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult,
-    UsageRow, is_unfinished, seconds_until,
+    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
+    StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
 };
 use crate::crypto::SealedPhone;
 use crate::domain::{
@@ -245,6 +245,37 @@ impl RedisStore {
             Ok(Some((id, status)))
         })
         .await
+    }
+
+    /// A pending verification's sealed number, unless it is sealed under the
+    /// key whose id is `key_hex` (or the record is gone or ended).
+    async fn sealed_unless_under(
+        &self,
+        id: Uuid,
+        subject: String,
+        key_hex: &str,
+    ) -> StoreResult<Option<SealedRecord>> {
+        let (tenant, status, phone): (Option<String>, Option<String>, Option<String>) =
+            ::redis::cmd("HMGET")
+                .arg(self.keys.record(&subject, id))
+                .arg("tenant")
+                .arg("status")
+                .arg("phone")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+        let (Some(tenant), Some("pending"), Some(phone)) = (tenant, status.as_deref(), phone)
+        else {
+            return Ok(None);
+        };
+        if phone.starts_with(key_hex) {
+            return Ok(None);
+        }
+        let bytes = hex::decode(&phone)
+            .map_err(|_| StoreError::Corrupt("redis field phone is not hex".into()))?;
+        let phone = SealedPhone::from_bytes(&bytes)
+            .ok_or_else(|| StoreError::Corrupt("redis field phone is not sealed data".into()))?;
+        Ok(Some(SealedRecord { tenant, id, phone }))
     }
 
     /// The subject (hex) a verification id belongs to, if the id is known.
@@ -478,12 +509,13 @@ const USAGE_COUNTERS: [&str; 6] = [
 ];
 
 /// The counter window containing `now` (slot number) and how long its key must
-/// live: a second past the window's end, so it never vanishes early.
+/// live: through the window after it (a sliding window reads the previous
+/// window's total) and a second more, so it never vanishes early.
 fn counter_window(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64) {
     let window = i64::from(window_seconds.max(1));
     let slot = now.timestamp().div_euclid(window);
-    let end_ms = (slot + 1) * window * 1000;
-    (slot, (end_ms - now.timestamp_millis()).max(0) + 1000)
+    let keep_until_ms = (slot + 2) * window * 1000;
+    (slot, (keep_until_ms - now.timestamp_millis()).max(0) + 1000)
 }
 
 fn ms(t: DateTime<Utc>) -> String {
@@ -896,6 +928,13 @@ keep(ARGV[5])
 return 1
 "#;
 
+/// KEYS: record. ARGV: old sealed phone (hex), new. 1 when replaced.
+const RESEAL_PHONE: &str = r#"
+if redis.call('HGET', KEYS[1], 'phone') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'phone', ARGV[2])
+return 1
+"#;
+
 struct Scripts {
     claim_id: Script,
     start_send: Script,
@@ -924,6 +963,7 @@ struct Scripts {
     list_markers: Script,
     delete_marker: Script,
     claim_marker: Script,
+    reseal_phone: Script,
 }
 
 impl Scripts {
@@ -958,6 +998,7 @@ impl Scripts {
             list_markers: marker(LIST_MARKERS),
             delete_marker: marker(DELETE_MARKER),
             claim_marker: marker(CLAIM_MARKER),
+            reseal_phone: s(RESEAL_PHONE),
         }
     }
 }
@@ -2335,6 +2376,77 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>> {
+        // A maintenance walk over the pending index (every pending verification
+        // is in it), not a request path: no time bound, and records are read
+        // a few at a time.
+        let members: Vec<String> = ::redis::cmd("ZRANGE")
+            .arg(self.keys.pending())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        let mut candidates: Vec<(Uuid, String)> = members
+            .iter()
+            .filter_map(|m| {
+                let (subject, id) = m.split_once(':')?;
+                Some((id.parse().ok()?, subject.to_owned()))
+            })
+            .filter(|(id, _)| after.is_none_or(|a| *id > a))
+            .collect();
+        candidates.sort();
+        candidates.dedup_by_key(|(id, _)| *id);
+        let current = hex::encode(current_key.to_be_bytes());
+        let mut found = Vec::new();
+        for chunk in candidates.chunks(256) {
+            let rows: Vec<StoreResult<Option<SealedRecord>>> =
+                futures::stream::iter(chunk.to_vec())
+                    .map(|(id, subject)| self.sealed_unless_under(id, subject, &current))
+                    .buffered(PURGE_CONCURRENCY)
+                    .collect()
+                    .await;
+            for row in rows {
+                if let Some(record) = row? {
+                    found.push(record);
+                    if found.len() >= limit as usize {
+                        return Ok(found);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
+    ) -> StoreResult<bool> {
+        bounded(async {
+            let Some(subject) = self.subject_of(id).await? else {
+                return Ok(false);
+            };
+            let replaced: i64 = self
+                .scripts
+                .reseal_phone
+                .key(self.keys.record(&subject, id))
+                .arg(hex::encode(old.to_bytes()))
+                .arg(hex::encode(new.to_bytes()))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            Ok(replaced == 1)
+        })
+        .await
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         bounded(async {
             let pending = self.keys.pending();
@@ -2513,6 +2625,15 @@ mod tests {
             hash_tag(&format!("{inbox}:all")),
             hash_tag(&format!("{inbox}:e:x"))
         );
+    }
+
+    #[test]
+    fn counters_outlive_the_window_after_theirs() {
+        let now = Utc.timestamp_millis_opt(1_900_000_030_500).unwrap();
+        // 60 s windows: this one ends at 1_900_000_080 s, the next at ..._140 s.
+        let (slot, ttl) = counter_window(60, now);
+        assert_eq!(slot, 31_666_667);
+        assert_eq!(ttl, 109_500 + 1_000);
     }
 
     #[test]

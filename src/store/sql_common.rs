@@ -439,3 +439,12 @@ impl TryFrom<MarkerRow> for Marker {
         })
     }
 }
+
+/// The counter window containing `now` (slot number) and when its row may be
+/// forgotten: at the end of the window after it, because a sliding window reads
+/// the previous window's total too.
+pub(crate) fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64) {
+    let window = i64::from(window_seconds.max(1));
+    let slot = now.timestamp().div_euclid(window);
+    (slot, (slot + 2) * window * 1000)
+}

@@ -16,14 +16,15 @@ use uuid::Uuid;
 
 use super::sql_common::{
     ApiKeyRow, InboxRow, KEEP_SUBJECTS, MarkerRow, MessageRow, SubjectRow, SubjectState,
-    UsageDbRow, VerificationRow, admit_send, counter_amount, counter_total, day_text, decide_check,
-    id_text, map_migrate, map_sqlx, millis, rate_slot, usage_amount,
+    UsageDbRow, VerificationRow, admit_send, counter_amount, counter_slot, counter_total, day_text,
+    decide_check, id_text, map_migrate, map_sqlx, millis, rate_slot, usage_amount,
 };
 use super::{
     CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
-    MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult,
-    UsageRow, advance_message, seconds_until,
+    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
+    StoreError, StoreResult, UsageRow, advance_message, seconds_until,
 };
+use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -801,10 +802,10 @@ impl Store for SqliteStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let (slot, window_end) = rate_slot(window_seconds, now);
+        let (slot, keep_until) = counter_slot(window_seconds, now);
         // One upsert is one atomic step: the window's row is created or added to.
         let total: i64 = sqlx::query_scalar(
-            "INSERT INTO counters (key, window_seconds, slot, window_end, total)
+            "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
                  total = counters.total + excluded.total
@@ -813,7 +814,7 @@ impl Store for SqliteStore {
         .bind(key)
         .bind(i64::from(window_seconds))
         .bind(slot)
-        .bind(window_end)
+        .bind(keep_until)
         .bind(counter_amount(amount))
         .fetch_one(&self.writer)
         .await
@@ -938,6 +939,53 @@ impl Store for SqliteStore {
         Ok(claimed.is_some())
     }
 
+    async fn list_sealed_with_other_key(
+        &self,
+        current_key: u32,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<SealedRecord>> {
+        // Sealed numbers start with their key id (4 bytes, big endian).
+        let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, tenant, phone FROM verifications
+             WHERE status = 'pending' AND id > ?1 AND substr(phone, 1, 4) <> ?2
+             ORDER BY id LIMIT ?3",
+        )
+        .bind(after.map(id_text).unwrap_or_default())
+        .bind(current_key.to_be_bytes().to_vec())
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_sqlx)?;
+        rows.into_iter()
+            .map(|(id, tenant, phone)| {
+                Ok(SealedRecord {
+                    tenant,
+                    id: Uuid::parse_str(&id)
+                        .map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))?,
+                    phone: SealedPhone::from_bytes(&phone)
+                        .ok_or_else(|| StoreError::Corrupt("sealed phone too short".into()))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reseal_phone(
+        &self,
+        id: Uuid,
+        old: &SealedPhone,
+        new: &SealedPhone,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE verifications SET phone = ?1 WHERE id = ?2 AND phone = ?3")
+            .bind(new.to_bytes())
+            .bind(id_text(id))
+            .bind(old.to_bytes())
+            .execute(&self.writer)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         let now_ms = millis(now);
         let mut budget = u64::from(batch);
@@ -964,7 +1012,7 @@ impl Store for SqliteStore {
             ),
             (
                 "DELETE FROM counters WHERE rowid IN
-                     (SELECT rowid FROM counters WHERE window_end <= ?1 LIMIT ?2)",
+                     (SELECT rowid FROM counters WHERE keep_until <= ?1 LIMIT ?2)",
                 now_ms,
             ),
             (

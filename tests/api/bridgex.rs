@@ -86,7 +86,8 @@ async fn the_readme_verify_answers_exactly_the_documented_body_once() {
 
 #[tokio::test]
 async fn defaults_trimming_and_lower_casing_follow_the_original() {
-    let app = TestApp::spawn().await;
+    // A dozen sends to one number: above the default per-number limit.
+    let app = TestApp::spawn_with(|s| s.policy.max_sends_per_number_10min = 0).await;
     let (status, body) = parts(
         app.post_bearer("/send-otp", json!({ "phone_number": " 256700123456 " }))
             .await,
@@ -596,7 +597,8 @@ async fn wrong_codes_count_down_and_spent_attempts_keep_the_cooldown() {
 
 #[tokio::test]
 async fn spent_attempts_do_not_reset_the_send_window() {
-    let app = TestApp::spawn().await;
+    // The subject's window, not the (sliding) per-number limit, is under test.
+    let app = TestApp::spawn_with(|s| s.policy.max_sends_per_number_10min = 0).await;
     let mut code = String::new();
     for _ in 0..5 {
         code = send(&app).await;

@@ -1,6 +1,8 @@
 //! All integration tests, in one binary so they link once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod abuse;
+mod at_rest;
 mod bridgex;
 mod delivery;
 mod failover;
@@ -32,6 +34,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/usage"),
     ("post", "/v1/dlr/{provider}/{secret}"),
     ("get", "/v1/sandbox/messages"),
+    ("get", "/v1/guard"),
+    ("delete", "/v1/guard/{prefix}"),
     ("get", "/health"),
     ("get", "/health/live"),
     ("get", "/health/ready"),

@@ -27,14 +27,25 @@ pub struct Otpd {
 
 /// Starts `otpd serve` in `dir` with extra environment; waits until `/health` answers.
 pub fn start_otpd(dir: &Path, env: &[(&str, &str)]) -> Otpd {
+    start_otpd_logging(dir, &[("RUST_LOG", "warn")], env, Stdio::null())
+}
+
+/// Like `start_otpd`, with the log (stderr) going to `log`; `env` comes last,
+/// so it may set `RUST_LOG`.
+pub fn start_otpd_logging(
+    dir: &Path,
+    defaults: &[(&str, &str)],
+    env: &[(&str, &str)],
+    log: Stdio,
+) -> Otpd {
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_otpd"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .current_dir(dir)
+        .envs(defaults.iter().copied())
         .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");

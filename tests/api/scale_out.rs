@@ -23,7 +23,7 @@ pub enum Shared {
 }
 
 impl Shared {
-    fn url(self) -> Option<String> {
+    pub fn url(self) -> Option<String> {
         let var = match self {
             Shared::Redis => "OTPD_TEST_REDIS_URL",
             Shared::RedisCluster => "OTPD_TEST_REDIS_CLUSTER_URL",
@@ -37,7 +37,7 @@ impl Shared {
     }
 
     /// A new handle on `namespace` (a Redis key prefix or a PostgreSQL schema).
-    async fn open(self, url: &str, namespace: &str) -> DynStore {
+    pub async fn open(self, url: &str, namespace: &str) -> DynStore {
         match self {
             Shared::Redis | Shared::RedisCluster => Arc::new(
                 otpd::store::RedisStore::connect_with_prefix(url, namespace)

@@ -1214,6 +1214,16 @@ pub async fn counters_add_up_per_window(store: DynStore) {
     assert_eq!(store.read_counter(&key, 60, next).await.unwrap(), 0);
     assert_eq!(store.add_to_counter(&key, 1, 60, next).await.unwrap(), 1);
     assert_eq!(store.read_counter(&key, 3600, next).await.unwrap(), 7);
+
+    // Through the next window the previous total stays readable (sliding
+    // windows weigh it in), even across a purge; after that it is gone.
+    store.purge_expired(next, 1_000).await.unwrap();
+    assert_eq!(store.read_counter(&key, 60, start).await.unwrap(), 5);
+    store
+        .purge_expired(next + Duration::seconds(60), 1_000)
+        .await
+        .unwrap();
+    assert_eq!(store.read_counter(&key, 60, next).await.unwrap(), 1);
 }
 
 pub async fn concurrent_counter_adds_are_all_counted(store: DynStore) {
@@ -1388,6 +1398,70 @@ pub async fn racing_claims_grant_one_lease(store: DynStore) {
     assert_eq!(marker.value, winners[0]);
 }
 
+pub async fn key_rotation_lists_and_reseals_pending_numbers(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let sealed = |key_id: u32, byte: u8| otpd::crypto::SealedPhone {
+        key_id,
+        blob: vec![byte; 40],
+    };
+    // Three pending under key 1, one under key 2, one ended under key 1.
+    let mut ids = Vec::new();
+    for (i, key_id) in [1u32, 1, 2, 1].into_iter().enumerate() {
+        let mut v = f.verification(Uuid::new_v4(), "123456", now);
+        v.subject = subject();
+        v.phone = sealed(key_id, i as u8);
+        ids.push((v.id, key_id, v.phone.clone()));
+        store.start_send(&f.plan(v), now).await.unwrap();
+    }
+    let ended = ids[3].0;
+    store
+        .check_code(&f.tenant, ended, &f.hash(ended, "123456"), now)
+        .await
+        .unwrap();
+    let mut stale: Vec<_> = ids[..2]
+        .iter()
+        .map(|(id, _, phone)| (*id, phone.clone()))
+        .collect();
+    stale.sort_by_key(|(id, _)| *id);
+
+    let listed = store.list_sealed_with_other_key(2, None, 10).await.unwrap();
+    let seen: Vec<_> = listed.iter().map(|r| (r.id, r.phone.clone())).collect();
+    assert_eq!(seen, stale, "pending under another key, by id");
+    assert!(listed.iter().all(|r| r.tenant == f.tenant));
+    let first = store.list_sealed_with_other_key(2, None, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let rest = store
+        .list_sealed_with_other_key(2, Some(first[0].id), 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), [stale[1].0]);
+
+    let (id, old) = &stale[0];
+    let new = sealed(2, 99);
+    assert!(
+        !store.reseal_phone(*id, &sealed(1, 77), &new).await.unwrap(),
+        "stale old value"
+    );
+    assert!(store.reseal_phone(*id, old, &new).await.unwrap());
+    assert!(
+        !store.reseal_phone(*id, old, &new).await.unwrap(),
+        "already resealed"
+    );
+    assert!(!store.reseal_phone(Uuid::new_v4(), old, &new).await.unwrap());
+    let v = store
+        .get_verification(&f.tenant, *id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.phone, new);
+    let listed = store.list_sealed_with_other_key(2, None, 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [stale[1].0]
+    );
+}
+
 pub async fn purge_ends_expired_verifications(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -1460,6 +1534,7 @@ macro_rules! store_contract_tests {
                 markers_live_until_expiry_and_list_by_namespace,
                 claim_marker_is_a_renewable_lease,
                 racing_claims_grant_one_lease,
+                key_rotation_lists_and_reseals_pending_numbers,
                 purge_ends_expired_verifications,
                 count_pending_sees_new_verifications
             );

@@ -1,0 +1,642 @@
+//! Abuse protection applied: per-number, per-client, per-tenant and
+//! wrong-guess limits, country rules, the SMS-pumping guard and the daily spend
+//! budget. Every count and every quarantine lives in the store (shared counters
+//! and markers), so the rules hold across instances. The rules themselves are
+//! in `domain::limits`; this module feeds them counts and acts on the answer.
+//!
+//! A send is judged in two steps around the store's atomic start:
+//! `admit_send` only reads (so a request refused here, or by the subject's
+//! cooldown just after, costs nothing against any limit), and `count_send`
+//! counts once the store has accepted the send, refusing if other instances
+//! used the last room meanwhile. That keeps every limit exact under any
+//! concurrency: a send succeeds only when its own atomic increment stayed
+//! within the limit.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use futures::future::try_join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Crypto;
+use crate::domain::limits::{
+    self, DAY, HOUR, Limit, Traffic, WindowCounts, admit_spend, judge_traffic, micro_units,
+};
+use crate::domain::{PhoneNumber, Policy, SubjectKey, Verification};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, StoreResult};
+
+use super::verifications::{CheckError, SendError};
+
+/// Why the guard refused a request: the `reason` of its audit event and of
+/// the per-reason block counts `GET /v1/guard` reports.
+const BLOCK_REASONS: &[&str] = &[
+    "country_not_allowed",
+    "quarantined",
+    "guard_tripped",
+    "daily_spend",
+    "number_10min",
+    "number_day",
+    "ip_10min",
+    "tenant_minute",
+    "wrong_guesses_hour",
+];
+
+/// One send as the guard sees it.
+pub struct SendContext<'a> {
+    pub tenant: &'a str,
+    pub policy: &'a Policy,
+    pub to: &'a PhoneNumber,
+    pub client_ip: Option<IpAddr>,
+    /// What the first route charges for this destination (0 when unpriced).
+    pub price_estimate: f64,
+}
+
+/// What `admit_send` found; `count_send` counts against it.
+#[derive(Debug)]
+pub struct Admission {
+    tenant: String,
+    limits: Vec<Counted>,
+    /// Guard counters of sends to the number's country and prefix.
+    traffic_keys: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Counted {
+    limit: Limit,
+    key: String,
+    max: u32,
+    previous: u64,
+}
+
+/// A quarantined prefix, as the API and CLI list it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quarantine {
+    pub prefix: String,
+    pub reason: String,
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct QuarantineValue {
+    reason: String,
+    since: DateTime<Utc>,
+}
+
+/// The guard's view of one tenant for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardReport {
+    pub quarantines: Vec<Quarantine>,
+    /// Requests refused so far this UTC day, by reason (only reasons that occurred).
+    pub blocked_today: Vec<(&'static str, u64)>,
+}
+
+pub struct AbuseGuard {
+    store: Arc<dyn Store>,
+    crypto: Arc<Crypto>,
+    metrics: Arc<Metrics>,
+}
+
+/// The prefixes the pumping guard judges a number by, each with its hourly
+/// threshold: the country calling code, and the longer prefix (one level when
+/// `prefix_digits` is 0 or the number is too short for more, with the lower
+/// threshold). None when the guard is off.
+fn guard_levels<'a>(policy: &Policy, to: &'a PhoneNumber) -> Vec<(&'a str, u32)> {
+    let guard = &policy.guard;
+    if !guard.enabled {
+        return Vec::new();
+    }
+    let country = (to.calling_code(), guard.max_sends_per_country_hour);
+    let prefix = (
+        to.prefix(guard.prefix_digits.into()),
+        guard.max_sends_per_prefix_hour,
+    );
+    if prefix.0 != country.0 {
+        return vec![country, prefix];
+    }
+    let lower = match (country.1, prefix.1) {
+        (0, t) | (t, 0) => t,
+        (a, b) => a.min(b),
+    };
+    vec![(country.0, lower)]
+}
+
+fn quarantine_namespace(tenant: &str) -> String {
+    format!("guard:q:{tenant}")
+}
+
+fn lifted_namespace(tenant: &str) -> String {
+    format!("guard:lifted:{tenant}")
+}
+
+impl AbuseGuard {
+    pub fn new(store: Arc<dyn Store>, crypto: Arc<Crypto>) -> Self {
+        Self {
+            store,
+            crypto,
+            metrics: Arc::new(Metrics::disabled()),
+        }
+    }
+
+    /// Counts every refusal in `otpd_blocks_total` by reason, too.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counter keys hold blind indexes, never a number, an address or a raw
+    /// tenant name (which may hold characters keys cannot).
+    fn key(&self, kind: &str, parts: &[&str]) -> String {
+        format!(
+            "{kind}:{}",
+            hex::encode(self.crypto.blind_index(&format!("limit-{kind}"), parts))
+        )
+    }
+
+    fn tenant_tag(&self, tenant: &str) -> String {
+        hex::encode(&self.crypto.blind_index("limit-tenant", &[tenant])[..12])
+    }
+
+    fn traffic_key(&self, what: &str, tenant: &str, prefix: &str) -> String {
+        format!("guard:{what}:{}:{prefix}", self.tenant_tag(tenant))
+    }
+
+    async fn window(
+        &self,
+        key: &str,
+        window: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<WindowCounts> {
+        let earlier = now - Duration::seconds(window.into());
+        let (previous, current) = tokio::try_join!(
+            self.store.read_counter(key, window, earlier),
+            self.store.read_counter(key, window, now),
+        )?;
+        Ok(WindowCounts { previous, current })
+    }
+
+    /// Reads only: country rules, quarantines, the spend budget, each send
+    /// limit, and the pumping rule for this send. Refusals are logged and counted.
+    pub async fn admit_send(
+        &self,
+        ctx: &SendContext<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Admission, SendError> {
+        let policy = ctx.policy;
+        let country = ctx.to.country();
+        if !policy.allows_country(country) {
+            self.blocked(ctx.tenant, "country_not_allowed", ctx, now, None)
+                .await;
+            return Err(SendError::CountryNotAllowed {
+                country: country.map(str::to_owned),
+            });
+        }
+
+        let number = hex::encode(self.crypto.phone_index(ctx.tenant, ctx.to));
+        let mut wanted = vec![
+            (
+                Limit::NumberTenMinutes,
+                policy.max_sends_per_number_10min,
+                self.key("num", &[&number]),
+            ),
+            (
+                Limit::NumberDay,
+                policy.max_sends_per_number_day,
+                self.key("num", &[&number]),
+            ),
+            (
+                Limit::TenantMinute,
+                policy.max_sends_per_tenant_minute,
+                self.key("tenant", &[ctx.tenant]),
+            ),
+        ];
+        if let Some(ip) = ctx.client_ip {
+            let bucket = limits::client_bucket(ip);
+            wanted.push((
+                Limit::IpTenMinutes,
+                policy.max_sends_per_ip_10min,
+                self.key("ip", &[ctx.tenant, &bucket]),
+            ));
+        }
+        wanted.retain(|(_, max, _)| *max > 0);
+
+        let guard = &policy.guard;
+        let levels = guard_levels(policy, ctx.to);
+
+        let limit_counts = try_join_all(
+            wanted
+                .iter()
+                .map(|(limit, _, key)| self.window(key, limit.window_seconds(), now)),
+        );
+        let traffic_counts = try_join_all(levels.iter().map(|(prefix, _)| async move {
+            let sent = self.traffic_key("sent", ctx.tenant, prefix);
+            let approved = self.traffic_key("ok", ctx.tenant, prefix);
+            tokio::try_join!(
+                self.window(&sent, HOUR, now),
+                self.window(&approved, HOUR, now)
+            )
+        }));
+        let spend = async {
+            if policy.daily_spend_limit > 0.0 {
+                self.store
+                    .read_counter(&self.key("spend", &[ctx.tenant]), DAY, now)
+                    .await
+            } else {
+                Ok(0)
+            }
+        };
+        let namespace = quarantine_namespace(ctx.tenant);
+        let quarantines = self.store.list_markers(&namespace, now);
+        let (limit_counts, traffic_counts, spent, quarantines) =
+            tokio::try_join!(limit_counts, traffic_counts, spend, quarantines)?;
+
+        if let Some(q) = quarantines
+            .iter()
+            .find(|m| ctx.to.e164().starts_with(&m.name))
+        {
+            let reason = serde_json::from_str::<QuarantineValue>(&q.value)
+                .map(|v| v.reason)
+                .unwrap_or_else(|_| "quarantined by the pumping guard".into());
+            self.blocked(ctx.tenant, "quarantined", ctx, now, Some(&q.name))
+                .await;
+            return Err(SendError::SuspectedFraud {
+                prefix: q.name.clone(),
+                reason,
+                until: q.expires_at,
+            });
+        }
+
+        if let Err(retry_after_seconds) =
+            admit_spend(spent, ctx.price_estimate, policy.daily_spend_limit, now)
+        {
+            self.blocked(ctx.tenant, "daily_spend", ctx, now, None)
+                .await;
+            return Err(SendError::RateLimited {
+                retry_after_seconds,
+                limit: Limit::DailySpend.as_str(),
+            });
+        }
+
+        // Several limits may be full: report the one that frees up last, so a
+        // client that waits as told is not refused again by another.
+        let refused = wanted
+            .iter()
+            .zip(&limit_counts)
+            .filter_map(|((limit, max, _), counts)| {
+                counts
+                    .admit(1, *max, limit.window_seconds(), now)
+                    .err()
+                    .map(|wait| (*limit, wait))
+            })
+            .max_by_key(|(_, wait)| *wait);
+        if let Some((limit, retry_after_seconds)) = refused {
+            self.blocked(ctx.tenant, limit.as_str(), ctx, now, None)
+                .await;
+            return Err(SendError::RateLimited {
+                retry_after_seconds,
+                limit: limit.as_str(),
+            });
+        }
+
+        for ((prefix, max_per_hour), (sent, approved)) in levels.iter().zip(&traffic_counts) {
+            let traffic = Traffic {
+                sends: sent.estimate(HOUR, now) + 1.0,
+                approvals: approved.estimate(HOUR, now),
+            };
+            let Some(reason) = judge_traffic(prefix, traffic, *max_per_hour, guard.min_conversion)
+            else {
+                continue;
+            };
+            if self
+                .store
+                .get_marker(&lifted_namespace(ctx.tenant), prefix, now)
+                .await?
+                .is_some()
+            {
+                // An operator lifted this prefix recently: spared until its grace ends.
+                continue;
+            }
+            let until = self
+                .quarantine(ctx.tenant, prefix, &reason, guard.quarantine_seconds, now)
+                .await?;
+            self.blocked(ctx.tenant, "guard_tripped", ctx, now, Some(prefix))
+                .await;
+            return Err(SendError::SuspectedFraud {
+                prefix: (*prefix).to_owned(),
+                reason,
+                until,
+            });
+        }
+
+        let mut limits: Vec<Counted> = wanted
+            .into_iter()
+            .zip(limit_counts)
+            .map(|((limit, max, key), counts)| Counted {
+                limit,
+                key,
+                max,
+                previous: counts.previous,
+            })
+            .collect();
+        limits.sort_by_key(|c| c.limit.window_seconds());
+        Ok(Admission {
+            tenant: ctx.tenant.to_owned(),
+            limits,
+            traffic_keys: levels
+                .iter()
+                .map(|(prefix, _)| self.traffic_key("sent", ctx.tenant, prefix))
+                .collect(),
+        })
+    }
+
+    async fn quarantine(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        reason: &str,
+        seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<DateTime<Utc>> {
+        let until = now + Duration::seconds(seconds.into());
+        let value = QuarantineValue {
+            reason: reason.to_owned(),
+            since: now,
+        };
+        let value = serde_json::to_string(&value)
+            .map_err(|e| StoreError::Corrupt(format!("quarantine record: {e}")))?;
+        self.store
+            .set_marker(&quarantine_namespace(tenant), prefix, &value, until)
+            .await?;
+        tracing::warn!(
+            target: "audit",
+            event = "guard_quarantine",
+            tenant,
+            prefix,
+            reason,
+            until = %until.to_rfc3339(),
+        );
+        Ok(until)
+    }
+
+    /// Counts an admitted send, now that the store has accepted it. Refuses
+    /// when other requests used the last room since `admit_send` looked.
+    pub async fn count_send(
+        &self,
+        admission: &Admission,
+        now: DateTime<Utc>,
+    ) -> Result<(), SendError> {
+        // One limit at a time, shortest window first, stopping at a refusal: a
+        // send refused by one limit then takes no room in the others, so
+        // concurrent sends never crowd each other out of a limit they would
+        // have fitted (a burst against a per-number limit of 5 gets exactly 5).
+        for c in &admission.limits {
+            let total = self
+                .store
+                .add_to_counter(&c.key, 1, c.limit.window_seconds(), now)
+                .await?;
+            let counts = WindowCounts {
+                previous: c.previous,
+                current: total,
+            };
+            if let Err(retry_after_seconds) = counts.admit(0, c.max, c.limit.window_seconds(), now)
+            {
+                let reason = c.limit.as_str();
+                tracing::warn!(
+                    target: "audit",
+                    event = "blocked",
+                    tenant = %admission.tenant,
+                    reason,
+                    detail = "concurrent sends took the last room",
+                );
+                self.count_block(&admission.tenant, reason, now).await;
+                return Err(SendError::RateLimited {
+                    retry_after_seconds,
+                    limit: reason,
+                });
+            }
+        }
+        try_join_all(
+            admission
+                .traffic_keys
+                .iter()
+                .map(|key| self.store.add_to_counter(key, 1, HOUR, now)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Adds a delivered message's cost to the tenant's day (when it has a budget).
+    pub async fn record_spend(&self, tenant: &str, policy: &Policy, cost: f64, now: DateTime<Utc>) {
+        let amount = micro_units(cost);
+        if policy.daily_spend_limit <= 0.0 || amount == 0 {
+            return;
+        }
+        let key = self.key("spend", &[tenant]);
+        if let Err(e) = self.store.add_to_counter(&key, amount, DAY, now).await {
+            tracing::warn!(tenant, error = %e, "could not count a message's cost");
+        }
+    }
+
+    fn guess_key(&self, subject: &SubjectKey) -> String {
+        format!("guess:{}", hex::encode(subject.0))
+    }
+
+    /// Refuses a check once the subject's wrong guesses in the last hour reach
+    /// the policy's limit, whichever verification they were made against.
+    pub async fn admit_check(
+        &self,
+        tenant: &str,
+        policy: &Policy,
+        subject: &SubjectKey,
+        client_ip: Option<IpAddr>,
+        now: DateTime<Utc>,
+    ) -> Result<(), CheckError> {
+        let max = policy.max_wrong_guesses_per_hour;
+        if max == 0 {
+            return Ok(());
+        }
+        let counts = self.window(&self.guess_key(subject), HOUR, now).await?;
+        let Err(retry_after_seconds) = counts.admit(1, max, HOUR, now) else {
+            return Ok(());
+        };
+        let reason = Limit::WrongGuessesHour.as_str();
+        tracing::warn!(
+            target: "audit",
+            event = "blocked",
+            tenant,
+            reason,
+            client_ip = client_ip.map(|ip| ip.to_string()),
+        );
+        self.count_block(tenant, reason, now).await;
+        Err(CheckError::RateLimited {
+            retry_after_seconds,
+            limit: reason,
+        })
+    }
+
+    async fn count_block(&self, tenant: &str, reason: &'static str, now: DateTime<Utc>) {
+        self.metrics.record_block(reason);
+        let key = self.traffic_key("blocked", tenant, reason);
+        if let Err(e) = self.store.add_to_counter(&key, 1, DAY, now).await {
+            tracing::warn!(tenant, error = %e, "could not count a block");
+        }
+    }
+
+    pub async fn record_wrong_guess(
+        &self,
+        policy: &Policy,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) {
+        if policy.max_wrong_guesses_per_hour == 0 {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .add_to_counter(&self.guess_key(subject), 1, HOUR, now)
+            .await
+        {
+            tracing::warn!(error = %e, "could not count a wrong guess");
+        }
+    }
+
+    /// Feeds the pumping guard's conversion: an approved code is a real user.
+    pub async fn record_approval(&self, policy: &Policy, v: &Verification, now: DateTime<Utc>) {
+        if !policy.guard.enabled {
+            return;
+        }
+        let Ok(phone) = self.crypto.open_phone(&v.phone) else {
+            return;
+        };
+        let levels = guard_levels(policy, &phone);
+        let adds = levels.iter().map(|(prefix, _)| {
+            let key = self.traffic_key("ok", &v.tenant, prefix);
+            async move { self.store.add_to_counter(&key, 1, HOUR, now).await }
+        });
+        if let Err(e) = try_join_all(adds).await {
+            tracing::warn!(tenant = %v.tenant, error = %e, "could not count an approval");
+        }
+    }
+
+    /// Logs a refused send and counts it for the tenant's daily report.
+    async fn blocked(
+        &self,
+        tenant: &str,
+        reason: &'static str,
+        ctx: &SendContext<'_>,
+        now: DateTime<Utc>,
+        prefix: Option<&str>,
+    ) {
+        tracing::warn!(
+            target: "audit",
+            event = "blocked",
+            tenant,
+            reason,
+            to = %ctx.to.masked(),
+            country = ctx.to.country(),
+            prefix,
+            client_ip = ctx.client_ip.map(|ip| ip.to_string()),
+        );
+        self.count_block(tenant, reason, now).await;
+    }
+
+    /// The tenant's live quarantines (by prefix) and today's block counts.
+    pub async fn report(&self, tenant: &str, now: DateTime<Utc>) -> StoreResult<GuardReport> {
+        let markers = self
+            .store
+            .list_markers(&quarantine_namespace(tenant), now)
+            .await?;
+        let quarantines = markers
+            .into_iter()
+            .map(|m| {
+                let value = serde_json::from_str::<QuarantineValue>(&m.value).ok();
+                Quarantine {
+                    reason: value
+                        .as_ref()
+                        .map_or_else(|| m.value.clone(), |v| v.reason.clone()),
+                    since: value.map_or(now, |v| v.since),
+                    prefix: m.name,
+                    until: m.expires_at,
+                }
+            })
+            .collect();
+        let counts = try_join_all(BLOCK_REASONS.iter().map(|reason| {
+            let key = self.traffic_key("blocked", tenant, reason);
+            async move { self.store.read_counter(&key, DAY, now).await }
+        }))
+        .await?;
+        Ok(GuardReport {
+            quarantines,
+            blocked_today: BLOCK_REASONS
+                .iter()
+                .copied()
+                .zip(counts)
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        })
+    }
+
+    /// Lifts a quarantine; the prefix cannot trip again for `grace_seconds`, so
+    /// the hour of traffic that tripped it does not trip it at once again.
+    /// `None` when no quarantine of that prefix is live.
+    pub async fn lift(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        grace_seconds: u32,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<Quarantine>> {
+        let ns = quarantine_namespace(tenant);
+        let Some(marker) = self.store.get_marker(&ns, prefix, now).await? else {
+            return Ok(None);
+        };
+        self.store
+            .set_marker(
+                &lifted_namespace(tenant),
+                prefix,
+                by,
+                now + Duration::seconds(grace_seconds.into()),
+            )
+            .await?;
+        self.store.delete_marker(&ns, prefix).await?;
+        tracing::warn!(target: "audit", event = "guard_lift", tenant, prefix, by);
+        let value = serde_json::from_str::<QuarantineValue>(&marker.value).ok();
+        Ok(Some(Quarantine {
+            prefix: marker.name,
+            reason: value
+                .as_ref()
+                .map_or_else(|| marker.value.clone(), |v| v.reason.clone()),
+            since: value.map_or(now, |v| v.since),
+            until: marker.expires_at,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_number_is_judged_by_country_and_prefix_once_each() {
+        let nl = PhoneNumber::parse("+31651860670").unwrap();
+        let mut policy = Policy::default();
+        assert_eq!(guard_levels(&policy, &nl), [("+31", 500), ("+31651", 50)]);
+        policy.guard.prefix_digits = 0;
+        assert_eq!(
+            guard_levels(&policy, &nl),
+            [("+31", 50)],
+            "one level, lower threshold"
+        );
+        policy.guard.max_sends_per_prefix_hour = 0;
+        assert_eq!(
+            guard_levels(&policy, &nl),
+            [("+31", 500)],
+            "0 is off, not lowest"
+        );
+        policy.guard.enabled = false;
+        assert!(guard_levels(&policy, &nl).is_empty());
+    }
+}
