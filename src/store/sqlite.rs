@@ -14,15 +14,11 @@ use sqlx::sqlite::{
 };
 use uuid::Uuid;
 
-use super::sql_common::{
-    ApiKeyRow, InboxRow, KEEP_SUBJECTS, MarkerRow, MessageRow, SubjectRow, SubjectState,
-    UsageDbRow, VerificationRow, admit_send, counter_amount, counter_slot, counter_total, day_text,
-    decide_check, id_text, map_migrate, map_sqlx, millis, rate_slot, usage_amount,
-};
+use super::sql_common::{KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis};
 use super::{
     CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
     MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
-    StoreError, StoreResult, UsageRow, advance_message, seconds_until,
+    StoreError, StoreResult, UsageRow,
 };
 use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
@@ -121,17 +117,13 @@ impl SqliteStore {
     }
 }
 
-async fn fetch_verification<'e, E>(exec: E, id: Uuid) -> StoreResult<Option<Verification>>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    sqlx::query_as::<_, VerificationRow>("SELECT * FROM verifications WHERE id = ?1")
-        .bind(id_text(id))
-        .fetch_optional(exec)
-        .await
-        .map_err(map_sqlx)?
-        .map(Verification::try_from)
-        .transpose()
+/// The operations both SQL backends share (`sql_common::sql_operations`).
+mod ops {
+    super::super::sql_common::sql_operations!(
+        db: sqlx::Sqlite,
+        insertion_order: "rowid",
+        for_update: ""
+    );
 }
 
 #[async_trait]
@@ -143,58 +135,23 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.reader)
-            .await
-            .map_err(map_sqlx)?;
-        Ok(())
+        ops::ping(&self.reader).await
     }
 
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, tenant, key_hash, created_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(&key.id)
-        .bind(&key.tenant)
-        .bind(key.key_hash.as_slice())
-        .bind(millis(key.created_at))
-        .bind(key.revoked_at.map(millis))
-        .execute(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(())
+        ops::insert_api_key(&self.writer, key).await
     }
 
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
-        sqlx::query_as::<_, ApiKeyRow>("SELECT * FROM api_keys WHERE key_hash = ?1")
-            .bind(key_hash.as_slice())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(map_sqlx)?
-            .map(ApiKeyRecord::try_from)
-            .transpose()
+        ops::find_api_key(&self.reader, key_hash).await
     }
 
     async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
-        sqlx::query_as::<_, ApiKeyRow>("SELECT * FROM api_keys ORDER BY created_at, id")
-            .fetch_all(&self.reader)
-            .await
-            .map_err(map_sqlx)?
-            .into_iter()
-            .map(ApiKeyRecord::try_from)
-            .collect()
+        ops::list_api_keys(&self.reader).await
     }
 
     async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL")
-                .bind(millis(at))
-                .bind(id)
-                .execute(&self.writer)
-                .await
-                .map_err(map_sqlx)?;
-        Ok(done.rows_affected() > 0)
+        ops::revoke_api_key(&self.writer, id, at).await
     }
 
     async fn find_pending(
@@ -203,21 +160,7 @@ impl Store for SqliteStore {
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Uuid>> {
-        let id: Option<String> = sqlx::query_scalar(
-            "SELECT v.id FROM subjects s JOIN verifications v ON v.id = s.current_id
-             WHERE s.tenant = ?1 AND s.subject = ?2 AND v.tenant = ?1
-               AND v.status = 'pending' AND v.expires_at > ?3",
-        )
-        .bind(tenant)
-        .bind(subject.0.as_slice())
-        .bind(millis(now))
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_sqlx)?;
-        id.map(|id| {
-            Uuid::parse_str(&id).map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))
-        })
-        .transpose()
+        ops::find_pending(&self.reader, tenant, subject, now).await
     }
 
     async fn find_current(
@@ -226,34 +169,17 @@ impl Store for SqliteStore {
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<(Uuid, Status)>> {
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT v.id, v.status FROM subjects s JOIN verifications v ON v.id = s.current_id
-             WHERE s.tenant = ?1 AND s.subject = ?2 AND v.tenant = ?1
-               AND v.status IN ('pending', 'max_attempts') AND v.expires_at > ?3",
-        )
-        .bind(tenant)
-        .bind(subject.0.as_slice())
-        .bind(millis(now))
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_sqlx)?;
-        row.map(|(id, status)| {
-            let id = Uuid::parse_str(&id)
-                .map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))?;
-            let status = Status::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("bad status {status:?}")))?;
-            Ok((id, status))
-        })
-        .transpose()
+        ops::find_current(&self.reader, tenant, subject, now).await
     }
 
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let planned = &plan.verification;
         let mut tx = self.begin_write().await?;
-
+        // No row lock needed: `BEGIN IMMEDIATE` already holds the only write
+        // lock. A subject seen for the first time has no row yet.
         let state = sqlx::query_as::<_, SubjectRow>(
             "SELECT current_id, last_sent_at, window_start, window_count
-             FROM subjects WHERE tenant = ?1 AND subject = ?2",
+             FROM subjects WHERE tenant = $1 AND subject = $2",
         )
         .bind(&planned.tenant)
         .bind(planned.subject.0.as_slice())
@@ -268,129 +194,11 @@ impl Store for SqliteStore {
             window_start: None,
             window_count: 0,
         });
-        let window = match admit_send(&state, plan, now) {
-            Ok(window) => window,
-            Err(refusal) => return Ok(refusal.into()),
-        };
-
-        let pending = match state.current {
-            Some(current) => fetch_verification(&mut *tx, current)
-                .await?
-                .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
-            None => None,
-        };
-        let previous_sent_at = state.last_sent_at;
-        let decision = match pending {
-            Some(v) if v.id == planned.id => {
-                let row = sqlx::query_as::<_, VerificationRow>(
-                    // A resend goes to the number of this request (a uid's number may change).
-                    "UPDATE verifications
-                     SET code_hash = ?1, expires_at = ?2, send_count = send_count + 1,
-                         updated_at = ?3, last_sent_at = ?3,
-                         phone = ?5, masked_to = ?6, country = ?7
-                     WHERE id = ?4 RETURNING *",
-                )
-                .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                .bind(millis(planned.expires_at))
-                .bind(millis(now))
-                .bind(id_text(v.id))
-                .bind(planned.phone.to_bytes())
-                .bind(&planned.masked_to)
-                .bind(planned.country.as_deref())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                SendDecision::Replaced {
-                    verification: row.try_into()?,
-                    previous_sent_at,
-                }
-            }
-            Some(_) => return Ok(SendDecision::Conflict),
-            None => {
-                let inserted = sqlx::query(
-                    "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone,
-                         masked_to, country, code_hash, status, attempts, max_attempts,
-                         send_count, created_at, updated_at, expires_at, last_sent_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-                         ?15, ?16, ?17)
-                     ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(id_text(planned.id))
-                .bind(&planned.tenant)
-                .bind(planned.subject.0.as_slice())
-                .bind(&planned.purpose)
-                .bind(&planned.uid)
-                .bind(planned.phone.to_bytes())
-                .bind(&planned.masked_to)
-                .bind(&planned.country)
-                .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                .bind(planned.status.as_str())
-                .bind(i64::from(planned.attempts))
-                .bind(i64::from(planned.max_attempts))
-                .bind(i64::from(planned.send_count))
-                .bind(millis(planned.created_at))
-                .bind(millis(planned.updated_at))
-                .bind(millis(planned.expires_at))
-                .bind(millis(planned.last_sent_at))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                // The plan names a verification that exists but is no longer
-                // pending (expired or ended since the service looked).
-                if inserted.rows_affected() == 0 {
-                    return Ok(SendDecision::Conflict);
-                }
-                SendDecision::Created {
-                    verification: planned.clone(),
-                    previous_sent_at,
-                }
-            }
-        };
-
-        sqlx::query(
-            "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
-                 window_count)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (tenant, subject) DO UPDATE SET
-                 current_id = excluded.current_id, last_sent_at = excluded.last_sent_at,
-                 window_start = excluded.window_start, window_count = excluded.window_count",
-        )
-        .bind(&planned.tenant)
-        .bind(planned.subject.0.as_slice())
-        .bind(id_text(planned.id))
-        .bind(millis(now))
-        .bind(millis(window.start))
-        .bind(i64::from(window.count + 1))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
-        tx.commit().await.map_err(map_sqlx)?;
-        Ok(decision)
+        ops::start_send(tx, state, plan, now).await
     }
 
     async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE subjects SET last_sent_at = ?1, window_count = max(window_count - 1, 0)
-             WHERE tenant = ?2 AND subject = ?3",
-        )
-        .bind(abort.previous_sent_at.map(millis))
-        .bind(&abort.tenant)
-        .bind(abort.subject.0.as_slice())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
-        sqlx::query(
-            "UPDATE verifications SET status = 'failed', code_hash = NULL, updated_at = ?1
-             WHERE id = ?2 AND tenant = ?3",
-        )
-        .bind(millis(abort.at))
-        .bind(id_text(abort.verification_id))
-        .bind(&abort.tenant)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
-        tx.commit().await.map_err(map_sqlx)
+        ops::abort_send(self.begin_write().await?, abort).await
     }
 
     async fn check_code(
@@ -400,37 +208,11 @@ impl Store for SqliteStore {
         code_hash: &[u8; 32],
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
-        let mut tx = self.begin_write().await?;
-        let Some(mut v) = fetch_verification(&mut *tx, id)
-            .await?
-            .filter(|v| v.tenant == tenant)
-        else {
-            return Ok(CheckOutcome::NotFound);
-        };
-        let (outcome, changed) = decide_check(&mut v, code_hash, now);
-        if changed {
-            sqlx::query(
-                "UPDATE verifications SET status = ?1, code_hash = ?2, attempts = ?3,
-                     updated_at = ?4
-                 WHERE id = ?5",
-            )
-            .bind(v.status.as_str())
-            .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
-            .bind(i64::from(v.attempts))
-            .bind(millis(v.updated_at))
-            .bind(id_text(id))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_sqlx)?;
-            tx.commit().await.map_err(map_sqlx)?;
-        }
-        Ok(outcome)
+        ops::check_code(self.begin_write().await?, tenant, id, code_hash, now).await
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
-        Ok(fetch_verification(&self.reader, id)
-            .await?
-            .filter(|v| v.tenant == tenant))
+        ops::get_verification(&self.reader, tenant, id).await
     }
 
     async fn cancel(
@@ -439,68 +221,15 @@ impl Store for SqliteStore {
         id: Uuid,
         now: DateTime<Utc>,
     ) -> StoreResult<CancelOutcome> {
-        // One statement is one transaction: the pending test and the update
-        // cannot be separated by a concurrent check.
-        let row = sqlx::query_as::<_, VerificationRow>(
-            "UPDATE verifications SET status = 'canceled', code_hash = NULL, updated_at = ?1
-             WHERE id = ?2 AND tenant = ?3 AND status = 'pending' AND expires_at > ?1
-             RETURNING *",
-        )
-        .bind(millis(now))
-        .bind(id_text(id))
-        .bind(tenant)
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(match row {
-            Some(row) => CancelOutcome::Canceled(row.try_into()?),
-            None => CancelOutcome::NotFound,
-        })
+        ops::cancel(&self.writer, tenant, id, now).await
     }
 
     async fn insert_message(&self, m: &MessageRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
-                 provider_message_id, masked_to, country, status, error, cost, currency,
-                 latency_ms, resend_of, created_at, sent_at, delivered_at, failed_at,
-                 updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
-                 ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-        )
-        .bind(id_text(m.id))
-        .bind(id_text(m.verification_id))
-        .bind(&m.tenant)
-        .bind(i64::from(m.route_id))
-        .bind(&m.provider)
-        .bind(&m.provider_message_id)
-        .bind(&m.masked_to)
-        .bind(&m.country)
-        .bind(m.status.as_str())
-        .bind(&m.error)
-        .bind(m.cost)
-        .bind(&m.currency)
-        .bind(i64::from(m.latency_ms))
-        .bind(m.resend_of.map(id_text))
-        .bind(millis(m.created_at))
-        .bind(m.sent_at.map(millis))
-        .bind(m.delivered_at.map(millis))
-        .bind(m.failed_at.map(millis))
-        .bind(millis(m.updated_at))
-        .execute(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(())
+        ops::insert_message(&self.writer, m).await
     }
 
     async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>> {
-        sqlx::query_as::<_, MessageRow>("SELECT * FROM messages WHERE id = ?1 AND tenant = ?2")
-            .bind(id_text(id))
-            .bind(tenant)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(map_sqlx)?
-            .map(MessageRecord::try_from)
-            .transpose()
+        ops::get_message(&self.reader, tenant, id).await
     }
 
     async fn list_messages(
@@ -508,18 +237,7 @@ impl Store for SqliteStore {
         tenant: &str,
         verification_id: Uuid,
     ) -> StoreResult<Vec<MessageRecord>> {
-        sqlx::query_as::<_, MessageRow>(
-            "SELECT * FROM messages WHERE verification_id = ?1 AND tenant = ?2
-             ORDER BY created_at, rowid",
-        )
-        .bind(id_text(verification_id))
-        .bind(tenant)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_sqlx)?
-        .into_iter()
-        .map(MessageRecord::try_from)
-        .collect()
+        ops::list_messages(&self.reader, tenant, verification_id).await
     }
 
     async fn update_message_by_provider_id(
@@ -528,50 +246,8 @@ impl Store for SqliteStore {
         provider_message_id: &str,
         update: &MessageUpdate,
     ) -> StoreResult<Option<MessageTransition>> {
-        let mut tx = self.begin_write().await?;
-        // Should a provider ever reuse an id, the newest message is the one meant.
-        let Some(row) = sqlx::query_as::<_, MessageRow>(
-            "SELECT * FROM messages WHERE provider = ?1 AND provider_message_id = ?2
-             ORDER BY rowid DESC LIMIT 1",
-        )
-        .bind(provider)
-        .bind(provider_message_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_sqlx)?
-        else {
-            return Ok(None);
-        };
-        let current = MessageRecord::try_from(row)?;
-        let previous = current.status;
-        let Some(next) = advance_message(&current, update) else {
-            return Ok(Some(MessageTransition {
-                previous,
-                message: current,
-            }));
-        };
-        sqlx::query(
-            "UPDATE messages SET status = ?1, error = ?2, cost = ?3, currency = ?4,
-                 updated_at = ?5, sent_at = ?6, delivered_at = ?7, failed_at = ?8
-             WHERE id = ?9",
-        )
-        .bind(next.status.as_str())
-        .bind(&next.error)
-        .bind(next.cost)
-        .bind(&next.currency)
-        .bind(millis(next.updated_at))
-        .bind(next.sent_at.map(millis))
-        .bind(next.delivered_at.map(millis))
-        .bind(next.failed_at.map(millis))
-        .bind(id_text(next.id))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
-        tx.commit().await.map_err(map_sqlx)?;
-        Ok(Some(MessageTransition {
-            previous,
-            message: next,
-        }))
+        let tx = self.begin_write().await?;
+        ops::update_message_by_provider_id(tx, provider, provider_message_id, update).await
     }
 
     async fn list_unfinished_messages(
@@ -580,68 +256,15 @@ impl Store for SqliteStore {
         created_after: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
-        // The conditions repeat the partial index's, so the index serves the query.
-        sqlx::query_as::<_, MessageRow>(
-            "SELECT * FROM messages
-             WHERE provider = ?1 AND created_at > ?2
-               AND status IN ('queued', 'sent', 'unknown') AND provider_message_id IS NOT NULL
-             ORDER BY created_at LIMIT ?3",
-        )
-        .bind(provider)
-        .bind(millis(created_after))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_sqlx)?
-        .into_iter()
-        .map(MessageRecord::try_from)
-        .collect()
+        ops::list_unfinished_messages(&self.reader, provider, created_after, limit).await
     }
 
     async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "DELETE FROM messages WHERE id IN
-                 (SELECT id FROM messages WHERE created_at < ?1 LIMIT ?2)",
-        )
-        .bind(millis(before))
-        .bind(i64::from(batch))
-        .execute(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(done.rows_affected())
+        ops::purge_messages(&self.writer, before, batch).await
     }
 
     async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
-        // One upsert is one atomic step: the row is created or added to.
-        sqlx::query(
-            "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent, delivered,
-                 failed, verifications_started, verifications_approved, cost_micros)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-             ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
-                 sent = usage_daily.sent + excluded.sent,
-                 delivered = usage_daily.delivered + excluded.delivered,
-                 failed = usage_daily.failed + excluded.failed,
-                 verifications_started =
-                     usage_daily.verifications_started + excluded.verifications_started,
-                 verifications_approved =
-                     usage_daily.verifications_approved + excluded.verifications_approved,
-                 cost_micros = usage_daily.cost_micros + excluded.cost_micros",
-        )
-        .bind(&d.tenant)
-        .bind(day_text(d.day))
-        .bind(i64::from(d.route_id))
-        .bind(d.country.as_deref().unwrap_or_default())
-        .bind(d.currency.as_deref().unwrap_or_default())
-        .bind(usage_amount(d.sent))
-        .bind(usage_amount(d.delivered))
-        .bind(usage_amount(d.failed))
-        .bind(usage_amount(d.verifications_started))
-        .bind(usage_amount(d.verifications_approved))
-        .bind(d.cost_micros)
-        .execute(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(())
+        ops::record_usage(&self.writer, d).await
     }
 
     async fn usage(
@@ -650,19 +273,7 @@ impl Store for SqliteStore {
         from: NaiveDate,
         to: NaiveDate,
     ) -> StoreResult<Vec<UsageRow>> {
-        // ISO dates order as text, so the primary key serves the range.
-        sqlx::query_as::<_, UsageDbRow>(
-            "SELECT * FROM usage_daily WHERE tenant = ?1 AND day >= ?2 AND day <= ?3",
-        )
-        .bind(tenant)
-        .bind(day_text(from))
-        .bind(day_text(to))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_sqlx)?
-        .into_iter()
-        .map(UsageRow::try_from)
-        .collect()
+        ops::usage(&self.reader, tenant, from, to).await
     }
 
     async fn replace_code(
@@ -670,46 +281,11 @@ impl Store for SqliteStore {
         r: &CodeReplacement,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Verification>> {
-        // One statement: the conditions and the write cannot be separated by a
-        // concurrent send, check or cancel.
-        sqlx::query_as::<_, VerificationRow>(
-            "UPDATE verifications
-             SET code_hash = ?1, expires_at = ?2, send_count = send_count + 1,
-                 last_sent_at = ?3, updated_at = ?3
-             WHERE id = ?4 AND tenant = ?5 AND status = 'pending' AND expires_at > ?3
-               AND send_count = ?6
-             RETURNING *",
-        )
-        .bind(r.code_hash.as_slice())
-        .bind(millis(r.expires_at))
-        .bind(millis(now))
-        .bind(id_text(r.verification_id))
-        .bind(&r.tenant)
-        .bind(i64::from(r.expected_send_count))
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(map_sqlx)?
-        .map(Verification::try_from)
-        .transpose()
+        ops::replace_code(&self.writer, r, now).await
     }
 
     async fn push_inbox(&self, e: &InboxEntry) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO inbox (id, tenant, phone_index, masked_to, sealed_body, created_at,
-                 expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(id_text(e.id))
-        .bind(&e.tenant)
-        .bind(e.phone_index.as_slice())
-        .bind(&e.masked_to)
-        .bind(e.sealed_body.to_bytes())
-        .bind(millis(e.created_at))
-        .bind(millis(e.expires_at))
-        .execute(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(())
+        ops::push_inbox(&self.writer, e).await
     }
 
     async fn list_inbox(
@@ -719,36 +295,7 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>> {
-        let rows = match phone_index {
-            Some(index) => {
-                sqlx::query_as::<_, InboxRow>(
-                    "SELECT * FROM inbox
-                     WHERE tenant = ?1 AND expires_at > ?2 AND phone_index = ?3
-                     ORDER BY created_at DESC, rowid DESC LIMIT ?4",
-                )
-                .bind(tenant)
-                .bind(millis(now))
-                .bind(index.as_slice())
-                .bind(i64::from(limit))
-                .fetch_all(&self.reader)
-                .await
-            }
-            None => {
-                sqlx::query_as::<_, InboxRow>(
-                    "SELECT * FROM inbox WHERE tenant = ?1 AND expires_at > ?2
-                     ORDER BY created_at DESC, rowid DESC LIMIT ?3",
-                )
-                .bind(tenant)
-                .bind(millis(now))
-                .bind(i64::from(limit))
-                .fetch_all(&self.reader)
-                .await
-            }
-        };
-        rows.map_err(map_sqlx)?
-            .into_iter()
-            .map(InboxEntry::try_from)
-            .collect()
+        ops::list_inbox(&self.reader, tenant, phone_index, now, limit).await
     }
 
     async fn hit_rate_limit(
@@ -758,41 +305,7 @@ impl Store for SqliteStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<RateDecision> {
-        let (slot, window_end) = rate_slot(window_seconds, now);
-        let limited = || RateDecision::Limited {
-            retry_after_seconds: seconds_until(
-                now,
-                DateTime::from_timestamp_millis(window_end).unwrap_or(now),
-            ),
-        };
-        if limit == 0 {
-            return Ok(limited());
-        }
-        // One upsert is one atomic step: it starts a fresh window, counts a hit,
-        // or (when the window is full) changes nothing and returns no row.
-        let count: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO rate_limits (key, slot, window_end, count) VALUES (?1, ?2, ?3, 1)
-             ON CONFLICT (key) DO UPDATE SET
-                 count = CASE WHEN rate_limits.slot = excluded.slot
-                              THEN rate_limits.count + 1 ELSE 1 END,
-                 slot = excluded.slot,
-                 window_end = excluded.window_end
-             WHERE rate_limits.slot <> excluded.slot OR rate_limits.count < ?4
-             RETURNING count",
-        )
-        .bind(key)
-        .bind(slot)
-        .bind(window_end)
-        .bind(i64::from(limit))
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(match count {
-            Some(count) => RateDecision::Allowed {
-                remaining: u32::try_from(i64::from(limit) - count).unwrap_or(0),
-            },
-            None => limited(),
-        })
+        ops::hit_rate_limit(&self.writer, key, limit, window_seconds, now).await
     }
 
     async fn add_to_counter(
@@ -802,24 +315,7 @@ impl Store for SqliteStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let (slot, keep_until) = counter_slot(window_seconds, now);
-        // One upsert is one atomic step: the window's row is created or added to.
-        let total: i64 = sqlx::query_scalar(
-            "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
-                 total = counters.total + excluded.total
-             RETURNING total",
-        )
-        .bind(key)
-        .bind(i64::from(window_seconds))
-        .bind(slot)
-        .bind(keep_until)
-        .bind(counter_amount(amount))
-        .fetch_one(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(counter_total(Some(total)))
+        ops::add_to_counter(&self.writer, key, amount, window_seconds, now).await
     }
 
     async fn read_counter(
@@ -828,18 +324,7 @@ impl Store for SqliteStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let (slot, _) = rate_slot(window_seconds, now);
-        let total: Option<i64> = sqlx::query_scalar(
-            "SELECT total FROM counters
-             WHERE key = ?1 AND window_seconds = ?2 AND slot = ?3",
-        )
-        .bind(key)
-        .bind(i64::from(window_seconds))
-        .bind(slot)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(counter_total(total))
+        ops::read_counter(&self.reader, key, window_seconds, now).await
     }
 
     async fn set_marker(
@@ -849,20 +334,7 @@ impl Store for SqliteStore {
         value: &str,
         expires_at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO markers (namespace, name, value, expires_at)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (namespace, name) DO UPDATE SET
-                 value = excluded.value, expires_at = excluded.expires_at",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(value)
-        .bind(millis(expires_at))
-        .execute(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(())
+        ops::set_marker(&self.writer, namespace, name, value, expires_at).await
     }
 
     async fn get_marker(
@@ -871,43 +343,15 @@ impl Store for SqliteStore {
         name: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<Marker>> {
-        sqlx::query_as::<_, MarkerRow>(
-            "SELECT name, value, expires_at FROM markers
-             WHERE namespace = ?1 AND name = ?2 AND expires_at > ?3",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(millis(now))
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_sqlx)?
-        .map(Marker::try_from)
-        .transpose()
+        ops::get_marker(&self.reader, namespace, name, now).await
     }
 
     async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
-        sqlx::query_as::<_, MarkerRow>(
-            "SELECT name, value, expires_at FROM markers
-             WHERE namespace = ?1 AND expires_at > ?2 ORDER BY name",
-        )
-        .bind(namespace)
-        .bind(millis(now))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_sqlx)?
-        .into_iter()
-        .map(Marker::try_from)
-        .collect()
+        ops::list_markers(&self.reader, namespace, now).await
     }
 
     async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM markers WHERE namespace = ?1 AND name = ?2")
-            .bind(namespace)
-            .bind(name)
-            .execute(&self.writer)
-            .await
-            .map_err(map_sqlx)?;
-        Ok(done.rows_affected() > 0)
+        ops::delete_marker(&self.writer, namespace, name).await
     }
 
     async fn claim_marker(
@@ -918,25 +362,7 @@ impl Store for SqliteStore {
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        // One upsert decides and writes: it takes a free or expired marker, renews
-        // the holder's own, and leaves anyone else's alone (returning no row).
-        let claimed: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO markers (namespace, name, value, expires_at)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (namespace, name) DO UPDATE SET
-                 value = excluded.value, expires_at = excluded.expires_at
-             WHERE markers.expires_at <= ?5 OR markers.value = excluded.value
-             RETURNING 1",
-        )
-        .bind(namespace)
-        .bind(name)
-        .bind(holder)
-        .bind(millis(expires_at))
-        .bind(millis(now))
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(claimed.is_some())
+        ops::claim_marker(&self.writer, namespace, name, holder, expires_at, now).await
     }
 
     async fn list_sealed_with_other_key(
@@ -945,29 +371,7 @@ impl Store for SqliteStore {
         after: Option<Uuid>,
         limit: u32,
     ) -> StoreResult<Vec<SealedRecord>> {
-        // Sealed numbers start with their key id (4 bytes, big endian).
-        let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, tenant, phone FROM verifications
-             WHERE status = 'pending' AND id > ?1 AND substr(phone, 1, 4) <> ?2
-             ORDER BY id LIMIT ?3",
-        )
-        .bind(after.map(id_text).unwrap_or_default())
-        .bind(current_key.to_be_bytes().to_vec())
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_sqlx)?;
-        rows.into_iter()
-            .map(|(id, tenant, phone)| {
-                Ok(SealedRecord {
-                    tenant,
-                    id: Uuid::parse_str(&id)
-                        .map_err(|_| StoreError::Corrupt(format!("bad uuid {id:?}")))?,
-                    phone: SealedPhone::from_bytes(&phone)
-                        .ok_or_else(|| StoreError::Corrupt("sealed phone too short".into()))?,
-                })
-            })
-            .collect()
+        ops::list_sealed_with_other_key(&self.reader, current_key, after, limit).await
     }
 
     async fn reseal_phone(
@@ -976,82 +380,54 @@ impl Store for SqliteStore {
         old: &SealedPhone,
         new: &SealedPhone,
     ) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE verifications SET phone = ?1 WHERE id = ?2 AND phone = ?3")
-            .bind(new.to_bytes())
-            .bind(id_text(id))
-            .bind(old.to_bytes())
-            .execute(&self.writer)
-            .await
-            .map_err(map_sqlx)?;
-        Ok(done.rows_affected() > 0)
+        ops::reseal_phone(&self.writer, id, old, new).await
     }
 
     async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         let now_ms = millis(now);
-        let mut budget = u64::from(batch);
-        let mut tx = self.begin_write().await?;
-        // Each step spends what is left of the batch, so one call touches at most
-        // `batch` rows and holds the write lock only briefly; the subqueries walk
-        // the expiry indexes instead of the tables.
-        let steps: [(&'static str, i64); 6] = [
+        let tx = self.begin_write().await?;
+        // The budget keeps the write lock held only briefly; the subqueries walk
+        // the expiry indexes instead of the tables. Nothing else can hold a row,
+        // so unlike PostgreSQL there is nothing to skip.
+        let steps = [
             (
-                "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = ?1
+                "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = $1
                  WHERE id IN (SELECT id FROM verifications
-                              WHERE status = 'pending' AND expires_at <= ?1 LIMIT ?2)",
+                              WHERE status = 'pending' AND expires_at <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM inbox WHERE id IN
-                     (SELECT id FROM inbox WHERE expires_at <= ?1 LIMIT ?2)",
+                     (SELECT id FROM inbox WHERE expires_at <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM rate_limits WHERE key IN
-                     (SELECT key FROM rate_limits WHERE window_end <= ?1 LIMIT ?2)",
+                     (SELECT key FROM rate_limits WHERE window_end <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM counters WHERE rowid IN
-                     (SELECT rowid FROM counters WHERE keep_until <= ?1 LIMIT ?2)",
+                     (SELECT rowid FROM counters WHERE keep_until <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM markers WHERE rowid IN
-                     (SELECT rowid FROM markers WHERE expires_at <= ?1 LIMIT ?2)",
+                     (SELECT rowid FROM markers WHERE expires_at <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM subjects WHERE rowid IN
                      (SELECT rowid FROM subjects
-                      WHERE last_sent_at <= ?1 OR last_sent_at IS NULL LIMIT ?2)",
+                      WHERE last_sent_at <= $1 OR last_sent_at IS NULL LIMIT $2)",
                 millis(now - KEEP_SUBJECTS),
             ),
         ];
-        for (sql, cutoff) in steps {
-            if budget == 0 {
-                break;
-            }
-            let done = sqlx::query(sql)
-                .bind(cutoff)
-                .bind(i64::try_from(budget).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-            budget = budget.saturating_sub(done.rows_affected());
-        }
-        tx.commit().await.map_err(map_sqlx)?;
-        Ok(u64::from(batch) - budget)
+        ops::purge_steps(tx, &steps, batch).await
     }
 
     async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM verifications WHERE status = 'pending' AND expires_at > ?1",
-        )
-        .bind(millis(now))
-        .fetch_one(&self.reader)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        ops::count_pending(&self.reader, now).await
     }
 }
 
