@@ -8,20 +8,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
-use uuid::Uuid;
 
 use super::sql_common::{KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis};
-use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
-    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
-    StoreError, StoreResult, UsageRow,
-};
-use crate::crypto::SealedPhone;
-use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
+use super::{StoreError, StoreResult};
+use crate::domain::SubjectKey;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -114,8 +107,106 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
-    async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
+    /// A plain transaction: each operation locks the rows it decides on.
+    async fn begin_write(&self) -> StoreResult<Transaction<'static, Postgres>> {
         self.pool.begin().await.map_err(map_sqlx)
+    }
+
+    /// Locks the subject's row, creating it first if needed, so sends for one
+    /// subject queue across instances. A purge may delete an old row between
+    /// the insert and the lock; then the insert is simply retried.
+    async fn subject_state(
+        tx: &mut Transaction<'static, Postgres>,
+        tenant: &str,
+        subject: &SubjectKey,
+    ) -> StoreResult<SubjectState> {
+        for _ in 0..3 {
+            sqlx::query(
+                "INSERT INTO subjects (tenant, subject) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(tenant)
+            .bind(subject.0.as_slice())
+            .execute(&mut **tx)
+            .await
+            .map_err(map_sqlx)?;
+            let row = sqlx::query_as::<_, SubjectRow>(
+                "SELECT current_id, last_sent_at, window_start, window_count
+                 FROM subjects WHERE tenant = $1 AND subject = $2 FOR UPDATE",
+            )
+            .bind(tenant)
+            .bind(subject.0.as_slice())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_sqlx)?;
+            if let Some(row) = row {
+                return row.try_into();
+            }
+        }
+        Err(StoreError::Unavailable(
+            "subject row vanished while being locked".into(),
+        ))
+    }
+
+    /// Several instances share the database: the advisory lock lets one purge
+    /// at a time, and the others return at once (`None`) instead of queueing.
+    async fn begin_purge(&self) -> StoreResult<Option<Transaction<'static, Postgres>>> {
+        let mut tx = self.begin_write().await?;
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(self.purge_lock)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        // Not ours: another instance is purging right now; it will get to these rows.
+        Ok(ours.then_some(tx))
+    }
+
+    /// The subqueries walk the expiry indexes and skip rows a request holds
+    /// locked rather than waiting for them, so the purge never blocks a request
+    /// (nor deadlocks with one). A row whose status changed before it was
+    /// locked is re-checked by `FOR UPDATE` and dropped.
+    fn purge_steps(now: DateTime<Utc>) -> Vec<(&'static str, i64)> {
+        let now_ms = millis(now);
+        vec![
+            (
+                "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = $1
+             WHERE id IN
+                 (SELECT id FROM verifications
+                  WHERE status = 'pending' AND expires_at <= $1
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM inbox WHERE id IN
+                 (SELECT id FROM inbox WHERE expires_at <= $1
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM rate_limits WHERE key IN
+                 (SELECT key FROM rate_limits WHERE window_end <= $1
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM counters WHERE (key, window_seconds, slot) IN
+                 (SELECT key, window_seconds, slot FROM counters WHERE keep_until <= $1
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM markers WHERE (namespace, name) IN
+                 (SELECT namespace, name FROM markers WHERE expires_at <= $1
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                now_ms,
+            ),
+            (
+                "DELETE FROM subjects WHERE (tenant, subject) IN
+                 (SELECT tenant, subject FROM subjects
+                  WHERE last_sent_at <= $1 OR last_sent_at IS NULL
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                millis(now - KEEP_SUBJECTS),
+            ),
+        ]
     }
 }
 
@@ -143,347 +234,11 @@ fn purge_lock_key(schema: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
-/// Locks the subject's row, creating it first if needed. A purge may delete an
-/// old row between the insert and the lock; then the insert is simply retried.
-async fn lock_subject(
-    tx: &mut Transaction<'static, Postgres>,
-    tenant: &str,
-    subject: &SubjectKey,
-) -> StoreResult<SubjectState> {
-    for _ in 0..3 {
-        sqlx::query(
-            "INSERT INTO subjects (tenant, subject) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(tenant)
-        .bind(subject.0.as_slice())
-        .execute(&mut **tx)
-        .await
-        .map_err(map_sqlx)?;
-        let row = sqlx::query_as::<_, SubjectRow>(
-            "SELECT current_id, last_sent_at, window_start, window_count
-             FROM subjects WHERE tenant = $1 AND subject = $2 FOR UPDATE",
-        )
-        .bind(tenant)
-        .bind(subject.0.as_slice())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(map_sqlx)?;
-        if let Some(row) = row {
-            return row.try_into();
-        }
-    }
-    Err(StoreError::Unavailable(
-        "subject row vanished while being locked".into(),
-    ))
-}
-
-/// The operations both SQL backends share (`sql_common::sql_operations`).
-mod ops {
-    super::super::sql_common::sql_operations!(
-        db: sqlx::Postgres,
-        insertion_order: "seq",
-        for_update: " FOR UPDATE"
-    );
-}
-
-#[async_trait]
-impl Store for PostgresStore {
-    async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    async fn ping(&self) -> StoreResult<()> {
-        ops::ping(&self.pool).await
-    }
-
-    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
-        ops::insert_api_key(&self.pool, key).await
-    }
-
-    async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
-        ops::find_api_key(&self.pool, key_hash).await
-    }
-
-    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
-        ops::list_api_keys(&self.pool).await
-    }
-
-    async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
-        ops::revoke_api_key(&self.pool, id, at).await
-    }
-
-    async fn find_pending(
-        &self,
-        tenant: &str,
-        subject: &SubjectKey,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Uuid>> {
-        ops::find_pending(&self.pool, tenant, subject, now).await
-    }
-
-    async fn find_current(
-        &self,
-        tenant: &str,
-        subject: &SubjectKey,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<(Uuid, Status)>> {
-        ops::find_current(&self.pool, tenant, subject, now).await
-    }
-
-    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
-        let planned = &plan.verification;
-        let mut tx = self.begin().await?;
-        let state = lock_subject(&mut tx, &planned.tenant, &planned.subject).await?;
-        ops::start_send(tx, state, plan, now).await
-    }
-
-    async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
-        ops::abort_send(self.begin().await?, abort).await
-    }
-
-    async fn check_code(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        code_hash: &[u8; 32],
-        now: DateTime<Utc>,
-    ) -> StoreResult<CheckOutcome> {
-        ops::check_code(self.begin().await?, tenant, id, code_hash, now).await
-    }
-
-    async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
-        ops::get_verification(&self.pool, tenant, id).await
-    }
-
-    async fn cancel(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        now: DateTime<Utc>,
-    ) -> StoreResult<CancelOutcome> {
-        ops::cancel(&self.pool, tenant, id, now).await
-    }
-
-    async fn insert_message(&self, m: &MessageRecord) -> StoreResult<()> {
-        ops::insert_message(&self.pool, m).await
-    }
-
-    async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>> {
-        ops::get_message(&self.pool, tenant, id).await
-    }
-
-    async fn list_messages(
-        &self,
-        tenant: &str,
-        verification_id: Uuid,
-    ) -> StoreResult<Vec<MessageRecord>> {
-        ops::list_messages(&self.pool, tenant, verification_id).await
-    }
-
-    async fn update_message_by_provider_id(
-        &self,
-        provider: &str,
-        provider_message_id: &str,
-        update: &MessageUpdate,
-    ) -> StoreResult<Option<MessageTransition>> {
-        let tx = self.begin().await?;
-        ops::update_message_by_provider_id(tx, provider, provider_message_id, update).await
-    }
-
-    async fn list_unfinished_messages(
-        &self,
-        provider: &str,
-        created_after: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<MessageRecord>> {
-        ops::list_unfinished_messages(&self.pool, provider, created_after, limit).await
-    }
-
-    async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-        ops::purge_messages(&self.pool, before, batch).await
-    }
-
-    async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
-        ops::record_usage(&self.pool, d).await
-    }
-
-    async fn usage(
-        &self,
-        tenant: &str,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> StoreResult<Vec<UsageRow>> {
-        ops::usage(&self.pool, tenant, from, to).await
-    }
-
-    async fn replace_code(
-        &self,
-        r: &CodeReplacement,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Verification>> {
-        ops::replace_code(&self.pool, r, now).await
-    }
-
-    async fn push_inbox(&self, e: &InboxEntry) -> StoreResult<()> {
-        ops::push_inbox(&self.pool, e).await
-    }
-
-    async fn list_inbox(
-        &self,
-        tenant: &str,
-        phone_index: Option<&[u8; 32]>,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<InboxEntry>> {
-        ops::list_inbox(&self.pool, tenant, phone_index, now, limit).await
-    }
-
-    async fn hit_rate_limit(
-        &self,
-        key: &str,
-        limit: u32,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<RateDecision> {
-        ops::hit_rate_limit(&self.pool, key, limit, window_seconds, now).await
-    }
-
-    async fn add_to_counter(
-        &self,
-        key: &str,
-        amount: u64,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        ops::add_to_counter(&self.pool, key, amount, window_seconds, now).await
-    }
-
-    async fn read_counter(
-        &self,
-        key: &str,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        ops::read_counter(&self.pool, key, window_seconds, now).await
-    }
-
-    async fn set_marker(
-        &self,
-        namespace: &str,
-        name: &str,
-        value: &str,
-        expires_at: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        ops::set_marker(&self.pool, namespace, name, value, expires_at).await
-    }
-
-    async fn get_marker(
-        &self,
-        namespace: &str,
-        name: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Marker>> {
-        ops::get_marker(&self.pool, namespace, name, now).await
-    }
-
-    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
-        ops::list_markers(&self.pool, namespace, now).await
-    }
-
-    async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
-        ops::delete_marker(&self.pool, namespace, name).await
-    }
-
-    async fn claim_marker(
-        &self,
-        namespace: &str,
-        name: &str,
-        holder: &str,
-        expires_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        ops::claim_marker(&self.pool, namespace, name, holder, expires_at, now).await
-    }
-
-    async fn list_sealed_with_other_key(
-        &self,
-        current_key: u32,
-        after: Option<Uuid>,
-        limit: u32,
-    ) -> StoreResult<Vec<SealedRecord>> {
-        ops::list_sealed_with_other_key(&self.pool, current_key, after, limit).await
-    }
-
-    async fn reseal_phone(
-        &self,
-        id: Uuid,
-        old: &SealedPhone,
-        new: &SealedPhone,
-    ) -> StoreResult<bool> {
-        ops::reseal_phone(&self.pool, id, old, new).await
-    }
-
-    async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(self.purge_lock)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_sqlx)?;
-        if !ours {
-            // Another instance is purging right now; it will get to these rows.
-            return Ok(0);
-        }
-        let now_ms = millis(now);
-        // The subqueries walk the expiry indexes and skip rows a request holds
-        // locked rather than waiting for them, so the purge never blocks a
-        // request (nor deadlocks with one). A row whose status changed before it
-        // was locked is re-checked by `FOR UPDATE` and dropped.
-        let steps = [
-            (
-                "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = $1
-                 WHERE id IN
-                     (SELECT id FROM verifications
-                      WHERE status = 'pending' AND expires_at <= $1
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                now_ms,
-            ),
-            (
-                "DELETE FROM inbox WHERE id IN
-                     (SELECT id FROM inbox WHERE expires_at <= $1
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                now_ms,
-            ),
-            (
-                "DELETE FROM rate_limits WHERE key IN
-                     (SELECT key FROM rate_limits WHERE window_end <= $1
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                now_ms,
-            ),
-            (
-                "DELETE FROM counters WHERE (key, window_seconds, slot) IN
-                     (SELECT key, window_seconds, slot FROM counters WHERE keep_until <= $1
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                now_ms,
-            ),
-            (
-                "DELETE FROM markers WHERE (namespace, name) IN
-                     (SELECT namespace, name FROM markers WHERE expires_at <= $1
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                now_ms,
-            ),
-            (
-                "DELETE FROM subjects WHERE (tenant, subject) IN
-                     (SELECT tenant, subject FROM subjects
-                      WHERE last_sent_at <= $1 OR last_sent_at IS NULL
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                millis(now - KEEP_SUBJECTS),
-            ),
-        ];
-        ops::purge_steps(tx, &steps, batch).await
-    }
-
-    async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
-        ops::count_pending(&self.pool, now).await
-    }
-}
+super::sql_common::sql_store!(
+    store: PostgresStore,
+    db: Postgres,
+    read: pool,
+    write: pool,
+    insertion_order: "seq",
+    for_update: " FOR UPDATE",
+);
