@@ -169,41 +169,41 @@ impl PostgresStore {
         vec![
             (
                 "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = $1
-             WHERE id IN
-                 (SELECT id FROM verifications
-                  WHERE status = 'pending' AND expires_at <= $1
-                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                 WHERE id IN
+                     (SELECT id FROM verifications
+                      WHERE status = 'pending' AND expires_at <= $1
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 now_ms,
             ),
             (
                 "DELETE FROM inbox WHERE id IN
-                 (SELECT id FROM inbox WHERE expires_at <= $1
-                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                     (SELECT id FROM inbox WHERE expires_at <= $1
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 now_ms,
             ),
             (
                 "DELETE FROM rate_limits WHERE key IN
-                 (SELECT key FROM rate_limits WHERE window_end <= $1
-                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                     (SELECT key FROM rate_limits WHERE window_end <= $1
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 now_ms,
             ),
             (
                 "DELETE FROM counters WHERE (key, window_seconds, slot) IN
-                 (SELECT key, window_seconds, slot FROM counters WHERE keep_until <= $1
-                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                     (SELECT key, window_seconds, slot FROM counters WHERE keep_until <= $1
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 now_ms,
             ),
             (
                 "DELETE FROM markers WHERE (namespace, name) IN
-                 (SELECT namespace, name FROM markers WHERE expires_at <= $1
-                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                     (SELECT namespace, name FROM markers WHERE expires_at <= $1
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 now_ms,
             ),
             (
                 "DELETE FROM subjects WHERE (tenant, subject) IN
-                 (SELECT tenant, subject FROM subjects
-                  WHERE last_sent_at <= $1 OR last_sent_at IS NULL
-                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                     (SELECT tenant, subject FROM subjects
+                      WHERE last_sent_at <= $1 OR last_sent_at IS NULL
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 millis(now - KEEP_SUBJECTS),
             ),
         ]

@@ -1,7 +1,9 @@
 //! What the SQLite and PostgreSQL stores share: the row shapes both schemas
 //! use (ids as text, times as unix milliseconds, counters as 64-bit integers),
-//! their conversion to domain types, sqlx error mapping, and the pure decisions
-//! each backend takes inside its own transaction.
+//! their conversion to domain types, sqlx error mapping, the pure decisions
+//! each backend takes inside its own transaction, and (`sql_store!`) the one
+//! `Store` implementation both run, around each backend's own pools, locking
+//! and purge coordination.
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
@@ -541,10 +543,7 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn insert_api_key(
-                &self,
-                key: &ApiKeyRecord,
-            ) -> StoreResult<()> {
+            async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO api_keys (id, tenant, key_hash, created_at, revoked_at)
                      VALUES ($1, $2, $3, $4, $5)",
@@ -573,9 +572,7 @@ macro_rules! sql_store {
                     .transpose()
             }
 
-            async fn list_api_keys(
-                &self,
-            ) -> StoreResult<Vec<ApiKeyRecord>> {
+            async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
                 sqlx::query_as::<_, ApiKeyRow>("SELECT * FROM api_keys ORDER BY created_at, id")
                     .fetch_all(&self.$read)
                     .await
@@ -585,11 +582,7 @@ macro_rules! sql_store {
                     .collect()
             }
 
-            async fn revoke_api_key(
-                &self,
-                id: &str,
-                at: DateTime<Utc>,
-            ) -> StoreResult<bool> {
+            async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
                 let done = sqlx::query(
                     "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
                 )
@@ -859,10 +852,7 @@ macro_rules! sql_store {
                 })
             }
 
-            async fn insert_message(
-                &self,
-                m: &MessageRecord,
-            ) -> StoreResult<()> {
+            async fn insert_message(&self, m: &MessageRecord) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
                          provider_message_id, masked_to, country, status, error, cost, currency,
@@ -1013,11 +1003,7 @@ macro_rules! sql_store {
                 .collect()
             }
 
-            async fn purge_messages(
-                &self,
-                before: DateTime<Utc>,
-                batch: u32,
-            ) -> StoreResult<u64> {
+            async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
                 let done = sqlx::query(
                     "DELETE FROM messages WHERE id IN
                          (SELECT id FROM messages WHERE created_at < $1 LIMIT $2)",
@@ -1031,10 +1017,7 @@ macro_rules! sql_store {
             }
 
             /// One upsert is one atomic step: the row is created or added to.
-            async fn record_usage(
-                &self,
-                d: &UsageRow,
-            ) -> StoreResult<()> {
+            async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
                          delivered, failed, verifications_started, verifications_approved,
@@ -1116,10 +1099,7 @@ macro_rules! sql_store {
                 .transpose()
             }
 
-            async fn push_inbox(
-                &self,
-                e: &InboxEntry,
-            ) -> StoreResult<()> {
+            async fn push_inbox(&self, e: &InboxEntry) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO inbox (id, tenant, phone_index, masked_to, sealed_body, created_at,
                          expires_at)
@@ -1335,11 +1315,7 @@ macro_rules! sql_store {
                 .collect()
             }
 
-            async fn delete_marker(
-                &self,
-                namespace: &str,
-                name: &str,
-            ) -> StoreResult<bool> {
+            async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
                 let done = sqlx::query("DELETE FROM markers WHERE namespace = $1 AND name = $2")
                     .bind(namespace)
                     .bind(name)
@@ -1449,10 +1425,7 @@ macro_rules! sql_store {
                 Ok(u64::from(batch) - budget)
             }
 
-            async fn count_pending(
-                &self,
-                now: DateTime<Utc>,
-            ) -> StoreResult<u64> {
+            async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
                 let n: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM verifications
                      WHERE status = 'pending' AND expires_at > $1",

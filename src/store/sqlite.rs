@@ -99,6 +99,7 @@ impl SqliteStore {
 
     /// Waits for in-flight work and closes the file, so a new store may open it.
     pub async fn close(&self) {
+        // The writer last: closing its final connection checkpoints the WAL.
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -151,34 +152,34 @@ impl SqliteStore {
         vec![
             (
                 "UPDATE verifications SET status = 'expired', code_hash = NULL, updated_at = $1
-             WHERE id IN (SELECT id FROM verifications
-                          WHERE status = 'pending' AND expires_at <= $1 LIMIT $2)",
+                 WHERE id IN (SELECT id FROM verifications
+                              WHERE status = 'pending' AND expires_at <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM inbox WHERE id IN
-                 (SELECT id FROM inbox WHERE expires_at <= $1 LIMIT $2)",
+                     (SELECT id FROM inbox WHERE expires_at <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM rate_limits WHERE key IN
-                 (SELECT key FROM rate_limits WHERE window_end <= $1 LIMIT $2)",
+                     (SELECT key FROM rate_limits WHERE window_end <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM counters WHERE rowid IN
-                 (SELECT rowid FROM counters WHERE keep_until <= $1 LIMIT $2)",
+                     (SELECT rowid FROM counters WHERE keep_until <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM markers WHERE rowid IN
-                 (SELECT rowid FROM markers WHERE expires_at <= $1 LIMIT $2)",
+                     (SELECT rowid FROM markers WHERE expires_at <= $1 LIMIT $2)",
                 now_ms,
             ),
             (
                 "DELETE FROM subjects WHERE rowid IN
-                 (SELECT rowid FROM subjects
-                  WHERE last_sent_at <= $1 OR last_sent_at IS NULL LIMIT $2)",
+                     (SELECT rowid FROM subjects
+                      WHERE last_sent_at <= $1 OR last_sent_at IS NULL LIMIT $2)",
                 millis(now - KEEP_SUBJECTS),
             ),
         ]
@@ -187,7 +188,7 @@ impl SqliteStore {
 
 super::sql_common::sql_store!(
     store: SqliteStore,
-    db: sqlx::Sqlite,
+    db: Sqlite,
     read: reader,
     write: writer,
     insertion_order: "rowid",
