@@ -1,7 +1,9 @@
 //! What the SQLite and PostgreSQL stores share: the row shapes both schemas
 //! use (ids as text, times as unix milliseconds, counters as 64-bit integers),
-//! their conversion to domain types, sqlx error mapping, and the pure decisions
-//! each backend takes inside its own transaction.
+//! their conversion to domain types, sqlx error mapping, the pure decisions
+//! each backend takes inside its own transaction, and (`sql_store!`) the one
+//! `Store` implementation both run, around each backend's own pools, locking
+//! and purge coordination.
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
@@ -58,8 +60,17 @@ pub(crate) fn id_text(id: Uuid) -> String {
     id.hyphenated().to_string()
 }
 
-fn uuid(text: &str) -> StoreResult<Uuid> {
+pub(crate) fn parse_id(text: &str) -> StoreResult<Uuid> {
     Uuid::parse_str(text).map_err(|_| StoreError::Corrupt(format!("bad uuid {text:?}")))
+}
+
+pub(crate) fn parse_status(text: &str) -> StoreResult<Status> {
+    Status::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown status {text:?}")))
+}
+
+/// Sealed bytes (a phone number or an inbox body) as stored.
+pub(crate) fn sealed(bytes: &[u8], what: &str) -> StoreResult<SealedPhone> {
+    SealedPhone::from_bytes(bytes).ok_or_else(|| StoreError::Corrupt(format!("{what} too short")))
 }
 
 fn bytes32(bytes: Vec<u8>, what: &str) -> StoreResult<[u8; 32]> {
@@ -98,18 +109,16 @@ impl TryFrom<VerificationRow> for Verification {
 
     fn try_from(r: VerificationRow) -> StoreResult<Self> {
         Ok(Verification {
-            id: uuid(&r.id)?,
+            id: parse_id(&r.id)?,
             tenant: r.tenant,
             subject: SubjectKey(bytes32(r.subject, "subject")?),
             purpose: r.purpose,
             uid: r.uid,
-            phone: SealedPhone::from_bytes(&r.phone)
-                .ok_or_else(|| StoreError::Corrupt("sealed phone too short".into()))?,
+            phone: sealed(&r.phone, "sealed phone")?,
             masked_to: r.masked_to,
             country: r.country,
             code_hash: r.code_hash.map(|h| bytes32(h, "code hash")).transpose()?,
-            status: Status::parse(&r.status)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown status {:?}", r.status)))?,
+            status: parse_status(&r.status)?,
             attempts: count(r.attempts, "attempts")?,
             max_attempts: count(r.max_attempts, "max_attempts")?,
             send_count: count(r.send_count, "send_count")?,
@@ -149,8 +158,8 @@ impl TryFrom<MessageRow> for MessageRecord {
 
     fn try_from(r: MessageRow) -> StoreResult<Self> {
         Ok(MessageRecord {
-            id: uuid(&r.id)?,
-            verification_id: uuid(&r.verification_id)?,
+            id: parse_id(&r.id)?,
+            verification_id: parse_id(&r.verification_id)?,
             tenant: r.tenant,
             route_id: count(r.route_id, "route_id")?,
             provider: r.provider,
@@ -164,7 +173,7 @@ impl TryFrom<MessageRow> for MessageRecord {
             cost: r.cost,
             currency: r.currency,
             latency_ms: count(r.latency_ms, "latency_ms")?,
-            resend_of: r.resend_of.as_deref().map(uuid).transpose()?,
+            resend_of: r.resend_of.as_deref().map(parse_id).transpose()?,
             created_at: time(r.created_at)?,
             sent_at: opt_time(r.sent_at)?,
             delivered_at: opt_time(r.delivered_at)?,
@@ -213,12 +222,11 @@ impl TryFrom<InboxRow> for InboxEntry {
 
     fn try_from(r: InboxRow) -> StoreResult<Self> {
         Ok(InboxEntry {
-            id: uuid(&r.id)?,
+            id: parse_id(&r.id)?,
             tenant: r.tenant,
             phone_index: bytes32(r.phone_index, "phone index")?,
             masked_to: r.masked_to,
-            sealed_body: SealedPhone::from_bytes(&r.sealed_body)
-                .ok_or_else(|| StoreError::Corrupt("sealed body too short".into()))?,
+            sealed_body: sealed(&r.sealed_body, "sealed body")?,
             created_at: time(r.created_at)?,
             expires_at: time(r.expires_at)?,
         })
@@ -247,7 +255,7 @@ impl TryFrom<SubjectRow> for SubjectState {
 
     fn try_from(r: SubjectRow) -> StoreResult<Self> {
         Ok(SubjectState {
-            current: r.current_id.as_deref().map(uuid).transpose()?,
+            current: r.current_id.as_deref().map(parse_id).transpose()?,
             last_sent_at: opt_time(r.last_sent_at)?,
             window_start: opt_time(r.window_start)?,
             window_count: count(r.window_count, "window_count")?,
@@ -448,3 +456,988 @@ pub(crate) fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64
     let slot = now.timestamp().div_euclid(window);
     (slot, (slot + 2) * window * 1000)
 }
+
+/// Implements `Store` for a SQL backend, written once for SQLite and
+/// PostgreSQL: the SQL (with `$N` placeholders, which both drivers bind by
+/// number) and the Rust around it. A macro rather than generics over
+/// `sqlx::Database`: the bounds those need (every bound type's `Encode`/`Type`,
+/// every row's `FromRow`) are not implied and would repeat on every function.
+///
+/// - `read` / `write`: the pool fields for reads and for writes (SQLite keeps a
+///   single writer connection apart from its readers; PostgreSQL uses one pool).
+/// - `insertion_order`: the column that orders rows of equal `created_at` the
+///   way they were inserted (`rowid` on SQLite, the `seq` identity on PostgreSQL).
+/// - `for_update`: appended to a read whose row the transaction then writes
+///   (`" FOR UPDATE"` on PostgreSQL; empty on SQLite, whose `BEGIN IMMEDIATE`
+///   already holds the only write lock).
+///
+/// What each backend does its own way, it provides as inherent items:
+/// - `async fn close(&self)`: closes its pools.
+/// - `async fn begin_write(&self) -> StoreResult<Transaction<'static, DB>>`: a
+///   transaction for an operation that reads, decides and writes.
+/// - `async fn subject_state(tx, tenant, subject) -> StoreResult<SubjectState>`:
+///   a subject's send history, held against concurrent sends until `tx` ends.
+/// - `async fn begin_purge(&self) -> StoreResult<Option<Transaction<'static, DB>>>`:
+///   the purge's transaction, or `None` when another instance is purging.
+/// - `fn purge_steps(now) -> Vec<(&'static str, i64)>`: the purge's statements,
+///   each taking `$1` (its cutoff) and `$2` (what is left of the batch).
+macro_rules! sql_store {
+    (
+        store: $store:ty,
+        db: $db:ty,
+        read: $read:ident,
+        write: $write:ident,
+        insertion_order: $order:literal,
+        for_update: $lock:literal $(,)?
+    ) => {
+        // An anonymous scope, so the imports stay out of the backend's module.
+        const _: () = {
+        use chrono::{DateTime, NaiveDate, Utc};
+        use sqlx::Transaction;
+        use uuid::Uuid;
+
+        use $crate::crypto::SealedPhone;
+        use $crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
+        use $crate::store::sql_common::{
+            ApiKeyRow, InboxRow, MarkerRow, MessageRow, UsageDbRow, VerificationRow,
+            admit_send, counter_amount, counter_slot, counter_total, day_text, decide_check,
+            id_text, map_sqlx, millis, parse_id, parse_status, rate_slot, sealed,
+            usage_amount,
+        };
+        use $crate::store::{
+            CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker,
+            MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
+            SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message,
+            seconds_until,
+        };
+
+        impl $store {
+            /// The verification `id`, locked for the rest of the transaction
+            /// where the backend locks rows.
+            async fn locked_verification(
+                tx: &mut Transaction<'static, $db>,
+                id: Uuid,
+            ) -> StoreResult<Option<Verification>> {
+                sqlx::query_as::<_, VerificationRow>(concat!(
+                    "SELECT * FROM verifications WHERE id = $1",
+                    $lock
+                ))
+                .bind(id_text(id))
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(map_sqlx)?
+                .map(Verification::try_from)
+                .transpose()
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl Store for $store {
+            async fn close(&self) {
+                // The backend's own (inherent) `close`.
+                <$store>::close(self).await
+            }
+
+            async fn ping(&self) -> StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.$read).await.map_err(map_sqlx)?;
+                Ok(())
+            }
+
+            async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO api_keys (id, tenant, key_hash, created_at, revoked_at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&key.id)
+                .bind(&key.tenant)
+                .bind(key.key_hash.as_slice())
+                .bind(millis(key.created_at))
+                .bind(key.revoked_at.map(millis))
+                .execute(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
+            }
+
+            async fn find_api_key(
+                &self,
+                key_hash: &[u8; 32],
+            ) -> StoreResult<Option<ApiKeyRecord>> {
+                sqlx::query_as::<_, ApiKeyRow>("SELECT * FROM api_keys WHERE key_hash = $1")
+                    .bind(key_hash.as_slice())
+                    .fetch_optional(&self.$read)
+                    .await
+                    .map_err(map_sqlx)?
+                    .map(ApiKeyRecord::try_from)
+                    .transpose()
+            }
+
+            async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+                sqlx::query_as::<_, ApiKeyRow>("SELECT * FROM api_keys ORDER BY created_at, id")
+                    .fetch_all(&self.$read)
+                    .await
+                    .map_err(map_sqlx)?
+                    .into_iter()
+                    .map(ApiKeyRecord::try_from)
+                    .collect()
+            }
+
+            async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(millis(at))
+                .bind(id)
+                .execute(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn find_pending(
+                &self,
+                tenant: &str,
+                subject: &SubjectKey,
+                now: DateTime<Utc>,
+            ) -> StoreResult<Option<Uuid>> {
+                let id: Option<String> = sqlx::query_scalar(
+                    "SELECT v.id FROM subjects s JOIN verifications v ON v.id = s.current_id
+                     WHERE s.tenant = $1 AND s.subject = $2 AND v.tenant = $1
+                       AND v.status = 'pending' AND v.expires_at > $3",
+                )
+                .bind(tenant)
+                .bind(subject.0.as_slice())
+                .bind(millis(now))
+                .fetch_optional(&self.$read)
+                .await
+                .map_err(map_sqlx)?;
+                id.as_deref().map(parse_id).transpose()
+            }
+
+            async fn find_current(
+                &self,
+                tenant: &str,
+                subject: &SubjectKey,
+                now: DateTime<Utc>,
+            ) -> StoreResult<Option<(Uuid, Status)>> {
+                let row: Option<(String, String)> = sqlx::query_as(
+                    "SELECT v.id, v.status
+                     FROM subjects s JOIN verifications v ON v.id = s.current_id
+                     WHERE s.tenant = $1 AND s.subject = $2 AND v.tenant = $1
+                       AND v.status IN ('pending', 'max_attempts') AND v.expires_at > $3",
+                )
+                .bind(tenant)
+                .bind(subject.0.as_slice())
+                .bind(millis(now))
+                .fetch_optional(&self.$read)
+                .await
+                .map_err(map_sqlx)?;
+                row.map(|(id, status)| Ok((parse_id(&id)?, parse_status(&status)?)))
+                    .transpose()
+            }
+
+            async fn start_send(
+                &self,
+                plan: &SendPlan,
+                now: DateTime<Utc>,
+            ) -> StoreResult<SendDecision> {
+                let planned = &plan.verification;
+                let mut tx = self.begin_write().await?;
+                let state = Self::subject_state(&mut tx, &planned.tenant, &planned.subject).await?;
+                let window = match admit_send(&state, plan, now) {
+                    Ok(window) => window,
+                    Err(refusal) => return Ok(refusal.into()),
+                };
+
+                let pending = match state.current {
+                    Some(current) => Self::locked_verification(&mut tx, current)
+                        .await?
+                        .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
+                    None => None,
+                };
+                let previous_sent_at = state.last_sent_at;
+                let decision = match pending {
+                    Some(v) if v.id == planned.id => {
+                        let row = sqlx::query_as::<_, VerificationRow>(
+                            // A resend goes to the number of this request (a uid's
+                            // number may change).
+                            "UPDATE verifications
+                             SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
+                                 updated_at = $3, last_sent_at = $3,
+                                 phone = $5, masked_to = $6, country = $7
+                             WHERE id = $4 RETURNING *",
+                        )
+                        .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                        .bind(millis(planned.expires_at))
+                        .bind(millis(now))
+                        .bind(id_text(v.id))
+                        .bind(planned.phone.to_bytes())
+                        .bind(&planned.masked_to)
+                        .bind(planned.country.as_deref())
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(map_sqlx)?;
+                        SendDecision::Replaced {
+                            verification: row.try_into()?,
+                            previous_sent_at,
+                        }
+                    }
+                    Some(_) => return Ok(SendDecision::Conflict),
+                    None => {
+                        let inserted = sqlx::query(
+                            "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone,
+                                 masked_to, country, code_hash, status, attempts, max_attempts,
+                                 send_count, created_at, updated_at, expires_at, last_sent_at)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                                 $15, $16, $17)
+                             ON CONFLICT (id) DO NOTHING",
+                        )
+                        .bind(id_text(planned.id))
+                        .bind(&planned.tenant)
+                        .bind(planned.subject.0.as_slice())
+                        .bind(&planned.purpose)
+                        .bind(&planned.uid)
+                        .bind(planned.phone.to_bytes())
+                        .bind(&planned.masked_to)
+                        .bind(&planned.country)
+                        .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                        .bind(planned.status.as_str())
+                        .bind(i64::from(planned.attempts))
+                        .bind(i64::from(planned.max_attempts))
+                        .bind(i64::from(planned.send_count))
+                        .bind(millis(planned.created_at))
+                        .bind(millis(planned.updated_at))
+                        .bind(millis(planned.expires_at))
+                        .bind(millis(planned.last_sent_at))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_sqlx)?;
+                        // The plan names a verification that exists but is no longer
+                        // pending (expired or ended since the service looked).
+                        if inserted.rows_affected() == 0 {
+                            return Ok(SendDecision::Conflict);
+                        }
+                        SendDecision::Created {
+                            verification: planned.clone(),
+                            previous_sent_at,
+                        }
+                    }
+                };
+
+                // An upsert: SQLite may have no subject row yet; PostgreSQL created
+                // and locked it before reading the state.
+                sqlx::query(
+                    "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
+                         window_count)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (tenant, subject) DO UPDATE SET
+                         current_id = excluded.current_id,
+                         last_sent_at = excluded.last_sent_at,
+                         window_start = excluded.window_start,
+                         window_count = excluded.window_count",
+                )
+                .bind(&planned.tenant)
+                .bind(planned.subject.0.as_slice())
+                .bind(id_text(planned.id))
+                .bind(millis(now))
+                .bind(millis(window.start))
+                .bind(i64::from(window.count + 1))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                tx.commit().await.map_err(map_sqlx)?;
+                Ok(decision)
+            }
+
+            async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query(
+                    "UPDATE subjects SET last_sent_at = $1,
+                         window_count = CASE WHEN window_count > 0 THEN window_count - 1 ELSE 0 END
+                     WHERE tenant = $2 AND subject = $3",
+                )
+                .bind(abort.previous_sent_at.map(millis))
+                .bind(&abort.tenant)
+                .bind(abort.subject.0.as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                sqlx::query(
+                    "UPDATE verifications SET status = 'failed', code_hash = NULL, updated_at = $1
+                     WHERE id = $2 AND tenant = $3",
+                )
+                .bind(millis(abort.at))
+                .bind(id_text(abort.verification_id))
+                .bind(&abort.tenant)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                tx.commit().await.map_err(map_sqlx)
+            }
+
+            async fn check_code(
+                &self,
+                tenant: &str,
+                id: Uuid,
+                code_hash: &[u8; 32],
+                now: DateTime<Utc>,
+            ) -> StoreResult<CheckOutcome> {
+                let mut tx = self.begin_write().await?;
+                let Some(mut v) = Self::locked_verification(&mut tx, id)
+                    .await?
+                    .filter(|v| v.tenant == tenant)
+                else {
+                    return Ok(CheckOutcome::NotFound);
+                };
+                let (outcome, changed) = decide_check(&mut v, code_hash, now);
+                if changed {
+                    sqlx::query(
+                        "UPDATE verifications SET status = $1, code_hash = $2, attempts = $3,
+                             updated_at = $4
+                         WHERE id = $5",
+                    )
+                    .bind(v.status.as_str())
+                    .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
+                    .bind(i64::from(v.attempts))
+                    .bind(millis(v.updated_at))
+                    .bind(id_text(id))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
+                    tx.commit().await.map_err(map_sqlx)?;
+                }
+                Ok(outcome)
+            }
+
+            async fn get_verification(
+                &self,
+                tenant: &str,
+                id: Uuid,
+            ) -> StoreResult<Option<Verification>> {
+                sqlx::query_as::<_, VerificationRow>(
+                    "SELECT * FROM verifications WHERE id = $1 AND tenant = $2",
+                )
+                .bind(id_text(id))
+                .bind(tenant)
+                .fetch_optional(&self.$read)
+                .await
+                .map_err(map_sqlx)?
+                .map(Verification::try_from)
+                .transpose()
+            }
+
+            /// One statement: the pending test and the update cannot be separated
+            /// by a concurrent check (on PostgreSQL the row lock it takes orders
+            /// it, and the test is re-evaluated on the latest row).
+            async fn cancel(
+                &self,
+                tenant: &str,
+                id: Uuid,
+                now: DateTime<Utc>,
+            ) -> StoreResult<CancelOutcome> {
+                let row = sqlx::query_as::<_, VerificationRow>(
+                    "UPDATE verifications SET status = 'canceled', code_hash = NULL, updated_at = $1
+                     WHERE id = $2 AND tenant = $3 AND status = 'pending' AND expires_at > $1
+                     RETURNING *",
+                )
+                .bind(millis(now))
+                .bind(id_text(id))
+                .bind(tenant)
+                .fetch_optional(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(match row {
+                    Some(row) => CancelOutcome::Canceled(row.try_into()?),
+                    None => CancelOutcome::NotFound,
+                })
+            }
+
+            async fn insert_message(&self, m: &MessageRecord) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
+                         provider_message_id, masked_to, country, status, error, cost, currency,
+                         latency_ms, resend_of, created_at, sent_at, delivered_at, failed_at,
+                         updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                         $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                )
+                .bind(id_text(m.id))
+                .bind(id_text(m.verification_id))
+                .bind(&m.tenant)
+                .bind(i64::from(m.route_id))
+                .bind(&m.provider)
+                .bind(&m.provider_message_id)
+                .bind(&m.masked_to)
+                .bind(&m.country)
+                .bind(m.status.as_str())
+                .bind(&m.error)
+                .bind(m.cost)
+                .bind(&m.currency)
+                .bind(i64::from(m.latency_ms))
+                .bind(m.resend_of.map(id_text))
+                .bind(millis(m.created_at))
+                .bind(m.sent_at.map(millis))
+                .bind(m.delivered_at.map(millis))
+                .bind(m.failed_at.map(millis))
+                .bind(millis(m.updated_at))
+                .execute(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
+            }
+
+            async fn get_message(
+                &self,
+                tenant: &str,
+                id: Uuid,
+            ) -> StoreResult<Option<MessageRecord>> {
+                sqlx::query_as::<_, MessageRow>(
+                    "SELECT * FROM messages WHERE id = $1 AND tenant = $2",
+                )
+                .bind(id_text(id))
+                .bind(tenant)
+                .fetch_optional(&self.$read)
+                .await
+                .map_err(map_sqlx)?
+                .map(MessageRecord::try_from)
+                .transpose()
+            }
+
+            async fn list_messages(
+                &self,
+                tenant: &str,
+                verification_id: Uuid,
+            ) -> StoreResult<Vec<MessageRecord>> {
+                sqlx::query_as::<_, MessageRow>(concat!(
+                    "SELECT * FROM messages WHERE verification_id = $1 AND tenant = $2
+                     ORDER BY created_at, ",
+                    $order
+                ))
+                .bind(id_text(verification_id))
+                .bind(tenant)
+                .fetch_all(&self.$read)
+                .await
+                .map_err(map_sqlx)?
+                .into_iter()
+                .map(MessageRecord::try_from)
+                .collect()
+            }
+
+            async fn update_message_by_provider_id(
+                &self,
+                provider: &str,
+                provider_message_id: &str,
+                update: &MessageUpdate,
+            ) -> StoreResult<Option<MessageTransition>> {
+                let mut tx = self.begin_write().await?;
+                // Should a provider ever reuse an id, the newest message is the one meant.
+                let Some(row) = sqlx::query_as::<_, MessageRow>(concat!(
+                    "SELECT * FROM messages WHERE provider = $1 AND provider_message_id = $2
+                     ORDER BY ",
+                    $order,
+                    " DESC LIMIT 1",
+                    $lock
+                ))
+                .bind(provider)
+                .bind(provider_message_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_sqlx)?
+                else {
+                    return Ok(None);
+                };
+                let current = MessageRecord::try_from(row)?;
+                let previous = current.status;
+                let Some(next) = advance_message(&current, update) else {
+                    return Ok(Some(MessageTransition {
+                        previous,
+                        message: current,
+                    }));
+                };
+                sqlx::query(
+                    "UPDATE messages SET status = $1, error = $2, cost = $3, currency = $4,
+                         updated_at = $5, sent_at = $6, delivered_at = $7, failed_at = $8
+                     WHERE id = $9",
+                )
+                .bind(next.status.as_str())
+                .bind(&next.error)
+                .bind(next.cost)
+                .bind(&next.currency)
+                .bind(millis(next.updated_at))
+                .bind(next.sent_at.map(millis))
+                .bind(next.delivered_at.map(millis))
+                .bind(next.failed_at.map(millis))
+                .bind(id_text(next.id))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                tx.commit().await.map_err(map_sqlx)?;
+                Ok(Some(MessageTransition {
+                    previous,
+                    message: next,
+                }))
+            }
+
+            async fn list_unfinished_messages(
+                &self,
+                provider: &str,
+                created_after: DateTime<Utc>,
+                limit: u32,
+            ) -> StoreResult<Vec<MessageRecord>> {
+                // The conditions repeat the partial index's, so the index serves the query.
+                sqlx::query_as::<_, MessageRow>(
+                    "SELECT * FROM messages
+                     WHERE provider = $1 AND created_at > $2
+                       AND status IN ('queued', 'sent', 'unknown')
+                       AND provider_message_id IS NOT NULL
+                     ORDER BY created_at LIMIT $3",
+                )
+                .bind(provider)
+                .bind(millis(created_after))
+                .bind(i64::from(limit))
+                .fetch_all(&self.$read)
+                .await
+                .map_err(map_sqlx)?
+                .into_iter()
+                .map(MessageRecord::try_from)
+                .collect()
+            }
+
+            async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+                let done = sqlx::query(
+                    "DELETE FROM messages WHERE id IN
+                         (SELECT id FROM messages WHERE created_at < $1 LIMIT $2)",
+                )
+                .bind(millis(before))
+                .bind(i64::from(batch))
+                .execute(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(done.rows_affected())
+            }
+
+            /// One upsert is one atomic step: the row is created or added to.
+            async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
+                         delivered, failed, verifications_started, verifications_approved,
+                         cost_micros)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
+                         sent = usage_daily.sent + excluded.sent,
+                         delivered = usage_daily.delivered + excluded.delivered,
+                         failed = usage_daily.failed + excluded.failed,
+                         verifications_started =
+                             usage_daily.verifications_started + excluded.verifications_started,
+                         verifications_approved =
+                             usage_daily.verifications_approved + excluded.verifications_approved,
+                         cost_micros = usage_daily.cost_micros + excluded.cost_micros",
+                )
+                .bind(&d.tenant)
+                .bind(day_text(d.day))
+                .bind(i64::from(d.route_id))
+                .bind(d.country.as_deref().unwrap_or_default())
+                .bind(d.currency.as_deref().unwrap_or_default())
+                .bind(usage_amount(d.sent))
+                .bind(usage_amount(d.delivered))
+                .bind(usage_amount(d.failed))
+                .bind(usage_amount(d.verifications_started))
+                .bind(usage_amount(d.verifications_approved))
+                .bind(d.cost_micros)
+                .execute(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
+            }
+
+            async fn usage(
+                &self,
+                tenant: &str,
+                from: NaiveDate,
+                to: NaiveDate,
+            ) -> StoreResult<Vec<UsageRow>> {
+                // ISO dates order as text, so the primary key serves the range.
+                sqlx::query_as::<_, UsageDbRow>(
+                    "SELECT * FROM usage_daily WHERE tenant = $1 AND day >= $2 AND day <= $3",
+                )
+                .bind(tenant)
+                .bind(day_text(from))
+                .bind(day_text(to))
+                .fetch_all(&self.$read)
+                .await
+                .map_err(map_sqlx)?
+                .into_iter()
+                .map(UsageRow::try_from)
+                .collect()
+            }
+
+            /// One statement: the conditions and the write cannot be separated by a
+            /// concurrent send, check or cancel.
+            async fn replace_code(
+                &self,
+                r: &CodeReplacement,
+                now: DateTime<Utc>,
+            ) -> StoreResult<Option<Verification>> {
+                sqlx::query_as::<_, VerificationRow>(
+                    "UPDATE verifications
+                     SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
+                         last_sent_at = $3, updated_at = $3
+                     WHERE id = $4 AND tenant = $5 AND status = 'pending' AND expires_at > $3
+                       AND send_count = $6
+                     RETURNING *",
+                )
+                .bind(r.code_hash.as_slice())
+                .bind(millis(r.expires_at))
+                .bind(millis(now))
+                .bind(id_text(r.verification_id))
+                .bind(&r.tenant)
+                .bind(i64::from(r.expected_send_count))
+                .fetch_optional(&self.$write)
+                .await
+                .map_err(map_sqlx)?
+                .map(Verification::try_from)
+                .transpose()
+            }
+
+            async fn push_inbox(&self, e: &InboxEntry) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO inbox (id, tenant, phone_index, masked_to, sealed_body, created_at,
+                         expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(id_text(e.id))
+                .bind(&e.tenant)
+                .bind(e.phone_index.as_slice())
+                .bind(&e.masked_to)
+                .bind(e.sealed_body.to_bytes())
+                .bind(millis(e.created_at))
+                .bind(millis(e.expires_at))
+                .execute(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
+            }
+
+            async fn list_inbox(
+                &self,
+                tenant: &str,
+                phone_index: Option<&[u8; 32]>,
+                now: DateTime<Utc>,
+                limit: u32,
+            ) -> StoreResult<Vec<InboxEntry>> {
+                let rows = match phone_index {
+                    Some(index) => {
+                        sqlx::query_as::<_, InboxRow>(concat!(
+                            "SELECT * FROM inbox
+                             WHERE tenant = $1 AND expires_at > $2 AND phone_index = $3
+                             ORDER BY created_at DESC, ",
+                            $order,
+                            " DESC LIMIT $4"
+                        ))
+                        .bind(tenant)
+                        .bind(millis(now))
+                        .bind(index.as_slice())
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.$read)
+                        .await
+                    }
+                    None => {
+                        sqlx::query_as::<_, InboxRow>(concat!(
+                            "SELECT * FROM inbox WHERE tenant = $1 AND expires_at > $2
+                             ORDER BY created_at DESC, ",
+                            $order,
+                            " DESC LIMIT $3"
+                        ))
+                        .bind(tenant)
+                        .bind(millis(now))
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.$read)
+                        .await
+                    }
+                };
+                rows.map_err(map_sqlx)?
+                    .into_iter()
+                    .map(InboxEntry::try_from)
+                    .collect()
+            }
+
+            async fn hit_rate_limit(
+                &self,
+                key: &str,
+                limit: u32,
+                window_seconds: u32,
+                now: DateTime<Utc>,
+            ) -> StoreResult<RateDecision> {
+                let (slot, window_end) = rate_slot(window_seconds, now);
+                let limited = || RateDecision::Limited {
+                    retry_after_seconds: seconds_until(
+                        now,
+                        DateTime::from_timestamp_millis(window_end).unwrap_or(now),
+                    ),
+                };
+                if limit == 0 {
+                    return Ok(limited());
+                }
+                // One upsert is one atomic step (on PostgreSQL it locks the counter
+                // row): it starts a fresh window, counts a hit, or, when the window is
+                // full, changes nothing and returns no row.
+                let count: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO rate_limits (key, slot, window_end, count) VALUES ($1, $2, $3, 1)
+                     ON CONFLICT (key) DO UPDATE SET
+                         count = CASE WHEN rate_limits.slot = excluded.slot
+                                      THEN rate_limits.count + 1 ELSE 1 END,
+                         slot = excluded.slot,
+                         window_end = excluded.window_end
+                     WHERE rate_limits.slot <> excluded.slot OR rate_limits.count < $4
+                     RETURNING count",
+                )
+                .bind(key)
+                .bind(slot)
+                .bind(window_end)
+                .bind(i64::from(limit))
+                .fetch_optional(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(match count {
+                    Some(count) => RateDecision::Allowed {
+                        remaining: u32::try_from(i64::from(limit) - count).unwrap_or(0),
+                    },
+                    None => limited(),
+                })
+            }
+
+            /// One upsert is one atomic step: the window's row is created or added to.
+            async fn add_to_counter(
+                &self,
+                key: &str,
+                amount: u64,
+                window_seconds: u32,
+                now: DateTime<Utc>,
+            ) -> StoreResult<u64> {
+                let (slot, keep_until) = counter_slot(window_seconds, now);
+                let total: i64 = sqlx::query_scalar(
+                    "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
+                         total = counters.total + excluded.total
+                     RETURNING total",
+                )
+                .bind(key)
+                .bind(i64::from(window_seconds))
+                .bind(slot)
+                .bind(keep_until)
+                .bind(counter_amount(amount))
+                .fetch_one(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(counter_total(Some(total)))
+            }
+
+            async fn read_counter(
+                &self,
+                key: &str,
+                window_seconds: u32,
+                now: DateTime<Utc>,
+            ) -> StoreResult<u64> {
+                let (slot, _) = rate_slot(window_seconds, now);
+                let total: Option<i64> = sqlx::query_scalar(
+                    "SELECT total FROM counters
+                     WHERE key = $1 AND window_seconds = $2 AND slot = $3",
+                )
+                .bind(key)
+                .bind(i64::from(window_seconds))
+                .bind(slot)
+                .fetch_optional(&self.$read)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(counter_total(total))
+            }
+
+            async fn set_marker(
+                &self,
+                namespace: &str,
+                name: &str,
+                value: &str,
+                expires_at: DateTime<Utc>,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO markers (namespace, name, value, expires_at)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (namespace, name) DO UPDATE SET
+                         value = excluded.value, expires_at = excluded.expires_at",
+                )
+                .bind(namespace)
+                .bind(name)
+                .bind(value)
+                .bind(millis(expires_at))
+                .execute(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
+            }
+
+            async fn get_marker(
+                &self,
+                namespace: &str,
+                name: &str,
+                now: DateTime<Utc>,
+            ) -> StoreResult<Option<Marker>> {
+                sqlx::query_as::<_, MarkerRow>(
+                    "SELECT name, value, expires_at FROM markers
+                     WHERE namespace = $1 AND name = $2 AND expires_at > $3",
+                )
+                .bind(namespace)
+                .bind(name)
+                .bind(millis(now))
+                .fetch_optional(&self.$read)
+                .await
+                .map_err(map_sqlx)?
+                .map(Marker::try_from)
+                .transpose()
+            }
+
+            async fn list_markers(
+                &self,
+                namespace: &str,
+                now: DateTime<Utc>,
+            ) -> StoreResult<Vec<Marker>> {
+                sqlx::query_as::<_, MarkerRow>(
+                    "SELECT name, value, expires_at FROM markers
+                     WHERE namespace = $1 AND expires_at > $2 ORDER BY name",
+                )
+                .bind(namespace)
+                .bind(millis(now))
+                .fetch_all(&self.$read)
+                .await
+                .map_err(map_sqlx)?
+                .into_iter()
+                .map(Marker::try_from)
+                .collect()
+            }
+
+            async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
+                let done = sqlx::query("DELETE FROM markers WHERE namespace = $1 AND name = $2")
+                    .bind(namespace)
+                    .bind(name)
+                    .execute(&self.$write)
+                    .await
+                    .map_err(map_sqlx)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            /// One upsert decides and writes: it takes a free or expired marker,
+            /// renews the holder's own, and leaves anyone else's alone (returning
+            /// no row).
+            async fn claim_marker(
+                &self,
+                namespace: &str,
+                name: &str,
+                holder: &str,
+                expires_at: DateTime<Utc>,
+                now: DateTime<Utc>,
+            ) -> StoreResult<bool> {
+                // The cast: PostgreSQL's bare `1` is a 4-byte integer.
+                let claimed: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO markers (namespace, name, value, expires_at)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (namespace, name) DO UPDATE SET
+                         value = excluded.value, expires_at = excluded.expires_at
+                     WHERE markers.expires_at <= $5 OR markers.value = excluded.value
+                     RETURNING CAST(1 AS BIGINT)",
+                )
+                .bind(namespace)
+                .bind(name)
+                .bind(holder)
+                .bind(millis(expires_at))
+                .bind(millis(now))
+                .fetch_optional(&self.$write)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(claimed.is_some())
+            }
+
+            async fn list_sealed_with_other_key(
+                &self,
+                current_key: u32,
+                after: Option<Uuid>,
+                limit: u32,
+            ) -> StoreResult<Vec<SealedRecord>> {
+                // Sealed numbers start with their key id (4 bytes, big endian).
+                let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+                    "SELECT id, tenant, phone FROM verifications
+                     WHERE status = 'pending' AND id > $1 AND substr(phone, 1, 4) <> $2
+                     ORDER BY id LIMIT $3",
+                )
+                .bind(after.map(id_text).unwrap_or_default())
+                .bind(current_key.to_be_bytes().to_vec())
+                .bind(i64::from(limit))
+                .fetch_all(&self.$read)
+                .await
+                .map_err(map_sqlx)?;
+                rows.into_iter()
+                    .map(|(id, tenant, phone)| {
+                        Ok(SealedRecord {
+                            tenant,
+                            id: parse_id(&id)?,
+                            phone: sealed(&phone, "sealed phone")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn reseal_phone(
+                &self,
+                id: Uuid,
+                old: &SealedPhone,
+                new: &SealedPhone,
+            ) -> StoreResult<bool> {
+                let done =
+                    sqlx::query("UPDATE verifications SET phone = $1 WHERE id = $2 AND phone = $3")
+                        .bind(new.to_bytes())
+                        .bind(id_text(id))
+                        .bind(old.to_bytes())
+                        .execute(&self.$write)
+                        .await
+                        .map_err(map_sqlx)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
+                let Some(mut tx) = self.begin_purge().await? else {
+                    return Ok(0);
+                };
+                // Each step spends what is left of the batch, so one call touches at
+                // most `batch` rows.
+                let mut budget = u64::from(batch);
+                for (sql, cutoff) in Self::purge_steps(now) {
+                    if budget == 0 {
+                        break;
+                    }
+                    let done = sqlx::query(sql)
+                        .bind(cutoff)
+                        .bind(i64::try_from(budget).unwrap_or(i64::MAX))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_sqlx)?;
+                    budget = budget.saturating_sub(done.rows_affected());
+                }
+                tx.commit().await.map_err(map_sqlx)?;
+                Ok(u64::from(batch) - budget)
+            }
+
+            async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM verifications
+                     WHERE status = 'pending' AND expires_at > $1",
+                )
+                .bind(millis(now))
+                .fetch_one(&self.$read)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            }
+        }
+        };
+    };
+}
+pub(crate) use sql_store;
