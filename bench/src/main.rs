@@ -20,10 +20,10 @@ use otpd_bench::workloads::{Api, Check, Endpoint, Hello, Issued, Send};
 #[command(about = "Load benchmark for otpd (see BENCHMARKS.md)")]
 struct Cli {
     /// Seconds each measured scenario runs, after its warm-up.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 3.0)]
     duration: f64,
     /// Warm-up seconds before each measurement.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.5)]
     warmup: f64,
     /// Concurrent keep-alive connections (like `wrk -c`).
     #[arg(long, default_value_t = 64)]
@@ -217,6 +217,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         "bench/run.sh".to_owned()
     };
+    let command = format!(
+        "{command}` ({} connections; each scenario {} s measured after {} s of warm-up",
+        cli.connections, cli.duration, cli.warmup
+    );
     let text = report::render(
         &machine,
         &command,

@@ -92,7 +92,7 @@ pub fn render(
     let _ = writeln!(s, "## Run {} — commit {}\n", machine.date, machine.commit);
     let _ = writeln!(
         s,
-        "Machine: {} CPUs ({}), load average before the run {}. Command: `{command}`.\n",
+        "Machine: {} CPUs ({}), load average before the run {}. Command: `{command}).\n",
         machine.nproc, machine.cpu, machine.load
     );
     let _ = writeln!(s, "### Targets\n");
