@@ -12,7 +12,9 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
 
-use super::sql_common::{KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis};
+use super::sql_common::{
+    KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis,
+};
 use super::{StoreError, StoreResult};
 use crate::domain::SubjectKey;
 
@@ -205,6 +207,16 @@ impl PostgresStore {
                       WHERE last_sent_at <= $1 OR last_sent_at IS NULL
                       LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 millis(now - KEEP_SUBJECTS),
+            ),
+            (
+                // Ended verifications go once their delivery records have been
+                // purged by retention: nothing refers to them any more.
+                "DELETE FROM verifications WHERE id IN
+                     (SELECT v.id FROM verifications v
+                      WHERE v.status <> 'pending' AND v.expires_at <= $1
+                        AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.verification_id = v.id)
+                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                millis(now - KEEP_ENDED),
             ),
         ]
     }

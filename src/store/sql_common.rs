@@ -17,6 +17,9 @@ use crate::domain::{
     ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
 };
 
+/// An ended verification stays readable (status reads, usage credit) at least this long;
+/// after that it goes once retention has deleted its delivery records.
+pub(crate) const KEEP_ENDED: Duration = Duration::hours(24);
 /// Subjects untouched this long are forgotten by the purge (as in the memory store).
 pub(crate) const KEEP_SUBJECTS: Duration = Duration::hours(24);
 

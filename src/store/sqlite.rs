@@ -13,7 +13,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
-use super::sql_common::{KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis};
+use super::sql_common::{
+    KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis,
+};
 use super::{StoreError, StoreResult};
 use crate::domain::SubjectKey;
 
@@ -181,6 +183,15 @@ impl SqliteStore {
                      (SELECT rowid FROM subjects
                       WHERE last_sent_at <= $1 OR last_sent_at IS NULL LIMIT $2)",
                 millis(now - KEEP_SUBJECTS),
+            ),
+            (
+                // Ended verifications go once their delivery records have been
+                // purged by retention: nothing refers to them any more.
+                "DELETE FROM verifications WHERE id IN
+                     (SELECT v.id FROM verifications v
+                      WHERE v.status <> 'pending' AND v.expires_at <= $1
+                        AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.verification_id = v.id) LIMIT $2)",
+                millis(now - KEEP_ENDED),
             ),
         ]
     }

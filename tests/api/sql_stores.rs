@@ -448,3 +448,57 @@ async fn postgres_messages_written_before_delivery_tracking_still_read() {
         .unwrap();
     old_rows_read_back(&store, verification, message).await;
 }
+
+/// Ended verifications are deleted a day after they end, but only once retention
+/// has removed their delivery records (nothing may point at a deleted row).
+async fn ended_verifications_go_after_their_messages(store: &dyn Store) {
+    let crypto = Crypto::for_tests();
+    let now = t0();
+    let bare = create(store, &plan(&crypto, "acme", random_subject(), now), now)
+        .await
+        .id;
+    let with_message = create(store, &plan(&crypto, "acme", random_subject(), now), now)
+        .await
+        .id;
+    let record = crate::store_contract::message("acme", with_message, "BX-retention", now);
+    store.insert_message(&record).await.unwrap();
+
+    let expired = now + Duration::seconds(301);
+    while store.purge_expired(expired, 100).await.unwrap() > 0 {}
+    let v = store.get_verification("acme", bare).await.unwrap().unwrap();
+    assert_eq!(v.status, Status::Expired, "ended, still readable");
+
+    let next_day = expired + Duration::hours(25);
+    while store.purge_expired(next_day, 100).await.unwrap() > 0 {}
+    assert_eq!(store.get_verification("acme", bare).await.unwrap(), None);
+    assert!(
+        store
+            .get_verification("acme", with_message)
+            .await
+            .unwrap()
+            .is_some(),
+        "kept while a delivery record refers to it"
+    );
+
+    while store.purge_messages(next_day, 100).await.unwrap() > 0 {}
+    while store.purge_expired(next_day, 100).await.unwrap() > 0 {}
+    assert_eq!(
+        store.get_verification("acme", with_message).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn sqlite_ended_verifications_go_after_their_messages() {
+    let store = SqliteStore::open(&scratch_dir().join("otpd.db"))
+        .await
+        .unwrap();
+    ended_verifications_go_after_their_messages(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_ended_verifications_go_after_their_messages() {
+    if let Some(store) = postgres_store().await {
+        ended_verifications_go_after_their_messages(store.as_ref()).await;
+    }
+}

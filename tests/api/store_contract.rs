@@ -629,7 +629,7 @@ pub async fn api_keys_lifecycle(store: DynStore) {
     assert!(!store.revoke_api_key("key_nope", now).await.unwrap());
 }
 
-fn message(
+pub fn message(
     tenant: &str,
     verification_id: Uuid,
     provider_id: &str,
