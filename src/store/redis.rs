@@ -190,6 +190,19 @@ impl RedisStore {
         self.conn.clone()
     }
 
+    /// A hash's fields and values, flattened; `None` when the key does not exist.
+    async fn hash(
+        &self,
+        key: impl ::redis::ToRedisArgs + Send + Sync,
+    ) -> StoreResult<Option<Vec<String>>> {
+        let flat: Vec<String> = ::redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        Ok((!flat.is_empty()).then_some(flat))
+    }
+
     /// Index upkeep after a decision has been made. It runs on its own, so that
     /// a slow or failing Redis can neither delay nor turn into an error an answer
     /// already decided; whatever it misses, the purge repairs.
@@ -1375,14 +1388,9 @@ impl Store for RedisStore {
 
     async fn find_api_key(&self, key_hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
         bounded(async {
-            let flat: Vec<String> = ::redis::cmd("HGETALL")
-                .arg(self.keys.api_key(key_hash))
-                .query_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
-            if flat.is_empty() {
+            let Some(flat) = self.hash(self.keys.api_key(key_hash)).await? else {
                 return Ok(None);
-            }
+            };
             decode_api_key(&flat).map(Some)
         })
         .await
@@ -1629,14 +1637,9 @@ impl Store for RedisStore {
             let Some(subject) = self.subject_of(id).await? else {
                 return Ok(None);
             };
-            let flat: Vec<String> = ::redis::cmd("HGETALL")
-                .arg(self.keys.record(&subject, id))
-                .query_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
-            if flat.is_empty() {
+            let Some(flat) = self.hash(self.keys.record(&subject, id)).await? else {
                 return Ok(None);
-            }
+            };
             let v = decode_verification(&flat)?;
             Ok((v.tenant == tenant).then_some(v))
         })
@@ -1749,14 +1752,12 @@ impl Store for RedisStore {
             let vid: Uuid = vid
                 .parse()
                 .map_err(|_| StoreError::Corrupt("malformed message reference".into()))?;
-            let flat: Vec<String> = ::redis::cmd("HGETALL")
-                .arg(format!("{}{id}", self.keys.message_prefix(vid)))
-                .query_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
-            if flat.is_empty() {
+            let Some(flat) = self
+                .hash(format!("{}{id}", self.keys.message_prefix(vid)))
+                .await?
+            else {
                 return Ok(None);
-            }
+            };
             let m = decode_message(&flat)?;
             Ok((m.tenant == tenant).then_some(m))
         })
@@ -1874,14 +1875,10 @@ impl Store for RedisStore {
                             let Some((vid, id)) = parse_message_member(&member) else {
                                 return Ok((member, None));
                             };
-                            let flat: Vec<String> = ::redis::cmd("HGETALL")
-                                .arg(self.keys.message_record(vid, id))
-                                .query_async(&mut self.conn())
-                                .await
-                                .map_err(store_error)?;
-                            if flat.is_empty() {
+                            let Some(flat) = self.hash(self.keys.message_record(vid, id)).await?
+                            else {
                                 return Ok((member, None));
-                            }
+                            };
                             Ok((member, Some(decode_message(&flat)?)))
                         })
                         .buffered(PURGE_CONCURRENCY)
