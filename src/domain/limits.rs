@@ -76,6 +76,19 @@ impl WindowCounts {
         scaled as f64 / window as f64
     }
 
+    /// The highest `current` total that `admit(0, max, ..)` accepts with this
+    /// `previous` (`None` when `max` is 0: no limit), so a store can stop a
+    /// batch of adds at the first limit it would break.
+    pub fn ceiling(&self, max: u32, window_seconds: u32, now: DateTime<Utc>) -> Option<u64> {
+        if max == 0 {
+            return None;
+        }
+        let (window, elapsed) = window_position(window_seconds, now);
+        // previous · (window − elapsed) + current · window ≤ max · window
+        let room = i128::from(max) * window - i128::from(self.previous) * (window - elapsed);
+        Some(u64::try_from(room.div_euclid(window)).unwrap_or(0))
+    }
+
     /// `Ok` when `incoming` more events keep the estimate within `max` (0 means
     /// no limit); otherwise how many seconds until one more event would fit,
     /// if nothing else is counted meanwhile. Integer arithmetic throughout, so
@@ -241,6 +254,25 @@ mod tests {
         assert_eq!(full.admit(1, 5, TEN_MINUTES, now), Err(620));
         assert_eq!(full.admit(0, 5, TEN_MINUTES, now), Ok(()), "exactly at it");
         assert_eq!(full.admit(1, 0, TEN_MINUTES, now), Ok(()), "0 is no limit");
+    }
+
+    proptest! {
+        #[test]
+        fn the_ceiling_is_the_last_total_admit_accepts(
+            previous in 0u64..500,
+            max in 1u32..300,
+            offset_ms in 0i64..3_600_000,
+        ) {
+            let now = boundary() + Duration::milliseconds(offset_ms);
+            let ceiling = WindowCounts { previous, current: 0 }
+                .ceiling(max, HOUR, now)
+                .unwrap();
+            let at = |current| WindowCounts { previous, current }.admit(0, max, HOUR, now);
+            prop_assert!(at(ceiling + 1).is_err());
+            if ceiling > 0 || at(0).is_ok() {
+                prop_assert_eq!(at(ceiling), Ok(()));
+            }
+        }
     }
 
     #[test]

@@ -15,8 +15,9 @@ use crate::crypto::SealedPhone;
 use crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
 use crate::store::SealedRecord;
 use crate::store::{
-    CancelOutcome, CheckOutcome, CodeReplacement, DynStore, InboxEntry, Marker, MessageTransition,
-    MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, StoreResult, UsageRow,
+    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, DynStore, InboxEntry,
+    Marker, MessageTransition, MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan,
+    StoreResult, UsageRow,
 };
 
 pub struct InstrumentedStore {

@@ -25,7 +25,7 @@ use crate::domain::limits::{
 };
 use crate::domain::{PhoneNumber, Policy, SubjectKey, Verification};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError, StoreResult};
+use crate::store::{CounterAdd, CounterRead, Store, StoreError, StoreResult};
 
 use super::verifications::{CheckError, SendError};
 
@@ -91,6 +91,14 @@ pub struct GuardReport {
     pub quarantines: Vec<Quarantine>,
     /// Requests refused so far this UTC day, by reason (only reasons that occurred).
     pub blocked_today: Vec<(&'static str, u64)>,
+}
+
+/// A window's counts from the two totals `window_reads` asked for.
+fn window_counts(totals: &[u64]) -> WindowCounts {
+    WindowCounts {
+        previous: totals.first().copied().unwrap_or(0),
+        current: totals.get(1).copied().unwrap_or(0),
+    }
 }
 
 pub struct AbuseGuard {
@@ -163,18 +171,27 @@ impl AbuseGuard {
         format!("guard:{what}:{}:{prefix}", self.tenant_tag(tenant))
     }
 
+    /// The reads of `key`'s current and previous window, for `window_counts`.
+    fn window_reads(key: &str, window: u32, now: DateTime<Utc>) -> [CounterRead; 2] {
+        let read = |at| CounterRead {
+            key: key.to_owned(),
+            window_seconds: window,
+            at,
+        };
+        [read(now - Duration::seconds(window.into())), read(now)]
+    }
+
     async fn window(
         &self,
         key: &str,
         window: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<WindowCounts> {
-        let earlier = now - Duration::seconds(window.into());
-        let (previous, current) = tokio::try_join!(
-            self.store.read_counter(key, window, earlier),
-            self.store.read_counter(key, window, now),
-        )?;
-        Ok(WindowCounts { previous, current })
+        let totals = self
+            .store
+            .read_counters(&Self::window_reads(key, window, now))
+            .await?;
+        Ok(window_counts(&totals))
     }
 
     /// Reads only: country rules, quarantines, the spend budget, each send
@@ -225,32 +242,49 @@ impl AbuseGuard {
         let guard = &policy.guard;
         let levels = guard_levels(policy, ctx.to);
 
-        let limit_counts = try_join_all(
-            wanted
-                .iter()
-                .map(|(limit, _, key)| self.window(key, limit.window_seconds(), now)),
-        );
-        let traffic_counts = try_join_all(levels.iter().map(|(prefix, _)| async move {
-            let sent = self.traffic_key("sent", ctx.tenant, prefix);
-            let approved = self.traffic_key("ok", ctx.tenant, prefix);
-            tokio::try_join!(
-                self.window(&sent, HOUR, now),
-                self.window(&approved, HOUR, now)
-            )
-        }));
-        let spend = async {
-            if policy.daily_spend_limit > 0.0 {
-                self.store
-                    .read_counter(&self.key("spend", &[ctx.tenant]), DAY, now)
-                    .await
-            } else {
-                Ok(0)
-            }
-        };
+        // Every counter this send is judged by, in one store round trip: each
+        // limit's two windows, then each prefix's sends and approvals, then spend.
+        let traffic_keys: Vec<(String, String)> = levels
+            .iter()
+            .map(|(prefix, _)| {
+                (
+                    self.traffic_key("sent", ctx.tenant, prefix),
+                    self.traffic_key("ok", ctx.tenant, prefix),
+                )
+            })
+            .collect();
+        let mut reads: Vec<CounterRead> = Vec::with_capacity(4 * wanted.len() + 1);
+        for (limit, _, key) in &wanted {
+            reads.extend(Self::window_reads(key, limit.window_seconds(), now));
+        }
+        for (sent, approved) in &traffic_keys {
+            reads.extend(Self::window_reads(sent, HOUR, now));
+            reads.extend(Self::window_reads(approved, HOUR, now));
+        }
+        let spend_key = (policy.daily_spend_limit > 0.0).then(|| self.key("spend", &[ctx.tenant]));
+        if let Some(key) = &spend_key {
+            reads.push(CounterRead {
+                key: key.clone(),
+                window_seconds: DAY,
+                at: now,
+            });
+        }
         let namespace = quarantine_namespace(ctx.tenant);
-        let quarantines = self.store.list_markers(&namespace, now);
-        let (limit_counts, traffic_counts, spent, quarantines) =
-            tokio::try_join!(limit_counts, traffic_counts, spend, quarantines)?;
+        let (totals, quarantines) = tokio::try_join!(
+            self.store.read_counters(&reads),
+            self.store.list_markers(&namespace, now)
+        )?;
+        if totals.len() != reads.len() {
+            return Err(StoreError::Corrupt("counter batch answered short".into()).into());
+        }
+        let (limit_totals, rest) = totals.split_at(2 * wanted.len());
+        let (traffic_totals, spend_total) = rest.split_at(4 * traffic_keys.len());
+        let limit_counts: Vec<WindowCounts> = limit_totals.chunks(2).map(window_counts).collect();
+        let traffic_counts: Vec<(WindowCounts, WindowCounts)> = traffic_totals
+            .chunks(4)
+            .map(|c| (window_counts(&c[..2]), window_counts(&c[2..])))
+            .collect();
+        let spent = spend_total.first().copied().unwrap_or(0);
 
         if let Some(q) = quarantines
             .iter()
@@ -344,10 +378,7 @@ impl AbuseGuard {
         Ok(Admission {
             tenant: ctx.tenant.to_owned(),
             limits,
-            traffic_keys: levels
-                .iter()
-                .map(|(prefix, _)| self.traffic_key("sent", ctx.tenant, prefix))
-                .collect(),
+            traffic_keys: traffic_keys.into_iter().map(|(sent, _)| sent).collect(),
         })
     }
 
@@ -391,14 +422,32 @@ impl AbuseGuard {
         // send refused by one limit then takes no room in the others, so
         // concurrent sends never crowd each other out of a limit they would
         // have fitted (a burst against a per-number limit of 5 gets exactly 5).
-        for c in &admission.limits {
-            let total = self
-                .store
-                .add_to_counter(&c.key, 1, c.limit.window_seconds(), now)
-                .await?;
+        // The store makes the whole batch, traffic counts last, in one step.
+        let adds: Vec<CounterAdd> = admission
+            .limits
+            .iter()
+            .map(|c| CounterAdd {
+                key: c.key.clone(),
+                amount: 1,
+                window_seconds: c.limit.window_seconds(),
+                ceiling: WindowCounts {
+                    previous: c.previous,
+                    current: 0,
+                }
+                .ceiling(c.max, c.limit.window_seconds(), now),
+            })
+            .chain(admission.traffic_keys.iter().map(|key| CounterAdd {
+                key: key.clone(),
+                amount: 1,
+                window_seconds: HOUR,
+                ceiling: None,
+            }))
+            .collect();
+        let totals = self.store.add_counters(&adds, now).await?;
+        for (c, total) in admission.limits.iter().zip(&totals) {
             let counts = WindowCounts {
                 previous: c.previous,
-                current: total,
+                current: *total,
             };
             if let Err(retry_after_seconds) = counts.admit(0, c.max, c.limit.window_seconds(), now)
             {
@@ -417,13 +466,9 @@ impl AbuseGuard {
                 });
             }
         }
-        try_join_all(
-            admission
-                .traffic_keys
-                .iter()
-                .map(|key| self.store.add_to_counter(key, 1, HOUR, now)),
-        )
-        .await?;
+        if totals.len() != adds.len() {
+            return Err(StoreError::Corrupt("counter batch stopped early".into()).into());
+        }
         Ok(())
     }
 
@@ -510,12 +555,16 @@ impl AbuseGuard {
         let Ok(phone) = self.crypto.open_phone(&v.phone) else {
             return;
         };
-        let levels = guard_levels(policy, &phone);
-        let adds = levels.iter().map(|(prefix, _)| {
-            let key = self.traffic_key("ok", &v.tenant, prefix);
-            async move { self.store.add_to_counter(&key, 1, HOUR, now).await }
-        });
-        if let Err(e) = try_join_all(adds).await {
+        let adds: Vec<CounterAdd> = guard_levels(policy, &phone)
+            .iter()
+            .map(|(prefix, _)| CounterAdd {
+                key: self.traffic_key("ok", &v.tenant, prefix),
+                amount: 1,
+                window_seconds: HOUR,
+                ceiling: None,
+            })
+            .collect();
+        if let Err(e) = self.store.add_counters(&adds, now).await {
             tracing::warn!(tenant = %v.tenant, error = %e, "could not count an approval");
         }
     }

@@ -225,6 +225,18 @@ macro_rules! decorate_store {
                 )
                 .await
             }
+            async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+                self.$around("read_counters", self.inner.read_counters(reads))
+                    .await
+            }
+            async fn add_counters(
+                &self,
+                adds: &[CounterAdd],
+                now: DateTime<Utc>,
+            ) -> StoreResult<Vec<u64>> {
+                self.$around("add_counters", self.inner.add_counters(adds, now))
+                    .await
+            }
             async fn set_marker(
                 &self,
                 namespace: &str,

@@ -126,6 +126,25 @@ pub enum RateDecision {
     Limited { retry_after_seconds: u64 },
 }
 
+/// One counter window to read (see `Store::read_counters`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterRead {
+    pub key: String,
+    pub window_seconds: u32,
+    /// Any instant in the window to read.
+    pub at: DateTime<Utc>,
+}
+
+/// One add of `Store::add_counters`, in the window containing its `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterAdd {
+    pub key: String,
+    pub amount: u64,
+    pub window_seconds: u32,
+    /// The highest total this add may reach; above it the batch stops here.
+    pub ceiling: Option<u64>,
+}
+
 /// A small named value with an expiry, in a namespace (quarantines, leases).
 /// It is live while `now < expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -405,6 +424,35 @@ pub trait Store: Send + Sync + 'static {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64>;
+
+    /// Reads several counters in one round trip where the backend can: the
+    /// total of each `(key, window)` in the window containing its `at`, in order.
+    async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+        let mut totals = Vec::with_capacity(reads.len());
+        for r in reads {
+            totals.push(self.read_counter(&r.key, r.window_seconds, r.at).await?);
+        }
+        Ok(totals)
+    }
+
+    /// Adds to several counters in order, as `add_to_counter` does, as one
+    /// atomic step where the backend can, stopping after the first add whose
+    /// new total exceeds its `ceiling` (that add is made). Returns the new
+    /// totals of the adds made: fewer than `adds` only when the last one
+    /// returned went over its ceiling.
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
+        let mut totals = Vec::with_capacity(adds.len());
+        for a in adds {
+            let total = self
+                .add_to_counter(&a.key, a.amount, a.window_seconds, now)
+                .await?;
+            totals.push(total);
+            if a.ceiling.is_some_and(|ceiling| total > ceiling) {
+                break;
+            }
+        }
+        Ok(totals)
+    }
 
     // --- markers (named values with an expiry, shared across instances) ---
     /// Creates or overwrites the marker `name` in `namespace`.
