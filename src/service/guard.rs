@@ -16,7 +16,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::Crypto;
@@ -91,6 +90,11 @@ pub struct GuardReport {
     pub quarantines: Vec<Quarantine>,
     /// Requests refused so far this UTC day, by reason (only reasons that occurred).
     pub blocked_today: Vec<(&'static str, u64)>,
+}
+
+/// A guard counter's key; `tag` is the tenant's `tenant_tag`.
+fn traffic_key(what: &str, tag: &str, prefix: &str) -> String {
+    format!("guard:{what}:{tag}:{prefix}")
 }
 
 /// A window's counts from the two totals `window_reads` asked for.
@@ -168,7 +172,7 @@ impl AbuseGuard {
     }
 
     fn traffic_key(&self, what: &str, tenant: &str, prefix: &str) -> String {
-        format!("guard:{what}:{}:{prefix}", self.tenant_tag(tenant))
+        traffic_key(what, &self.tenant_tag(tenant), prefix)
     }
 
     /// The reads of `key`'s current and previous window, for `window_counts`.
@@ -212,16 +216,17 @@ impl AbuseGuard {
         }
 
         let number = hex::encode(self.crypto.phone_index(ctx.tenant, ctx.to));
+        let number_key = self.key("num", &[&number]);
         let mut wanted = vec![
             (
                 Limit::NumberTenMinutes,
                 policy.max_sends_per_number_10min,
-                self.key("num", &[&number]),
+                number_key.clone(),
             ),
             (
                 Limit::NumberDay,
                 policy.max_sends_per_number_day,
-                self.key("num", &[&number]),
+                number_key,
             ),
             (
                 Limit::TenantMinute,
@@ -244,12 +249,13 @@ impl AbuseGuard {
 
         // Every counter this send is judged by, in one store round trip: each
         // limit's two windows, then each prefix's sends and approvals, then spend.
+        let tag = self.tenant_tag(ctx.tenant);
         let traffic_keys: Vec<(String, String)> = levels
             .iter()
             .map(|(prefix, _)| {
                 (
-                    self.traffic_key("sent", ctx.tenant, prefix),
-                    self.traffic_key("ok", ctx.tenant, prefix),
+                    traffic_key("sent", &tag, prefix),
+                    traffic_key("ok", &tag, prefix),
                 )
             })
             .collect();
@@ -552,13 +558,17 @@ impl AbuseGuard {
         if !policy.guard.enabled {
             return;
         }
-        let Ok(phone) = self.crypto.open_phone(&v.phone) else {
+        let Ok(phone) = self
+            .crypto
+            .open_stored_phone(&v.phone, v.country.as_deref())
+        else {
             return;
         };
+        let tag = self.tenant_tag(&v.tenant);
         let adds: Vec<CounterAdd> = guard_levels(policy, &phone)
             .iter()
             .map(|(prefix, _)| CounterAdd {
-                key: self.traffic_key("ok", &v.tenant, prefix),
+                key: traffic_key("ok", &tag, prefix),
                 amount: 1,
                 window_seconds: HOUR,
                 ceiling: None,
@@ -611,11 +621,16 @@ impl AbuseGuard {
                 }
             })
             .collect();
-        let counts = try_join_all(BLOCK_REASONS.iter().map(|reason| {
-            let key = self.traffic_key("blocked", tenant, reason);
-            async move { self.store.read_counter(&key, DAY, now).await }
-        }))
-        .await?;
+        let tag = self.tenant_tag(tenant);
+        let reads: Vec<CounterRead> = BLOCK_REASONS
+            .iter()
+            .map(|reason| CounterRead {
+                key: traffic_key("blocked", &tag, reason),
+                window_seconds: DAY,
+                at: now,
+            })
+            .collect();
+        let counts = self.store.read_counters(&reads).await?;
         Ok(GuardReport {
             quarantines,
             blocked_today: BLOCK_REASONS

@@ -6,6 +6,10 @@ use axum::Router;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+// The same allocator as the otpd binary, so the comparison is like for like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let addr = std::env::args()

@@ -114,11 +114,15 @@ async fn prefill(
     )
 }
 
+// The same allocator as the otpd binary, so the comparison is like for like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::load(Some(&args.config), &Overrides::default())?;
-    otpd::telemetry::init(&settings.log);
+    let _log_flush = otpd::telemetry::init(&settings.log);
     let app = Application::build(settings).await?;
     app.ensure_first_key().await?;
     let control = Control {
