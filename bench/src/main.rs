@@ -967,7 +967,7 @@ async fn scaling_on(ctx: &mut Ctx, kind: StoreKind, running: &Running) -> anyhow
         }
     }
     ctx.notes.push(format!(
-        "Scaling and memory ({name}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path (sandbox delivery, so each pending verification also has its delivery record); each level also holds a fresh 20k working set for the checks and what its send run added. Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added."
+        "Scaling and memory ({name}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path, delivered by an in-process provider that answers like a real one (so each pending verification also has its delivery record awaiting a report, its indexes and its number's abuse counters, and no sandbox inbox entry); each level also holds a fresh 20k working set for the checks and what its send run added. Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added."
     ));
     Ok(())
 }

@@ -28,7 +28,7 @@ use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
+    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry, Marker, MessageTransition,
     MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
     StoreResult, UsageRow, advance_message, is_unfinished, seconds_until,
 };
@@ -166,6 +166,8 @@ struct Spill {
     provider_message_id: Option<Box<str>>,
     currency: Option<Box<str>>,
     error: Option<Box<str>>,
+    /// Resends are rare: 16 bytes here rather than in every delivery record.
+    resend_of: Option<Uuid>,
 }
 
 /// Fixed-size records in chunks; freed slots are reused.
@@ -433,6 +435,7 @@ impl Spill {
             || self.provider_message_id.is_some()
             || self.currency.is_some()
             || self.error.is_some()
+            || self.resend_of.is_some()
     }
 }
 
@@ -530,17 +533,15 @@ const HAS_PMID: u16 = 4;
 const HAS_COST: u16 = 8;
 const M_HAS_COUNTRY: u16 = 16;
 const M_COMPACT_MASK: u16 = 32;
-const HAS_RESEND_OF: u16 = 64;
 const HAS_SENT_AT: u16 = 128;
 const HAS_DELIVERED_AT: u16 = 256;
 const HAS_FAILED_AT: u16 = 512;
 
-/// One delivery attempt, 176 bytes.
+/// One delivery attempt, 160 bytes.
 #[derive(Clone, Copy)]
 struct MRec {
     id: [u8; 16],
     verification_id: [u8; 16],
-    resend_of: [u8; 16],
     pmid: [u8; PMID_INLINE],
     created: i64,
     updated: i64,
@@ -569,7 +570,6 @@ impl Default for MRec {
         Self {
             id: [0; 16],
             verification_id: [0; 16],
-            resend_of: [0; 16],
             pmid: [0; PMID_INLINE],
             created: 0,
             updated: 0,
@@ -631,10 +631,7 @@ impl MRec {
             flags: M_LIVE,
             ..MRec::default()
         };
-        if let Some(r0) = m.resend_of {
-            r.resend_of = *r0.as_bytes();
-            r.flags |= HAS_RESEND_OF;
-        }
+        spill.resend_of = m.resend_of;
         for (at, field, flag) in [
             (m.sent_at, &mut r.sent_at, HAS_SENT_AT),
             (m.delivered_at, &mut r.delivered_at, HAS_DELIVERED_AT),
@@ -741,7 +738,7 @@ impl MRec {
                 Some(symbols.name(self.currency).to_string())
             },
             latency_ms: self.latency_ms,
-            resend_of: (self.flags & HAS_RESEND_OF != 0).then(|| Uuid::from_bytes(self.resend_of)),
+            resend_of: spill.and_then(|x| x.resend_of),
             created_at: time(self.created),
             sent_at: (self.flags & HAS_SENT_AT != 0).then(|| time(self.sent_at)),
             delivered_at: (self.flags & HAS_DELIVERED_AT != 0).then(|| time(self.delivered_at)),
@@ -761,8 +758,13 @@ struct Messages {
     by_id: HashTable<u32>,
     by_verification: HashTable<u32>,
     by_provider_id: HashTable<u32>,
-    unfinished: BTreeSet<(u32, i64, [u8; 16])>,
-    by_created: BTreeSet<(i64, u32)>,
+    /// (provider, creation, position).
+    unfinished: BTreeSet<(u32, i64, u32)>,
+    /// (creation, position), oldest first. Attempts arrive almost in creation
+    /// order, so an insert lands at or near the back, and only retention removes
+    /// them, from the front: a sorted deque costs 16 bytes an entry where a
+    /// B-tree filled in order costs about twice that.
+    by_created: VecDeque<(i64, u32)>,
     spills: HashMap<u32, Box<Spill>>,
 }
 
@@ -818,8 +820,7 @@ pub struct MemoryStore {
     usage: DashMap<String, BTreeMap<UsageKey, UsageRow>>,
     inbox: Mutex<VecDeque<InboxEntry>>,
     rate: DashMap<String, (i64, u32)>,
-    /// (key, window length, slot) → total.
-    counters: DashMap<(String, u32, i64), u64>,
+    counters: Counters,
     /// Namespace → its markers by name; one map entry locks a whole namespace,
     /// which is what makes a claim atomic.
     markers: DashMap<String, BTreeMap<String, Marker>>,
@@ -829,6 +830,112 @@ type UsageKey = (NaiveDate, u32, String, String);
 
 fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> i64 {
     now.timestamp().div_euclid(i64::from(window_seconds.max(1)))
+}
+
+/// Fixed-window counters, 28 bytes each and no heap allocation per entry: a
+/// busy instance holds a few per distinct number for a day (the guard's keys
+/// are ~70-byte strings, which as owned map keys cost ~300 bytes a counter).
+/// A window's counter is found by a 128-bit fingerprint of (key, window
+/// length, slot) instead of the key: two SipHash-1-3 outputs under independent
+/// random per-process keys. Two different windows share a fingerprint with
+/// probability 2^-128 per pair, so with n live counters the chance that any
+/// two merge is below n²/2^129 (under 10^-22 for n = 10^8), and the random
+/// keys leave no way to aim for one.
+struct Counters {
+    seeds: [RandomState; 2],
+    shards: Box<[Mutex<HashTable<Counter>>]>,
+}
+
+#[derive(Clone, Copy)]
+struct Counter {
+    fingerprint: [u32; 4],
+    /// Unix seconds from which the window is no longer read: the end of the
+    /// window after it (a sliding window still weighs the previous one in).
+    expires: u32,
+    /// A u64 in halves, so the entry aligns to 4 bytes (28 bytes, not 32).
+    total: [u32; 2],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            seeds: [RandomState::new(), RandomState::new()],
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl Counters {
+    /// The shard and a zero counter for `key`'s window of `window_seconds`
+    /// containing `at`. The table hashes by the fingerprint's first half and the
+    /// shard is picked from the second, so each sees independent bits.
+    fn locate(
+        &self,
+        key: &str,
+        window_seconds: u32,
+        at: DateTime<Utc>,
+    ) -> (&Mutex<HashTable<Counter>>, Counter) {
+        let slot = counter_slot(window_seconds, at);
+        let [a, b] = self
+            .seeds
+            .each_ref()
+            .map(|s| s.hash_one((key, window_seconds, slot)));
+        let fingerprint = [a as u32, (a >> 32) as u32, b as u32, (b >> 32) as u32];
+        let end = (slot + 2).saturating_mul(i64::from(window_seconds.max(1)));
+        let counter = Counter {
+            fingerprint,
+            expires: u32::try_from(end.max(0)).unwrap_or(u32::MAX),
+            total: [0; 2],
+        };
+        (&self.shards[b as usize % SHARDS], counter)
+    }
+
+    fn read(&self, key: &str, window_seconds: u32, at: DateTime<Utc>) -> u64 {
+        let (shard, probe) = self.locate(key, window_seconds, at);
+        shard
+            .lock()
+            .find(probe.hash(), |c| c.fingerprint == probe.fingerprint)
+            .map_or(0, Counter::total)
+    }
+
+    fn add(&self, key: &str, amount: u64, window_seconds: u32, now: DateTime<Utc>) -> u64 {
+        let (shard, probe) = self.locate(key, window_seconds, now);
+        let mut table = shard.lock();
+        let mut entry = table
+            .entry(
+                probe.hash(),
+                |c| c.fingerprint == probe.fingerprint,
+                Counter::hash,
+            )
+            .or_insert(probe);
+        let counter = entry.get_mut();
+        let total = counter.total().saturating_add(amount);
+        counter.total = [total as u32, (total >> 32) as u32];
+        total
+    }
+
+    /// Forgets the windows no longer read; shrinks tables that mostly emptied.
+    fn purge(&self, now: DateTime<Utc>) {
+        let now = u32::try_from(now.timestamp().max(0)).unwrap_or(u32::MAX);
+        for shard in self.shards.iter() {
+            let mut table = shard.lock();
+            table.retain(|c| now < c.expires);
+            let live = table.len();
+            if live * 4 < table.capacity() {
+                table.shrink_to(live * 2, Counter::hash);
+            }
+        }
+    }
+}
+
+impl Counter {
+    fn hash(&self) -> u64 {
+        u64::from(self.fingerprint[0]) | u64::from(self.fingerprint[1]) << 32
+    }
+
+    fn total(&self) -> u64 {
+        u64::from(self.total[0]) | u64::from(self.total[1]) << 32
+    }
 }
 
 impl Default for MemoryStore {
@@ -843,7 +950,7 @@ impl Default for MemoryStore {
             usage: DashMap::new(),
             inbox: Mutex::default(),
             rate: DashMap::new(),
-            counters: DashMap::new(),
+            counters: Counters::default(),
             markers: DashMap::new(),
         }
     }
@@ -925,7 +1032,8 @@ impl MemoryStore {
         shard.slab.release(i);
     }
 
-    /// Removes one delivery attempt and every index entry that points at it.
+    /// Removes one delivery attempt and every index entry that points at it,
+    /// except its `by_created` entry, which the caller (retention) has taken.
     fn remove_message(&self, m: &mut Messages, j: u32) {
         let rec = *m.slab.get(j);
         let ih = self.hash(&rec.id);
@@ -969,8 +1077,7 @@ impl MemoryStore {
                 entry.remove();
             }
         }
-        m.unfinished.remove(&(rec.provider, rec.created, rec.id));
-        m.by_created.remove(&(rec.created, j));
+        m.unfinished.remove(&(rec.provider, rec.created, j));
         m.spills.remove(&j);
         m.slab.release(j);
     }
@@ -1334,9 +1441,10 @@ impl Store for MemoryStore {
             by_provider_id.insert_unique(ph, i, rehash);
         }
         if is_unfinished(message) {
-            m.unfinished.insert((rec.provider, rec.created, rec.id));
+            m.unfinished.insert((rec.provider, rec.created, i));
         }
-        m.by_created.insert((rec.created, i));
+        let at = m.by_created.partition_point(|&(t, _)| t <= rec.created);
+        m.by_created.insert(at, (rec.created, i));
         Ok(())
     }
 
@@ -1412,7 +1520,7 @@ impl Store for MemoryStore {
             m.spills.insert(i, s);
         }
         if !is_unfinished(&next) {
-            m.unfinished.remove(&(old.provider, old.created, old.id));
+            m.unfinished.remove(&(old.provider, old.created, i));
         }
         Ok(Some(MessageTransition {
             previous,
@@ -1430,38 +1538,31 @@ impl Store for MemoryStore {
             return Ok(Vec::new());
         };
         let m = self.messages.lock();
-        let after = (sym, ms(created_after), [0xff; 16]);
-        let ids: Vec<[u8; 16]> = m
-            .unfinished
+        // No position is `NONE`, so this starts after every entry at `created_after`.
+        let after = (sym, ms(created_after), NONE);
+        Ok(m.unfinished
             .range(after..)
             .take_while(|(p, _, _)| *p == sym)
             .take(limit as usize)
-            .map(|(_, _, id)| *id)
-            .collect();
-        Ok(ids
-            .iter()
-            .filter_map(|id| {
-                let h = self.hash(id);
-                m.by_id.find(h, |&j| m.slab.get(j).id == *id).copied()
-            })
-            .map(|j| m.decode(j, &self.symbols))
+            .map(|&(_, _, j)| m.decode(j, &self.symbols))
             .collect())
     }
 
     async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
         let before = ms(before);
         let mut guard = self.messages.lock();
-        let old: Vec<u32> = guard
-            .by_created
-            .iter()
-            .take_while(|(at, _)| *at < before)
-            .take(batch as usize)
-            .map(|(_, j)| *j)
-            .collect();
-        for j in &old {
-            self.remove_message(&mut guard, *j);
+        let mut removed = 0u64;
+        while removed < u64::from(batch) {
+            match guard.by_created.front() {
+                Some(&(at, j)) if at < before => {
+                    guard.by_created.pop_front();
+                    self.remove_message(&mut guard, j);
+                    removed += 1;
+                }
+                _ => break,
+            }
         }
-        Ok(old.len() as u64)
+        Ok(removed)
     }
 
     async fn record_usage(&self, delta: &UsageRow) -> StoreResult<()> {
@@ -1599,13 +1700,7 @@ impl Store for MemoryStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let slot = counter_slot(window_seconds, now);
-        let mut total = self
-            .counters
-            .entry((key.to_owned(), window_seconds, slot))
-            .or_insert(0);
-        *total = total.saturating_add(amount);
-        Ok(*total)
+        Ok(self.counters.add(key, amount, window_seconds, now))
     }
 
     async fn read_counter(
@@ -1614,11 +1709,26 @@ impl Store for MemoryStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let slot = counter_slot(window_seconds, now);
-        Ok(self
-            .counters
-            .get(&(key.to_owned(), window_seconds, slot))
-            .map_or(0, |total| *total))
+        Ok(self.counters.read(key, window_seconds, now))
+    }
+
+    async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+        Ok(reads
+            .iter()
+            .map(|r| self.counters.read(&r.key, r.window_seconds, r.at))
+            .collect())
+    }
+
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
+        let mut totals = Vec::with_capacity(adds.len());
+        for a in adds {
+            let total = self.counters.add(&a.key, a.amount, a.window_seconds, now);
+            totals.push(total);
+            if a.ceiling.is_some_and(|ceiling| total > ceiling) {
+                break;
+            }
+        }
+        Ok(totals)
     }
 
     async fn set_marker(
@@ -1807,9 +1917,7 @@ impl Store for MemoryStore {
             }
         }
         self.inbox.lock().retain(|e| e.expires_at > now);
-        // A sliding window also reads the previous window's total.
-        self.counters
-            .retain(|(_, window, slot), _| *slot >= counter_slot(*window, now) - 1);
+        self.counters.purge(now);
         self.markers.retain(|_, ns| {
             ns.retain(|_, m| now < m.expires_at);
             !ns.is_empty()
@@ -1843,7 +1951,8 @@ mod tests {
     fn records_stay_small() {
         assert_eq!(std::mem::size_of::<VRec>(), 208);
         assert_eq!(std::mem::size_of::<SRec>(), 72);
-        assert_eq!(std::mem::size_of::<MRec>(), 176);
+        assert_eq!(std::mem::size_of::<MRec>(), 160);
+        assert_eq!(std::mem::size_of::<Counter>(), 28);
     }
 
     fn random_subject() -> SubjectKey {
@@ -2104,6 +2213,86 @@ mod tests {
             assert!(store.get_verification("t", *id).await.unwrap().is_some());
             assert_eq!(store.get_verification("other", *id).await.unwrap(), None);
         }
+    }
+
+    #[tokio::test]
+    async fn a_reused_position_lists_as_its_new_message() {
+        let store = MemoryStore::new();
+        let v = verification("t", t0());
+        let at = |s: i64| t0() + Duration::seconds(s);
+        let mut old = message(&v, Some("BX-old"));
+        old.created_at = at(1);
+        store.insert_message(&old).await.unwrap();
+        assert_eq!(store.purge_messages(at(2), 10).await.unwrap(), 1);
+        let mut new = message(&v, Some("BX-new"));
+        new.created_at = at(3);
+        new.resend_of = Some(old.id);
+        store.insert_message(&new).await.unwrap();
+        let open = store
+            .list_unfinished_messages("bridgexapi", t0(), 10)
+            .await
+            .unwrap();
+        assert_eq!(open, vec![new.clone()]);
+        assert_eq!(
+            store
+                .list_unfinished_messages("bridgexapi", at(3), 10)
+                .await
+                .unwrap(),
+            vec![],
+            "created after, not at"
+        );
+        assert_eq!(store.get_message("t", new.id).await.unwrap(), Some(new));
+    }
+
+    #[tokio::test]
+    async fn counter_batches_match_single_calls_and_stop_over_a_ceiling() {
+        let store = MemoryStore::new();
+        let now = t0();
+        let add = |key: &str, window_seconds, ceiling| CounterAdd {
+            key: key.into(),
+            amount: 2,
+            window_seconds,
+            ceiling,
+        };
+        let adds = [
+            add("a", 600, Some(10)),
+            add("a", 86_400, Some(1)),
+            add("b", 600, None),
+        ];
+        assert_eq!(
+            store.add_counters(&adds, now).await.unwrap(),
+            vec![2, 2],
+            "the second add went over its ceiling: made, then the batch stops"
+        );
+        let read = |key: &str, window_seconds, at| CounterRead {
+            key: key.into(),
+            window_seconds,
+            at,
+        };
+        let reads = [
+            read("a", 600, now),
+            read("a", 86_400, now),
+            read("b", 600, now),
+            read("a", 600, now - Duration::seconds(600)),
+        ];
+        assert_eq!(store.read_counters(&reads).await.unwrap(), vec![2, 2, 0, 0]);
+        assert_eq!(store.read_counter("a", 86_400, now).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn purge_forgets_a_window_once_the_next_one_ends() {
+        let store = MemoryStore::new();
+        // Aligned to a 600 s window boundary.
+        let start = DateTime::from_timestamp(1_900_000_200, 0).unwrap();
+        store.add_to_counter("k", 1, 600, start).await.unwrap();
+        let last_read = start + Duration::seconds(1_199);
+        store.purge_expired(last_read, 10).await.unwrap();
+        assert_eq!(store.read_counter("k", 600, start).await.unwrap(), 1);
+        store
+            .purge_expired(last_read + Duration::seconds(1), 10)
+            .await
+            .unwrap();
+        assert_eq!(store.read_counter("k", 600, start).await.unwrap(), 0);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! otpd with a bench-only bulk loader: the same `Application` the `otpd` binary
 //! runs (same settings loading, router, service, store), plus a control port on
 //! which `POST /prefill?count=N` creates N pending verifications in-process
-//! through the service's own send path (sandbox delivery, so each one also has
-//! its delivery record, exactly like a send over the API). Used where the API
-//! would be too slow to fill a store: the 1M-pending scaling and memory runs of
-//! the in-process memory store.
+//! through the service's own send path. They go out over an extra in-process
+//! route whose provider answers like a real one (a provider message id, status
+//! sent, awaiting its delivery report) and stores nothing itself, so each one
+//! leaves exactly what a send over a real provider leaves: the verification,
+//! its delivery record, their indexes and the abuse counters. Used where the
+//! API would be too slow to fill a store: the 1M-pending scaling and memory
+//! runs of the in-process memory store.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,17 +15,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
+use async_trait::async_trait;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use clap::Parser;
+use otpd::clock::SystemClock;
 use otpd::config::{Overrides, Settings};
-use otpd::domain::{PhoneNumber, Purpose};
+use otpd::domain::{DeliveryStatus, PhoneNumber, Purpose};
 use otpd::http::AppState;
 use otpd::service::SendCommand;
-use otpd::startup::Application;
+use otpd::sms::{
+    OutgoingSms, ProviderError, Route, SandboxProvider, SendReceipt, SmsProvider, build_routes,
+    http_client,
+};
+use otpd::startup::{Application, Dependencies, load_crypto, open_store};
 use otpd_bench::workloads::phone_digits;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -37,6 +46,56 @@ struct Args {
     /// First bench number index the loader uses (kept apart from the driver's).
     #[arg(long, default_value_t = 40_000_000)]
     first_number: u64,
+}
+
+/// The prefill's route: after every configured one, so the default chain
+/// (routes in id order) never reaches it while they are healthy.
+const PREFILL_ROUTE: u32 = u32::MAX;
+
+/// Accepts every message the way a provider does over HTTP, without the HTTP:
+/// a 25-character message id (BridgeXAPI's length), status sent. No delivery
+/// report ever comes (no poller knows this provider), as for an SMS still in flight.
+#[derive(Default)]
+struct AcceptingProvider {
+    sent: AtomicU64,
+}
+
+#[async_trait]
+impl SmsProvider for AcceptingProvider {
+    fn name(&self) -> &'static str {
+        "bench-prefill"
+    }
+
+    async fn send(&self, _sms: &OutgoingSms<'_>) -> Result<SendReceipt, ProviderError> {
+        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(SendReceipt {
+            provider_message_id: Some(format!("pf{n:023}")),
+            status: Some(DeliveryStatus::Sent),
+            ..SendReceipt::default()
+        })
+    }
+}
+
+/// The configured routes plus the prefill's.
+async fn routes(settings: &Settings) -> anyhow::Result<(Vec<Route>, otpd::store::DynStore)> {
+    let store = open_store(settings).await?;
+    let sandbox = Arc::new(SandboxProvider::new(
+        store.clone(),
+        Arc::new(load_crypto(settings)?),
+        Arc::new(SystemClock),
+    ));
+    let http = http_client(
+        settings.routing.connect_timeout(),
+        settings.routing.timeout(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut routes = build_routes(&settings.routes, &settings.routing, &http, sandbox)
+        .map_err(anyhow::Error::msg)?;
+    routes.push(Route::new(
+        PREFILL_ROUTE,
+        Arc::new(AcceptingProvider::default()),
+    ));
+    Ok((routes, store))
 }
 
 #[derive(Clone)]
@@ -81,7 +140,8 @@ async fn prefill(
                     continue;
                 };
                 let mut cmd = SendCommand::new(to, Purpose::default());
-                cmd.sandbox = true;
+                cmd.route_id = Some(PREFILL_ROUTE);
+                cmd.failover = false;
                 if control
                     .app
                     .service
@@ -123,7 +183,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::load(Some(&args.config), &Overrides::default())?;
     let _log_flush = otpd::telemetry::init(&settings.log);
-    let app = Application::build(settings).await?;
+    let (routes, store) = routes(&settings).await?;
+    let deps = Dependencies {
+        store: Some(store),
+        routes: Some(routes),
+        ..Dependencies::default()
+    };
+    let app = Application::build_with(settings, deps).await?;
     app.ensure_first_key().await?;
     let control = Control {
         app: app.state().clone(),
