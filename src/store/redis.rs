@@ -3,6 +3,11 @@
 //! keys that share a hash tag, so it is atomic on one node and can never cross
 //! slots on a cluster.
 //!
+//! Round trips are what a request costs Redis, so on a single node (where
+//! slots do not matter) the scripts also take the steps that live in other
+//! slots: following an id reference, writing references and indexes, a batch
+//! of counters. A cluster makes those steps separately, as described below.
+//!
 //! URLs:
 //! - `redis://[user:pass@]host:port[/db]`, `rediss://…` (TLS) — one node.
 //! - `redis+cluster://[user:pass@]host1:port1,host2:port2,…` (`rediss+cluster://`
@@ -63,9 +68,9 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker, MessageTransition,
-    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
-    StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
+    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry, Marker,
+    MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
+    SendPlan, Store, StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
 };
 use crate::crypto::SealedPhone;
 use crate::domain::{
@@ -291,6 +296,72 @@ impl RedisStore {
         Ok(Some(SealedRecord { tenant, id, phone }))
     }
 
+    /// `adds` as one counter script (see `ADD_COUNTERS`): on a cluster, only
+    /// keys of one slot.
+    async fn run_counter_adds(
+        &self,
+        adds: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<u64>> {
+        let mut inv = self.scripts.add_counters.prepare_invoke();
+        for a in adds {
+            let (slot, ttl) = counter_window(a.window_seconds, now);
+            inv.key(self.keys.counter(&a.key, a.window_seconds, slot))
+                .arg(i64::try_from(a.amount).unwrap_or(i64::MAX))
+                .arg(ttl)
+                .arg(a.ceiling.map(|c| c.to_string()).unwrap_or_default());
+        }
+        let totals: Vec<i64> = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        Ok(totals
+            .into_iter()
+            .map(|t| u64::try_from(t).unwrap_or(0))
+            .collect())
+    }
+
+    /// `script` run on verification `id`'s record with `args`, and the record's
+    /// subject (hex); `None` when the id is unknown. One round trip on a single
+    /// node, two on a cluster (the id reference lives in another slot).
+    async fn on_record(
+        &self,
+        script: &RecordScript,
+        id: Uuid,
+        args: &[String],
+    ) -> StoreResult<Option<(String, Vec<String>)>> {
+        if let Conn::Cluster(_) = self.conn {
+            let Some(subject) = self.subject_of(id).await? else {
+                return Ok(None);
+            };
+            let mut inv = script.named.key(self.keys.record(&subject, id));
+            for arg in args {
+                inv.arg(arg);
+            }
+            let out: Vec<String> = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            return Ok(Some((subject, out)));
+        }
+        let (before, after) = self.keys.record_around(id);
+        let mut inv = script.by_ref.key(self.keys.vref(id));
+        for arg in args {
+            inv.arg(arg);
+        }
+        let mut out: Vec<String> = inv
+            .arg(before)
+            .arg(after)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        if out.first().is_none_or(String::is_empty) {
+            return Ok(None);
+        }
+        let subject = out.remove(0);
+        Ok(Some((subject, out)))
+    }
+
     /// The subject (hex) a verification id belongs to, if the id is known.
     async fn subject_of(&self, id: Uuid) -> StoreResult<Option<String>> {
         ::redis::cmd("GET")
@@ -410,6 +481,11 @@ impl Keys {
 
     fn record(&self, subject_hex: &str, id: Uuid) -> String {
         format!("{}{id}", self.record_prefix(subject_hex))
+    }
+
+    /// `record(subject, id)` without the subject: the text before and after it.
+    fn record_around(&self, id: Uuid) -> (String, String) {
+        (format!("{{{}:s:", self.prefix), format!("}}:v:{id}"))
     }
 
     fn vref(&self, id: Uuid) -> String {
@@ -560,22 +636,33 @@ local function append(out, list)
 end
 "#;
 
+/// Claims id reference `vref` for `subject` for at least `ttl` ms; false when
+/// the id belongs to another subject.
+const CLAIM_FN: &str = r#"
+local function claim(vref, subject, ttl)
+  local owner = redis.call('GET', vref)
+  if owner and owner ~= subject then return false end
+  if not owner then
+    redis.call('SET', vref, subject, 'PX', ttl)
+  elseif redis.call('PTTL', vref) < tonumber(ttl) then
+    redis.call('PEXPIRE', vref, ttl)
+  end
+  return true
+end
+"#;
+
 /// KEYS: vref. ARGV: subject hex, ttl ms. 0 when the id belongs to another subject.
 const CLAIM_ID: &str = r#"
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return 0 end
-if not owner then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 1
+if claim(KEYS[1], ARGV[1], ARGV[2]) then return 1 end
+return 0
 "#;
 
 /// KEYS: state, planned record. ARGV: now, cooldown ms, window ms, max sends,
 /// record prefix, planned id, tenant, code hash ('' = none), expires_at,
-/// record ttl, state ttl, '1' when the id is another subject's, then the planned
-/// record's field/value pairs.
+/// record ttl, state ttl, '1' when the id is another subject's, subject hex,
+/// vref ttl, purge index member, then the planned record's field/value pairs.
+/// Runs after `START_SEND_HEAD` (a cluster) or `START_SEND_INDEXED_HEAD` (one
+/// node), which set `foreign`.
 const START_SEND: &str = r#"
 local now = tonumber(ARGV[1])
 local st = redis.call('HMGET', KEYS[1], 'current', 'last_sent', 'win_start', 'win_count')
@@ -606,17 +693,17 @@ if pending and pending == ARGV[6] then
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
   -- A resend goes to the number of this request (a uid's number may change).
   redis.call('HDEL', KEYS[2], 'country')
-  for i = 13, #ARGV, 2 do
+  for i = 16, #ARGV, 2 do
     local f = ARGV[i]
     if f == 'phone' or f == 'masked_to' or f == 'country' then
       redis.call('HSET', KEYS[2], f, ARGV[i + 1])
     end
   end
   decision = 'replaced'
-elseif pending or ARGV[12] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then
+elseif pending or foreign or redis.call('EXISTS', KEYS[2]) == 1 then
   return {'conflict'}
 else
-  redis.call('HSET', KEYS[2], unpack(ARGV, 13))
+  redis.call('HSET', KEYS[2], unpack(ARGV, 16))
   decision = 'created'
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[10])
@@ -624,6 +711,35 @@ redis.call('HSET', KEYS[1], 'current', ARGV[6], 'last_sent', ARGV[1],
   'win_start', int(win_start), 'win_count', int(win_count + 1))
 redis.call('PEXPIRE', KEYS[1], ARGV[11])
 return append({decision, last_sent or ''}, redis.call('HGETALL', KEYS[2]))
+"#;
+
+/// `START_SEND` after the caller claimed the id and indexed it (a cluster).
+const START_SEND_HEAD: &str = r#"
+local foreign = ARGV[12] == '1'
+"#;
+
+/// One node: KEYS as `START_SEND`, then vref and the purge index. Claims the
+/// id and indexes it first, as the caller does on a cluster, then after the
+/// send keeps the index in step with its outcome. `START_SEND` comes between
+/// this head and `START_SEND_INDEXED_TAIL`.
+const START_SEND_INDEXED_HEAD: &str = r#"
+local indexed = redis.call('ZADD', KEYS[4], 'NX', ARGV[9], ARGV[15])
+local foreign = not claim(KEYS[3], ARGV[13], ARGV[14])
+local function decide()
+"#;
+
+const START_SEND_INDEXED_TAIL: &str = r#"
+end
+local out = decide()
+if out[1] == 'created' or out[1] == 'replaced' then
+  -- A resend moved the expiry later (or an old entry was there).
+  if out[1] == 'replaced' or indexed == 0 then
+    redis.call('ZADD', KEYS[4], 'XX', 'GT', ARGV[9], ARGV[15])
+  end
+elseif indexed == 1 then
+  redis.call('ZREM', KEYS[4], ARGV[15])
+end
+return out
 "#;
 
 /// KEYS: state. ARGV: record prefix, tenant, now, '1' to count a verification
@@ -639,41 +755,64 @@ end
 return false
 "#;
 
-/// KEYS: record. ARGV: tenant, code hash, now, keep-ended ms.
+/// Scripts on one verification, addressed by id, are a body run on its record
+/// key `R` (see `RecordScript`). ARGV: tenant, code hash, now, keep-ended ms.
 const CHECK_CODE: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts')
+local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts')
 if r[1] ~= ARGV[1] then return {'not_found'} end
 if r[2] == 'max_attempts' then return {'max_attempts'} end
 if r[2] ~= 'pending' or tonumber(ARGV[3]) >= tonumber(r[3]) or not r[4] then
   return {'not_found'}
 end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+redis.call('HSET', R, 'updated_at', ARGV[3])
 if same(r[4], ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'status', 'approved')
-  redis.call('HDEL', KEYS[1], 'code_hash')
-  shorten(KEYS[1], ARGV[4])
-  return append({'approved'}, redis.call('HGETALL', KEYS[1]))
+  redis.call('HSET', R, 'status', 'approved')
+  redis.call('HDEL', R, 'code_hash')
+  shorten(R, ARGV[4])
+  return append({'approved'}, redis.call('HGETALL', R))
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = redis.call('HINCRBY', R, 'attempts', 1)
 local max = tonumber(r[5])
 if attempts >= max then
-  redis.call('HSET', KEYS[1], 'status', 'max_attempts')
-  redis.call('HDEL', KEYS[1], 'code_hash')
-  shorten(KEYS[1], ARGV[4])
+  redis.call('HSET', R, 'status', 'max_attempts')
+  redis.call('HDEL', R, 'code_hash')
+  shorten(R, ARGV[4])
 end
 return {'wrong', int(math.max(max - attempts, 0))}
 "#;
 
-/// KEYS: record. ARGV: tenant, now, keep-ended ms.
+/// A record body (see `CHECK_CODE`). ARGV: tenant, now, keep-ended ms.
 const CANCEL: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at')
+local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at')
 if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[2]) >= tonumber(r[3]) then
   return {'not_found'}
 end
-redis.call('HSET', KEYS[1], 'status', 'canceled', 'updated_at', ARGV[2])
-redis.call('HDEL', KEYS[1], 'code_hash')
-shorten(KEYS[1], ARGV[3])
-return append({'canceled'}, redis.call('HGETALL', KEYS[1]))
+redis.call('HSET', R, 'status', 'canceled', 'updated_at', ARGV[2])
+redis.call('HDEL', R, 'code_hash')
+shorten(R, ARGV[3])
+return append({'canceled'}, redis.call('HGETALL', R))
+"#;
+
+/// A record body (see `CHECK_CODE`): the record's fields.
+const GET_VERIFICATION: &str = r#"
+return redis.call('HGETALL', R)
+"#;
+
+/// How a record body finds `R`. `named`: KEYS[1] is the record (the caller
+/// read the id reference first).
+const RECORD_NAMED: &str = r#"
+return run(KEYS[1])
+"#;
+
+/// `by_ref`, one node only: KEYS[1] is the id reference and the last two ARGV
+/// the record key's text around the subject; answers {subject hex, body's
+/// answer…}, {''} when the id is unknown. The record is in another slot and its
+/// key is not declared, which a cluster would refuse; a single node does not
+/// care, and it saves a round trip on every check.
+const RECORD_BY_REF: &str = r#"
+local S = redis.call('GET', KEYS[1])
+if not S then return {''} end
+return append({S}, run(ARGV[#ARGV - 1] .. S .. ARGV[#ARGV]))
 "#;
 
 /// KEYS: state, record. ARGV: tenant, previous send ('' = none), at, keep-ended ms.
@@ -706,13 +845,34 @@ redis.call('HDEL', KEYS[1], 'code_hash')
 return {'expired'}
 "#;
 
+/// Writes message record KEYS[1] (field/value pairs from ARGV[first]) and
+/// appends message id ARGV[2] to list KEYS[2], both to live ARGV[1] ms.
+const WRITE_MESSAGE_FN: &str = r#"
+local function write_message(first)
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], unpack(ARGV, first))
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+"#;
+
 /// KEYS: record, list. ARGV: ttl ms, message id, field/value pairs.
 const INSERT_MESSAGE: &str = r#"
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+write_message(3)
+return 1
+"#;
+
+/// One node: KEYS: record, list, mref, all messages, the provider's unfinished,
+/// provider ref (when the message has a provider id). ARGV: ttl ms, message id,
+/// verification id, created ms, index member, '1' when unfinished, field/value
+/// pairs. References and indexes first, as the caller does on a cluster.
+const INSERT_MESSAGE_INDEXED: &str = r#"
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[1])
+if KEYS[6] then redis.call('SET', KEYS[6], KEYS[1], 'PX', ARGV[1]) end
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+if ARGV[6] == '1' then redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5]) end
+write_message(7)
 return 1
 "#;
 
@@ -864,11 +1024,19 @@ if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {1, count}
 "#;
 
-/// KEYS: counter. ARGV: amount, ttl ms. The window's new total.
-const ADD_TO_COUNTER: &str = r#"
-local total = redis.call('INCRBY', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return total
+/// KEYS: counters. ARGV: per counter, amount, ttl ms and ceiling ('' = none).
+/// Adds in order, stopping after the first add whose new total exceeds its
+/// ceiling; the new totals of the adds made.
+const ADD_COUNTERS: &str = r#"
+local totals = {}
+for i = 1, #KEYS do
+  local a = 3 * i - 2
+  local total = redis.call('INCRBY', KEYS[i], ARGV[a])
+  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[a + 1]) end
+  totals[i] = total
+  if ARGV[a + 2] ~= '' and total > tonumber(ARGV[a + 2]) then break end
+end
+return totals
 "#;
 
 /// Marker scripts share this: KEYS are always (values hash, expiries zset).
@@ -951,12 +1119,15 @@ return 1
 struct Scripts {
     claim_id: Script,
     start_send: Script,
+    start_send_indexed: Script,
     find_current: Script,
-    check_code: Script,
-    cancel: Script,
+    check_code: RecordScript,
+    cancel: RecordScript,
+    get_verification: RecordScript,
     abort_send: Script,
     expire: Script,
     insert_message: Script,
+    insert_message_indexed: Script,
     list_messages: Script,
     update_message: Script,
     purge_message: Script,
@@ -970,7 +1141,7 @@ struct Scripts {
     list_api_keys: Script,
     revoke_api_key: Script,
     hit_rate_limit: Script,
-    add_to_counter: Script,
+    add_counters: Script,
     set_marker: Script,
     get_marker: Script,
     list_markers: Script,
@@ -979,19 +1150,44 @@ struct Scripts {
     reseal_phone: Script,
 }
 
+/// A script on one verification's record, in the two ways to find it.
+struct RecordScript {
+    named: Script,
+    by_ref: Script,
+}
+
+impl RecordScript {
+    fn new(body: &str) -> Self {
+        let with = |finder: &str| {
+            Script::new(&format!(
+                "{PRELUDE}local function run(R)\n{body}\nend\n{finder}"
+            ))
+        };
+        Self {
+            named: with(RECORD_NAMED),
+            by_ref: with(RECORD_BY_REF),
+        }
+    }
+}
+
 impl Scripts {
     fn new() -> Self {
         let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         let marker = |body: &str| Script::new(&format!("{PRELUDE}{MARKER_PRELUDE}{body}"));
         Self {
-            claim_id: s(CLAIM_ID),
-            start_send: s(START_SEND),
+            claim_id: s(&format!("{CLAIM_FN}{CLAIM_ID}")),
+            start_send: s(&format!("{START_SEND_HEAD}{START_SEND}")),
+            start_send_indexed: s(&format!(
+                "{CLAIM_FN}{START_SEND_INDEXED_HEAD}{START_SEND}{START_SEND_INDEXED_TAIL}"
+            )),
             find_current: s(FIND_CURRENT),
-            check_code: s(CHECK_CODE),
-            cancel: s(CANCEL),
+            check_code: RecordScript::new(CHECK_CODE),
+            cancel: RecordScript::new(CANCEL),
+            get_verification: RecordScript::new(GET_VERIFICATION),
             abort_send: s(ABORT_SEND),
             expire: s(EXPIRE),
-            insert_message: s(INSERT_MESSAGE),
+            insert_message: s(&format!("{WRITE_MESSAGE_FN}{INSERT_MESSAGE}")),
+            insert_message_indexed: s(&format!("{WRITE_MESSAGE_FN}{INSERT_MESSAGE_INDEXED}")),
             list_messages: s(LIST_MESSAGES),
             update_message: s(UPDATE_MESSAGE),
             purge_message: s(PURGE_MESSAGE),
@@ -1005,7 +1201,7 @@ impl Scripts {
             list_api_keys: s(LIST_API_KEYS),
             revoke_api_key: s(REVOKE_API_KEY),
             hit_rate_limit: s(HIT_RATE_LIMIT),
-            add_to_counter: s(ADD_TO_COUNTER),
+            add_counters: s(ADD_COUNTERS),
             set_marker: marker(SET_MARKER),
             get_marker: marker(GET_MARKER),
             list_markers: marker(LIST_MARKERS),
@@ -1466,38 +1662,48 @@ impl Store for RedisStore {
                 .max(window_ms)
                 .max(record_ttl);
             let member = pending_member(&subject, v.id);
+            let ref_ttl = record_ttl + REF_MARGIN_MS;
 
             // The id reference and the purge index come first, so that a crash
             // after the script can leave neither a record nobody finds by id nor a
-            // code nobody purges.
-            let (mut claim_conn, mut index_conn) = (self.conn(), self.conn());
-            let claim = async {
-                self.scripts
-                    .claim_id
-                    .key(self.keys.vref(v.id))
-                    .arg(&subject)
-                    .arg(record_ttl + REF_MARGIN_MS)
-                    .invoke_async::<i64>(&mut claim_conn)
-                    .await
+            // code nobody purges. One node does all of it in one script; on a
+            // cluster they live in other slots, so they go first on their own and
+            // the index follows the outcome afterwards (`None` on one node).
+            let (script, indexed_now, foreign_id) = if let Conn::Cluster(_) = self.conn {
+                let (mut claim_conn, mut index_conn) = (self.conn(), self.conn());
+                let claim = async {
+                    self.scripts
+                        .claim_id
+                        .key(self.keys.vref(v.id))
+                        .arg(&subject)
+                        .arg(ref_ttl)
+                        .invoke_async::<i64>(&mut claim_conn)
+                        .await
+                };
+                let index = async {
+                    ::redis::cmd("ZADD")
+                        .arg(self.keys.pending())
+                        .arg("NX")
+                        .arg(expires_ms)
+                        .arg(&member)
+                        .query_async::<i64>(&mut index_conn)
+                        .await
+                };
+                let (claimed, indexed) = tokio::join!(claim, index);
+                let indexed_now = indexed.map_err(store_error)? == 1;
+                // An id that is another subject's conflicts, but only once the
+                // cooldown and window checks have passed, as in the other backends.
+                let foreign_id = claimed.map_err(store_error)? == 0;
+                (&self.scripts.start_send, Some(indexed_now), foreign_id)
+            } else {
+                (&self.scripts.start_send_indexed, None, false)
             };
-            let index = async {
-                ::redis::cmd("ZADD")
-                    .arg(self.keys.pending())
-                    .arg("NX")
-                    .arg(expires_ms)
-                    .arg(&member)
-                    .query_async::<i64>(&mut index_conn)
-                    .await
-            };
-            let (claimed, indexed) = tokio::join!(claim, index);
-            let indexed_now = indexed.map_err(store_error)? == 1;
-            // An id that is another subject's conflicts, but only once the
-            // cooldown and window checks have passed, as in the other backends.
-            let foreign_id = claimed.map_err(store_error)? == 0;
-
-            let mut inv = self.scripts.start_send.key(self.keys.state(&subject));
-            inv.key(self.keys.record(&subject, v.id))
-                .arg(now_ms)
+            let mut inv = script.key(self.keys.state(&subject));
+            inv.key(self.keys.record(&subject, v.id));
+            if indexed_now.is_none() {
+                inv.key(self.keys.vref(v.id)).key(self.keys.pending());
+            }
+            inv.arg(now_ms)
                 .arg(cooldown_ms)
                 .arg(window_ms)
                 .arg(plan.max_sends_per_window)
@@ -1508,7 +1714,10 @@ impl Store for RedisStore {
                 .arg(expires_ms)
                 .arg(record_ttl)
                 .arg(state_ttl)
-                .arg(if foreign_id { "1" } else { "0" });
+                .arg(if foreign_id { "1" } else { "0" })
+                .arg(&subject)
+                .arg(ref_ttl)
+                .arg(&member);
             add_pairs(&mut inv, verification_pairs(v));
             let out: Vec<String> = inv
                 .invoke_async(&mut self.conn())
@@ -1542,6 +1751,9 @@ impl Store for RedisStore {
                     }
                 }
                 other => return Err(unexpected(other)),
+            };
+            let Some(indexed_now) = indexed_now else {
+                return Ok(decision);
             };
             match &decision {
                 SendDecision::Created { verification, .. }
@@ -1594,20 +1806,16 @@ impl Store for RedisStore {
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
         bounded(async {
-            let Some(subject) = self.subject_of(id).await? else {
+            let args = [
+                tenant.to_owned(),
+                hex::encode(code_hash),
+                ms(now),
+                KEEP_ENDED_MS.to_string(),
+            ];
+            let Some((subject, out)) = self.on_record(&self.scripts.check_code, id, &args).await?
+            else {
                 return Ok(CheckOutcome::NotFound);
             };
-            let out: Vec<String> = self
-                .scripts
-                .check_code
-                .key(self.keys.record(&subject, id))
-                .arg(tenant)
-                .arg(hex::encode(code_hash))
-                .arg(ms(now))
-                .arg(KEEP_ENDED_MS)
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
             let (verdict, rest) = verdict(&out)?;
             Ok(match verdict {
                 "approved" => {
@@ -1634,10 +1842,10 @@ impl Store for RedisStore {
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
         bounded(async {
-            let Some(subject) = self.subject_of(id).await? else {
-                return Ok(None);
-            };
-            let Some(flat) = self.hash(self.keys.record(&subject, id)).await? else {
+            let found = self
+                .on_record(&self.scripts.get_verification, id, &[])
+                .await?;
+            let Some((_, flat)) = found.filter(|(_, flat)| !flat.is_empty()) else {
                 return Ok(None);
             };
             let v = decode_verification(&flat)?;
@@ -1653,19 +1861,11 @@ impl Store for RedisStore {
         now: DateTime<Utc>,
     ) -> StoreResult<CancelOutcome> {
         bounded(async {
-            let Some(subject) = self.subject_of(id).await? else {
+            let args = [tenant.to_owned(), ms(now), KEEP_ENDED_MS.to_string()];
+            let Some((subject, out)) = self.on_record(&self.scripts.cancel, id, &args).await?
+            else {
                 return Ok(CancelOutcome::NotFound);
             };
-            let out: Vec<String> = self
-                .scripts
-                .cancel
-                .key(self.keys.record(&subject, id))
-                .arg(tenant)
-                .arg(ms(now))
-                .arg(KEEP_ENDED_MS)
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
             let (verdict, rest) = verdict(&out)?;
             Ok(match verdict {
                 "canceled" => {
@@ -1684,6 +1884,30 @@ impl Store for RedisStore {
         bounded(async {
             let vid = message.verification_id;
             let record = format!("{}{}", self.keys.message_prefix(vid), message.id);
+            let member = message_member(message);
+            if let Conn::Node(_) = self.conn {
+                // References, indexes and record in one script (see the cluster
+                // path below for what each is).
+                let mut inv = self.scripts.insert_message_indexed.key(&record);
+                inv.key(self.keys.message_list(vid))
+                    .key(self.keys.mref(message.id))
+                    .key(self.keys.all_messages())
+                    .key(self.keys.unfinished(&message.provider));
+                if let Some(pid) = &message.provider_message_id {
+                    inv.key(self.keys.provider_ref(&message.provider, pid));
+                }
+                inv.arg(KEEP_MESSAGES_MS)
+                    .arg(message.id.to_string())
+                    .arg(vid.to_string())
+                    .arg(message.created_at.timestamp_millis())
+                    .arg(&member)
+                    .arg(if is_unfinished(message) { "1" } else { "0" });
+                add_pairs(&mut inv, message_pairs(message));
+                inv.invoke_async::<i64>(&mut self.conn())
+                    .await
+                    .map_err(store_error)?;
+                return Ok(());
+            }
             // References first: a record nobody can find would be lost.
             let mref = async {
                 ::redis::cmd("SET")
@@ -1706,7 +1930,6 @@ impl Store for RedisStore {
                     .query_async::<Value>(&mut self.conn())
                     .await
             };
-            let member = message_member(message);
             let indexes = async {
                 ::redis::cmd("ZADD")
                     .arg(self.keys.all_messages())
@@ -2207,20 +2430,17 @@ impl Store for RedisStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        bounded(async {
-            let (slot, ttl) = counter_window(window_seconds, now);
-            let total: i64 = self
-                .scripts
-                .add_to_counter
-                .key(self.keys.counter(key, window_seconds, slot))
-                .arg(i64::try_from(amount).unwrap_or(i64::MAX))
-                .arg(ttl)
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
-            Ok(u64::try_from(total).unwrap_or(0))
-        })
-        .await
+        let add = CounterAdd {
+            key: key.to_owned(),
+            amount,
+            window_seconds,
+            ceiling: None,
+        };
+        let totals = bounded(self.run_counter_adds(std::slice::from_ref(&add), now)).await?;
+        totals
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt("no total from the redis counter script".into()))
     }
 
     async fn read_counter(
@@ -2229,14 +2449,91 @@ impl Store for RedisStore {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
+        let read = CounterRead {
+            key: key.to_owned(),
+            window_seconds,
+            at: now,
+        };
+        let totals = self.read_counters(std::slice::from_ref(&read)).await?;
+        totals
+            .first()
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt("no total from redis".into()))
+    }
+
+    async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+        if reads.is_empty() {
+            return Ok(Vec::new());
+        }
         bounded(async {
-            let (slot, _) = counter_window(window_seconds, now);
-            let total: Option<i64> = ::redis::cmd("GET")
-                .arg(self.keys.counter(key, window_seconds, slot))
-                .query_async(&mut self.conn())
+            let keys = reads.iter().map(|r| {
+                let (slot, _) = counter_window(r.window_seconds, r.at);
+                self.keys.counter(&r.key, r.window_seconds, slot)
+            });
+            let totals: Vec<Option<i64>> = if let Conn::Cluster(_) = self.conn {
+                // Counter keys hash to any slot. The cluster client can split an
+                // MGET by slot, but some of those splits never got an answer (the
+                // call timed out) while nodes were being connected; single GETs,
+                // all sent at once, cost the same one round trip.
+                futures::future::try_join_all(keys.map(|key| async move {
+                    ::redis::cmd("GET")
+                        .arg(key)
+                        .query_async::<Option<i64>>(&mut self.conn())
+                        .await
+                }))
                 .await
-                .map_err(store_error)?;
-            Ok(total.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+            } else {
+                ::redis::cmd("MGET")
+                    .arg(keys.collect::<Vec<_>>())
+                    .query_async(&mut self.conn())
+                    .await
+            }
+            .map_err(store_error)?;
+            if totals.len() != reads.len() {
+                return Err(StoreError::Corrupt("short MGET answer from redis".into()));
+            }
+            Ok(totals
+                .into_iter()
+                .map(|t| t.map_or(0, |t| u64::try_from(t).unwrap_or(0)))
+                .collect())
+        })
+        .await
+    }
+
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
+        if adds.is_empty() {
+            return Ok(Vec::new());
+        }
+        bounded(async {
+            if let Conn::Node(_) = self.conn {
+                return self.run_counter_adds(adds, now).await;
+            }
+            // Counter keys hash to any slot and a script cannot span slots, so a
+            // cluster makes the adds one script each: in order up to the last add
+            // with a ceiling (each may stop the batch), then the rest, which
+            // nothing can stop any more, all at once. Not one atomic step here.
+            let gated = adds
+                .iter()
+                .rposition(|a| a.ceiling.is_some())
+                .map_or(0, |last| last + 1);
+            let mut totals = Vec::with_capacity(adds.len());
+            for add in &adds[..gated] {
+                let total = self
+                    .run_counter_adds(std::slice::from_ref(add), now)
+                    .await?;
+                totals.extend_from_slice(&total);
+                if add.ceiling.is_some_and(|c| total.iter().any(|t| *t > c)) {
+                    return Ok(totals);
+                }
+            }
+            let rest = futures::future::try_join_all(
+                adds[gated..]
+                    .iter()
+                    .map(|add| self.run_counter_adds(std::slice::from_ref(add), now)),
+            )
+            .await?;
+            totals.extend(rest.into_iter().flatten());
+            Ok(totals)
         })
         .await
     }
@@ -2584,6 +2881,11 @@ mod tests {
         let tag = hash_tag(&state);
         assert_eq!(tag, format!("otpd:s:{subject}"));
         assert_eq!(hash_tag(&keys.record(&subject, id)), tag);
+        let (before, after) = keys.record_around(id);
+        assert_eq!(
+            format!("{before}{subject}{after}"),
+            keys.record(&subject, id)
+        );
         assert_eq!(
             hash_tag(&format!(
                 "{}{}",

@@ -322,3 +322,152 @@ async fn find_current_matches_the_memory_store() {
     );
     assert_eq!(answers[0], answers[1], "redis and memory disagree");
 }
+
+/// The single Redis and, when configured, the cluster.
+fn every_test_redis() -> Vec<String> {
+    let mut urls: Vec<String> = test_redis_url().into_iter().collect();
+    match std::env::var("OTPD_TEST_REDIS_CLUSTER_URL") {
+        Ok(url) if !url.is_empty() => urls.push(url),
+        _ => eprintln!("skipping the cluster: OTPD_TEST_REDIS_CLUSTER_URL is not set"),
+    }
+    urls
+}
+
+/// `key`'s PTTL, asked of `url` (either kind) directly.
+async fn pttl(url: &str, key: &str) -> i64 {
+    let cmd = redis::cmd("PTTL").arg(key).clone();
+    match url.strip_prefix("redis+cluster://") {
+        Some(nodes) => {
+            let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
+            let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+            let mut conn = client.get_async_connection().await.unwrap();
+            cmd.query_async(&mut conn).await.unwrap()
+        }
+        None => {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            cmd.query_async(&mut conn).await.unwrap()
+        }
+    }
+}
+
+/// Batched counter adds and reads (one script and one MGET on a node, split by
+/// slot on a cluster) agree with the one-at-a-time calls, answer in order, stop
+/// at a ceiling, and leave keys with the TTLs `add_to_counter` gives.
+#[tokio::test]
+async fn counter_batches_match_single_counters_and_their_ttls() {
+    use otpd::store::{CounterAdd, CounterRead};
+
+    for url in every_test_redis() {
+        let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+        let store = RedisStore::connect_with_prefix(&url, &prefix)
+            .await
+            .unwrap();
+        let now = chrono::DateTime::from_timestamp_millis(1_900_000_030_500).unwrap();
+        let add = |key: String, amount, window_seconds, ceiling| CounterAdd {
+            key,
+            amount,
+            window_seconds,
+            ceiling,
+        };
+
+        // Many keys (so many slots), distinct amounts: answers keep their order.
+        let adds: Vec<CounterAdd> = (1..=12u64)
+            .map(|i| add(format!("batch:{i}"), i, 60 * i as u32, None))
+            .collect();
+        let totals = store.add_counters(&adds, now).await.unwrap();
+        assert_eq!(totals, (1..=12).collect::<Vec<u64>>(), "{url}");
+        let reads: Vec<CounterRead> = adds
+            .iter()
+            .map(|a| CounterRead {
+                key: a.key.clone(),
+                window_seconds: a.window_seconds,
+                at: now,
+            })
+            .chain([CounterRead {
+                key: "batch:1".into(),
+                window_seconds: 60,
+                at: now - chrono::Duration::seconds(60),
+            }])
+            .collect();
+        let mut expected: Vec<u64> = (1..=12).collect();
+        expected.push(0);
+        assert_eq!(
+            store.read_counters(&reads).await.unwrap(),
+            expected,
+            "{url}"
+        );
+        for (r, want) in reads.iter().zip(&expected) {
+            let one = store
+                .read_counter(&r.key, r.window_seconds, r.at)
+                .await
+                .unwrap();
+            assert_eq!(one, *want, "{url}: {}", r.key);
+        }
+        assert_eq!(store.read_counters(&[]).await.unwrap(), Vec::<u64>::new());
+        assert_eq!(
+            store.add_counters(&[], now).await.unwrap(),
+            Vec::<u64>::new()
+        );
+
+        // Stops after the first add over its ceiling; that add is made.
+        let capped = [
+            add("cap:a".into(), 1, 600, Some(1)),
+            add("cap:b".into(), 2, 600, Some(1)),
+            add("cap:c".into(), 1, 600, None),
+        ];
+        assert_eq!(
+            store.add_counters(&capped, now).await.unwrap(),
+            [1, 2],
+            "{url}"
+        );
+        let capped_reads: Vec<CounterRead> = capped
+            .iter()
+            .map(|a| CounterRead {
+                key: a.key.clone(),
+                window_seconds: 600,
+                at: now,
+            })
+            .collect();
+        assert_eq!(
+            store.read_counters(&capped_reads).await.unwrap(),
+            [1, 2, 0],
+            "{url}"
+        );
+
+        // A batch add gives its keys the TTL a single add gives, and a later add
+        // (batched or not) leaves it alone.
+        let slot = now.timestamp().div_euclid(3600);
+        let key = |name: &str| format!("{prefix}:ctr:{name}:3600:{slot}");
+        store
+            .add_to_counter("ttl:single", 1, 3600, now)
+            .await
+            .unwrap();
+        store
+            .add_counters(&[add("ttl:batch".into(), 1, 3600, None)], now)
+            .await
+            .unwrap();
+        // Through the end of the next window, plus a second.
+        let full = (slot + 2) * 3600 * 1000 - now.timestamp_millis() + 1000;
+        let single = pttl(&url, &key("ttl:single")).await;
+        let batch = pttl(&url, &key("ttl:batch")).await;
+        for ttl in [single, batch] {
+            assert!(ttl <= full && ttl > full - 5_000, "{url}: {ttl} vs {full}");
+        }
+        assert!((single - batch).abs() < 1_000, "{url}: {single} vs {batch}");
+        let later = now + chrono::Duration::seconds(600);
+        store
+            .add_to_counter("ttl:batch", 1, 3600, later)
+            .await
+            .unwrap();
+        store
+            .add_counters(&[add("ttl:single".into(), 1, 3600, None)], later)
+            .await
+            .unwrap();
+        // 600 s later in the window, a fresh add would have set a TTL 600 s shorter.
+        for name in ["ttl:single", "ttl:batch"] {
+            let ttl = pttl(&url, &key(name)).await;
+            assert!(ttl > full - 5_000, "{url}: {name} {ttl} vs {full}");
+        }
+    }
+}
