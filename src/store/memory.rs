@@ -28,9 +28,9 @@ use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry, Marker, MessageTransition,
-    MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store,
-    StoreResult, UsageRow, advance_message, is_unfinished, seconds_until,
+    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry, Marker,
+    MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
+    SendPlan, Store, StoreResult, UsageRow, advance_message, is_unfinished, seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{
