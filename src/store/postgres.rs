@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres};
 
 use super::sql_common::{
-    KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis,
+    KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, WriteFuture, WriteKind, map_migrate,
+    map_sqlx, millis,
 };
 use super::{StoreError, StoreResult};
 use crate::domain::SubjectKey;
@@ -109,16 +110,33 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
-    /// A plain transaction: each operation locks the rows it decides on.
-    async fn begin_write(&self) -> StoreResult<Transaction<'static, Postgres>> {
-        self.pool.begin().await.map_err(map_sqlx)
+    /// A statement runs on its own (autocommit); a transaction is a plain one,
+    /// in which each operation locks the rows it decides on. An error drops the
+    /// transaction, which rolls it back.
+    async fn write<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> WriteFuture<'c, T> + Send + 'static,
+    {
+        match kind {
+            WriteKind::Statement => {
+                let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+                op(&mut conn).await
+            }
+            WriteKind::Transaction => {
+                let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+                let done = op(&mut tx).await?;
+                tx.commit().await.map_err(map_sqlx)?;
+                Ok(done)
+            }
+        }
     }
 
     /// Locks the subject's row, creating it first if needed, so sends for one
     /// subject queue across instances. A purge may delete an old row between
     /// the insert and the lock; then the insert is simply retried.
     async fn subject_state(
-        tx: &mut Transaction<'static, Postgres>,
+        conn: &mut PgConnection,
         tenant: &str,
         subject: &SubjectKey,
     ) -> StoreResult<SubjectState> {
@@ -128,7 +146,7 @@ impl PostgresStore {
             )
             .bind(tenant)
             .bind(subject.0.as_slice())
-            .execute(&mut **tx)
+            .execute(&mut *conn)
             .await
             .map_err(map_sqlx)?;
             let row = sqlx::query_as::<_, SubjectRow>(
@@ -137,7 +155,7 @@ impl PostgresStore {
             )
             .bind(tenant)
             .bind(subject.0.as_slice())
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(map_sqlx)?;
             if let Some(row) = row {
@@ -149,17 +167,20 @@ impl PostgresStore {
         ))
     }
 
-    /// Several instances share the database: the advisory lock lets one purge
-    /// at a time, and the others return at once (`None`) instead of queueing.
-    async fn begin_purge(&self) -> StoreResult<Option<Transaction<'static, Postgres>>> {
-        let mut tx = self.begin_write().await?;
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(self.purge_lock)
-            .fetch_one(&mut *tx)
+    fn purge_lock(&self) -> i64 {
+        self.purge_lock
+    }
+
+    /// Several instances share the database: the advisory lock (held until the
+    /// purge's transaction ends) lets one purge at a time, and the others
+    /// return at once (`false`) instead of queueing: the one purging will get
+    /// to these rows.
+    async fn take_purge_lock(conn: &mut PgConnection, lock: i64) -> StoreResult<bool> {
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(lock)
+            .fetch_one(&mut *conn)
             .await
-            .map_err(map_sqlx)?;
-        // Not ours: another instance is purging right now; it will get to these rows.
-        Ok(ours.then_some(tx))
+            .map_err(map_sqlx)
     }
 
     /// The subqueries walk the expiry indexes and skip rows a request holds
@@ -250,7 +271,6 @@ super::sql_common::sql_store!(
     store: PostgresStore,
     db: Postgres,
     read: pool,
-    write: pool,
     insertion_order: "seq",
     for_update: " FOR UPDATE",
 );

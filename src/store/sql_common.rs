@@ -460,14 +460,56 @@ pub(crate) fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64
     (slot, (slot + 2) * window * 1000)
 }
 
+/// At most this many counters are read by one statement of `read_counters`:
+/// far above what a request reads, far below either database's bound on
+/// parameters.
+pub(crate) const COUNTER_READS_PER_STATEMENT: usize = 256;
+
+/// The one SELECT of `read_counters` for `n` counters: each binds its key,
+/// window length and slot (`$3i+1..$3i+3`), and gets its total (or NULL) back
+/// in order. The casts give PostgreSQL the parameters' types.
+pub(crate) fn counter_reads_sql(n: usize) -> String {
+    let wanted: Vec<String> = (0..n)
+        .map(|i| {
+            let p = 3 * i;
+            format!(
+                "({i}, CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                p + 1,
+                p + 2,
+                p + 3
+            )
+        })
+        .collect();
+    format!(
+        "WITH wanted (i, key, window_seconds, slot) AS (VALUES {})
+         SELECT c.total FROM wanted w
+         LEFT JOIN counters c
+             ON c.key = w.key AND c.window_seconds = w.window_seconds AND c.slot = w.slot
+         ORDER BY w.i",
+        wanted.join(", ")
+    )
+}
+
+/// How a write operation is made atomic; each backend's `write` runs it so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteKind {
+    /// One statement, which the database applies entirely or not at all.
+    Statement,
+    /// Several statements that read, decide and write: all of them or none.
+    Transaction,
+}
+
+/// What a write operation returns: a future borrowing the connection it runs on.
+pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<T>>;
+
 /// Implements `Store` for a SQL backend, written once for SQLite and
 /// PostgreSQL: the SQL (with `$N` placeholders, which both drivers bind by
 /// number) and the Rust around it. A macro rather than generics over
 /// `sqlx::Database`: the bounds those need (every bound type's `Encode`/`Type`,
 /// every row's `FromRow`) are not implied and would repeat on every function.
 ///
-/// - `read` / `write`: the pool fields for reads and for writes (SQLite keeps a
-///   single writer connection apart from its readers; PostgreSQL uses one pool).
+/// - `read`: the pool field reads use (SQLite keeps its single writer
+///   connection apart from its readers; PostgreSQL uses one pool).
 /// - `insertion_order`: the column that orders rows of equal `created_at` the
 ///   way they were inserted (`rowid` on SQLite, the `seq` identity on PostgreSQL).
 /// - `for_update`: appended to a read whose row the transaction then writes
@@ -476,49 +518,55 @@ pub(crate) fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64
 ///
 /// What each backend does its own way, it provides as inherent items:
 /// - `async fn close(&self)`: closes its pools.
-/// - `async fn begin_write(&self) -> StoreResult<Transaction<'static, DB>>`: a
-///   transaction for an operation that reads, decides and writes.
-/// - `async fn subject_state(tx, tenant, subject) -> StoreResult<SubjectState>`:
-///   a subject's send history, held against concurrent sends until `tx` ends.
-/// - `async fn begin_purge(&self) -> StoreResult<Option<Transaction<'static, DB>>>`:
-///   the purge's transaction, or `None` when another instance is purging.
+/// - `async fn write<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>`,
+///   `F: for<'c> FnOnce(&'c mut DB::Connection) -> WriteFuture<'c, T> + Send +
+///   'static`: runs one write operation atomically as `kind` says and answers
+///   only once its effect is committed. An `Err` from `op` undoes all of it.
+/// - `async fn subject_state(conn, tenant, subject) -> StoreResult<SubjectState>`:
+///   a subject's send history, held against concurrent sends until the write ends.
+/// - `fn purge_lock(&self) -> i64` and `async fn take_purge_lock(conn, lock) ->
+///   StoreResult<bool>`: `false` when another instance is purging right now.
 /// - `fn purge_steps(now) -> Vec<(&'static str, i64)>`: the purge's statements,
 ///   each taking `$1` (its cutoff) and `$2` (what is left of the batch).
+///
+/// Write operations own what they need (`'static`): SQLite runs them on its
+/// writer task, apart from the caller.
 macro_rules! sql_store {
     (
         store: $store:ty,
         db: $db:ty,
         read: $read:ident,
-        write: $write:ident,
         insertion_order: $order:literal,
         for_update: $lock:literal $(,)?
     ) => {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
         use chrono::{DateTime, NaiveDate, Utc};
-        use sqlx::Transaction;
+        use sqlx::AssertSqlSafe;
         use uuid::Uuid;
 
         use $crate::crypto::SealedPhone;
         use $crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
         use $crate::store::sql_common::{
-            ApiKeyRow, InboxRow, MarkerRow, MessageRow, UsageDbRow, VerificationRow,
-            admit_send, counter_amount, counter_slot, counter_total, day_text, decide_check,
-            id_text, map_sqlx, millis, parse_id, parse_status, rate_slot, sealed,
-            usage_amount,
+            ApiKeyRow, COUNTER_READS_PER_STATEMENT, InboxRow, MarkerRow, MessageRow,
+            UsageDbRow, VerificationRow, WriteKind, admit_send, counter_amount,
+            counter_reads_sql, counter_slot, counter_total, day_text, decide_check, id_text,
+            map_sqlx, millis, parse_id, parse_status, rate_slot, sealed, usage_amount,
         };
         use $crate::store::{
-            CancelOutcome, CheckOutcome, CodeReplacement, InboxEntry, Marker,
-            MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
+            CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry,
+            Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
             SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message,
             seconds_until,
         };
 
+        type Conn = <$db as sqlx::Database>::Connection;
+
         impl $store {
-            /// The verification `id`, locked for the rest of the transaction
-            /// where the backend locks rows.
+            /// The verification `id`, locked for the rest of the write where
+            /// the backend locks rows.
             async fn locked_verification(
-                tx: &mut Transaction<'static, $db>,
+                conn: &mut Conn,
                 id: Uuid,
             ) -> StoreResult<Option<Verification>> {
                 sqlx::query_as::<_, VerificationRow>(concat!(
@@ -526,11 +574,39 @@ macro_rules! sql_store {
                     $lock
                 ))
                 .bind(id_text(id))
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(map_sqlx)?
                 .map(Verification::try_from)
                 .transpose()
+            }
+
+            /// One add of `add_to_counter`: one upsert creates the window's row
+            /// or adds to it, and returns the new total.
+            async fn add_one(
+                conn: &mut Conn,
+                key: &str,
+                amount: u64,
+                window_seconds: u32,
+                now: DateTime<Utc>,
+            ) -> StoreResult<u64> {
+                let (slot, keep_until) = counter_slot(window_seconds, now);
+                let total: i64 = sqlx::query_scalar(
+                    "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
+                         total = counters.total + excluded.total
+                     RETURNING total",
+                )
+                .bind(key)
+                .bind(i64::from(window_seconds))
+                .bind(slot)
+                .bind(keep_until)
+                .bind(counter_amount(amount))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(counter_total(Some(total)))
             }
         }
 
@@ -547,19 +623,23 @@ macro_rules! sql_store {
             }
 
             async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO api_keys (id, tenant, key_hash, created_at, revoked_at)
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(&key.id)
-                .bind(&key.tenant)
-                .bind(key.key_hash.as_slice())
-                .bind(millis(key.created_at))
-                .bind(key.revoked_at.map(millis))
-                .execute(&self.$write)
+                let key = key.clone();
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO api_keys (id, tenant, key_hash, created_at, revoked_at)
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(&key.id)
+                    .bind(&key.tenant)
+                    .bind(key.key_hash.as_slice())
+                    .bind(millis(key.created_at))
+                    .bind(key.revoked_at.map(millis))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(())
             }
 
             async fn find_api_key(
@@ -586,15 +666,19 @@ macro_rules! sql_store {
             }
 
             async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> StoreResult<bool> {
-                let done = sqlx::query(
-                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-                )
-                .bind(millis(at))
-                .bind(id)
-                .execute(&self.$write)
+                let id = id.to_owned();
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    let done = sqlx::query(
+                        "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                    )
+                    .bind(millis(at))
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(done.rows_affected() > 0)
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(done.rows_affected() > 0)
             }
 
             async fn find_pending(
@@ -644,138 +728,143 @@ macro_rules! sql_store {
                 plan: &SendPlan,
                 now: DateTime<Utc>,
             ) -> StoreResult<SendDecision> {
-                let planned = &plan.verification;
-                let mut tx = self.begin_write().await?;
-                let state = Self::subject_state(&mut tx, &planned.tenant, &planned.subject).await?;
-                let window = match admit_send(&state, plan, now) {
-                    Ok(window) => window,
-                    Err(refusal) => return Ok(refusal.into()),
-                };
+                let plan = plan.clone();
+                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
+                    let planned = &plan.verification;
+                    let state = Self::subject_state(conn, &planned.tenant, &planned.subject).await?;
+                    let window = match admit_send(&state, &plan, now) {
+                        Ok(window) => window,
+                        Err(refusal) => return Ok(refusal.into()),
+                    };
 
-                let pending = match state.current {
-                    Some(current) => Self::locked_verification(&mut tx, current)
-                        .await?
-                        .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
-                    None => None,
-                };
-                let previous_sent_at = state.last_sent_at;
-                let decision = match pending {
-                    Some(v) if v.id == planned.id => {
-                        let row = sqlx::query_as::<_, VerificationRow>(
-                            // A resend goes to the number of this request (a uid's
-                            // number may change).
-                            "UPDATE verifications
-                             SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
-                                 updated_at = $3, last_sent_at = $3,
-                                 phone = $5, masked_to = $6, country = $7
-                             WHERE id = $4 RETURNING *",
-                        )
-                        .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                        .bind(millis(planned.expires_at))
-                        .bind(millis(now))
-                        .bind(id_text(v.id))
-                        .bind(planned.phone.to_bytes())
-                        .bind(&planned.masked_to)
-                        .bind(planned.country.as_deref())
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(map_sqlx)?;
-                        SendDecision::Replaced {
-                            verification: row.try_into()?,
-                            previous_sent_at,
+                    let pending = match state.current {
+                        Some(current) => Self::locked_verification(conn, current)
+                            .await?
+                            .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
+                        None => None,
+                    };
+                    let previous_sent_at = state.last_sent_at;
+                    let decision = match pending {
+                        Some(v) if v.id == planned.id => {
+                            let row = sqlx::query_as::<_, VerificationRow>(
+                                // A resend goes to the number of this request (a uid's
+                                // number may change).
+                                "UPDATE verifications
+                                 SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
+                                     updated_at = $3, last_sent_at = $3,
+                                     phone = $5, masked_to = $6, country = $7
+                                 WHERE id = $4 RETURNING *",
+                            )
+                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                            .bind(millis(planned.expires_at))
+                            .bind(millis(now))
+                            .bind(id_text(v.id))
+                            .bind(planned.phone.to_bytes())
+                            .bind(&planned.masked_to)
+                            .bind(planned.country.as_deref())
+                            .fetch_one(&mut *conn)
+                            .await
+                            .map_err(map_sqlx)?;
+                            SendDecision::Replaced {
+                                verification: row.try_into()?,
+                                previous_sent_at,
+                            }
                         }
-                    }
-                    Some(_) => return Ok(SendDecision::Conflict),
-                    None => {
-                        let inserted = sqlx::query(
-                            "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone,
-                                 masked_to, country, code_hash, status, attempts, max_attempts,
-                                 send_count, created_at, updated_at, expires_at, last_sent_at)
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                                 $15, $16, $17)
-                             ON CONFLICT (id) DO NOTHING",
-                        )
-                        .bind(id_text(planned.id))
-                        .bind(&planned.tenant)
-                        .bind(planned.subject.0.as_slice())
-                        .bind(&planned.purpose)
-                        .bind(&planned.uid)
-                        .bind(planned.phone.to_bytes())
-                        .bind(&planned.masked_to)
-                        .bind(&planned.country)
-                        .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                        .bind(planned.status.as_str())
-                        .bind(i64::from(planned.attempts))
-                        .bind(i64::from(planned.max_attempts))
-                        .bind(i64::from(planned.send_count))
-                        .bind(millis(planned.created_at))
-                        .bind(millis(planned.updated_at))
-                        .bind(millis(planned.expires_at))
-                        .bind(millis(planned.last_sent_at))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(map_sqlx)?;
-                        // The plan names a verification that exists but is no longer
-                        // pending (expired or ended since the service looked).
-                        if inserted.rows_affected() == 0 {
-                            return Ok(SendDecision::Conflict);
+                        Some(_) => return Ok(SendDecision::Conflict),
+                        None => {
+                            let inserted = sqlx::query(
+                                "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone,
+                                     masked_to, country, code_hash, status, attempts, max_attempts,
+                                     send_count, created_at, updated_at, expires_at, last_sent_at)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                                     $15, $16, $17)
+                                 ON CONFLICT (id) DO NOTHING",
+                            )
+                            .bind(id_text(planned.id))
+                            .bind(&planned.tenant)
+                            .bind(planned.subject.0.as_slice())
+                            .bind(&planned.purpose)
+                            .bind(&planned.uid)
+                            .bind(planned.phone.to_bytes())
+                            .bind(&planned.masked_to)
+                            .bind(&planned.country)
+                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                            .bind(planned.status.as_str())
+                            .bind(i64::from(planned.attempts))
+                            .bind(i64::from(planned.max_attempts))
+                            .bind(i64::from(planned.send_count))
+                            .bind(millis(planned.created_at))
+                            .bind(millis(planned.updated_at))
+                            .bind(millis(planned.expires_at))
+                            .bind(millis(planned.last_sent_at))
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(map_sqlx)?;
+                            // The plan names a verification that exists but is no longer
+                            // pending (expired or ended since the service looked).
+                            if inserted.rows_affected() == 0 {
+                                return Ok(SendDecision::Conflict);
+                            }
+                            SendDecision::Created {
+                                verification: planned.clone(),
+                                previous_sent_at,
+                            }
                         }
-                        SendDecision::Created {
-                            verification: planned.clone(),
-                            previous_sent_at,
-                        }
-                    }
-                };
+                    };
 
-                // An upsert: SQLite may have no subject row yet; PostgreSQL created
-                // and locked it before reading the state.
-                sqlx::query(
-                    "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
-                         window_count)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (tenant, subject) DO UPDATE SET
-                         current_id = excluded.current_id,
-                         last_sent_at = excluded.last_sent_at,
-                         window_start = excluded.window_start,
-                         window_count = excluded.window_count",
-                )
-                .bind(&planned.tenant)
-                .bind(planned.subject.0.as_slice())
-                .bind(id_text(planned.id))
-                .bind(millis(now))
-                .bind(millis(window.start))
-                .bind(i64::from(window.count + 1))
-                .execute(&mut *tx)
+                    // An upsert: SQLite may have no subject row yet; PostgreSQL created
+                    // and locked it before reading the state.
+                    sqlx::query(
+                        "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
+                             window_count)
+                         VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (tenant, subject) DO UPDATE SET
+                             current_id = excluded.current_id,
+                             last_sent_at = excluded.last_sent_at,
+                             window_start = excluded.window_start,
+                             window_count = excluded.window_count",
+                    )
+                    .bind(&planned.tenant)
+                    .bind(planned.subject.0.as_slice())
+                    .bind(id_text(planned.id))
+                    .bind(millis(now))
+                    .bind(millis(window.start))
+                    .bind(i64::from(window.count + 1))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(decision)
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
-                Ok(decision)
             }
 
             async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
-                let mut tx = self.begin_write().await?;
-                sqlx::query(
-                    "UPDATE subjects SET last_sent_at = $1,
-                         window_count = CASE WHEN window_count > 0 THEN window_count - 1 ELSE 0 END
-                     WHERE tenant = $2 AND subject = $3",
-                )
-                .bind(abort.previous_sent_at.map(millis))
-                .bind(&abort.tenant)
-                .bind(abort.subject.0.as_slice())
-                .execute(&mut *tx)
+                let abort = abort.clone();
+                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE subjects SET last_sent_at = $1,
+                             window_count = CASE WHEN window_count > 0 THEN window_count - 1 ELSE 0 END
+                         WHERE tenant = $2 AND subject = $3",
+                    )
+                    .bind(abort.previous_sent_at.map(millis))
+                    .bind(&abort.tenant)
+                    .bind(abort.subject.0.as_slice())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    sqlx::query(
+                        "UPDATE verifications SET status = 'failed', code_hash = NULL, updated_at = $1
+                         WHERE id = $2 AND tenant = $3",
+                    )
+                    .bind(millis(abort.at))
+                    .bind(id_text(abort.verification_id))
+                    .bind(&abort.tenant)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                sqlx::query(
-                    "UPDATE verifications SET status = 'failed', code_hash = NULL, updated_at = $1
-                     WHERE id = $2 AND tenant = $3",
-                )
-                .bind(millis(abort.at))
-                .bind(id_text(abort.verification_id))
-                .bind(&abort.tenant)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)
             }
 
             async fn check_code(
@@ -785,31 +874,34 @@ macro_rules! sql_store {
                 code_hash: &[u8; 32],
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
-                let mut tx = self.begin_write().await?;
-                let Some(mut v) = Self::locked_verification(&mut tx, id)
-                    .await?
-                    .filter(|v| v.tenant == tenant)
-                else {
-                    return Ok(CheckOutcome::NotFound);
-                };
-                let (outcome, changed) = decide_check(&mut v, code_hash, now);
-                if changed {
-                    sqlx::query(
-                        "UPDATE verifications SET status = $1, code_hash = $2, attempts = $3,
-                             updated_at = $4
-                         WHERE id = $5",
-                    )
-                    .bind(v.status.as_str())
-                    .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
-                    .bind(i64::from(v.attempts))
-                    .bind(millis(v.updated_at))
-                    .bind(id_text(id))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                    tx.commit().await.map_err(map_sqlx)?;
-                }
-                Ok(outcome)
+                let tenant = tenant.to_owned();
+                let code_hash = *code_hash;
+                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
+                    let Some(mut v) = Self::locked_verification(conn, id)
+                        .await?
+                        .filter(|v| v.tenant == tenant)
+                    else {
+                        return Ok(CheckOutcome::NotFound);
+                    };
+                    let (outcome, changed) = decide_check(&mut v, &code_hash, now);
+                    if changed {
+                        sqlx::query(
+                            "UPDATE verifications SET status = $1, code_hash = $2, attempts = $3,
+                                 updated_at = $4
+                             WHERE id = $5",
+                        )
+                        .bind(v.status.as_str())
+                        .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
+                        .bind(i64::from(v.attempts))
+                        .bind(millis(v.updated_at))
+                        .bind(id_text(id))
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_sqlx)?;
+                    }
+                    Ok(outcome)
+                }))
+                .await
             }
 
             async fn get_verification(
@@ -838,55 +930,63 @@ macro_rules! sql_store {
                 id: Uuid,
                 now: DateTime<Utc>,
             ) -> StoreResult<CancelOutcome> {
-                let row = sqlx::query_as::<_, VerificationRow>(
-                    "UPDATE verifications SET status = 'canceled', code_hash = NULL, updated_at = $1
-                     WHERE id = $2 AND tenant = $3 AND status = 'pending' AND expires_at > $1
-                     RETURNING *",
-                )
-                .bind(millis(now))
-                .bind(id_text(id))
-                .bind(tenant)
-                .fetch_optional(&self.$write)
+                let tenant = tenant.to_owned();
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    let row = sqlx::query_as::<_, VerificationRow>(
+                        "UPDATE verifications SET status = 'canceled', code_hash = NULL, updated_at = $1
+                         WHERE id = $2 AND tenant = $3 AND status = 'pending' AND expires_at > $1
+                         RETURNING *",
+                    )
+                    .bind(millis(now))
+                    .bind(id_text(id))
+                    .bind(&tenant)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(match row {
+                        Some(row) => CancelOutcome::Canceled(row.try_into()?),
+                        None => CancelOutcome::NotFound,
+                    })
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(match row {
-                    Some(row) => CancelOutcome::Canceled(row.try_into()?),
-                    None => CancelOutcome::NotFound,
-                })
             }
 
             async fn insert_message(&self, m: &MessageRecord) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
-                         provider_message_id, masked_to, country, status, error, cost, currency,
-                         latency_ms, resend_of, created_at, sent_at, delivered_at, failed_at,
-                         updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                         $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-                )
-                .bind(id_text(m.id))
-                .bind(id_text(m.verification_id))
-                .bind(&m.tenant)
-                .bind(i64::from(m.route_id))
-                .bind(&m.provider)
-                .bind(&m.provider_message_id)
-                .bind(&m.masked_to)
-                .bind(&m.country)
-                .bind(m.status.as_str())
-                .bind(&m.error)
-                .bind(m.cost)
-                .bind(&m.currency)
-                .bind(i64::from(m.latency_ms))
-                .bind(m.resend_of.map(id_text))
-                .bind(millis(m.created_at))
-                .bind(m.sent_at.map(millis))
-                .bind(m.delivered_at.map(millis))
-                .bind(m.failed_at.map(millis))
-                .bind(millis(m.updated_at))
-                .execute(&self.$write)
+                let m = m.clone();
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
+                             provider_message_id, masked_to, country, status, error, cost, currency,
+                             latency_ms, resend_of, created_at, sent_at, delivered_at, failed_at,
+                             updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                             $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                    )
+                    .bind(id_text(m.id))
+                    .bind(id_text(m.verification_id))
+                    .bind(&m.tenant)
+                    .bind(i64::from(m.route_id))
+                    .bind(&m.provider)
+                    .bind(&m.provider_message_id)
+                    .bind(&m.masked_to)
+                    .bind(&m.country)
+                    .bind(m.status.as_str())
+                    .bind(&m.error)
+                    .bind(m.cost)
+                    .bind(&m.currency)
+                    .bind(i64::from(m.latency_ms))
+                    .bind(m.resend_of.map(id_text))
+                    .bind(millis(m.created_at))
+                    .bind(m.sent_at.map(millis))
+                    .bind(m.delivered_at.map(millis))
+                    .bind(m.failed_at.map(millis))
+                    .bind(millis(m.updated_at))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(())
             }
 
             async fn get_message(
@@ -932,53 +1032,56 @@ macro_rules! sql_store {
                 provider_message_id: &str,
                 update: &MessageUpdate,
             ) -> StoreResult<Option<MessageTransition>> {
-                let mut tx = self.begin_write().await?;
-                // Should a provider ever reuse an id, the newest message is the one meant.
-                let Some(row) = sqlx::query_as::<_, MessageRow>(concat!(
-                    "SELECT * FROM messages WHERE provider = $1 AND provider_message_id = $2
-                     ORDER BY ",
-                    $order,
-                    " DESC LIMIT 1",
-                    $lock
-                ))
-                .bind(provider)
-                .bind(provider_message_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx)?
-                else {
-                    return Ok(None);
-                };
-                let current = MessageRecord::try_from(row)?;
-                let previous = current.status;
-                let Some(next) = advance_message(&current, update) else {
-                    return Ok(Some(MessageTransition {
+                let (provider, provider_message_id) = (provider.to_owned(), provider_message_id.to_owned());
+                let update = update.clone();
+                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
+                    // Should a provider ever reuse an id, the newest message is the one meant.
+                    let Some(row) = sqlx::query_as::<_, MessageRow>(concat!(
+                        "SELECT * FROM messages WHERE provider = $1 AND provider_message_id = $2
+                         ORDER BY ",
+                        $order,
+                        " DESC LIMIT 1",
+                        $lock
+                    ))
+                    .bind(&provider)
+                    .bind(&provider_message_id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?
+                    else {
+                        return Ok(None);
+                    };
+                    let current = MessageRecord::try_from(row)?;
+                    let previous = current.status;
+                    let Some(next) = advance_message(&current, &update) else {
+                        return Ok(Some(MessageTransition {
+                            previous,
+                            message: current,
+                        }));
+                    };
+                    sqlx::query(
+                        "UPDATE messages SET status = $1, error = $2, cost = $3, currency = $4,
+                             updated_at = $5, sent_at = $6, delivered_at = $7, failed_at = $8
+                         WHERE id = $9",
+                    )
+                    .bind(next.status.as_str())
+                    .bind(&next.error)
+                    .bind(next.cost)
+                    .bind(&next.currency)
+                    .bind(millis(next.updated_at))
+                    .bind(next.sent_at.map(millis))
+                    .bind(next.delivered_at.map(millis))
+                    .bind(next.failed_at.map(millis))
+                    .bind(id_text(next.id))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(Some(MessageTransition {
                         previous,
-                        message: current,
-                    }));
-                };
-                sqlx::query(
-                    "UPDATE messages SET status = $1, error = $2, cost = $3, currency = $4,
-                         updated_at = $5, sent_at = $6, delivered_at = $7, failed_at = $8
-                     WHERE id = $9",
-                )
-                .bind(next.status.as_str())
-                .bind(&next.error)
-                .bind(next.cost)
-                .bind(&next.currency)
-                .bind(millis(next.updated_at))
-                .bind(next.sent_at.map(millis))
-                .bind(next.delivered_at.map(millis))
-                .bind(next.failed_at.map(millis))
-                .bind(id_text(next.id))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                tx.commit().await.map_err(map_sqlx)?;
-                Ok(Some(MessageTransition {
-                    previous,
-                    message: next,
+                        message: next,
+                    }))
                 }))
+                .await
             }
 
             async fn list_unfinished_messages(
@@ -1007,50 +1110,57 @@ macro_rules! sql_store {
             }
 
             async fn purge_messages(&self, before: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-                let done = sqlx::query(
-                    "DELETE FROM messages WHERE id IN
-                         (SELECT id FROM messages WHERE created_at < $1 LIMIT $2)",
-                )
-                .bind(millis(before))
-                .bind(i64::from(batch))
-                .execute(&self.$write)
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    let done = sqlx::query(
+                        "DELETE FROM messages WHERE id IN
+                             (SELECT id FROM messages WHERE created_at < $1 LIMIT $2)",
+                    )
+                    .bind(millis(before))
+                    .bind(i64::from(batch))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(done.rows_affected())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(done.rows_affected())
             }
 
             /// One upsert is one atomic step: the row is created or added to.
             async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
-                         delivered, failed, verifications_started, verifications_approved,
-                         cost_micros)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                     ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
-                         sent = usage_daily.sent + excluded.sent,
-                         delivered = usage_daily.delivered + excluded.delivered,
-                         failed = usage_daily.failed + excluded.failed,
-                         verifications_started =
-                             usage_daily.verifications_started + excluded.verifications_started,
-                         verifications_approved =
-                             usage_daily.verifications_approved + excluded.verifications_approved,
-                         cost_micros = usage_daily.cost_micros + excluded.cost_micros",
-                )
-                .bind(&d.tenant)
-                .bind(day_text(d.day))
-                .bind(i64::from(d.route_id))
-                .bind(d.country.as_deref().unwrap_or_default())
-                .bind(d.currency.as_deref().unwrap_or_default())
-                .bind(usage_amount(d.sent))
-                .bind(usage_amount(d.delivered))
-                .bind(usage_amount(d.failed))
-                .bind(usage_amount(d.verifications_started))
-                .bind(usage_amount(d.verifications_approved))
-                .bind(d.cost_micros)
-                .execute(&self.$write)
+                let d = d.clone();
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
+                             delivered, failed, verifications_started, verifications_approved,
+                             cost_micros)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                         ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
+                             sent = usage_daily.sent + excluded.sent,
+                             delivered = usage_daily.delivered + excluded.delivered,
+                             failed = usage_daily.failed + excluded.failed,
+                             verifications_started =
+                                 usage_daily.verifications_started + excluded.verifications_started,
+                             verifications_approved =
+                                 usage_daily.verifications_approved + excluded.verifications_approved,
+                             cost_micros = usage_daily.cost_micros + excluded.cost_micros",
+                    )
+                    .bind(&d.tenant)
+                    .bind(day_text(d.day))
+                    .bind(i64::from(d.route_id))
+                    .bind(d.country.as_deref().unwrap_or_default())
+                    .bind(d.currency.as_deref().unwrap_or_default())
+                    .bind(usage_amount(d.sent))
+                    .bind(usage_amount(d.delivered))
+                    .bind(usage_amount(d.failed))
+                    .bind(usage_amount(d.verifications_started))
+                    .bind(usage_amount(d.verifications_approved))
+                    .bind(d.cost_micros)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(())
             }
 
             async fn usage(
@@ -1081,44 +1191,52 @@ macro_rules! sql_store {
                 r: &CodeReplacement,
                 now: DateTime<Utc>,
             ) -> StoreResult<Option<Verification>> {
-                sqlx::query_as::<_, VerificationRow>(
-                    "UPDATE verifications
-                     SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
-                         last_sent_at = $3, updated_at = $3
-                     WHERE id = $4 AND tenant = $5 AND status = 'pending' AND expires_at > $3
-                       AND send_count = $6
-                     RETURNING *",
-                )
-                .bind(r.code_hash.as_slice())
-                .bind(millis(r.expires_at))
-                .bind(millis(now))
-                .bind(id_text(r.verification_id))
-                .bind(&r.tenant)
-                .bind(i64::from(r.expected_send_count))
-                .fetch_optional(&self.$write)
+                let r = r.clone();
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    sqlx::query_as::<_, VerificationRow>(
+                        "UPDATE verifications
+                         SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
+                             last_sent_at = $3, updated_at = $3
+                         WHERE id = $4 AND tenant = $5 AND status = 'pending' AND expires_at > $3
+                           AND send_count = $6
+                         RETURNING *",
+                    )
+                    .bind(r.code_hash.as_slice())
+                    .bind(millis(r.expires_at))
+                    .bind(millis(now))
+                    .bind(id_text(r.verification_id))
+                    .bind(&r.tenant)
+                    .bind(i64::from(r.expected_send_count))
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?
+                    .map(Verification::try_from)
+                    .transpose()
+                }))
                 .await
-                .map_err(map_sqlx)?
-                .map(Verification::try_from)
-                .transpose()
             }
 
             async fn push_inbox(&self, e: &InboxEntry) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO inbox (id, tenant, phone_index, masked_to, sealed_body, created_at,
-                         expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(id_text(e.id))
-                .bind(&e.tenant)
-                .bind(e.phone_index.as_slice())
-                .bind(&e.masked_to)
-                .bind(e.sealed_body.to_bytes())
-                .bind(millis(e.created_at))
-                .bind(millis(e.expires_at))
-                .execute(&self.$write)
+                let e = e.clone();
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO inbox (id, tenant, phone_index, masked_to, sealed_body, created_at,
+                             expires_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(id_text(e.id))
+                    .bind(&e.tenant)
+                    .bind(e.phone_index.as_slice())
+                    .bind(&e.masked_to)
+                    .bind(e.sealed_body.to_bytes())
+                    .bind(millis(e.created_at))
+                    .bind(millis(e.expires_at))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(())
             }
 
             async fn list_inbox(
@@ -1184,23 +1302,29 @@ macro_rules! sql_store {
                 // One upsert is one atomic step (on PostgreSQL it locks the counter
                 // row): it starts a fresh window, counts a hit, or, when the window is
                 // full, changes nothing and returns no row.
-                let count: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO rate_limits (key, slot, window_end, count) VALUES ($1, $2, $3, 1)
-                     ON CONFLICT (key) DO UPDATE SET
-                         count = CASE WHEN rate_limits.slot = excluded.slot
-                                      THEN rate_limits.count + 1 ELSE 1 END,
-                         slot = excluded.slot,
-                         window_end = excluded.window_end
-                     WHERE rate_limits.slot <> excluded.slot OR rate_limits.count < $4
-                     RETURNING count",
-                )
-                .bind(key)
-                .bind(slot)
-                .bind(window_end)
-                .bind(i64::from(limit))
-                .fetch_optional(&self.$write)
-                .await
-                .map_err(map_sqlx)?;
+                let key = key.to_owned();
+                let count: Option<i64> = self.write(WriteKind::Statement, move |conn| {
+                    Box::pin(async move {
+                        sqlx::query_scalar(
+                            "INSERT INTO rate_limits (key, slot, window_end, count) VALUES ($1, $2, $3, 1)
+                             ON CONFLICT (key) DO UPDATE SET
+                                 count = CASE WHEN rate_limits.slot = excluded.slot
+                                              THEN rate_limits.count + 1 ELSE 1 END,
+                                 slot = excluded.slot,
+                                 window_end = excluded.window_end
+                             WHERE rate_limits.slot <> excluded.slot OR rate_limits.count < $4
+                             RETURNING count",
+                        )
+                        .bind(&key)
+                        .bind(slot)
+                        .bind(window_end)
+                        .bind(i64::from(limit))
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(map_sqlx)
+                    })
+                })
+                .await?;
                 Ok(match count {
                     Some(count) => RateDecision::Allowed {
                         remaining: u32::try_from(i64::from(limit) - count).unwrap_or(0),
@@ -1217,23 +1341,42 @@ macro_rules! sql_store {
                 window_seconds: u32,
                 now: DateTime<Utc>,
             ) -> StoreResult<u64> {
-                let (slot, keep_until) = counter_slot(window_seconds, now);
-                let total: i64 = sqlx::query_scalar(
-                    "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
-                         total = counters.total + excluded.total
-                     RETURNING total",
-                )
-                .bind(key)
-                .bind(i64::from(window_seconds))
-                .bind(slot)
-                .bind(keep_until)
-                .bind(counter_amount(amount))
-                .fetch_one(&self.$write)
+                let key = key.to_owned();
+                self.write(WriteKind::Statement, move |conn| {
+                    Box::pin(async move {
+                        Self::add_one(conn, &key, amount, window_seconds, now).await
+                    })
+                })
                 .await
-                .map_err(map_sqlx)?;
-                Ok(counter_total(Some(total)))
+            }
+
+            /// One write: every add's upsert in order, up to the first that goes
+            /// over its ceiling.
+            async fn add_counters(
+                &self,
+                adds: &[CounterAdd],
+                now: DateTime<Utc>,
+            ) -> StoreResult<Vec<u64>> {
+                if adds.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let adds = adds.to_vec();
+                self.write(WriteKind::Transaction, move |conn| {
+                    Box::pin(async move {
+                        let mut totals = Vec::with_capacity(adds.len());
+                        for a in &adds {
+                            let total =
+                                Self::add_one(conn, &a.key, a.amount, a.window_seconds, now)
+                                    .await?;
+                            totals.push(total);
+                            if a.ceiling.is_some_and(|ceiling| total > ceiling) {
+                                break;
+                            }
+                        }
+                        Ok(totals)
+                    })
+                })
+                .await
             }
 
             async fn read_counter(
@@ -1256,6 +1399,22 @@ macro_rules! sql_store {
                 Ok(counter_total(total))
             }
 
+            /// One SELECT (per `COUNTER_READS_PER_STATEMENT` reads).
+            async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+                let mut totals = Vec::with_capacity(reads.len());
+                for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
+                    let mut query =
+                        sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(counter_reads_sql(chunk.len())));
+                    for r in chunk {
+                        let (slot, _) = rate_slot(r.window_seconds, r.at);
+                        query = query.bind(&r.key).bind(i64::from(r.window_seconds)).bind(slot);
+                    }
+                    let found = query.fetch_all(&self.$read).await.map_err(map_sqlx)?;
+                    totals.extend(found.into_iter().map(counter_total));
+                }
+                Ok(totals)
+            }
+
             async fn set_marker(
                 &self,
                 namespace: &str,
@@ -1263,20 +1422,24 @@ macro_rules! sql_store {
                 value: &str,
                 expires_at: DateTime<Utc>,
             ) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO markers (namespace, name, value, expires_at)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (namespace, name) DO UPDATE SET
-                         value = excluded.value, expires_at = excluded.expires_at",
-                )
-                .bind(namespace)
-                .bind(name)
-                .bind(value)
-                .bind(millis(expires_at))
-                .execute(&self.$write)
+                let (namespace, name, value) = (namespace.to_owned(), name.to_owned(), value.to_owned());
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO markers (namespace, name, value, expires_at)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (namespace, name) DO UPDATE SET
+                             value = excluded.value, expires_at = excluded.expires_at",
+                    )
+                    .bind(&namespace)
+                    .bind(&name)
+                    .bind(&value)
+                    .bind(millis(expires_at))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(())
             }
 
             async fn get_marker(
@@ -1319,13 +1482,17 @@ macro_rules! sql_store {
             }
 
             async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {
-                let done = sqlx::query("DELETE FROM markers WHERE namespace = $1 AND name = $2")
-                    .bind(namespace)
-                    .bind(name)
-                    .execute(&self.$write)
-                    .await
-                    .map_err(map_sqlx)?;
-                Ok(done.rows_affected() > 0)
+                let (namespace, name) = (namespace.to_owned(), name.to_owned());
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    let done = sqlx::query("DELETE FROM markers WHERE namespace = $1 AND name = $2")
+                        .bind(&namespace)
+                        .bind(&name)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_sqlx)?;
+                    Ok(done.rows_affected() > 0)
+                }))
+                .await
             }
 
             /// One upsert decides and writes: it takes a free or expired marker,
@@ -1339,24 +1506,28 @@ macro_rules! sql_store {
                 expires_at: DateTime<Utc>,
                 now: DateTime<Utc>,
             ) -> StoreResult<bool> {
-                // The cast: PostgreSQL's bare `1` is a 4-byte integer.
-                let claimed: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO markers (namespace, name, value, expires_at)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (namespace, name) DO UPDATE SET
-                         value = excluded.value, expires_at = excluded.expires_at
-                     WHERE markers.expires_at <= $5 OR markers.value = excluded.value
-                     RETURNING CAST(1 AS BIGINT)",
-                )
-                .bind(namespace)
-                .bind(name)
-                .bind(holder)
-                .bind(millis(expires_at))
-                .bind(millis(now))
-                .fetch_optional(&self.$write)
+                let (namespace, name, holder) = (namespace.to_owned(), name.to_owned(), holder.to_owned());
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    // The cast: PostgreSQL's bare `1` is a 4-byte integer.
+                    let claimed: Option<i64> = sqlx::query_scalar(
+                        "INSERT INTO markers (namespace, name, value, expires_at)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (namespace, name) DO UPDATE SET
+                             value = excluded.value, expires_at = excluded.expires_at
+                         WHERE markers.expires_at <= $5 OR markers.value = excluded.value
+                         RETURNING CAST(1 AS BIGINT)",
+                    )
+                    .bind(&namespace)
+                    .bind(&name)
+                    .bind(&holder)
+                    .bind(millis(expires_at))
+                    .bind(millis(now))
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                    Ok(claimed.is_some())
+                }))
                 .await
-                .map_err(map_sqlx)?;
-                Ok(claimed.is_some())
             }
 
             async fn list_sealed_with_other_key(
@@ -1394,38 +1565,47 @@ macro_rules! sql_store {
                 old: &SealedPhone,
                 new: &SealedPhone,
             ) -> StoreResult<bool> {
-                let done =
-                    sqlx::query("UPDATE verifications SET phone = $1 WHERE id = $2 AND phone = $3")
-                        .bind(new.to_bytes())
-                        .bind(id_text(id))
-                        .bind(old.to_bytes())
-                        .execute(&self.$write)
-                        .await
-                        .map_err(map_sqlx)?;
-                Ok(done.rows_affected() > 0)
+                let (old, new) = (old.to_bytes(), new.to_bytes());
+                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                    let done =
+                        sqlx::query("UPDATE verifications SET phone = $1 WHERE id = $2 AND phone = $3")
+                            .bind(&new)
+                            .bind(id_text(id))
+                            .bind(&old)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(map_sqlx)?;
+                    Ok(done.rows_affected() > 0)
+                }))
+                .await
             }
 
             async fn purge_expired(&self, now: DateTime<Utc>, batch: u32) -> StoreResult<u64> {
-                let Some(mut tx) = self.begin_purge().await? else {
-                    return Ok(0);
-                };
-                // Each step spends what is left of the batch, so one call touches at
-                // most `batch` rows.
-                let mut budget = u64::from(batch);
-                for (sql, cutoff) in Self::purge_steps(now) {
-                    if budget == 0 {
-                        break;
-                    }
-                    let done = sqlx::query(sql)
-                        .bind(cutoff)
-                        .bind(i64::try_from(budget).unwrap_or(i64::MAX))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(map_sqlx)?;
-                    budget = budget.saturating_sub(done.rows_affected());
-                }
-                tx.commit().await.map_err(map_sqlx)?;
-                Ok(u64::from(batch) - budget)
+                let lock = self.purge_lock();
+                self.write(WriteKind::Transaction, move |conn| {
+                    Box::pin(async move {
+                        if !Self::take_purge_lock(conn, lock).await? {
+                            return Ok(0);
+                        }
+                        // Each step spends what is left of the batch, so one call
+                        // touches at most `batch` rows.
+                        let mut budget = u64::from(batch);
+                        for (sql, cutoff) in Self::purge_steps(now) {
+                            if budget == 0 {
+                                break;
+                            }
+                            let done = sqlx::query(sql)
+                                .bind(cutoff)
+                                .bind(i64::try_from(budget).unwrap_or(i64::MAX))
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(map_sqlx)?;
+                            budget = budget.saturating_sub(done.rows_affected());
+                        }
+                        Ok(u64::from(batch) - budget)
+                    })
+                })
+                .await
             }
 
             async fn count_pending(&self, now: DateTime<Utc>) -> StoreResult<u64> {

@@ -1,8 +1,10 @@
 //! The embedded store: one SQLite file in WAL mode. SQLite allows one writer at
-//! a time, so every write goes through a pool of exactly one connection and
-//! starts with `BEGIN IMMEDIATE` (the write lock is taken up front, never
-//! upgraded mid-transaction); requests queue on that pool instead of failing
-//! with `SQLITE_BUSY`. Reads use a separate pool and never wait for writers.
+//! a time, so every write goes to one task that owns the only write connection
+//! and commits queued operations in groups (`writer`); requests queue there
+//! instead of failing with `SQLITE_BUSY`. Reads use a separate pool and never
+//! wait for writers.
+
+mod writer;
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,10 +13,12 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Sqlite, SqliteConnection};
 
+use self::writer::Writer;
 use super::sql_common::{
-    KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, map_migrate, map_sqlx, millis,
+    KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, WriteFuture, WriteKind, map_migrate,
+    map_sqlx, millis,
 };
 use super::{StoreError, StoreResult};
 use crate::domain::SubjectKey;
@@ -45,8 +49,10 @@ impl Default for SqliteOptions {
 }
 
 pub struct SqliteStore {
+    /// The one write connection: the writer task's, and migrations'.
     writer: SqlitePool,
     reader: SqlitePool,
+    group: Writer,
 }
 
 impl SqliteStore {
@@ -73,7 +79,10 @@ impl SqliteStore {
             .busy_timeout(options.busy_timeout)
             .foreign_keys(true);
 
+        // No test before acquiring: a ping is a round trip to the connection's
+        // thread, and a local file does not drop connections.
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(options.busy_timeout)
@@ -86,12 +95,18 @@ impl SqliteStore {
         // `query_only` turns an accidental write on a reader into an error
         // instead of a second writer racing the first for the file lock.
         let reader = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(options.max_readers.max(1))
             .acquire_timeout(options.busy_timeout)
             .connect_with(connect.pragma("query_only", "ON"))
             .await
             .map_err(map_sqlx)?;
-        Ok(Self { writer, reader })
+        let group = Writer::start(writer.clone(), options.busy_timeout);
+        Ok(Self {
+            writer,
+            reader,
+            group,
+        })
     }
 
     /// Applies pending migrations (`open` already does; this is for `otpd migrate`).
@@ -100,25 +115,27 @@ impl SqliteStore {
     }
 
     /// Waits for in-flight work and closes the file, so a new store may open it.
+    /// Writes after this fail as unavailable.
     pub async fn close(&self) {
         // The writer last: closing its final connection checkpoints the WAL.
         self.reader.close().await;
         self.writer.close().await;
     }
 
-    /// The write lock is taken up front, so a transaction never fails to
-    /// upgrade a read lock, and holding it serialises every read-decide-write.
-    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_sqlx)
+    /// Every write runs on the writer task, in its group's transaction, which
+    /// holds the only write lock: each read-decide-write is serialised.
+    async fn write<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, T> + Send + 'static,
+    {
+        self.group.write(kind, op).await
     }
 
-    /// No row lock needed: `BEGIN IMMEDIATE` already holds the only write lock.
+    /// No row lock needed: the writer already holds the only write lock.
     /// A subject seen for the first time has no row yet.
     async fn subject_state(
-        tx: &mut Transaction<'static, Sqlite>,
+        conn: &mut SqliteConnection,
         tenant: &str,
         subject: &SubjectKey,
     ) -> StoreResult<SubjectState> {
@@ -128,7 +145,7 @@ impl SqliteStore {
         )
         .bind(tenant)
         .bind(subject.0.as_slice())
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(map_sqlx)?
         .map(SubjectState::try_from)
@@ -142,8 +159,12 @@ impl SqliteStore {
     }
 
     /// One file has one writer, so there is never another purge to defer to.
-    async fn begin_purge(&self) -> StoreResult<Option<Transaction<'static, Sqlite>>> {
-        self.begin_write().await.map(Some)
+    fn purge_lock(&self) -> i64 {
+        0
+    }
+
+    async fn take_purge_lock(_conn: &mut SqliteConnection, _lock: i64) -> StoreResult<bool> {
+        Ok(true)
     }
 
     /// The batch budget keeps the write lock held only briefly; the subqueries
@@ -201,7 +222,6 @@ super::sql_common::sql_store!(
     store: SqliteStore,
     db: Sqlite,
     read: reader,
-    write: writer,
     insertion_order: "rowid",
     for_update: "",
 );

@@ -11,8 +11,8 @@ use otpd::domain::{
     Verification,
 };
 use otpd::store::{
-    CancelOutcome, CheckOutcome, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision,
-    SendPlan, Store,
+    CancelOutcome, CheckOutcome, CounterAdd, CounterRead, InboxEntry, MessageUpdate, RateDecision,
+    SendAbort, SendDecision, SendPlan, Store,
 };
 use uuid::Uuid;
 
@@ -1248,6 +1248,120 @@ pub async fn concurrent_counter_adds_are_all_counted(store: DynStore) {
     assert_eq!(store.read_counter(&key, 600, now).await.unwrap(), 40);
 }
 
+fn counter_read(key: &str, window_seconds: u32, at: DateTime<Utc>) -> CounterRead {
+    CounterRead {
+        key: key.to_owned(),
+        window_seconds,
+        at,
+    }
+}
+
+fn counter_add(key: &str, amount: u64, window_seconds: u32, ceiling: Option<u64>) -> CounterAdd {
+    CounterAdd {
+        key: key.to_owned(),
+        amount,
+        window_seconds,
+        ceiling,
+    }
+}
+
+pub async fn counter_batches_read_and_add_as_single_calls_do(store: DynStore) {
+    let a = format!("test:{}", Uuid::new_v4().simple());
+    let b = format!("test:{}", Uuid::new_v4().simple());
+    let missing = format!("test:{}", Uuid::new_v4().simple());
+    // Aligned to a 60 s window boundary.
+    let start = Utc.timestamp_opt(1_900_000_020, 0).single().unwrap();
+    assert!(store.read_counters(&[]).await.unwrap().is_empty());
+    assert!(store.add_counters(&[], start).await.unwrap().is_empty());
+
+    // A key repeated in one batch adds up within it, in order.
+    let adds = [
+        counter_add(&a, 2, 60, None),
+        counter_add(&b, 5, 3600, None),
+        counter_add(&a, 3, 60, None),
+    ];
+    assert_eq!(store.add_counters(&adds, start).await.unwrap(), [2, 5, 5]);
+    assert_eq!(store.add_to_counter(&a, 1, 60, start).await.unwrap(), 6);
+
+    let next = start + Duration::seconds(60);
+    let reads = [
+        counter_read(&a, 60, start + Duration::seconds(59)),
+        counter_read(&b, 3600, start),
+        counter_read(&missing, 60, start),
+        counter_read(&a, 60, next),
+        counter_read(&a, 3600, start),
+        counter_read(&a, 60, start),
+    ];
+    assert_eq!(
+        store.read_counters(&reads).await.unwrap(),
+        [6, 5, 0, 0, 0, 6]
+    );
+    for (r, total) in reads.iter().zip([6, 5, 0, 0, 0, 6]) {
+        assert_eq!(
+            store
+                .read_counter(&r.key, r.window_seconds, r.at)
+                .await
+                .unwrap(),
+            total
+        );
+    }
+}
+
+pub async fn add_counters_stops_after_the_first_add_over_its_ceiling(store: DynStore) {
+    let [x, y, z] = [(); 3].map(|()| format!("test:{}", Uuid::new_v4().simple()));
+    let now = t0();
+    assert_eq!(store.add_to_counter(&x, 4, 60, now).await.unwrap(), 4);
+
+    // Reaching a ceiling is not going over it.
+    let at_ceiling = [
+        counter_add(&y, 1, 60, Some(1)),
+        counter_add(&x, 1, 60, Some(5)),
+    ];
+    assert_eq!(store.add_counters(&at_ceiling, now).await.unwrap(), [1, 5]);
+
+    // The add that goes over is made; the ones after it are not.
+    let over = [
+        counter_add(&y, 1, 60, Some(10)),
+        counter_add(&x, 2, 60, Some(5)),
+        counter_add(&z, 1, 60, None),
+        counter_add(&y, 1, 60, None),
+    ];
+    assert_eq!(store.add_counters(&over, now).await.unwrap(), [2, 7]);
+    let reads = [
+        counter_read(&x, 60, now),
+        counter_read(&y, 60, now),
+        counter_read(&z, 60, now),
+    ];
+    assert_eq!(store.read_counters(&reads).await.unwrap(), [7, 2, 0]);
+}
+
+pub async fn concurrent_counter_batches_are_all_counted(store: DynStore) {
+    let k1 = format!("test:{}", Uuid::new_v4().simple());
+    let k2 = format!("test:{}", Uuid::new_v4().simple());
+    let now = t0();
+    let batches = (0..20).map(|_| {
+        let store = store.clone();
+        let adds = [
+            counter_add(&k1, 1, 600, None),
+            counter_add(&k2, 2, 600, None),
+        ];
+        tokio::spawn(async move { store.add_counters(&adds, now).await.unwrap() })
+    });
+    let mut firsts: Vec<u64> = futures::future::join_all(batches)
+        .await
+        .into_iter()
+        .map(|totals| totals.unwrap()[0])
+        .collect();
+    firsts.sort_unstable();
+    assert_eq!(
+        firsts,
+        (1..=20).collect::<Vec<u64>>(),
+        "each batch saw its own total"
+    );
+    let reads = [counter_read(&k1, 600, now), counter_read(&k2, 600, now)];
+    assert_eq!(store.read_counters(&reads).await.unwrap(), [20, 40]);
+}
+
 /// Markers keep real expiry times: Redis lets a namespace's keys go a day after
 /// their last expiry, which must not be years ahead in a shared test server.
 fn recent() -> DateTime<Utc> {
@@ -1531,6 +1645,9 @@ macro_rules! store_contract_tests {
                 rate_limit_counts_per_window,
                 counters_add_up_per_window,
                 concurrent_counter_adds_are_all_counted,
+                counter_batches_read_and_add_as_single_calls_do,
+                add_counters_stops_after_the_first_add_over_its_ceiling,
+                concurrent_counter_batches_are_all_counted,
                 markers_live_until_expiry_and_list_by_namespace,
                 claim_marker_is_a_renewable_lease,
                 racing_claims_grant_one_lease,
