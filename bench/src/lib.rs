@@ -1,6 +1,7 @@
 //! otpd's load benchmark: the driver (`otpd-bench`), its load generator and
-//! workloads, and the helper servers (`hello`, `mock-provider`, `otpd-loaded`).
+//! workloads, the direct store fill, and the helper servers (`hello`, `mock-provider`, `otpd-loaded`).
 
+pub mod fill;
 pub mod loadgen;
 pub mod procs;
 pub mod report;

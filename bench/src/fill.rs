@@ -1,0 +1,388 @@
+//! Bulk fill for the scaling runs on SQLite, PostgreSQL and Redis: pending
+//! verifications written straight into the backend, server-side (a few SQL
+//! statements in one transaction, or a Lua script run in chunks), in the layout
+//! and encodings otpd's store uses. Through the API they would fill at the send
+//! rate, far too slowly for 1M within the run's time budget.
+//!
+//! Each filled verification looks like one the bench's sends leave behind: a
+//! random subject and id, a sealed number of the real size under phone key 1, a
+//! code hash, `pending` until an hour after it was sent (sends spread over the
+//! last ten minutes), its subject's state (current id, last send, send window)
+//! and one SMS record, delivered, on route 1 over BridgeXAPI. The subjects are
+//! random 32-byte values, never the blind index of a number, so they cannot meet
+//! the run's own sends. Not filled: the abuse-limit counters of each send.
+//!
+//! The SQL and key layout mirror `migrations/` and `src/store/redis.rs`; the
+//! driver reads a filled verification back through otpd's API after each fill,
+//! so a layout that drifted fails the run instead of measuring garbage.
+
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use otpd::domain::{DeliveryStatus, Status};
+use sqlx::{AssertSqlSafe, Connection, Executor};
+
+use crate::stores::StoreKind;
+
+/// The tenant of the API key otpd creates on first start.
+pub const TENANT: &str = "default";
+/// Sealed numbers: key id (4 bytes) ‖ nonce (24) ‖ `+316xxxxxxxx` (12) ‖ tag (16).
+const SEALED_PHONE_BYTES: usize = 4 + 24 + 12 + 16;
+/// Phone key 1 (derived from the master secret), big endian.
+const PHONE_KEY_HEX: &str = "00000001";
+const TTL_MS: i64 = 3_600_000;
+/// Filled sends are spread over this much time before the fill.
+const SPREAD_MS: i64 = 600_000;
+/// Delivery report this long after the send.
+const DELIVERED_AFTER_MS: i64 = 2_000;
+/// `max_attempts` of the bench's policy.
+const MAX_ATTEMPTS: u32 = 100;
+/// Verifications per Lua call: each call blocks Redis for a fraction of a second.
+const REDIS_CHUNK: u64 = 20_000;
+
+/// A backend to fill: the `store.url` otpd was started with.
+pub struct Direct {
+    kind: StoreKind,
+    url: String,
+}
+
+impl Direct {
+    pub fn new(kind: StoreKind, url: &str) -> anyhow::Result<Self> {
+        if kind == StoreKind::Memory {
+            bail!("the memory store lives inside otpd; fill it through otpd-loaded");
+        }
+        if url.contains("+cluster") {
+            bail!("the Redis fill needs one node, not a cluster");
+        }
+        Ok(Self {
+            kind,
+            url: url.to_owned(),
+        })
+    }
+
+    /// Adds `count` pending verifications, numbered from `first` (which keeps
+    /// provider message ids distinct across fills). Returns the id of one of them.
+    pub async fn fill(&self, first: u64, count: u64) -> anyhow::Result<String> {
+        if count == 0 {
+            bail!("nothing to fill");
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        match self.kind {
+            StoreKind::Sqlite => fill_sqlite(&self.url, first, count, now).await,
+            StoreKind::Postgres => fill_postgres(&self.url, first, count, now).await,
+            StoreKind::Redis => fill_redis(&self.url, first, count, now).await,
+            StoreKind::Memory => bail!("the memory store cannot be filled directly"),
+        }
+    }
+
+    /// Pending, unexpired verifications as the backend holds them.
+    pub async fn count_pending(&self) -> anyhow::Result<u64> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let sql = "SELECT COUNT(*) FROM verifications WHERE status = 'pending' AND expires_at > $1";
+        let n: i64 = match self.kind {
+            StoreKind::Sqlite => {
+                let mut conn = sqlite(&self.url).await?;
+                sqlx::query_scalar(sql)
+                    .bind(now)
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+            StoreKind::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url).await?;
+                sqlx::query_scalar(sql)
+                    .bind(now)
+                    .fetch_one(&mut conn)
+                    .await?
+            }
+            StoreKind::Redis => {
+                // The purge index: one member per verification until it ends.
+                let mut conn = redis_conn(&self.url).await?;
+                redis::cmd("ZCOUNT")
+                    .arg(format!(
+                        "{}:pending",
+                        otpd::store::redis::DEFAULT_KEY_PREFIX
+                    ))
+                    .arg(format!("({now}"))
+                    .arg("+inf")
+                    .query_async(&mut conn)
+                    .await?
+            }
+            StoreKind::Memory => bail!("the memory store cannot be counted directly"),
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+async fn sqlite(url: &str) -> anyhow::Result<sqlx::SqliteConnection> {
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
+        // otpd holds the file open; its own writes wait for the fill's transaction.
+        .busy_timeout(std::time::Duration::from_secs(60))
+        .foreign_keys(true);
+    Ok(sqlx::SqliteConnection::connect_with(&options).await?)
+}
+
+async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url).context("redis url")?;
+    Ok(client.get_multiplexed_async_connection().await?)
+}
+
+/// How one SQL backend writes what the shared statements need.
+struct Dialect {
+    /// An expression for `n` random bytes.
+    rand: fn(usize) -> String,
+    /// A blob literal of the phone key id.
+    key: &'static str,
+    /// The last four digits of `n`, zero-padded.
+    last4: &'static str,
+    /// The binary column type.
+    blob: &'static str,
+}
+
+const SQLITE: Dialect = Dialect {
+    rand: |n| format!("randomblob({n})"),
+    // `||` makes text of blobs; the cast makes it a blob again, bytes intact.
+    key: "x'00000001'",
+    last4: "substr('000' || (n % 10000), -4, 4)",
+    blob: "BLOB",
+};
+
+const POSTGRES: Dialect = Dialect {
+    // Pseudo-random bytes without pgcrypto (and far cheaper than random UUIDs):
+    // 16 per MD5 of the row's number, a salt and the part's position.
+    rand: |n| {
+        let joined = (0..n.div_ceil(16))
+            .map(|i| format!("md5(n || '/{n}/{i}/' || random())"))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        format!("substring(decode({joined}, 'hex') from 1 for {n})")
+    },
+    key: "'\\x00000001'::bytea",
+    last4: "lpad((n % 10000)::text, 4, '0')",
+    blob: "BYTEA",
+};
+
+/// The inserts both SQL backends run once the temporary table `fill` (`n`,
+/// `id`, `mid` (the message id), `subject`, `t` (the send time)) exists.
+fn sql_inserts(d: &Dialect) -> [String; 3] {
+    let masked = format!("'+*******' || {}", d.last4);
+    [
+        format!(
+            "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone, masked_to,
+                 country, code_hash, status, attempts, max_attempts, send_count, created_at,
+                 updated_at, expires_at, last_sent_at)
+             SELECT id, '{TENANT}', subject, 'login', NULL, CAST({key} || {phone} AS {blob}),
+                 {masked},
+                 'NL', {code_hash}, '{pending}', 0, {MAX_ATTEMPTS}, 1, t, t, t + {TTL_MS}, t
+             FROM fill ORDER BY id",
+            key = d.key,
+            blob = d.blob,
+            phone = (d.rand)(SEALED_PHONE_BYTES - 4),
+            code_hash = (d.rand)(32),
+            pending = Status::Pending.as_str(),
+        ),
+        format!(
+            "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
+                 window_count)
+             SELECT '{TENANT}', subject, id, t, t, 1 FROM fill ORDER BY subject"
+        ),
+        format!(
+            "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
+                 provider_message_id, masked_to, country, status, error, cost, currency,
+                 latency_ms, resend_of, created_at, sent_at, delivered_at, failed_at, updated_at)
+             SELECT mid, id, '{TENANT}', 1, 'bridgexapi', 'BX-fill-' || n, {masked}, 'NL',
+                 '{delivered}', NULL, 0.05, NULL, 3, NULL, t, t, t + {DELIVERED_AFTER_MS}, NULL,
+                 t + {DELIVERED_AFTER_MS}
+             FROM fill ORDER BY mid",
+            delivered = DeliveryStatus::Delivered.as_str(),
+        ),
+    ]
+}
+
+async fn fill_sqlite(url: &str, first: u64, count: u64, now: i64) -> anyhow::Result<String> {
+    let mut conn = sqlite(url).await?;
+    // Rows are generated in memory, and the B-trees that grow by a million
+    // random keys stay cached instead of going back and forth to the file.
+    conn.execute("PRAGMA temp_store = MEMORY; PRAGMA cache_size = -2000000")
+        .await?;
+    let mut tx = conn.begin().await?;
+    // One call per part: a column used twice in a flattened subquery would be
+    // evaluated twice, and randomblob() gives a new value each time.
+    let uuid = "lower(printf('%s-%s-%s-%s-%s', hex(randomblob(4)), hex(randomblob(2)), \
+                hex(randomblob(2)), hex(randomblob(2)), hex(randomblob(6))))";
+    let create = format!(
+        "CREATE TEMP TABLE fill AS
+         WITH RECURSIVE seq(n) AS (SELECT {first} UNION ALL SELECT n + 1 FROM seq WHERE n < {last})
+         SELECT n, {uuid} AS id, {uuid} AS mid, randomblob(32) AS subject,
+             {now} - (n % {SPREAD_MS}) AS t
+         FROM seq",
+        last = first + count - 1,
+    );
+    sqlx::raw_sql(AssertSqlSafe(create))
+        .execute(&mut *tx)
+        .await
+        .context("generating the rows")?;
+    for sql in sql_inserts(&SQLITE) {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .context("inserting")?;
+    }
+    let sample: String = sqlx::query_scalar("SELECT id FROM fill LIMIT 1")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.execute("DROP TABLE fill").await?;
+    tx.commit().await?;
+    Ok(sample)
+}
+
+async fn fill_postgres(url: &str, first: u64, count: u64, now: i64) -> anyhow::Result<String> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let mut tx = conn.begin().await?;
+    let create = format!(
+        "CREATE TEMP TABLE fill ON COMMIT DROP AS
+         SELECT n, md5(n || '/id/' || random())::uuid::text AS id,
+             md5(n || '/mid/' || random())::uuid::text AS mid,
+             {subject} AS subject, {now}::bigint - (n % {SPREAD_MS}) AS t
+         FROM generate_series({first}::bigint, {last}::bigint) AS n",
+        subject = (POSTGRES.rand)(32),
+        last = first + count - 1,
+    );
+    sqlx::raw_sql(AssertSqlSafe(create))
+        .execute(&mut *tx)
+        .await
+        .context("generating the rows")?;
+    // Secondary indexes are dropped and built again from their own definitions
+    // (a sort each) instead of taking a million random inserts each; inside the
+    // transaction, so nobody sees the tables without them.
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT indexname, indexdef FROM pg_indexes
+         WHERE schemaname = current_schema()
+           AND tablename IN ('verifications', 'subjects', 'messages')
+           AND indexname NOT IN (SELECT conname FROM pg_constraint)",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (name, _) in &indexes {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP INDEX \"{name}\"")))
+            .execute(&mut *tx)
+            .await?;
+    }
+    for sql in sql_inserts(&POSTGRES) {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .context("inserting")?;
+    }
+    for (_, definition) in indexes {
+        sqlx::raw_sql(AssertSqlSafe(definition))
+            .execute(&mut *tx)
+            .await
+            .context("rebuilding an index")?;
+    }
+    let sample: String = sqlx::query_scalar("SELECT id FROM fill LIMIT 1")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    // What autovacuum would do soon after such growth; plans then see the real sizes.
+    conn.execute("ANALYZE verifications, subjects, messages")
+        .await?;
+    Ok(sample)
+}
+
+/// KEYS: none (one node). ARGV: prefix, tenant, first, count, now, then the
+/// constants below. Writes what `start_send` and `insert_message` write:
+/// `P:vref:<id>`, the `P:pending` member, `{P:s:S}:v:<id>` and `{P:s:S}:state`,
+/// the message record, its list, `P:mref:`, `P:pm:` and the `P:msgs` member.
+/// Ids and subjects are hex from SHA-1 of the index and the fill's start time.
+const REDIS_FILL: &str = r#"
+local p, tenant = ARGV[1], ARGV[2]
+local first, count, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local ttl, spread, delivered_after = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local keep_ended, ref_margin, keep_messages = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+local key_hex, max_attempts, pending, delivered, rank = ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16]
+local function d(x) return string.format('%d', x) end
+local function uuid(h)
+  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16)
+    .. '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21, 32)
+end
+local sample
+for n = first, first + count - 1 do
+  local seed = ARGV[5] .. ':' .. n
+  local a, b, c = redis.sha1hex(seed .. 'a'), redis.sha1hex(seed .. 'b'), redis.sha1hex(seed .. 'c')
+  local subject = a .. string.sub(b, 1, 24)
+  local vid = uuid(string.sub(b, 25, 40) .. string.sub(c, 1, 16))
+  local mid = uuid(string.sub(c, 17, 40) .. string.sub(a, 1, 8))
+  -- 52 bytes after the key id; 32 for the code hash: sizes, not secrets.
+  local phone = key_hex .. c .. a .. string.sub(b, 1, 24)
+  local code_hash = b .. string.sub(c, 1, 24)
+  local t = now - (n % spread)
+  local expires = t + ttl
+  local record_ttl = expires - now + keep_ended
+  local masked = '+*******' .. string.format('%04d', n % 10000)
+  local tag = '{' .. p .. ':s:' .. subject .. '}'
+  local record = tag .. ':v:' .. vid
+  redis.call('SET', p .. ':vref:' .. vid, subject, 'PX', d(record_ttl + ref_margin))
+  redis.call('ZADD', p .. ':pending', d(expires), subject .. ':' .. vid)
+  redis.call('HSET', record, 'id', vid, 'tenant', tenant, 'subject', subject, 'purpose', 'login',
+    'phone', phone, 'masked_to', masked, 'status', pending, 'attempts', '0',
+    'max_attempts', max_attempts, 'send_count', '1', 'created_at', d(t), 'updated_at', d(t),
+    'expires_at', d(expires), 'last_sent_at', d(t), 'country', 'NL', 'code_hash', code_hash)
+  redis.call('PEXPIRE', record, d(record_ttl))
+  redis.call('HSET', tag .. ':state', 'current', vid, 'last_sent', d(t), 'win_start', d(t),
+    'win_count', '1')
+  redis.call('PEXPIRE', tag .. ':state', d(math.max(keep_ended, record_ttl)))
+  local mtag = '{' .. p .. ':m:' .. vid .. '}'
+  local message = mtag .. ':r:' .. mid
+  local pid = 'BX-fill-' .. n
+  redis.call('SET', p .. ':mref:' .. mid, vid, 'PX', keep_messages)
+  redis.call('SET', p .. ':pm:bridgexapi:' .. pid, message, 'PX', keep_messages)
+  redis.call('ZADD', p .. ':msgs', d(t), vid .. ':' .. mid)
+  redis.call('HSET', message, 'id', mid, 'verification_id', vid, 'tenant', tenant,
+    'route_id', '1', 'provider', 'bridgexapi', 'masked_to', masked, 'status', delivered,
+    'rank', rank, 'latency_ms', '3', 'created_at', d(t), 'updated_at', d(t + delivered_after),
+    'provider_message_id', pid, 'country', 'NL', 'sent_at', d(t),
+    'delivered_at', d(t + delivered_after), 'cost', '0.05')
+  redis.call('PEXPIRE', message, keep_messages)
+  redis.call('RPUSH', mtag .. ':list', mid)
+  redis.call('PEXPIRE', mtag .. ':list', keep_messages)
+  sample = sample or vid
+end
+return sample
+"#;
+
+/// `src/store/redis.rs`: ended verifications stay a day; id references outlive
+/// records by an hour; messages' backstop TTL is 400 days.
+const REDIS_KEEP_ENDED_MS: i64 = 24 * 3_600_000;
+const REDIS_REF_MARGIN_MS: i64 = 3_600_000;
+const REDIS_KEEP_MESSAGES_MS: i64 = 400 * REDIS_KEEP_ENDED_MS;
+
+async fn fill_redis(url: &str, first: u64, count: u64, now: i64) -> anyhow::Result<String> {
+    let mut conn = redis_conn(url).await?;
+    let script = redis::Script::new(REDIS_FILL);
+    let mut sample = None;
+    let mut next = first;
+    while next < first + count {
+        let n = REDIS_CHUNK.min(first + count - next);
+        let mut inv = script.prepare_invoke();
+        inv.arg(otpd::store::redis::DEFAULT_KEY_PREFIX)
+            .arg(TENANT)
+            .arg(next)
+            .arg(n)
+            .arg(now)
+            .arg(TTL_MS)
+            .arg(SPREAD_MS)
+            .arg(DELIVERED_AFTER_MS)
+            .arg(REDIS_KEEP_ENDED_MS)
+            .arg(REDIS_REF_MARGIN_MS)
+            .arg(REDIS_KEEP_MESSAGES_MS)
+            .arg(PHONE_KEY_HEX)
+            .arg(MAX_ATTEMPTS)
+            .arg(Status::Pending.as_str())
+            .arg(DeliveryStatus::Delivered.as_str())
+            .arg(DeliveryStatus::Delivered.rank());
+        let id: String = inv.invoke_async(&mut conn).await.context("fill script")?;
+        sample.get_or_insert(id);
+        next += n;
+    }
+    sample.context("nothing filled")
+}
