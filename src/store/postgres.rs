@@ -123,7 +123,7 @@ impl PostgresStore {
                 let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
                 op(&mut conn).await
             }
-            WriteKind::Transaction => {
+            WriteKind::ReadThenWrite | WriteKind::Transaction => {
                 let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
                 let done = op(&mut tx).await?;
                 tx.commit().await.map_err(map_sqlx)?;

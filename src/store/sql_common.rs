@@ -495,7 +495,10 @@ pub(crate) fn counter_reads_sql(n: usize) -> String {
 pub(crate) enum WriteKind {
     /// One statement, which the database applies entirely or not at all.
     Statement,
-    /// Several statements that read, decide and write: all of them or none.
+    /// Reads that decide, then at most one writing statement, as the last one:
+    /// what was read holds until the write, and a failure has written nothing.
+    ReadThenWrite,
+    /// Several writing statements: all of them or none.
     Transaction,
 }
 
@@ -876,7 +879,7 @@ macro_rules! sql_store {
             ) -> StoreResult<CheckOutcome> {
                 let tenant = tenant.to_owned();
                 let code_hash = *code_hash;
-                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
+                self.write(WriteKind::ReadThenWrite, move |conn| Box::pin(async move {
                     let Some(mut v) = Self::locked_verification(conn, id)
                         .await?
                         .filter(|v| v.tenant == tenant)
@@ -1034,7 +1037,7 @@ macro_rules! sql_store {
             ) -> StoreResult<Option<MessageTransition>> {
                 let (provider, provider_message_id) = (provider.to_owned(), provider_message_id.to_owned());
                 let update = update.clone();
-                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
+                self.write(WriteKind::ReadThenWrite, move |conn| Box::pin(async move {
                     // Should a provider ever reuse an id, the newest message is the one meant.
                     let Some(row) = sqlx::query_as::<_, MessageRow>(concat!(
                         "SELECT * FROM messages WHERE provider = $1 AND provider_message_id = $2

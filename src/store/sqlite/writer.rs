@@ -9,9 +9,9 @@
 //! read-decide-write is serialised exactly as with a transaction of its own.
 //! A savepoint (`op`) isolates them: an operation that fails is rolled back to
 //! it and answers its error, while the rest of the group commits. The
-//! savepoint is only moved before a multi-statement operation (a single
-//! statement is undone by SQLite itself when it fails), which saves a
-//! statement per operation.
+//! savepoint is only moved before an operation with several writing
+//! statements (a single one is undone by SQLite itself when it fails), which
+//! saves a statement per operation.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -216,15 +216,13 @@ async fn commit_group(pool: &SqlitePool, jobs: &mut VecDeque<Box<dyn Job>>) {
                 // transaction (as SQLite does on I/O errors or a full disk).
                 let undo = match kind {
                     WriteKind::Transaction => "ROLLBACK TO op",
-                    WriteKind::Statement => "RELEASE op; SAVEPOINT op",
+                    WriteKind::Statement | WriteKind::ReadThenWrite => "RELEASE op; SAVEPOINT op",
                 };
                 if let Err(e) = exec(&mut conn, undo).await {
                     ran.push(done);
                     return abandon(&mut conn, ran, &e);
                 }
-                if kind == WriteKind::Statement {
-                    moved = false;
-                }
+                moved = false;
             }
         }
         ran.push(done);
@@ -251,4 +249,74 @@ fn abandon(conn: &mut PoolConnection<Sqlite>, ran: Vec<Ran>, error: &sqlx::Error
 
 async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(sql).execute(&mut *conn).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+    type Op = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, ()> + Send>;
+
+    fn insert(id: i64) -> Op {
+        Box::new(move |conn| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t (id) VALUES ($1)")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                Ok(())
+            })
+        })
+    }
+
+    /// Inserts `id`, then fails: the insert must be rolled back.
+    fn insert_then_fail(id: i64) -> Op {
+        Box::new(move |conn| {
+            Box::pin(async move {
+                insert(id)(conn).await?;
+                Err(StoreError::Unavailable("decided to fail".into()))
+            })
+        })
+    }
+
+    /// One group (the current-thread runtime enqueues all four before the
+    /// writer runs): the operations that fail leave no trace, the others commit.
+    #[tokio::test]
+    async fn a_failing_operation_is_undone_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let connect = SqliteConnectOptions::new()
+            .filename(dir.path().join("w.db"))
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(connect)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let writer = Writer::start(pool.clone(), Duration::from_secs(5));
+
+        let (one, two, duplicate, three) = tokio::join!(
+            writer.write(WriteKind::Statement, insert(1)),
+            writer.write(WriteKind::Transaction, insert_then_fail(2)),
+            writer.write(WriteKind::Statement, insert(1)),
+            writer.write(WriteKind::ReadThenWrite, insert(3)),
+        );
+        one.unwrap();
+        assert!(two.is_err());
+        assert!(
+            duplicate.is_err(),
+            "a unique violation is that operation's error"
+        );
+        three.unwrap();
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(ids, [1, 3]);
+    }
 }
