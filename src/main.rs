@@ -45,7 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", settings.to_redacted_toml()?);
         return Ok(());
     }
-    let _log_flush = otpd::telemetry::init(&settings.log);
+    otpd::telemetry::init(&settings.log);
 
     match cli.command.unwrap_or(Command::Serve { listen: None }) {
         Command::Serve { .. } => serve(settings).await,

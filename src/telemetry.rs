@@ -7,7 +7,6 @@
 use std::io::IsTerminal;
 
 use tracing::Subscriber;
-use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -41,18 +40,10 @@ where
     }
 }
 
-/// Installs the subscriber for the process. Lines go to stderr from a
-/// background thread through a buffer, so a request never waits on a write
-/// system call and a burst of lines costs one write. Nothing is dropped: when
-/// the thread falls behind, logging waits. Keep the guard until exit; dropping
-/// it flushes what is left.
-pub fn init(settings: &LogSettings) -> WorkerGuard {
+pub fn init(settings: &LogSettings) {
     let ansi = std::io::stderr().is_terminal();
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("otpd-log")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
-    // A second init (tests, embedding) keeps the first subscriber.
-    let _ = subscriber(settings, filter(settings), writer, ansi).try_init();
-    guard
+    // Written synchronously, one write per line: an audit line must not sit in
+    // a buffer that a crash or `kill -9` would lose (a background writer,
+    // tried for speed, lost them in the audit-log test).
+    let _ = subscriber(settings, filter(settings), std::io::stderr, ansi).try_init();
 }

@@ -182,7 +182,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::load(Some(&args.config), &Overrides::default())?;
-    let _log_flush = otpd::telemetry::init(&settings.log);
+    otpd::telemetry::init(&settings.log);
     let (routes, store) = routes(&settings).await?;
     let deps = Dependencies {
         store: Some(store),
