@@ -23,8 +23,9 @@
 //! - `{P:s:S}:state` — the subject's current verification id, last send, send
 //!   window; `{P:s:S}:v:<id>` — a verification. One tag, so one slot, for every
 //!   key a send, check, cancel or abort touches.
-//! - `P:vref:<id>` → `S`: written before the creating script runs and outliving
-//!   the record, so reads by id find the slot (read ref, then script the record).
+//! - `P:vref:<id>` → `S`: written before the creating script runs (on one node,
+//!   by that script, first) and outliving the record, so reads by id find the
+//!   slot (read ref, then script the record; one node's scripts follow it).
 //! - `P:pending` — sorted set of `S:<id>` by expiry: what the purge walks and
 //!   `count_pending` counts. Maintained next to the deciding scripts (it lives in
 //!   another slot); a missed update only delays a purge, never changes a decision.
