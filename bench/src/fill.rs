@@ -123,7 +123,12 @@ async fn sqlite(url: &str) -> anyhow::Result<sqlx::SqliteConnection> {
 
 async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(url).context("redis url")?;
-    Ok(client.get_multiplexed_async_connection().await?)
+    // One fill call runs for a good part of a second, more on a busy machine.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(120)));
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
 }
 
 /// How one SQL backend writes what the shared statements need.

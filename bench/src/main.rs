@@ -908,7 +908,7 @@ async fn scaling(ctx: &mut Ctx, kind: StoreKind) -> anyhow::Result<()> {
 
 /// Verifications each level's wrong-code checks cycle over, sent fresh through
 /// the API (the checks need their codes).
-const WORKING_SET: u64 = 20_000;
+const WORKING_SET: u64 = 5_000;
 
 async fn scaling_on(
     ctx: &mut Ctx,
