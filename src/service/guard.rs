@@ -176,9 +176,9 @@ impl AbuseGuard {
     }
 
     /// The reads of `key`'s current and previous window, for `window_counts`.
-    fn window_reads(key: &str, window: u32, now: DateTime<Utc>) -> [CounterRead; 2] {
+    fn window_reads(key: &str, window: u32, now: DateTime<Utc>) -> [CounterRead<'_>; 2] {
         let read = |at| CounterRead {
-            key: key.to_owned(),
+            key,
             window_seconds: window,
             at,
         };
@@ -270,7 +270,7 @@ impl AbuseGuard {
         let spend_key = (policy.daily_spend_limit > 0.0).then(|| self.key("spend", &[ctx.tenant]));
         if let Some(key) = &spend_key {
             reads.push(CounterRead {
-                key: key.clone(),
+                key,
                 window_seconds: DAY,
                 at: now,
             });
@@ -622,10 +622,14 @@ impl AbuseGuard {
             })
             .collect();
         let tag = self.tenant_tag(tenant);
-        let reads: Vec<CounterRead> = BLOCK_REASONS
+        let keys: Vec<String> = BLOCK_REASONS
             .iter()
-            .map(|reason| CounterRead {
-                key: traffic_key("blocked", &tag, reason),
+            .map(|reason| traffic_key("blocked", &tag, reason))
+            .collect();
+        let reads: Vec<CounterRead> = keys
+            .iter()
+            .map(|key| CounterRead {
+                key,
                 window_seconds: DAY,
                 at: now,
             })

@@ -225,7 +225,7 @@ macro_rules! decorate_store {
                 )
                 .await
             }
-            async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+            async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
                 self.$around("read_counters", self.inner.read_counters(reads))
                     .await
             }

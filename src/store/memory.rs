@@ -1712,10 +1712,10 @@ impl Store for MemoryStore {
         Ok(self.counters.read(key, window_seconds, now))
     }
 
-    async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
         Ok(reads
             .iter()
-            .map(|r| self.counters.read(&r.key, r.window_seconds, r.at))
+            .map(|r| self.counters.read(r.key, r.window_seconds, r.at))
             .collect())
     }
 
@@ -1724,7 +1724,7 @@ impl Store for MemoryStore {
         for a in adds {
             let total = self.counters.add(&a.key, a.amount, a.window_seconds, now);
             totals.push(total);
-            if a.ceiling.is_some_and(|ceiling| total > ceiling) {
+            if a.stops_batch(total) {
                 break;
             }
         }
@@ -2264,8 +2264,8 @@ mod tests {
             vec![2, 2],
             "the second add went over its ceiling: made, then the batch stops"
         );
-        let read = |key: &str, window_seconds, at| CounterRead {
-            key: key.into(),
+        let read = |key: &'static str, window_seconds, at| CounterRead {
+            key,
             window_seconds,
             at,
         };

@@ -126,10 +126,11 @@ pub enum RateDecision {
     Limited { retry_after_seconds: u64 },
 }
 
-/// One counter window to read (see `Store::read_counters`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CounterRead {
-    pub key: String,
+/// One counter window to read (see `Store::read_counters`). Borrows its key:
+/// a send reads ~16 counters, and the keys already exist in the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterRead<'a> {
+    pub key: &'a str,
     pub window_seconds: u32,
     /// Any instant in the window to read.
     pub at: DateTime<Utc>,
@@ -143,6 +144,14 @@ pub struct CounterAdd {
     pub window_seconds: u32,
     /// The highest total this add may reach; above it the batch stops here.
     pub ceiling: Option<u64>,
+}
+
+impl CounterAdd {
+    /// Whether `total`, this add's result, stops its batch: the one rule
+    /// every backend's `add_counters` follows.
+    pub fn stops_batch(&self, total: u64) -> bool {
+        self.ceiling.is_some_and(|ceiling| total > ceiling)
+    }
 }
 
 /// A small named value with an expiry, in a namespace (quarantines, leases).
@@ -427,10 +436,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads several counters in one round trip where the backend can: the
     /// total of each `(key, window)` in the window containing its `at`, in order.
-    async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
         let mut totals = Vec::with_capacity(reads.len());
         for r in reads {
-            totals.push(self.read_counter(&r.key, r.window_seconds, r.at).await?);
+            totals.push(self.read_counter(r.key, r.window_seconds, r.at).await?);
         }
         Ok(totals)
     }
@@ -447,7 +456,7 @@ pub trait Store: Send + Sync + 'static {
                 .add_to_counter(&a.key, a.amount, a.window_seconds, now)
                 .await?;
             totals.push(total);
-            if a.ceiling.is_some_and(|ceiling| total > ceiling) {
+            if a.stops_batch(total) {
                 break;
             }
         }

@@ -2446,7 +2446,7 @@ impl Store for RedisStore {
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
         let read = CounterRead {
-            key: key.to_owned(),
+            key,
             window_seconds,
             at: now,
         };
@@ -2457,14 +2457,14 @@ impl Store for RedisStore {
             .ok_or_else(|| StoreError::Corrupt("no total from redis".into()))
     }
 
-    async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
         if reads.is_empty() {
             return Ok(Vec::new());
         }
         bounded(async {
             let keys = reads.iter().map(|r| {
                 let (slot, _) = counter_window(r.window_seconds, r.at);
-                self.keys.counter(&r.key, r.window_seconds, slot)
+                self.keys.counter(r.key, r.window_seconds, slot)
             });
             let totals: Vec<Option<i64>> = if let Conn::Cluster(_) = self.conn {
                 // Counter keys hash to any slot. The cluster client can split an
@@ -2518,7 +2518,7 @@ impl Store for RedisStore {
                     .run_counter_adds(std::slice::from_ref(add), now)
                     .await?;
                 totals.extend_from_slice(&total);
-                if add.ceiling.is_some_and(|c| total.iter().any(|t| *t > c)) {
+                if total.iter().any(|t| add.stops_batch(*t)) {
                     return Ok(totals);
                 }
             }

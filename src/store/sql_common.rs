@@ -1372,7 +1372,7 @@ macro_rules! sql_store {
                                 Self::add_one(conn, &a.key, a.amount, a.window_seconds, now)
                                     .await?;
                             totals.push(total);
-                            if a.ceiling.is_some_and(|ceiling| total > ceiling) {
+                            if a.stops_batch(total) {
                                 break;
                             }
                         }
@@ -1403,14 +1403,14 @@ macro_rules! sql_store {
             }
 
             /// One SELECT (per `COUNTER_READS_PER_STATEMENT` reads).
-            async fn read_counters(&self, reads: &[CounterRead]) -> StoreResult<Vec<u64>> {
+            async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
                 let mut totals = Vec::with_capacity(reads.len());
                 for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
                     let mut query =
                         sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(counter_reads_sql(chunk.len())));
                     for r in chunk {
                         let (slot, _) = rate_slot(r.window_seconds, r.at);
-                        query = query.bind(&r.key).bind(i64::from(r.window_seconds)).bind(slot);
+                        query = query.bind(r.key).bind(i64::from(r.window_seconds)).bind(slot);
                     }
                     let found = query.fetch_all(&self.$read).await.map_err(map_sqlx)?;
                     totals.extend(found.into_iter().map(counter_total));

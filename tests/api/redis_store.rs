@@ -380,12 +380,12 @@ async fn counter_batches_match_single_counters_and_their_ttls() {
         let reads: Vec<CounterRead> = adds
             .iter()
             .map(|a| CounterRead {
-                key: a.key.clone(),
+                key: &a.key,
                 window_seconds: a.window_seconds,
                 at: now,
             })
             .chain([CounterRead {
-                key: "batch:1".into(),
+                key: "batch:1",
                 window_seconds: 60,
                 at: now - chrono::Duration::seconds(60),
             }])
@@ -399,7 +399,7 @@ async fn counter_batches_match_single_counters_and_their_ttls() {
         );
         for (r, want) in reads.iter().zip(&expected) {
             let one = store
-                .read_counter(&r.key, r.window_seconds, r.at)
+                .read_counter(r.key, r.window_seconds, r.at)
                 .await
                 .unwrap();
             assert_eq!(one, *want, "{url}: {}", r.key);
@@ -424,7 +424,7 @@ async fn counter_batches_match_single_counters_and_their_ttls() {
         let capped_reads: Vec<CounterRead> = capped
             .iter()
             .map(|a| CounterRead {
-                key: a.key.clone(),
+                key: &a.key,
                 window_seconds: 600,
                 at: now,
             })

@@ -1248,9 +1248,9 @@ pub async fn concurrent_counter_adds_are_all_counted(store: DynStore) {
     assert_eq!(store.read_counter(&key, 600, now).await.unwrap(), 40);
 }
 
-fn counter_read(key: &str, window_seconds: u32, at: DateTime<Utc>) -> CounterRead {
+fn counter_read(key: &str, window_seconds: u32, at: DateTime<Utc>) -> CounterRead<'_> {
     CounterRead {
-        key: key.to_owned(),
+        key,
         window_seconds,
         at,
     }
@@ -1299,7 +1299,7 @@ pub async fn counter_batches_read_and_add_as_single_calls_do(store: DynStore) {
     for (r, total) in reads.iter().zip([6, 5, 0, 0, 0, 6]) {
         assert_eq!(
             store
-                .read_counter(&r.key, r.window_seconds, r.at)
+                .read_counter(r.key, r.window_seconds, r.at)
                 .await
                 .unwrap(),
             total
