@@ -21,10 +21,10 @@ use otpd_bench::workloads::{Api, Check, Endpoint, Hello, Issued, Send};
 #[command(about = "Load benchmark for otpd (see BENCHMARKS.md)")]
 struct Cli {
     /// Seconds each measured scenario runs, after its warm-up.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 1.0)]
     duration: f64,
     /// Warm-up seconds before each measurement.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.3)]
     warmup: f64,
     /// Concurrent keep-alive connections (like `wrk -c`).
     #[arg(long, default_value_t = 64)]
@@ -128,6 +128,7 @@ fn opts(cli: &Cli) -> RunOptions {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let machine = Machine::detect();
     let bins = match &cli.bin_dir {
         Some(d) => d.clone(),
@@ -197,22 +198,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         stores::cleanup(kind).await;
     }
-    for name in cli.scaling_stores.clone() {
-        let Some(kind) = StoreKind::parse(&name) else {
+    let mut scaled = Vec::new();
+    for name in &cli.scaling_stores {
+        let Some(kind) = StoreKind::parse(name) else {
             bail!("unknown store {name:?}");
         };
         // Not measured (or skipped as unreachable) above: not scaled either.
-        if !ctx.measured(&name) {
-            continue;
+        if ctx.measured(name) {
+            scaled.push(kind);
         }
-        if let Err(e) = scaling(&mut ctx, kind).await {
-            println!("{name} scaling: failed: {e:#}");
-            ctx.notes.push(format!("{name} scaling: failed: {e:#}"));
-        }
-        stores::cleanup(kind).await;
     }
+    scaling(&mut ctx, &scaled).await;
     mock.stop().await;
 
+    let driver = started.elapsed().as_secs();
+    ctx.notes.push(match std::env::var("OTPD_BENCH_BUILD_SECONDS").ok().and_then(|s| s.parse::<u64>().ok()) {
+        Some(build) => format!(
+            "Time: the release build took {}, this driver {}; {} in all (a fresh clone builds from scratch).",
+            minutes(build), minutes(driver), minutes(build + driver)
+        ),
+        None => format!("Time: this driver took {}.", minutes(driver)),
+    });
     let targets = judge(&ctx);
     let command = if cli.quick {
         "bench/run.sh --quick".to_owned()
@@ -760,13 +766,15 @@ async fn store_scenarios_on(
 
     // Right codes, each once, until they run out (or the measured time ends).
     // The server is warm by now, and a warm-up would only use up codes. Each
-    // right check needs a send, so when the sends above left fewer codes than
-    // about a second of checks takes, more are sent first (unmeasured).
+    // right check needs a send, and sends are several times slower, so right
+    // checks run for half the measured time: when the sends above left fewer
+    // codes than that takes, more are sent first (unmeasured).
     let right_opts = RunOptions {
         warmup: Duration::ZERO,
+        duration: o.duration / 2,
         ..o.clone()
     };
-    let wanted = (r_wrong.rps() * RIGHT_CHECK_SECONDS) as usize;
+    let wanted = (r_wrong.rps() * right_opts.duration.as_secs_f64()) as usize;
     let mut native_right = native_issued.to_vec();
     if native_right.len() < wanted {
         let more = issue(
@@ -823,9 +831,6 @@ async fn store_scenarios_on(
     }
     Ok(())
 }
-
-/// Seconds of right checks the codes should last (at the wrong-check rate).
-const RIGHT_CHECK_SECONDS: f64 = 1.5;
 
 /// Sends `count` verifications (unmeasured) and returns them with their codes.
 async fn issue(
@@ -885,139 +890,260 @@ enum Filler {
     Direct(fill::Direct),
 }
 
-/// Throughput with 1k, 100k and 1M pending verifications, and (memory store)
-/// memory per pending verification, from the growth of the process across the
-/// largest fill.
-async fn scaling(ctx: &mut Ctx, kind: StoreKind) -> anyhow::Result<()> {
+/// One store's scaling run: its otpd, how it grows, and its first level's figures.
+struct Scaled {
+    kind: StoreKind,
+    running: Running,
+    filler: Filler,
+    /// What the current level's wrong-code checks cycle over.
+    pool: Arc<Vec<Issued>>,
+    /// Check and send req/s at the first level.
+    base: Option<(f64, f64)>,
+}
+
+/// Verifications each level's wrong-code checks cycle over.
+const WORKING_SET: u64 = 5_000;
+
+/// Throughput with 1k, 100k and 1M pending verifications on every store, and
+/// (memory store) memory per pending verification. Level by level, every store
+/// is filled at once and then each is measured alone: each fill works in its
+/// own process (`otpd-loaded`, redis-server, postgres, SQLite's thread), so the
+/// fills share the cores instead of queuing.
+async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
+    let mut scaled = Vec::new();
+    for &kind in kinds {
+        match start_scaled(ctx, kind).await {
+            Ok(s) => scaled.push(s),
+            Err(e) => scaling_failed(ctx, kind, &e),
+        }
+    }
+    let mut levels = ctx.cli.levels.clone();
+    levels.sort_unstable();
+    levels.dedup();
+    let mut filled = 0u64;
+    let mut largest_step = 0u64;
+    for (i, &level) in levels.iter().enumerate() {
+        // Distinct numbers per level: the working set's sends, then the measured ones.
+        let numbers = (10 + 2 * i as u64) * NUMBERS_PER_SCENARIO;
+        let add = level.saturating_sub(filled);
+        let grown = {
+            let ctx = &*ctx;
+            futures::future::join_all(
+                scaled
+                    .iter()
+                    .map(|s| grow(ctx, s, level, filled, add, numbers)),
+            )
+            .await
+        };
+        filled = level;
+        let mut kept = Vec::new();
+        for (mut s, growth) in scaled.into_iter().zip(grown) {
+            match growth {
+                Ok(g) => {
+                    if let Some(bytes) = g.bytes_per_pending
+                        && add >= largest_step
+                    {
+                        ctx.bytes_per_pending = Some(bytes);
+                    }
+                    s.pool = Arc::new(g.pool);
+                    kept.push(s);
+                }
+                Err(e) => {
+                    scaling_failed(ctx, s.kind, &e);
+                    finish_scaled(s).await;
+                }
+            }
+        }
+        largest_step = largest_step.max(add);
+        scaled = kept;
+        for s in &mut scaled {
+            let label = level_label(level);
+            match measure_level(ctx, s, &label, numbers + NUMBERS_PER_SCENARIO).await {
+                Ok((check, send)) => match s.base {
+                    None => s.base = Some((check, send)),
+                    Some((bc, bs)) => {
+                        let name = s.kind.name();
+                        ctx.scaling
+                            .push((format!("{name} check @{label}"), check, bc));
+                        ctx.scaling
+                            .push((format!("{name} send @{label}"), send, bs));
+                    }
+                },
+                Err(e) => {
+                    scaling_failed(ctx, s.kind, &e);
+                    s.base = None;
+                }
+            }
+        }
+    }
+    let (service, direct): (Vec<&Scaled>, Vec<&Scaled>) = scaled
+        .iter()
+        .partition(|s| matches!(s.filler, Filler::Service(_)));
+    for s in service {
+        ctx.notes.push(format!(
+            "Scaling and memory ({}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path, delivered by an in-process provider that answers like a real one (so each pending verification also has its delivery record awaiting a report, its indexes and its number's abuse counters, and no sandbox inbox entry); each level also holds a fresh {WORKING_SET} working set for the checks, sent through the API, and what its send run added. Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added.",
+            s.kind.name()
+        ));
+    }
+    if !direct.is_empty() {
+        let names: Vec<&str> = direct.iter().map(|s| s.kind.name()).collect();
+        ctx.notes.push(format!(
+            "Scaling ({}): before each level the driver wrote the missing pending verifications straight into the backend (`bench/src/fill.rs`: SQL in one transaction, or a Lua script in chunks), in the store's layout: each with its subject state and one delivered SMS record; the backend's count was checked and otpd read one back through the API. Each level's wrong-code checks cycle over {WORKING_SET} of the verifications that level's fill added (all of them when fewer), spread evenly; the level also holds what its send run added.",
+            names.join(", ")
+        ));
+    }
+    for s in scaled {
+        finish_scaled(s).await;
+    }
+}
+
+fn scaling_failed(ctx: &mut Ctx, kind: StoreKind, e: &anyhow::Error) {
+    println!("{} scaling: failed: {e:#}", kind.name());
+    ctx.notes
+        .push(format!("{} scaling: failed: {e:#}", kind.name()));
+}
+
+async fn start_scaled(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Scaled> {
     let label = format!("{}-scaling", kind.name());
     let prepared = stores::prepare(kind, &ctx.dir, &label).await?;
     let in_process = kind == StoreKind::Memory;
     let running = start_otpd(ctx, &label, &prepared.url, in_process).await?;
-    let result = async {
-        let filler = if in_process {
-            Filler::Service(running.control.context("no control port")?)
-        } else {
-            Filler::Direct(fill::Direct::new(kind, &prepared.url)?)
-        };
-        scaling_on(ctx, kind, &running, &filler).await
-    }
-    .await;
-    running.server.stop().await;
-    result
+    let filler = if in_process {
+        Filler::Service(running.control.context("no control port")?)
+    } else {
+        Filler::Direct(fill::Direct::new(kind, &prepared.url)?)
+    };
+    Ok(Scaled {
+        kind,
+        running,
+        filler,
+        pool: Arc::new(Vec::new()),
+        base: None,
+    })
 }
 
-/// Verifications each level's wrong-code checks cycle over, sent fresh through
-/// the API (the checks need their codes).
-const WORKING_SET: u64 = 5_000;
+async fn finish_scaled(s: Scaled) {
+    s.running.server.stop().await;
+    stores::cleanup(s.kind).await;
+}
 
-async fn scaling_on(
-    ctx: &mut Ctx,
-    kind: StoreKind,
-    running: &Running,
-    filler: &Filler,
-) -> anyhow::Result<()> {
-    let name = kind.name();
-    let o = opts(&ctx.cli);
-    let mut levels = ctx.cli.levels.clone();
-    levels.sort_unstable();
-    let mut filled = 0u64;
-    let mut first_number = 10 * NUMBERS_PER_SCENARIO;
-    let mut base: Option<(f64, f64)> = None;
-    let mut largest_step = 0u64;
-    for level in levels {
-        let add = level.saturating_sub(filled);
-        if add > 0 {
-            let before = running.server.rss_bytes()?;
-            let started = std::time::Instant::now();
-            match filler {
-                Filler::Service(control) => {
-                    prefill(*control, add).await?;
-                    let after = running.server.rss_bytes()?;
-                    println!(
-                        "{name}: prefilled {add} pending in {:.1} s (RSS {:.0} → {:.0} MiB)",
-                        started.elapsed().as_secs_f64(),
-                        before as f64 / 1048576.0,
-                        after as f64 / 1048576.0
-                    );
-                    if add >= largest_step {
-                        largest_step = add;
-                        ctx.bytes_per_pending =
-                            Some(after.saturating_sub(before) as f64 / add as f64);
-                    }
-                }
-                Filler::Direct(direct) => {
-                    let sample = direct.fill(filled, add).await?;
-                    let took = started.elapsed().as_secs_f64();
-                    let pending = direct.count_pending().await?;
-                    // At least what was filled, plus what earlier levels sent.
-                    if pending < level {
-                        bail!("filled {level} in all, but the store counts {pending} pending");
-                    }
-                    read_back(running, &sample).await?;
-                    println!(
-                        "{name}: filled {add} pending in {took:.1} s; the store counts {pending} pending; otpd reads them"
-                    );
-                }
+/// What growing one store to a level gave: the level's working set, and (memory
+/// store) the process's growth per verification added.
+struct Growth {
+    pool: Vec<Issued>,
+    bytes_per_pending: Option<f64>,
+}
+
+/// Adds `add` pending verifications to a store that holds `filled`.
+async fn grow(
+    ctx: &Ctx,
+    s: &Scaled,
+    level: u64,
+    filled: u64,
+    add: u64,
+    numbers: u64,
+) -> anyhow::Result<Growth> {
+    let name = s.kind.name();
+    let started = std::time::Instant::now();
+    match &s.filler {
+        Filler::Service(control) => {
+            let mut bytes_per_pending = None;
+            if add > 0 {
+                let before = s.running.server.rss_bytes()?;
+                prefill(*control, add).await?;
+                let after = s.running.server.rss_bytes()?;
+                println!(
+                    "{name}: prefilled {add} pending in {:.1} s (RSS {:.0} → {:.0} MiB)",
+                    started.elapsed().as_secs_f64(),
+                    before as f64 / 1048576.0,
+                    after as f64 / 1048576.0
+                );
+                bytes_per_pending = Some(after.saturating_sub(before) as f64 / add as f64);
             }
-            filled = level;
+            let pool = issue(&s.running, numbers, WORKING_SET, ctx.cli.connections).await?;
+            Ok(Growth {
+                pool,
+                bytes_per_pending,
+            })
         }
-        let label = level_label(level);
-        let pool = Arc::new(issue(running, first_number, WORKING_SET, ctx.cli.connections).await?);
-        first_number += NUMBERS_PER_SCENARIO;
-        let wrong = Arc::new(Check::new(
-            running.endpoint.clone(),
-            Api::Native,
-            pool,
-            false,
-        ));
-        let rc = measure(
-            ctx,
-            running,
-            name,
-            &format!("check wrong @{label}"),
-            "native",
-            wrong,
-            &o,
-            &[200],
-        )
-        .await?;
-        let send = Arc::new(Send::new(
-            running.endpoint.clone(),
-            Api::Native,
-            first_number,
-            false,
-        ));
-        first_number += NUMBERS_PER_SCENARIO;
-        let rs = measure(
-            ctx,
-            running,
-            name,
-            &format!("send @{label}"),
-            "native",
-            send,
-            &o,
-            &[201],
-        )
-        .await?;
-        match base {
-            None => base = Some((rc.rps(), rs.rps())),
-            Some((bc, bs)) => {
-                ctx.scaling
-                    .push((format!("{name} check @{label}"), rc.rps(), bc));
-                ctx.scaling
-                    .push((format!("{name} send @{label}"), rs.rps(), bs));
+        Filler::Direct(direct) => {
+            if add == 0 {
+                bail!("level {level} adds nothing to fill the working set from");
             }
+            let ids = direct.fill(filled, add, WORKING_SET).await?;
+            let took = started.elapsed().as_secs_f64();
+            let pending = direct.count_pending().await?;
+            // At least what was filled, plus what earlier levels sent.
+            if pending < level {
+                bail!("filled {level} in all, but the store counts {pending} pending");
+            }
+            if let Some(first) = ids.first() {
+                read_back(&s.running, first).await?;
+            }
+            println!(
+                "{name}: filled {add} pending in {took:.1} s; the store counts {pending} pending; otpd reads them"
+            );
+            let pool = ids
+                .into_iter()
+                .map(|id| Issued {
+                    phone: 0,
+                    id: Some(id),
+                    // Filled code hashes are random: any code is wrong.
+                    code: "000000".into(),
+                })
+                .collect();
+            Ok(Growth {
+                pool,
+                bytes_per_pending: None,
+            })
         }
     }
-    ctx.notes.push(match filler {
-        Filler::Service(_) => format!(
-            "Scaling and memory ({name}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path, delivered by an in-process provider that answers like a real one (so each pending verification also has its delivery record awaiting a report, its indexes and its number's abuse counters, and no sandbox inbox entry); each level also holds a fresh {WORKING_SET} working set for the checks and what its send run added. Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added."
-        ),
-        Filler::Direct(_) => format!(
-            "Scaling ({name}): before each level the driver wrote the missing pending verifications straight into the backend (`bench/src/fill.rs`: SQL in one transaction, or a Lua script in chunks), in the store's layout: each with its subject state and one delivered SMS record; the backend's count was checked and otpd read one back through the API. Each level also holds a fresh {WORKING_SET} working set for the checks and what its send run added."
-        ),
-    });
-    Ok(())
+}
+
+/// Wrong-code checks over the level's working set, then sends from `numbers` on.
+async fn measure_level(
+    ctx: &mut Ctx,
+    s: &Scaled,
+    label: &str,
+    numbers: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let o = opts(&ctx.cli);
+    let name = s.kind.name();
+    let wrong = Arc::new(Check::new(
+        s.running.endpoint.clone(),
+        Api::Native,
+        s.pool.clone(),
+        false,
+    ));
+    let rc = measure(
+        ctx,
+        &s.running,
+        name,
+        &format!("check wrong @{label}"),
+        "native",
+        wrong,
+        &o,
+        &[200],
+    )
+    .await?;
+    let send = Arc::new(Send::new(
+        s.running.endpoint.clone(),
+        Api::Native,
+        numbers,
+        false,
+    ));
+    let rs = measure(
+        ctx,
+        &s.running,
+        name,
+        &format!("send @{label}"),
+        "native",
+        send,
+        &o,
+        &[201],
+    )
+    .await?;
+    Ok((rc.rps(), rs.rps()))
 }
 
 /// Reads a filled verification through otpd's API: proves the fill wrote what
@@ -1089,6 +1215,10 @@ fn scaling_target(ctx: &Ctx) -> Target {
         met: (!per_store.is_empty())
             .then(|| unscaled.is_empty() && per_store.iter().all(|(_, r, _)| *r >= 0.90)),
     }
+}
+
+fn minutes(secs: u64) -> String {
+    format!("{} min {} s", secs / 60, secs % 60)
 }
 
 fn level_label(n: u64) -> String {
