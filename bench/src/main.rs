@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use otpd_bench::fill;
 use otpd_bench::loadgen::{self, RunOptions, RunResult, Workload};
-use otpd_bench::procs::{Server, free_port, wait_for_port};
+use otpd_bench::procs::{Server, free_port, settle, wait_for_port};
 use otpd_bench::report::{self, Machine, Measure, Target, pct};
 use otpd_bench::stores::{self, StoreKind};
 use otpd_bench::workloads::{Api, Check, Endpoint, Hello, Issued, Send};
@@ -936,6 +936,13 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
             .await
         };
         filled = level;
+        let waited = settle(Duration::from_secs(20)).await;
+        if waited > Duration::from_secs(1) {
+            println!(
+                "waited {:.1} s for the machine to settle after the fills",
+                waited.as_secs_f64()
+            );
+        }
         let mut kept = Vec::new();
         for (mut s, growth) in scaled.into_iter().zip(grown) {
             match growth {

@@ -155,3 +155,43 @@ pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits, at most `limit`, until the machine is nearly idle: after a big fill
+/// the kernel is still writing dirty pages back and servers run their
+/// maintenance, which would otherwise land in the next measurement. Returns how
+/// long it waited.
+pub async fn settle(limit: Duration) -> Duration {
+    let started = Instant::now();
+    // Dirty pages of the filled files go to disk now, not during a measurement.
+    let _ = Command::new("sync").status().await;
+    let mut last = cpu_ticks();
+    while started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = cpu_ticks();
+        if let (Some((busy0, all0)), Some((busy1, all1))) = (last, now) {
+            let (busy, all) = (busy1.saturating_sub(busy0), all1.saturating_sub(all0));
+            if all > 0 && busy * 100 <= all * IDLE_BUSY_PERCENT {
+                break;
+            }
+        }
+        last = now;
+    }
+    started.elapsed()
+}
+
+/// Busy share of all cores below which the machine counts as idle.
+const IDLE_BUSY_PERCENT: u64 = 10;
+
+/// Busy and total jiffies of all cores (Linux `/proc/stat`).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal…: idle and iowait are not busy.
+    let all: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((all.saturating_sub(idle), all))
+}
