@@ -766,12 +766,10 @@ async fn store_scenarios_on(
 
     // Right codes, each once, until they run out (or the measured time ends).
     // The server is warm by now, and a warm-up would only use up codes. Each
-    // right check needs a send, and sends are several times slower, so right
-    // checks run for half the measured time: when the sends above left fewer
-    // codes than that takes, more are sent first (unmeasured).
+    // right check needs a send, so when the sends above left fewer codes than
+    // the measured time of checks takes, more are sent first (unmeasured).
     let right_opts = RunOptions {
         warmup: Duration::ZERO,
-        duration: o.duration / 2,
         ..o.clone()
     };
     let wanted = (r_wrong.rps() * right_opts.duration.as_secs_f64()) as usize;
@@ -781,6 +779,7 @@ async fn store_scenarios_on(
             running,
             3 * NUMBERS_PER_SCENARIO,
             (wanted - native_right.len()) as u64,
+            TOP_UP_LIMIT,
             ctx.cli.connections,
         )
         .await?;
@@ -811,6 +810,7 @@ async fn store_scenarios_on(
                 api,
                 4 * NUMBERS_PER_SCENARIO,
                 (wanted - bx_right.len()) as u64,
+                TOP_UP_LIMIT,
                 ctx.cli.connections,
             )
             .await?;
@@ -832,14 +832,19 @@ async fn store_scenarios_on(
     Ok(())
 }
 
-/// Sends `count` verifications (unmeasured) and returns them with their codes.
+/// Longest the unmeasured sends before the right-code checks may take.
+const TOP_UP_LIMIT: Duration = Duration::from_secs(120);
+
+/// Sends `count` verifications (unmeasured, for at most `within`) and returns
+/// them with their codes.
 async fn issue(
     running: &Running,
     first: u64,
     count: u64,
+    within: Duration,
     connections: usize,
 ) -> anyhow::Result<Vec<Issued>> {
-    issue_with(running, Api::Native, first, count, connections).await
+    issue_with(running, Api::Native, first, count, within, connections).await
 }
 
 async fn issue_with(
@@ -847,13 +852,14 @@ async fn issue_with(
     api: Api,
     first: u64,
     count: u64,
+    within: Duration,
     connections: usize,
 ) -> anyhow::Result<Vec<Issued>> {
     let send = Arc::new(Send::new(running.endpoint.clone(), api, first, true).limited(count));
     let o = RunOptions {
         connections,
         warmup: Duration::ZERO,
-        duration: Duration::from_secs(600),
+        duration: within,
         rate: None,
     };
     loadgen::run(running.addr, send.clone(), &o).await?;
@@ -895,14 +901,16 @@ struct Scaled {
     kind: StoreKind,
     running: Running,
     filler: Filler,
-    /// What the current level's wrong-code checks cycle over.
-    pool: Arc<Vec<Issued>>,
     /// Check and send req/s at the first level.
     base: Option<(f64, f64)>,
 }
 
-/// Verifications each level's wrong-code checks cycle over.
+/// Verifications each level's wrong-code checks cycle over: sent through the
+/// API just before (codes are checked soon after they are sent, so the live
+/// traffic meets recent records among the old ones). At most this many, or as
+/// many as the store takes in `WORKING_SET_TIME`.
 const WORKING_SET: u64 = 5_000;
+const WORKING_SET_TIME: Duration = Duration::from_millis(1500);
 
 /// Throughput with 1k, 100k and 1M pending verifications on every store, and
 /// (memory store) memory per pending verification. Level by level, every store
@@ -923,18 +931,11 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     let mut filled = 0u64;
     let mut largest_step = 0u64;
     for (i, &level) in levels.iter().enumerate() {
-        // Distinct numbers per level: the working set's sends, then the measured ones.
-        let numbers = (10 + 2 * i as u64) * NUMBERS_PER_SCENARIO;
+        // Distinct numbers per level.
+        let numbers = (10 + i as u64) * NUMBERS_PER_SCENARIO;
         let add = level.saturating_sub(filled);
-        let grown = {
-            let ctx = &*ctx;
-            futures::future::join_all(
-                scaled
-                    .iter()
-                    .map(|s| grow(ctx, s, level, filled, add, numbers)),
-            )
-            .await
-        };
+        let grown =
+            futures::future::join_all(scaled.iter().map(|s| grow(s, level, filled, add))).await;
         filled = level;
         let waited = settle(Duration::from_secs(20)).await;
         if waited > Duration::from_secs(1) {
@@ -944,15 +945,14 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
             );
         }
         let mut kept = Vec::new();
-        for (mut s, growth) in scaled.into_iter().zip(grown) {
+        for (s, growth) in scaled.into_iter().zip(grown) {
             match growth {
-                Ok(g) => {
-                    if let Some(bytes) = g.bytes_per_pending
+                Ok(bytes_per_pending) => {
+                    if let Some(bytes) = bytes_per_pending
                         && add >= largest_step
                     {
                         ctx.bytes_per_pending = Some(bytes);
                     }
-                    s.pool = Arc::new(g.pool);
                     kept.push(s);
                 }
                 Err(e) => {
@@ -965,7 +965,7 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
         scaled = kept;
         for s in &mut scaled {
             let label = level_label(level);
-            match measure_level(ctx, s, &label, numbers + NUMBERS_PER_SCENARIO).await {
+            match measure_level(ctx, s, &label, numbers).await {
                 Ok((check, send)) => match s.base {
                     None => s.base = Some((check, send)),
                     Some((bc, bs)) => {
@@ -986,16 +986,20 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     let (service, direct): (Vec<&Scaled>, Vec<&Scaled>) = scaled
         .iter()
         .partition(|s| matches!(s.filler, Filler::Service(_)));
+    ctx.notes.push(format!(
+        "Scaling (every store): at each level the wrong-code checks cycle over a fresh working set sent through the API just before ({WORKING_SET} verifications, or as many as the store takes in {:.1} s), as live traffic checks codes soon after sending them; the level also holds what earlier working sets and send runs added.",
+        WORKING_SET_TIME.as_secs_f64()
+    ));
     for s in service {
         ctx.notes.push(format!(
-            "Scaling and memory ({}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path, delivered by an in-process provider that answers like a real one (so each pending verification also has its delivery record awaiting a report, its indexes and its number's abuse counters, and no sandbox inbox entry); each level also holds a fresh {WORKING_SET} working set for the checks, sent through the API, and what its send run added. Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added.",
+            "Scaling and memory ({}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path, delivered by an in-process provider that answers like a real one (so each pending verification also has its delivery record awaiting a report, its indexes and its number's abuse counters, and no sandbox inbox entry); Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added.",
             s.kind.name()
         ));
     }
     if !direct.is_empty() {
         let names: Vec<&str> = direct.iter().map(|s| s.kind.name()).collect();
         ctx.notes.push(format!(
-            "Scaling ({}): before each level the driver wrote the missing pending verifications straight into the backend (`bench/src/fill.rs`: SQL in one transaction, or a Lua script in chunks), in the store's layout: each with its subject state and one delivered SMS record; the backend's count was checked and otpd read one back through the API. Each level's wrong-code checks cycle over {WORKING_SET} of the verifications that level's fill added (all of them when fewer), spread evenly; the level also holds what its send run added.",
+            "Scaling ({}): before each level the driver wrote the missing pending verifications straight into the backend (`bench/src/fill.rs`: SQL in one transaction, or a Lua script in chunks), in the store's layout: each with its subject state and one delivered SMS record; the backend's count was checked and otpd read one back through the API.",
             names.join(", ")
         ));
     }
@@ -1024,7 +1028,6 @@ async fn start_scaled(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Scaled> {
         kind,
         running,
         filler,
-        pool: Arc::new(Vec::new()),
         base: None,
     })
 }
@@ -1034,80 +1037,45 @@ async fn finish_scaled(s: Scaled) {
     stores::cleanup(s.kind).await;
 }
 
-/// What growing one store to a level gave: the level's working set, and (memory
-/// store) the process's growth per verification added.
-struct Growth {
-    pool: Vec<Issued>,
-    bytes_per_pending: Option<f64>,
-}
-
-/// Adds `add` pending verifications to a store that holds `filled`.
-async fn grow(
-    ctx: &Ctx,
-    s: &Scaled,
-    level: u64,
-    filled: u64,
-    add: u64,
-    numbers: u64,
-) -> anyhow::Result<Growth> {
+/// Adds `add` pending verifications to a store that holds `filled`; for the
+/// memory store, returns the process's growth per verification added.
+async fn grow(s: &Scaled, level: u64, filled: u64, add: u64) -> anyhow::Result<Option<f64>> {
+    if add == 0 {
+        return Ok(None);
+    }
     let name = s.kind.name();
     let started = std::time::Instant::now();
     match &s.filler {
         Filler::Service(control) => {
-            let mut bytes_per_pending = None;
-            if add > 0 {
-                let before = s.running.server.rss_bytes()?;
-                prefill(*control, add).await?;
-                let after = s.running.server.rss_bytes()?;
-                println!(
-                    "{name}: prefilled {add} pending in {:.1} s (RSS {:.0} → {:.0} MiB)",
-                    started.elapsed().as_secs_f64(),
-                    before as f64 / 1048576.0,
-                    after as f64 / 1048576.0
-                );
-                bytes_per_pending = Some(after.saturating_sub(before) as f64 / add as f64);
-            }
-            let pool = issue(&s.running, numbers, WORKING_SET, ctx.cli.connections).await?;
-            Ok(Growth {
-                pool,
-                bytes_per_pending,
-            })
+            let before = s.running.server.rss_bytes()?;
+            prefill(*control, add).await?;
+            let after = s.running.server.rss_bytes()?;
+            println!(
+                "{name}: prefilled {add} pending in {:.1} s (RSS {:.0} → {:.0} MiB)",
+                started.elapsed().as_secs_f64(),
+                before as f64 / 1048576.0,
+                after as f64 / 1048576.0
+            );
+            Ok(Some(after.saturating_sub(before) as f64 / add as f64))
         }
         Filler::Direct(direct) => {
-            if add == 0 {
-                bail!("level {level} adds nothing to fill the working set from");
-            }
-            let ids = direct.fill(filled, add, WORKING_SET).await?;
+            let sample = direct.fill(filled, add).await?;
             let took = started.elapsed().as_secs_f64();
             let pending = direct.count_pending().await?;
             // At least what was filled, plus what earlier levels sent.
             if pending < level {
                 bail!("filled {level} in all, but the store counts {pending} pending");
             }
-            if let Some(first) = ids.first() {
-                read_back(&s.running, first).await?;
-            }
+            read_back(&s.running, &sample).await?;
             println!(
                 "{name}: filled {add} pending in {took:.1} s; the store counts {pending} pending; otpd reads them"
             );
-            let pool = ids
-                .into_iter()
-                .map(|id| Issued {
-                    phone: 0,
-                    id: Some(id),
-                    // Filled code hashes are random: any code is wrong.
-                    code: "000000".into(),
-                })
-                .collect();
-            Ok(Growth {
-                pool,
-                bytes_per_pending: None,
-            })
+            Ok(None)
         }
     }
 }
 
-/// Wrong-code checks over the level's working set, then sends from `numbers` on.
+/// A fresh working set, wrong-code checks over it, then sends; numbers from `numbers` on.
 async fn measure_level(
     ctx: &mut Ctx,
     s: &Scaled,
@@ -1116,10 +1084,18 @@ async fn measure_level(
 ) -> anyhow::Result<(f64, f64)> {
     let o = opts(&ctx.cli);
     let name = s.kind.name();
+    let pool = issue(
+        &s.running,
+        numbers,
+        WORKING_SET,
+        WORKING_SET_TIME,
+        ctx.cli.connections,
+    )
+    .await?;
     let wrong = Arc::new(Check::new(
         s.running.endpoint.clone(),
         Api::Native,
-        s.pool.clone(),
+        Arc::new(pool),
         false,
     ));
     let rc = measure(
@@ -1136,7 +1112,7 @@ async fn measure_level(
     let send = Arc::new(Send::new(
         s.running.endpoint.clone(),
         Api::Native,
-        numbers,
+        numbers + WORKING_SET,
         false,
     ));
     let rs = measure(
