@@ -944,7 +944,7 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
                 waited.as_secs_f64()
             );
         }
-        let mut kept = Vec::new();
+        let mut grew = Vec::new();
         for (s, growth) in scaled.into_iter().zip(grown) {
             match growth {
                 Ok(bytes_per_pending) => {
@@ -953,7 +953,7 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
                     {
                         ctx.bytes_per_pending = Some(bytes);
                     }
-                    kept.push(s);
+                    grew.push(s);
                 }
                 Err(e) => {
                     scaling_failed(ctx, s.kind, &e);
@@ -962,23 +962,27 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
             }
         }
         largest_step = largest_step.max(add);
-        scaled = kept;
-        for s in &mut scaled {
-            let label = level_label(level);
-            match measure_level(ctx, s, &label, numbers).await {
-                Ok((check, send)) => match s.base {
-                    None => s.base = Some((check, send)),
-                    Some((bc, bs)) => {
-                        let name = s.kind.name();
-                        ctx.scaling
-                            .push((format!("{name} check @{label}"), check, bc));
-                        ctx.scaling
-                            .push((format!("{name} send @{label}"), send, bs));
+        let label = level_label(level);
+        scaled = Vec::new();
+        for mut s in grew {
+            match measure_level(ctx, &s, &label, numbers).await {
+                Ok((check, send)) => {
+                    match s.base {
+                        None => s.base = Some((check, send)),
+                        Some((bc, bs)) => {
+                            let name = s.kind.name();
+                            ctx.scaling
+                                .push((format!("{name} check @{label}"), check, bc));
+                            ctx.scaling
+                                .push((format!("{name} send @{label}"), send, bs));
+                        }
                     }
-                },
+                    scaled.push(s);
+                }
+                // A store that failed a level is not compared at the next ones.
                 Err(e) => {
                     scaling_failed(ctx, s.kind, &e);
-                    s.base = None;
+                    finish_scaled(s).await;
                 }
             }
         }
@@ -992,7 +996,7 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     ));
     for s in service {
         ctx.notes.push(format!(
-            "Scaling and memory ({}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path, delivered by an in-process provider that answers like a real one (so each pending verification also has its delivery record awaiting a report, its indexes and its number's abuse counters, and no sandbox inbox entry); Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added.",
+            "Scaling and memory ({}): `otpd-loaded` (otpd's Application plus a bulk loader) filled the store through the service's send path, delivered by an in-process provider that answers like a real one (so each pending verification also has its delivery record awaiting a report, its indexes and its number's abuse counters, and no sandbox inbox entry). Bytes per pending verification = growth of the process's RSS across the largest fill ÷ verifications added.",
             s.kind.name()
         ));
     }
