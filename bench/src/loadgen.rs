@@ -339,6 +339,24 @@ pub struct Answer {
     pub close: bool,
 }
 
+/// One request on a connection of its own, answered within `limit`: its status
+/// and body. For the driver's control calls, not for load.
+pub async fn request_once(
+    addr: SocketAddr,
+    req: &str,
+    limit: Duration,
+) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(limit, exchange(&mut stream, req.as_bytes(), &mut buf))
+        .await
+        .context("no answer in time")??;
+    Ok((
+        answer.status,
+        String::from_utf8_lossy(&buf[answer.body]).into_owned(),
+    ))
+}
+
 /// Writes one request and reads its whole answer into `buf`.
 pub async fn exchange(
     stream: &mut TcpStream,

@@ -867,23 +867,14 @@ async fn issue_with(
 }
 
 async fn prefill(control: SocketAddr, count: u64) -> anyhow::Result<()> {
-    let mut stream = tokio::net::TcpStream::connect(control).await?;
     let req = format!(
         "POST /prefill?count={count} HTTP/1.1\r\nhost: {control}\r\ncontent-length: 0\r\n\r\n"
     );
-    let mut buf = Vec::new();
-    let answer = tokio::time::timeout(
-        Duration::from_secs(900),
-        loadgen::exchange(&mut stream, req.as_bytes(), &mut buf),
-    )
-    .await
-    .context("prefill took too long")??;
-    if answer.status != 200 {
-        bail!(
-            "prefill answered {}: {}",
-            answer.status,
-            String::from_utf8_lossy(&buf[answer.body])
-        );
+    let (status, body) = loadgen::request_once(control, &req, Duration::from_secs(900))
+        .await
+        .context("prefill")?;
+    if status != 200 {
+        bail!("prefill answered {status}: {body}");
     }
     Ok(())
 }
@@ -1136,24 +1127,15 @@ async fn measure_level(
 /// Reads a filled verification through otpd's API: proves the fill wrote what
 /// the store decodes, as a pending verification of the bench's tenant.
 async fn read_back(running: &Running, id: &str) -> anyhow::Result<()> {
-    let mut stream = tokio::net::TcpStream::connect(running.addr).await?;
     let req = format!(
         "GET /v1/verifications/{id} HTTP/1.1\r\nhost: {}\r\nx-api-key: {}\r\n\r\n",
         running.endpoint.host, running.endpoint.key
     );
-    let mut buf = Vec::new();
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        loadgen::exchange(&mut stream, req.as_bytes(), &mut buf),
-    )
-    .await
-    .context("reading a filled verification took too long")??;
-    let body = String::from_utf8_lossy(&buf[answer.body]);
-    if answer.status != 200 || !body.contains(r#""status":"pending""#) {
-        bail!(
-            "otpd does not read the filled verification {id} as pending: {} {body}",
-            answer.status
-        );
+    let (status, body) = loadgen::request_once(running.addr, &req, Duration::from_secs(10))
+        .await
+        .context("reading a filled verification")?;
+    if status != 200 || !body.contains(r#""status":"pending""#) {
+        bail!("otpd does not read the filled verification {id} as pending: {status} {body}");
     }
     Ok(())
 }
