@@ -339,6 +339,21 @@ async fn get_shows_every_delivery_attempt() {
     assert_eq!(m["status"], "delivered");
 }
 
+/// Time-ordered ids keep the SQL stores' id indexes appending, not writing a
+/// random page on every send (BENCHMARKS.md, "UUIDv7 ids").
+#[tokio::test]
+async fn verification_and_message_ids_are_uuid_v7() {
+    let app = TestApp::spawn().await;
+    let sent = app.send_to(NL).await;
+    let id = sent["id"].as_str().unwrap();
+    let (_, v) = parts(app.get(&format!("/v1/verifications/{id}")).await).await;
+    let message_id = v["deliveries"][0]["message_id"].as_str().unwrap();
+    for text in [id, message_id] {
+        let uuid = uuid::Uuid::parse_str(text).unwrap();
+        assert_eq!(uuid.get_version_num(), 7, "{text}");
+    }
+}
+
 #[tokio::test]
 async fn another_tenants_ids_look_exactly_like_unknown_ids() {
     let app = TestApp::spawn().await;
