@@ -93,6 +93,12 @@ impl Verification {
         self.status_at(now) == Status::Pending
     }
 
+    /// What a check addresses: pending, or dead from spent attempts (so the
+    /// answer is `max_attempts` rather than "not found"), and unexpired.
+    pub fn is_checkable_at(&self, now: DateTime<Utc>) -> bool {
+        matches!(self.status, Status::Pending | Status::MaxAttempts) && now < self.expires_at
+    }
+
     pub fn attempts_left(&self) -> u32 {
         self.max_attempts.saturating_sub(self.attempts)
     }

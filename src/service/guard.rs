@@ -22,9 +22,9 @@ use crate::crypto::Crypto;
 use crate::domain::limits::{
     self, DAY, HOUR, Limit, Traffic, WindowCounts, admit_spend, judge_traffic, micro_units,
 };
-use crate::domain::{PhoneNumber, Policy, SubjectKey, Verification};
+use crate::domain::{PhoneNumber, Policy, Verification};
 use crate::metrics::Metrics;
-use crate::store::{CounterAdd, CounterRead, Store, StoreError, StoreResult};
+use crate::store::{CounterAdd, CounterRead, GuessBudget, Store, StoreError, StoreResult};
 
 use super::verifications::{CheckError, SendError};
 
@@ -183,19 +183,6 @@ impl AbuseGuard {
             at,
         };
         [read(now - Duration::seconds(window.into())), read(now)]
-    }
-
-    async fn window(
-        &self,
-        key: &str,
-        window: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<WindowCounts> {
-        let totals = self
-            .store
-            .read_counters(&Self::window_reads(key, window, now))
-            .await?;
-        Ok(window_counts(&totals))
     }
 
     /// Reads only: country rules, quarantines, the spend budget, each send
@@ -490,28 +477,25 @@ impl AbuseGuard {
         }
     }
 
-    fn guess_key(&self, subject: &SubjectKey) -> String {
-        format!("guess:{}", hex::encode(subject.0))
-    }
-
-    /// Refuses a check once the subject's wrong guesses in the last hour reach
-    /// the policy's limit, whichever verification they were made against.
-    pub async fn admit_check(
+    /// The check refused by the subject's spent guess budget (`counts`, as
+    /// the store judged it): logged, counted, and how long until one fits.
+    pub async fn refuse_check(
         &self,
         tenant: &str,
         policy: &Policy,
-        subject: &SubjectKey,
+        counts: WindowCounts,
         client_ip: Option<IpAddr>,
         now: DateTime<Utc>,
-    ) -> Result<(), CheckError> {
-        let max = policy.max_wrong_guesses_per_hour;
-        if max == 0 {
-            return Ok(());
-        }
-        let counts = self.window(&self.guess_key(subject), HOUR, now).await?;
-        let Err(retry_after_seconds) = counts.admit(1, max, HOUR, now) else {
-            return Ok(());
-        };
+    ) -> CheckError {
+        let retry_after_seconds = counts
+            .admit(
+                1,
+                policy.max_wrong_guesses_per_hour,
+                GuessBudget::WINDOW_SECONDS,
+                now,
+            )
+            .err()
+            .unwrap_or(1);
         let reason = Limit::WrongGuessesHour.as_str();
         tracing::warn!(
             target: "audit",
@@ -521,10 +505,10 @@ impl AbuseGuard {
             client_ip = client_ip.map(|ip| ip.to_string()),
         );
         self.count_block(tenant, reason, now).await;
-        Err(CheckError::RateLimited {
+        CheckError::RateLimited {
             retry_after_seconds,
             limit: reason,
-        })
+        }
     }
 
     async fn count_block(&self, tenant: &str, reason: &'static str, now: DateTime<Utc>) {
@@ -532,24 +516,6 @@ impl AbuseGuard {
         let key = self.traffic_key("blocked", tenant, reason);
         if let Err(e) = self.store.add_to_counter(&key, 1, DAY, now).await {
             tracing::warn!(tenant, error = %e, "could not count a block");
-        }
-    }
-
-    pub async fn record_wrong_guess(
-        &self,
-        policy: &Policy,
-        subject: &SubjectKey,
-        now: DateTime<Utc>,
-    ) {
-        if policy.max_wrong_guesses_per_hour == 0 {
-            return;
-        }
-        if let Err(e) = self
-            .store
-            .add_to_counter(&self.guess_key(subject), 1, HOUR, now)
-            .await
-        {
-            tracing::warn!(error = %e, "could not count a wrong guess");
         }
     }
 

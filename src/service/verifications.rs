@@ -20,7 +20,7 @@ use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
 use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
-    CancelOutcome, CheckOutcome, SendAbort, SendDecision, SendPlan, Store, StoreError,
+    CancelOutcome, CheckOutcome, GuessBudget, SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
 
 use super::guard::{AbuseGuard, SendContext};
@@ -623,76 +623,67 @@ impl VerificationService {
                 client_ip = caller.client_ip.map(|ip| ip.to_string()),
             );
         };
-        let (id, subject, masked_to) = match target {
-            Target::Id(id) => {
-                let live = self
-                    .store
-                    .get_verification(tenant, id)
-                    .await?
-                    .filter(|v| now < v.expires_at)
-                    .filter(|v| matches!(v.status, Status::Pending | Status::MaxAttempts));
-                let Some(v) = live else {
-                    audit(Some(id), None, "not_found");
-                    return Err(CheckError::NotFound);
-                };
-                self.guard
-                    .admit_check(tenant, caller.policy, &v.subject, caller.client_ip, now)
-                    .await?;
-                (id, v.subject, Some(v.masked_to))
-            }
+        let (id, masked_to) = match target {
+            Target::Id(id) => (id, None),
             Target::Uid(uid) => {
                 let subject = self.crypto.subject_for_uid(tenant, &uid);
-                self.guard
-                    .admit_check(tenant, caller.policy, &subject, caller.client_ip, now)
-                    .await?;
                 let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
                     audit(None, None, check_error_label(e));
                 })?;
-                (id, subject, None)
+                (id, None)
             }
             Target::Phone { to, purpose } => {
                 let subject = self.crypto.subject_for_phone(tenant, &to, purpose.as_str());
-                self.guard
-                    .admit_check(tenant, caller.policy, &subject, caller.client_ip, now)
-                    .await?;
                 let masked = to.masked();
                 let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
                     audit(None, Some(&masked), check_error_label(e));
                 })?;
-                (id, subject, Some(masked))
+                (id, Some(masked))
             }
         };
         let hash = hash_for(id);
-        let outcome = self.store.check_code(tenant, id, &hash, now).await?;
+        // The store judges and counts the subject's wrong-guess budget in the
+        // same step as the compare, so racing wrong guesses cannot overrun it.
+        let budget = GuessBudget::new(caller.policy.max_wrong_guesses_per_hour);
+        let outcome = self
+            .store
+            .check_code(tenant, id, &hash, budget, now)
+            .await?;
         if let CheckOutcome::Approved(v) = &outcome {
             self.count_approval(v).await;
         }
         let label = match &outcome {
-            CheckOutcome::Approved(_) => "approved",
-            CheckOutcome::Wrong { attempts_left: 0 } => "wrong_last",
-            CheckOutcome::Wrong { .. } => "wrong",
-            CheckOutcome::MaxAttempts => "max_attempts",
-            CheckOutcome::NotFound => "not_found",
+            CheckOutcome::Approved(_) => Some("approved"),
+            CheckOutcome::Wrong {
+                attempts_left: 0, ..
+            } => Some("wrong_last"),
+            CheckOutcome::Wrong { .. } => Some("wrong"),
+            CheckOutcome::MaxAttempts => Some("max_attempts"),
+            CheckOutcome::NotFound => Some("not_found"),
+            // The guard's own audit line says it.
+            CheckOutcome::GuessesSpent(_) => None,
         };
         let masked_to = match &outcome {
-            CheckOutcome::Approved(v) => Some(v.masked_to.clone()),
-            _ => masked_to,
+            CheckOutcome::Approved(v) => Some(v.masked_to.as_str()),
+            CheckOutcome::Wrong { masked_to, .. } => Some(masked_to.as_str()),
+            _ => masked_to.as_deref(),
         };
-        audit(Some(id), masked_to.as_deref(), label);
+        if let Some(label) = label {
+            audit(Some(id), masked_to, label);
+        }
         match outcome {
             CheckOutcome::Approved(v) => {
                 self.guard.record_approval(caller.policy, &v, now).await;
                 Ok(CheckResult::Approved(v))
             }
-            CheckOutcome::Wrong { attempts_left } => {
-                self.guard
-                    .record_wrong_guess(caller.policy, &subject, now)
-                    .await;
-                Ok(CheckResult::Wrong {
-                    verification_id: id,
-                    attempts_left,
-                })
-            }
+            CheckOutcome::Wrong { attempts_left, .. } => Ok(CheckResult::Wrong {
+                verification_id: id,
+                attempts_left,
+            }),
+            CheckOutcome::GuessesSpent(counts) => Err(self
+                .guard
+                .refuse_check(tenant, caller.policy, counts, caller.client_ip, now)
+                .await),
             CheckOutcome::MaxAttempts => Err(CheckError::MaxAttempts),
             CheckOutcome::NotFound => Err(CheckError::NotFound),
         }

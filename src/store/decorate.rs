@@ -71,11 +71,12 @@ macro_rules! decorate_store {
                 tenant: &str,
                 id: Uuid,
                 code_hash: &[u8; 32],
+                budget: Option<$crate::store::GuessBudget>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
                 self.$around(
                     "check_code",
-                    self.inner.check_code(tenant, id, code_hash, now),
+                    self.inner.check_code(tenant, id, code_hash, budget, now),
                 )
                 .await
             }

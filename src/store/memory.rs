@@ -28,11 +28,12 @@ use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry, Marker,
-    MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
+    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget, InboxEntry,
+    Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
     SendPlan, Store, StoreResult, UsageRow, advance_message, is_unfinished, seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
+use crate::domain::limits::WindowCounts;
 use crate::domain::{
     ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
 };
@@ -385,6 +386,17 @@ impl VRec {
         (r, spill)
     }
 
+    fn masked_to(&self, spill: Option<&Spill>) -> String {
+        if self.flags & COMPACT_MASK != 0 {
+            expand_mask(self.masked_stars, self.masked_tail)
+        } else {
+            spill
+                .and_then(|x| x.masked_to.as_deref())
+                .unwrap_or_default()
+                .to_owned()
+        }
+    }
+
     fn decode(&self, spill: Option<&Spill>, symbols: &Symbols) -> Verification {
         let s = |f: fn(&Spill) -> Option<&str>| spill.and_then(f);
         Verification {
@@ -400,11 +412,7 @@ impl VRec {
                     blob: self.phone[..usize::from(self.phone_len)].to_vec(),
                 },
             },
-            masked_to: if self.flags & COMPACT_MASK != 0 {
-                expand_mask(self.masked_stars, self.masked_tail)
-            } else {
-                s(|x| x.masked_to.as_deref()).unwrap_or_default().to_owned()
-            },
+            masked_to: self.masked_to(spill),
             country: if self.flags & HAS_COUNTRY != 0 {
                 Some(self.country.iter().map(|b| char::from(*b)).collect())
             } else {
@@ -1287,10 +1295,13 @@ impl Store for MemoryStore {
         tenant: &str,
         id: Uuid,
         code_hash: &[u8; 32],
-        now: DateTime<Utc>,
+        budget: Option<GuessBudget>,
+        at: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
-        let now = ms(now);
+        let now = ms(at);
         let (vh, vshard) = self.verification_shard(id.as_bytes());
+        // The shard stays locked through the budget's read and count, so
+        // checks of this verification are one at a time.
         let mut shard = vshard.lock();
         let Some(i) = shard.find(vh, id.as_bytes()) else {
             return Ok(CheckOutcome::NotFound);
@@ -1298,12 +1309,23 @@ impl Store for MemoryStore {
         if !shard.tenant_is(i, &self.symbols, tenant) {
             return Ok(CheckOutcome::NotFound);
         }
+        let r = shard.slab.get(i);
+        if !matches!(r.status(), Status::Pending | Status::MaxAttempts) || now >= r.expires {
+            return Ok(CheckOutcome::NotFound);
+        }
+        let guesses = budget.map(|b| (b, GuessBudget::counter_key(&SubjectKey(r.subject))));
+        if let Some((budget, key)) = &guesses {
+            let [previous, current] = GuessBudget::reads(key, at)
+                .map(|r| self.counters.read(r.key, r.window_seconds, r.at));
+            let counts = WindowCounts { previous, current };
+            if !budget.admits(counts, at) {
+                return Ok(CheckOutcome::GuessesSpent(counts));
+            }
+        }
+        let masked_to = r.masked_to(shard.spill(i));
         let r = shard.slab.get_mut(i);
         if r.status() == Status::MaxAttempts {
             return Ok(CheckOutcome::MaxAttempts);
-        }
-        if !r.is_pending_at(now) {
-            return Ok(CheckOutcome::NotFound);
         }
         let Some(stored) = r.code_hash() else {
             return Ok(CheckOutcome::NotFound);
@@ -1319,8 +1341,13 @@ impl Store for MemoryStore {
             r.status = status_code(Status::MaxAttempts);
             r.clear_code();
         }
+        let attempts_left = r.max_attempts.saturating_sub(r.attempts);
+        if let Some((_, key)) = &guesses {
+            self.counters.add(key, 1, GuessBudget::WINDOW_SECONDS, at);
+        }
         Ok(CheckOutcome::Wrong {
-            attempts_left: r.max_attempts.saturating_sub(r.attempts),
+            attempts_left,
+            masked_to,
         })
     }
 

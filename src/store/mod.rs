@@ -17,6 +17,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
 use crate::crypto::SealedPhone;
+use crate::domain::limits::{HOUR, WindowCounts};
 use crate::domain::{
     ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
 };
@@ -90,12 +91,64 @@ pub struct SendAbort {
 pub enum CheckOutcome {
     /// Right code: the verification is now approved and its code hash erased.
     Approved(Verification),
-    /// Wrong code, counted. At zero the verification is dead (`max_attempts`).
-    Wrong { attempts_left: u32 },
+    /// Wrong code, counted (and in the subject's guess budget, when given).
+    /// At zero the verification is dead (`max_attempts`).
+    Wrong {
+        attempts_left: u32,
+        /// The verification's number, masked, for the audit line.
+        masked_to: String,
+    },
     /// Attempts were already spent before this check.
     MaxAttempts,
     /// Nothing pending under that id (never existed, other tenant, expired, ended).
     NotFound,
+    /// The subject's wrong-guess budget is spent: the code was not compared.
+    GuessesSpent(WindowCounts),
+}
+
+/// The subject's wrong guesses per hour, across its verifications, judged and
+/// counted inside `Store::check_code`: in the same atomic step as the compare,
+/// so concurrent wrong guesses cannot all pass a budget with one guess left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuessBudget {
+    pub max: u32,
+}
+
+impl GuessBudget {
+    pub const WINDOW_SECONDS: u32 = HOUR;
+    /// The counter key before the subject (hex).
+    pub const KEY_PREFIX: &str = "guess:";
+
+    /// `None` for a limit of 0 (no limit).
+    pub fn new(max_wrong_guesses_per_hour: u32) -> Option<Self> {
+        (max_wrong_guesses_per_hour > 0).then_some(Self {
+            max: max_wrong_guesses_per_hour,
+        })
+    }
+
+    /// The counter of a subject's wrong guesses. Derived from the subject
+    /// alone (already a keyed hash), so a store can name it from a record.
+    pub fn counter_key(subject: &SubjectKey) -> String {
+        format!("{}{}", Self::KEY_PREFIX, hex::encode(subject.0))
+    }
+
+    /// The reads of the counter's previous and current window.
+    pub fn reads(key: &str, now: DateTime<Utc>) -> [CounterRead<'_>; 2] {
+        let read = |at| CounterRead {
+            key,
+            window_seconds: Self::WINDOW_SECONDS,
+            at,
+        };
+        [
+            read(now - chrono::Duration::seconds(Self::WINDOW_SECONDS.into())),
+            read(now),
+        ]
+    }
+
+    /// Whether one more guess fits, given the counter's windows.
+    pub fn admits(&self, counts: WindowCounts, now: DateTime<Utc>) -> bool {
+        counts.admit(1, self.max, Self::WINDOW_SECONDS, now).is_ok()
+    }
 }
 
 // Returned by value once per request; boxing would only add an allocation.
@@ -314,13 +367,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()>;
 
-    /// Atomically: pending and unexpired, attempts left, constant-time hash
-    /// compare, then approve (erasing the hash) or count the failure.
+    /// Atomically: pending and unexpired, the subject's guess budget (when
+    /// given), attempts left, constant-time hash compare, then approve
+    /// (erasing the hash) or count the failure, in the budget too.
     async fn check_code(
         &self,
         tenant: &str,
         id: Uuid,
         code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome>;
 

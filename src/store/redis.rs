@@ -69,11 +69,12 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry, Marker,
-    MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
+    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget, InboxEntry,
+    Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
     SendPlan, Store, StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
 };
 use crate::crypto::SealedPhone;
+use crate::domain::limits::WindowCounts;
 use crate::domain::{
     ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
 };
@@ -335,14 +336,7 @@ impl RedisStore {
             let Some(subject) = self.subject_of(id).await? else {
                 return Ok(None);
             };
-            let mut inv = script.named.key(self.keys.record(&subject, id));
-            for arg in args {
-                inv.arg(arg);
-            }
-            let out: Vec<String> = inv
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
+            let out = self.on_named_record(script, &subject, id, args).await?;
             return Ok(Some((subject, out)));
         }
         let (before, after) = self.keys.record_around(id);
@@ -361,6 +355,56 @@ impl RedisStore {
         }
         let subject = out.remove(0);
         Ok(Some((subject, out)))
+    }
+
+    /// `script` run on the record of a subject's verification `id`.
+    async fn on_named_record(
+        &self,
+        script: &RecordScript,
+        subject: &str,
+        id: Uuid,
+        args: &[String],
+    ) -> StoreResult<Vec<String>> {
+        let mut inv = script.named.key(self.keys.record(subject, id));
+        for arg in args {
+            inv.arg(arg);
+        }
+        inv.invoke_async(&mut self.conn())
+            .await
+            .map_err(store_error)
+    }
+
+    /// `CHECK_CODE`'s budget arguments (see there); `counts` are the budget's
+    /// windows read beforehand (a cluster), `None` to have the script read them
+    /// and count a wrong guess itself (a single node).
+    fn guess_args(
+        &self,
+        budget: Option<GuessBudget>,
+        counts: Option<WindowCounts>,
+        now: DateTime<Utc>,
+    ) -> [String; 9] {
+        let Some(budget) = budget else {
+            return Default::default();
+        };
+        let window = GuessBudget::WINDOW_SECONDS;
+        let (slot, ttl) = counter_window(window, now);
+        let window_ms = i64::from(window) * 1000;
+        let head = format!("{}:ctr:{}", self.keys.prefix, GuessBudget::KEY_PREFIX);
+        let tail = |slot: i64| format!(":{window}:{slot}");
+        let (previous, current) = counts.map_or((String::new(), String::new()), |c| {
+            (c.previous.to_string(), c.current.to_string())
+        });
+        [
+            budget.max.to_string(),
+            window_ms.to_string(),
+            (now.timestamp_millis() - slot * window_ms).to_string(),
+            head,
+            tail(slot - 1),
+            tail(slot),
+            ttl.to_string(),
+            previous,
+            current,
+        ]
     }
 
     /// The subject (hex) a verification id belongs to, if the id is known.
@@ -757,14 +801,36 @@ return false
 "#;
 
 /// Scripts on one verification, addressed by id, are a body run on its record
-/// key `R` (see `RecordScript`). ARGV: tenant, code hash, now, keep-ended ms.
+/// key `R` (see `RecordScript`), with `S` its subject (hex) when the script
+/// found the record by reference. ARGV: tenant, code hash, now, keep-ended ms,
+/// then the subject's guess budget: its max ('' = none), the window and the
+/// time into it (ms), the counter keys' text before the subject and after it
+/// (previous window, current window), their ttl, and the two windows' counts
+/// when the caller read them ('' = read here: `S` names the keys). The budget is
+/// judged after the liveness tests and before anything else, as every store does.
 const CHECK_CODE: &str = r#"
-local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts')
+local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts', 'masked_to')
 if r[1] ~= ARGV[1] then return {'not_found'} end
-if r[2] == 'max_attempts' then return {'max_attempts'} end
-if r[2] ~= 'pending' or tonumber(ARGV[3]) >= tonumber(r[3]) or not r[4] then
+if (r[2] ~= 'pending' and r[2] ~= 'max_attempts') or tonumber(ARGV[3]) >= tonumber(r[3]) then
   return {'not_found'}
 end
+local counter
+if ARGV[5] ~= '' then
+  local previous, current
+  if ARGV[12] == '' then
+    counter = ARGV[8] .. S .. ARGV[10]
+    previous = tonumber(redis.call('GET', ARGV[8] .. S .. ARGV[9]) or '0')
+    current = tonumber(redis.call('GET', counter) or '0')
+  else
+    previous, current = tonumber(ARGV[12]), tonumber(ARGV[13])
+  end
+  local w = tonumber(ARGV[6])
+  if previous * (w - tonumber(ARGV[7])) + (current + 1) * w > tonumber(ARGV[5]) * w then
+    return {'guesses_spent', int(previous), int(current)}
+  end
+end
+if r[2] == 'max_attempts' then return {'max_attempts'} end
+if not r[4] then return {'not_found'} end
 redis.call('HSET', R, 'updated_at', ARGV[3])
 if same(r[4], ARGV[2]) then
   redis.call('HSET', R, 'status', 'approved')
@@ -779,7 +845,11 @@ if attempts >= max then
   redis.call('HDEL', R, 'code_hash')
   shorten(R, ARGV[4])
 end
-return {'wrong', int(math.max(max - attempts, 0))}
+if counter then
+  redis.call('INCRBY', counter, 1)
+  if redis.call('PTTL', counter) < 0 then redis.call('PEXPIRE', counter, ARGV[11]) end
+end
+return {'wrong', int(math.max(max - attempts, 0)), r[6] or ''}
 "#;
 
 /// A record body (see `CHECK_CODE`). ARGV: tenant, now, keep-ended ms.
@@ -808,7 +878,7 @@ return run(KEYS[1])
 const RECORD_BY_REF: &str = r#"
 local S = redis.call('GET', KEYS[1])
 if not S then return {''} end
-return append({S}, run(ARGV[#ARGV - 1] .. S .. ARGV[#ARGV]))
+return append({S}, run(ARGV[#ARGV - 1] .. S .. ARGV[#ARGV], S))
 "#;
 
 /// KEYS: state, record. ARGV: tenant, previous send ('' = none), at, keep-ended ms.
@@ -1155,7 +1225,7 @@ impl RecordScript {
     fn new(body: &str) -> Self {
         let with = |finder: &str| {
             Script::new(&format!(
-                "{PRELUDE}local function run(R)\n{body}\nend\n{finder}"
+                "{PRELUDE}local function run(R, S)\n{body}\nend\n{finder}"
             ))
         };
         Self {
@@ -1797,20 +1867,54 @@ impl Store for RedisStore {
         tenant: &str,
         id: Uuid,
         code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
         bounded(async {
-            let args = [
-                tenant.to_owned(),
-                hex::encode(code_hash),
-                ms(now),
-                KEEP_ENDED_MS.to_string(),
-            ];
-            let Some((subject, out)) = self.on_record(&self.scripts.check_code, id, &args).await?
-            else {
-                return Ok(CheckOutcome::NotFound);
+            let args = |counts| {
+                let mut args = vec![
+                    tenant.to_owned(),
+                    hex::encode(code_hash),
+                    ms(now),
+                    KEEP_ENDED_MS.to_string(),
+                ];
+                args.extend(self.guess_args(budget, counts, now));
+                args
+            };
+            let script = &self.scripts.check_code;
+            // A cluster script cannot reach the budget's counters (other slots):
+            // they are read before it and a wrong guess counted after it, so
+            // there the budget is exact only for checks made one at a time.
+            let (subject, out, guess_key) = if let Conn::Cluster(_) = self.conn {
+                let Some(subject) = self.subject_of(id).await? else {
+                    return Ok(CheckOutcome::NotFound);
+                };
+                let key = format!("{}{subject}", GuessBudget::KEY_PREFIX);
+                let counts = match budget {
+                    Some(_) => {
+                        match self.read_counters(&GuessBudget::reads(&key, now)).await?[..] {
+                            [previous, current] => Some(WindowCounts { previous, current }),
+                            _ => return Err(StoreError::Corrupt("short counter read".into())),
+                        }
+                    }
+                    None => None,
+                };
+                let out = self
+                    .on_named_record(script, &subject, id, &args(counts))
+                    .await?;
+                (subject, out, budget.map(|_| key))
+            } else {
+                let Some((subject, out)) = self.on_record(script, id, &args(None)).await? else {
+                    return Ok(CheckOutcome::NotFound);
+                };
+                (subject, out, None)
             };
             let (verdict, rest) = verdict(&out)?;
+            let count = |i: usize| -> StoreResult<u64> {
+                nth(rest, i)?
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt("malformed count from redis".into()))
+            };
             Ok(match verdict {
                 "approved" => {
                     let v = decode_verification(rest)?;
@@ -1818,14 +1922,30 @@ impl Store for RedisStore {
                     CheckOutcome::Approved(v)
                 }
                 "wrong" => {
-                    let attempts_left: u32 = nth(rest, 0)?
-                        .parse()
-                        .map_err(|_| StoreError::Corrupt("malformed attempts left".into()))?;
+                    let attempts_left = u32::try_from(count(0)?)
+                        .map_err(|_| StoreError::Corrupt("attempts left out of range".into()))?;
                     if attempts_left == 0 {
                         self.unindex_pending(&subject, id);
                     }
-                    CheckOutcome::Wrong { attempts_left }
+                    if let Some(key) = guess_key {
+                        let add = CounterAdd {
+                            key,
+                            amount: 1,
+                            window_seconds: GuessBudget::WINDOW_SECONDS,
+                            ceiling: None,
+                        };
+                        self.run_counter_adds(std::slice::from_ref(&add), now)
+                            .await?;
+                    }
+                    CheckOutcome::Wrong {
+                        attempts_left,
+                        masked_to: nth(rest, 1)?.to_owned(),
+                    }
                 }
+                "guesses_spent" => CheckOutcome::GuessesSpent(WindowCounts {
+                    previous: count(0)?,
+                    current: count(1)?,
+                }),
                 "max_attempts" => CheckOutcome::MaxAttempts,
                 "not_found" => CheckOutcome::NotFound,
                 other => return Err(unexpected(other)),

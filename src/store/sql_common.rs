@@ -359,6 +359,7 @@ pub(crate) fn decide_check(
     }
     let outcome = CheckOutcome::Wrong {
         attempts_left: v.attempts_left(),
+        masked_to: v.masked_to.clone(),
     };
     (outcome, true)
 }
@@ -549,6 +550,7 @@ macro_rules! sql_store {
         use uuid::Uuid;
 
         use $crate::crypto::SealedPhone;
+        use $crate::domain::limits::WindowCounts;
         use $crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
         use $crate::store::sql_common::{
             ApiKeyRow, COUNTER_READS_PER_STATEMENT, InboxRow, MarkerRow, MessageRow,
@@ -557,9 +559,9 @@ macro_rules! sql_store {
             map_sqlx, millis, parse_id, parse_status, rate_slot, sealed, usage_amount,
         };
         use $crate::store::{
-            CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, InboxEntry,
-            Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
-            SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message,
+            CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
+            InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
+            SendDecision, SendPlan, Store, StoreError, StoreResult, UsageRow, advance_message,
             seconds_until,
         };
 
@@ -582,6 +584,29 @@ macro_rules! sql_store {
                 .map_err(map_sqlx)?
                 .map(Verification::try_from)
                 .transpose()
+            }
+
+            /// A guess budget's two windows, read inside the check's write.
+            async fn guess_counts(
+                conn: &mut Conn,
+                key: &str,
+                now: DateTime<Utc>,
+            ) -> StoreResult<WindowCounts> {
+                let mut query = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(
+                    counter_reads_sql(2),
+                ));
+                for r in GuessBudget::reads(key, now) {
+                    let (slot, _) = rate_slot(r.window_seconds, r.at);
+                    query = query.bind(r.key).bind(i64::from(r.window_seconds)).bind(slot);
+                }
+                let found = query.fetch_all(&mut *conn).await.map_err(map_sqlx)?;
+                match found[..] {
+                    [previous, current] => Ok(WindowCounts {
+                        previous: counter_total(previous),
+                        current: counter_total(current),
+                    }),
+                    _ => Err(StoreError::Corrupt("short counter read".into())),
+                }
             }
 
             /// One add of `add_to_counter`: one upsert creates the window's row
@@ -875,17 +900,25 @@ macro_rules! sql_store {
                 tenant: &str,
                 id: Uuid,
                 code_hash: &[u8; 32],
+                budget: Option<GuessBudget>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
                 let tenant = tenant.to_owned();
                 let code_hash = *code_hash;
-                self.write(WriteKind::ReadThenWrite, move |conn| Box::pin(async move {
+                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
                     let Some(mut v) = Self::locked_verification(conn, id)
                         .await?
-                        .filter(|v| v.tenant == tenant)
+                        .filter(|v| v.tenant == tenant && v.is_checkable_at(now))
                     else {
                         return Ok(CheckOutcome::NotFound);
                     };
+                    let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
+                    if let Some((budget, key)) = &guesses {
+                        let counts = Self::guess_counts(conn, key, now).await?;
+                        if !budget.admits(counts, now) {
+                            return Ok(CheckOutcome::GuessesSpent(counts));
+                        }
+                    }
                     let (outcome, changed) = decide_check(&mut v, &code_hash, now);
                     if changed {
                         sqlx::query(
@@ -901,6 +934,9 @@ macro_rules! sql_store {
                         .execute(&mut *conn)
                         .await
                         .map_err(map_sqlx)?;
+                    }
+                    if let (CheckOutcome::Wrong { .. }, Some((_, key))) = (&outcome, &guesses) {
+                        Self::add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
                     }
                     Ok(outcome)
                 }))

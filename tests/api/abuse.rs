@@ -224,6 +224,46 @@ async fn per_tenant_limit_per_minute() {
     );
 }
 
+/// Concurrent wrong guesses cannot overrun the hourly budget: each is judged
+/// and counted in the store's one atomic check, so exactly the budget's worth
+/// are compared and every other one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_wrong_guesses_stay_within_the_hourly_budget() {
+    let app = TestApp::spawn_with(|s| s.policy.max_wrong_guesses_per_hour = 3).await;
+    let sent = app.send_to(NL).await;
+    let code = sent["debug_code"].as_str().unwrap();
+    let answers = futures::future::join_all((0..30).map(|i| {
+        let target = if i % 2 == 0 {
+            json!({ "id": sent["id"], "code": wrong(code) })
+        } else {
+            json!({ "to": NL, "code": wrong(code) })
+        };
+        check(&app, &app.key, target)
+    }))
+    .await;
+    let compared = answers
+        .iter()
+        .filter(|(status, body)| *status == StatusCode::OK && body["valid"] == json!(false))
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|(status, body)| {
+            *status == StatusCode::TOO_MANY_REQUESTS
+                && body["error"]["limit"] == json!("wrong_guesses_hour")
+        })
+        .count();
+    assert_eq!((compared, refused), (3, 27), "{answers:?}");
+    let (_, v) = parts(
+        app.get(&format!(
+            "/v1/verifications/{}",
+            sent["id"].as_str().unwrap()
+        ))
+        .await,
+    )
+    .await;
+    assert_eq!(v["attempts"], json!(3), "{v}");
+}
+
 #[tokio::test]
 async fn wrong_guesses_are_budgeted_across_resends() {
     let app = TestApp::spawn_with(|s| s.policy.max_wrong_guesses_per_hour = 7).await;

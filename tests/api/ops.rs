@@ -262,16 +262,24 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
         7.0
     );
 
-    // Every check by id of a live verification (pending, or dead from spent
-    // attempts) reaches the store's atomic check; the one after the approval
-    // ends at the lookup, as a check of a never-issued id does. Each of the four
-    // sends (the refused resend included) asks the store to start one.
+    // Every check by id is one call of the store's atomic check, which also
+    // answers for the verification that is no longer live (the one after the
+    // approval). Each of the four sends (the refused resend included) asks the
+    // store to start one.
     assert_eq!(
         m.value(
             "otpd_store_operation_duration_seconds_count",
             &[("operation", "check_code")]
         ),
-        8.0
+        9.0
+    );
+    assert_eq!(
+        m.get(
+            "otpd_store_operation_duration_seconds_count",
+            &[("operation", "get_verification")]
+        ),
+        None,
+        "a check by id needs no separate lookup"
     );
     assert_eq!(
         m.value(

@@ -279,7 +279,10 @@ async fn find_current_matches_the_memory_store() {
         seen.push(store.find_current(&tenant, &subject, now).await.unwrap());
         for _ in 0..2 {
             let hash = crypto.code_hash(spent, &wrong);
-            store.check_code(&tenant, spent, &hash, now).await.unwrap();
+            store
+                .check_code(&tenant, spent, &hash, None, now)
+                .await
+                .unwrap();
         }
         seen.push(store.find_current(&tenant, &subject, now).await.unwrap());
         seen.push(store.find_current("other", &subject, now).await.unwrap());

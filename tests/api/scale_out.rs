@@ -206,12 +206,15 @@ pub async fn store_outage_answers_503_then_recovers(kind: Shared) {
     assert_eq!(status, StatusCode::CREATED);
     let code = sent["debug_code"].as_str().unwrap().to_owned();
 
+    // A wrong guess: a check whose answer is lost may still reach the store
+    // and count once it returns (as any write whose reply never came back).
+    let wrong = if code == "000000" { "111111" } else { "000000" };
     proxy.stall(true);
     let started = Instant::now();
     let r = app
         .post(
             "/v1/verifications/check",
-            json!({ "id": sent["id"], "code": code }),
+            json!({ "id": sent["id"], "code": wrong }),
         )
         .await;
     assert_eq!(r.headers()["retry-after"], "1");

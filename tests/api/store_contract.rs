@@ -6,19 +6,22 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use otpd::crypto::Crypto;
+use otpd::domain::limits::WindowCounts;
 use otpd::domain::{
     ApiKeyRecord, Code, DeliveryStatus, MessageRecord, PhoneNumber, Status, SubjectKey,
     Verification,
 };
 use otpd::store::{
-    CancelOutcome, CheckOutcome, CounterAdd, CounterRead, InboxEntry, MessageUpdate, RateDecision,
-    SendAbort, SendDecision, SendPlan, Store,
+    CancelOutcome, CheckOutcome, CounterAdd, CounterRead, GuessBudget, InboxEntry, MessageUpdate,
+    RateDecision, SendAbort, SendDecision, SendPlan, Store,
 };
 use uuid::Uuid;
 
 pub type DynStore = Arc<dyn Store>;
 
 const MAX_ATTEMPTS: u32 = 5;
+/// How every fixture number (+31651860670) is shown.
+const MASKED: &str = "+*******0670";
 
 fn t0() -> DateTime<Utc> {
     // Millisecond precision: every backend must round-trip it exactly.
@@ -132,7 +135,7 @@ pub async fn right_code_approves_once(store: DynStore) {
     let now = t0();
     let id = f.start(&store, "123456", now).await;
     let outcome = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     let CheckOutcome::Approved(v) = outcome else {
@@ -141,7 +144,7 @@ pub async fn right_code_approves_once(store: DynStore) {
     assert_eq!(v.status, Status::Approved);
     assert_eq!(v.code_hash, None, "secret material is erased on approval");
     let again = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(again, CheckOutcome::NotFound, "a code is single use");
@@ -160,18 +163,19 @@ pub async fn wrong_guesses_count_down_then_kill(store: DynStore) {
     let id = f.start(&store, "123456", now).await;
     for left in (0..MAX_ATTEMPTS).rev() {
         let outcome = store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
             .await
             .unwrap();
         assert_eq!(
             outcome,
             CheckOutcome::Wrong {
-                attempts_left: left
+                attempts_left: left,
+                masked_to: MASKED.into(),
             }
         );
     }
     let right = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(
@@ -199,7 +203,7 @@ pub async fn find_current_sees_pending_and_dead_but_not_ended(store: DynStore) {
     assert_eq!(current, Some((id, Status::Pending)));
     for _ in 0..MAX_ATTEMPTS {
         store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
             .await
             .unwrap();
     }
@@ -239,7 +243,7 @@ pub async fn find_current_sees_pending_and_dead_but_not_ended(store: DynStore) {
     let g = Fixture::new();
     let id = g.start(&store, "123456", now).await;
     store
-        .check_code(&g.tenant, id, &g.hash(id, "123456"), now)
+        .check_code(&g.tenant, id, &g.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(
@@ -258,7 +262,7 @@ pub async fn expired_code_is_not_found(store: DynStore) {
     let id = f.start(&store, "123456", now).await;
     let later = now + Duration::seconds(300);
     let outcome = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), later)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, later)
         .await
         .unwrap();
     assert_eq!(outcome, CheckOutcome::NotFound);
@@ -282,7 +286,7 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     let now = t0();
     let id = f.start(&store, "111111", now).await;
     store
-        .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
         .await
         .unwrap();
 
@@ -319,18 +323,19 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     assert_eq!(verification.expires_at, later + Duration::seconds(300));
 
     let old = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), later)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, later)
         .await
         .unwrap();
     assert_eq!(
         old,
         CheckOutcome::Wrong {
-            attempts_left: MAX_ATTEMPTS - 2
+            attempts_left: MAX_ATTEMPTS - 2,
+            masked_to: MASKED.into(),
         },
         "the old code is replaced"
     );
     let new = store
-        .check_code(&f.tenant, id, &f.hash(id, "222222"), later)
+        .check_code(&f.tenant, id, &f.hash(id, "222222"), None, later)
         .await
         .unwrap();
     assert!(matches!(new, CheckOutcome::Approved(_)));
@@ -429,7 +434,7 @@ pub async fn spent_attempts_do_not_skip_cooldown_or_window(store: DynStore) {
     let id = f.start(&store, "111111", now).await;
     for _ in 0..MAX_ATTEMPTS {
         store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), now)
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
             .await
             .unwrap();
     }
@@ -470,7 +475,7 @@ pub async fn abort_releases_cooldown_and_leaves_nothing_pending(store: DynStore)
     assert_eq!(v.status, Status::Failed);
     assert_eq!(v.code_hash, None);
     let check = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, now)
         .await
         .unwrap();
     assert_eq!(check, CheckOutcome::NotFound);
@@ -495,7 +500,7 @@ pub async fn cancel_ends_a_pending_verification(store: DynStore) {
         CancelOutcome::NotFound
     );
     let check = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, now)
         .await
         .unwrap();
     assert_eq!(check, CheckOutcome::NotFound);
@@ -509,7 +514,7 @@ pub async fn tenants_are_isolated(store: DynStore) {
     assert_eq!(store.get_verification(&other, id).await.unwrap(), None);
     assert_eq!(
         store
-            .check_code(&other, id, &f.hash(id, "111111"), now)
+            .check_code(&other, id, &f.hash(id, "111111"), None, now)
             .await
             .unwrap(),
         CheckOutcome::NotFound
@@ -520,7 +525,7 @@ pub async fn tenants_are_isolated(store: DynStore) {
     );
     // And the other tenant's probe did not cost the owner an attempt.
     let owner = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, now)
         .await
         .unwrap();
     assert!(matches!(owner, CheckOutcome::Approved(_)));
@@ -534,7 +539,12 @@ pub async fn concurrent_right_checks_approve_exactly_once(store: DynStore) {
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let (store, f) = (store.clone(), f.clone());
-            tokio::spawn(async move { store.check_code(&f.tenant, id, &hash, now).await.unwrap() })
+            tokio::spawn(async move {
+                store
+                    .check_code(&f.tenant, id, &hash, None, now)
+                    .await
+                    .unwrap()
+            })
         })
         .collect();
     let mut approved = 0;
@@ -556,7 +566,12 @@ pub async fn racing_wrong_guesses_never_exceed_the_limit(store: DynStore) {
         .map(|i| {
             let (store, f) = (store.clone(), f.clone());
             let guess = f.hash(id, &format!("{:06}", 200_000 + i));
-            tokio::spawn(async move { store.check_code(&f.tenant, id, &guess, now).await.unwrap() })
+            tokio::spawn(async move {
+                store
+                    .check_code(&f.tenant, id, &guess, None, now)
+                    .await
+                    .unwrap()
+            })
         })
         .collect();
     let mut counted = 0;
@@ -572,10 +587,107 @@ pub async fn racing_wrong_guesses_never_exceed_the_limit(store: DynStore) {
         "exactly max_attempts wrong guesses are counted"
     );
     let right = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(right, CheckOutcome::MaxAttempts);
+}
+
+pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let budget = GuessBudget::new(2);
+    let id = f.start(&store, "123456", now).await;
+    for left in [MAX_ATTEMPTS - 1, MAX_ATTEMPTS - 2] {
+        let wrong = store
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), budget, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            wrong,
+            CheckOutcome::Wrong {
+                attempts_left: left,
+                masked_to: MASKED.into(),
+            }
+        );
+    }
+    let spent = CheckOutcome::GuessesSpent(WindowCounts {
+        previous: 0,
+        current: 2,
+    });
+    // Even the right code is not compared once the budget is spent …
+    let right = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), budget, now)
+        .await
+        .unwrap();
+    assert_eq!(right, spent);
+    // … and the refusal cost no attempt: the verification is as it was.
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((v.status, v.attempts), (Status::Pending, 2));
+    // Another tenant's probe of the id says nothing about the budget.
+    let probe = store
+        .check_code("someone-else", id, &f.hash(id, "000000"), budget, now)
+        .await
+        .unwrap();
+    assert_eq!(probe, CheckOutcome::NotFound);
+    // The budget is the subject's, not the verification's: a new code is
+    // refused too, until the window has slid past the guesses.
+    let later = now + Duration::seconds(60);
+    store.cancel(&f.tenant, id, later).await.unwrap();
+    let renewed = f.start(&store, "654321", later).await;
+    let refused = store
+        .check_code(
+            &f.tenant,
+            renewed,
+            &f.hash(renewed, "654321"),
+            budget,
+            later,
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused, spent);
+    let next_day = now + Duration::hours(3);
+    let fresh = f.start(&store, "111111", next_day).await;
+    let approved = store
+        .check_code(&f.tenant, fresh, &f.hash(fresh, "111111"), budget, next_day)
+        .await
+        .unwrap();
+    assert!(matches!(approved, CheckOutcome::Approved(_)));
+}
+
+pub async fn racing_wrong_guesses_stay_within_the_guess_budget(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let budget = GuessBudget::new(3);
+    let id = f.start(&store, "123456", now).await;
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let (store, f) = (store.clone(), f.clone());
+            let guess = f.hash(id, &format!("{:06}", 300_000 + i));
+            tokio::spawn(async move {
+                store
+                    .check_code(&f.tenant, id, &guess, budget, now)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut counted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            CheckOutcome::Wrong { .. } => counted += 1,
+            CheckOutcome::GuessesSpent(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        counted, 3,
+        "exactly the budget's wrong guesses are compared"
+    );
 }
 
 pub async fn racing_sends_accept_exactly_one(store: DynStore) {
@@ -1051,13 +1163,14 @@ pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: Dyn
     let now = t0();
     let id = f.start(&store, "111111", now).await;
     let wrong = store
-        .check_code(&f.tenant, id, &f.hash(id, "999999"), now)
+        .check_code(&f.tenant, id, &f.hash(id, "999999"), None, now)
         .await
         .unwrap();
     assert_eq!(
         wrong,
         CheckOutcome::Wrong {
-            attempts_left: MAX_ATTEMPTS - 1
+            attempts_left: MAX_ATTEMPTS - 1,
+            masked_to: MASKED.into(),
         }
     );
     let later = now + Duration::seconds(5);
@@ -1098,17 +1211,18 @@ pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: Dyn
     );
     assert_eq!(
         store
-            .check_code(&f.tenant, id, &f.hash(id, "111111"), later)
+            .check_code(&f.tenant, id, &f.hash(id, "111111"), None, later)
             .await
             .unwrap(),
         CheckOutcome::Wrong {
-            attempts_left: MAX_ATTEMPTS - 2
+            attempts_left: MAX_ATTEMPTS - 2,
+            masked_to: MASKED.into(),
         },
         "the old code is gone"
     );
     assert!(matches!(
         store
-            .check_code(&f.tenant, id, &f.hash(id, "222222"), later)
+            .check_code(&f.tenant, id, &f.hash(id, "222222"), None, later)
             .await
             .unwrap(),
         CheckOutcome::Approved(_)
@@ -1530,7 +1644,7 @@ pub async fn key_rotation_lists_and_reseals_pending_numbers(store: DynStore) {
     }
     let ended = ids[3].0;
     store
-        .check_code(&f.tenant, ended, &f.hash(ended, "123456"), now)
+        .check_code(&f.tenant, ended, &f.hash(ended, "123456"), None, now)
         .await
         .unwrap();
     let mut stale: Vec<_> = ids[..2]
@@ -1613,6 +1727,12 @@ pub async fn count_pending_sees_new_verifications(store: DynStore) {
 #[macro_export]
 macro_rules! store_contract_tests {
     ($backend:ident, $factory:expr) => {
+        $crate::store_contract_tests!($backend, $factory, [
+            racing_wrong_guesses_stay_within_the_guess_budget
+        ]);
+    };
+    // `$extra`: the cases of promises only some backends make.
+    ($backend:ident, $factory:expr, [$($extra:ident),* $(,)?]) => {
         mod $backend {
             #[allow(unused_imports)]
             use super::*;
@@ -1653,7 +1773,9 @@ macro_rules! store_contract_tests {
                 racing_claims_grant_one_lease,
                 key_rotation_lists_and_reseals_pending_numbers,
                 purge_ends_expired_verifications,
-                count_pending_sees_new_verifications
+                count_pending_sees_new_verifications,
+                guess_budget_is_judged_before_the_compare,
+                $($extra),*
             );
         }
     };
@@ -1724,6 +1846,10 @@ pub async fn redis_store_from_env(var: &str) -> Option<DynStore> {
 
 store_contract_tests!(redis, || redis_store_from_env("OTPD_TEST_REDIS_URL"));
 
-store_contract_tests!(redis_cluster, || redis_store_from_env(
-    "OTPD_TEST_REDIS_CLUSTER_URL"
-));
+// A cluster judges the guess budget before its check script and counts after
+// it (the counters live in other slots): exact only for checks one at a time.
+store_contract_tests!(
+    redis_cluster,
+    || redis_store_from_env("OTPD_TEST_REDIS_CLUSTER_URL"),
+    []
+);
