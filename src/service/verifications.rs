@@ -649,9 +649,6 @@ impl VerificationService {
             .store
             .check_code(tenant, id, &hash, budget, now)
             .await?;
-        if let CheckOutcome::Approved(v) = &outcome {
-            self.count_approval(v).await;
-        }
         let label = match &outcome {
             CheckOutcome::Approved(_) => Some("approved"),
             CheckOutcome::Wrong {
@@ -673,7 +670,12 @@ impl VerificationService {
         }
         match outcome {
             CheckOutcome::Approved(v) => {
-                self.guard.record_approval(caller.policy, &v, now).await;
+                // Two independent counts (usage, the pumping guard's
+                // conversion): on a networked store, two round trips at once.
+                tokio::join!(
+                    self.count_approval(&v),
+                    self.guard.record_approval(caller.policy, &v, now)
+                );
                 Ok(CheckResult::Approved(v))
             }
             CheckOutcome::Wrong { attempts_left, .. } => Ok(CheckResult::Wrong {
