@@ -558,25 +558,41 @@ pub async fn concurrent_right_checks_approve_exactly_once(store: DynStore) {
     assert_eq!(approved, 1);
 }
 
-pub async fn racing_wrong_guesses_never_exceed_the_limit(store: DynStore) {
-    let f = Arc::new(Fixture::new());
-    let now = t0();
-    let id = f.start(&store, "123456", now).await;
-    let tasks: Vec<_> = (0..100)
+/// `n` distinct wrong guesses at verification `id`, all at once: their outcomes.
+async fn race_wrong_guesses(
+    store: &DynStore,
+    f: &Arc<Fixture>,
+    id: Uuid,
+    n: u32,
+    budget: Option<GuessBudget>,
+    now: DateTime<Utc>,
+) -> Vec<CheckOutcome> {
+    let tasks: Vec<_> = (0..n)
         .map(|i| {
             let (store, f) = (store.clone(), f.clone());
             let guess = f.hash(id, &format!("{:06}", 200_000 + i));
             tokio::spawn(async move {
                 store
-                    .check_code(&f.tenant, id, &guess, None, now)
+                    .check_code(&f.tenant, id, &guess, budget, now)
                     .await
                     .unwrap()
             })
         })
         .collect();
-    let mut counted = 0;
+    let mut outcomes = Vec::with_capacity(tasks.len());
     for t in tasks {
-        match t.await.unwrap() {
+        outcomes.push(t.await.unwrap());
+    }
+    outcomes
+}
+
+pub async fn racing_wrong_guesses_never_exceed_the_limit(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let mut counted = 0;
+    for outcome in race_wrong_guesses(&store, &f, id, 100, None, now).await {
+        match outcome {
             CheckOutcome::Wrong { .. } => counted += 1,
             CheckOutcome::MaxAttempts => {}
             other => panic!("unexpected {other:?}"),
@@ -650,10 +666,16 @@ pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
         .await
         .unwrap();
     assert_eq!(refused, spent);
-    let next_day = now + Duration::hours(3);
-    let fresh = f.start(&store, "111111", next_day).await;
+    let hours_later = now + Duration::hours(3);
+    let fresh = f.start(&store, "111111", hours_later).await;
     let approved = store
-        .check_code(&f.tenant, fresh, &f.hash(fresh, "111111"), budget, next_day)
+        .check_code(
+            &f.tenant,
+            fresh,
+            &f.hash(fresh, "111111"),
+            budget,
+            hours_later,
+        )
         .await
         .unwrap();
     assert!(matches!(approved, CheckOutcome::Approved(_)));
@@ -662,23 +684,10 @@ pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
 pub async fn racing_wrong_guesses_stay_within_the_guess_budget(store: DynStore) {
     let f = Arc::new(Fixture::new());
     let now = t0();
-    let budget = GuessBudget::new(3);
     let id = f.start(&store, "123456", now).await;
-    let tasks: Vec<_> = (0..40)
-        .map(|i| {
-            let (store, f) = (store.clone(), f.clone());
-            let guess = f.hash(id, &format!("{:06}", 300_000 + i));
-            tokio::spawn(async move {
-                store
-                    .check_code(&f.tenant, id, &guess, budget, now)
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
     let mut counted = 0;
-    for t in tasks {
-        match t.await.unwrap() {
+    for outcome in race_wrong_guesses(&store, &f, id, 40, GuessBudget::new(3), now).await {
+        match outcome {
             CheckOutcome::Wrong { .. } => counted += 1,
             CheckOutcome::GuessesSpent(_) => {}
             other => panic!("unexpected {other:?}"),
