@@ -746,7 +746,7 @@ pub async fn verify_otp(
 
     // A number or purpose otpd could never have sent to has nothing pending.
     let (Ok(to), Ok(purpose)) = (
-        PhoneNumber::parse(&form.phone_number),
+        PhoneNumber::parse_for_lookup(&form.phone_number),
         Purpose::parse(&form.purpose),
     ) else {
         return Err(BridgexError::NotFound);

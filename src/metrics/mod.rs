@@ -17,8 +17,10 @@ mod store;
 use std::time::Duration;
 
 use axum::http::Method;
-use metrics::{Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use hashbrown::{Equivalent, HashMap};
+use metrics::{Counter, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use parking_lot::RwLock;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
@@ -118,6 +120,33 @@ pub struct Metrics {
 struct Inner {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Handles of the hottest series, resolved once per label set: building a
+    /// `Key` (label strings, its hash, the registry's lock) cost more than
+    /// recording into it, several times per request.
+    store_ops: RwLock<HashMap<&'static str, Histogram>>,
+    requests: RwLock<HashMap<RequestKey, (Histogram, Counter)>>,
+}
+
+/// An HTTP series' labels. `RequestLabels` is the same without owning the
+/// route, for lookups; both hash their fields in the same order.
+#[derive(Hash, PartialEq, Eq)]
+struct RequestKey {
+    method: &'static str,
+    route: Box<str>,
+    status: u16,
+}
+
+#[derive(Hash)]
+struct RequestLabels<'a> {
+    method: &'static str,
+    route: &'a str,
+    status: u16,
+}
+
+impl Equivalent<RequestKey> for RequestLabels<'_> {
+    fn equivalent(&self, key: &RequestKey) -> bool {
+        self.method == key.method && self.status == key.status && self.route == &*key.route
+    }
 }
 
 impl Metrics {
@@ -131,7 +160,12 @@ impl Metrics {
             .build_recorder();
         let handle = recorder.handle();
         let metrics = Self {
-            inner: Some(Inner { recorder, handle }),
+            inner: Some(Inner {
+                recorder,
+                handle,
+                store_ops: RwLock::default(),
+                requests: RwLock::default(),
+            }),
             tenant_label: settings.tenant_label,
             scrape_token: settings.token.clone(),
         };
@@ -211,16 +245,37 @@ impl Metrics {
         status: u16,
         elapsed: Duration,
     ) {
-        if self.inner.is_none() {
-            return;
+        let Some(i) = &self.inner else { return };
+        let wanted = RequestLabels {
+            method: method_label(method),
+            route: route.unwrap_or(UNMATCHED_ROUTE),
+            status,
+        };
+        let record = |(duration, count): &(Histogram, Counter)| {
+            duration.record(elapsed.as_secs_f64());
+            count.increment(1);
+        };
+        if let Some(handles) = i.requests.read().get(&wanted) {
+            return record(handles);
         }
         let labels = vec![
-            Label::from_static_parts("method", method_label(method)),
-            Label::new("route", route.unwrap_or(UNMATCHED_ROUTE).to_owned()),
+            Label::from_static_parts("method", wanted.method),
+            Label::new("route", wanted.route.to_owned()),
             Label::new("status", status.to_string()),
         ];
-        self.observe(HTTP_DURATION, labels.clone(), elapsed);
-        self.increment(HTTP_REQUESTS, labels);
+        let handles = (
+            i.recorder
+                .register_histogram(&Key::from_parts(HTTP_DURATION, labels.clone()), &METADATA),
+            i.recorder
+                .register_counter(&Key::from_parts(HTTP_REQUESTS, labels), &METADATA),
+        );
+        record(&handles);
+        let key = RequestKey {
+            method: wanted.method,
+            route: wanted.route.into(),
+            status,
+        };
+        i.requests.write().insert(key, handles);
     }
 
     /// One send that reached the providers: the route and provider that took it,
@@ -334,14 +389,19 @@ impl Metrics {
 
     /// One store call; failures are counted apart as well.
     pub fn record_store_op(&self, operation: &'static str, ok: bool, elapsed: Duration) {
-        if self.inner.is_none() {
-            return;
-        }
-        let labels = vec![Label::from_static_parts("operation", operation)];
+        let Some(i) = &self.inner else { return };
+        let label = || vec![Label::from_static_parts("operation", operation)];
         if !ok {
-            self.increment(STORE_ERRORS, labels.clone());
+            self.increment(STORE_ERRORS, label());
         }
-        self.observe(STORE_DURATION, labels, elapsed);
+        if let Some(duration) = i.store_ops.read().get(operation) {
+            return duration.record(elapsed.as_secs_f64());
+        }
+        let duration = i
+            .recorder
+            .register_histogram(&Key::from_parts(STORE_DURATION, label()), &METADATA);
+        duration.record(elapsed.as_secs_f64());
+        i.store_ops.write().insert(operation, duration);
     }
 
     pub fn set_pending(&self, pending: u64) {
