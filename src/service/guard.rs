@@ -97,7 +97,7 @@ fn traffic_key(what: &str, tag: &str, prefix: &str) -> String {
     format!("guard:{what}:{tag}:{prefix}")
 }
 
-/// A window's counts from the two totals `window_reads` asked for.
+/// A window's counts from the two totals `CounterRead::window` asked for.
 fn window_counts(totals: &[u64]) -> WindowCounts {
     WindowCounts {
         previous: totals.first().copied().unwrap_or(0),
@@ -175,16 +175,6 @@ impl AbuseGuard {
         traffic_key(what, &self.tenant_tag(tenant), prefix)
     }
 
-    /// The reads of `key`'s current and previous window, for `window_counts`.
-    fn window_reads(key: &str, window: u32, now: DateTime<Utc>) -> [CounterRead<'_>; 2] {
-        let read = |at| CounterRead {
-            key,
-            window_seconds: window,
-            at,
-        };
-        [read(now - Duration::seconds(window.into())), read(now)]
-    }
-
     /// Reads only: country rules, quarantines, the spend budget, each send
     /// limit, and the pumping rule for this send. Refusals are logged and counted.
     pub async fn admit_send(
@@ -248,11 +238,11 @@ impl AbuseGuard {
             .collect();
         let mut reads: Vec<CounterRead> = Vec::with_capacity(4 * wanted.len() + 1);
         for (limit, _, key) in &wanted {
-            reads.extend(Self::window_reads(key, limit.window_seconds(), now));
+            reads.extend(CounterRead::window(key, limit.window_seconds(), now));
         }
         for (sent, approved) in &traffic_keys {
-            reads.extend(Self::window_reads(sent, HOUR, now));
-            reads.extend(Self::window_reads(approved, HOUR, now));
+            reads.extend(CounterRead::window(sent, HOUR, now));
+            reads.extend(CounterRead::window(approved, HOUR, now));
         }
         let spend_key = (policy.daily_spend_limit > 0.0).then(|| self.key("spend", &[ctx.tenant]));
         if let Some(key) = &spend_key {

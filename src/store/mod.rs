@@ -134,15 +134,7 @@ impl GuessBudget {
 
     /// The reads of the counter's previous and current window.
     pub fn reads(key: &str, now: DateTime<Utc>) -> [CounterRead<'_>; 2] {
-        let read = |at| CounterRead {
-            key,
-            window_seconds: Self::WINDOW_SECONDS,
-            at,
-        };
-        [
-            read(now - chrono::Duration::seconds(Self::WINDOW_SECONDS.into())),
-            read(now),
-        ]
+        CounterRead::window(key, Self::WINDOW_SECONDS, now)
     }
 
     /// Whether one more guess fits, given the counter's windows.
@@ -187,6 +179,22 @@ pub struct CounterRead<'a> {
     pub window_seconds: u32,
     /// Any instant in the window to read.
     pub at: DateTime<Utc>,
+}
+
+impl<'a> CounterRead<'a> {
+    /// The reads of `key`'s previous and current window of `window_seconds`
+    /// (see `WindowCounts`), in that order.
+    pub fn window(key: &'a str, window_seconds: u32, now: DateTime<Utc>) -> [Self; 2] {
+        let read = |at| CounterRead {
+            key,
+            window_seconds,
+            at,
+        };
+        [
+            read(now - chrono::Duration::seconds(window_seconds.into())),
+            read(now),
+        ]
+    }
 }
 
 /// One add of `Store::add_counters`, in the window containing its `now`.
