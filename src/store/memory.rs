@@ -317,6 +317,11 @@ impl VRec {
         self.status() == Status::Pending && now < self.expires
     }
 
+    /// `Verification::is_checkable_at`, on the stored form.
+    fn is_checkable_at(&self, now: i64) -> bool {
+        matches!(self.status(), Status::Pending | Status::MaxAttempts) && now < self.expires
+    }
+
     fn code_hash(&self) -> Option<[u8; 32]> {
         (self.flags & HAS_CODE != 0).then_some(self.code_hash)
     }
@@ -1310,7 +1315,7 @@ impl Store for MemoryStore {
             return Ok(CheckOutcome::NotFound);
         }
         let r = shard.slab.get(i);
-        if !matches!(r.status(), Status::Pending | Status::MaxAttempts) || now >= r.expires {
+        if !r.is_checkable_at(now) {
             return Ok(CheckOutcome::NotFound);
         }
         let guesses = budget.map(|b| (b, GuessBudget::counter_key(&SubjectKey(r.subject))));
@@ -1322,7 +1327,6 @@ impl Store for MemoryStore {
                 return Ok(CheckOutcome::GuessesSpent(counts));
             }
         }
-        let masked_to = r.masked_to(shard.spill(i));
         let r = shard.slab.get_mut(i);
         if r.status() == Status::MaxAttempts {
             return Ok(CheckOutcome::MaxAttempts);
@@ -1347,7 +1351,7 @@ impl Store for MemoryStore {
         }
         Ok(CheckOutcome::Wrong {
             attempts_left,
-            masked_to,
+            masked_to: shard.slab.get(i).masked_to(shard.spill(i)),
         })
     }
 

@@ -586,20 +586,31 @@ macro_rules! sql_store {
                 .transpose()
             }
 
+            /// The one SELECT of `counter_reads_sql` for `reads`, bound.
+            fn counter_reads_query<'q>(
+                reads: &'q [CounterRead<'q>],
+            ) -> sqlx::query::QueryScalar<'q, $db, Option<i64>, <$db as sqlx::Database>::Arguments>
+            {
+                let mut query =
+                    sqlx::query_scalar(AssertSqlSafe(counter_reads_sql(reads.len())));
+                for r in reads {
+                    let (slot, _) = rate_slot(r.window_seconds, r.at);
+                    query = query.bind(r.key).bind(i64::from(r.window_seconds)).bind(slot);
+                }
+                query
+            }
+
             /// A guess budget's two windows, read inside the check's write.
             async fn guess_counts(
                 conn: &mut Conn,
                 key: &str,
                 now: DateTime<Utc>,
             ) -> StoreResult<WindowCounts> {
-                let mut query = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(
-                    counter_reads_sql(2),
-                ));
-                for r in GuessBudget::reads(key, now) {
-                    let (slot, _) = rate_slot(r.window_seconds, r.at);
-                    query = query.bind(r.key).bind(i64::from(r.window_seconds)).bind(slot);
-                }
-                let found = query.fetch_all(&mut *conn).await.map_err(map_sqlx)?;
+                let reads = GuessBudget::reads(key, now);
+                let found = Self::counter_reads_query(&reads)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
                 match found[..] {
                     [previous, current] => Ok(WindowCounts {
                         previous: counter_total(previous),
@@ -1442,13 +1453,10 @@ macro_rules! sql_store {
             async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
                 let mut totals = Vec::with_capacity(reads.len());
                 for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
-                    let mut query =
-                        sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(counter_reads_sql(chunk.len())));
-                    for r in chunk {
-                        let (slot, _) = rate_slot(r.window_seconds, r.at);
-                        query = query.bind(r.key).bind(i64::from(r.window_seconds)).bind(slot);
-                    }
-                    let found = query.fetch_all(&self.$read).await.map_err(map_sqlx)?;
+                    let found = Self::counter_reads_query(chunk)
+                        .fetch_all(&self.$read)
+                        .await
+                        .map_err(map_sqlx)?;
                     totals.extend(found.into_iter().map(counter_total));
                 }
                 Ok(totals)
