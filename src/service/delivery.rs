@@ -9,7 +9,7 @@ use std::time::Duration as StdDuration;
 use super::usage::{self, UsageReport};
 use super::verifications::VerificationService;
 use crate::domain::policy::MIN_TTL_SECONDS;
-use crate::domain::{DeliveryStatus, MessageRecord, Policy, Verification};
+use crate::domain::{DeliveryStatus, MessageRecord, Policy};
 use crate::sms::router::DeliveryRequest;
 use crate::store::{CodeReplacement, MessageUpdate, StoreError, UsageRow};
 use chrono::{Duration, NaiveDate};
@@ -204,8 +204,9 @@ impl VerificationService {
             )
             .await;
         self.metrics.record_delivery_attempts(&attempts);
-        let records = self.record_attempts(&v, &attempts, Some(failed.id)).await;
-        self.count_sends(&records, false).await;
+        let records = self
+            .record_attempts(&v, &attempts, Some(failed.id), false)
+            .await;
         let accepted = records.iter().find(|m| m.was_accepted());
         if let Some(m) = accepted {
             // A re-send costs like any send: it counts against the day's budget.
@@ -230,36 +231,6 @@ impl VerificationService {
             outcome = if accepted.is_some() { "sent" } else { "delivery_failed" },
         );
         Ok(records)
-    }
-
-    /// Counts the attempts of one send; `started` when it created the verification.
-    pub(super) async fn count_sends(&self, records: &[MessageRecord], started: bool) {
-        let mut started = started;
-        for m in records {
-            if let Some(mut delta) = usage::for_new_message(m) {
-                if started {
-                    delta.verifications_started = 1;
-                    started = false;
-                }
-                self.add_usage(&delta).await;
-            }
-        }
-    }
-
-    /// Counts an approval against the verification's first accepted message,
-    /// where its start was counted, so conversion by route and country holds.
-    pub(super) async fn count_approval(&self, v: &Verification) {
-        let first = match self.store.list_messages(&v.tenant, v.id).await {
-            Ok(messages) => messages.into_iter().find(MessageRecord::was_accepted),
-            Err(e) => {
-                tracing::warn!(verification_id = %v.id, error = %e, "approval not counted in usage");
-                return;
-            }
-        };
-        let Some(first) = first else { return };
-        let mut delta = usage::row_for(&first, false);
-        delta.verifications_approved = 1;
-        self.add_usage(&delta).await;
     }
 
     /// Usage is accounting, not a decision: a failure to count is logged and the

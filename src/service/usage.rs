@@ -15,23 +15,6 @@ use utoipa::ToSchema;
 use crate::domain::{DeliveryStatus, MessageRecord};
 use crate::store::{UsageRow, cost_micros};
 
-/// The usage row of `m`'s key with nothing counted yet; a delivered message's
-/// row carries its currency, so that costs in different currencies never add up.
-pub(crate) fn row_for(m: &MessageRecord, delivered: bool) -> UsageRow {
-    let currency = if delivered {
-        m.cost.and(m.currency.as_deref())
-    } else {
-        None
-    };
-    UsageRow::new(
-        &m.tenant,
-        m.created_at.date_naive(),
-        m.route_id,
-        m.country.as_deref(),
-        currency,
-    )
-}
-
 fn count_delivery(row: &mut UsageRow, m: &MessageRecord) {
     match m.status {
         DeliveryStatus::Delivered => {
@@ -51,7 +34,7 @@ pub(crate) fn for_new_message(m: &MessageRecord) -> Option<UsageRow> {
     if !m.was_accepted() {
         return None;
     }
-    let mut row = row_for(m, m.status == DeliveryStatus::Delivered);
+    let mut row = UsageRow::of_message(m, m.status == DeliveryStatus::Delivered);
     row.sent = 1;
     count_delivery(&mut row, m);
     Some(row)
@@ -60,7 +43,7 @@ pub(crate) fn for_new_message(m: &MessageRecord) -> Option<UsageRow> {
 /// What a delivery report that moved `m` to its status adds; `None` for steps
 /// that change no count (queued → sent).
 pub(crate) fn for_transition(m: &MessageRecord) -> Option<UsageRow> {
-    let mut row = row_for(m, m.status == DeliveryStatus::Delivered);
+    let mut row = UsageRow::of_message(m, m.status == DeliveryStatus::Delivered);
     count_delivery(&mut row, m);
     (!row.is_zero()).then_some(row)
 }

@@ -24,6 +24,7 @@ use crate::store::{
 };
 
 use super::guard::{AbuseGuard, SendContext};
+use super::usage;
 
 /// How many times a send re-plans when another request changed the subject
 /// between its read and its atomic write.
@@ -397,8 +398,9 @@ impl VerificationService {
             )
             .await;
         self.metrics.record_delivery_attempts(&attempts);
-        let records = self.record_attempts(&verification, &attempts, None).await;
-        self.count_sends(&records, created).await;
+        let records = self
+            .record_attempts(&verification, &attempts, None, created)
+            .await;
         let accepted = attempts
             .iter()
             .zip(&records)
@@ -492,15 +494,19 @@ impl VerificationService {
     }
 
     /// Stores one message record per attempt (`resend_of`: the message whose
-    /// failed delivery they rescue). A failure to record is logged, not returned:
-    /// the SMS has already gone out and the caller must learn that.
+    /// failed delivery they rescue), each with what it adds to usage
+    /// (`started`: this send created the verification, so its first accepted
+    /// attempt also counts a start). A failure to record is logged, not
+    /// returned: the SMS has already gone out and the caller must learn that.
     pub(super) async fn record_attempts(
         &self,
         v: &Verification,
         attempts: &[DeliveryAttempt],
         resend_of: Option<Uuid>,
+        started: bool,
     ) -> Vec<MessageRecord> {
         let now = self.clock.now();
+        let mut started = started;
         let mut records = Vec::with_capacity(attempts.len());
         for a in attempts {
             let (status, error, provider_message_id, cost, currency) = match &a.result {
@@ -545,7 +551,11 @@ impl VerificationService {
                 updated_at: now,
             };
             record.mark(status, now);
-            if let Err(e) = self.store.insert_message(&record).await {
+            let usage = usage::for_new_message(&record).map(|mut delta| {
+                delta.verifications_started = u64::from(std::mem::take(&mut started));
+                delta
+            });
+            if let Err(e) = self.store.insert_message(&record, usage.as_ref()).await {
                 tracing::error!(verification_id = %v.id, error = %e, "could not record a delivery attempt");
             }
             records.push(record);
@@ -670,12 +680,8 @@ impl VerificationService {
         }
         match outcome {
             CheckOutcome::Approved(v) => {
-                // Two independent counts (usage, the pumping guard's
-                // conversion): on a networked store, two round trips at once.
-                tokio::join!(
-                    self.count_approval(&v),
-                    self.guard.record_approval(caller.policy, &v, now)
-                );
+                // The store counted it in usage with the approval itself.
+                self.guard.record_approval(caller.policy, &v, now).await;
                 Ok(CheckResult::Approved(v))
             }
             CheckOutcome::Wrong { attempts_left, .. } => Ok(CheckResult::Wrong {

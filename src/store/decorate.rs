@@ -97,8 +97,12 @@ macro_rules! decorate_store {
                 self.$around("cancel", self.inner.cancel(tenant, id, now))
                     .await
             }
-            async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()> {
-                self.$around("insert_message", self.inner.insert_message(message))
+            async fn insert_message(
+                &self,
+                message: &MessageRecord,
+                usage: Option<&UsageRow>,
+            ) -> StoreResult<()> {
+                self.$around("insert_message", self.inner.insert_message(message, usage))
                     .await
             }
             async fn get_message(

@@ -820,6 +820,19 @@ impl Messages {
     fn decode(&self, i: u32, symbols: &Symbols) -> MessageRecord {
         self.slab.get(i).decode(self.spill(i), symbols)
     }
+
+    /// A verification's attempts, oldest first (`hash`: of its id).
+    fn attempts_of(&self, hash: u64, verification_id: &[u8; 16]) -> impl Iterator<Item = u32> {
+        let first = self
+            .by_verification
+            .find(hash, |&j| {
+                self.slab.get(j).verification_id == *verification_id
+            })
+            .copied()
+            .unwrap_or(NONE);
+        let some = |j: u32| (j != NONE).then_some(j);
+        std::iter::successors(some(first), move |&j| some(self.slab.get(j).next))
+    }
 }
 
 pub struct MemoryStore {
@@ -993,6 +1006,43 @@ impl MemoryStore {
     fn subject_shard(&self, key: &[u8; 32]) -> (u64, &Mutex<SShard>) {
         let h = self.hash(key);
         (h, &self.subjects[Self::shard_of(h)])
+    }
+
+    fn add_usage(&self, delta: &UsageRow) {
+        let key = (
+            delta.day,
+            delta.route_id,
+            delta.country.clone().unwrap_or_default(),
+            delta.currency.clone().unwrap_or_default(),
+        );
+        let mut rows = self.usage.entry(delta.tenant.clone()).or_default();
+        let row = rows.entry(key).or_insert_with(|| {
+            UsageRow::new(
+                &delta.tenant,
+                delta.day,
+                delta.route_id,
+                delta.country.as_deref(),
+                delta.currency.as_deref(),
+            )
+        });
+        row.sent += delta.sent;
+        row.delivered += delta.delivered;
+        row.failed += delta.failed;
+        row.verifications_started += delta.verifications_started;
+        row.verifications_approved += delta.verifications_approved;
+        row.cost_micros += delta.cost_micros;
+    }
+
+    /// Counts an approval of verification `id` (see `UsageRow::approval`).
+    fn count_approval(&self, id: &[u8; 16]) {
+        let h = self.hash(id);
+        let row = {
+            let m = self.messages.lock();
+            UsageRow::approval(m.attempts_of(h, id).map(|j| m.decode(j, &self.symbols)))
+        };
+        if let Some(row) = row {
+            self.add_usage(&row);
+        }
     }
 
     fn pmid_hash(&self, provider: &str, pmid: &[u8]) -> u64 {
@@ -1338,7 +1388,10 @@ impl Store for MemoryStore {
         if Crypto::hashes_match(&stored, code_hash) {
             r.status = status_code(Status::Approved);
             r.clear_code();
-            return Ok(CheckOutcome::Approved(shard.decode(i, &self.symbols)));
+            let v = shard.decode(i, &self.symbols);
+            drop(shard);
+            self.count_approval(id.as_bytes());
+            return Ok(CheckOutcome::Approved(v));
         }
         r.attempts += 1;
         if r.attempts >= r.max_attempts {
@@ -1386,7 +1439,11 @@ impl Store for MemoryStore {
         Ok(CancelOutcome::Canceled(shard.decode(i, &self.symbols)))
     }
 
-    async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()> {
+    async fn insert_message(
+        &self,
+        message: &MessageRecord,
+        usage: Option<&UsageRow>,
+    ) -> StoreResult<()> {
         let (rec, spill) = MRec::encode(message, &self.symbols);
         let id_hash = self.hash(&rec.id);
         let v_hash = self.hash(&rec.verification_id);
@@ -1476,6 +1533,10 @@ impl Store for MemoryStore {
         }
         let at = m.by_created.partition_point(|&(t, _)| t <= rec.created);
         m.by_created.insert(at, (rec.created, i));
+        drop(m);
+        if let Some(usage) = usage {
+            self.add_usage(usage);
+        }
         Ok(())
     }
 
@@ -1496,21 +1557,10 @@ impl Store for MemoryStore {
     ) -> StoreResult<Vec<MessageRecord>> {
         let h = self.hash(verification_id.as_bytes());
         let m = self.messages.lock();
-        let mut out = Vec::new();
-        let mut next = m
-            .by_verification
-            .find(h, |&j| {
-                m.slab.get(j).verification_id == *verification_id.as_bytes()
-            })
-            .copied()
-            .unwrap_or(NONE);
-        while next != NONE {
-            if m.tenant_is(next, &self.symbols, tenant) {
-                out.push(m.decode(next, &self.symbols));
-            }
-            next = m.slab.get(next).next;
-        }
-        Ok(out)
+        Ok(m.attempts_of(h, verification_id.as_bytes())
+            .filter(|&j| m.tenant_is(j, &self.symbols, tenant))
+            .map(|j| m.decode(j, &self.symbols))
+            .collect())
     }
 
     async fn update_message_by_provider_id(
@@ -1597,28 +1647,7 @@ impl Store for MemoryStore {
     }
 
     async fn record_usage(&self, delta: &UsageRow) -> StoreResult<()> {
-        let key = (
-            delta.day,
-            delta.route_id,
-            delta.country.clone().unwrap_or_default(),
-            delta.currency.clone().unwrap_or_default(),
-        );
-        let mut rows = self.usage.entry(delta.tenant.clone()).or_default();
-        let row = rows.entry(key).or_insert_with(|| {
-            UsageRow::new(
-                &delta.tenant,
-                delta.day,
-                delta.route_id,
-                delta.country.as_deref(),
-                delta.currency.as_deref(),
-            )
-        });
-        row.sent += delta.sent;
-        row.delivered += delta.delivered;
-        row.failed += delta.failed;
-        row.verifications_started += delta.verifications_started;
-        row.verifications_approved += delta.verifications_approved;
-        row.cost_micros += delta.cost_micros;
+        self.add_usage(delta);
         Ok(())
     }
 
@@ -2078,7 +2107,7 @@ mod tests {
         m.currency = Some("EUR".into());
         m.masked_to = "odd".into();
         m.country = None;
-        store.insert_message(&m).await.unwrap();
+        store.insert_message(&m, None).await.unwrap();
         assert_eq!(store.get_message("t", m.id).await.unwrap(), Some(m.clone()));
         let update = MessageUpdate {
             status: DeliveryStatus::Delivered,
@@ -2108,8 +2137,8 @@ mod tests {
         store.start_send(&plan(v.clone()), now).await.unwrap();
         let a = message(&v, Some("BX-1-a"));
         let b = message(&v, Some("BX-1-b"));
-        store.insert_message(&a).await.unwrap();
-        store.insert_message(&b).await.unwrap();
+        store.insert_message(&a, None).await.unwrap();
+        store.insert_message(&b, None).await.unwrap();
         assert_eq!(
             store.list_messages("t", v.id).await.unwrap(),
             vec![a.clone(), b.clone()]
@@ -2163,8 +2192,8 @@ mod tests {
         store.start_send(&plan(v.clone()), t0()).await.unwrap();
         let old = message(&v, Some("BX-dup"));
         let new = message(&v, Some("BX-dup"));
-        store.insert_message(&old).await.unwrap();
-        store.insert_message(&new).await.unwrap();
+        store.insert_message(&old, None).await.unwrap();
+        store.insert_message(&new, None).await.unwrap();
         let update = MessageUpdate {
             status: DeliveryStatus::Sent,
             error: None,
@@ -2194,7 +2223,7 @@ mod tests {
         let mut c = message(&v, None);
         c.created_at = at(5);
         for m in [&a, &b, &c] {
-            store.insert_message(m).await.unwrap();
+            store.insert_message(m, None).await.unwrap();
         }
         // `b` is the oldest but sits in the middle of the chain.
         assert_eq!(store.purge_messages(at(2), 10).await.unwrap(), 1);
@@ -2253,12 +2282,12 @@ mod tests {
         let at = |s: i64| t0() + Duration::seconds(s);
         let mut old = message(&v, Some("BX-old"));
         old.created_at = at(1);
-        store.insert_message(&old).await.unwrap();
+        store.insert_message(&old, None).await.unwrap();
         assert_eq!(store.purge_messages(at(2), 10).await.unwrap(), 1);
         let mut new = message(&v, Some("BX-new"));
         new.created_at = at(3);
         new.resend_of = Some(old.id);
-        store.insert_message(&new).await.unwrap();
+        store.insert_message(&new, None).await.unwrap();
         let open = store
             .list_unfinished_messages("bridgexapi", t0(), 10)
             .await

@@ -10,6 +10,7 @@ pub mod redis;
 mod sql_common;
 pub mod sqlite;
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -307,6 +308,37 @@ impl UsageRow {
         }
     }
 
+    /// The row message `m` counts on, with nothing counted yet; a delivered
+    /// message's row carries its currency, so that costs in different
+    /// currencies never add up.
+    pub fn of_message(m: &MessageRecord, delivered: bool) -> Self {
+        let currency = if delivered {
+            m.cost.and(m.currency.as_deref())
+        } else {
+            None
+        };
+        Self::new(
+            &m.tenant,
+            m.created_at.date_naive(),
+            m.route_id,
+            m.country.as_deref(),
+            currency,
+        )
+    }
+
+    /// What an approval adds: one approved verification, on the row of the
+    /// first of its attempts (oldest first) that a provider accepted, where
+    /// its start was counted, so conversion by route and country holds.
+    /// `None` when no attempt was accepted.
+    pub fn approval<M: Borrow<MessageRecord>>(
+        attempts: impl IntoIterator<Item = M>,
+    ) -> Option<Self> {
+        let first = attempts.into_iter().find(|m| m.borrow().was_accepted())?;
+        let mut row = Self::of_message(first.borrow(), false);
+        row.verifications_approved = 1;
+        Some(row)
+    }
+
     pub fn is_zero(&self) -> bool {
         self.sent == 0
             && self.delivered == 0
@@ -377,7 +409,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically: pending and unexpired, the subject's guess budget (when
     /// given), attempts left, constant-time hash compare, then approve
-    /// (erasing the hash) or count the failure, in the budget too.
+    /// (erasing the hash, and adding `UsageRow::approval` of its attempts to
+    /// usage) or count the failure, in the budget too.
     async fn check_code(
         &self,
         tenant: &str,
@@ -397,7 +430,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<CancelOutcome>;
 
     // --- messages (delivery attempts) ---
-    async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()>;
+    /// Stores a delivery attempt and, in the same atomic step, adds `usage` (what
+    /// the attempt counts for) as `record_usage` would: an attempt is never
+    /// counted twice or without its record.
+    async fn insert_message(
+        &self,
+        message: &MessageRecord,
+        usage: Option<&UsageRow>,
+    ) -> StoreResult<()>;
     async fn get_message(&self, tenant: &str, id: Uuid) -> StoreResult<Option<MessageRecord>>;
     /// Oldest first.
     async fn list_messages(

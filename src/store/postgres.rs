@@ -273,4 +273,5 @@ super::sql_common::sql_store!(
     read: pool,
     insertion_order: "seq",
     for_update: " FOR UPDATE",
+    day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
 );

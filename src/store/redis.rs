@@ -407,6 +407,30 @@ impl RedisStore {
         ]
     }
 
+    /// A cluster's approval, counted in usage after the check that made it
+    /// (see `UsageRow::approval`).
+    async fn count_approval(&self, tenant: &str, id: Uuid) {
+        match self.list_messages(tenant, id).await {
+            Ok(attempts) => {
+                if let Some(row) = UsageRow::approval(&attempts) {
+                    self.add_usage_after(&row).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(verification_id = %id, error = %e, "approval not counted in usage")
+            }
+        }
+    }
+
+    /// On a cluster, usage lives in other slots than what it counts, so it is
+    /// added after the write it belongs to has happened; a failure then is
+    /// logged, not returned, as that write stands.
+    async fn add_usage_after(&self, usage: &UsageRow) {
+        if let Err(e) = self.record_usage(usage).await {
+            tracing::warn!(tenant = %usage.tenant, error = %e, "usage not recorded");
+        }
+    }
+
     /// The subject (hex) a verification id belongs to, if the id is known.
     async fn subject_of(&self, id: Uuid) -> StoreResult<Option<String>> {
         ::redis::cmd("GET")
@@ -574,12 +598,12 @@ impl Keys {
     }
 
     fn usage_day(&self, tenant: &str, day: NaiveDate) -> String {
-        format!(
-            "{{{}:u:{}}}:{}",
-            self.prefix,
-            hex::encode(tenant),
-            day.format("%Y-%m-%d")
-        )
+        format!("{}{}", self.usage_days(tenant), day.format("%Y-%m-%d"))
+    }
+
+    /// A tenant's usage day keys before the day (`YYYY-MM-DD`).
+    fn usage_days(&self, tenant: &str) -> String {
+        format!("{{{}:u:{}}}:", self.prefix, hex::encode(tenant))
     }
 
     fn inbox_tag(&self, tenant: &str) -> String {
@@ -633,6 +657,30 @@ fn usage_part(value: Option<&str>) -> String {
     value.unwrap_or_default().replace('|', "_")
 }
 
+/// The usage day's field/increment pairs `d` adds (its non-zero counters).
+fn usage_pairs(d: &UsageRow) -> Vec<(String, i64)> {
+    let prefix = format!(
+        "{}|{}|{}|",
+        d.route_id,
+        usage_part(d.country.as_deref()),
+        usage_part(d.currency.as_deref())
+    );
+    let amounts = [
+        i64::try_from(d.sent).unwrap_or(i64::MAX),
+        i64::try_from(d.delivered).unwrap_or(i64::MAX),
+        i64::try_from(d.failed).unwrap_or(i64::MAX),
+        i64::try_from(d.verifications_started).unwrap_or(i64::MAX),
+        i64::try_from(d.verifications_approved).unwrap_or(i64::MAX),
+        d.cost_micros,
+    ];
+    USAGE_COUNTERS
+        .iter()
+        .zip(amounts)
+        .filter(|(_, amount)| *amount != 0)
+        .map(|(counter, amount)| (format!("{prefix}{counter}"), amount))
+        .collect()
+}
+
 const USAGE_COUNTERS: [&str; 6] = [
     "sent",
     "delivered",
@@ -678,6 +726,38 @@ end
 local function append(out, list)
   for i = 1, #list do out[#out + 1] = list[i] end
   return out
+end
+-- Adds the `n` field/increment pairs from ARGV[first] to usage day `key`.
+local function add_usage(key, first, n)
+  for i = first, first + 2 * n - 1, 2 do redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1]) end
+end
+-- The UTC day (YYYY-MM-DD) of a time in ms (days from civil, proleptic Gregorian).
+local function day_text(ms)
+  local z = math.floor(ms / 86400000) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02d', y, m, d)
+end
+-- Counts an approval in usage (`UsageRow::approval`): on the day, route and
+-- country of the first attempt in `list` (record keys `prefix` .. id) that a
+-- provider accepted (`MessageRecord::was_accepted`), under usage days `days`.
+local function count_approval(list, prefix, days)
+  for _, id in ipairs(redis.call('LRANGE', list, 0, -1)) do
+    local m = redis.call('HMGET', prefix .. id, 'status', 'provider_message_id', 'created_at',
+      'route_id', 'country')
+    if m[2] or m[1] == 'queued' or m[1] == 'sent' or m[1] == 'delivered' then
+      local field = m[4] .. '|' .. (string.gsub(m[5] or '', '|', '_')) .. '||verifications_approved'
+      redis.call('HINCRBY', days .. day_text(tonumber(m[3])), field, 1)
+      return
+    end
+  end
 end
 "#;
 
@@ -806,8 +886,10 @@ return false
 /// then the subject's guess budget: its max ('' = none), the window and the
 /// time into it (ms), the counter keys' text before the subject and after it
 /// (previous window, current window), their ttl, and the two windows' counts
-/// when the caller read them ('' = read here: `S` names the keys). The budget is
-/// judged after the liveness tests and before anything else, as every store does.
+/// when the caller read them ('' = read here: `S` names the keys), then the
+/// verification's message list ('' = the caller counts the approval's usage),
+/// its message record prefix and the tenant's usage days. The budget is judged
+/// after the liveness tests and before anything else, as every store does.
 const CHECK_CODE: &str = r#"
 local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts', 'masked_to')
 if r[1] ~= ARGV[1] then return {'not_found'} end
@@ -836,6 +918,7 @@ if same(r[4], ARGV[2]) then
   redis.call('HSET', R, 'status', 'approved')
   redis.call('HDEL', R, 'code_hash')
   shorten(R, ARGV[4])
+  if ARGV[14] ~= '' then count_approval(ARGV[14], ARGV[15], ARGV[16]) end
   return append({'approved'}, redis.call('HGETALL', R))
 end
 local attempts = redis.call('HINCRBY', R, 'attempts', 1)
@@ -931,14 +1014,18 @@ return 1
 
 /// One node: KEYS: record, list, mref, all messages, the provider's unfinished,
 /// provider ref (when the message has a provider id). ARGV: ttl ms, message id,
-/// verification id, created ms, index member, '1' when unfinished, field/value
-/// pairs. References and indexes first, as the caller does on a cluster.
+/// verification id, created ms, index member, '1' when unfinished, the usage
+/// day to add to, the number n of its field/increment pairs and those pairs,
+/// then the record's field/value pairs. References and indexes first, as the
+/// caller does on a cluster.
 const INSERT_MESSAGE_INDEXED: &str = r#"
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[1])
 if KEYS[6] then redis.call('SET', KEYS[6], KEYS[1], 'PX', ARGV[1]) end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5]) end
-write_message(7)
+local n = tonumber(ARGV[8])
+add_usage(ARGV[7], 9, n)
+write_message(9 + 2 * n)
 return 1
 "#;
 
@@ -984,7 +1071,7 @@ return 0
 
 /// KEYS: a tenant's usage day. ARGV: field/increment pairs.
 const RECORD_USAGE: &str = r#"
-for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+add_usage(KEYS[1], 1, #ARGV / 2)
 return 1
 "#;
 
@@ -1871,6 +1958,7 @@ impl Store for RedisStore {
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
         bounded(async {
+            let cluster = matches!(self.conn, Conn::Cluster(_));
             let args = |counts| {
                 let mut args = vec![
                     tenant.to_owned(),
@@ -1879,13 +1967,24 @@ impl Store for RedisStore {
                     KEEP_ENDED_MS.to_string(),
                 ];
                 args.extend(self.guess_args(budget, counts, now));
+                // A cluster script cannot reach the messages or usage (other
+                // slots either): the approval is counted after it.
+                args.extend(if cluster {
+                    Default::default()
+                } else {
+                    [
+                        self.keys.message_list(id),
+                        self.keys.message_prefix(id),
+                        self.keys.usage_days(tenant),
+                    ]
+                });
                 args
             };
             let script = &self.scripts.check_code;
             // A cluster script cannot reach the budget's counters (other slots):
             // they are read before it and a wrong guess counted after it, so
             // there the budget is exact only for checks made one at a time.
-            let (subject, out, guess_key) = if let Conn::Cluster(_) = self.conn {
+            let (subject, out, guess_key) = if cluster {
                 let Some(subject) = self.subject_of(id).await? else {
                     return Ok(CheckOutcome::NotFound);
                 };
@@ -1919,6 +2018,9 @@ impl Store for RedisStore {
                 "approved" => {
                     let v = decode_verification(rest)?;
                     self.unindex_pending(&subject, id);
+                    if cluster {
+                        self.count_approval(tenant, id).await;
+                    }
                     CheckOutcome::Approved(v)
                 }
                 "wrong" => {
@@ -1996,7 +2098,11 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn insert_message(&self, message: &MessageRecord) -> StoreResult<()> {
+    async fn insert_message(
+        &self,
+        message: &MessageRecord,
+        usage: Option<&UsageRow>,
+    ) -> StoreResult<()> {
         bounded(async {
             let vid = message.verification_id;
             let record = format!("{}{}", self.keys.message_prefix(vid), message.id);
@@ -2018,6 +2124,12 @@ impl Store for RedisStore {
                     .arg(message.created_at.timestamp_millis())
                     .arg(&member)
                     .arg(if is_unfinished(message) { "1" } else { "0" });
+                let usage_pairs = usage.map(usage_pairs).unwrap_or_default();
+                inv.arg(usage.map_or_else(String::new, |u| self.keys.usage_day(&u.tenant, u.day)))
+                    .arg(usage_pairs.len());
+                for (field, amount) in usage_pairs {
+                    inv.arg(field).arg(amount);
+                }
                 add_pairs(&mut inv, message_pairs(message));
                 inv.invoke_async::<i64>(&mut self.conn())
                     .await
@@ -2075,6 +2187,11 @@ impl Store for RedisStore {
             inv.invoke_async::<i64>(&mut self.conn())
                 .await
                 .map_err(store_error)?;
+            // A cluster keeps usage in other slots: counted once the record is
+            // in, and a failure to count is only logged, as the record is in.
+            if let Some(usage) = usage {
+                self.add_usage_after(usage).await;
+            }
             Ok(())
         })
         .await
@@ -2342,36 +2459,20 @@ impl Store for RedisStore {
 
     async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
         bounded(async {
-            let prefix = format!(
-                "{}|{}|{}|",
-                d.route_id,
-                usage_part(d.country.as_deref()),
-                usage_part(d.currency.as_deref())
-            );
-            let amounts = [
-                i64::try_from(d.sent).unwrap_or(i64::MAX),
-                i64::try_from(d.delivered).unwrap_or(i64::MAX),
-                i64::try_from(d.failed).unwrap_or(i64::MAX),
-                i64::try_from(d.verifications_started).unwrap_or(i64::MAX),
-                i64::try_from(d.verifications_approved).unwrap_or(i64::MAX),
-                d.cost_micros,
-            ];
+            let pairs = usage_pairs(d);
+            if pairs.is_empty() {
+                return Ok(());
+            }
             let mut inv = self
                 .scripts
                 .record_usage
                 .key(self.keys.usage_day(&d.tenant, d.day));
-            let mut any = false;
-            for (counter, amount) in USAGE_COUNTERS.iter().zip(amounts) {
-                if amount != 0 {
-                    inv.arg(format!("{prefix}{counter}")).arg(amount);
-                    any = true;
-                }
+            for (field, amount) in pairs {
+                inv.arg(field).arg(amount);
             }
-            if any {
-                inv.invoke_async::<i64>(&mut self.conn())
-                    .await
-                    .map_err(store_error)?;
-            }
+            inv.invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(store_error)?;
             Ok(())
         })
         .await

@@ -519,6 +519,8 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 /// - `for_update`: appended to a read whose row the transaction then writes
 ///   (`" FOR UPDATE"` on PostgreSQL; empty on SQLite, whose `BEGIN IMMEDIATE`
 ///   already holds the only write lock).
+/// - `day_of_millis`: the UTC day (`YYYY-MM-DD`, as `day_text` writes it) of a
+///   `created_at` in milliseconds, in the backend's SQL.
 ///
 /// What each backend does its own way, it provides as inherent items:
 /// - `async fn close(&self)`: closes its pools.
@@ -541,7 +543,8 @@ macro_rules! sql_store {
         db: $db:ty,
         read: $read:ident,
         insertion_order: $order:literal,
-        for_update: $lock:literal $(,)?
+        for_update: $lock:literal,
+        day_of_millis: $day_of_millis:literal $(,)?
     ) => {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
@@ -618,6 +621,66 @@ macro_rules! sql_store {
                     }),
                     _ => Err(StoreError::Corrupt("short counter read".into())),
                 }
+            }
+
+            /// `record_usage`'s one upsert: the row is created or added to.
+            async fn upsert_usage(conn: &mut Conn, d: &UsageRow) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
+                         delivered, failed, verifications_started, verifications_approved,
+                         cost_micros)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
+                         sent = usage_daily.sent + excluded.sent,
+                         delivered = usage_daily.delivered + excluded.delivered,
+                         failed = usage_daily.failed + excluded.failed,
+                         verifications_started =
+                             usage_daily.verifications_started + excluded.verifications_started,
+                         verifications_approved =
+                             usage_daily.verifications_approved + excluded.verifications_approved,
+                         cost_micros = usage_daily.cost_micros + excluded.cost_micros",
+                )
+                .bind(&d.tenant)
+                .bind(day_text(d.day))
+                .bind(i64::from(d.route_id))
+                .bind(d.country.as_deref().unwrap_or_default())
+                .bind(d.currency.as_deref().unwrap_or_default())
+                .bind(usage_amount(d.sent))
+                .bind(usage_amount(d.delivered))
+                .bind(usage_amount(d.failed))
+                .bind(usage_amount(d.verifications_started))
+                .bind(usage_amount(d.verifications_approved))
+                .bind(d.cost_micros)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
+            }
+
+            /// Counts the approval of verification `id` (`UsageRow::approval`)
+            /// inside the check's write: one statement finds its first accepted
+            /// attempt (`MessageRecord::was_accepted`) and adds to that row.
+            async fn count_approval(conn: &mut Conn, id: Uuid) -> StoreResult<()> {
+                sqlx::query(concat!(
+                    "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
+                         delivered, failed, verifications_started, verifications_approved,
+                         cost_micros)
+                     SELECT tenant, ", $day_of_millis, ", route_id, COALESCE(country, ''), '',
+                         0, 0, 0, 0, 1, 0
+                     FROM messages
+                     WHERE verification_id = $1
+                         AND (status IN ('queued', 'sent', 'delivered')
+                             OR provider_message_id IS NOT NULL)
+                     ORDER BY created_at, ", $order, "
+                     LIMIT 1
+                     ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
+                         verifications_approved = usage_daily.verifications_approved + 1"
+                ))
+                .bind(id_text(id))
+                .execute(&mut *conn)
+                .await
+                .map_err(map_sqlx)?;
+                Ok(())
             }
 
             /// One add of `add_to_counter`: one upsert creates the window's row
@@ -946,8 +1009,12 @@ macro_rules! sql_store {
                         .await
                         .map_err(map_sqlx)?;
                     }
-                    if let (CheckOutcome::Wrong { .. }, Some((_, key))) = (&outcome, &guesses) {
-                        Self::add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
+                    match (&outcome, &guesses) {
+                        (CheckOutcome::Wrong { .. }, Some((_, key))) => {
+                            Self::add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
+                        }
+                        (CheckOutcome::Approved(_), _) => Self::count_approval(conn, id).await?,
+                        _ => {}
                     }
                     Ok(outcome)
                 }))
@@ -1001,9 +1068,18 @@ macro_rules! sql_store {
                 .await
             }
 
-            async fn insert_message(&self, m: &MessageRecord) -> StoreResult<()> {
+            async fn insert_message(
+                &self,
+                m: &MessageRecord,
+                usage: Option<&UsageRow>,
+            ) -> StoreResult<()> {
                 let m = m.clone();
-                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
+                let usage = usage.cloned();
+                let kind = match usage {
+                    Some(_) => WriteKind::Transaction,
+                    None => WriteKind::Statement,
+                };
+                self.write(kind, move |conn| Box::pin(async move {
                     sqlx::query(
                         "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
                              provider_message_id, masked_to, country, status, error, cost, currency,
@@ -1034,6 +1110,9 @@ macro_rules! sql_store {
                     .execute(&mut *conn)
                     .await
                     .map_err(map_sqlx)?;
+                    if let Some(usage) = &usage {
+                        Self::upsert_usage(conn, usage).await?;
+                    }
                     Ok(())
                 }))
                 .await
@@ -1178,38 +1257,9 @@ macro_rules! sql_store {
             /// One upsert is one atomic step: the row is created or added to.
             async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
                 let d = d.clone();
-                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
-                             delivered, failed, verifications_started, verifications_approved,
-                             cost_micros)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                         ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
-                             sent = usage_daily.sent + excluded.sent,
-                             delivered = usage_daily.delivered + excluded.delivered,
-                             failed = usage_daily.failed + excluded.failed,
-                             verifications_started =
-                                 usage_daily.verifications_started + excluded.verifications_started,
-                             verifications_approved =
-                                 usage_daily.verifications_approved + excluded.verifications_approved,
-                             cost_micros = usage_daily.cost_micros + excluded.cost_micros",
-                    )
-                    .bind(&d.tenant)
-                    .bind(day_text(d.day))
-                    .bind(i64::from(d.route_id))
-                    .bind(d.country.as_deref().unwrap_or_default())
-                    .bind(d.currency.as_deref().unwrap_or_default())
-                    .bind(usage_amount(d.sent))
-                    .bind(usage_amount(d.delivered))
-                    .bind(usage_amount(d.failed))
-                    .bind(usage_amount(d.verifications_started))
-                    .bind(usage_amount(d.verifications_approved))
-                    .bind(d.cost_micros)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                    Ok(())
-                }))
+                self.write(WriteKind::Statement, move |conn| {
+                    Box::pin(async move { Self::upsert_usage(conn, &d).await })
+                })
                 .await
             }
 

@@ -224,6 +224,7 @@ super::sql_common::sql_store!(
     read: reader,
     insertion_order: "rowid",
     for_update: "",
+    day_of_millis: "date(created_at / 86400000 * 86400, 'unixepoch')",
 );
 
 #[cfg(test)]

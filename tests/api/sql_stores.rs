@@ -472,7 +472,7 @@ async fn ended_verifications_go_after_their_messages(store: &dyn Store) {
         .await
         .id;
     let record = crate::store_contract::message("acme", with_message, "BX-retention", now);
-    store.insert_message(&record).await.unwrap();
+    store.insert_message(&record, None).await.unwrap();
 
     let expired = now + Duration::seconds(301);
     while store.purge_expired(expired, 100).await.unwrap() > 0 {}

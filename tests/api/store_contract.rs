@@ -787,8 +787,8 @@ pub async fn messages_record_attempts_and_only_move_forward(store: DynStore) {
     let pid_b = format!("BX-{}", Uuid::new_v4().simple());
     let a = message(&f.tenant, vid, &pid_a, now);
     let b = message(&f.tenant, vid, &pid_b, now + Duration::seconds(1));
-    store.insert_message(&a).await.unwrap();
-    store.insert_message(&b).await.unwrap();
+    store.insert_message(&a, None).await.unwrap();
+    store.insert_message(&b, None).await.unwrap();
     assert_eq!(
         store.list_messages(&f.tenant, vid).await.unwrap(),
         vec![a.clone(), b.clone()]
@@ -856,7 +856,7 @@ pub async fn message_transitions_are_stamped_and_duplicates_do_not_move(store: D
     let vid = f.start(&store, "111111", now).await;
     let pid = format!("AT-{}", Uuid::new_v4().simple());
     let first = message(&f.tenant, vid, &pid, now);
-    store.insert_message(&first).await.unwrap();
+    store.insert_message(&first, None).await.unwrap();
     let pid_resend = format!("TW-{}", Uuid::new_v4().simple());
     let resend = MessageRecord {
         resend_of: Some(first.id),
@@ -864,7 +864,7 @@ pub async fn message_transitions_are_stamped_and_duplicates_do_not_move(store: D
         provider: "twilio".into(),
         ..message(&f.tenant, vid, &pid_resend, now + Duration::seconds(20))
     };
-    store.insert_message(&resend).await.unwrap();
+    store.insert_message(&resend, None).await.unwrap();
 
     let update = |status, secs, error: Option<&str>| MessageUpdate {
         status,
@@ -973,7 +973,7 @@ pub async fn unfinished_messages_are_listed_per_provider_oldest_first(store: Dyn
         &later,
         &other_provider,
     ] {
-        store.insert_message(m).await.unwrap();
+        store.insert_message(m, None).await.unwrap();
     }
     let ids = |list: Vec<MessageRecord>| list.into_iter().map(|m| m.id).collect::<Vec<_>>();
     assert_eq!(
@@ -1047,7 +1047,7 @@ pub async fn purge_messages_deletes_old_ones_in_batches(store: DynStore) {
         .collect();
     let young = mk(long_ago + Duration::days(40));
     for m in old.iter().chain([&young]) {
-        store.insert_message(m).await.unwrap();
+        store.insert_message(m, None).await.unwrap();
     }
     let cutoff = long_ago + Duration::days(30);
     assert_eq!(store.purge_messages(cutoff, 2).await.unwrap(), 2);
@@ -1164,6 +1164,106 @@ pub async fn concurrent_usage_adds_are_all_counted(store: DynStore) {
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].sent, rows[0].delivered), (40, 40));
     assert_eq!(rows[0].cost_micros, 40 * 35_000_000);
+}
+
+pub async fn a_message_and_its_usage_are_recorded_together(store: DynStore) {
+    use otpd::store::UsageRow;
+    let f = Fixture::new();
+    let now = t0();
+    let vid = f.start(&store, "111111", now).await;
+    let m = message(
+        &f.tenant,
+        vid,
+        &format!("BX-{}", Uuid::new_v4().simple()),
+        now,
+    );
+    let mut delta = UsageRow::new(&f.tenant, day(7), 3, Some("NL"), None);
+    delta.sent = 1;
+    delta.verifications_started = 1;
+    store.insert_message(&m, Some(&delta)).await.unwrap();
+    let unaccounted = message(&f.tenant, vid, "BX-no-usage", now);
+    store.insert_message(&unaccounted, None).await.unwrap();
+    assert_eq!(
+        store.list_messages(&f.tenant, vid).await.unwrap(),
+        vec![m, unaccounted]
+    );
+    assert_eq!(
+        store.usage(&f.tenant, day(1), day(31)).await.unwrap(),
+        vec![delta]
+    );
+}
+
+/// 2024-02-29 23:59:59.999 UTC: the last millisecond of a leap day, so a
+/// store that computes the day itself must get the calendar right.
+fn leap_day_end() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2024, 2, 29, 23, 59, 59).unwrap() + Duration::milliseconds(999)
+}
+
+pub async fn an_approval_counts_once_on_its_first_accepted_attempt(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let at = leap_day_end();
+    // Refused by its provider: no provider id, so never accepted.
+    let mut refused = message(&f.tenant, id, "unused", at - Duration::seconds(1));
+    refused.provider_message_id = None;
+    refused.status = DeliveryStatus::Failed;
+    refused.route_id = 1;
+    let mut first = message(
+        &f.tenant,
+        id,
+        &format!("BX-{}", Uuid::new_v4().simple()),
+        at,
+    );
+    first.route_id = 2;
+    let mut later = message(
+        &f.tenant,
+        id,
+        &format!("BX-{}", Uuid::new_v4().simple()),
+        at,
+    );
+    later.created_at = at + Duration::milliseconds(1);
+    for m in [&refused, &first, &later] {
+        store.insert_message(m, None).await.unwrap();
+    }
+    let hash = f.hash(id, "123456");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, f) = (store.clone(), f.clone());
+            tokio::spawn(async move { store.check_code(&f.tenant, id, &hash, None, now).await })
+        })
+        .collect();
+    let mut approved = 0;
+    for t in tasks {
+        if let CheckOutcome::Approved(_) = t.await.unwrap().unwrap() {
+            approved += 1;
+        }
+    }
+    assert_eq!(approved, 1);
+    let from = at.date_naive() - Duration::days(1);
+    let rows = store
+        .usage(&f.tenant, from, from + Duration::days(3))
+        .await
+        .unwrap();
+    let mut expected = otpd::store::UsageRow::new(&f.tenant, at.date_naive(), 2, Some("NL"), None);
+    expected.verifications_approved = 1;
+    assert_eq!(rows, vec![expected]);
+}
+
+pub async fn an_approval_without_an_accepted_attempt_counts_nothing(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let approved = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
+        .await
+        .unwrap();
+    assert!(
+        matches!(approved, CheckOutcome::Approved(_)),
+        "{approved:?}"
+    );
+    let today = now.date_naive();
+    assert_eq!(store.usage(&f.tenant, today, today).await.unwrap(), vec![]);
 }
 
 pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: DynStore) {
@@ -1769,6 +1869,9 @@ macro_rules! store_contract_tests {
                 purge_messages_deletes_old_ones_in_batches,
                 usage_adds_up_per_day_route_country_and_currency,
                 concurrent_usage_adds_are_all_counted,
+                a_message_and_its_usage_are_recorded_together,
+                an_approval_counts_once_on_its_first_accepted_attempt,
+                an_approval_without_an_accepted_attempt_counts_nothing,
                 replace_code_resends_without_cooldown_and_keeps_attempts,
                 inbox_lists_newest_first_per_tenant_and_number,
                 rate_limit_counts_per_window,
