@@ -8,7 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::config::AfricasTalkingSettings;
-use super::http::{HttpAnswer, execute, safe_snippet, status_error};
+use super::http::{self, HttpAnswer, execute, safe_snippet, status_error};
 use super::{OutgoingSms, ProviderError, ProviderErrorKind, SendReceipt, SmsProvider};
 use crate::domain::DeliveryStatus;
 
@@ -18,7 +18,7 @@ pub const SANDBOX_BASE_URL: &str = "https://api.sandbox.africastalking.com";
 
 pub struct AfricasTalkingProvider {
     client: reqwest::Client,
-    send_url: String,
+    send_url: reqwest::Url,
     username: String,
     api_key: SecretString,
     sender_id: Option<String>,
@@ -45,7 +45,10 @@ impl AfricasTalkingProvider {
         };
         Ok(Self {
             client,
-            send_url: format!("{}/version1/messaging", base.trim_end_matches('/')),
+            send_url: http::endpoint(&format!(
+                "{}/version1/messaging",
+                base.trim_end_matches('/')
+            ))?,
             username: settings.username.clone(),
             api_key,
             sender_id: settings.sender_id.clone(),
@@ -56,7 +59,7 @@ impl AfricasTalkingProvider {
 
     /// The URL messages are POSTed to.
     pub fn endpoint(&self) -> &str {
-        &self.send_url
+        self.send_url.as_str()
     }
 }
 
@@ -106,7 +109,7 @@ impl SmsProvider for AfricasTalkingProvider {
         }
         let request = self
             .client
-            .post(&self.send_url)
+            .post(self.send_url.clone())
             .header("apiKey", self.api_key.expose_secret())
             .header(reqwest::header::ACCEPT, "application/json")
             .form(&form);

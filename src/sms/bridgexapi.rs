@@ -8,7 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::config::{BRIDGEX_MAX_MESSAGE, BridgexSettings};
-use super::http::{HttpAnswer, execute, safe_snippet, status_error};
+use super::http::{self, HttpAnswer, execute, safe_snippet, status_error};
 use super::{OutgoingSms, ProviderError, ProviderErrorKind, SendReceipt, SmsProvider};
 use crate::domain::DeliveryStatus;
 
@@ -17,7 +17,7 @@ const NAME: &str = "bridgexapi";
 pub struct BridgexProvider {
     client: reqwest::Client,
     base_url: String,
-    send_url: String,
+    send_url: reqwest::Url,
     api_key: SecretString,
     route_id: u8,
     caller_id: String,
@@ -37,7 +37,7 @@ impl BridgexProvider {
         let base_url = settings.base_url.trim_end_matches('/').to_owned();
         Ok(Self {
             client,
-            send_url: format!("{base_url}/api/v1/send_sms"),
+            send_url: http::endpoint(&format!("{base_url}/api/v1/send_sms"))?,
             base_url,
             api_key,
             route_id: settings.provider_route_id,
@@ -186,7 +186,7 @@ impl SmsProvider for BridgexProvider {
         }
         let request = self
             .client
-            .post(&self.send_url)
+            .post(self.send_url.clone())
             .header("X-API-KEY", self.api_key.expose_secret())
             .json(&serde_json::json!({
                 "route_id": self.route_id,

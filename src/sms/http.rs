@@ -36,6 +36,12 @@ pub fn http_client(
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
+/// A provider endpoint, parsed once when its route is built rather than by
+/// the client on every request.
+pub(crate) fn endpoint(url: &str) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))
+}
+
 /// A provider's answer, read in full (up to `MAX_BODY_BYTES`).
 pub(crate) struct HttpAnswer {
     pub status: StatusCode,

@@ -8,7 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::config::TwilioSettings;
-use super::http::{HttpAnswer, execute, safe_snippet, status_error};
+use super::http::{self, HttpAnswer, execute, safe_snippet, status_error};
 use super::{OutgoingSms, ProviderError, ProviderErrorKind, SendReceipt, SmsProvider};
 use crate::domain::DeliveryStatus;
 
@@ -16,7 +16,7 @@ const NAME: &str = "twilio";
 
 pub struct TwilioProvider {
     client: reqwest::Client,
-    send_url: String,
+    send_url: reqwest::Url,
     account_sid: String,
     auth_token: SecretString,
     sender: Sender,
@@ -46,11 +46,11 @@ impl TwilioProvider {
         };
         Ok(Self {
             client,
-            send_url: format!(
+            send_url: http::endpoint(&format!(
                 "{}/2010-04-01/Accounts/{}/Messages.json",
                 settings.base_url.trim_end_matches('/'),
                 urlencoding::encode(&settings.account_sid)
-            ),
+            ))?,
             account_sid: settings.account_sid.clone(),
             auth_token,
             sender,
@@ -93,7 +93,7 @@ impl SmsProvider for TwilioProvider {
         }
         let request = self
             .client
-            .post(&self.send_url)
+            .post(self.send_url.clone())
             .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
             .header(reqwest::header::ACCEPT, "application/json")
             .form(&form);

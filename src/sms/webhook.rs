@@ -17,7 +17,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::config::WebhookSettings;
-use super::http::{HttpAnswer, execute, status_error};
+use super::http::{self, HttpAnswer, execute, status_error};
 use super::{OutgoingSms, ProviderError, ProviderErrorKind, SendReceipt, SmsProvider};
 use crate::domain::DeliveryStatus;
 
@@ -26,7 +26,7 @@ pub const SIGNATURE_HEADER: &str = "X-Otpd-Signature";
 
 pub struct WebhookProvider {
     client: reqwest::Client,
-    url: String,
+    url: reqwest::Url,
     secret: SecretString,
     timeout: Duration,
 }
@@ -43,7 +43,7 @@ impl WebhookProvider {
             .ok_or_else(|| "secret: required".to_owned())?;
         Ok(Self {
             client,
-            url: settings.url.clone(),
+            url: http::endpoint(&settings.url)?,
             secret,
             timeout,
         })
@@ -87,7 +87,7 @@ impl SmsProvider for WebhookProvider {
         let signature = Self::sign(self.secret.expose_secret().as_bytes(), &body);
         let request = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(SIGNATURE_HEADER, signature)
             .body(body);
