@@ -2,8 +2,9 @@
 //! a time, so every write goes to one task that owns the only write connection
 //! and commits queued operations in groups (`writer`); requests queue there
 //! instead of failing with `SQLITE_BUSY`. Reads use a separate pool and never
-//! wait for writers.
+//! wait for writers, and WAL checkpoints run beside the writer (`checkpoint`).
 
+mod checkpoint;
 mod writer;
 
 use std::path::Path;
@@ -15,6 +16,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, SqliteConnection};
 
+use self::checkpoint::Checkpointer;
 use self::writer::Writer;
 use super::sql_common::{
     KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, WriteFuture, WriteKind, map_migrate,
@@ -53,6 +55,7 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     group: Writer,
+    checkpointer: Checkpointer,
 }
 
 impl SqliteStore {
@@ -88,10 +91,14 @@ impl SqliteStore {
             .acquire_timeout(options.busy_timeout)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(connect.clone())
+            .connect_with(connect.clone().pragma(
+                "wal_autocheckpoint",
+                checkpoint::WRITER_BACKSTOP_PAGES.to_string(),
+            ))
             .await
             .map_err(map_sqlx)?;
         MIGRATOR.run(&writer).await.map_err(map_migrate)?;
+        let checkpointer = Checkpointer::start(&connect).await?;
         // `query_only` turns an accidental write on a reader into an error
         // instead of a second writer racing the first for the file lock.
         let reader = SqlitePoolOptions::new()
@@ -106,6 +113,7 @@ impl SqliteStore {
             writer,
             reader,
             group,
+            checkpointer,
         })
     }
 
@@ -119,6 +127,7 @@ impl SqliteStore {
     pub async fn close(&self) {
         // The writer last: closing its final connection checkpoints the WAL.
         self.reader.close().await;
+        self.checkpointer.stop().await;
         self.writer.close().await;
     }
 
@@ -267,6 +276,43 @@ mod tests {
         };
         let (_dir, store) = open_in_tempdir(full).await;
         assert_eq!(synchronous(&store.writer).await, 2, "FULL when asked");
+    }
+
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_beside_the_writer() {
+        use crate::store::{Store, UsageRow};
+        let (dir, store) = open_in_tempdir(SqliteOptions::default()).await;
+        let backstop: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(backstop, i64::from(checkpoint::WRITER_BACKSTOP_PAGES));
+        // Everything so far (the migrations) into the file, so that it grows
+        // only when a checkpoint copies what follows.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        let file = dir.path().join("otpd.db");
+        let size = || std::fs::metadata(&file).unwrap().len();
+        let before = size();
+        // Far below the writer's own threshold: only the background
+        // checkpoints can move these pages into the database file.
+        let day = chrono::NaiveDate::from_ymd_opt(2030, 1, 1).unwrap();
+        for route in 0..2_000 {
+            let mut row = UsageRow::new("acme", day, route, Some("NL"), None);
+            row.sent = 1;
+            store.record_usage(&row).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint copied the WAL into the database file"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store.close().await;
     }
 
     #[tokio::test]
