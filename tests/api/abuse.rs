@@ -463,6 +463,32 @@ async fn pumping_guard_stops_a_synthetic_attack_while_real_traffic_flows() {
     assert_eq!(guard["quarantines"], json!([]));
 }
 
+/// Traffic whose codes are typed in converts: the guard lets it grow past the
+/// hourly threshold. Each approval here is a check by number, which the store
+/// counts for the guard in the same step as the approval; a check by id counts
+/// it just after (`pumping_guard_stops_a_synthetic_attack_while_real_traffic_flows`).
+#[tokio::test]
+async fn approvals_by_number_keep_a_busy_prefix_open() {
+    let app = TestApp::spawn_with(|s| s.policy.max_sends_per_ip_10min = 0).await;
+    for i in 0..60 {
+        let (status, _, sent) = send(&app, json!({ "to": ug(i) })).await;
+        assert_eq!(status, StatusCode::CREATED, "send {i}: {sent}");
+        let (status, body) = check(
+            &app,
+            &app.key,
+            json!({ "to": ug(i), "code": sent["debug_code"] }),
+        )
+        .await;
+        assert_eq!(
+            (status, &body["valid"]),
+            (StatusCode::OK, &json!(true)),
+            "{body}"
+        );
+    }
+    let (_, guard) = parts(app.get("/v1/guard").await).await;
+    assert_eq!(guard["quarantines"], json!([]), "{guard}");
+}
+
 #[tokio::test]
 async fn a_quarantine_ends_by_itself() {
     let app = TestApp::spawn_with(|s| {
