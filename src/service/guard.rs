@@ -509,31 +509,7 @@ impl AbuseGuard {
         }
     }
 
-    /// What an approved code adds to the pumping guard's conversion (an
-    /// approval is a real user), for a check to count with its approval.
-    pub fn approval_counts(
-        &self,
-        policy: &Policy,
-        tenant: &str,
-        to: &PhoneNumber,
-    ) -> Vec<CounterAdd> {
-        if !policy.guard.enabled {
-            return Vec::new();
-        }
-        let tag = self.tenant_tag(tenant);
-        guard_levels(policy, to)
-            .iter()
-            .map(|(prefix, _)| CounterAdd {
-                key: traffic_key("ok", &tag, prefix),
-                amount: 1,
-                window_seconds: HOUR,
-                ceiling: None,
-            })
-            .collect()
-    }
-
-    /// Counts an approval whose number the check could not know beforehand
-    /// (a check by id or uid): `approval_counts` of its stored number.
+    /// Feeds the pumping guard's conversion: an approved code is a real user.
     pub async fn record_approval(&self, policy: &Policy, v: &Verification, now: DateTime<Utc>) {
         if !policy.guard.enabled {
             return;
@@ -544,7 +520,16 @@ impl AbuseGuard {
         else {
             return;
         };
-        let adds = self.approval_counts(policy, &v.tenant, &phone);
+        let tag = self.tenant_tag(&v.tenant);
+        let adds: Vec<CounterAdd> = guard_levels(policy, &phone)
+            .iter()
+            .map(|(prefix, _)| CounterAdd {
+                key: traffic_key("ok", &tag, prefix),
+                amount: 1,
+                window_seconds: HOUR,
+                ceiling: None,
+            })
+            .collect();
         if let Err(e) = self.store.add_counters(&adds, now).await {
             tracing::warn!(tenant = %v.tenant, error = %e, "could not count an approval");
         }

@@ -633,16 +633,14 @@ impl VerificationService {
                 client_ip = caller.client_ip.map(|ip| ip.to_string()),
             );
         };
-        // A check by number names the guard's approval counts before it, so
-        // the store adds them with the approval; otherwise they follow it.
-        let (id, masked_to, approval_counts) = match target {
-            Target::Id(id) => (id, None, None),
+        let (id, masked_to) = match target {
+            Target::Id(id) => (id, None),
             Target::Uid(uid) => {
                 let subject = self.crypto.subject_for_uid(tenant, &uid);
                 let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
                     audit(None, None, check_error_label(e));
                 })?;
-                (id, None, None)
+                (id, None)
             }
             Target::Phone { to, purpose } => {
                 let subject = self.crypto.subject_for_phone(tenant, &to, purpose.as_str());
@@ -650,8 +648,7 @@ impl VerificationService {
                 let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
                     audit(None, Some(&masked), check_error_label(e));
                 })?;
-                let counts = self.guard.approval_counts(caller.policy, tenant, &to);
-                (id, Some(masked), Some(counts))
+                (id, Some(masked))
             }
         };
         let hash = hash_for(id);
@@ -660,14 +657,7 @@ impl VerificationService {
         let budget = GuessBudget::new(caller.policy.max_wrong_guesses_per_hour);
         let outcome = self
             .store
-            .check_code(
-                tenant,
-                id,
-                &hash,
-                budget,
-                approval_counts.as_deref().unwrap_or_default(),
-                now,
-            )
+            .check_code(tenant, id, &hash, budget, now)
             .await?;
         let label = match &outcome {
             CheckOutcome::Approved(_) => Some("approved"),
@@ -690,11 +680,8 @@ impl VerificationService {
         }
         match outcome {
             CheckOutcome::Approved(v) => {
-                // The store counted it in usage with the approval itself, and
-                // in the guard's conversion when the check could name it.
-                if approval_counts.is_none() {
-                    self.guard.record_approval(caller.policy, &v, now).await;
-                }
+                // The store counted it in usage with the approval itself.
+                self.guard.record_approval(caller.policy, &v, now).await;
                 Ok(CheckResult::Approved(v))
             }
             CheckOutcome::Wrong { attempts_left, .. } => Ok(CheckResult::Wrong {

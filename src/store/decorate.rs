@@ -72,13 +72,11 @@ macro_rules! decorate_store {
                 id: Uuid,
                 code_hash: &[u8; 32],
                 budget: Option<$crate::store::GuessBudget>,
-                on_approval: &[$crate::store::CounterAdd],
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
                 self.$around(
                     "check_code",
-                    self.inner
-                        .check_code(tenant, id, code_hash, budget, on_approval, now),
+                    self.inner.check_code(tenant, id, code_hash, budget, now),
                 )
                 .await
             }

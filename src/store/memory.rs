@@ -1351,7 +1351,6 @@ impl Store for MemoryStore {
         id: Uuid,
         code_hash: &[u8; 32],
         budget: Option<GuessBudget>,
-        on_approval: &[CounterAdd],
         at: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
         let now = ms(at);
@@ -1392,10 +1391,6 @@ impl Store for MemoryStore {
             let v = shard.decode(i, &self.symbols);
             drop(shard);
             self.count_approval(id.as_bytes());
-            for add in on_approval {
-                self.counters
-                    .add(&add.key, add.amount, add.window_seconds, at);
-            }
             return Ok(CheckOutcome::Approved(v));
         }
         r.attempts += 1;

@@ -409,16 +409,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically: pending and unexpired, the subject's guess budget (when
     /// given), attempts left, constant-time hash compare, then approve
-    /// (erasing the hash, adding `UsageRow::approval` of its attempts to usage
-    /// and `on_approval` to the counters, whose ceilings it ignores) or count
-    /// the failure, in the budget too.
+    /// (erasing the hash, and adding `UsageRow::approval` of its attempts to
+    /// usage) or count the failure, in the budget too.
     async fn check_code(
         &self,
         tenant: &str,
         id: Uuid,
         code_hash: &[u8; 32],
         budget: Option<GuessBudget>,
-        on_approval: &[CounterAdd],
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome>;
 

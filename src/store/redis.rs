@@ -888,9 +888,8 @@ return false
 /// (previous window, current window), their ttl, and the two windows' counts
 /// when the caller read them ('' = read here: `S` names the keys), then the
 /// verification's message list ('' = the caller counts the approval's usage),
-/// its message record prefix and the tenant's usage days, then the number n of
-/// counters an approval adds and n (key, amount, ttl) triples. The budget is
-/// judged after the liveness tests and before anything else, as every store does.
+/// its message record prefix and the tenant's usage days. The budget is judged
+/// after the liveness tests and before anything else, as every store does.
 const CHECK_CODE: &str = r#"
 local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts', 'masked_to')
 if r[1] ~= ARGV[1] then return {'not_found'} end
@@ -920,10 +919,6 @@ if same(r[4], ARGV[2]) then
   redis.call('HDEL', R, 'code_hash')
   shorten(R, ARGV[4])
   if ARGV[14] ~= '' then count_approval(ARGV[14], ARGV[15], ARGV[16]) end
-  for i = 18, 17 + 3 * tonumber(ARGV[17]), 3 do
-    redis.call('INCRBY', ARGV[i], ARGV[i + 1])
-    if redis.call('PTTL', ARGV[i]) < 0 then redis.call('PEXPIRE', ARGV[i], ARGV[i + 2]) end
-  end
   return append({'approved'}, redis.call('HGETALL', R))
 end
 local attempts = redis.call('HINCRBY', R, 'attempts', 1)
@@ -1960,7 +1955,6 @@ impl Store for RedisStore {
         id: Uuid,
         code_hash: &[u8; 32],
         budget: Option<GuessBudget>,
-        on_approval: &[CounterAdd],
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
         bounded(async {
@@ -1973,26 +1967,17 @@ impl Store for RedisStore {
                     KEEP_ENDED_MS.to_string(),
                 ];
                 args.extend(self.guess_args(budget, counts, now));
-                // A cluster script cannot reach the messages, usage or
-                // counters (other slots too): the approval is counted after it.
-                if cluster {
-                    args.extend([String::new(), String::new(), String::new(), "0".into()]);
+                // A cluster script cannot reach the messages or usage (other
+                // slots either): the approval is counted after it.
+                args.extend(if cluster {
+                    Default::default()
                 } else {
-                    args.extend([
+                    [
                         self.keys.message_list(id),
                         self.keys.message_prefix(id),
                         self.keys.usage_days(tenant),
-                        on_approval.len().to_string(),
-                    ]);
-                    for add in on_approval {
-                        let (slot, ttl) = counter_window(add.window_seconds, now);
-                        args.extend([
-                            self.keys.counter(&add.key, add.window_seconds, slot),
-                            add.amount.to_string(),
-                            ttl.to_string(),
-                        ]);
-                    }
-                }
+                    ]
+                });
                 args
             };
             let script = &self.scripts.check_code;
@@ -2035,9 +2020,6 @@ impl Store for RedisStore {
                     self.unindex_pending(&subject, id);
                     if cluster {
                         self.count_approval(tenant, id).await;
-                        if let Err(e) = self.run_counter_adds(on_approval, now).await {
-                            tracing::warn!(verification_id = %id, error = %e, "approval counters not added");
-                        }
                     }
                     CheckOutcome::Approved(v)
                 }

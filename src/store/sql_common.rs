@@ -975,12 +975,10 @@ macro_rules! sql_store {
                 id: Uuid,
                 code_hash: &[u8; 32],
                 budget: Option<GuessBudget>,
-                on_approval: &[CounterAdd],
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
                 let tenant = tenant.to_owned();
                 let code_hash = *code_hash;
-                let on_approval = on_approval.to_vec();
                 self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
                     let Some(mut v) = Self::locked_verification(conn, id)
                         .await?
@@ -1015,13 +1013,7 @@ macro_rules! sql_store {
                         (CheckOutcome::Wrong { .. }, Some((_, key))) => {
                             Self::add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
                         }
-                        (CheckOutcome::Approved(_), _) => {
-                            Self::count_approval(conn, id).await?;
-                            for add in &on_approval {
-                                Self::add_one(conn, &add.key, add.amount, add.window_seconds, now)
-                                    .await?;
-                            }
-                        }
+                        (CheckOutcome::Approved(_), _) => Self::count_approval(conn, id).await?,
                         _ => {}
                     }
                     Ok(outcome)

@@ -464,9 +464,8 @@ async fn pumping_guard_stops_a_synthetic_attack_while_real_traffic_flows() {
 }
 
 /// Traffic whose codes are typed in converts: the guard lets it grow past the
-/// hourly threshold. Each approval here is a check by number, which the store
-/// counts for the guard in the same step as the approval; a check by id counts
-/// it just after (`pumping_guard_stops_a_synthetic_attack_while_real_traffic_flows`).
+/// hourly threshold. Each approval here is a check by number (the attack test
+/// approves by id).
 #[tokio::test]
 async fn approvals_by_number_keep_a_busy_prefix_open() {
     let app = TestApp::spawn_with(|s| s.policy.max_sends_per_ip_10min = 0).await;

@@ -280,7 +280,7 @@ async fn find_current_matches_the_memory_store() {
         for _ in 0..2 {
             let hash = crypto.code_hash(spent, &wrong);
             store
-                .check_code(&tenant, spent, &hash, None, &[], now)
+                .check_code(&tenant, spent, &hash, None, now)
                 .await
                 .unwrap();
         }

@@ -89,7 +89,7 @@ async fn sqlite_verification_survives_reopening_the_file() {
     let store = SqliteStore::open(&path).await.unwrap();
     let written = create(&store, &plan, now).await;
     let wrong = store
-        .check_code("acme", id, &hash(&crypto, id, "000000"), None, &[], now)
+        .check_code("acme", id, &hash(&crypto, id, "000000"), None, now)
         .await
         .unwrap();
     assert_eq!(
@@ -128,7 +128,7 @@ async fn sqlite_verification_survives_reopening_the_file() {
         "the cooldown survives too: {retry:?}"
     );
     let right = reopened
-        .check_code("acme", id, &hash(&crypto, id, "123456"), None, &[], now)
+        .check_code("acme", id, &hash(&crypto, id, "123456"), None, now)
         .await
         .unwrap();
     assert!(matches!(right, CheckOutcome::Approved(_)), "{right:?}");
@@ -227,7 +227,7 @@ async fn sqlite_two_handles_on_one_file_approve_once() {
     let tasks: Vec<_> = (0..40)
         .map(|i| {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tokio::spawn(async move { store.check_code("acme", id, &right, None, &[], now).await })
+            tokio::spawn(async move { store.check_code("acme", id, &right, None, now).await })
         })
         .collect();
     let mut approved = 0;
@@ -313,7 +313,7 @@ async fn postgres_two_instances_send_once_and_approve_once() {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
             tokio::spawn(async move {
                 store
-                    .check_code("acme", id, &right, None, &[], now)
+                    .check_code("acme", id, &right, None, now)
                     .await
                     .unwrap()
             })

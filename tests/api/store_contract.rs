@@ -135,7 +135,7 @@ pub async fn right_code_approves_once(store: DynStore) {
     let now = t0();
     let id = f.start(&store, "123456", now).await;
     let outcome = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     let CheckOutcome::Approved(v) = outcome else {
@@ -144,7 +144,7 @@ pub async fn right_code_approves_once(store: DynStore) {
     assert_eq!(v.status, Status::Approved);
     assert_eq!(v.code_hash, None, "secret material is erased on approval");
     let again = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(again, CheckOutcome::NotFound, "a code is single use");
@@ -163,7 +163,7 @@ pub async fn wrong_guesses_count_down_then_kill(store: DynStore) {
     let id = f.start(&store, "123456", now).await;
     for left in (0..MAX_ATTEMPTS).rev() {
         let outcome = store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, &[], now)
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
             .await
             .unwrap();
         assert_eq!(
@@ -175,7 +175,7 @@ pub async fn wrong_guesses_count_down_then_kill(store: DynStore) {
         );
     }
     let right = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(
@@ -203,7 +203,7 @@ pub async fn find_current_sees_pending_and_dead_but_not_ended(store: DynStore) {
     assert_eq!(current, Some((id, Status::Pending)));
     for _ in 0..MAX_ATTEMPTS {
         store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, &[], now)
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
             .await
             .unwrap();
     }
@@ -243,7 +243,7 @@ pub async fn find_current_sees_pending_and_dead_but_not_ended(store: DynStore) {
     let g = Fixture::new();
     let id = g.start(&store, "123456", now).await;
     store
-        .check_code(&g.tenant, id, &g.hash(id, "123456"), None, &[], now)
+        .check_code(&g.tenant, id, &g.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(
@@ -262,7 +262,7 @@ pub async fn expired_code_is_not_found(store: DynStore) {
     let id = f.start(&store, "123456", now).await;
     let later = now + Duration::seconds(300);
     let outcome = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &[], later)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, later)
         .await
         .unwrap();
     assert_eq!(outcome, CheckOutcome::NotFound);
@@ -286,7 +286,7 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     let now = t0();
     let id = f.start(&store, "111111", now).await;
     store
-        .check_code(&f.tenant, id, &f.hash(id, "000000"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
         .await
         .unwrap();
 
@@ -323,7 +323,7 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     assert_eq!(verification.expires_at, later + Duration::seconds(300));
 
     let old = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, &[], later)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, later)
         .await
         .unwrap();
     assert_eq!(
@@ -335,7 +335,7 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
         "the old code is replaced"
     );
     let new = store
-        .check_code(&f.tenant, id, &f.hash(id, "222222"), None, &[], later)
+        .check_code(&f.tenant, id, &f.hash(id, "222222"), None, later)
         .await
         .unwrap();
     assert!(matches!(new, CheckOutcome::Approved(_)));
@@ -434,7 +434,7 @@ pub async fn spent_attempts_do_not_skip_cooldown_or_window(store: DynStore) {
     let id = f.start(&store, "111111", now).await;
     for _ in 0..MAX_ATTEMPTS {
         store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, &[], now)
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
             .await
             .unwrap();
     }
@@ -475,7 +475,7 @@ pub async fn abort_releases_cooldown_and_leaves_nothing_pending(store: DynStore)
     assert_eq!(v.status, Status::Failed);
     assert_eq!(v.code_hash, None);
     let check = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, now)
         .await
         .unwrap();
     assert_eq!(check, CheckOutcome::NotFound);
@@ -500,7 +500,7 @@ pub async fn cancel_ends_a_pending_verification(store: DynStore) {
         CancelOutcome::NotFound
     );
     let check = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, now)
         .await
         .unwrap();
     assert_eq!(check, CheckOutcome::NotFound);
@@ -514,7 +514,7 @@ pub async fn tenants_are_isolated(store: DynStore) {
     assert_eq!(store.get_verification(&other, id).await.unwrap(), None);
     assert_eq!(
         store
-            .check_code(&other, id, &f.hash(id, "111111"), None, &[], now)
+            .check_code(&other, id, &f.hash(id, "111111"), None, now)
             .await
             .unwrap(),
         CheckOutcome::NotFound
@@ -525,7 +525,7 @@ pub async fn tenants_are_isolated(store: DynStore) {
     );
     // And the other tenant's probe did not cost the owner an attempt.
     let owner = store
-        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "111111"), None, now)
         .await
         .unwrap();
     assert!(matches!(owner, CheckOutcome::Approved(_)));
@@ -541,7 +541,7 @@ pub async fn concurrent_right_checks_approve_exactly_once(store: DynStore) {
             let (store, f) = (store.clone(), f.clone());
             tokio::spawn(async move {
                 store
-                    .check_code(&f.tenant, id, &hash, None, &[], now)
+                    .check_code(&f.tenant, id, &hash, None, now)
                     .await
                     .unwrap()
             })
@@ -573,7 +573,7 @@ async fn race_wrong_guesses(
             let guess = f.hash(id, &format!("{:06}", 200_000 + i));
             tokio::spawn(async move {
                 store
-                    .check_code(&f.tenant, id, &guess, budget, &[], now)
+                    .check_code(&f.tenant, id, &guess, budget, now)
                     .await
                     .unwrap()
             })
@@ -603,7 +603,7 @@ pub async fn racing_wrong_guesses_never_exceed_the_limit(store: DynStore) {
         "exactly max_attempts wrong guesses are counted"
     );
     let right = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert_eq!(right, CheckOutcome::MaxAttempts);
@@ -616,7 +616,7 @@ pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
     let id = f.start(&store, "123456", now).await;
     for left in [MAX_ATTEMPTS - 1, MAX_ATTEMPTS - 2] {
         let wrong = store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), budget, &[], now)
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), budget, now)
             .await
             .unwrap();
         assert_eq!(
@@ -633,7 +633,7 @@ pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
     });
     // Even the right code is not compared once the budget is spent …
     let right = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), budget, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), budget, now)
         .await
         .unwrap();
     assert_eq!(right, spent);
@@ -646,7 +646,7 @@ pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
     assert_eq!((v.status, v.attempts), (Status::Pending, 2));
     // Another tenant's probe of the id says nothing about the budget.
     let probe = store
-        .check_code("someone-else", id, &f.hash(id, "000000"), budget, &[], now)
+        .check_code("someone-else", id, &f.hash(id, "000000"), budget, now)
         .await
         .unwrap();
     assert_eq!(probe, CheckOutcome::NotFound);
@@ -661,7 +661,6 @@ pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
             renewed,
             &f.hash(renewed, "654321"),
             budget,
-            &[],
             later,
         )
         .await
@@ -675,7 +674,6 @@ pub async fn guess_budget_is_judged_before_the_compare(store: DynStore) {
             fresh,
             &f.hash(fresh, "111111"),
             budget,
-            &[],
             hours_later,
         )
         .await
@@ -1232,9 +1230,7 @@ pub async fn an_approval_counts_once_on_its_first_accepted_attempt(store: DynSto
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (store, f) = (store.clone(), f.clone());
-            tokio::spawn(
-                async move { store.check_code(&f.tenant, id, &hash, None, &[], now).await },
-            )
+            tokio::spawn(async move { store.check_code(&f.tenant, id, &hash, None, now).await })
         })
         .collect();
     let mut approved = 0;
@@ -1254,48 +1250,12 @@ pub async fn an_approval_counts_once_on_its_first_accepted_attempt(store: DynSto
     assert_eq!(rows, vec![expected]);
 }
 
-pub async fn approval_counters_are_added_by_the_approval_alone(store: DynStore) {
-    let f = Fixture::new();
-    let now = t0();
-    let id = f.start(&store, "123456", now).await;
-    let key = format!("approvals-{}", Uuid::new_v4().simple());
-    let adds = [CounterAdd {
-        key: key.clone(),
-        amount: 1,
-        window_seconds: 3600,
-        ceiling: None,
-    }];
-    let count = || async { store.read_counter(&key, 3600, now).await.unwrap() };
-    let wrong = store
-        .check_code(&f.tenant, id, &f.hash(id, "000000"), None, &adds, now)
-        .await
-        .unwrap();
-    assert!(matches!(wrong, CheckOutcome::Wrong { .. }), "{wrong:?}");
-    let foreign = store
-        .check_code("someone-else", id, &f.hash(id, "123456"), None, &adds, now)
-        .await
-        .unwrap();
-    assert_eq!(foreign, CheckOutcome::NotFound);
-    assert_eq!(count().await, 0, "only an approval adds them");
-    let right = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &adds, now)
-        .await
-        .unwrap();
-    assert!(matches!(right, CheckOutcome::Approved(_)), "{right:?}");
-    let replay = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &adds, now)
-        .await
-        .unwrap();
-    assert_eq!(replay, CheckOutcome::NotFound);
-    assert_eq!(count().await, 1);
-}
-
 pub async fn an_approval_without_an_accepted_attempt_counts_nothing(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
     let id = f.start(&store, "123456", now).await;
     let approved = store
-        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert!(
@@ -1312,7 +1272,7 @@ pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: Dyn
     let now = t0();
     let id = f.start(&store, "111111", now).await;
     let wrong = store
-        .check_code(&f.tenant, id, &f.hash(id, "999999"), None, &[], now)
+        .check_code(&f.tenant, id, &f.hash(id, "999999"), None, now)
         .await
         .unwrap();
     assert_eq!(
@@ -1360,7 +1320,7 @@ pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: Dyn
     );
     assert_eq!(
         store
-            .check_code(&f.tenant, id, &f.hash(id, "111111"), None, &[], later)
+            .check_code(&f.tenant, id, &f.hash(id, "111111"), None, later)
             .await
             .unwrap(),
         CheckOutcome::Wrong {
@@ -1371,7 +1331,7 @@ pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: Dyn
     );
     assert!(matches!(
         store
-            .check_code(&f.tenant, id, &f.hash(id, "222222"), None, &[], later)
+            .check_code(&f.tenant, id, &f.hash(id, "222222"), None, later)
             .await
             .unwrap(),
         CheckOutcome::Approved(_)
@@ -1793,7 +1753,7 @@ pub async fn key_rotation_lists_and_reseals_pending_numbers(store: DynStore) {
     }
     let ended = ids[3].0;
     store
-        .check_code(&f.tenant, ended, &f.hash(ended, "123456"), None, &[], now)
+        .check_code(&f.tenant, ended, &f.hash(ended, "123456"), None, now)
         .await
         .unwrap();
     let mut stale: Vec<_> = ids[..2]
@@ -1912,7 +1872,6 @@ macro_rules! store_contract_tests {
                 a_message_and_its_usage_are_recorded_together,
                 an_approval_counts_once_on_its_first_accepted_attempt,
                 an_approval_without_an_accepted_attempt_counts_nothing,
-                approval_counters_are_added_by_the_approval_alone,
                 replace_code_resends_without_cooldown_and_keeps_attempts,
                 inbox_lists_newest_first_per_tenant_and_number,
                 rate_limit_counts_per_window,
