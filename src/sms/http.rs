@@ -39,7 +39,8 @@ pub fn http_client(
 /// A provider endpoint, parsed once when its route is built rather than by
 /// the client on every request.
 pub(crate) fn endpoint(url: &str) -> Result<reqwest::Url, String> {
-    reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))
+    // The text is not echoed: a webhook URL may carry a token.
+    reqwest::Url::parse(url).map_err(|e| format!("the endpoint is not a URL: {e}"))
 }
 
 /// A provider's answer, read in full (up to `MAX_BODY_BYTES`).

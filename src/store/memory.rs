@@ -1008,6 +1008,7 @@ impl MemoryStore {
         (h, &self.subjects[Self::shard_of(h)])
     }
 
+    /// Adds `delta` to the row with its key, creating it (`record_usage`).
     fn add_usage(&self, delta: &UsageRow) {
         let key = (
             delta.day,
