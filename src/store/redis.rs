@@ -752,9 +752,13 @@ local function count_approval(list, prefix, days)
   for _, id in ipairs(redis.call('LRANGE', list, 0, -1)) do
     local m = redis.call('HMGET', prefix .. id, 'status', 'provider_message_id', 'created_at',
       'route_id', 'country')
+    -- A record without its time or route (never written so) counts nothing
+    -- rather than failing the script after the approval it already made.
     if m[2] or m[1] == 'queued' or m[1] == 'sent' or m[1] == 'delivered' then
-      local field = m[4] .. '|' .. (string.gsub(m[5] or '', '|', '_')) .. '||verifications_approved'
-      redis.call('HINCRBY', days .. day_text(tonumber(m[3])), field, 1)
+      if tonumber(m[3]) and m[4] then
+        local field = m[4] .. '|' .. (string.gsub(m[5] or '', '|', '_')) .. '||verifications_approved'
+        redis.call('HINCRBY', days .. day_text(tonumber(m[3])), field, 1)
+      end
       return
     end
   end
