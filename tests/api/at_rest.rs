@@ -236,24 +236,7 @@ async fn redis_keys_hold_no_number_and_no_code_in_clear() {
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("*{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let keys = crate::helpers::redis_keys_matching(&mut conn, &format!("*{prefix}*")).await;
     assert!(keys.len() > 5, "{keys:?}");
     let mut dump = String::new();
     for key in keys {

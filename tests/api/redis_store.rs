@@ -534,24 +534,8 @@ async fn an_approval_stands_when_its_attempt_record_is_damaged() {
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut keys = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("*{prefix}*:r:{}", message.id))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        keys.extend(found);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let pattern = format!("*{prefix}*:r:{}", message.id);
+    let keys = crate::helpers::redis_keys_matching(&mut conn, &pattern).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
     let _: i64 = redis::cmd("HDEL")
         .arg(&keys[0])
