@@ -480,61 +480,25 @@ async fn counter_batches_match_single_counters_and_their_ttls() {
 /// approval stands and the usage count is skipped.
 #[tokio::test]
 async fn an_approval_stands_when_its_attempt_record_is_damaged() {
-    use chrono::Duration as Span;
-    use otpd::crypto::Crypto;
-    use otpd::domain::{Code, PhoneNumber, Status, SubjectKey, Verification};
-    use otpd::store::{CheckOutcome, SendPlan};
+    use crate::store_contract::{DynStore, Fixture, message, t0};
+    use otpd::store::CheckOutcome;
 
     let Some(url) = test_redis_url() else { return };
     let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
-    let store = RedisStore::connect_with_prefix(&url, &prefix)
-        .await
-        .unwrap();
-    let crypto = Crypto::for_tests();
-    let now = chrono::DateTime::from_timestamp_millis(1_900_000_000_123).unwrap();
-    let tenant = format!("tenant-{}", Uuid::new_v4().simple());
-    let phone = PhoneNumber::parse("+31651860670").unwrap();
-    let code = Code::parse("123456").unwrap();
-    let id = Uuid::new_v4();
-    let mut subject = [0u8; 32];
-    subject[..16].copy_from_slice(Uuid::new_v4().as_bytes());
-    let verification = Verification {
-        id,
-        tenant: tenant.clone(),
-        subject: SubjectKey(subject),
-        purpose: "login".into(),
-        uid: None,
-        phone: crypto.seal_phone(&phone).unwrap(),
-        masked_to: phone.masked(),
-        country: Some("NL".into()),
-        code_hash: Some(crypto.code_hash(id, &code)),
-        status: Status::Pending,
-        attempts: 0,
-        max_attempts: 5,
-        send_count: 1,
-        created_at: now,
-        updated_at: now,
-        expires_at: now + Span::seconds(300),
-        last_sent_at: now,
-    };
-    store
-        .start_send(
-            &SendPlan {
-                verification,
-                cooldown_seconds: 30,
-                max_sends_per_window: 5,
-                send_window_seconds: 600,
-            },
-            now,
-        )
-        .await
-        .unwrap();
-    let message = crate::store_contract::message(&tenant, id, "BX-damaged", now);
-    store.insert_message(&message, None).await.unwrap();
+    let store: DynStore = std::sync::Arc::new(
+        RedisStore::connect_with_prefix(&url, &prefix)
+            .await
+            .unwrap(),
+    );
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let attempt = message(&f.tenant, id, "BX-damaged", now);
+    store.insert_message(&attempt, None).await.unwrap();
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let pattern = format!("*{prefix}*:r:{}", message.id);
+    let pattern = format!("*{prefix}*:r:{}", attempt.id);
     let keys = crate::helpers::redis_keys_matching(&mut conn, &pattern).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
     let _: i64 = redis::cmd("HDEL")
@@ -545,10 +509,10 @@ async fn an_approval_stands_when_its_attempt_record_is_damaged() {
         .unwrap();
 
     let outcome = store
-        .check_code(&tenant, id, &crypto.code_hash(id, &code), None, now)
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, now)
         .await
         .unwrap();
     assert!(matches!(outcome, CheckOutcome::Approved(_)), "{outcome:?}");
     let day = now.date_naive();
-    assert_eq!(store.usage(&tenant, day, day).await.unwrap(), vec![]);
+    assert_eq!(store.usage(&f.tenant, day, day).await.unwrap(), vec![]);
 }

@@ -23,7 +23,7 @@ const MAX_ATTEMPTS: u32 = 5;
 /// How every fixture number (+31651860670) is shown.
 const MASKED: &str = "+*******0670";
 
-fn t0() -> DateTime<Utc> {
+pub(crate) fn t0() -> DateTime<Utc> {
     // Millisecond precision: every backend must round-trip it exactly.
     Utc.timestamp_millis_opt(1_900_000_000_123)
         .single()
@@ -45,14 +45,15 @@ fn crypto() -> Crypto {
     Crypto::for_tests()
 }
 
-struct Fixture {
-    tenant: String,
+/// A tenant and subject of their own, and the crypto to hash their codes.
+pub(crate) struct Fixture {
+    pub(crate) tenant: String,
     subject: SubjectKey,
     crypto: Crypto,
 }
 
 impl Fixture {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             tenant: tenant(),
             subject: subject(),
@@ -83,7 +84,7 @@ impl Fixture {
         }
     }
 
-    fn hash(&self, id: Uuid, code: &str) -> [u8; 32] {
+    pub(crate) fn hash(&self, id: Uuid, code: &str) -> [u8; 32] {
         self.crypto.code_hash(id, &Code::parse(code).unwrap())
     }
 
@@ -97,7 +98,7 @@ impl Fixture {
     }
 
     /// Creates a pending verification with `code`; returns its id.
-    async fn start(&self, store: &DynStore, code: &str, now: DateTime<Utc>) -> Uuid {
+    pub(crate) async fn start(&self, store: &DynStore, code: &str, now: DateTime<Utc>) -> Uuid {
         let id = Uuid::new_v4();
         let decision = store
             .start_send(&self.plan(self.verification(id, code, now)), now)
