@@ -1016,7 +1016,11 @@ impl MemoryStore {
             delta.country.clone().unwrap_or_default(),
             delta.currency.clone().unwrap_or_default(),
         );
-        let mut rows = self.usage.entry(delta.tenant.clone()).or_default();
+        // The tenant's name is copied only for its first row, not per send.
+        let mut rows = match self.usage.get_mut(delta.tenant.as_str()) {
+            Some(rows) => rows,
+            None => self.usage.entry(delta.tenant.clone()).or_default(),
+        };
         let row = rows.entry(key).or_insert_with(|| {
             UsageRow::new(
                 &delta.tenant,
