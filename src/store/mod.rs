@@ -8,6 +8,7 @@ pub mod memory;
 pub mod postgres;
 pub mod redis;
 mod sql_common;
+mod sql_hot;
 pub mod sqlite;
 
 use std::borrow::Borrow;

@@ -4,6 +4,8 @@
 //! single use hold across instances. Lock order is always subject row, then
 //! verification row.
 
+mod hot;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -273,5 +275,4 @@ super::sql_common::sql_store!(
     read: pool,
     insertion_order: "seq",
     for_update: " FOR UPDATE",
-    day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
 );

@@ -2,8 +2,8 @@
 //! use (ids as text, times as unix milliseconds, counters as 64-bit integers),
 //! their conversion to domain types, sqlx error mapping, the pure decisions
 //! each backend takes inside its own transaction, and (`sql_store!`) the one
-//! `Store` implementation both run, around each backend's own pools, locking
-//! and purge coordination.
+//! `Store` implementation both run, around each backend's own pools, locking,
+//! purge coordination and hot write operations.
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
@@ -88,23 +88,23 @@ fn count(n: i64, what: &str) -> StoreResult<u32> {
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct VerificationRow {
-    id: String,
-    tenant: String,
-    subject: Vec<u8>,
-    purpose: String,
-    uid: Option<String>,
-    phone: Vec<u8>,
-    masked_to: String,
-    country: Option<String>,
-    code_hash: Option<Vec<u8>>,
-    status: String,
-    attempts: i64,
-    max_attempts: i64,
-    send_count: i64,
-    created_at: i64,
-    updated_at: i64,
-    expires_at: i64,
-    last_sent_at: i64,
+    pub(crate) id: String,
+    pub(crate) tenant: String,
+    pub(crate) subject: Vec<u8>,
+    pub(crate) purpose: String,
+    pub(crate) uid: Option<String>,
+    pub(crate) phone: Vec<u8>,
+    pub(crate) masked_to: String,
+    pub(crate) country: Option<String>,
+    pub(crate) code_hash: Option<Vec<u8>>,
+    pub(crate) status: String,
+    pub(crate) attempts: i64,
+    pub(crate) max_attempts: i64,
+    pub(crate) send_count: i64,
+    pub(crate) created_at: i64,
+    pub(crate) updated_at: i64,
+    pub(crate) expires_at: i64,
+    pub(crate) last_sent_at: i64,
 }
 
 impl TryFrom<VerificationRow> for Verification {
@@ -240,10 +240,10 @@ impl TryFrom<InboxRow> for InboxEntry {
 /// and window counters.
 #[derive(sqlx::FromRow)]
 pub(crate) struct SubjectRow {
-    current_id: Option<String>,
-    last_sent_at: Option<i64>,
-    window_start: Option<i64>,
-    window_count: i64,
+    pub(crate) current_id: Option<String>,
+    pub(crate) last_sent_at: Option<i64>,
+    pub(crate) window_start: Option<i64>,
+    pub(crate) window_count: i64,
 }
 
 pub(crate) struct SubjectState {
@@ -519,8 +519,6 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 /// - `for_update`: appended to a read whose row the transaction then writes
 ///   (`" FOR UPDATE"` on PostgreSQL; empty on SQLite, whose `BEGIN IMMEDIATE`
 ///   already holds the only write lock).
-/// - `day_of_millis`: the UTC day (`YYYY-MM-DD`, as `day_text` writes it) of a
-///   `created_at` in milliseconds, in the backend's SQL.
 ///
 /// What each backend does its own way, it provides as inherent items:
 /// - `async fn close(&self)`: closes its pools.
@@ -528,23 +526,24 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   `F: for<'c> FnOnce(&'c mut DB::Connection) -> WriteFuture<'c, T> + Send +
 ///   'static`: runs one write operation atomically as `kind` says and answers
 ///   only once its effect is committed. An `Err` from `op` undoes all of it.
-/// - `async fn subject_state(conn, tenant, subject) -> StoreResult<SubjectState>`:
-///   a subject's send history, held against concurrent sends until the write ends.
+/// - the hot write operations, `start_send`, `check_code`, `insert_message`,
+///   `add_to_counter` and `add_counters`, with `Store`'s signatures: the
+///   statements are shared (`sql_hot`), but SQLite runs them directly on its
+///   writer thread, which sqlx's asynchronous connection cannot.
 /// - `fn purge_lock(&self) -> i64` and `async fn take_purge_lock(conn, lock) ->
 ///   StoreResult<bool>`: `false` when another instance is purging right now.
 /// - `fn purge_steps(now) -> Vec<(&'static str, i64)>`: the purge's statements,
 ///   each taking `$1` (its cutoff) and `$2` (what is left of the batch).
 ///
 /// Write operations own what they need (`'static`): SQLite runs them on its
-/// writer task, apart from the caller.
+/// writer thread, apart from the caller.
 macro_rules! sql_store {
     (
         store: $store:ty,
         db: $db:ty,
         read: $read:ident,
         insertion_order: $order:literal,
-        for_update: $lock:literal,
-        day_of_millis: $day_of_millis:literal $(,)?
+        for_update: $lock:literal $(,)?
     ) => {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
@@ -553,42 +552,22 @@ macro_rules! sql_store {
         use uuid::Uuid;
 
         use $crate::crypto::SealedPhone;
-        use $crate::domain::limits::WindowCounts;
         use $crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
         use $crate::store::sql_common::{
-            ApiKeyRow, COUNTER_READS_PER_STATEMENT, InboxRow, MarkerRow, MessageRow,
-            UsageDbRow, VerificationRow, WriteKind, admit_send, counter_amount,
-            counter_reads_sql, counter_slot, counter_total, day_text, decide_check, id_text,
+            ApiKeyRow, COUNTER_READS_PER_STATEMENT, InboxRow, MarkerRow, MessageRow, UsageDbRow,
+            VerificationRow, WriteKind, counter_reads_sql, counter_total, day_text, id_text,
             map_sqlx, millis, parse_id, parse_status, rate_slot, sealed, usage_amount,
         };
+        use $crate::store::sql_hot::UPSERT_USAGE;
         use $crate::store::{
             CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
-            SendDecision, SendPlan, Store, StoreError, StoreResult, UsageRow, advance_message,
-            seconds_until,
+            SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message, seconds_until,
         };
 
         type Conn = <$db as sqlx::Database>::Connection;
 
         impl $store {
-            /// The verification `id`, locked for the rest of the write where
-            /// the backend locks rows.
-            async fn locked_verification(
-                conn: &mut Conn,
-                id: Uuid,
-            ) -> StoreResult<Option<Verification>> {
-                sqlx::query_as::<_, VerificationRow>(concat!(
-                    "SELECT * FROM verifications WHERE id = $1",
-                    $lock
-                ))
-                .bind(id_text(id))
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(map_sqlx)?
-                .map(Verification::try_from)
-                .transpose()
-            }
-
             /// The one SELECT of `counter_reads_sql` for `reads`, bound.
             fn counter_reads_query<'q>(
                 reads: &'q [CounterRead<'q>],
@@ -603,43 +582,9 @@ macro_rules! sql_store {
                 query
             }
 
-            /// A guess budget's two windows, read inside the check's write.
-            async fn guess_counts(
-                conn: &mut Conn,
-                key: &str,
-                now: DateTime<Utc>,
-            ) -> StoreResult<WindowCounts> {
-                let reads = GuessBudget::reads(key, now);
-                let found = Self::counter_reads_query(&reads)
-                    .fetch_all(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                match found[..] {
-                    [previous, current] => Ok(WindowCounts {
-                        previous: counter_total(previous),
-                        current: counter_total(current),
-                    }),
-                    _ => Err(StoreError::Corrupt("short counter read".into())),
-                }
-            }
-
             /// `record_usage`'s one upsert: the row is created or added to.
             async fn upsert_usage(conn: &mut Conn, d: &UsageRow) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
-                         delivered, failed, verifications_started, verifications_approved,
-                         cost_micros)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                     ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
-                         sent = usage_daily.sent + excluded.sent,
-                         delivered = usage_daily.delivered + excluded.delivered,
-                         failed = usage_daily.failed + excluded.failed,
-                         verifications_started =
-                             usage_daily.verifications_started + excluded.verifications_started,
-                         verifications_approved =
-                             usage_daily.verifications_approved + excluded.verifications_approved,
-                         cost_micros = usage_daily.cost_micros + excluded.cost_micros",
-                )
+                sqlx::query(UPSERT_USAGE)
                 .bind(&d.tenant)
                 .bind(day_text(d.day))
                 .bind(i64::from(d.route_id))
@@ -655,60 +600,6 @@ macro_rules! sql_store {
                 .await
                 .map_err(map_sqlx)?;
                 Ok(())
-            }
-
-            /// Counts the approval of verification `id` (`UsageRow::approval`)
-            /// inside the check's write: one statement finds its first accepted
-            /// attempt (`MessageRecord::was_accepted`) and adds to that row.
-            async fn count_approval(conn: &mut Conn, id: Uuid) -> StoreResult<()> {
-                sqlx::query(concat!(
-                    "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
-                         delivered, failed, verifications_started, verifications_approved,
-                         cost_micros)
-                     SELECT tenant, ", $day_of_millis, ", route_id, COALESCE(country, ''), '',
-                         0, 0, 0, 0, 1, 0
-                     FROM messages
-                     WHERE verification_id = $1
-                         AND (status IN ('queued', 'sent', 'delivered')
-                             OR provider_message_id IS NOT NULL)
-                     ORDER BY created_at, ", $order, "
-                     LIMIT 1
-                     ON CONFLICT (tenant, day, route_id, country, currency) DO UPDATE SET
-                         verifications_approved = usage_daily.verifications_approved + 1"
-                ))
-                .bind(id_text(id))
-                .execute(&mut *conn)
-                .await
-                .map_err(map_sqlx)?;
-                Ok(())
-            }
-
-            /// One add of `add_to_counter`: one upsert creates the window's row
-            /// or adds to it, and returns the new total.
-            async fn add_one(
-                conn: &mut Conn,
-                key: &str,
-                amount: u64,
-                window_seconds: u32,
-                now: DateTime<Utc>,
-            ) -> StoreResult<u64> {
-                let (slot, keep_until) = counter_slot(window_seconds, now);
-                let total: i64 = sqlx::query_scalar(
-                    "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
-                         total = counters.total + excluded.total
-                     RETURNING total",
-                )
-                .bind(key)
-                .bind(i64::from(window_seconds))
-                .bind(slot)
-                .bind(keep_until)
-                .bind(counter_amount(amount))
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(map_sqlx)?;
-                Ok(counter_total(Some(total)))
             }
         }
 
@@ -830,114 +721,7 @@ macro_rules! sql_store {
                 plan: &SendPlan,
                 now: DateTime<Utc>,
             ) -> StoreResult<SendDecision> {
-                let plan = plan.clone();
-                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
-                    let planned = &plan.verification;
-                    let state = Self::subject_state(conn, &planned.tenant, &planned.subject).await?;
-                    let window = match admit_send(&state, &plan, now) {
-                        Ok(window) => window,
-                        Err(refusal) => return Ok(refusal.into()),
-                    };
-
-                    let pending = match state.current {
-                        Some(current) => Self::locked_verification(conn, current)
-                            .await?
-                            .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
-                        None => None,
-                    };
-                    let previous_sent_at = state.last_sent_at;
-                    let decision = match pending {
-                        Some(v) if v.id == planned.id => {
-                            let row = sqlx::query_as::<_, VerificationRow>(
-                                // A resend goes to the number of this request (a uid's
-                                // number may change).
-                                "UPDATE verifications
-                                 SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
-                                     updated_at = $3, last_sent_at = $3,
-                                     phone = $5, masked_to = $6, country = $7
-                                 WHERE id = $4 RETURNING *",
-                            )
-                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                            .bind(millis(planned.expires_at))
-                            .bind(millis(now))
-                            .bind(id_text(v.id))
-                            .bind(planned.phone.to_bytes())
-                            .bind(&planned.masked_to)
-                            .bind(planned.country.as_deref())
-                            .fetch_one(&mut *conn)
-                            .await
-                            .map_err(map_sqlx)?;
-                            SendDecision::Replaced {
-                                verification: row.try_into()?,
-                                previous_sent_at,
-                            }
-                        }
-                        Some(_) => return Ok(SendDecision::Conflict),
-                        None => {
-                            let inserted = sqlx::query(
-                                "INSERT INTO verifications (id, tenant, subject, purpose, uid, phone,
-                                     masked_to, country, code_hash, status, attempts, max_attempts,
-                                     send_count, created_at, updated_at, expires_at, last_sent_at)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                                     $15, $16, $17)
-                                 ON CONFLICT (id) DO NOTHING",
-                            )
-                            .bind(id_text(planned.id))
-                            .bind(&planned.tenant)
-                            .bind(planned.subject.0.as_slice())
-                            .bind(&planned.purpose)
-                            .bind(&planned.uid)
-                            .bind(planned.phone.to_bytes())
-                            .bind(&planned.masked_to)
-                            .bind(&planned.country)
-                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                            .bind(planned.status.as_str())
-                            .bind(i64::from(planned.attempts))
-                            .bind(i64::from(planned.max_attempts))
-                            .bind(i64::from(planned.send_count))
-                            .bind(millis(planned.created_at))
-                            .bind(millis(planned.updated_at))
-                            .bind(millis(planned.expires_at))
-                            .bind(millis(planned.last_sent_at))
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(map_sqlx)?;
-                            // The plan names a verification that exists but is no longer
-                            // pending (expired or ended since the service looked).
-                            if inserted.rows_affected() == 0 {
-                                return Ok(SendDecision::Conflict);
-                            }
-                            SendDecision::Created {
-                                verification: planned.clone(),
-                                previous_sent_at,
-                            }
-                        }
-                    };
-
-                    // An upsert: SQLite may have no subject row yet; PostgreSQL created
-                    // and locked it before reading the state.
-                    sqlx::query(
-                        "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
-                             window_count)
-                         VALUES ($1, $2, $3, $4, $5, $6)
-                         ON CONFLICT (tenant, subject) DO UPDATE SET
-                             current_id = excluded.current_id,
-                             last_sent_at = excluded.last_sent_at,
-                             window_start = excluded.window_start,
-                             window_count = excluded.window_count",
-                    )
-                    .bind(&planned.tenant)
-                    .bind(planned.subject.0.as_slice())
-                    .bind(id_text(planned.id))
-                    .bind(millis(now))
-                    .bind(millis(window.start))
-                    .bind(i64::from(window.count + 1))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                    Ok(decision)
-                }))
-                .await
+                <$store>::start_send(self, plan, now).await
             }
 
             async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
@@ -977,48 +761,7 @@ macro_rules! sql_store {
                 budget: Option<GuessBudget>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
-                let tenant = tenant.to_owned();
-                let code_hash = *code_hash;
-                self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
-                    let Some(mut v) = Self::locked_verification(conn, id)
-                        .await?
-                        .filter(|v| v.tenant == tenant && v.is_checkable_at(now))
-                    else {
-                        return Ok(CheckOutcome::NotFound);
-                    };
-                    let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
-                    if let Some((budget, key)) = &guesses {
-                        let counts = Self::guess_counts(conn, key, now).await?;
-                        if !budget.admits(counts, now) {
-                            return Ok(CheckOutcome::GuessesSpent(counts));
-                        }
-                    }
-                    let (outcome, changed) = decide_check(&mut v, &code_hash, now);
-                    if changed {
-                        sqlx::query(
-                            "UPDATE verifications SET status = $1, code_hash = $2, attempts = $3,
-                                 updated_at = $4
-                             WHERE id = $5",
-                        )
-                        .bind(v.status.as_str())
-                        .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
-                        .bind(i64::from(v.attempts))
-                        .bind(millis(v.updated_at))
-                        .bind(id_text(id))
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(map_sqlx)?;
-                    }
-                    match (&outcome, &guesses) {
-                        (CheckOutcome::Wrong { .. }, Some((_, key))) => {
-                            Self::add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
-                        }
-                        (CheckOutcome::Approved(_), _) => Self::count_approval(conn, id).await?,
-                        _ => {}
-                    }
-                    Ok(outcome)
-                }))
-                .await
+                <$store>::check_code(self, tenant, id, code_hash, budget, now).await
             }
 
             async fn get_verification(
@@ -1073,49 +816,7 @@ macro_rules! sql_store {
                 m: &MessageRecord,
                 usage: Option<&UsageRow>,
             ) -> StoreResult<()> {
-                let m = m.clone();
-                let usage = usage.cloned();
-                let kind = match usage {
-                    Some(_) => WriteKind::Transaction,
-                    None => WriteKind::Statement,
-                };
-                self.write(kind, move |conn| Box::pin(async move {
-                    sqlx::query(
-                        "INSERT INTO messages (id, verification_id, tenant, route_id, provider,
-                             provider_message_id, masked_to, country, status, error, cost, currency,
-                             latency_ms, resend_of, created_at, sent_at, delivered_at, failed_at,
-                             updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                             $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-                    )
-                    .bind(id_text(m.id))
-                    .bind(id_text(m.verification_id))
-                    .bind(&m.tenant)
-                    .bind(i64::from(m.route_id))
-                    .bind(&m.provider)
-                    .bind(&m.provider_message_id)
-                    .bind(&m.masked_to)
-                    .bind(&m.country)
-                    .bind(m.status.as_str())
-                    .bind(&m.error)
-                    .bind(m.cost)
-                    .bind(&m.currency)
-                    .bind(i64::from(m.latency_ms))
-                    .bind(m.resend_of.map(id_text))
-                    .bind(millis(m.created_at))
-                    .bind(m.sent_at.map(millis))
-                    .bind(m.delivered_at.map(millis))
-                    .bind(m.failed_at.map(millis))
-                    .bind(millis(m.updated_at))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                    if let Some(usage) = &usage {
-                        Self::upsert_usage(conn, usage).await?;
-                    }
-                    Ok(())
-                }))
-                .await
+                <$store>::insert_message(self, m, usage).await
             }
 
             async fn get_message(
@@ -1433,7 +1134,6 @@ macro_rules! sql_store {
                 })
             }
 
-            /// One upsert is one atomic step: the window's row is created or added to.
             async fn add_to_counter(
                 &self,
                 key: &str,
@@ -1441,42 +1141,15 @@ macro_rules! sql_store {
                 window_seconds: u32,
                 now: DateTime<Utc>,
             ) -> StoreResult<u64> {
-                let key = key.to_owned();
-                self.write(WriteKind::Statement, move |conn| {
-                    Box::pin(async move {
-                        Self::add_one(conn, &key, amount, window_seconds, now).await
-                    })
-                })
-                .await
+                <$store>::add_to_counter(self, key, amount, window_seconds, now).await
             }
 
-            /// One write: every add's upsert in order, up to the first that goes
-            /// over its ceiling.
             async fn add_counters(
                 &self,
                 adds: &[CounterAdd],
                 now: DateTime<Utc>,
             ) -> StoreResult<Vec<u64>> {
-                if adds.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let adds = adds.to_vec();
-                self.write(WriteKind::Transaction, move |conn| {
-                    Box::pin(async move {
-                        let mut totals = Vec::with_capacity(adds.len());
-                        for a in &adds {
-                            let total =
-                                Self::add_one(conn, &a.key, a.amount, a.window_seconds, now)
-                                    .await?;
-                            totals.push(total);
-                            if a.stops_batch(total) {
-                                break;
-                            }
-                        }
-                        Ok(totals)
-                    })
-                })
-                .await
+                <$store>::add_counters(self, adds, now).await
             }
 
             async fn read_counter(

@@ -1,10 +1,12 @@
 //! The embedded store: one SQLite file in WAL mode. SQLite allows one writer at
-//! a time, so every write goes to one task that owns the only write connection
+//! a time, so every write goes to one thread that owns the write connections
 //! and commits queued operations in groups (`writer`); requests queue there
-//! instead of failing with `SQLITE_BUSY`. Reads use a separate pool and never
-//! wait for writers, and WAL checkpoints run beside the writer (`checkpoint`).
+//! instead of failing with `SQLITE_BUSY`. The hot operations run on that
+//! thread directly (`hot`). Reads use a separate pool and never wait for
+//! writers, and WAL checkpoints run beside the writer (`checkpoint`).
 
 mod checkpoint;
+mod hot;
 mod writer;
 
 use std::path::Path;
@@ -14,16 +16,14 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
 
 use self::checkpoint::Checkpointer;
 use self::writer::Writer;
 use super::sql_common::{
-    KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, WriteFuture, WriteKind, map_migrate,
-    map_sqlx, millis,
+    KEEP_ENDED, KEEP_SUBJECTS, WriteFuture, WriteKind, map_migrate, map_sqlx, millis,
 };
 use super::{StoreError, StoreResult};
-use crate::domain::SubjectKey;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -52,7 +52,8 @@ impl Default for SqliteOptions {
 
 pub struct SqliteStore {
     /// The one write connection: the writer task's, and migrations'.
-    writer: SqlitePool,
+    /// How to open a connection like the writer's sqlx one (for migrations).
+    connect: SqliteConnectOptions,
     reader: SqlitePool,
     group: Writer,
     checkpointer: Checkpointer,
@@ -82,35 +83,30 @@ impl SqliteStore {
             .busy_timeout(options.busy_timeout)
             .foreign_keys(true);
 
-        // No test before acquiring: a ping is a round trip to the connection's
-        // thread, and a local file does not drop connections.
-        let writer = SqlitePoolOptions::new()
-            .test_before_acquire(false)
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(options.busy_timeout)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(connect.clone().pragma(
-                "wal_autocheckpoint",
-                checkpoint::WRITER_BACKSTOP_PAGES.to_string(),
-            ))
-            .await
-            .map_err(map_sqlx)?;
-        MIGRATOR.run(&writer).await.map_err(map_migrate)?;
+        let writer = connect.clone().pragma(
+            "wal_autocheckpoint",
+            checkpoint::WRITER_BACKSTOP_PAGES.to_string(),
+        );
+        migrate(&writer).await?;
         let checkpointer = Checkpointer::start(&connect).await?;
         // `query_only` turns an accidental write on a reader into an error
-        // instead of a second writer racing the first for the file lock.
+        // instead of a second writer racing the first for the file lock. No
+        // test before acquiring: a ping is a round trip to the connection's
+        // thread, and a local file does not drop connections.
         let reader = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(options.max_readers.max(1))
             .acquire_timeout(options.busy_timeout)
-            .connect_with(connect.pragma("query_only", "ON"))
+            .connect_with(connect.clone().pragma("query_only", "ON"))
             .await
             .map_err(map_sqlx)?;
-        let group = Writer::start(writer.clone(), options.busy_timeout);
+        let open_direct = {
+            let (path, options) = (path.to_owned(), options.clone());
+            Box::new(move || hot::open(&path, &options)) as writer::OpenDirect
+        };
+        let group = Writer::start(writer.clone(), open_direct, options.busy_timeout)?;
         Ok(Self {
-            writer,
+            connect: writer,
             reader,
             group,
             checkpointer,
@@ -119,7 +115,7 @@ impl SqliteStore {
 
     /// Applies pending migrations (`open` already does; this is for `otpd migrate`).
     pub async fn migrate(&self) -> StoreResult<()> {
-        MIGRATOR.run(&self.writer).await.map_err(map_migrate)
+        migrate(&self.connect).await
     }
 
     /// Waits for in-flight work and closes the file, so a new store may open it.
@@ -128,43 +124,17 @@ impl SqliteStore {
         // The writer last: closing its final connection checkpoints the WAL.
         self.reader.close().await;
         self.checkpointer.stop().await;
-        self.writer.close().await;
+        self.group.close().await;
     }
 
-    /// Every write runs on the writer task, in its group's transaction, which
+    /// Every write runs on the writer thread, in its group's transaction, which
     /// holds the only write lock: each read-decide-write is serialised.
     async fn write<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, T> + Send + 'static,
     {
-        self.group.write(kind, op).await
-    }
-
-    /// No row lock needed: the writer already holds the only write lock.
-    /// A subject seen for the first time has no row yet.
-    async fn subject_state(
-        conn: &mut SqliteConnection,
-        tenant: &str,
-        subject: &SubjectKey,
-    ) -> StoreResult<SubjectState> {
-        let state = sqlx::query_as::<_, SubjectRow>(
-            "SELECT current_id, last_sent_at, window_start, window_count
-             FROM subjects WHERE tenant = $1 AND subject = $2",
-        )
-        .bind(tenant)
-        .bind(subject.0.as_slice())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_sqlx)?
-        .map(SubjectState::try_from)
-        .transpose()?;
-        Ok(state.unwrap_or(SubjectState {
-            current: None,
-            last_sent_at: None,
-            window_start: None,
-            window_count: 0,
-        }))
+        self.group.sqlx(kind, op).await
     }
 
     /// One file has one writer, so there is never another purge to defer to.
@@ -227,13 +197,19 @@ impl SqliteStore {
     }
 }
 
+/// Applies pending migrations on a connection of their own, closed after.
+async fn migrate(connect: &SqliteConnectOptions) -> StoreResult<()> {
+    let mut conn = connect.connect().await.map_err(map_sqlx)?;
+    MIGRATOR.run(&mut conn).await.map_err(map_migrate)?;
+    conn.close().await.map_err(map_sqlx)
+}
+
 super::sql_common::sql_store!(
     store: SqliteStore,
     db: Sqlite,
     read: reader,
     insertion_order: "rowid",
     for_update: "",
-    day_of_millis: "date(created_at / 86400000 * 86400, 'unixepoch')",
 );
 
 #[cfg(test)]
@@ -248,51 +224,75 @@ mod tests {
         (dir, store)
     }
 
-    async fn synchronous(pool: &SqlitePool) -> i64 {
-        sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(pool)
-            .await
-            .unwrap()
+    /// A numeric pragma's value on each of the writer's two connections,
+    /// asked through the writer itself: (the direct one's, sqlx's).
+    async fn writer_pragma(store: &SqliteStore, pragma: &'static str) -> (i64, i64) {
+        let ask = format!("PRAGMA {pragma}");
+        let direct = {
+            let ask = ask.clone();
+            store.group.direct(WriteKind::Statement, move |conn| {
+                conn.query_row(&ask, [], |r| r.get(0))
+                    .map_err(hot::map_rusqlite)
+            })
+        };
+        let sqlx = store.group.sqlx(WriteKind::Statement, move |conn| {
+            Box::pin(async move {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(ask))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)
+            })
+        });
+        (direct.await.unwrap(), sqlx.await.unwrap())
     }
 
     #[tokio::test]
     async fn durability_settings_are_applied() {
         let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&store.writer)
+            .fetch_one(&store.reader)
             .await
             .unwrap();
-        assert_eq!(mode, "wal");
-        assert_eq!(synchronous(&store.writer).await, 1, "NORMAL by default");
-        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-            .fetch_one(&store.writer)
-            .await
-            .unwrap();
-        assert_eq!(fk, 1);
+        assert_eq!(
+            mode, "wal",
+            "a property of the file, which every connection sees"
+        );
+        assert_eq!(
+            writer_pragma(&store, "synchronous").await,
+            (1, 1),
+            "NORMAL by default"
+        );
+        assert_eq!(writer_pragma(&store, "foreign_keys").await, (1, 1));
 
         let full = SqliteOptions {
             synchronous_full: true,
             ..SqliteOptions::default()
         };
         let (_dir, store) = open_in_tempdir(full).await;
-        assert_eq!(synchronous(&store.writer).await, 2, "FULL when asked");
+        assert_eq!(
+            writer_pragma(&store, "synchronous").await,
+            (2, 2),
+            "FULL when asked"
+        );
     }
 
     #[tokio::test]
     async fn the_wal_is_checkpointed_beside_the_writer() {
         use crate::store::{Store, UsageRow};
         let (dir, store) = open_in_tempdir(SqliteOptions::default()).await;
-        let backstop: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
-            .fetch_one(&store.writer)
-            .await
-            .unwrap();
-        assert_eq!(backstop, i64::from(checkpoint::WRITER_BACKSTOP_PAGES));
+        let backstop = i64::from(checkpoint::WRITER_BACKSTOP_PAGES);
+        assert_eq!(
+            writer_pragma(&store, "wal_autocheckpoint").await,
+            (backstop, backstop)
+        );
         // Everything so far (the migrations) into the file, so that it grows
         // only when a checkpoint copies what follows.
+        let mut conn = store.connect.connect().await.unwrap();
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&store.writer)
+            .execute(&mut conn)
             .await
             .unwrap();
+        conn.close().await.unwrap();
         let file = dir.path().join("otpd.db");
         let size = || std::fs::metadata(&file).unwrap().len();
         let before = size();

@@ -1,28 +1,38 @@
 //! SQLite's one writer, with group commit. Every write operation is sent to a
-//! single task that owns the write connection; the task takes all operations
+//! single thread that owns the write connections; it takes the operations
 //! queued (up to `MAX_GROUP`), runs them one after the other inside one
-//! `BEGIN IMMEDIATE` … `COMMIT`, and answers each caller only after that COMMIT
-//! succeeded, so no caller learns an outcome that is not durable. One commit
-//! (one WAL append) and one transaction's statements then serve a whole group.
+//! `BEGIN IMMEDIATE` … `COMMIT`, and answers each caller only after that
+//! COMMIT succeeded, so no caller learns an outcome that is not durable. One
+//! commit (one WAL append) and one transaction's statements then serve a
+//! whole group.
 //!
-//! Operations still run one at a time on the one connection, so each
-//! read-decide-write is serialised exactly as with a transaction of its own.
-//! A savepoint (`op`) isolates them: an operation that fails is rolled back to
-//! it and answers its error, while the rest of the group commits. The
-//! savepoint is only moved before an operation with several writing
-//! statements (a single one is undone by SQLite itself when it fails), which
-//! saves a statement per operation.
+//! An operation comes in one of two forms. The hot ones (sends, checks,
+//! counters: `hot`) are plain functions on a rusqlite connection that this
+//! thread calls itself, so a whole group costs the callers one hand-off. The
+//! others keep the sqlx form they share with PostgreSQL; sqlx runs each
+//! statement on a thread of its own, so this thread drives them with a
+//! runtime of its own, at two thread switches a statement. A group holds one
+//! form only, and the two connections take turns on this thread, so they
+//! never contend for the file's write lock.
+//!
+//! Operations run one at a time, so each read-decide-write is serialised
+//! exactly as with a transaction of its own. A savepoint (`op`) isolates
+//! them: an operation that fails is rolled back to it and answers its error,
+//! while the rest of the group commits. The savepoint is only moved before an
+//! operation with several writing statements (a single one is undone by
+//! SQLite itself when it fails), which saves a statement per operation.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
-use sqlx::SqliteConnection;
-use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{Sqlite, SqlitePool};
+use rusqlite::Connection;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection as _, SqliteConnection};
+use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::sql_common::{WriteFuture, WriteKind};
+use super::hot::map_rusqlite;
+use crate::store::sql_common::{WriteFuture, WriteKind, map_sqlx};
 use crate::store::{StoreError, StoreResult};
 
 /// The most operations one transaction commits together: enough to absorb a
@@ -31,29 +41,88 @@ const MAX_GROUP: usize = 64;
 /// Operations waiting for the writer; a caller beyond this waits to enqueue.
 const QUEUE: usize = 1024;
 
+/// Opens the writer's own rusqlite connection (again, after one was lost).
+pub(super) type OpenDirect = Box<dyn Fn() -> StoreResult<Connection> + Send>;
+
 /// The handle requests send their write operations through.
 pub(super) struct Writer {
-    queue: mpsc::Sender<Box<dyn Job>>,
+    queue: mpsc::Sender<Message>,
     /// How long an operation may wait for the writer before it is refused as
     /// unavailable (the busy timeout, as for another process's lock).
     wait_limit: Duration,
 }
 
+enum Message {
+    Direct(Box<dyn Job<Connection>>),
+    Sqlx(Box<dyn Job<SqlxSession>>),
+    /// Finish what is queued before this, close both connections, answer.
+    Close(oneshot::Sender<()>),
+}
+
 impl Writer {
-    /// Starts the writer task on the write pool (one connection); it ends when
-    /// the last handle is dropped.
-    pub(super) fn start(pool: SqlitePool, wait_limit: Duration) -> Self {
-        let (queue, jobs) = mpsc::channel(QUEUE);
-        tokio::spawn(run(pool, jobs));
-        Self { queue, wait_limit }
+    /// Starts the writer thread. Its sqlx operations run on a connection
+    /// `connect` opens, the others on what `open_direct` opens. The thread
+    /// ends on `close`, or when the last handle is dropped.
+    pub(super) fn start(
+        connect: SqliteConnectOptions,
+        open_direct: OpenDirect,
+        wait_limit: Duration,
+    ) -> StoreResult<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("sqlite writer runtime: {e}")))?;
+        let (queue, messages) = mpsc::channel(QUEUE);
+        let thread = Thread {
+            direct: None,
+            open_direct,
+            sqlx: None,
+            connect,
+            runtime,
+        };
+        std::thread::Builder::new()
+            .name("otpd-sqlite-writer".into())
+            .spawn(move || thread.run(messages))
+            .map_err(|e| StoreError::Unavailable(format!("sqlite writer thread: {e}")))?;
+        Ok(Self { queue, wait_limit })
     }
 
-    /// Runs `op` in the next group and answers once the group committed.
-    pub(super) async fn write<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>
+    /// Runs `op` on the writer's rusqlite connection in the next group, and
+    /// answers once the group committed.
+    pub(super) async fn direct<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (job, answer) = self.queued(kind, op);
+        self.send(Message::Direct(job), answer).await
+    }
+
+    /// Runs the sqlx operation `op` in the next group, and answers once the
+    /// group committed.
+    pub(super) async fn sqlx<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, T> + Send + 'static,
     {
+        let (job, answer) = self.queued(kind, op);
+        self.send(Message::Sqlx(job), answer).await
+    }
+
+    /// Lets queued operations finish, then closes the writer's connections.
+    /// Writes after this fail as unavailable.
+    pub(super) async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.queue.send(Message::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+    }
+
+    fn queued<T, F>(
+        &self,
+        kind: WriteKind,
+        op: F,
+    ) -> (Box<Queued<F, T>>, oneshot::Receiver<StoreResult<T>>) {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Queued {
             kind,
@@ -61,7 +130,15 @@ impl Writer {
             reply,
             deadline: Instant::now() + self.wait_limit,
         });
-        self.queue.send(job).await.map_err(|_| stopped())?;
+        (job, answer)
+    }
+
+    async fn send<T>(
+        &self,
+        message: Message,
+        answer: oneshot::Receiver<StoreResult<T>>,
+    ) -> StoreResult<T> {
+        self.queue.send(message).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
@@ -70,16 +147,151 @@ fn stopped() -> StoreError {
     StoreError::Unavailable("the sqlite writer has stopped".into())
 }
 
-fn failed(error: &sqlx::Error) -> StoreError {
+/// What the writer thread owns.
+struct Thread {
+    /// Opened on first use, and again after a broken transaction closed it.
+    direct: Option<Connection>,
+    open_direct: OpenDirect,
+    /// Likewise, sqlx's.
+    sqlx: Option<SqliteConnection>,
+    connect: SqliteConnectOptions,
+    /// Drives the sqlx operations, whose statements sqlx's connection thread
+    /// answers asynchronously.
+    runtime: Runtime,
+}
+
+impl Thread {
+    fn run(mut self, mut messages: mpsc::Receiver<Message>) {
+        let mut queued = VecDeque::with_capacity(MAX_GROUP);
+        loop {
+            if queued.is_empty() {
+                match messages.blocking_recv() {
+                    Some(message) => queued.push_back(message),
+                    None => return,
+                }
+            }
+            while queued.len() < MAX_GROUP {
+                match messages.try_recv() {
+                    Ok(message) => queued.push_back(message),
+                    Err(_) => break,
+                }
+            }
+            match queued.pop_front() {
+                Some(Message::Direct(first)) => {
+                    let mut jobs = VecDeque::from([first]);
+                    while let Some(Message::Direct(_)) = queued.front() {
+                        if let Some(Message::Direct(job)) = queued.pop_front() {
+                            jobs.push_back(job);
+                        }
+                    }
+                    self.direct_group(jobs);
+                }
+                Some(Message::Sqlx(first)) => {
+                    let mut jobs = VecDeque::from([first]);
+                    while let Some(Message::Sqlx(_)) = queued.front() {
+                        if let Some(Message::Sqlx(job)) = queued.pop_front() {
+                            jobs.push_back(job);
+                        }
+                    }
+                    self.sqlx_group(jobs);
+                }
+                Some(Message::Close(done)) => {
+                    self.direct = None;
+                    if let Some(conn) = self.sqlx.take() {
+                        let _ = self.runtime.block_on(conn.close());
+                    }
+                    let _ = done.send(());
+                    return;
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn direct_group(&mut self, mut jobs: VecDeque<Box<dyn Job<Connection>>>) {
+        // Each round answers at least one job, so this ends.
+        while !jobs.is_empty() {
+            let conn = match self.direct.take() {
+                Some(conn) => conn,
+                None => match (self.open_direct)() {
+                    Ok(conn) => conn,
+                    Err(e) => return refuse_all(jobs, &e),
+                },
+            };
+            self.direct = commit_group(conn, &mut jobs);
+        }
+    }
+
+    fn sqlx_group(&mut self, mut jobs: VecDeque<Box<dyn Job<SqlxSession>>>) {
+        while !jobs.is_empty() {
+            let conn = match self.sqlx.take() {
+                Some(conn) => conn,
+                None => match self.runtime.block_on(self.connect.connect()) {
+                    Ok(conn) => conn,
+                    Err(e) => return refuse_all(jobs, &map_sqlx(e)),
+                },
+            };
+            let session = SqlxSession {
+                conn,
+                runtime: self.runtime.handle().clone(),
+            };
+            self.sqlx = commit_group(session, &mut jobs).map(|session| session.conn);
+        }
+    }
+}
+
+fn refuse_all<C: ?Sized>(jobs: VecDeque<Box<dyn Job<C>>>, error: &StoreError) {
+    for job in jobs {
+        job.refuse(failed(error));
+    }
+}
+
+fn failed(error: &StoreError) -> StoreError {
     StoreError::Unavailable(format!("sqlite write failed: {error}"))
 }
 
-/// One queued write operation, its type erased so that one queue carries all.
-trait Job: Send {
+/// A write connection as a group uses it.
+trait Session: Sized {
+    fn exec(&mut self, sql: &'static str) -> StoreResult<()>;
+    /// The transaction is lost or in doubt: the connection is closed, which
+    /// rolls back whatever is left, so the next group starts on a fresh one.
+    fn discard(self);
+}
+
+impl Session for Connection {
+    fn exec(&mut self, sql: &'static str) -> StoreResult<()> {
+        self.execute_batch(sql).map_err(map_rusqlite)
+    }
+
+    fn discard(self) {
+        drop(self);
+    }
+}
+
+/// sqlx's write connection, driven from the writer thread.
+struct SqlxSession {
+    conn: SqliteConnection,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Session for SqlxSession {
+    fn exec(&mut self, sql: &'static str) -> StoreResult<()> {
+        let run = sqlx::raw_sql(sql).execute(&mut self.conn);
+        self.runtime.block_on(run).map(drop).map_err(map_sqlx)
+    }
+
+    fn discard(self) {
+        drop(self.conn);
+    }
+}
+
+/// One queued write operation, its type erased so that one queue carries all
+/// of a form.
+trait Job<C: ?Sized>: Send {
     fn kind(&self) -> WriteKind;
     /// Runs the operation on the open transaction, unless its caller has gone
     /// or waited too long.
-    fn run(self: Box<Self>, conn: &mut SqliteConnection) -> BoxFuture<'_, Ran>;
+    fn run(self: Box<Self>, conn: &mut C) -> Ran;
     /// Answers `error` without running.
     fn refuse(self: Box<Self>, error: StoreError);
 }
@@ -101,14 +313,66 @@ enum Effect {
     Failed,
 }
 
-struct Queued<T, F> {
+struct Queued<F, T> {
     kind: WriteKind,
     op: F,
     reply: oneshot::Sender<StoreResult<T>>,
     deadline: Instant,
 }
 
-impl<T, F> Job for Queued<T, F>
+impl<F, T: Send + 'static> Queued<F, T> {
+    /// Calls `op` (the operation, given its connection) unless the caller
+    /// gave up (its request timed out: the operation must not take effect
+    /// behind its back) or waited too long.
+    fn run_with(self, op: impl FnOnce(F) -> StoreResult<T>) -> Ran {
+        let Queued {
+            op: f,
+            reply,
+            deadline,
+            ..
+        } = self;
+        if reply.is_closed() {
+            return untouched();
+        }
+        if Instant::now() > deadline {
+            let _ = reply.send(Err(StoreError::Unavailable(
+                "timed out waiting for the sqlite writer".into(),
+            )));
+            return untouched();
+        }
+        let result = op(f);
+        Ran {
+            effect: if result.is_ok() {
+                Effect::Done
+            } else {
+                Effect::Failed
+            },
+            answer: Box::new(move |committed: StoreResult<()>| {
+                let _ = reply.send(committed.and(result));
+            }),
+        }
+    }
+}
+
+impl<T, F> Job<Connection> for Queued<F, T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+{
+    fn kind(&self) -> WriteKind {
+        self.kind
+    }
+
+    fn run(self: Box<Self>, conn: &mut Connection) -> Ran {
+        self.run_with(|op| op(conn))
+    }
+
+    fn refuse(self: Box<Self>, error: StoreError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+impl<T, F> Job<SqlxSession> for Queued<F, T>
 where
     T: Send + 'static,
     F: for<'c> FnOnce(&'c mut SqliteConnection) -> WriteFuture<'c, T> + Send + 'static,
@@ -117,37 +381,9 @@ where
         self.kind
     }
 
-    fn run(self: Box<Self>, conn: &mut SqliteConnection) -> BoxFuture<'_, Ran> {
-        let Queued {
-            op,
-            reply,
-            deadline,
-            ..
-        } = *self;
-        Box::pin(async move {
-            // A caller that gave up (its request timed out) must not have its
-            // operation take effect behind its back.
-            if reply.is_closed() {
-                return untouched();
-            }
-            if Instant::now() > deadline {
-                let _ = reply.send(Err(StoreError::Unavailable(
-                    "timed out waiting for the sqlite writer".into(),
-                )));
-                return untouched();
-            }
-            let result = op(conn).await;
-            Ran {
-                effect: if result.is_ok() {
-                    Effect::Done
-                } else {
-                    Effect::Failed
-                },
-                answer: Box::new(move |committed: StoreResult<()>| {
-                    let _ = reply.send(committed.and(result));
-                }),
-            }
-        })
+    fn run(self: Box<Self>, session: &mut SqlxSession) -> Ran {
+        let SqlxSession { conn, runtime } = session;
+        self.run_with(|op| runtime.block_on(op(conn)))
     }
 
     fn refuse(self: Box<Self>, error: StoreError) {
@@ -162,38 +398,15 @@ fn untouched() -> Ran {
     }
 }
 
-async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Box<dyn Job>>) {
-    let mut received = Vec::with_capacity(MAX_GROUP);
-    while queue.recv_many(&mut received, MAX_GROUP).await > 0 {
-        let mut jobs = VecDeque::from(std::mem::take(&mut received));
-        // Each round answers at least one job, so this ends.
-        while !jobs.is_empty() {
-            commit_group(&pool, &mut jobs).await;
-        }
-        received = Vec::from(jobs);
-    }
-}
-
-/// Runs queued jobs in one transaction and answers them. Returns early, with
-/// jobs left queued for the next group, when the transaction broke; the job
-/// that broke it has been answered by then.
-async fn commit_group(pool: &SqlitePool, jobs: &mut VecDeque<Box<dyn Job>>) {
-    let mut conn = match pool.acquire().await {
-        Ok(conn) => conn,
-        Err(e) => {
-            for job in jobs.drain(..) {
-                job.refuse(failed(&e));
-            }
-            return;
-        }
-    };
+/// Runs queued jobs in one transaction on `conn` and answers them. Returns
+/// the connection for the next group, or `None` when the transaction broke
+/// (the job that broke it has been answered; the others stay queued).
+fn commit_group<S: Session>(mut conn: S, jobs: &mut VecDeque<Box<dyn Job<S>>>) -> Option<S> {
     // The write lock up front: never a failed upgrade of a read lock.
-    if let Err(e) = exec(&mut conn, "BEGIN IMMEDIATE; SAVEPOINT op").await {
-        abandon(&mut conn, Vec::new(), &e);
-        for job in jobs.drain(..) {
-            job.refuse(failed(&e));
-        }
-        return;
+    if let Err(e) = conn.exec("BEGIN IMMEDIATE; SAVEPOINT op") {
+        conn.discard();
+        refuse_all(std::mem::take(jobs), &e);
+        return None;
     }
     let mut ran = Vec::with_capacity(jobs.len());
     // Whether the database has changed since the savepoint was set.
@@ -201,13 +414,13 @@ async fn commit_group(pool: &SqlitePool, jobs: &mut VecDeque<Box<dyn Job>>) {
     while let Some(job) = jobs.pop_front() {
         let kind = job.kind();
         if kind == WriteKind::Transaction && moved {
-            if let Err(e) = exec(&mut conn, "RELEASE op; SAVEPOINT op").await {
+            if let Err(e) = conn.exec("RELEASE op; SAVEPOINT op") {
                 job.refuse(failed(&e));
-                return abandon(&mut conn, ran, &e);
+                return abandon(conn, ran, &e);
             }
             moved = false;
         }
-        let done = job.run(&mut conn).await;
+        let done = job.run(&mut conn);
         match done.effect {
             Effect::Untouched => {}
             Effect::Done => moved = true,
@@ -218,37 +431,33 @@ async fn commit_group(pool: &SqlitePool, jobs: &mut VecDeque<Box<dyn Job>>) {
                     WriteKind::Transaction => "ROLLBACK TO op",
                     WriteKind::Statement | WriteKind::ReadThenWrite => "RELEASE op; SAVEPOINT op",
                 };
-                if let Err(e) = exec(&mut conn, undo).await {
+                if let Err(e) = conn.exec(undo) {
                     ran.push(done);
-                    return abandon(&mut conn, ran, &e);
+                    return abandon(conn, ran, &e);
                 }
                 moved = false;
             }
         }
         ran.push(done);
     }
-    match exec(&mut conn, "COMMIT").await {
+    match conn.exec("COMMIT") {
         Ok(()) => {
             for done in ran {
                 (done.answer)(Ok(()));
             }
+            Some(conn)
         }
-        Err(e) => abandon(&mut conn, ran, &e),
+        Err(e) => abandon(conn, ran, &e),
     }
 }
 
-/// The transaction is lost or in doubt: every job that ran gets the error,
-/// and the connection is closed (which rolls back whatever is left) so the
-/// next group starts on a fresh one.
-fn abandon(conn: &mut PoolConnection<Sqlite>, ran: Vec<Ran>, error: &sqlx::Error) {
-    conn.close_on_drop();
+/// The transaction is lost or in doubt: every job that ran gets the error.
+fn abandon<S: Session>(conn: S, ran: Vec<Ran>, error: &StoreError) -> Option<S> {
+    conn.discard();
     for done in ran {
         (done.answer)(Err(failed(error)));
     }
-}
-
-async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(sql).execute(&mut *conn).await.map(drop)
+    None
 }
 
 #[cfg(test)]
@@ -265,7 +474,7 @@ mod tests {
                     .bind(id)
                     .execute(&mut *conn)
                     .await
-                    .map_err(|e| failed(&e))?;
+                    .map_err(map_sqlx)?;
                 Ok(())
             })
         })
@@ -281,30 +490,45 @@ mod tests {
         })
     }
 
-    /// One group (the current-thread runtime enqueues all four before the
-    /// writer runs): the operations that fail leave no trace, the others commit.
+    fn insert_directly(conn: &Connection, id: i64) -> StoreResult<()> {
+        conn.execute("INSERT INTO t (id) VALUES (?1)", [id])
+            .map_err(map_rusqlite)?;
+        Ok(())
+    }
+
+    /// Operations of both forms, in whatever groups the writer takes them:
+    /// the ones that fail leave no trace, the others commit, whichever
+    /// connection ran them.
     #[tokio::test]
     async fn a_failing_operation_is_undone_alone() {
         let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.db");
         let connect = SqliteConnectOptions::new()
-            .filename(dir.path().join("w.db"))
+            .filename(&file)
             .create_if_missing(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
             .unwrap();
         sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
             .execute(&pool)
             .await
             .unwrap();
-        let writer = Writer::start(pool.clone(), Duration::from_secs(5));
+        let open = Box::new(move || Connection::open(&file).map_err(map_rusqlite));
+        let writer = Writer::start(connect, open, Duration::from_secs(5)).unwrap();
 
-        let (one, two, duplicate, three) = tokio::join!(
-            writer.write(WriteKind::Statement, insert(1)),
-            writer.write(WriteKind::Transaction, insert_then_fail(2)),
-            writer.write(WriteKind::Statement, insert(1)),
-            writer.write(WriteKind::ReadThenWrite, insert(3)),
+        let (one, two, duplicate, three, four, five, taken) = tokio::join!(
+            writer.sqlx(WriteKind::Statement, insert(1)),
+            writer.sqlx(WriteKind::Transaction, insert_then_fail(2)),
+            writer.sqlx(WriteKind::Statement, insert(1)),
+            writer.sqlx(WriteKind::ReadThenWrite, insert(3)),
+            writer.direct(WriteKind::Statement, |c| insert_directly(c, 4)),
+            writer.direct(WriteKind::Transaction, |c| {
+                insert_directly(c, 5)?;
+                Err::<(), _>(StoreError::Unavailable("decided to fail".into()))
+            }),
+            writer.direct(WriteKind::Statement, |c| insert_directly(c, 3)),
         );
         one.unwrap();
         assert!(two.is_err());
@@ -313,10 +537,17 @@ mod tests {
             "a unique violation is that operation's error"
         );
         three.unwrap();
+        four.unwrap();
+        assert!(five.is_err());
+        assert!(taken.is_err(), "3 was committed by the sqlx group before");
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id")
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(ids, [1, 3]);
+        assert_eq!(ids, [1, 3, 4]);
+
+        writer.close().await;
+        let after = writer.direct(WriteKind::Statement, |c| insert_directly(c, 6));
+        assert!(after.await.is_err(), "a closed writer refuses writes");
     }
 }

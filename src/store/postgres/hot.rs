@@ -1,0 +1,323 @@
+//! PostgreSQL's hot write operations: sends, checks, delivery attempts and
+//! counters. Each is one transaction (or one statement) on a pooled
+//! connection; SQLite runs the same statements (`sql_hot`) on its writer
+//! thread instead (`sqlite::hot`).
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::PostgresStore;
+use crate::domain::limits::WindowCounts;
+use crate::domain::{MessageRecord, Verification};
+use crate::store::sql_common::{
+    VerificationRow, WriteKind, admit_send, counter_amount, counter_slot, counter_total,
+    decide_check, id_text, map_sqlx, millis,
+};
+use crate::store::sql_hot::{
+    ADD_TO_COUNTER, INSERT_MESSAGE, INSERT_VERIFICATION, RESEND_VERIFICATION, UPDATE_CHECKED,
+    UPSERT_SUBJECT, count_approval_sql,
+};
+use crate::store::{
+    CheckOutcome, CounterAdd, GuessBudget, SendDecision, SendPlan, StoreError, StoreResult,
+    UsageRow,
+};
+
+impl PostgresStore {
+    /// The verification `id`, locked for the rest of the write.
+    async fn locked_verification(
+        conn: &mut PgConnection,
+        id: Uuid,
+    ) -> StoreResult<Option<Verification>> {
+        sqlx::query_as::<_, VerificationRow>("SELECT * FROM verifications WHERE id = $1 FOR UPDATE")
+            .bind(id_text(id))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_sqlx)?
+            .map(Verification::try_from)
+            .transpose()
+    }
+
+    /// A guess budget's two windows, read inside the check's write.
+    async fn guess_counts(
+        conn: &mut PgConnection,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<WindowCounts> {
+        let reads = GuessBudget::reads(key, now);
+        let found = Self::counter_reads_query(&reads)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(map_sqlx)?;
+        match found[..] {
+            [previous, current] => Ok(WindowCounts {
+                previous: counter_total(previous),
+                current: counter_total(current),
+            }),
+            _ => Err(StoreError::Corrupt("short counter read".into())),
+        }
+    }
+
+    /// `sql_hot::count_approval_sql`, for verification `id`.
+    async fn count_approval(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+        sqlx::query(count_approval_sql!(
+            day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
+            insertion_order: "seq",
+        ))
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    /// One add of `add_to_counter` (`sql_hot::ADD_TO_COUNTER`).
+    async fn add_one(
+        conn: &mut PgConnection,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let (slot, keep_until) = counter_slot(window_seconds, now);
+        let total: i64 = sqlx::query_scalar(ADD_TO_COUNTER)
+            .bind(key)
+            .bind(i64::from(window_seconds))
+            .bind(slot)
+            .bind(keep_until)
+            .bind(counter_amount(amount))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(counter_total(Some(total)))
+    }
+
+    pub(super) async fn start_send(
+        &self,
+        plan: &SendPlan,
+        now: DateTime<Utc>,
+    ) -> StoreResult<SendDecision> {
+        let plan = plan.clone();
+        self.write(WriteKind::Transaction, move |conn| {
+            Box::pin(async move {
+                let planned = &plan.verification;
+                let state = Self::subject_state(conn, &planned.tenant, &planned.subject).await?;
+                let window = match admit_send(&state, &plan, now) {
+                    Ok(window) => window,
+                    Err(refusal) => return Ok(refusal.into()),
+                };
+
+                let pending = match state.current {
+                    Some(current) => Self::locked_verification(conn, current)
+                        .await?
+                        .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
+                    None => None,
+                };
+                let previous_sent_at = state.last_sent_at;
+                let decision = match pending {
+                    Some(v) if v.id == planned.id => {
+                        let row = sqlx::query_as::<_, VerificationRow>(RESEND_VERIFICATION)
+                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                            .bind(millis(planned.expires_at))
+                            .bind(millis(now))
+                            .bind(id_text(v.id))
+                            .bind(planned.phone.to_bytes())
+                            .bind(&planned.masked_to)
+                            .bind(planned.country.as_deref())
+                            .fetch_one(&mut *conn)
+                            .await
+                            .map_err(map_sqlx)?;
+                        SendDecision::Replaced {
+                            verification: row.try_into()?,
+                            previous_sent_at,
+                        }
+                    }
+                    Some(_) => return Ok(SendDecision::Conflict),
+                    None => {
+                        let inserted = sqlx::query(INSERT_VERIFICATION)
+                            .bind(id_text(planned.id))
+                            .bind(&planned.tenant)
+                            .bind(planned.subject.0.as_slice())
+                            .bind(&planned.purpose)
+                            .bind(&planned.uid)
+                            .bind(planned.phone.to_bytes())
+                            .bind(&planned.masked_to)
+                            .bind(&planned.country)
+                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+                            .bind(planned.status.as_str())
+                            .bind(i64::from(planned.attempts))
+                            .bind(i64::from(planned.max_attempts))
+                            .bind(i64::from(planned.send_count))
+                            .bind(millis(planned.created_at))
+                            .bind(millis(planned.updated_at))
+                            .bind(millis(planned.expires_at))
+                            .bind(millis(planned.last_sent_at))
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(map_sqlx)?;
+                        // The plan names a verification that exists but is no longer
+                        // pending (expired or ended since the service looked).
+                        if inserted.rows_affected() == 0 {
+                            return Ok(SendDecision::Conflict);
+                        }
+                        SendDecision::Created {
+                            verification: planned.clone(),
+                            previous_sent_at,
+                        }
+                    }
+                };
+
+                sqlx::query(UPSERT_SUBJECT)
+                    .bind(&planned.tenant)
+                    .bind(planned.subject.0.as_slice())
+                    .bind(id_text(planned.id))
+                    .bind(millis(now))
+                    .bind(millis(window.start))
+                    .bind(i64::from(window.count + 1))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                Ok(decision)
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        let tenant = tenant.to_owned();
+        let code_hash = *code_hash;
+        self.write(WriteKind::Transaction, move |conn| {
+            Box::pin(async move {
+                let Some(mut v) = Self::locked_verification(conn, id)
+                    .await?
+                    .filter(|v| v.tenant == tenant && v.is_checkable_at(now))
+                else {
+                    return Ok(CheckOutcome::NotFound);
+                };
+                let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
+                if let Some((budget, key)) = &guesses {
+                    let counts = Self::guess_counts(conn, key, now).await?;
+                    if !budget.admits(counts, now) {
+                        return Ok(CheckOutcome::GuessesSpent(counts));
+                    }
+                }
+                let (outcome, changed) = decide_check(&mut v, &code_hash, now);
+                if changed {
+                    sqlx::query(UPDATE_CHECKED)
+                        .bind(v.status.as_str())
+                        .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
+                        .bind(i64::from(v.attempts))
+                        .bind(millis(v.updated_at))
+                        .bind(id_text(id))
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_sqlx)?;
+                }
+                match (&outcome, &guesses) {
+                    (CheckOutcome::Wrong { .. }, Some((_, key))) => {
+                        Self::add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
+                    }
+                    (CheckOutcome::Approved(_), _) => Self::count_approval(conn, id).await?,
+                    _ => {}
+                }
+                Ok(outcome)
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn insert_message(
+        &self,
+        m: &MessageRecord,
+        usage: Option<&UsageRow>,
+    ) -> StoreResult<()> {
+        let m = m.clone();
+        let usage = usage.cloned();
+        let kind = match usage {
+            Some(_) => WriteKind::Transaction,
+            None => WriteKind::Statement,
+        };
+        self.write(kind, move |conn| {
+            Box::pin(async move {
+                sqlx::query(INSERT_MESSAGE)
+                    .bind(id_text(m.id))
+                    .bind(id_text(m.verification_id))
+                    .bind(&m.tenant)
+                    .bind(i64::from(m.route_id))
+                    .bind(&m.provider)
+                    .bind(&m.provider_message_id)
+                    .bind(&m.masked_to)
+                    .bind(&m.country)
+                    .bind(m.status.as_str())
+                    .bind(&m.error)
+                    .bind(m.cost)
+                    .bind(&m.currency)
+                    .bind(i64::from(m.latency_ms))
+                    .bind(m.resend_of.map(id_text))
+                    .bind(millis(m.created_at))
+                    .bind(m.sent_at.map(millis))
+                    .bind(m.delivered_at.map(millis))
+                    .bind(m.failed_at.map(millis))
+                    .bind(millis(m.updated_at))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_sqlx)?;
+                if let Some(usage) = &usage {
+                    Self::upsert_usage(conn, usage).await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// One upsert is one atomic step: the window's row is created or added to.
+    pub(super) async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let key = key.to_owned();
+        self.write(WriteKind::Statement, move |conn| {
+            Box::pin(async move { Self::add_one(conn, &key, amount, window_seconds, now).await })
+        })
+        .await
+    }
+
+    /// One write: every add's upsert in order, up to the first that goes
+    /// over its ceiling.
+    pub(super) async fn add_counters(
+        &self,
+        adds: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<u64>> {
+        if adds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let adds = adds.to_vec();
+        self.write(WriteKind::Transaction, move |conn| {
+            Box::pin(async move {
+                let mut totals = Vec::with_capacity(adds.len());
+                for a in &adds {
+                    let total =
+                        Self::add_one(conn, &a.key, a.amount, a.window_seconds, now).await?;
+                    totals.push(total);
+                    if a.stops_batch(total) {
+                        break;
+                    }
+                }
+                Ok(totals)
+            })
+        })
+        .await
+    }
+}

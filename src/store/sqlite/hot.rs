@@ -1,0 +1,477 @@
+//! SQLite's hot write operations (sends, checks, delivery attempts,
+//! counters), as plain functions the writer thread calls on its rusqlite
+//! connection: each statement is a function call, not a round trip to sqlx's
+//! connection thread. The statements are PostgreSQL's too (`sql_hot`).
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, named_params};
+use uuid::Uuid;
+
+use super::checkpoint::WRITER_BACKSTOP_PAGES;
+use super::{SqliteOptions, SqliteStore};
+use crate::domain::limits::WindowCounts;
+use crate::domain::{MessageRecord, SubjectKey, Verification};
+use crate::store::sql_common::{
+    SubjectRow, SubjectState, VerificationRow, WriteKind, admit_send, counter_amount,
+    counter_reads_sql, counter_slot, counter_total, day_text, decide_check, id_text, millis,
+    rate_slot, usage_amount,
+};
+use crate::store::sql_hot::{
+    ADD_TO_COUNTER, INSERT_MESSAGE, INSERT_VERIFICATION, RESEND_VERIFICATION, UPDATE_CHECKED,
+    UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
+};
+use crate::store::{
+    CheckOutcome, CounterAdd, GuessBudget, SendDecision, SendPlan, StoreError, StoreResult,
+    UsageRow,
+};
+
+pub(super) fn map_rusqlite(err: rusqlite::Error) -> StoreError {
+    use rusqlite::Error as E;
+    match err {
+        E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..)
+        | E::InvalidColumnIndex(_)
+        | E::InvalidColumnName(_)
+        | E::InvalidColumnType(..)
+        | E::QueryReturnedNoRows => StoreError::Corrupt(err.to_string()),
+        // As `map_sqlx`: busy, I/O and constraint errors are no verdict on
+        // the caller's data, so callers answer 503.
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// The writer's own connection to the file (which `SqliteStore::open_with`
+/// has created and migrated), with the same durability settings as sqlx's.
+pub(super) fn open(path: &Path, options: &SqliteOptions) -> StoreResult<Connection> {
+    let conn = Connection::open(path).map_err(map_rusqlite)?;
+    conn.busy_timeout(options.busy_timeout)
+        .map_err(map_rusqlite)?;
+    let synchronous = if options.synchronous_full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};
+         PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = {};",
+        WRITER_BACKSTOP_PAGES
+    ))
+    .map_err(map_rusqlite)?;
+    // Every statement here, and room to spare: none is ever prepared twice.
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    pub(super) async fn start_send(
+        &self,
+        plan: &SendPlan,
+        now: DateTime<Utc>,
+    ) -> StoreResult<SendDecision> {
+        let plan = plan.clone();
+        self.group
+            .direct(WriteKind::Transaction, move |conn| {
+                start_send(conn, &plan, now)
+            })
+            .await
+    }
+
+    pub(super) async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        let tenant = tenant.to_owned();
+        let code_hash = *code_hash;
+        self.group
+            .direct(WriteKind::Transaction, move |conn| {
+                check_code(conn, &tenant, id, &code_hash, budget, now)
+            })
+            .await
+    }
+
+    pub(super) async fn insert_message(
+        &self,
+        m: &MessageRecord,
+        usage: Option<&UsageRow>,
+    ) -> StoreResult<()> {
+        let m = m.clone();
+        let usage = usage.cloned();
+        let kind = match usage {
+            Some(_) => WriteKind::Transaction,
+            None => WriteKind::Statement,
+        };
+        self.group
+            .direct(kind, move |conn| {
+                insert_message(conn, &m)?;
+                usage.map_or(Ok(()), |usage| upsert_usage(conn, &usage))
+            })
+            .await
+    }
+
+    pub(super) async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let key = key.to_owned();
+        self.group
+            .direct(WriteKind::Statement, move |conn| {
+                add_one(conn, &key, amount, window_seconds, now)
+            })
+            .await
+    }
+
+    /// Every add's upsert in order, up to the first that goes over its ceiling.
+    pub(super) async fn add_counters(
+        &self,
+        adds: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<u64>> {
+        if adds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let adds = adds.to_vec();
+        self.group
+            .direct(WriteKind::Transaction, move |conn| {
+                let mut totals = Vec::with_capacity(adds.len());
+                for a in &adds {
+                    let total = add_one(conn, &a.key, a.amount, a.window_seconds, now)?;
+                    totals.push(total);
+                    if a.stops_batch(total) {
+                        break;
+                    }
+                }
+                Ok(totals)
+            })
+            .await
+    }
+}
+
+/// The writer holds the only write lock, so nothing needs locking. A subject
+/// seen for the first time has no row yet.
+fn start_send(conn: &Connection, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
+    let planned = &plan.verification;
+    let state = subject_state(conn, &planned.tenant, &planned.subject)?;
+    let window = match admit_send(&state, plan, now) {
+        Ok(window) => window,
+        Err(refusal) => return Ok(refusal.into()),
+    };
+    let pending = match state.current {
+        Some(current) => verification(conn, current)?
+            .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
+        None => None,
+    };
+    let previous_sent_at = state.last_sent_at;
+    let decision = match pending {
+        Some(v) if v.id == planned.id => {
+            let row = conn
+                .prepare_cached(RESEND_VERIFICATION)
+                .and_then(|mut s| {
+                    s.query_row(
+                        named_params! {
+                            "$1": planned.code_hash.as_ref().map(|h| h.as_slice()),
+                            "$2": millis(planned.expires_at),
+                            "$3": millis(now),
+                            "$4": id_text(v.id),
+                            "$5": planned.phone.to_bytes(),
+                            "$6": planned.masked_to,
+                            "$7": planned.country,
+                        },
+                        verification_row,
+                    )
+                })
+                .map_err(map_rusqlite)?;
+            SendDecision::Replaced {
+                verification: row.try_into()?,
+                previous_sent_at,
+            }
+        }
+        Some(_) => return Ok(SendDecision::Conflict),
+        None => {
+            let inserted = conn
+                .prepare_cached(INSERT_VERIFICATION)
+                .and_then(|mut s| {
+                    s.execute(named_params! {
+                        "$1": id_text(planned.id),
+                        "$2": planned.tenant,
+                        "$3": planned.subject.0.as_slice(),
+                        "$4": planned.purpose,
+                        "$5": planned.uid,
+                        "$6": planned.phone.to_bytes(),
+                        "$7": planned.masked_to,
+                        "$8": planned.country,
+                        "$9": planned.code_hash.as_ref().map(|h| h.as_slice()),
+                        "$10": planned.status.as_str(),
+                        "$11": i64::from(planned.attempts),
+                        "$12": i64::from(planned.max_attempts),
+                        "$13": i64::from(planned.send_count),
+                        "$14": millis(planned.created_at),
+                        "$15": millis(planned.updated_at),
+                        "$16": millis(planned.expires_at),
+                        "$17": millis(planned.last_sent_at),
+                    })
+                })
+                .map_err(map_rusqlite)?;
+            // The plan names a verification that exists but is no longer
+            // pending (expired or ended since the service looked).
+            if inserted == 0 {
+                return Ok(SendDecision::Conflict);
+            }
+            SendDecision::Created {
+                verification: planned.clone(),
+                previous_sent_at,
+            }
+        }
+    };
+    conn.prepare_cached(UPSERT_SUBJECT)
+        .and_then(|mut s| {
+            s.execute(named_params! {
+                "$1": planned.tenant,
+                "$2": planned.subject.0.as_slice(),
+                "$3": id_text(planned.id),
+                "$4": millis(now),
+                "$5": millis(window.start),
+                "$6": i64::from(window.count + 1),
+            })
+        })
+        .map_err(map_rusqlite)?;
+    Ok(decision)
+}
+
+fn check_code(
+    conn: &Connection,
+    tenant: &str,
+    id: Uuid,
+    code_hash: &[u8; 32],
+    budget: Option<GuessBudget>,
+    now: DateTime<Utc>,
+) -> StoreResult<CheckOutcome> {
+    let Some(mut v) =
+        verification(conn, id)?.filter(|v| v.tenant == tenant && v.is_checkable_at(now))
+    else {
+        return Ok(CheckOutcome::NotFound);
+    };
+    let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
+    if let Some((budget, key)) = &guesses {
+        let counts = guess_counts(conn, key, now)?;
+        if !budget.admits(counts, now) {
+            return Ok(CheckOutcome::GuessesSpent(counts));
+        }
+    }
+    let (outcome, changed) = decide_check(&mut v, code_hash, now);
+    if changed {
+        conn.prepare_cached(UPDATE_CHECKED)
+            .and_then(|mut s| {
+                s.execute(named_params! {
+                    "$1": v.status.as_str(),
+                    "$2": v.code_hash.as_ref().map(|h| h.as_slice()),
+                    "$3": i64::from(v.attempts),
+                    "$4": millis(v.updated_at),
+                    "$5": id_text(id),
+                })
+            })
+            .map_err(map_rusqlite)?;
+    }
+    match (&outcome, &guesses) {
+        (CheckOutcome::Wrong { .. }, Some((_, key))) => {
+            add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now)?;
+        }
+        (CheckOutcome::Approved(_), _) => count_approval(conn, id)?,
+        _ => {}
+    }
+    Ok(outcome)
+}
+
+fn subject_state(
+    conn: &Connection,
+    tenant: &str,
+    subject: &SubjectKey,
+) -> StoreResult<SubjectState> {
+    let row = conn
+        .prepare_cached(
+            "SELECT current_id, last_sent_at, window_start, window_count
+             FROM subjects WHERE tenant = $1 AND subject = $2",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                named_params! { "$1": tenant, "$2": subject.0.as_slice() },
+                |r| {
+                    Ok(SubjectRow {
+                        current_id: r.get("current_id")?,
+                        last_sent_at: r.get("last_sent_at")?,
+                        window_start: r.get("window_start")?,
+                        window_count: r.get("window_count")?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .map_err(map_rusqlite)?;
+    match row {
+        Some(row) => row.try_into(),
+        None => Ok(SubjectState {
+            current: None,
+            last_sent_at: None,
+            window_start: None,
+            window_count: 0,
+        }),
+    }
+}
+
+fn verification(conn: &Connection, id: Uuid) -> StoreResult<Option<Verification>> {
+    conn.prepare_cached("SELECT * FROM verifications WHERE id = $1")
+        .and_then(|mut s| {
+            s.query_row(named_params! { "$1": id_text(id) }, verification_row)
+                .optional()
+        })
+        .map_err(map_rusqlite)?
+        .map(Verification::try_from)
+        .transpose()
+}
+
+fn verification_row(r: &Row<'_>) -> rusqlite::Result<VerificationRow> {
+    Ok(VerificationRow {
+        id: r.get("id")?,
+        tenant: r.get("tenant")?,
+        subject: r.get("subject")?,
+        purpose: r.get("purpose")?,
+        uid: r.get("uid")?,
+        phone: r.get("phone")?,
+        masked_to: r.get("masked_to")?,
+        country: r.get("country")?,
+        code_hash: r.get("code_hash")?,
+        status: r.get("status")?,
+        attempts: r.get("attempts")?,
+        max_attempts: r.get("max_attempts")?,
+        send_count: r.get("send_count")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+        expires_at: r.get("expires_at")?,
+        last_sent_at: r.get("last_sent_at")?,
+    })
+}
+
+/// A guess budget's two windows, read inside the check's write.
+fn guess_counts(conn: &Connection, key: &str, now: DateTime<Utc>) -> StoreResult<WindowCounts> {
+    let [previous, current] = GuessBudget::reads(key, now).map(|read| {
+        let (slot, _) = rate_slot(read.window_seconds, read.at);
+        (read.key, i64::from(read.window_seconds), slot)
+    });
+    let totals = conn
+        .prepare_cached(&counter_reads_sql(2))
+        .and_then(|mut s| {
+            s.query_map(
+                named_params! {
+                    "$1": previous.0, "$2": previous.1, "$3": previous.2,
+                    "$4": current.0, "$5": current.1, "$6": current.2,
+                },
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(map_rusqlite)?;
+    match totals[..] {
+        [previous, current] => Ok(WindowCounts {
+            previous: counter_total(previous),
+            current: counter_total(current),
+        }),
+        _ => Err(StoreError::Corrupt("short counter read".into())),
+    }
+}
+
+/// One counter add (`sql_hot::ADD_TO_COUNTER`); returns the new total.
+fn add_one(
+    conn: &Connection,
+    key: &str,
+    amount: u64,
+    window_seconds: u32,
+    now: DateTime<Utc>,
+) -> StoreResult<u64> {
+    let (slot, keep_until) = counter_slot(window_seconds, now);
+    let total: i64 = conn
+        .prepare_cached(ADD_TO_COUNTER)
+        .and_then(|mut s| {
+            s.query_row(
+                named_params! {
+                    "$1": key,
+                    "$2": i64::from(window_seconds),
+                    "$3": slot,
+                    "$4": keep_until,
+                    "$5": counter_amount(amount),
+                },
+                |r| r.get(0),
+            )
+        })
+        .map_err(map_rusqlite)?;
+    Ok(counter_total(Some(total)))
+}
+
+/// `sql_hot::count_approval_sql`, for verification `id`.
+fn count_approval(conn: &Connection, id: Uuid) -> StoreResult<()> {
+    let sql = count_approval_sql!(
+        day_of_millis: "date(created_at / 86400000 * 86400, 'unixepoch')",
+        insertion_order: "rowid",
+    );
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute(named_params! { "$1": id_text(id) }))
+        .map_err(map_rusqlite)?;
+    Ok(())
+}
+
+fn insert_message(conn: &Connection, m: &MessageRecord) -> StoreResult<()> {
+    conn.prepare_cached(INSERT_MESSAGE)
+        .and_then(|mut s| {
+            s.execute(named_params! {
+                "$1": id_text(m.id),
+                "$2": id_text(m.verification_id),
+                "$3": m.tenant,
+                "$4": i64::from(m.route_id),
+                "$5": m.provider,
+                "$6": m.provider_message_id,
+                "$7": m.masked_to,
+                "$8": m.country,
+                "$9": m.status.as_str(),
+                "$10": m.error,
+                "$11": m.cost,
+                "$12": m.currency,
+                "$13": i64::from(m.latency_ms),
+                "$14": m.resend_of.map(id_text),
+                "$15": millis(m.created_at),
+                "$16": m.sent_at.map(millis),
+                "$17": m.delivered_at.map(millis),
+                "$18": m.failed_at.map(millis),
+                "$19": millis(m.updated_at),
+            })
+        })
+        .map_err(map_rusqlite)?;
+    Ok(())
+}
+
+fn upsert_usage(conn: &Connection, d: &UsageRow) -> StoreResult<()> {
+    conn.prepare_cached(UPSERT_USAGE)
+        .and_then(|mut s| {
+            s.execute(named_params! {
+                "$1": d.tenant,
+                "$2": day_text(d.day),
+                "$3": i64::from(d.route_id),
+                "$4": d.country.as_deref().unwrap_or_default(),
+                "$5": d.currency.as_deref().unwrap_or_default(),
+                "$6": usage_amount(d.sent),
+                "$7": usage_amount(d.delivered),
+                "$8": usage_amount(d.failed),
+                "$9": usage_amount(d.verifications_started),
+                "$10": usage_amount(d.verifications_approved),
+                "$11": d.cost_micros,
+            })
+        })
+        .map_err(map_rusqlite)?;
+    Ok(())
+}
