@@ -9,8 +9,8 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
 
 use super::{
-    CheckOutcome, InboxEntry, Marker, SendDecision, SendPlan, StoreError, StoreResult, UsageRow,
-    seconds_until,
+    CheckOutcome, CounterAdd, CounterRead, GuessBudget, InboxEntry, Marker, SendDecision, SendPlan,
+    StoreError, StoreResult, UsageRow, seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{
@@ -435,9 +435,9 @@ pub(crate) fn counter_total(total: Option<i64>) -> u64 {
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct MarkerRow {
-    name: String,
-    value: String,
-    expires_at: i64,
+    pub(crate) name: String,
+    pub(crate) value: String,
+    pub(crate) expires_at: i64,
 }
 
 impl TryFrom<MarkerRow> for Marker {
@@ -491,6 +491,41 @@ pub(crate) fn counter_reads_sql(n: usize) -> String {
     )
 }
 
+/// The operations of every send and check, which each SQL backend provides
+/// its own way (`sql_store!`'s `Store` implementation forwards to them; each
+/// means what `Store`'s method of the same name does). The statements are
+/// shared (`sql_hot`); PostgreSQL runs them through sqlx like the rest, SQLite
+/// directly, as sqlx's asynchronous connection cannot: the writes on its
+/// writer thread, the reads on the caller's.
+pub(crate) trait HotOps {
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>>;
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision>;
+    async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome>;
+    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()>;
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>>;
+    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>>;
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>>;
+}
+
 /// How a write operation is made atomic; each backend's `write` runs it so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WriteKind {
@@ -526,10 +561,7 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   `F: for<'c> FnOnce(&'c mut DB::Connection) -> WriteFuture<'c, T> + Send +
 ///   'static`: runs one write operation atomically as `kind` says and answers
 ///   only once its effect is committed. An `Err` from `op` undoes all of it.
-/// - the hot write operations, `start_send`, `check_code`, `insert_message`,
-///   `add_to_counter` and `add_counters`, with `Store`'s signatures: the
-///   statements are shared (`sql_hot`), but SQLite runs them directly on its
-///   writer thread, which sqlx's asynchronous connection cannot.
+/// - `HotOps`, which the `Store` implementation forwards to.
 /// - `fn purge_lock(&self) -> i64` and `async fn take_purge_lock(conn, lock) ->
 ///   StoreResult<bool>`: `false` when another instance is purging right now.
 /// - `fn purge_steps(now) -> Vec<(&'static str, i64)>`: the purge's statements,
@@ -548,15 +580,14 @@ macro_rules! sql_store {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
         use chrono::{DateTime, NaiveDate, Utc};
-        use sqlx::AssertSqlSafe;
         use uuid::Uuid;
 
         use $crate::crypto::SealedPhone;
         use $crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
         use $crate::store::sql_common::{
-            ApiKeyRow, COUNTER_READS_PER_STATEMENT, InboxRow, MarkerRow, MessageRow, UsageDbRow,
-            VerificationRow, WriteKind, counter_reads_sql, counter_total, day_text, id_text,
-            map_sqlx, millis, parse_id, parse_status, rate_slot, sealed, usage_amount,
+            ApiKeyRow, HotOps, InboxRow, MarkerRow, MessageRow, UsageDbRow, VerificationRow,
+            WriteKind, counter_total, day_text, id_text, map_sqlx, millis, parse_id, rate_slot,
+            sealed, usage_amount,
         };
         use $crate::store::sql_hot::UPSERT_USAGE;
         use $crate::store::{
@@ -568,20 +599,6 @@ macro_rules! sql_store {
         type Conn = <$db as sqlx::Database>::Connection;
 
         impl $store {
-            /// The one SELECT of `counter_reads_sql` for `reads`, bound.
-            fn counter_reads_query<'q>(
-                reads: &'q [CounterRead<'q>],
-            ) -> sqlx::query::QueryScalar<'q, $db, Option<i64>, <$db as sqlx::Database>::Arguments>
-            {
-                let mut query =
-                    sqlx::query_scalar(AssertSqlSafe(counter_reads_sql(reads.len())));
-                for r in reads {
-                    let (slot, _) = rate_slot(r.window_seconds, r.at);
-                    query = query.bind(r.key).bind(i64::from(r.window_seconds)).bind(slot);
-                }
-                query
-            }
-
             /// `record_usage`'s one upsert: the row is created or added to.
             async fn upsert_usage(conn: &mut Conn, d: &UsageRow) -> StoreResult<()> {
                 sqlx::query(UPSERT_USAGE)
@@ -700,20 +717,7 @@ macro_rules! sql_store {
                 subject: &SubjectKey,
                 now: DateTime<Utc>,
             ) -> StoreResult<Option<(Uuid, Status)>> {
-                let row: Option<(String, String)> = sqlx::query_as(
-                    "SELECT v.id, v.status
-                     FROM subjects s JOIN verifications v ON v.id = s.current_id
-                     WHERE s.tenant = $1 AND s.subject = $2 AND v.tenant = $1
-                       AND v.status IN ('pending', 'max_attempts') AND v.expires_at > $3",
-                )
-                .bind(tenant)
-                .bind(subject.0.as_slice())
-                .bind(millis(now))
-                .fetch_optional(&self.$read)
-                .await
-                .map_err(map_sqlx)?;
-                row.map(|(id, status)| Ok((parse_id(&id)?, parse_status(&status)?)))
-                    .transpose()
+                <$store as HotOps>::find_current(self, tenant, subject, now).await
             }
 
             async fn start_send(
@@ -721,7 +725,7 @@ macro_rules! sql_store {
                 plan: &SendPlan,
                 now: DateTime<Utc>,
             ) -> StoreResult<SendDecision> {
-                <$store>::start_send(self, plan, now).await
+                <$store as HotOps>::start_send(self, plan, now).await
             }
 
             async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
@@ -761,7 +765,7 @@ macro_rules! sql_store {
                 budget: Option<GuessBudget>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
-                <$store>::check_code(self, tenant, id, code_hash, budget, now).await
+                <$store as HotOps>::check_code(self, tenant, id, code_hash, budget, now).await
             }
 
             async fn get_verification(
@@ -816,7 +820,7 @@ macro_rules! sql_store {
                 m: &MessageRecord,
                 usage: Option<&UsageRow>,
             ) -> StoreResult<()> {
-                <$store>::insert_message(self, m, usage).await
+                <$store as HotOps>::insert_message(self, m, usage).await
             }
 
             async fn get_message(
@@ -1141,7 +1145,7 @@ macro_rules! sql_store {
                 window_seconds: u32,
                 now: DateTime<Utc>,
             ) -> StoreResult<u64> {
-                <$store>::add_to_counter(self, key, amount, window_seconds, now).await
+                <$store as HotOps>::add_to_counter(self, key, amount, window_seconds, now).await
             }
 
             async fn add_counters(
@@ -1149,7 +1153,7 @@ macro_rules! sql_store {
                 adds: &[CounterAdd],
                 now: DateTime<Utc>,
             ) -> StoreResult<Vec<u64>> {
-                <$store>::add_counters(self, adds, now).await
+                <$store as HotOps>::add_counters(self, adds, now).await
             }
 
             async fn read_counter(
@@ -1172,17 +1176,8 @@ macro_rules! sql_store {
                 Ok(counter_total(total))
             }
 
-            /// One SELECT (per `COUNTER_READS_PER_STATEMENT` reads).
             async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
-                let mut totals = Vec::with_capacity(reads.len());
-                for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
-                    let found = Self::counter_reads_query(chunk)
-                        .fetch_all(&self.$read)
-                        .await
-                        .map_err(map_sqlx)?;
-                    totals.extend(found.into_iter().map(counter_total));
-                }
-                Ok(totals)
+                <$store as HotOps>::read_counters(self, reads).await
             }
 
             async fn set_marker(
@@ -1237,18 +1232,7 @@ macro_rules! sql_store {
                 namespace: &str,
                 now: DateTime<Utc>,
             ) -> StoreResult<Vec<Marker>> {
-                sqlx::query_as::<_, MarkerRow>(
-                    "SELECT name, value, expires_at FROM markers
-                     WHERE namespace = $1 AND expires_at > $2 ORDER BY name",
-                )
-                .bind(namespace)
-                .bind(millis(now))
-                .fetch_all(&self.$read)
-                .await
-                .map_err(map_sqlx)?
-                .into_iter()
-                .map(Marker::try_from)
-                .collect()
+                <$store as HotOps>::list_markers(self, namespace, now).await
             }
 
             async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {

@@ -1,7 +1,18 @@
-//! The statements of the write operations each SQL backend runs through its
-//! own driver: PostgreSQL through sqlx, SQLite directly on its writer thread
-//! (`sqlite::hot`). One text for both, so the two cannot drift apart.
-//! Parameters are `$N`; both drivers bind them by number.
+//! The statements of the hot operations (those of every send and check),
+//! which each SQL backend runs through its own driver: PostgreSQL through
+//! sqlx, SQLite directly (`sqlite::hot`). One text for both, so the two cannot
+//! drift apart. Parameters are `$N`; both drivers bind them by number.
+
+/// A subject's current verification, while it can still be checked: the
+/// check by number's lookup.
+pub(crate) const FIND_CURRENT: &str = "SELECT v.id, v.status
+     FROM subjects s JOIN verifications v ON v.id = s.current_id
+     WHERE s.tenant = $1 AND s.subject = $2 AND v.tenant = $1
+       AND v.status IN ('pending', 'max_attempts') AND v.expires_at > $3";
+
+/// A namespace's live markers (the pumping guard's blocked prefixes).
+pub(crate) const LIST_MARKERS: &str = "SELECT name, value, expires_at FROM markers
+     WHERE namespace = $1 AND expires_at > $2 ORDER BY name";
 
 /// A resend: the pending verification gets a new code, expiry and number
 /// (a uid's number may change between sends).

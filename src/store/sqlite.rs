@@ -1,12 +1,15 @@
 //! The embedded store: one SQLite file in WAL mode. SQLite allows one writer at
 //! a time, so every write goes to one thread that owns the write connections
 //! and commits queued operations in groups (`writer`); requests queue there
-//! instead of failing with `SQLITE_BUSY`. The hot operations run on that
-//! thread directly (`hot`). Reads use a separate pool and never wait for
-//! writers, and WAL checkpoints run beside the writer (`checkpoint`).
+//! instead of failing with `SQLITE_BUSY`. Reads use connections of their own
+//! and never wait for the writer; the hot operations, those of every send
+//! and check (`hot`), run without sqlx: the writes on the writer thread
+//! itself, the reads on the caller's thread (`readers`). WAL checkpoints run
+//! beside the writer (`checkpoint`).
 
 mod checkpoint;
 mod hot;
+mod readers;
 mod writer;
 
 use std::path::Path;
@@ -19,6 +22,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
 
 use self::checkpoint::Checkpointer;
+use self::readers::Readers;
 use self::writer::Writer;
 use super::sql_common::{
     KEEP_ENDED, KEEP_SUBJECTS, WriteFuture, WriteKind, map_migrate, map_sqlx, millis,
@@ -55,6 +59,7 @@ pub struct SqliteStore {
     /// How to open a connection like the writer's sqlx one (for migrations).
     connect: SqliteConnectOptions,
     reader: SqlitePool,
+    readers: Readers,
     group: Writer,
     checkpointer: Checkpointer,
 }
@@ -105,9 +110,18 @@ impl SqliteStore {
             Box::new(move || hot::open(&path, &options)) as writer::OpenDirect
         };
         let group = Writer::start(writer.clone(), open_direct, options.busy_timeout)?;
+        let keep_readers = options.max_readers.max(1) as usize;
+        let readers = {
+            let (path, options) = (path.to_owned(), options.clone());
+            Readers::new(
+                Box::new(move || hot::open_reader(&path, &options)),
+                keep_readers,
+            )
+        };
         Ok(Self {
             connect: writer,
             reader,
+            readers,
             group,
             checkpointer,
         })
@@ -123,6 +137,7 @@ impl SqliteStore {
     pub async fn close(&self) {
         // The writer last: closing its final connection checkpoints the WAL.
         self.reader.close().await;
+        self.readers.close();
         self.checkpointer.stop().await;
         self.group.close().await;
     }
@@ -322,5 +337,25 @@ mod tests {
             .execute(&store.reader)
             .await;
         assert!(write.is_err(), "a reader connection must refuse writes");
+        let write = store.readers.read(|conn| {
+            conn.execute("DELETE FROM api_keys", [])
+                .map_err(hot::map_rusqlite)
+        });
+        assert!(write.is_err(), "so must a direct reader");
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_refuses_reads_and_writes() {
+        use crate::store::Store;
+        let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
+        let subject = crate::domain::SubjectKey([7; 32]);
+        let now = chrono::Utc::now();
+        assert_eq!(
+            store.find_current("acme", &subject, now).await.unwrap(),
+            None
+        );
+        store.close().await;
+        assert!(store.find_current("acme", &subject, now).await.is_err());
+        assert!(store.add_to_counter("k", 1, 60, now).await.is_err());
     }
 }

@@ -1529,6 +1529,13 @@ pub async fn counter_batches_read_and_add_as_single_calls_do(store: DynStore) {
             total
         );
     }
+
+    // More reads than one SQL statement binds (256) come back whole, in order.
+    let many: Vec<_> = (0..300)
+        .map(|i| counter_read(if i % 3 == 0 { &a } else { &missing }, 60, start))
+        .collect();
+    let expected: Vec<u64> = (0..300).map(|i| if i % 3 == 0 { 6 } else { 0 }).collect();
+    assert_eq!(store.read_counters(&many).await.unwrap(), expected);
 }
 
 pub async fn add_counters_stops_after_the_first_add_over_its_ceiling(store: DynStore) {

@@ -1,102 +1,76 @@
-//! PostgreSQL's hot write operations: sends, checks, delivery attempts and
-//! counters. Each is one transaction (or one statement) on a pooled
-//! connection; SQLite runs the same statements (`sql_hot`) on its writer
-//! thread instead (`sqlite::hot`).
+//! PostgreSQL's hot operations: those of every send and check (the writes of
+//! sends, checks, delivery attempts and counters, and the reads of counters,
+//! markers and a subject's current verification). Each is one transaction (or
+//! one statement) on a pooled connection; SQLite runs the same statements
+//! (`sql_hot`) directly instead (`sqlite::hot`).
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryScalar;
+use sqlx::{AssertSqlSafe, PgConnection, Postgres};
 use uuid::Uuid;
 
 use super::PostgresStore;
 use crate::domain::limits::WindowCounts;
-use crate::domain::{MessageRecord, Verification};
+use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    VerificationRow, WriteKind, admit_send, counter_amount, counter_slot, counter_total,
-    decide_check, id_text, map_sqlx, millis,
+    COUNTER_READS_PER_STATEMENT, HotOps, MarkerRow, VerificationRow, WriteKind, admit_send,
+    counter_amount, counter_reads_sql, counter_slot, counter_total, decide_check, id_text,
+    map_sqlx, millis, parse_id, parse_status, rate_slot,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, INSERT_MESSAGE, INSERT_VERIFICATION, RESEND_VERIFICATION, UPDATE_CHECKED,
-    UPSERT_SUBJECT, count_approval_sql,
+    ADD_TO_COUNTER, FIND_CURRENT, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, count_approval_sql,
 };
 use crate::store::{
-    CheckOutcome, CounterAdd, GuessBudget, SendDecision, SendPlan, StoreError, StoreResult,
-    UsageRow,
+    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
+    StoreResult, UsageRow,
 };
 
-impl PostgresStore {
-    /// The verification `id`, locked for the rest of the write.
-    async fn locked_verification(
-        conn: &mut PgConnection,
-        id: Uuid,
-    ) -> StoreResult<Option<Verification>> {
-        sqlx::query_as::<_, VerificationRow>("SELECT * FROM verifications WHERE id = $1 FOR UPDATE")
-            .bind(id_text(id))
-            .fetch_optional(&mut *conn)
+impl HotOps for PostgresStore {
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        let row: Option<(String, String)> = sqlx::query_as(FIND_CURRENT)
+            .bind(tenant)
+            .bind(subject.0.as_slice())
+            .bind(millis(now))
+            .fetch_optional(&self.pool)
             .await
-            .map_err(map_sqlx)?
-            .map(Verification::try_from)
+            .map_err(map_sqlx)?;
+        row.map(|(id, status)| Ok((parse_id(&id)?, parse_status(&status)?)))
             .transpose()
     }
 
-    /// A guess budget's two windows, read inside the check's write.
-    async fn guess_counts(
-        conn: &mut PgConnection,
-        key: &str,
-        now: DateTime<Utc>,
-    ) -> StoreResult<WindowCounts> {
-        let reads = GuessBudget::reads(key, now);
-        let found = Self::counter_reads_query(&reads)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(map_sqlx)?;
-        match found[..] {
-            [previous, current] => Ok(WindowCounts {
-                previous: counter_total(previous),
-                current: counter_total(current),
-            }),
-            _ => Err(StoreError::Corrupt("short counter read".into())),
+    /// One SELECT per `COUNTER_READS_PER_STATEMENT` reads.
+    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
+        let mut totals = Vec::with_capacity(reads.len());
+        for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
+            let found = counter_reads_query(chunk)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_sqlx)?;
+            totals.extend(found.into_iter().map(counter_total));
         }
+        Ok(totals)
     }
 
-    /// `sql_hot::count_approval_sql`, for verification `id`.
-    async fn count_approval(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
-        sqlx::query(count_approval_sql!(
-            day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
-            insertion_order: "seq",
-        ))
-        .bind(id_text(id))
-        .execute(&mut *conn)
-        .await
-        .map_err(map_sqlx)?;
-        Ok(())
-    }
-
-    /// One add of `add_to_counter` (`sql_hot::ADD_TO_COUNTER`).
-    async fn add_one(
-        conn: &mut PgConnection,
-        key: &str,
-        amount: u64,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let (slot, keep_until) = counter_slot(window_seconds, now);
-        let total: i64 = sqlx::query_scalar(ADD_TO_COUNTER)
-            .bind(key)
-            .bind(i64::from(window_seconds))
-            .bind(slot)
-            .bind(keep_until)
-            .bind(counter_amount(amount))
-            .fetch_one(&mut *conn)
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        sqlx::query_as::<_, MarkerRow>(LIST_MARKERS)
+            .bind(namespace)
+            .bind(millis(now))
+            .fetch_all(&self.pool)
             .await
-            .map_err(map_sqlx)?;
-        Ok(counter_total(Some(total)))
+            .map_err(map_sqlx)?
+            .into_iter()
+            .map(Marker::try_from)
+            .collect()
     }
 
-    pub(super) async fn start_send(
-        &self,
-        plan: &SendPlan,
-        now: DateTime<Utc>,
-    ) -> StoreResult<SendDecision> {
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let plan = plan.clone();
         self.write(WriteKind::Transaction, move |conn| {
             Box::pin(async move {
@@ -108,7 +82,7 @@ impl PostgresStore {
                 };
 
                 let pending = match state.current {
-                    Some(current) => Self::locked_verification(conn, current)
+                    Some(current) => locked_verification(conn, current)
                         .await?
                         .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
                     None => None,
@@ -183,7 +157,7 @@ impl PostgresStore {
         .await
     }
 
-    pub(super) async fn check_code(
+    async fn check_code(
         &self,
         tenant: &str,
         id: Uuid,
@@ -195,7 +169,7 @@ impl PostgresStore {
         let code_hash = *code_hash;
         self.write(WriteKind::Transaction, move |conn| {
             Box::pin(async move {
-                let Some(mut v) = Self::locked_verification(conn, id)
+                let Some(mut v) = locked_verification(conn, id)
                     .await?
                     .filter(|v| v.tenant == tenant && v.is_checkable_at(now))
                 else {
@@ -203,7 +177,7 @@ impl PostgresStore {
                 };
                 let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
                 if let Some((budget, key)) = &guesses {
-                    let counts = Self::guess_counts(conn, key, now).await?;
+                    let counts = guess_counts(conn, key, now).await?;
                     if !budget.admits(counts, now) {
                         return Ok(CheckOutcome::GuessesSpent(counts));
                     }
@@ -222,9 +196,9 @@ impl PostgresStore {
                 }
                 match (&outcome, &guesses) {
                     (CheckOutcome::Wrong { .. }, Some((_, key))) => {
-                        Self::add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
+                        add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
                     }
-                    (CheckOutcome::Approved(_), _) => Self::count_approval(conn, id).await?,
+                    (CheckOutcome::Approved(_), _) => count_approval(conn, id).await?,
                     _ => {}
                 }
                 Ok(outcome)
@@ -233,11 +207,7 @@ impl PostgresStore {
         .await
     }
 
-    pub(super) async fn insert_message(
-        &self,
-        m: &MessageRecord,
-        usage: Option<&UsageRow>,
-    ) -> StoreResult<()> {
+    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()> {
         let m = m.clone();
         let usage = usage.cloned();
         let kind = match usage {
@@ -279,7 +249,7 @@ impl PostgresStore {
     }
 
     /// One upsert is one atomic step: the window's row is created or added to.
-    pub(super) async fn add_to_counter(
+    async fn add_to_counter(
         &self,
         key: &str,
         amount: u64,
@@ -288,18 +258,14 @@ impl PostgresStore {
     ) -> StoreResult<u64> {
         let key = key.to_owned();
         self.write(WriteKind::Statement, move |conn| {
-            Box::pin(async move { Self::add_one(conn, &key, amount, window_seconds, now).await })
+            Box::pin(async move { add_one(conn, &key, amount, window_seconds, now).await })
         })
         .await
     }
 
     /// One write: every add's upsert in order, up to the first that goes
     /// over its ceiling.
-    pub(super) async fn add_counters(
-        &self,
-        adds: &[CounterAdd],
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<u64>> {
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
         if adds.is_empty() {
             return Ok(Vec::new());
         }
@@ -308,8 +274,7 @@ impl PostgresStore {
             Box::pin(async move {
                 let mut totals = Vec::with_capacity(adds.len());
                 for a in &adds {
-                    let total =
-                        Self::add_one(conn, &a.key, a.amount, a.window_seconds, now).await?;
+                    let total = add_one(conn, &a.key, a.amount, a.window_seconds, now).await?;
                     totals.push(total);
                     if a.stops_batch(total) {
                         break;
@@ -320,4 +285,87 @@ impl PostgresStore {
         })
         .await
     }
+}
+
+/// The one SELECT of `counter_reads_sql` for `reads`, bound.
+fn counter_reads_query<'q>(
+    reads: &'q [CounterRead<'q>],
+) -> QueryScalar<'q, Postgres, Option<i64>, PgArguments> {
+    let mut query = sqlx::query_scalar(AssertSqlSafe(counter_reads_sql(reads.len())));
+    for r in reads {
+        let (slot, _) = rate_slot(r.window_seconds, r.at);
+        query = query
+            .bind(r.key)
+            .bind(i64::from(r.window_seconds))
+            .bind(slot);
+    }
+    query
+}
+
+/// The verification `id`, locked for the rest of the write.
+async fn locked_verification(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> StoreResult<Option<Verification>> {
+    sqlx::query_as::<_, VerificationRow>("SELECT * FROM verifications WHERE id = $1 FOR UPDATE")
+        .bind(id_text(id))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_sqlx)?
+        .map(Verification::try_from)
+        .transpose()
+}
+
+/// A guess budget's two windows, read inside the check's write.
+async fn guess_counts(
+    conn: &mut PgConnection,
+    key: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<WindowCounts> {
+    let reads = GuessBudget::reads(key, now);
+    let found = counter_reads_query(&reads)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    match found[..] {
+        [previous, current] => Ok(WindowCounts {
+            previous: counter_total(previous),
+            current: counter_total(current),
+        }),
+        _ => Err(StoreError::Corrupt("short counter read".into())),
+    }
+}
+
+/// `sql_hot::count_approval_sql`, for verification `id`.
+async fn count_approval(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+    sqlx::query(count_approval_sql!(
+        day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
+        insertion_order: "seq",
+    ))
+    .bind(id_text(id))
+    .execute(&mut *conn)
+    .await
+    .map_err(map_sqlx)?;
+    Ok(())
+}
+
+/// One add of `add_to_counter` (`sql_hot::ADD_TO_COUNTER`).
+async fn add_one(
+    conn: &mut PgConnection,
+    key: &str,
+    amount: u64,
+    window_seconds: u32,
+    now: DateTime<Utc>,
+) -> StoreResult<u64> {
+    let (slot, keep_until) = counter_slot(window_seconds, now);
+    let total: i64 = sqlx::query_scalar(ADD_TO_COUNTER)
+        .bind(key)
+        .bind(i64::from(window_seconds))
+        .bind(slot)
+        .bind(keep_until)
+        .bind(counter_amount(amount))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    Ok(counter_total(Some(total)))
 }

@@ -1,7 +1,8 @@
-//! SQLite's hot write operations (sends, checks, delivery attempts,
-//! counters), as plain functions the writer thread calls on its rusqlite
-//! connection: each statement is a function call, not a round trip to sqlx's
-//! connection thread. The statements are PostgreSQL's too (`sql_hot`).
+//! SQLite's hot operations (`HotOps`: those of every send and check), as
+//! plain functions on a rusqlite connection: the writes run on the writer
+//! thread (`writer`), the reads on the caller's (`readers`). Each statement is
+//! a function call, not a round trip to sqlx's connection thread. The
+//! statements are PostgreSQL's too (`sql_hot`).
 
 use std::path::Path;
 
@@ -12,19 +13,19 @@ use uuid::Uuid;
 use super::checkpoint::WRITER_BACKSTOP_PAGES;
 use super::{SqliteOptions, SqliteStore};
 use crate::domain::limits::WindowCounts;
-use crate::domain::{MessageRecord, SubjectKey, Verification};
+use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    SubjectRow, SubjectState, VerificationRow, WriteKind, admit_send, counter_amount,
-    counter_reads_sql, counter_slot, counter_total, day_text, decide_check, id_text, millis,
-    rate_slot, usage_amount,
+    COUNTER_READS_PER_STATEMENT, HotOps, MarkerRow, SubjectRow, SubjectState, VerificationRow,
+    WriteKind, admit_send, counter_amount, counter_reads_sql, counter_slot, counter_total,
+    day_text, decide_check, id_text, millis, parse_id, parse_status, rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, INSERT_MESSAGE, INSERT_VERIFICATION, RESEND_VERIFICATION, UPDATE_CHECKED,
-    UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
+    ADD_TO_COUNTER, FIND_CURRENT, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
 };
 use crate::store::{
-    CheckOutcome, CounterAdd, GuessBudget, SendDecision, SendPlan, StoreError, StoreResult,
-    UsageRow,
+    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
+    StoreResult, UsageRow,
 };
 
 pub(super) fn map_rusqlite(err: rusqlite::Error) -> StoreError {
@@ -64,12 +65,74 @@ pub(super) fn open(path: &Path, options: &SqliteOptions) -> StoreResult<Connecti
     Ok(conn)
 }
 
-impl SqliteStore {
-    pub(super) async fn start_send(
+/// A connection for `Readers`: like sqlx's readers, `query_only`, so that an
+/// accidental write is an error instead of a second writer.
+pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> StoreResult<Connection> {
+    let conn = Connection::open(path).map_err(map_rusqlite)?;
+    conn.busy_timeout(options.busy_timeout)
+        .map_err(map_rusqlite)?;
+    conn.execute_batch("PRAGMA query_only = ON")
+        .map_err(map_rusqlite)?;
+    Ok(conn)
+}
+
+impl HotOps for SqliteStore {
+    async fn find_current(
         &self,
-        plan: &SendPlan,
+        tenant: &str,
+        subject: &SubjectKey,
         now: DateTime<Utc>,
-    ) -> StoreResult<SendDecision> {
+    ) -> StoreResult<Option<(Uuid, Status)>> {
+        let row = self.readers.read(|conn| {
+            conn.prepare_cached(FIND_CURRENT)
+                .and_then(|mut s| {
+                    s.query_row(
+                        named_params! {
+                            "$1": tenant,
+                            "$2": subject.0.as_slice(),
+                            "$3": millis(now),
+                        },
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                    )
+                    .optional()
+                })
+                .map_err(map_rusqlite)
+        })?;
+        row.map(|(id, status)| Ok((parse_id(&id)?, parse_status(&status)?)))
+            .transpose()
+    }
+
+    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
+        self.readers.read(|conn| {
+            let mut totals = Vec::with_capacity(reads.len());
+            for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
+                totals.extend(counter_totals(conn, chunk)?);
+            }
+            Ok(totals)
+        })
+    }
+
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+        self.readers.read(|conn| {
+            conn.prepare_cached(LIST_MARKERS)
+                .and_then(|mut s| {
+                    s.query_map(named_params! { "$1": namespace, "$2": millis(now) }, |r| {
+                        Ok(MarkerRow {
+                            name: r.get("name")?,
+                            value: r.get("value")?,
+                            expires_at: r.get("expires_at")?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(map_rusqlite)?
+                .into_iter()
+                .map(Marker::try_from)
+                .collect()
+        })
+    }
+
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let plan = plan.clone();
         self.group
             .direct(WriteKind::Transaction, move |conn| {
@@ -78,7 +141,7 @@ impl SqliteStore {
             .await
     }
 
-    pub(super) async fn check_code(
+    async fn check_code(
         &self,
         tenant: &str,
         id: Uuid,
@@ -95,11 +158,7 @@ impl SqliteStore {
             .await
     }
 
-    pub(super) async fn insert_message(
-        &self,
-        m: &MessageRecord,
-        usage: Option<&UsageRow>,
-    ) -> StoreResult<()> {
+    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()> {
         let m = m.clone();
         let usage = usage.cloned();
         let kind = match usage {
@@ -114,7 +173,7 @@ impl SqliteStore {
             .await
     }
 
-    pub(super) async fn add_to_counter(
+    async fn add_to_counter(
         &self,
         key: &str,
         amount: u64,
@@ -130,11 +189,7 @@ impl SqliteStore {
     }
 
     /// Every add's upsert in order, up to the first that goes over its ceiling.
-    pub(super) async fn add_counters(
-        &self,
-        adds: &[CounterAdd],
-        now: DateTime<Utc>,
-    ) -> StoreResult<Vec<u64>> {
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
         if adds.is_empty() {
             return Ok(Vec::new());
         }
@@ -361,30 +416,33 @@ fn verification_row(r: &Row<'_>) -> rusqlite::Result<VerificationRow> {
 
 /// A guess budget's two windows, read inside the check's write.
 fn guess_counts(conn: &Connection, key: &str, now: DateTime<Utc>) -> StoreResult<WindowCounts> {
-    let [previous, current] = GuessBudget::reads(key, now).map(|read| {
-        let (slot, _) = rate_slot(read.window_seconds, read.at);
-        (read.key, i64::from(read.window_seconds), slot)
-    });
-    let totals = conn
-        .prepare_cached(&counter_reads_sql(2))
-        .and_then(|mut s| {
-            s.query_map(
-                named_params! {
-                    "$1": previous.0, "$2": previous.1, "$3": previous.2,
-                    "$4": current.0, "$5": current.1, "$6": current.2,
-                },
-                |r| r.get::<_, Option<i64>>(0),
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(map_rusqlite)?;
-    match totals[..] {
-        [previous, current] => Ok(WindowCounts {
-            previous: counter_total(previous),
-            current: counter_total(current),
-        }),
+    match counter_totals(conn, &GuessBudget::reads(key, now))?[..] {
+        [previous, current] => Ok(WindowCounts { previous, current }),
         _ => Err(StoreError::Corrupt("short counter read".into())),
     }
+}
+
+/// The totals of `reads` (at most `COUNTER_READS_PER_STATEMENT`), in order:
+/// the one SELECT of `counter_reads_sql`.
+fn counter_totals(conn: &Connection, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
+    let mut statement = conn
+        .prepare_cached(&counter_reads_sql(reads.len()))
+        .map_err(map_rusqlite)?;
+    for (i, r) in reads.iter().enumerate() {
+        let (slot, _) = rate_slot(r.window_seconds, r.at);
+        // `$3i+1..$3i+3`: parameter indexes, as SQLite numbers `$N` in order.
+        statement
+            .raw_bind_parameter(3 * i + 1, r.key)
+            .and_then(|()| statement.raw_bind_parameter(3 * i + 2, i64::from(r.window_seconds)))
+            .and_then(|()| statement.raw_bind_parameter(3 * i + 3, slot))
+            .map_err(map_rusqlite)?;
+    }
+    let mut rows = statement.raw_query();
+    let mut totals = Vec::with_capacity(reads.len());
+    while let Some(row) = rows.next().map_err(map_rusqlite)? {
+        totals.push(counter_total(row.get(0).map_err(map_rusqlite)?));
+    }
+    Ok(totals)
 }
 
 /// One counter add (`sql_hot::ADD_TO_COUNTER`); returns the new total.
