@@ -22,6 +22,7 @@ use crate::store::sql_common::{
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
     RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
+    verification_columns,
 };
 use crate::store::{
     CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
@@ -118,9 +119,9 @@ impl HotOps for SqliteStore {
                 .and_then(|mut s| {
                     s.query_map(named_params! { "$1": namespace, "$2": millis(now) }, |r| {
                         Ok(MarkerRow {
-                            name: r.get("name")?,
-                            value: r.get("value")?,
-                            expires_at: r.get("expires_at")?,
+                            name: r.get(0)?,
+                            value: r.get(1)?,
+                            expires_at: r.get(2)?,
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()
@@ -360,10 +361,10 @@ fn subject_state(
                 named_params! { "$1": tenant, "$2": subject.0.as_slice() },
                 |r| {
                     Ok(SubjectRow {
-                        current_id: r.get("current_id")?,
-                        last_sent_at: r.get("last_sent_at")?,
-                        window_start: r.get("window_start")?,
-                        window_count: r.get("window_count")?,
+                        current_id: r.get(0)?,
+                        last_sent_at: r.get(1)?,
+                        window_start: r.get(2)?,
+                        window_count: r.get(3)?,
                     })
                 },
             )
@@ -382,7 +383,12 @@ fn subject_state(
 }
 
 fn verification(conn: &Connection, id: Uuid) -> StoreResult<Option<Verification>> {
-    conn.prepare_cached("SELECT * FROM verifications WHERE id = $1")
+    let select = concat!(
+        "SELECT ",
+        verification_columns!(),
+        " FROM verifications WHERE id = $1"
+    );
+    conn.prepare_cached(select)
         .and_then(|mut s| {
             s.query_row(named_params! { "$1": id_text(id) }, verification_row)
                 .optional()
@@ -392,25 +398,26 @@ fn verification(conn: &Connection, id: Uuid) -> StoreResult<Option<Verification>
         .transpose()
 }
 
+/// A row of `verification_columns!`, by position.
 fn verification_row(r: &Row<'_>) -> rusqlite::Result<VerificationRow> {
     Ok(VerificationRow {
-        id: r.get("id")?,
-        tenant: r.get("tenant")?,
-        subject: r.get("subject")?,
-        purpose: r.get("purpose")?,
-        uid: r.get("uid")?,
-        phone: r.get("phone")?,
-        masked_to: r.get("masked_to")?,
-        country: r.get("country")?,
-        code_hash: r.get("code_hash")?,
-        status: r.get("status")?,
-        attempts: r.get("attempts")?,
-        max_attempts: r.get("max_attempts")?,
-        send_count: r.get("send_count")?,
-        created_at: r.get("created_at")?,
-        updated_at: r.get("updated_at")?,
-        expires_at: r.get("expires_at")?,
-        last_sent_at: r.get("last_sent_at")?,
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        subject: r.get(2)?,
+        purpose: r.get(3)?,
+        uid: r.get(4)?,
+        phone: r.get(5)?,
+        masked_to: r.get(6)?,
+        country: r.get(7)?,
+        code_hash: r.get(8)?,
+        status: r.get(9)?,
+        attempts: r.get(10)?,
+        max_attempts: r.get(11)?,
+        send_count: r.get(12)?,
+        created_at: r.get(13)?,
+        updated_at: r.get(14)?,
+        expires_at: r.get(15)?,
+        last_sent_at: r.get(16)?,
     })
 }
 
