@@ -9,8 +9,8 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
 
 use super::{
-    CheckOutcome, CounterAdd, CounterRead, GuessBudget, InboxEntry, Marker, SendDecision, SendPlan,
-    StoreError, StoreResult, UsageRow, seconds_until,
+    CheckOutcome, InboxEntry, Marker, SendDecision, SendPlan, StoreError, StoreResult, UsageRow,
+    seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{
@@ -491,41 +491,6 @@ pub(crate) fn counter_reads_sql(n: usize) -> String {
     )
 }
 
-/// The operations of every send and check, which each SQL backend provides
-/// its own way (`sql_store!`'s `Store` implementation forwards to them; each
-/// means what `Store`'s method of the same name does). The statements are
-/// shared (`sql_hot`); PostgreSQL runs them through sqlx like the rest, SQLite
-/// directly, as sqlx's asynchronous connection cannot: the writes on its
-/// writer thread, the reads on the caller's.
-pub(crate) trait HotOps {
-    async fn find_current(
-        &self,
-        tenant: &str,
-        subject: &SubjectKey,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<(Uuid, Status)>>;
-    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision>;
-    async fn check_code(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        code_hash: &[u8; 32],
-        budget: Option<GuessBudget>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<CheckOutcome>;
-    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()>;
-    async fn add_to_counter(
-        &self,
-        key: &str,
-        amount: u64,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64>;
-    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>>;
-    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>>;
-    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>>;
-}
-
 /// How a write operation is made atomic; each backend's `write` runs it so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WriteKind {
@@ -561,7 +526,7 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   `F: for<'c> FnOnce(&'c mut DB::Connection) -> WriteFuture<'c, T> + Send +
 ///   'static`: runs one write operation atomically as `kind` says and answers
 ///   only once its effect is committed. An `Err` from `op` undoes all of it.
-/// - `HotOps`, which the `Store` implementation forwards to.
+/// - `sql_hot::HotOps`, which the `Store` implementation forwards to.
 /// - `fn purge_lock(&self) -> i64` and `async fn take_purge_lock(conn, lock) ->
 ///   StoreResult<bool>`: `false` when another instance is purging right now.
 /// - `fn purge_steps(now) -> Vec<(&'static str, i64)>`: the purge's statements,
@@ -585,11 +550,11 @@ macro_rules! sql_store {
         use $crate::crypto::SealedPhone;
         use $crate::domain::{ApiKeyRecord, MessageRecord, Status, SubjectKey, Verification};
         use $crate::store::sql_common::{
-            ApiKeyRow, HotOps, InboxRow, MarkerRow, MessageRow, UsageDbRow, VerificationRow,
+            ApiKeyRow, InboxRow, MarkerRow, MessageRow, UsageDbRow, VerificationRow,
             WriteKind, counter_total, day_text, id_text, map_sqlx, millis, parse_id, rate_slot,
             sealed, usage_amount,
         };
-        use $crate::store::sql_hot::UPSERT_USAGE;
+        use $crate::store::sql_hot::{HotOps, UPSERT_USAGE};
         use $crate::store::{
             CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,

@@ -1,7 +1,200 @@
-//! The statements of the hot operations (those of every send and check),
-//! which each SQL backend runs through its own driver: PostgreSQL through
-//! sqlx, SQLite directly (`sqlite::hot`). One text for both, so the two cannot
-//! drift apart. Parameters are `$N`; both drivers bind them by number.
+//! What the SQL backends share of the hot operations (those of every send
+//! and check), which each runs through its own driver: PostgreSQL through
+//! sqlx, SQLite directly (`sqlite::hot`). Written once here: the decisions
+//! around the statements (`send_in`, `check_in`, `add_counters_in`, over
+//! each backend's `HotTx`) and the statements' text, so the two cannot drift
+//! apart. Parameters are `$N`; both drivers bind them by number.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::sql_common::{SubjectState, Window, admit_send, decide_check};
+use super::{
+    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
+    StoreResult, UsageRow,
+};
+use crate::domain::limits::WindowCounts;
+use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
+
+/// The hot operations, which each SQL backend provides its own way
+/// (`sql_store!`'s `Store` implementation forwards to them; each means what
+/// `Store`'s method of the same name does): PostgreSQL through sqlx like the
+/// rest, SQLite directly, as sqlx's asynchronous connection cannot, the
+/// writes on its writer thread and the reads on the caller's.
+pub(crate) trait HotOps {
+    async fn find_current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<(Uuid, Status)>>;
+    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision>;
+    async fn check_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome>;
+    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()>;
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>>;
+    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>>;
+    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>>;
+}
+
+/// The statements a send or a check runs inside its write, on one
+/// backend's connection. SQLite's complete at once (they are plain calls), so
+/// its writer runs the flows below with `futures::executor::block_on`.
+pub(crate) trait HotTx {
+    /// A subject's send history, held against concurrent sends until the
+    /// write ends. A subject seen for the first time has none.
+    async fn subject_state(
+        &mut self,
+        tenant: &str,
+        subject: &SubjectKey,
+    ) -> StoreResult<SubjectState>;
+    /// The verification `id`, locked for the rest of the write where the
+    /// backend locks rows.
+    async fn verification(&mut self, id: Uuid) -> StoreResult<Option<Verification>>;
+    /// `RESEND_VERIFICATION` of `planned` onto the pending verification `id`.
+    async fn resend(
+        &mut self,
+        planned: &Verification,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Verification>;
+    /// `INSERT_VERIFICATION`; `false` when the id exists already.
+    async fn insert_verification(&mut self, planned: &Verification) -> StoreResult<bool>;
+    /// `UPSERT_SUBJECT`: `planned` is the subject's current verification,
+    /// sent at `now`, in `window`.
+    async fn upsert_subject(
+        &mut self,
+        planned: &Verification,
+        window: &Window,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// The totals of `reads` (at most `COUNTER_READS_PER_STATEMENT`), in order.
+    async fn counter_totals(&mut self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>>;
+    /// `UPDATE_CHECKED` with `v`'s status, code hash, attempts and update time.
+    async fn save_checked(&mut self, v: &Verification) -> StoreResult<()>;
+    /// `ADD_TO_COUNTER`; the new total.
+    async fn add_to_counter(
+        &mut self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+    /// `count_approval_sql!` for verification `id`.
+    async fn count_approval(&mut self, id: Uuid) -> StoreResult<()>;
+}
+
+/// `Store::start_send`, inside the backend's write.
+pub(crate) async fn send_in(
+    tx: &mut impl HotTx,
+    plan: &SendPlan,
+    now: DateTime<Utc>,
+) -> StoreResult<SendDecision> {
+    let planned = &plan.verification;
+    let state = tx.subject_state(&planned.tenant, &planned.subject).await?;
+    let window = match admit_send(&state, plan, now) {
+        Ok(window) => window,
+        Err(refusal) => return Ok(refusal.into()),
+    };
+    let pending = match state.current {
+        Some(current) => tx
+            .verification(current)
+            .await?
+            .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
+        None => None,
+    };
+    let previous_sent_at = state.last_sent_at;
+    let decision = match pending {
+        Some(v) if v.id == planned.id => SendDecision::Replaced {
+            verification: tx.resend(planned, v.id, now).await?,
+            previous_sent_at,
+        },
+        Some(_) => return Ok(SendDecision::Conflict),
+        // The plan names a verification that exists but is no longer
+        // pending (expired or ended since the service looked).
+        None if !tx.insert_verification(planned).await? => return Ok(SendDecision::Conflict),
+        None => SendDecision::Created {
+            verification: planned.clone(),
+            previous_sent_at,
+        },
+    };
+    tx.upsert_subject(planned, &window, now).await?;
+    Ok(decision)
+}
+
+/// `Store::check_code`, inside the backend's write.
+pub(crate) async fn check_in(
+    tx: &mut impl HotTx,
+    tenant: &str,
+    id: Uuid,
+    code_hash: &[u8; 32],
+    budget: Option<GuessBudget>,
+    now: DateTime<Utc>,
+) -> StoreResult<CheckOutcome> {
+    let Some(mut v) = tx
+        .verification(id)
+        .await?
+        .filter(|v| v.tenant == tenant && v.is_checkable_at(now))
+    else {
+        return Ok(CheckOutcome::NotFound);
+    };
+    let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
+    if let Some((budget, key)) = &guesses {
+        let counts = match tx.counter_totals(&GuessBudget::reads(key, now)).await?[..] {
+            [previous, current] => WindowCounts { previous, current },
+            _ => return Err(StoreError::Corrupt("short counter read".into())),
+        };
+        if !budget.admits(counts, now) {
+            return Ok(CheckOutcome::GuessesSpent(counts));
+        }
+    }
+    let (outcome, changed) = decide_check(&mut v, code_hash, now);
+    if changed {
+        tx.save_checked(&v).await?;
+    }
+    match (&outcome, &guesses) {
+        (CheckOutcome::Wrong { .. }, Some((_, key))) => {
+            tx.add_to_counter(key, 1, GuessBudget::WINDOW_SECONDS, now)
+                .await?;
+        }
+        (CheckOutcome::Approved(_), _) => tx.count_approval(id).await?,
+        _ => {}
+    }
+    Ok(outcome)
+}
+
+/// `Store::add_counters`, inside the backend's write: every add in order, up
+/// to the first that goes over its ceiling.
+pub(crate) async fn add_counters_in(
+    tx: &mut impl HotTx,
+    adds: &[CounterAdd],
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<u64>> {
+    let mut totals = Vec::with_capacity(adds.len());
+    for a in adds {
+        let total = tx
+            .add_to_counter(&a.key, a.amount, a.window_seconds, now)
+            .await?;
+        totals.push(total);
+        if a.stops_batch(total) {
+            break;
+        }
+    }
+    Ok(totals)
+}
 
 /// A subject's current verification, while it can still be checked: the
 /// check by number's lookup.

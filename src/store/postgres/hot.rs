@@ -1,8 +1,7 @@
-//! PostgreSQL's hot operations: those of every send and check (the writes of
-//! sends, checks, delivery attempts and counters, and the reads of counters,
-//! markers and a subject's current verification). Each is one transaction (or
-//! one statement) on a pooled connection; SQLite runs the same statements
-//! (`sql_hot`) directly instead (`sqlite::hot`).
+//! PostgreSQL's hot operations (`HotOps`: those of every send and check).
+//! Each is one transaction (or one statement) on a pooled connection, whose
+//! statements (`HotTx`) the shared flows of `sql_hot` run; SQLite runs the
+//! same ones directly instead (`sqlite::hot`).
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgArguments;
@@ -11,19 +10,19 @@ use sqlx::{AssertSqlSafe, PgConnection, Postgres};
 use uuid::Uuid;
 
 use super::PostgresStore;
-use crate::domain::limits::WindowCounts;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    COUNTER_READS_PER_STATEMENT, HotOps, MarkerRow, VerificationRow, WriteKind, admit_send,
-    counter_amount, counter_reads_sql, counter_slot, counter_total, decide_check, id_text,
-    map_sqlx, millis, parse_id, parse_status, rate_slot,
+    COUNTER_READS_PER_STATEMENT, MarkerRow, SubjectState, VerificationRow, Window, WriteKind,
+    counter_amount, counter_reads_sql, counter_slot, counter_total, id_text, map_sqlx, millis,
+    parse_id, parse_status, rate_slot,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, FIND_CURRENT, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, count_approval_sql,
+    ADD_TO_COUNTER, FIND_CURRENT, HotOps, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, add_counters_in, check_in,
+    count_approval_sql, send_in,
 };
 use crate::store::{
-    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
+    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan,
     StoreResult, UsageRow,
 };
 
@@ -73,86 +72,7 @@ impl HotOps for PostgresStore {
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let plan = plan.clone();
         self.write(WriteKind::Transaction, move |conn| {
-            Box::pin(async move {
-                let planned = &plan.verification;
-                let state = Self::subject_state(conn, &planned.tenant, &planned.subject).await?;
-                let window = match admit_send(&state, &plan, now) {
-                    Ok(window) => window,
-                    Err(refusal) => return Ok(refusal.into()),
-                };
-
-                let pending = match state.current {
-                    Some(current) => locked_verification(conn, current)
-                        .await?
-                        .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
-                    None => None,
-                };
-                let previous_sent_at = state.last_sent_at;
-                let decision = match pending {
-                    Some(v) if v.id == planned.id => {
-                        let row = sqlx::query_as::<_, VerificationRow>(RESEND_VERIFICATION)
-                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                            .bind(millis(planned.expires_at))
-                            .bind(millis(now))
-                            .bind(id_text(v.id))
-                            .bind(planned.phone.to_bytes())
-                            .bind(&planned.masked_to)
-                            .bind(planned.country.as_deref())
-                            .fetch_one(&mut *conn)
-                            .await
-                            .map_err(map_sqlx)?;
-                        SendDecision::Replaced {
-                            verification: row.try_into()?,
-                            previous_sent_at,
-                        }
-                    }
-                    Some(_) => return Ok(SendDecision::Conflict),
-                    None => {
-                        let inserted = sqlx::query(INSERT_VERIFICATION)
-                            .bind(id_text(planned.id))
-                            .bind(&planned.tenant)
-                            .bind(planned.subject.0.as_slice())
-                            .bind(&planned.purpose)
-                            .bind(&planned.uid)
-                            .bind(planned.phone.to_bytes())
-                            .bind(&planned.masked_to)
-                            .bind(&planned.country)
-                            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
-                            .bind(planned.status.as_str())
-                            .bind(i64::from(planned.attempts))
-                            .bind(i64::from(planned.max_attempts))
-                            .bind(i64::from(planned.send_count))
-                            .bind(millis(planned.created_at))
-                            .bind(millis(planned.updated_at))
-                            .bind(millis(planned.expires_at))
-                            .bind(millis(planned.last_sent_at))
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(map_sqlx)?;
-                        // The plan names a verification that exists but is no longer
-                        // pending (expired or ended since the service looked).
-                        if inserted.rows_affected() == 0 {
-                            return Ok(SendDecision::Conflict);
-                        }
-                        SendDecision::Created {
-                            verification: planned.clone(),
-                            previous_sent_at,
-                        }
-                    }
-                };
-
-                sqlx::query(UPSERT_SUBJECT)
-                    .bind(&planned.tenant)
-                    .bind(planned.subject.0.as_slice())
-                    .bind(id_text(planned.id))
-                    .bind(millis(now))
-                    .bind(millis(window.start))
-                    .bind(i64::from(window.count + 1))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                Ok(decision)
-            })
+            Box::pin(async move { send_in(conn, &plan, now).await })
         })
         .await
     }
@@ -168,41 +88,7 @@ impl HotOps for PostgresStore {
         let tenant = tenant.to_owned();
         let code_hash = *code_hash;
         self.write(WriteKind::Transaction, move |conn| {
-            Box::pin(async move {
-                let Some(mut v) = locked_verification(conn, id)
-                    .await?
-                    .filter(|v| v.tenant == tenant && v.is_checkable_at(now))
-                else {
-                    return Ok(CheckOutcome::NotFound);
-                };
-                let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
-                if let Some((budget, key)) = &guesses {
-                    let counts = guess_counts(conn, key, now).await?;
-                    if !budget.admits(counts, now) {
-                        return Ok(CheckOutcome::GuessesSpent(counts));
-                    }
-                }
-                let (outcome, changed) = decide_check(&mut v, &code_hash, now);
-                if changed {
-                    sqlx::query(UPDATE_CHECKED)
-                        .bind(v.status.as_str())
-                        .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
-                        .bind(i64::from(v.attempts))
-                        .bind(millis(v.updated_at))
-                        .bind(id_text(id))
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(map_sqlx)?;
-                }
-                match (&outcome, &guesses) {
-                    (CheckOutcome::Wrong { .. }, Some((_, key))) => {
-                        add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now).await?;
-                    }
-                    (CheckOutcome::Approved(_), _) => count_approval(conn, id).await?,
-                    _ => {}
-                }
-                Ok(outcome)
-            })
+            Box::pin(async move { check_in(conn, &tenant, id, &code_hash, budget, now).await })
         })
         .await
     }
@@ -258,32 +144,157 @@ impl HotOps for PostgresStore {
     ) -> StoreResult<u64> {
         let key = key.to_owned();
         self.write(WriteKind::Statement, move |conn| {
-            Box::pin(async move { add_one(conn, &key, amount, window_seconds, now).await })
+            Box::pin(async move { conn.add_to_counter(&key, amount, window_seconds, now).await })
         })
         .await
     }
 
-    /// One write: every add's upsert in order, up to the first that goes
-    /// over its ceiling.
     async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
         if adds.is_empty() {
             return Ok(Vec::new());
         }
         let adds = adds.to_vec();
         self.write(WriteKind::Transaction, move |conn| {
-            Box::pin(async move {
-                let mut totals = Vec::with_capacity(adds.len());
-                for a in &adds {
-                    let total = add_one(conn, &a.key, a.amount, a.window_seconds, now).await?;
-                    totals.push(total);
-                    if a.stops_batch(total) {
-                        break;
-                    }
-                }
-                Ok(totals)
-            })
+            Box::pin(async move { add_counters_in(conn, &adds, now).await })
         })
         .await
+    }
+}
+
+impl HotTx for PgConnection {
+    async fn subject_state(
+        &mut self,
+        tenant: &str,
+        subject: &SubjectKey,
+    ) -> StoreResult<SubjectState> {
+        PostgresStore::subject_state(self, tenant, subject).await
+    }
+
+    async fn verification(&mut self, id: Uuid) -> StoreResult<Option<Verification>> {
+        sqlx::query_as::<_, VerificationRow>("SELECT * FROM verifications WHERE id = $1 FOR UPDATE")
+            .bind(id_text(id))
+            .fetch_optional(&mut *self)
+            .await
+            .map_err(map_sqlx)?
+            .map(Verification::try_from)
+            .transpose()
+    }
+
+    async fn resend(
+        &mut self,
+        planned: &Verification,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Verification> {
+        sqlx::query_as::<_, VerificationRow>(RESEND_VERIFICATION)
+            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+            .bind(millis(planned.expires_at))
+            .bind(millis(now))
+            .bind(id_text(id))
+            .bind(planned.phone.to_bytes())
+            .bind(&planned.masked_to)
+            .bind(planned.country.as_deref())
+            .fetch_one(&mut *self)
+            .await
+            .map_err(map_sqlx)?
+            .try_into()
+    }
+
+    async fn insert_verification(&mut self, planned: &Verification) -> StoreResult<bool> {
+        let inserted = sqlx::query(INSERT_VERIFICATION)
+            .bind(id_text(planned.id))
+            .bind(&planned.tenant)
+            .bind(planned.subject.0.as_slice())
+            .bind(&planned.purpose)
+            .bind(&planned.uid)
+            .bind(planned.phone.to_bytes())
+            .bind(&planned.masked_to)
+            .bind(&planned.country)
+            .bind(planned.code_hash.as_ref().map(|h| h.as_slice()))
+            .bind(planned.status.as_str())
+            .bind(i64::from(planned.attempts))
+            .bind(i64::from(planned.max_attempts))
+            .bind(i64::from(planned.send_count))
+            .bind(millis(planned.created_at))
+            .bind(millis(planned.updated_at))
+            .bind(millis(planned.expires_at))
+            .bind(millis(planned.last_sent_at))
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(inserted.rows_affected() > 0)
+    }
+
+    async fn upsert_subject(
+        &mut self,
+        planned: &Verification,
+        window: &Window,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(UPSERT_SUBJECT)
+            .bind(&planned.tenant)
+            .bind(planned.subject.0.as_slice())
+            .bind(id_text(planned.id))
+            .bind(millis(now))
+            .bind(millis(window.start))
+            .bind(i64::from(window.count + 1))
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn counter_totals(&mut self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
+        let found = counter_reads_query(reads)
+            .fetch_all(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(found.into_iter().map(counter_total).collect())
+    }
+
+    async fn save_checked(&mut self, v: &Verification) -> StoreResult<()> {
+        sqlx::query(UPDATE_CHECKED)
+            .bind(v.status.as_str())
+            .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
+            .bind(i64::from(v.attempts))
+            .bind(millis(v.updated_at))
+            .bind(id_text(v.id))
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn add_to_counter(
+        &mut self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let (slot, keep_until) = counter_slot(window_seconds, now);
+        let total: i64 = sqlx::query_scalar(ADD_TO_COUNTER)
+            .bind(key)
+            .bind(i64::from(window_seconds))
+            .bind(slot)
+            .bind(keep_until)
+            .bind(counter_amount(amount))
+            .fetch_one(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(counter_total(Some(total)))
+    }
+
+    async fn count_approval(&mut self, id: Uuid) -> StoreResult<()> {
+        sqlx::query(count_approval_sql!(
+            day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
+            insertion_order: "seq",
+        ))
+        .bind(id_text(id))
+        .execute(&mut *self)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(())
     }
 }
 
@@ -300,72 +311,4 @@ fn counter_reads_query<'q>(
             .bind(slot);
     }
     query
-}
-
-/// The verification `id`, locked for the rest of the write.
-async fn locked_verification(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> StoreResult<Option<Verification>> {
-    sqlx::query_as::<_, VerificationRow>("SELECT * FROM verifications WHERE id = $1 FOR UPDATE")
-        .bind(id_text(id))
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_sqlx)?
-        .map(Verification::try_from)
-        .transpose()
-}
-
-/// A guess budget's two windows, read inside the check's write.
-async fn guess_counts(
-    conn: &mut PgConnection,
-    key: &str,
-    now: DateTime<Utc>,
-) -> StoreResult<WindowCounts> {
-    let reads = GuessBudget::reads(key, now);
-    let found = counter_reads_query(&reads)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(map_sqlx)?;
-    match found[..] {
-        [previous, current] => Ok(WindowCounts {
-            previous: counter_total(previous),
-            current: counter_total(current),
-        }),
-        _ => Err(StoreError::Corrupt("short counter read".into())),
-    }
-}
-
-/// `sql_hot::count_approval_sql`, for verification `id`.
-async fn count_approval(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
-    sqlx::query(count_approval_sql!(
-        day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
-        insertion_order: "seq",
-    ))
-    .bind(id_text(id))
-    .execute(&mut *conn)
-    .await
-    .map_err(map_sqlx)?;
-    Ok(())
-}
-
-/// One add of `add_to_counter` (`sql_hot::ADD_TO_COUNTER`).
-async fn add_one(
-    conn: &mut PgConnection,
-    key: &str,
-    amount: u64,
-    window_seconds: u32,
-    now: DateTime<Utc>,
-) -> StoreResult<u64> {
-    let (slot, keep_until) = counter_slot(window_seconds, now);
-    let total: i64 = sqlx::query_scalar(ADD_TO_COUNTER)
-        .bind(key)
-        .bind(i64::from(window_seconds))
-        .bind(slot)
-        .bind(keep_until)
-        .bind(counter_amount(amount))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(map_sqlx)?;
-    Ok(counter_total(Some(total)))
 }

@@ -1,28 +1,28 @@
-//! SQLite's hot operations (`HotOps`: those of every send and check), as
-//! plain functions on a rusqlite connection: the writes run on the writer
-//! thread (`writer`), the reads on the caller's (`readers`). Each statement is
-//! a function call, not a round trip to sqlx's connection thread. The
-//! statements are PostgreSQL's too (`sql_hot`).
+//! SQLite's hot operations (`HotOps`: those of every send and check), on a
+//! rusqlite connection: the writes run on the writer thread (`writer`), the
+//! reads on the caller's (`readers`). Each statement is a function call, not
+//! a round trip to sqlx's connection thread. The statements (`HotTx`), and
+//! the flows around them, are PostgreSQL's too (`sql_hot`).
 
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row, named_params};
+use futures::executor::block_on;
+use rusqlite::{Connection, OptionalExtension, Row, ToSql, named_params};
 use uuid::Uuid;
 
 use super::checkpoint::WRITER_BACKSTOP_PAGES;
 use super::{SqliteOptions, SqliteStore};
-use crate::domain::limits::WindowCounts;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    COUNTER_READS_PER_STATEMENT, HotOps, MarkerRow, SubjectRow, SubjectState, VerificationRow,
-    WriteKind, admit_send, counter_amount, counter_reads_sql, counter_slot, counter_total,
-    day_text, decide_check, id_text, millis, parse_id, parse_status, rate_slot, usage_amount,
+    COUNTER_READS_PER_STATEMENT, MarkerRow, SubjectRow, SubjectState, VerificationRow, Window,
+    WriteKind, counter_amount, counter_reads_sql, counter_slot, counter_total, day_text, id_text,
+    millis, parse_id, parse_status, rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, FIND_CURRENT, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
-    verification_columns,
+    ADD_TO_COUNTER, FIND_CURRENT, HotOps, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, add_counters_in, check_in,
+    count_approval_sql, send_in, verification_columns,
 };
 use crate::store::{
     CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
@@ -85,19 +85,14 @@ impl HotOps for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Option<(Uuid, Status)>> {
         let row = self.readers.read(|conn| {
-            conn.prepare_cached(FIND_CURRENT)
-                .and_then(|mut s| {
-                    s.query_row(
-                        named_params! {
-                            "$1": tenant,
-                            "$2": subject.0.as_slice(),
-                            "$3": millis(now),
-                        },
-                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-                    )
-                    .optional()
-                })
-                .map_err(map_rusqlite)
+            let params = named_params! {
+                "$1": tenant,
+                "$2": subject.0.as_slice(),
+                "$3": millis(now),
+            };
+            query_row(conn, FIND_CURRENT, params, |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
         })?;
         row.map(|(id, status)| Ok((parse_id(&id)?, parse_status(&status)?)))
             .transpose()
@@ -107,7 +102,7 @@ impl HotOps for SqliteStore {
         self.readers.read(|conn| {
             let mut totals = Vec::with_capacity(reads.len());
             for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
-                totals.extend(counter_totals(conn, chunk)?);
+                totals.extend(Direct(conn).totals(chunk)?);
             }
             Ok(totals)
         })
@@ -133,11 +128,12 @@ impl HotOps for SqliteStore {
         })
     }
 
+    /// The writer holds the only write lock: nothing needs locking.
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let plan = plan.clone();
         self.group
             .direct(WriteKind::Transaction, move |conn| {
-                start_send(conn, &plan, now)
+                block_on(send_in(&mut Direct(conn), &plan, now))
             })
             .await
     }
@@ -154,7 +150,8 @@ impl HotOps for SqliteStore {
         let code_hash = *code_hash;
         self.group
             .direct(WriteKind::Transaction, move |conn| {
-                check_code(conn, &tenant, id, &code_hash, budget, now)
+                let mut tx = Direct(conn);
+                block_on(check_in(&mut tx, &tenant, id, &code_hash, budget, now))
             })
             .await
     }
@@ -184,12 +181,11 @@ impl HotOps for SqliteStore {
         let key = key.to_owned();
         self.group
             .direct(WriteKind::Statement, move |conn| {
-                add_one(conn, &key, amount, window_seconds, now)
+                Direct(conn).add(&key, amount, window_seconds, now)
             })
             .await
     }
 
-    /// Every add's upsert in order, up to the first that goes over its ceiling.
     async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
         if adds.is_empty() {
             return Ok(Vec::new());
@@ -197,205 +193,207 @@ impl HotOps for SqliteStore {
         let adds = adds.to_vec();
         self.group
             .direct(WriteKind::Transaction, move |conn| {
-                let mut totals = Vec::with_capacity(adds.len());
-                for a in &adds {
-                    let total = add_one(conn, &a.key, a.amount, a.window_seconds, now)?;
-                    totals.push(total);
-                    if a.stops_batch(total) {
-                        break;
-                    }
-                }
-                Ok(totals)
+                block_on(add_counters_in(&mut Direct(conn), &adds, now))
             })
             .await
     }
 }
 
-/// The writer holds the only write lock, so nothing needs locking. A subject
-/// seen for the first time has no row yet.
-fn start_send(conn: &Connection, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
-    let planned = &plan.verification;
-    let state = subject_state(conn, &planned.tenant, &planned.subject)?;
-    let window = match admit_send(&state, plan, now) {
-        Ok(window) => window,
-        Err(refusal) => return Ok(refusal.into()),
-    };
-    let pending = match state.current {
-        Some(current) => verification(conn, current)?
-            .filter(|v| v.tenant == planned.tenant && v.is_pending_at(now)),
-        None => None,
-    };
-    let previous_sent_at = state.last_sent_at;
-    let decision = match pending {
-        Some(v) if v.id == planned.id => {
-            let row = conn
-                .prepare_cached(RESEND_VERIFICATION)
-                .and_then(|mut s| {
-                    s.query_row(
-                        named_params! {
-                            "$1": planned.code_hash.as_ref().map(|h| h.as_slice()),
-                            "$2": millis(planned.expires_at),
-                            "$3": millis(now),
-                            "$4": id_text(v.id),
-                            "$5": planned.phone.to_bytes(),
-                            "$6": planned.masked_to,
-                            "$7": planned.country,
-                        },
-                        verification_row,
-                    )
-                })
-                .map_err(map_rusqlite)?;
-            SendDecision::Replaced {
-                verification: row.try_into()?,
-                previous_sent_at,
-            }
-        }
-        Some(_) => return Ok(SendDecision::Conflict),
-        None => {
-            let inserted = conn
-                .prepare_cached(INSERT_VERIFICATION)
-                .and_then(|mut s| {
-                    s.execute(named_params! {
-                        "$1": id_text(planned.id),
-                        "$2": planned.tenant,
-                        "$3": planned.subject.0.as_slice(),
-                        "$4": planned.purpose,
-                        "$5": planned.uid,
-                        "$6": planned.phone.to_bytes(),
-                        "$7": planned.masked_to,
-                        "$8": planned.country,
-                        "$9": planned.code_hash.as_ref().map(|h| h.as_slice()),
-                        "$10": planned.status.as_str(),
-                        "$11": i64::from(planned.attempts),
-                        "$12": i64::from(planned.max_attempts),
-                        "$13": i64::from(planned.send_count),
-                        "$14": millis(planned.created_at),
-                        "$15": millis(planned.updated_at),
-                        "$16": millis(planned.expires_at),
-                        "$17": millis(planned.last_sent_at),
-                    })
-                })
-                .map_err(map_rusqlite)?;
-            // The plan names a verification that exists but is no longer
-            // pending (expired or ended since the service looked).
-            if inserted == 0 {
-                return Ok(SendDecision::Conflict);
-            }
-            SendDecision::Created {
-                verification: planned.clone(),
-                previous_sent_at,
-            }
-        }
-    };
-    conn.prepare_cached(UPSERT_SUBJECT)
-        .and_then(|mut s| {
-            s.execute(named_params! {
-                "$1": planned.tenant,
-                "$2": planned.subject.0.as_slice(),
-                "$3": id_text(planned.id),
-                "$4": millis(now),
-                "$5": millis(window.start),
-                "$6": i64::from(window.count + 1),
-            })
-        })
-        .map_err(map_rusqlite)?;
-    Ok(decision)
-}
+/// The writer's (or a reader's) connection, as `HotTx`. Its statements are
+/// plain calls, so each future it returns is ready when first polled.
+struct Direct<'c>(&'c Connection);
 
-fn check_code(
-    conn: &Connection,
-    tenant: &str,
-    id: Uuid,
-    code_hash: &[u8; 32],
-    budget: Option<GuessBudget>,
-    now: DateTime<Utc>,
-) -> StoreResult<CheckOutcome> {
-    let Some(mut v) =
-        verification(conn, id)?.filter(|v| v.tenant == tenant && v.is_checkable_at(now))
-    else {
-        return Ok(CheckOutcome::NotFound);
-    };
-    let guesses = budget.map(|b| (b, GuessBudget::counter_key(&v.subject)));
-    if let Some((budget, key)) = &guesses {
-        let counts = guess_counts(conn, key, now)?;
-        if !budget.admits(counts, now) {
-            return Ok(CheckOutcome::GuessesSpent(counts));
-        }
-    }
-    let (outcome, changed) = decide_check(&mut v, code_hash, now);
-    if changed {
-        conn.prepare_cached(UPDATE_CHECKED)
-            .and_then(|mut s| {
-                s.execute(named_params! {
-                    "$1": v.status.as_str(),
-                    "$2": v.code_hash.as_ref().map(|h| h.as_slice()),
-                    "$3": i64::from(v.attempts),
-                    "$4": millis(v.updated_at),
-                    "$5": id_text(id),
-                })
-            })
-            .map_err(map_rusqlite)?;
-    }
-    match (&outcome, &guesses) {
-        (CheckOutcome::Wrong { .. }, Some((_, key))) => {
-            add_one(conn, key, 1, GuessBudget::WINDOW_SECONDS, now)?;
-        }
-        (CheckOutcome::Approved(_), _) => count_approval(conn, id)?,
-        _ => {}
-    }
-    Ok(outcome)
-}
-
-fn subject_state(
-    conn: &Connection,
-    tenant: &str,
-    subject: &SubjectKey,
-) -> StoreResult<SubjectState> {
-    let row = conn
-        .prepare_cached(
-            "SELECT current_id, last_sent_at, window_start, window_count
-             FROM subjects WHERE tenant = $1 AND subject = $2",
-        )
-        .and_then(|mut s| {
-            s.query_row(
-                named_params! { "$1": tenant, "$2": subject.0.as_slice() },
-                |r| {
-                    Ok(SubjectRow {
-                        current_id: r.get(0)?,
-                        last_sent_at: r.get(1)?,
-                        window_start: r.get(2)?,
-                        window_count: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
-        })
-        .map_err(map_rusqlite)?;
-    match row {
-        Some(row) => row.try_into(),
-        None => Ok(SubjectState {
-            current: None,
-            last_sent_at: None,
-            window_start: None,
-            window_count: 0,
-        }),
-    }
-}
-
-fn verification(conn: &Connection, id: Uuid) -> StoreResult<Option<Verification>> {
-    let select = concat!(
-        "SELECT ",
-        verification_columns!(),
-        " FROM verifications WHERE id = $1"
-    );
-    conn.prepare_cached(select)
-        .and_then(|mut s| {
-            s.query_row(named_params! { "$1": id_text(id) }, verification_row)
-                .optional()
-        })
-        .map_err(map_rusqlite)?
+impl Direct<'_> {
+    fn verification(&self, id: Uuid) -> StoreResult<Option<Verification>> {
+        let select = concat!(
+            "SELECT ",
+            verification_columns!(),
+            " FROM verifications WHERE id = $1"
+        );
+        query_row(
+            self.0,
+            select,
+            named_params! { "$1": id_text(id) },
+            verification_row,
+        )?
         .map(Verification::try_from)
         .transpose()
+    }
+
+    /// The totals of `reads` (at most `COUNTER_READS_PER_STATEMENT`), in
+    /// order: the one SELECT of `counter_reads_sql`.
+    fn totals(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
+        let mut statement = self
+            .0
+            .prepare_cached(&counter_reads_sql(reads.len()))
+            .map_err(map_rusqlite)?;
+        for (i, r) in reads.iter().enumerate() {
+            let (slot, _) = rate_slot(r.window_seconds, r.at);
+            // `$3i+1..$3i+3`: parameter indexes, as SQLite numbers `$N` in order.
+            statement
+                .raw_bind_parameter(3 * i + 1, r.key)
+                .and_then(|()| statement.raw_bind_parameter(3 * i + 2, i64::from(r.window_seconds)))
+                .and_then(|()| statement.raw_bind_parameter(3 * i + 3, slot))
+                .map_err(map_rusqlite)?;
+        }
+        let mut rows = statement.raw_query();
+        let mut totals = Vec::with_capacity(reads.len());
+        while let Some(row) = rows.next().map_err(map_rusqlite)? {
+            totals.push(counter_total(row.get(0).map_err(map_rusqlite)?));
+        }
+        Ok(totals)
+    }
+
+    fn add(
+        &self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let (slot, keep_until) = counter_slot(window_seconds, now);
+        let params = named_params! {
+            "$1": key,
+            "$2": i64::from(window_seconds),
+            "$3": slot,
+            "$4": keep_until,
+            "$5": counter_amount(amount),
+        };
+        // An upsert returns its row, whether it inserted or added.
+        let total = query_row(self.0, ADD_TO_COUNTER, params, |r| r.get::<_, i64>(0))?
+            .ok_or_else(|| StoreError::Corrupt("a counter upsert returned no row".into()))?;
+        Ok(counter_total(Some(total)))
+    }
+}
+
+impl HotTx for Direct<'_> {
+    async fn subject_state(
+        &mut self,
+        tenant: &str,
+        subject: &SubjectKey,
+    ) -> StoreResult<SubjectState> {
+        let select = "SELECT current_id, last_sent_at, window_start, window_count
+             FROM subjects WHERE tenant = $1 AND subject = $2";
+        let params = named_params! { "$1": tenant, "$2": subject.0.as_slice() };
+        let row = query_row(self.0, select, params, |r| {
+            Ok(SubjectRow {
+                current_id: r.get(0)?,
+                last_sent_at: r.get(1)?,
+                window_start: r.get(2)?,
+                window_count: r.get(3)?,
+            })
+        })?;
+        match row {
+            Some(row) => row.try_into(),
+            None => Ok(SubjectState {
+                current: None,
+                last_sent_at: None,
+                window_start: None,
+                window_count: 0,
+            }),
+        }
+    }
+
+    async fn verification(&mut self, id: Uuid) -> StoreResult<Option<Verification>> {
+        Direct::verification(self, id)
+    }
+
+    async fn resend(
+        &mut self,
+        planned: &Verification,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Verification> {
+        let params = named_params! {
+            "$1": planned.code_hash.as_ref().map(|h| h.as_slice()),
+            "$2": millis(planned.expires_at),
+            "$3": millis(now),
+            "$4": id_text(id),
+            "$5": planned.phone.to_bytes(),
+            "$6": planned.masked_to,
+            "$7": planned.country,
+        };
+        // Read in this same write, so it is there.
+        query_row(self.0, RESEND_VERIFICATION, params, verification_row)?
+            .ok_or_else(|| StoreError::Corrupt("a resent verification vanished".into()))?
+            .try_into()
+    }
+
+    async fn insert_verification(&mut self, planned: &Verification) -> StoreResult<bool> {
+        let params = named_params! {
+            "$1": id_text(planned.id),
+            "$2": planned.tenant,
+            "$3": planned.subject.0.as_slice(),
+            "$4": planned.purpose,
+            "$5": planned.uid,
+            "$6": planned.phone.to_bytes(),
+            "$7": planned.masked_to,
+            "$8": planned.country,
+            "$9": planned.code_hash.as_ref().map(|h| h.as_slice()),
+            "$10": planned.status.as_str(),
+            "$11": i64::from(planned.attempts),
+            "$12": i64::from(planned.max_attempts),
+            "$13": i64::from(planned.send_count),
+            "$14": millis(planned.created_at),
+            "$15": millis(planned.updated_at),
+            "$16": millis(planned.expires_at),
+            "$17": millis(planned.last_sent_at),
+        };
+        Ok(execute(self.0, INSERT_VERIFICATION, params)? > 0)
+    }
+
+    async fn upsert_subject(
+        &mut self,
+        planned: &Verification,
+        window: &Window,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let params = named_params! {
+            "$1": planned.tenant,
+            "$2": planned.subject.0.as_slice(),
+            "$3": id_text(planned.id),
+            "$4": millis(now),
+            "$5": millis(window.start),
+            "$6": i64::from(window.count + 1),
+        };
+        execute(self.0, UPSERT_SUBJECT, params)?;
+        Ok(())
+    }
+
+    async fn counter_totals(&mut self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
+        self.totals(reads)
+    }
+
+    async fn save_checked(&mut self, v: &Verification) -> StoreResult<()> {
+        let params = named_params! {
+            "$1": v.status.as_str(),
+            "$2": v.code_hash.as_ref().map(|h| h.as_slice()),
+            "$3": i64::from(v.attempts),
+            "$4": millis(v.updated_at),
+            "$5": id_text(v.id),
+        };
+        execute(self.0, UPDATE_CHECKED, params)?;
+        Ok(())
+    }
+
+    async fn add_to_counter(
+        &mut self,
+        key: &str,
+        amount: u64,
+        window_seconds: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        self.add(key, amount, window_seconds, now)
+    }
+
+    async fn count_approval(&mut self, id: Uuid) -> StoreResult<()> {
+        let sql = count_approval_sql!(
+            day_of_millis: "date(created_at / 86400000 * 86400, 'unixepoch')",
+            insertion_order: "rowid",
+        );
+        execute(self.0, sql, named_params! { "$1": id_text(id) })?;
+        Ok(())
+    }
 }
 
 /// A row of `verification_columns!`, by position.
@@ -421,122 +419,71 @@ fn verification_row(r: &Row<'_>) -> rusqlite::Result<VerificationRow> {
     })
 }
 
-/// A guess budget's two windows, read inside the check's write.
-fn guess_counts(conn: &Connection, key: &str, now: DateTime<Utc>) -> StoreResult<WindowCounts> {
-    match counter_totals(conn, &GuessBudget::reads(key, now))?[..] {
-        [previous, current] => Ok(WindowCounts { previous, current }),
-        _ => Err(StoreError::Corrupt("short counter read".into())),
-    }
-}
-
-/// The totals of `reads` (at most `COUNTER_READS_PER_STATEMENT`), in order:
-/// the one SELECT of `counter_reads_sql`.
-fn counter_totals(conn: &Connection, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
-    let mut statement = conn
-        .prepare_cached(&counter_reads_sql(reads.len()))
-        .map_err(map_rusqlite)?;
-    for (i, r) in reads.iter().enumerate() {
-        let (slot, _) = rate_slot(r.window_seconds, r.at);
-        // `$3i+1..$3i+3`: parameter indexes, as SQLite numbers `$N` in order.
-        statement
-            .raw_bind_parameter(3 * i + 1, r.key)
-            .and_then(|()| statement.raw_bind_parameter(3 * i + 2, i64::from(r.window_seconds)))
-            .and_then(|()| statement.raw_bind_parameter(3 * i + 3, slot))
-            .map_err(map_rusqlite)?;
-    }
-    let mut rows = statement.raw_query();
-    let mut totals = Vec::with_capacity(reads.len());
-    while let Some(row) = rows.next().map_err(map_rusqlite)? {
-        totals.push(counter_total(row.get(0).map_err(map_rusqlite)?));
-    }
-    Ok(totals)
-}
-
-/// One counter add (`sql_hot::ADD_TO_COUNTER`); returns the new total.
-fn add_one(
-    conn: &Connection,
-    key: &str,
-    amount: u64,
-    window_seconds: u32,
-    now: DateTime<Utc>,
-) -> StoreResult<u64> {
-    let (slot, keep_until) = counter_slot(window_seconds, now);
-    let total: i64 = conn
-        .prepare_cached(ADD_TO_COUNTER)
-        .and_then(|mut s| {
-            s.query_row(
-                named_params! {
-                    "$1": key,
-                    "$2": i64::from(window_seconds),
-                    "$3": slot,
-                    "$4": keep_until,
-                    "$5": counter_amount(amount),
-                },
-                |r| r.get(0),
-            )
-        })
-        .map_err(map_rusqlite)?;
-    Ok(counter_total(Some(total)))
-}
-
-/// `sql_hot::count_approval_sql`, for verification `id`.
-fn count_approval(conn: &Connection, id: Uuid) -> StoreResult<()> {
-    let sql = count_approval_sql!(
-        day_of_millis: "date(created_at / 86400000 * 86400, 'unixepoch')",
-        insertion_order: "rowid",
-    );
-    conn.prepare_cached(sql)
-        .and_then(|mut s| s.execute(named_params! { "$1": id_text(id) }))
-        .map_err(map_rusqlite)?;
-    Ok(())
-}
-
 fn insert_message(conn: &Connection, m: &MessageRecord) -> StoreResult<()> {
-    conn.prepare_cached(INSERT_MESSAGE)
-        .and_then(|mut s| {
-            s.execute(named_params! {
-                "$1": id_text(m.id),
-                "$2": id_text(m.verification_id),
-                "$3": m.tenant,
-                "$4": i64::from(m.route_id),
-                "$5": m.provider,
-                "$6": m.provider_message_id,
-                "$7": m.masked_to,
-                "$8": m.country,
-                "$9": m.status.as_str(),
-                "$10": m.error,
-                "$11": m.cost,
-                "$12": m.currency,
-                "$13": i64::from(m.latency_ms),
-                "$14": m.resend_of.map(id_text),
-                "$15": millis(m.created_at),
-                "$16": m.sent_at.map(millis),
-                "$17": m.delivered_at.map(millis),
-                "$18": m.failed_at.map(millis),
-                "$19": millis(m.updated_at),
-            })
-        })
-        .map_err(map_rusqlite)?;
+    execute(
+        conn,
+        INSERT_MESSAGE,
+        named_params! {
+            "$1": id_text(m.id),
+            "$2": id_text(m.verification_id),
+            "$3": m.tenant,
+            "$4": i64::from(m.route_id),
+            "$5": m.provider,
+            "$6": m.provider_message_id,
+            "$7": m.masked_to,
+            "$8": m.country,
+            "$9": m.status.as_str(),
+            "$10": m.error,
+            "$11": m.cost,
+            "$12": m.currency,
+            "$13": i64::from(m.latency_ms),
+            "$14": m.resend_of.map(id_text),
+            "$15": millis(m.created_at),
+            "$16": m.sent_at.map(millis),
+            "$17": m.delivered_at.map(millis),
+            "$18": m.failed_at.map(millis),
+            "$19": millis(m.updated_at),
+        },
+    )?;
     Ok(())
 }
 
 fn upsert_usage(conn: &Connection, d: &UsageRow) -> StoreResult<()> {
-    conn.prepare_cached(UPSERT_USAGE)
-        .and_then(|mut s| {
-            s.execute(named_params! {
-                "$1": d.tenant,
-                "$2": day_text(d.day),
-                "$3": i64::from(d.route_id),
-                "$4": d.country.as_deref().unwrap_or_default(),
-                "$5": d.currency.as_deref().unwrap_or_default(),
-                "$6": usage_amount(d.sent),
-                "$7": usage_amount(d.delivered),
-                "$8": usage_amount(d.failed),
-                "$9": usage_amount(d.verifications_started),
-                "$10": usage_amount(d.verifications_approved),
-                "$11": d.cost_micros,
-            })
-        })
-        .map_err(map_rusqlite)?;
+    execute(
+        conn,
+        UPSERT_USAGE,
+        named_params! {
+            "$1": d.tenant,
+            "$2": day_text(d.day),
+            "$3": i64::from(d.route_id),
+            "$4": d.country.as_deref().unwrap_or_default(),
+            "$5": d.currency.as_deref().unwrap_or_default(),
+            "$6": usage_amount(d.sent),
+            "$7": usage_amount(d.delivered),
+            "$8": usage_amount(d.failed),
+            "$9": usage_amount(d.verifications_started),
+            "$10": usage_amount(d.verifications_approved),
+            "$11": d.cost_micros,
+        },
+    )?;
     Ok(())
+}
+
+/// Runs `sql` (prepared once per connection) with `params`; the rows changed.
+fn execute(conn: &Connection, sql: &str, params: &[(&str, &dyn ToSql)]) -> StoreResult<usize> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute(params))
+        .map_err(map_rusqlite)
+}
+
+/// The first row of `sql` with `params`, as `read` reads it, if there is one.
+fn query_row<T>(
+    conn: &Connection,
+    sql: &str,
+    params: &[(&str, &dyn ToSql)],
+    read: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> StoreResult<Option<T>> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.query_row(params, read).optional())
+        .map_err(map_rusqlite)
 }
