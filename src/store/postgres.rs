@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::sql_common::{
     KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, WriteFuture, WriteKind, map_migrate,
@@ -269,10 +269,29 @@ fn purge_lock_key(schema: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
+/// `sql_store!`'s `hot_write`: a hot operation as a write of its kind.
+macro_rules! pg_hot_write {
+    ($store:expr, $kind:expr, |$tx:ident| $op:expr) => {
+        $store
+            .write($kind, move |$tx| Box::pin(async move { $op.await }))
+            .await
+    };
+}
+
+/// `sql_store!`'s `hot_read`: a hot read on a pooled connection.
+macro_rules! pg_hot_read {
+    ($store:expr, |$tx:ident| $op:expr) => {{
+        let mut conn = $store.pool.acquire().await.map_err(map_sqlx)?;
+        let $tx = &mut *conn;
+        $op.await
+    }};
+}
+
 super::sql_common::sql_store!(
     store: PostgresStore,
-    db: Postgres,
     read: pool,
     insertion_order: "seq",
     for_update: " FOR UPDATE",
+    hot_write: pg_hot_write,
+    hot_read: pg_hot_read,
 );

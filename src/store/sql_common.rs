@@ -508,7 +508,8 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 
 /// Implements `Store` for a SQL backend, written once for SQLite and
 /// PostgreSQL: the SQL (with `$N` placeholders, which both drivers bind by
-/// number) and the Rust around it. A macro rather than generics over
+/// number) and the Rust around it, except the hot operations' statements,
+/// which each backend runs its own way (`sql_hot::HotTx`). A macro rather than generics over
 /// `sqlx::Database`: the bounds those need (every bound type's `Encode`/`Type`,
 /// every row's `FromRow`) are not implied and would repeat on every function.
 ///
@@ -519,6 +520,10 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 /// - `for_update`: appended to a read whose row the transaction then writes
 ///   (`" FOR UPDATE"` on PostgreSQL; empty on SQLite, whose `BEGIN IMMEDIATE`
 ///   already holds the only write lock).
+/// - `hot_write` and `hot_read`: macros that run a hot operation (`sql_hot`)
+///   on the backend's `HotTx`: `hot_write!(store, kind, |tx| future)` as a
+///   write of `kind` (the future owns what it needs), `hot_read!(store, |tx|
+///   future)` as a read. Both evaluate to the future's output.
 ///
 /// What each backend does its own way, it provides as inherent items:
 /// - `async fn close(&self)`: closes its pools.
@@ -526,7 +531,6 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   `F: for<'c> FnOnce(&'c mut DB::Connection) -> WriteFuture<'c, T> + Send +
 ///   'static`: runs one write operation atomically as `kind` says and answers
 ///   only once its effect is committed. An `Err` from `op` undoes all of it.
-/// - `sql_hot::HotOps`, which the `Store` implementation forwards to.
 /// - `fn purge_lock(&self) -> i64` and `async fn take_purge_lock(conn, lock) ->
 ///   StoreResult<bool>`: `false` when another instance is purging right now.
 /// - `fn purge_steps(now) -> Vec<(&'static str, i64)>`: the purge's statements,
@@ -537,10 +541,11 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 macro_rules! sql_store {
     (
         store: $store:ty,
-        db: $db:ty,
         read: $read:ident,
         insertion_order: $order:literal,
-        for_update: $lock:literal $(,)?
+        for_update: $lock:literal,
+        hot_write: $hot_write:ident,
+        hot_read: $hot_read:ident $(,)?
     ) => {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
@@ -552,38 +557,17 @@ macro_rules! sql_store {
         use $crate::store::sql_common::{
             ApiKeyRow, InboxRow, MarkerRow, MessageRow, UsageDbRow, VerificationRow,
             WriteKind, counter_total, day_text, id_text, map_sqlx, millis, parse_id, rate_slot,
-            sealed, usage_amount,
+            sealed,
         };
-        use $crate::store::sql_hot::{HotOps, UPSERT_USAGE};
+        use $crate::store::sql_hot::{
+            HotTx, add_counters_in, check_in, insert_message_in, read_counters_in,
+            send_in,
+        };
         use $crate::store::{
             CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
             SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message, seconds_until,
         };
-
-        type Conn = <$db as sqlx::Database>::Connection;
-
-        impl $store {
-            /// `record_usage`'s one upsert: the row is created or added to.
-            async fn upsert_usage(conn: &mut Conn, d: &UsageRow) -> StoreResult<()> {
-                sqlx::query(UPSERT_USAGE)
-                .bind(&d.tenant)
-                .bind(day_text(d.day))
-                .bind(i64::from(d.route_id))
-                .bind(d.country.as_deref().unwrap_or_default())
-                .bind(d.currency.as_deref().unwrap_or_default())
-                .bind(usage_amount(d.sent))
-                .bind(usage_amount(d.delivered))
-                .bind(usage_amount(d.failed))
-                .bind(usage_amount(d.verifications_started))
-                .bind(usage_amount(d.verifications_approved))
-                .bind(d.cost_micros)
-                .execute(&mut *conn)
-                .await
-                .map_err(map_sqlx)?;
-                Ok(())
-            }
-        }
 
         #[async_trait::async_trait]
         impl Store for $store {
@@ -682,7 +666,7 @@ macro_rules! sql_store {
                 subject: &SubjectKey,
                 now: DateTime<Utc>,
             ) -> StoreResult<Option<(Uuid, Status)>> {
-                <$store as HotOps>::find_current(self, tenant, subject, now).await
+                $hot_read!(self, |tx| tx.find_current(tenant, subject, now))
             }
 
             async fn start_send(
@@ -690,7 +674,8 @@ macro_rules! sql_store {
                 plan: &SendPlan,
                 now: DateTime<Utc>,
             ) -> StoreResult<SendDecision> {
-                <$store as HotOps>::start_send(self, plan, now).await
+                let plan = plan.clone();
+                $hot_write!(self, WriteKind::Transaction, |tx| send_in(tx, &plan, now))
             }
 
             async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
@@ -730,7 +715,11 @@ macro_rules! sql_store {
                 budget: Option<GuessBudget>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
-                <$store as HotOps>::check_code(self, tenant, id, code_hash, budget, now).await
+                let tenant = tenant.to_owned();
+                let code_hash = *code_hash;
+                $hot_write!(self, WriteKind::Transaction, |tx| {
+                    check_in(tx, &tenant, id, &code_hash, budget, now)
+                })
             }
 
             async fn get_verification(
@@ -785,7 +774,13 @@ macro_rules! sql_store {
                 m: &MessageRecord,
                 usage: Option<&UsageRow>,
             ) -> StoreResult<()> {
-                <$store as HotOps>::insert_message(self, m, usage).await
+                let m = m.clone();
+                let usage = usage.cloned();
+                let kind = match usage {
+                    Some(_) => WriteKind::Transaction,
+                    None => WriteKind::Statement,
+                };
+                $hot_write!(self, kind, |tx| insert_message_in(tx, &m, usage.as_ref()))
             }
 
             async fn get_message(
@@ -927,10 +922,7 @@ macro_rules! sql_store {
             /// One upsert is one atomic step: the row is created or added to.
             async fn record_usage(&self, d: &UsageRow) -> StoreResult<()> {
                 let d = d.clone();
-                self.write(WriteKind::Statement, move |conn| {
-                    Box::pin(async move { Self::upsert_usage(conn, &d).await })
-                })
-                .await
+                $hot_write!(self, WriteKind::Statement, |tx| tx.upsert_usage(&d))
             }
 
             async fn usage(
@@ -1110,7 +1102,10 @@ macro_rules! sql_store {
                 window_seconds: u32,
                 now: DateTime<Utc>,
             ) -> StoreResult<u64> {
-                <$store as HotOps>::add_to_counter(self, key, amount, window_seconds, now).await
+                let key = key.to_owned();
+                $hot_write!(self, WriteKind::Statement, |tx| {
+                    tx.add_to_counter(&key, amount, window_seconds, now)
+                })
             }
 
             async fn add_counters(
@@ -1118,7 +1113,11 @@ macro_rules! sql_store {
                 adds: &[CounterAdd],
                 now: DateTime<Utc>,
             ) -> StoreResult<Vec<u64>> {
-                <$store as HotOps>::add_counters(self, adds, now).await
+                if adds.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let adds = adds.to_vec();
+                $hot_write!(self, WriteKind::Transaction, |tx| add_counters_in(tx, &adds, now))
             }
 
             async fn read_counter(
@@ -1142,7 +1141,7 @@ macro_rules! sql_store {
             }
 
             async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
-                <$store as HotOps>::read_counters(self, reads).await
+                $hot_read!(self, |tx| read_counters_in(tx, reads))
             }
 
             async fn set_marker(
@@ -1197,7 +1196,7 @@ macro_rules! sql_store {
                 namespace: &str,
                 now: DateTime<Utc>,
             ) -> StoreResult<Vec<Marker>> {
-                <$store as HotOps>::list_markers(self, namespace, now).await
+                $hot_read!(self, |tx| tx.list_markers(namespace, now))
             }
 
             async fn delete_marker(&self, namespace: &str, name: &str) -> StoreResult<bool> {

@@ -1,14 +1,17 @@
-//! What the SQL backends share of the hot operations (those of every send
-//! and check), which each runs through its own driver: PostgreSQL through
-//! sqlx, SQLite directly (`sqlite::hot`). Written once here: the decisions
-//! around the statements (`send_in`, `check_in`, `add_counters_in`, over
-//! each backend's `HotTx`) and the statements' text, so the two cannot drift
-//! apart. Parameters are `$N`; both drivers bind them by number.
+//! The hot operations (those of every send and check), which each SQL
+//! backend runs through its own driver: PostgreSQL through sqlx like the rest,
+//! SQLite directly, as sqlx's asynchronous connection cannot (`sqlite::hot`:
+//! the writes on its writer thread, the reads on the caller's). Written once
+//! here: the decisions around the statements (`send_in`, `check_in`, …, over
+//! each backend's `HotTx`) and the statements' text, so the two backends
+//! cannot drift apart. Parameters are `$N`; both drivers bind them by number.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::sql_common::{SubjectState, Window, admit_send, decide_check};
+use super::sql_common::{
+    COUNTER_READS_PER_STATEMENT, SubjectState, Window, admit_send, decide_check,
+};
 use super::{
     CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
     StoreResult, UsageRow,
@@ -16,44 +19,23 @@ use super::{
 use crate::domain::limits::WindowCounts;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 
-/// The hot operations, which each SQL backend provides its own way
-/// (`sql_store!`'s `Store` implementation forwards to them; each means what
-/// `Store`'s method of the same name does): PostgreSQL through sqlx like the
-/// rest, SQLite directly, as sqlx's asynchronous connection cannot, the
-/// writes on its writer thread and the reads on the caller's.
-pub(crate) trait HotOps {
+/// The statements of the hot operations, on one backend's connection (inside
+/// the operation's write, for a write). SQLite's complete at once (they are
+/// plain calls), so it runs the flows below with `futures::executor::block_on`.
+pub(crate) trait HotTx {
+    /// `FIND_CURRENT`: the subject's current verification, while checkable.
     async fn find_current(
-        &self,
+        &mut self,
         tenant: &str,
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<(Uuid, Status)>>;
-    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision>;
-    async fn check_code(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        code_hash: &[u8; 32],
-        budget: Option<GuessBudget>,
+    /// `LIST_MARKERS`.
+    async fn list_markers(
+        &mut self,
+        namespace: &str,
         now: DateTime<Utc>,
-    ) -> StoreResult<CheckOutcome>;
-    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()>;
-    async fn add_to_counter(
-        &self,
-        key: &str,
-        amount: u64,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64>;
-    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>>;
-    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>>;
-    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>>;
-}
-
-/// The statements a send or a check runs inside its write, on one
-/// backend's connection. SQLite's complete at once (they are plain calls), so
-/// its writer runs the flows below with `futures::executor::block_on`.
-pub(crate) trait HotTx {
+    ) -> StoreResult<Vec<Marker>>;
     /// A subject's send history, held against concurrent sends until the
     /// write ends. A subject seen for the first time has none.
     async fn subject_state(
@@ -95,6 +77,35 @@ pub(crate) trait HotTx {
     ) -> StoreResult<u64>;
     /// `count_approval_sql!` for verification `id`.
     async fn count_approval(&mut self, id: Uuid) -> StoreResult<()>;
+    /// `INSERT_MESSAGE`.
+    async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()>;
+    /// `UPSERT_USAGE`.
+    async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()>;
+}
+
+/// `Store::read_counters`: one statement per `COUNTER_READS_PER_STATEMENT`.
+pub(crate) async fn read_counters_in(
+    tx: &mut impl HotTx,
+    reads: &[CounterRead<'_>],
+) -> StoreResult<Vec<u64>> {
+    let mut totals = Vec::with_capacity(reads.len());
+    for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
+        totals.extend(tx.counter_totals(chunk).await?);
+    }
+    Ok(totals)
+}
+
+/// `Store::insert_message`, inside the backend's write.
+pub(crate) async fn insert_message_in(
+    tx: &mut impl HotTx,
+    m: &MessageRecord,
+    usage: Option<&UsageRow>,
+) -> StoreResult<()> {
+    tx.insert_message(m).await?;
+    match usage {
+        Some(usage) => tx.upsert_usage(usage).await,
+        None => Ok(()),
+    }
 }
 
 /// `Store::start_send`, inside the backend's write.

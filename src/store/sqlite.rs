@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
 
 use self::checkpoint::Checkpointer;
 use self::readers::Readers;
@@ -219,12 +219,37 @@ async fn migrate(connect: &SqliteConnectOptions) -> StoreResult<()> {
     conn.close().await.map_err(map_sqlx)
 }
 
+/// `sql_store!`'s `hot_write`: a hot operation as a write of its kind, run
+/// directly on the writer thread.
+macro_rules! sqlite_hot_write {
+    ($store:expr, $kind:expr, |$tx:ident| $op:expr) => {
+        $store
+            .group
+            .direct($kind, move |conn| {
+                let $tx = &mut hot::Direct(conn);
+                futures::executor::block_on($op)
+            })
+            .await
+    };
+}
+
+/// `sql_store!`'s `hot_read`: a hot read, run directly on the caller's thread.
+macro_rules! sqlite_hot_read {
+    ($store:expr, |$tx:ident| $op:expr) => {
+        $store.readers.read(|conn| {
+            let $tx = &mut hot::Direct(conn);
+            futures::executor::block_on($op)
+        })
+    };
+}
+
 super::sql_common::sql_store!(
     store: SqliteStore,
-    db: Sqlite,
     read: reader,
     insertion_order: "rowid",
     for_update: "",
+    hot_write: sqlite_hot_write,
+    hot_read: sqlite_hot_read,
 );
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
-//! PostgreSQL's hot operations (`HotOps`: those of every send and check).
-//! Each is one transaction (or one statement) on a pooled connection, whose
-//! statements (`HotTx`) the shared flows of `sql_hot` run; SQLite runs the
-//! same ones directly instead (`sqlite::hot`).
+//! PostgreSQL's statements of the hot operations (`sql_hot::HotTx`), through
+//! sqlx on a pooled connection (inside the operation's transaction, for a
+//! write); SQLite runs the same ones directly instead (`sqlite::hot`).
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgArguments;
@@ -12,23 +11,19 @@ use uuid::Uuid;
 use super::PostgresStore;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    COUNTER_READS_PER_STATEMENT, MarkerRow, SubjectState, VerificationRow, Window, WriteKind,
-    counter_amount, counter_reads_sql, counter_slot, counter_total, id_text, map_sqlx, millis,
-    parse_id, parse_status, rate_slot,
+    MarkerRow, SubjectState, VerificationRow, Window, counter_amount, counter_reads_sql,
+    counter_slot, counter_total, day_text, id_text, map_sqlx, millis, parse_id, parse_status,
+    rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, FIND_CURRENT, HotOps, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, add_counters_in, check_in,
-    count_approval_sql, send_in,
+    ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
 };
-use crate::store::{
-    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan,
-    StoreResult, UsageRow,
-};
+use crate::store::{CounterRead, Marker, StoreResult, UsageRow};
 
-impl HotOps for PostgresStore {
+impl HotTx for PgConnection {
     async fn find_current(
-        &self,
+        &mut self,
         tenant: &str,
         subject: &SubjectKey,
         now: DateTime<Utc>,
@@ -37,7 +32,7 @@ impl HotOps for PostgresStore {
             .bind(tenant)
             .bind(subject.0.as_slice())
             .bind(millis(now))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self)
             .await
             .map_err(map_sqlx)?;
         row.map(|(id, status)| Ok((parse_id(&id)?, parse_status(&status)?)))
@@ -45,23 +40,15 @@ impl HotOps for PostgresStore {
     }
 
     /// One SELECT per `COUNTER_READS_PER_STATEMENT` reads.
-    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
-        let mut totals = Vec::with_capacity(reads.len());
-        for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
-            let found = counter_reads_query(chunk)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
-            totals.extend(found.into_iter().map(counter_total));
-        }
-        Ok(totals)
-    }
-
-    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
+    async fn list_markers(
+        &mut self,
+        namespace: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Marker>> {
         sqlx::query_as::<_, MarkerRow>(LIST_MARKERS)
             .bind(namespace)
             .bind(millis(now))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self)
             .await
             .map_err(map_sqlx)?
             .into_iter()
@@ -69,99 +56,6 @@ impl HotOps for PostgresStore {
             .collect()
     }
 
-    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
-        let plan = plan.clone();
-        self.write(WriteKind::Transaction, move |conn| {
-            Box::pin(async move { send_in(conn, &plan, now).await })
-        })
-        .await
-    }
-
-    async fn check_code(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        code_hash: &[u8; 32],
-        budget: Option<GuessBudget>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<CheckOutcome> {
-        let tenant = tenant.to_owned();
-        let code_hash = *code_hash;
-        self.write(WriteKind::Transaction, move |conn| {
-            Box::pin(async move { check_in(conn, &tenant, id, &code_hash, budget, now).await })
-        })
-        .await
-    }
-
-    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()> {
-        let m = m.clone();
-        let usage = usage.cloned();
-        let kind = match usage {
-            Some(_) => WriteKind::Transaction,
-            None => WriteKind::Statement,
-        };
-        self.write(kind, move |conn| {
-            Box::pin(async move {
-                sqlx::query(INSERT_MESSAGE)
-                    .bind(id_text(m.id))
-                    .bind(id_text(m.verification_id))
-                    .bind(&m.tenant)
-                    .bind(i64::from(m.route_id))
-                    .bind(&m.provider)
-                    .bind(&m.provider_message_id)
-                    .bind(&m.masked_to)
-                    .bind(&m.country)
-                    .bind(m.status.as_str())
-                    .bind(&m.error)
-                    .bind(m.cost)
-                    .bind(&m.currency)
-                    .bind(i64::from(m.latency_ms))
-                    .bind(m.resend_of.map(id_text))
-                    .bind(millis(m.created_at))
-                    .bind(m.sent_at.map(millis))
-                    .bind(m.delivered_at.map(millis))
-                    .bind(m.failed_at.map(millis))
-                    .bind(millis(m.updated_at))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                if let Some(usage) = &usage {
-                    Self::upsert_usage(conn, usage).await?;
-                }
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    /// One upsert is one atomic step: the window's row is created or added to.
-    async fn add_to_counter(
-        &self,
-        key: &str,
-        amount: u64,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let key = key.to_owned();
-        self.write(WriteKind::Statement, move |conn| {
-            Box::pin(async move { conn.add_to_counter(&key, amount, window_seconds, now).await })
-        })
-        .await
-    }
-
-    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
-        if adds.is_empty() {
-            return Ok(Vec::new());
-        }
-        let adds = adds.to_vec();
-        self.write(WriteKind::Transaction, move |conn| {
-            Box::pin(async move { add_counters_in(conn, &adds, now).await })
-        })
-        .await
-    }
-}
-
-impl HotTx for PgConnection {
     async fn subject_state(
         &mut self,
         tenant: &str,
@@ -294,6 +188,52 @@ impl HotTx for PgConnection {
         .execute(&mut *self)
         .await
         .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()> {
+        sqlx::query(INSERT_MESSAGE)
+            .bind(id_text(m.id))
+            .bind(id_text(m.verification_id))
+            .bind(&m.tenant)
+            .bind(i64::from(m.route_id))
+            .bind(&m.provider)
+            .bind(&m.provider_message_id)
+            .bind(&m.masked_to)
+            .bind(&m.country)
+            .bind(m.status.as_str())
+            .bind(&m.error)
+            .bind(m.cost)
+            .bind(&m.currency)
+            .bind(i64::from(m.latency_ms))
+            .bind(m.resend_of.map(id_text))
+            .bind(millis(m.created_at))
+            .bind(m.sent_at.map(millis))
+            .bind(m.delivered_at.map(millis))
+            .bind(m.failed_at.map(millis))
+            .bind(millis(m.updated_at))
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()> {
+        sqlx::query(UPSERT_USAGE)
+            .bind(&d.tenant)
+            .bind(day_text(d.day))
+            .bind(i64::from(d.route_id))
+            .bind(d.country.as_deref().unwrap_or_default())
+            .bind(d.currency.as_deref().unwrap_or_default())
+            .bind(usage_amount(d.sent))
+            .bind(usage_amount(d.delivered))
+            .bind(usage_amount(d.failed))
+            .bind(usage_amount(d.verifications_started))
+            .bind(usage_amount(d.verifications_approved))
+            .bind(d.cost_micros)
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
         Ok(())
     }
 }

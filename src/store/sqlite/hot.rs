@@ -1,33 +1,28 @@
-//! SQLite's hot operations (`HotOps`: those of every send and check), on a
+//! SQLite's statements of the hot operations (`sql_hot::HotTx`), on a
 //! rusqlite connection: the writes run on the writer thread (`writer`), the
 //! reads on the caller's (`readers`). Each statement is a function call, not
-//! a round trip to sqlx's connection thread. The statements (`HotTx`), and
-//! the flows around them, are PostgreSQL's too (`sql_hot`).
+//! a round trip to sqlx's connection thread.
 
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use futures::executor::block_on;
 use rusqlite::{Connection, OptionalExtension, Row, ToSql, named_params};
 use uuid::Uuid;
 
+use super::SqliteOptions;
 use super::checkpoint::WRITER_BACKSTOP_PAGES;
-use super::{SqliteOptions, SqliteStore};
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    COUNTER_READS_PER_STATEMENT, MarkerRow, SubjectRow, SubjectState, VerificationRow, Window,
-    WriteKind, counter_amount, counter_reads_sql, counter_slot, counter_total, day_text, id_text,
-    millis, parse_id, parse_status, rate_slot, usage_amount,
+    MarkerRow, SubjectRow, SubjectState, VerificationRow, Window, counter_amount,
+    counter_reads_sql, counter_slot, counter_total, day_text, id_text, millis, parse_id,
+    parse_status, rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, FIND_CURRENT, HotOps, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, add_counters_in, check_in,
-    count_approval_sql, send_in, verification_columns,
+    ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
+    verification_columns,
 };
-use crate::store::{
-    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
-    StoreResult, UsageRow,
-};
+use crate::store::{CounterRead, Marker, StoreError, StoreResult, UsageRow};
 
 pub(super) fn map_rusqlite(err: rusqlite::Error) -> StoreError {
     use rusqlite::Error as E;
@@ -77,196 +72,52 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> StoreResult<C
     Ok(conn)
 }
 
-impl HotOps for SqliteStore {
+/// The writer's (or a reader's) connection, as `HotTx`. Its statements are
+/// plain calls, so each future it returns is ready when first polled.
+pub(super) struct Direct<'c>(pub(super) &'c Connection);
+
+impl HotTx for Direct<'_> {
     async fn find_current(
-        &self,
+        &mut self,
         tenant: &str,
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<(Uuid, Status)>> {
-        let row = self.readers.read(|conn| {
-            let params = named_params! {
-                "$1": tenant,
-                "$2": subject.0.as_slice(),
-                "$3": millis(now),
-            };
-            query_row(conn, FIND_CURRENT, params, |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })
+        let params = named_params! {
+            "$1": tenant,
+            "$2": subject.0.as_slice(),
+            "$3": millis(now),
+        };
+        let row = query_row(self.0, FIND_CURRENT, params, |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
         })?;
         row.map(|(id, status)| Ok((parse_id(&id)?, parse_status(&status)?)))
             .transpose()
     }
 
-    async fn read_counters(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
-        self.readers.read(|conn| {
-            let mut totals = Vec::with_capacity(reads.len());
-            for chunk in reads.chunks(COUNTER_READS_PER_STATEMENT) {
-                totals.extend(Direct(conn).totals(chunk)?);
-            }
-            Ok(totals)
-        })
-    }
-
-    async fn list_markers(&self, namespace: &str, now: DateTime<Utc>) -> StoreResult<Vec<Marker>> {
-        self.readers.read(|conn| {
-            conn.prepare_cached(LIST_MARKERS)
-                .and_then(|mut s| {
-                    s.query_map(named_params! { "$1": namespace, "$2": millis(now) }, |r| {
-                        Ok(MarkerRow {
-                            name: r.get(0)?,
-                            value: r.get(1)?,
-                            expires_at: r.get(2)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                })
-                .map_err(map_rusqlite)?
-                .into_iter()
-                .map(Marker::try_from)
-                .collect()
-        })
-    }
-
-    /// The writer holds the only write lock: nothing needs locking.
-    async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
-        let plan = plan.clone();
-        self.group
-            .direct(WriteKind::Transaction, move |conn| {
-                block_on(send_in(&mut Direct(conn), &plan, now))
-            })
-            .await
-    }
-
-    async fn check_code(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        code_hash: &[u8; 32],
-        budget: Option<GuessBudget>,
+    async fn list_markers(
+        &mut self,
+        namespace: &str,
         now: DateTime<Utc>,
-    ) -> StoreResult<CheckOutcome> {
-        let tenant = tenant.to_owned();
-        let code_hash = *code_hash;
-        self.group
-            .direct(WriteKind::Transaction, move |conn| {
-                let mut tx = Direct(conn);
-                block_on(check_in(&mut tx, &tenant, id, &code_hash, budget, now))
+    ) -> StoreResult<Vec<Marker>> {
+        self.0
+            .prepare_cached(LIST_MARKERS)
+            .and_then(|mut s| {
+                s.query_map(named_params! { "$1": namespace, "$2": millis(now) }, |r| {
+                    Ok(MarkerRow {
+                        name: r.get(0)?,
+                        value: r.get(1)?,
+                        expires_at: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
             })
-            .await
+            .map_err(map_rusqlite)?
+            .into_iter()
+            .map(Marker::try_from)
+            .collect()
     }
 
-    async fn insert_message(&self, m: &MessageRecord, usage: Option<&UsageRow>) -> StoreResult<()> {
-        let m = m.clone();
-        let usage = usage.cloned();
-        let kind = match usage {
-            Some(_) => WriteKind::Transaction,
-            None => WriteKind::Statement,
-        };
-        self.group
-            .direct(kind, move |conn| {
-                insert_message(conn, &m)?;
-                usage.map_or(Ok(()), |usage| upsert_usage(conn, &usage))
-            })
-            .await
-    }
-
-    async fn add_to_counter(
-        &self,
-        key: &str,
-        amount: u64,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let key = key.to_owned();
-        self.group
-            .direct(WriteKind::Statement, move |conn| {
-                Direct(conn).add(&key, amount, window_seconds, now)
-            })
-            .await
-    }
-
-    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
-        if adds.is_empty() {
-            return Ok(Vec::new());
-        }
-        let adds = adds.to_vec();
-        self.group
-            .direct(WriteKind::Transaction, move |conn| {
-                block_on(add_counters_in(&mut Direct(conn), &adds, now))
-            })
-            .await
-    }
-}
-
-/// The writer's (or a reader's) connection, as `HotTx`. Its statements are
-/// plain calls, so each future it returns is ready when first polled.
-struct Direct<'c>(&'c Connection);
-
-impl Direct<'_> {
-    fn verification(&self, id: Uuid) -> StoreResult<Option<Verification>> {
-        let select = concat!(
-            "SELECT ",
-            verification_columns!(),
-            " FROM verifications WHERE id = $1"
-        );
-        query_row(
-            self.0,
-            select,
-            named_params! { "$1": id_text(id) },
-            verification_row,
-        )?
-        .map(Verification::try_from)
-        .transpose()
-    }
-
-    /// The totals of `reads` (at most `COUNTER_READS_PER_STATEMENT`), in
-    /// order: the one SELECT of `counter_reads_sql`.
-    fn totals(&self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
-        let mut statement = self
-            .0
-            .prepare_cached(&counter_reads_sql(reads.len()))
-            .map_err(map_rusqlite)?;
-        for (i, r) in reads.iter().enumerate() {
-            let (slot, _) = rate_slot(r.window_seconds, r.at);
-            // `$3i+1..$3i+3`: parameter indexes, as SQLite numbers `$N` in order.
-            statement
-                .raw_bind_parameter(3 * i + 1, r.key)
-                .and_then(|()| statement.raw_bind_parameter(3 * i + 2, i64::from(r.window_seconds)))
-                .and_then(|()| statement.raw_bind_parameter(3 * i + 3, slot))
-                .map_err(map_rusqlite)?;
-        }
-        let mut rows = statement.raw_query();
-        let mut totals = Vec::with_capacity(reads.len());
-        while let Some(row) = rows.next().map_err(map_rusqlite)? {
-            totals.push(counter_total(row.get(0).map_err(map_rusqlite)?));
-        }
-        Ok(totals)
-    }
-
-    fn add(
-        &self,
-        key: &str,
-        amount: u64,
-        window_seconds: u32,
-        now: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let (slot, keep_until) = counter_slot(window_seconds, now);
-        let params = named_params! {
-            "$1": key,
-            "$2": i64::from(window_seconds),
-            "$3": slot,
-            "$4": keep_until,
-            "$5": counter_amount(amount),
-        };
-        // An upsert returns its row, whether it inserted or added.
-        let total = query_row(self.0, ADD_TO_COUNTER, params, |r| r.get::<_, i64>(0))?
-            .ok_or_else(|| StoreError::Corrupt("a counter upsert returned no row".into()))?;
-        Ok(counter_total(Some(total)))
-    }
-}
-
-impl HotTx for Direct<'_> {
     async fn subject_state(
         &mut self,
         tenant: &str,
@@ -295,7 +146,19 @@ impl HotTx for Direct<'_> {
     }
 
     async fn verification(&mut self, id: Uuid) -> StoreResult<Option<Verification>> {
-        Direct::verification(self, id)
+        let select = concat!(
+            "SELECT ",
+            verification_columns!(),
+            " FROM verifications WHERE id = $1"
+        );
+        query_row(
+            self.0,
+            select,
+            named_params! { "$1": id_text(id) },
+            verification_row,
+        )?
+        .map(Verification::try_from)
+        .transpose()
     }
 
     async fn resend(
@@ -360,8 +223,27 @@ impl HotTx for Direct<'_> {
         Ok(())
     }
 
+    /// The one SELECT of `counter_reads_sql`.
     async fn counter_totals(&mut self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
-        self.totals(reads)
+        let mut statement = self
+            .0
+            .prepare_cached(&counter_reads_sql(reads.len()))
+            .map_err(map_rusqlite)?;
+        for (i, r) in reads.iter().enumerate() {
+            let (slot, _) = rate_slot(r.window_seconds, r.at);
+            // `$3i+1..$3i+3`: parameter indexes, as SQLite numbers `$N` in order.
+            statement
+                .raw_bind_parameter(3 * i + 1, r.key)
+                .and_then(|()| statement.raw_bind_parameter(3 * i + 2, i64::from(r.window_seconds)))
+                .and_then(|()| statement.raw_bind_parameter(3 * i + 3, slot))
+                .map_err(map_rusqlite)?;
+        }
+        let mut rows = statement.raw_query();
+        let mut totals = Vec::with_capacity(reads.len());
+        while let Some(row) = rows.next().map_err(map_rusqlite)? {
+            totals.push(counter_total(row.get(0).map_err(map_rusqlite)?));
+        }
+        Ok(totals)
     }
 
     async fn save_checked(&mut self, v: &Verification) -> StoreResult<()> {
@@ -383,7 +265,18 @@ impl HotTx for Direct<'_> {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        self.add(key, amount, window_seconds, now)
+        let (slot, keep_until) = counter_slot(window_seconds, now);
+        let params = named_params! {
+            "$1": key,
+            "$2": i64::from(window_seconds),
+            "$3": slot,
+            "$4": keep_until,
+            "$5": counter_amount(amount),
+        };
+        // An upsert returns its row, whether it inserted or added.
+        let total = query_row(self.0, ADD_TO_COUNTER, params, |r| r.get::<_, i64>(0))?
+            .ok_or_else(|| StoreError::Corrupt("a counter upsert returned no row".into()))?;
+        Ok(counter_total(Some(total)))
     }
 
     async fn count_approval(&mut self, id: Uuid) -> StoreResult<()> {
@@ -392,6 +285,56 @@ impl HotTx for Direct<'_> {
             insertion_order: "rowid",
         );
         execute(self.0, sql, named_params! { "$1": id_text(id) })?;
+        Ok(())
+    }
+
+    async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()> {
+        execute(
+            self.0,
+            INSERT_MESSAGE,
+            named_params! {
+                "$1": id_text(m.id),
+                "$2": id_text(m.verification_id),
+                "$3": m.tenant,
+                "$4": i64::from(m.route_id),
+                "$5": m.provider,
+                "$6": m.provider_message_id,
+                "$7": m.masked_to,
+                "$8": m.country,
+                "$9": m.status.as_str(),
+                "$10": m.error,
+                "$11": m.cost,
+                "$12": m.currency,
+                "$13": i64::from(m.latency_ms),
+                "$14": m.resend_of.map(id_text),
+                "$15": millis(m.created_at),
+                "$16": m.sent_at.map(millis),
+                "$17": m.delivered_at.map(millis),
+                "$18": m.failed_at.map(millis),
+                "$19": millis(m.updated_at),
+            },
+        )?;
+        Ok(())
+    }
+
+    async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()> {
+        execute(
+            self.0,
+            UPSERT_USAGE,
+            named_params! {
+                "$1": d.tenant,
+                "$2": day_text(d.day),
+                "$3": i64::from(d.route_id),
+                "$4": d.country.as_deref().unwrap_or_default(),
+                "$5": d.currency.as_deref().unwrap_or_default(),
+                "$6": usage_amount(d.sent),
+                "$7": usage_amount(d.delivered),
+                "$8": usage_amount(d.failed),
+                "$9": usage_amount(d.verifications_started),
+                "$10": usage_amount(d.verifications_approved),
+                "$11": d.cost_micros,
+            },
+        )?;
         Ok(())
     }
 }
@@ -417,56 +360,6 @@ fn verification_row(r: &Row<'_>) -> rusqlite::Result<VerificationRow> {
         expires_at: r.get(15)?,
         last_sent_at: r.get(16)?,
     })
-}
-
-fn insert_message(conn: &Connection, m: &MessageRecord) -> StoreResult<()> {
-    execute(
-        conn,
-        INSERT_MESSAGE,
-        named_params! {
-            "$1": id_text(m.id),
-            "$2": id_text(m.verification_id),
-            "$3": m.tenant,
-            "$4": i64::from(m.route_id),
-            "$5": m.provider,
-            "$6": m.provider_message_id,
-            "$7": m.masked_to,
-            "$8": m.country,
-            "$9": m.status.as_str(),
-            "$10": m.error,
-            "$11": m.cost,
-            "$12": m.currency,
-            "$13": i64::from(m.latency_ms),
-            "$14": m.resend_of.map(id_text),
-            "$15": millis(m.created_at),
-            "$16": m.sent_at.map(millis),
-            "$17": m.delivered_at.map(millis),
-            "$18": m.failed_at.map(millis),
-            "$19": millis(m.updated_at),
-        },
-    )?;
-    Ok(())
-}
-
-fn upsert_usage(conn: &Connection, d: &UsageRow) -> StoreResult<()> {
-    execute(
-        conn,
-        UPSERT_USAGE,
-        named_params! {
-            "$1": d.tenant,
-            "$2": day_text(d.day),
-            "$3": i64::from(d.route_id),
-            "$4": d.country.as_deref().unwrap_or_default(),
-            "$5": d.currency.as_deref().unwrap_or_default(),
-            "$6": usage_amount(d.sent),
-            "$7": usage_amount(d.delivered),
-            "$8": usage_amount(d.failed),
-            "$9": usage_amount(d.verifications_started),
-            "$10": usage_amount(d.verifications_approved),
-            "$11": d.cost_micros,
-        },
-    )?;
-    Ok(())
 }
 
 /// Runs `sql` (prepared once per connection) with `params`; the rows changed.
