@@ -178,21 +178,17 @@ impl Thread {
             }
             match queued.pop_front() {
                 Some(Message::Direct(first)) => {
-                    let mut jobs = VecDeque::from([first]);
-                    while let Some(Message::Direct(_)) = queued.front() {
-                        if let Some(Message::Direct(job)) = queued.pop_front() {
-                            jobs.push_back(job);
-                        }
-                    }
+                    let jobs = run_of(first, &mut queued, |message| match message {
+                        Message::Direct(job) => Ok(job),
+                        other => Err(other),
+                    });
                     self.direct_group(jobs);
                 }
                 Some(Message::Sqlx(first)) => {
-                    let mut jobs = VecDeque::from([first]);
-                    while let Some(Message::Sqlx(_)) = queued.front() {
-                        if let Some(Message::Sqlx(job)) = queued.pop_front() {
-                            jobs.push_back(job);
-                        }
-                    }
+                    let jobs = run_of(first, &mut queued, |message| match message {
+                        Message::Sqlx(job) => Ok(job),
+                        other => Err(other),
+                    });
                     self.sqlx_group(jobs);
                 }
                 Some(Message::Close(done)) => {
@@ -238,6 +234,25 @@ impl Thread {
             self.sqlx = commit_group(session, &mut jobs).map(|session| session.conn);
         }
     }
+}
+
+/// `first` and the jobs of its form queued right after it: one group's worth.
+fn run_of<J>(
+    first: J,
+    queued: &mut VecDeque<Message>,
+    of_form: impl Fn(Message) -> Result<J, Message>,
+) -> VecDeque<J> {
+    let mut jobs = VecDeque::from([first]);
+    while let Some(message) = queued.pop_front() {
+        match of_form(message) {
+            Ok(job) => jobs.push_back(job),
+            Err(other) => {
+                queued.push_front(other);
+                break;
+            }
+        }
+    }
+    jobs
 }
 
 fn refuse_all<C: ?Sized>(jobs: VecDeque<Box<dyn Job<C>>>, error: &StoreError) {
