@@ -55,9 +55,8 @@ impl Default for SqliteOptions {
 }
 
 pub struct SqliteStore {
-    /// The one write connection: the writer task's, and migrations'.
-    /// How to open a connection like the writer's sqlx one (for migrations).
-    connect: SqliteConnectOptions,
+    /// How the writer's sqlx connection is opened; migrations open one alike.
+    write_options: SqliteConnectOptions,
     reader: SqlitePool,
     readers: Readers,
     group: Writer,
@@ -88,11 +87,11 @@ impl SqliteStore {
             .busy_timeout(options.busy_timeout)
             .foreign_keys(true);
 
-        let writer = connect.clone().pragma(
+        let write_options = connect.clone().pragma(
             "wal_autocheckpoint",
             checkpoint::WRITER_BACKSTOP_PAGES.to_string(),
         );
-        migrate(&writer).await?;
+        migrate(&write_options).await?;
         let checkpointer = Checkpointer::start(&connect).await?;
         // `query_only` turns an accidental write on a reader into an error
         // instead of a second writer racing the first for the file lock. No
@@ -109,7 +108,7 @@ impl SqliteStore {
             let (path, options) = (path.to_owned(), options.clone());
             Box::new(move || hot::open(&path, &options)) as writer::OpenDirect
         };
-        let group = Writer::start(writer.clone(), open_direct, options.busy_timeout)?;
+        let group = Writer::start(write_options.clone(), open_direct, options.busy_timeout)?;
         let keep_readers = options.max_readers.max(1) as usize;
         let readers = {
             let (path, options) = (path.to_owned(), options.clone());
@@ -119,7 +118,7 @@ impl SqliteStore {
             )
         };
         Ok(Self {
-            connect: writer,
+            write_options,
             reader,
             readers,
             group,
@@ -129,7 +128,7 @@ impl SqliteStore {
 
     /// Applies pending migrations (`open` already does; this is for `otpd migrate`).
     pub async fn migrate(&self) -> StoreResult<()> {
-        migrate(&self.connect).await
+        migrate(&self.write_options).await
     }
 
     /// Waits for in-flight work and closes the file, so a new store may open it.
@@ -327,7 +326,7 @@ mod tests {
         );
         // Everything so far (the migrations) into the file, so that it grows
         // only when a checkpoint copies what follows.
-        let mut conn = store.connect.connect().await.unwrap();
+        let mut conn = store.write_options.connect().await.unwrap();
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&mut conn)
             .await
