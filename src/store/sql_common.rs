@@ -5,6 +5,9 @@
 //! `Store` implementation both run, around each backend's own pools, locking,
 //! purge coordination and hot write operations.
 
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
 
@@ -468,8 +471,19 @@ pub(crate) const COUNTER_READS_PER_STATEMENT: usize = 256;
 
 /// The one SELECT of `read_counters` for `n` counters: each binds its key,
 /// window length and slot (`$3i+1..$3i+3`), and gets its total (or NULL) back
-/// in order. The casts give PostgreSQL the parameters' types.
-pub(crate) fn counter_reads_sql(n: usize) -> String {
+/// in order. The casts give PostgreSQL the parameters' types. Built once per
+/// `n` up to `COUNTER_READS_PER_STATEMENT` (every send reads its counters with
+/// one of these): callers chunk their reads to that size.
+pub(crate) fn counter_reads_sql(n: usize) -> Cow<'static, str> {
+    static BUILT: [OnceLock<String>; COUNTER_READS_PER_STATEMENT + 1] =
+        [const { OnceLock::new() }; COUNTER_READS_PER_STATEMENT + 1];
+    match BUILT.get(n) {
+        Some(sql) => Cow::Borrowed(sql.get_or_init(|| build_counter_reads_sql(n))),
+        None => Cow::Owned(build_counter_reads_sql(n)),
+    }
+}
+
+fn build_counter_reads_sql(n: usize) -> String {
     let wanted: Vec<String> = (0..n)
         .map(|i| {
             let p = 3 * i;

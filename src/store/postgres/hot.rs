@@ -2,6 +2,8 @@
 //! sqlx on a pooled connection (inside the operation's transaction, for a
 //! write); SQLite runs the same ones directly instead (`sqlite::hot`).
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgArguments;
 use sqlx::query::QueryScalar;
@@ -242,7 +244,10 @@ impl HotTx for PgConnection {
 fn counter_reads_query<'q>(
     reads: &'q [CounterRead<'q>],
 ) -> QueryScalar<'q, Postgres, Option<i64>, PgArguments> {
-    let mut query = sqlx::query_scalar(AssertSqlSafe(counter_reads_sql(reads.len())));
+    let mut query = match counter_reads_sql(reads.len()) {
+        Cow::Borrowed(sql) => sqlx::query_scalar(sql),
+        Cow::Owned(sql) => sqlx::query_scalar(AssertSqlSafe(sql)),
+    };
     for r in reads {
         let (slot, _) = rate_slot(r.window_seconds, r.at);
         query = query
