@@ -27,6 +27,7 @@ pub fn http_client(
     connect_timeout: Duration,
     total_timeout: Duration,
 ) -> Result<reqwest::Client, String> {
+    install_tls_provider();
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .timeout(total_timeout)
@@ -34,6 +35,13 @@ pub fn http_client(
         .user_agent(concat!("otpd/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// TLS runs on ring (Cargo.toml says why). reqwest takes the process's
+/// default provider and panics without one, so it is installed before the
+/// first client is built; installing it again changes nothing.
+fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A provider endpoint, parsed once when its route is built rather than by

@@ -639,7 +639,7 @@ async fn audit_log_has_one_event_per_action_and_no_secrets() {
         std::fs::File::create(&log_path).unwrap().into(),
     );
     let key = otpd.printed_key.clone().unwrap();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::plain_client();
     let call = |method: reqwest::Method, path: &str, body: Value| {
         client
             .request(method, format!("{}{path}", otpd.base))

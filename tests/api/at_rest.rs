@@ -393,7 +393,7 @@ async fn operator_commands_rotate_keys_and_manage_quarantines() {
     ];
     let mut otpd = start_otpd(dir.path(), &first);
     let key = otpd.printed_key.clone().unwrap();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::plain_client();
     let send = |to: &'static str| {
         client
             .post(format!("{}/v1/verifications", otpd.base))

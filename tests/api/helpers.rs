@@ -93,7 +93,7 @@ impl TestApp {
             clock,
             state,
             poller,
-            client: reqwest::Client::new(),
+            client: plain_client(),
             _stop: stop,
             _dir: dir,
         }
@@ -300,4 +300,11 @@ pub async fn redis_keys_matching(
         }
         cursor = next;
     }
+}
+
+/// A client for talking to otpd over plain HTTP. reqwest needs a TLS provider
+/// installed first even so (otpd's TLS runs on ring, see Cargo.toml).
+pub fn plain_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

@@ -89,7 +89,7 @@ fn health_status(port: u16) -> Option<u16> {
 }
 
 async fn post(base: &str, key: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
+    let r = crate::helpers::plain_client()
         .post(format!("{base}{path}"))
         .header("x-api-key", key)
         .json(&body)
