@@ -394,19 +394,16 @@ impl AbuseGuard {
         Ok(until)
     }
 
-    /// Counts an admitted send, now that the store has accepted it. Refuses
-    /// when other requests used the last room since `admit_send` looked.
-    pub async fn count_send(
-        &self,
-        admission: &Admission,
-        now: DateTime<Utc>,
-    ) -> Result<(), SendError> {
-        // One limit at a time, shortest window first, stopping at a refusal: a
-        // send refused by one limit then takes no room in the others, so
-        // concurrent sends never crowd each other out of a limit they would
-        // have fitted (a burst against a per-number limit of 5 gets exactly 5).
-        // The store makes the whole batch, traffic counts last, in one step.
-        let adds: Vec<CounterAdd> = admission
+    /// What a started send adds to its counters, made by the store in the
+    /// same step as the start (`Store::start_counted_send`), so a send that
+    /// the subject's cooldown refuses costs nothing against the number,
+    /// client or tenant. One add per limit, shortest window first, each
+    /// stopping the batch when concurrent sends took its last room: a send
+    /// refused by one limit then takes no room in the others, so concurrent
+    /// sends never crowd each other out of a limit they would have fitted (a
+    /// burst against a per-number limit of 5 gets exactly 5). Traffic counts last.
+    pub fn send_counts(&self, admission: &Admission, now: DateTime<Utc>) -> Vec<CounterAdd> {
+        admission
             .limits
             .iter()
             .map(|c| CounterAdd {
@@ -425,9 +422,19 @@ impl AbuseGuard {
                 window_seconds: HOUR,
                 ceiling: None,
             }))
-            .collect();
-        let totals = self.store.add_counters(&adds, now).await?;
-        for (c, total) in admission.limits.iter().zip(&totals) {
+            .collect()
+    }
+
+    /// Judges the totals of `send_counts`' adds: refused only when concurrent
+    /// sends took a limit's last room. Refusals are logged and counted.
+    pub async fn judge_send_counts(
+        &self,
+        admission: &Admission,
+        counts: &[CounterAdd],
+        totals: &[u64],
+        now: DateTime<Utc>,
+    ) -> Result<(), SendError> {
+        for (c, total) in admission.limits.iter().zip(totals) {
             let counts = WindowCounts {
                 previous: c.previous,
                 current: *total,
@@ -449,7 +456,7 @@ impl AbuseGuard {
                 });
             }
         }
-        if totals.len() != adds.len() {
+        if totals.len() != counts.len() {
             return Err(StoreError::Corrupt("counter batch stopped early".into()).into());
         }
         Ok(())

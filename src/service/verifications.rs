@@ -291,6 +291,7 @@ impl VerificationService {
             .map_err(|e| SendError::Unavailable(e.to_string()))?;
 
         let mut started = None;
+        let mut counted = (Vec::new(), Vec::new());
         for _ in 0..MAX_PLAN_ROUNDS {
             let now = self.clock.now();
             let id = self
@@ -329,12 +330,17 @@ impl VerificationService {
                 max_sends_per_window: policy.max_sends_per_window,
                 send_window_seconds: policy.send_window_seconds,
             };
-            match self.store.start_send(&plan, now).await? {
+            // Counted only if the subject's cooldown lets it through, so a
+            // refused request costs nothing against the number, client or tenant.
+            let counts = self.guard.send_counts(&admission, now);
+            let (decision, totals) = self.store.start_counted_send(&plan, &counts, now).await?;
+            match decision {
                 SendDecision::Created {
                     verification,
                     previous_sent_at,
                 } => {
                     started = Some((verification, previous_sent_at, code, now, true));
+                    counted = (counts, totals);
                     break;
                 }
                 SendDecision::Replaced {
@@ -342,6 +348,7 @@ impl VerificationService {
                     previous_sent_at,
                 } => {
                     started = Some((verification, previous_sent_at, code, now, false));
+                    counted = (counts, totals);
                     break;
                 }
                 SendDecision::Cooldown {
@@ -372,11 +379,14 @@ impl VerificationService {
                 retry_after_seconds: policy.cooldown_seconds.max(1).into(),
             });
         };
-        // Counted only now that the subject's cooldown let it through, so a
-        // refused request costs nothing against the number, client or tenant.
         // Refused here only when concurrent sends took a limit's last room;
         // undone then (a resend's old code was already replaced, so it stays dead).
-        if let Err(refused) = self.guard.count_send(&admission, now).await {
+        let (counts, totals) = counted;
+        if let Err(refused) = self
+            .guard
+            .judge_send_counts(&admission, &counts, &totals, now)
+            .await
+        {
             self.abort(tenant, subject, verification.id, previous_sent_at)
                 .await?;
             return Err(refused);

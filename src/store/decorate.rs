@@ -66,6 +66,18 @@ macro_rules! decorate_store {
                 self.$around("abort_send", self.inner.abort_send(abort))
                     .await
             }
+            async fn start_counted_send(
+                &self,
+                plan: &SendPlan,
+                counts: &[CounterAdd],
+                now: DateTime<Utc>,
+            ) -> StoreResult<(SendDecision, Vec<u64>)> {
+                self.$around(
+                    "start_counted_send",
+                    self.inner.start_counted_send(plan, counts, now),
+                )
+                .await
+            }
             async fn check_code(
                 &self,
                 tenant: &str,

@@ -408,6 +408,45 @@ pub trait Store: Send + Sync + 'static {
 
     async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()>;
 
+    /// `start_send`, then, when it started one (created or replaced),
+    /// `add_counters(counts)`: the decision, and the totals of the adds made
+    /// (none when nothing started). One atomic step where the backend can
+    /// (the SQL stores: one transaction, so a send commits once for both).
+    /// Here two calls; when the adds fail the send is given back, as
+    /// `abort_send` does, and their error returned.
+    async fn start_counted_send(
+        &self,
+        plan: &SendPlan,
+        counts: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<(SendDecision, Vec<u64>)> {
+        let decision = self.start_send(plan, now).await?;
+        let previous_sent_at = match &decision {
+            SendDecision::Created {
+                previous_sent_at, ..
+            }
+            | SendDecision::Replaced {
+                previous_sent_at, ..
+            } if !counts.is_empty() => *previous_sent_at,
+            _ => return Ok((decision, Vec::new())),
+        };
+        match self.add_counters(counts, now).await {
+            Ok(totals) => Ok((decision, totals)),
+            Err(e) => {
+                let planned = &plan.verification;
+                self.abort_send(&SendAbort {
+                    tenant: planned.tenant.clone(),
+                    subject: planned.subject,
+                    verification_id: planned.id,
+                    previous_sent_at,
+                    at: now,
+                })
+                .await?;
+                Err(e)
+            }
+        }
+    }
+
     /// Atomically: pending and unexpired, the subject's guess budget (when
     /// given), attempts left, constant-time hash compare, then approve
     /// (erasing the hash, and adding `UsageRow::approval` of its attempts to

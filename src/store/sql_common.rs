@@ -574,7 +574,7 @@ macro_rules! sql_store {
             sealed,
         };
         use $crate::store::sql_hot::{
-            HotTx, add_counters_in, check_in, insert_message_in, read_counters_in,
+            HotTx, add_counters_in, check_in, counted_send_in, insert_message_in, read_counters_in,
             send_in,
         };
         use $crate::store::{
@@ -690,6 +690,19 @@ macro_rules! sql_store {
             ) -> StoreResult<SendDecision> {
                 let plan = plan.clone();
                 $hot_write!(self, WriteKind::Transaction, |tx| send_in(tx, &plan, now))
+            }
+
+            async fn start_counted_send(
+                &self,
+                plan: &SendPlan,
+                counts: &[CounterAdd],
+                now: DateTime<Utc>,
+            ) -> StoreResult<(SendDecision, Vec<u64>)> {
+                let plan = plan.clone();
+                let counts = counts.to_vec();
+                $hot_write!(self, WriteKind::Transaction, |tx| {
+                    counted_send_in(tx, &plan, &counts, now)
+                })
             }
 
             async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {

@@ -146,6 +146,24 @@ pub(crate) async fn send_in(
     Ok(decision)
 }
 
+/// `Store::start_counted_send`, inside the backend's write: the start and,
+/// when it started a send, the counts, committed together.
+pub(crate) async fn counted_send_in(
+    tx: &mut impl HotTx,
+    plan: &SendPlan,
+    counts: &[CounterAdd],
+    now: DateTime<Utc>,
+) -> StoreResult<(SendDecision, Vec<u64>)> {
+    let decision = send_in(tx, plan, now).await?;
+    let totals = match decision {
+        SendDecision::Created { .. } | SendDecision::Replaced { .. } => {
+            add_counters_in(tx, counts, now).await?
+        }
+        _ => Vec::new(),
+    };
+    Ok((decision, totals))
+}
+
 /// `Store::check_code`, inside the backend's write.
 pub(crate) async fn check_in(
     tx: &mut impl HotTx,

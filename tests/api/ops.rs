@@ -284,7 +284,7 @@ async fn metrics_count_exactly_what_a_scripted_run_did() {
     assert_eq!(
         m.value(
             "otpd_store_operation_duration_seconds_count",
-            &[("operation", "start_send")]
+            &[("operation", "start_counted_send")]
         ),
         4.0
     );

@@ -723,6 +723,103 @@ pub async fn racing_sends_accept_exactly_one(store: DynStore) {
     assert_eq!(created, 1);
 }
 
+/// A send's counts land with the send it starts, and only then: a send the
+/// cooldown refuses, or a plan for a stale id, counts nothing.
+pub async fn a_counted_send_counts_only_what_it_starts(store: DynStore) {
+    let f = Fixture::new();
+    let [x, y] = [(); 2].map(|()| format!("test:{}", Uuid::new_v4().simple()));
+    let counts = |ceiling| {
+        [
+            counter_add(&x, 1, 600, ceiling),
+            counter_add(&y, 1, 600, None),
+        ]
+    };
+    let read = |at| [counter_read(&x, 600, at), counter_read(&y, 600, at)];
+    let now = t0();
+    let id = Uuid::new_v4();
+    let plan = f.plan(f.verification(id, "111111", now));
+    let (decision, added) = store
+        .start_counted_send(&plan, &counts(None), now)
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Created { .. }),
+        "{decision:?}"
+    );
+    assert_eq!(added, [1, 1]);
+
+    let soon = now + Duration::seconds(10);
+    let plan = f.plan(f.verification(id, "222222", soon));
+    let (decision, added) = store
+        .start_counted_send(&plan, &counts(None), soon)
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Cooldown { .. }),
+        "{decision:?}"
+    );
+    assert!(added.is_empty());
+    let later = now + Duration::seconds(31);
+    let stale = f.plan(f.verification(Uuid::new_v4(), "222222", later));
+    let (decision, added) = store
+        .start_counted_send(&stale, &counts(None), later)
+        .await
+        .unwrap();
+    assert_eq!(decision, SendDecision::Conflict);
+    assert!(added.is_empty());
+    assert_eq!(
+        store.read_counters(&read(later)).await.unwrap(),
+        [1, 1],
+        "refused sends count nothing"
+    );
+
+    // A resend counts too, and a count over its ceiling stops the batch.
+    let plan = f.plan(f.verification(id, "222222", later));
+    let (decision, added) = store
+        .start_counted_send(&plan, &counts(Some(1)), later)
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Replaced { .. }),
+        "{decision:?}"
+    );
+    assert_eq!(added, [2]);
+    assert_eq!(store.read_counters(&read(later)).await.unwrap(), [2, 1]);
+}
+
+/// Racing counted sends for one subject: one starts, and only it counts.
+pub async fn racing_counted_sends_count_once(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let key = Arc::new(format!("test:{}", Uuid::new_v4().simple()));
+    let now = t0();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (store, f, key) = (store.clone(), f.clone(), key.clone());
+            tokio::spawn(async move {
+                let plan = f.plan(f.verification(Uuid::new_v4(), "123456", now));
+                let counts = [counter_add(&key, 1, 600, None)];
+                store.start_counted_send(&plan, &counts, now).await.unwrap()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (SendDecision::Created { .. }, added) => {
+                created += 1;
+                assert_eq!(added, [1]);
+            }
+            (SendDecision::Cooldown { .. } | SendDecision::Conflict, added) => {
+                assert!(added.is_empty());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(created, 1);
+    let read = [counter_read(&key, 600, now)];
+    assert_eq!(store.read_counters(&read).await.unwrap(), [1]);
+}
+
 pub async fn api_keys_lifecycle(store: DynStore) {
     let now = t0();
     let hash = *Uuid::new_v4().as_bytes();
@@ -1870,6 +1967,8 @@ macro_rules! store_contract_tests {
                 concurrent_right_checks_approve_exactly_once,
                 racing_wrong_guesses_never_exceed_the_limit,
                 racing_sends_accept_exactly_one,
+                a_counted_send_counts_only_what_it_starts,
+                racing_counted_sends_count_once,
                 api_keys_lifecycle,
                 messages_record_attempts_and_only_move_forward,
                 message_transitions_are_stamped_and_duplicates_do_not_move,
