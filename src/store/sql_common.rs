@@ -574,7 +574,7 @@ macro_rules! sql_store {
             sealed,
         };
         use $crate::store::sql_hot::{
-            HotTx, add_counters_in, check_in, counted_send_in, insert_message_in, read_counters_in,
+            HotTx, check_in, counted_send_in, insert_message_in, read_counters_in,
             send_in,
         };
         use $crate::store::{
@@ -1144,7 +1144,7 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 let adds = adds.to_vec();
-                $hot_write!(self, WriteKind::Transaction, |tx| add_counters_in(tx, &adds, now))
+                $hot_write!(self, WriteKind::Transaction, |tx| tx.add_counters(&adds, now))
             }
 
             async fn read_counter(

@@ -75,6 +75,26 @@ pub(crate) trait HotTx {
         window_seconds: u32,
         now: DateTime<Utc>,
     ) -> StoreResult<u64>;
+    /// Adds in order, as `add_to_counter` does, stopping after the first add
+    /// that goes over its ceiling (`CounterAdd::stops_batch`); the totals of
+    /// the adds made. One statement each unless the backend has better.
+    async fn add_counters(
+        &mut self,
+        adds: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<u64>> {
+        let mut totals = Vec::with_capacity(adds.len());
+        for a in adds {
+            let total = self
+                .add_to_counter(&a.key, a.amount, a.window_seconds, now)
+                .await?;
+            totals.push(total);
+            if a.stops_batch(total) {
+                break;
+            }
+        }
+        Ok(totals)
+    }
     /// `count_approval_sql!` for verification `id`.
     async fn count_approval(&mut self, id: Uuid) -> StoreResult<()>;
     /// `INSERT_MESSAGE`.
@@ -157,7 +177,7 @@ pub(crate) async fn counted_send_in(
     let decision = send_in(tx, plan, now).await?;
     let totals = match decision {
         SendDecision::Created { .. } | SendDecision::Replaced { .. } => {
-            add_counters_in(tx, counts, now).await?
+            tx.add_counters(counts, now).await?
         }
         _ => Vec::new(),
     };
@@ -203,26 +223,6 @@ pub(crate) async fn check_in(
         _ => {}
     }
     Ok(outcome)
-}
-
-/// `Store::add_counters`, inside the backend's write: every add in order, up
-/// to the first that goes over its ceiling.
-pub(crate) async fn add_counters_in(
-    tx: &mut impl HotTx,
-    adds: &[CounterAdd],
-    now: DateTime<Utc>,
-) -> StoreResult<Vec<u64>> {
-    let mut totals = Vec::with_capacity(adds.len());
-    for a in adds {
-        let total = tx
-            .add_to_counter(&a.key, a.amount, a.window_seconds, now)
-            .await?;
-        totals.push(total);
-        if a.stops_batch(total) {
-            break;
-        }
-    }
-    Ok(totals)
 }
 
 /// A subject's current verification, while it can still be checked: the

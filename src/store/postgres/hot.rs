@@ -21,7 +21,7 @@ use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
     RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
 };
-use crate::store::{CounterRead, Marker, StoreResult, UsageRow};
+use crate::store::{CounterAdd, CounterRead, Marker, StoreResult, UsageRow};
 
 impl HotTx for PgConnection {
     async fn find_current(
@@ -179,6 +179,45 @@ impl HotTx for PgConnection {
             .await
             .map_err(map_sqlx)?;
         Ok(counter_total(Some(total)))
+    }
+
+    /// One round trip: `otpd_add_counters` (migration 0005) makes the adds in
+    /// order on the server.
+    async fn add_counters(
+        &mut self,
+        adds: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<u64>> {
+        let n = adds.len();
+        let (mut keys, mut windows, mut slots, mut keeps, mut amounts, mut ceilings) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for a in adds {
+            let (slot, keep_until) = counter_slot(a.window_seconds, now);
+            keys.push(a.key.as_str());
+            windows.push(i64::from(a.window_seconds));
+            slots.push(slot);
+            keeps.push(keep_until);
+            amounts.push(counter_amount(a.amount));
+            ceilings.push(a.ceiling.map(counter_amount));
+        }
+        let totals: Vec<i64> =
+            sqlx::query_scalar("SELECT otpd_add_counters($1, $2, $3, $4, $5, $6)")
+                .bind(keys)
+                .bind(windows)
+                .bind(slots)
+                .bind(keeps)
+                .bind(amounts)
+                .bind(ceilings)
+                .fetch_one(&mut *self)
+                .await
+                .map_err(map_sqlx)?;
+        Ok(totals.into_iter().map(|t| counter_total(Some(t))).collect())
     }
 
     async fn count_approval(&mut self, id: Uuid) -> StoreResult<()> {
