@@ -135,38 +135,25 @@ impl PostgresStore {
     }
 
     /// Locks the subject's row, creating it first if needed, so sends for one
-    /// subject queue across instances. A purge may delete an old row between
-    /// the insert and the lock; then the insert is simply retried.
+    /// subject queue across instances. One round trip: `ON CONFLICT DO UPDATE`
+    /// (a no-op update) locks and returns an existing row as `FOR UPDATE`
+    /// would, and is atomic against a purge deleting it meanwhile.
     async fn subject_state(
         conn: &mut PgConnection,
         tenant: &str,
         subject: &SubjectKey,
     ) -> StoreResult<SubjectState> {
-        for _ in 0..3 {
-            sqlx::query(
-                "INSERT INTO subjects (tenant, subject) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(tenant)
-            .bind(subject.0.as_slice())
-            .execute(&mut *conn)
-            .await
-            .map_err(map_sqlx)?;
-            let row = sqlx::query_as::<_, SubjectRow>(
-                "SELECT current_id, last_sent_at, window_start, window_count
-                 FROM subjects WHERE tenant = $1 AND subject = $2 FOR UPDATE",
-            )
-            .bind(tenant)
-            .bind(subject.0.as_slice())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_sqlx)?;
-            if let Some(row) = row {
-                return row.try_into();
-            }
-        }
-        Err(StoreError::Unavailable(
-            "subject row vanished while being locked".into(),
-        ))
+        sqlx::query_as::<_, SubjectRow>(
+            "INSERT INTO subjects (tenant, subject) VALUES ($1, $2)
+             ON CONFLICT (tenant, subject) DO UPDATE SET tenant = excluded.tenant
+             RETURNING current_id, last_sent_at, window_start, window_count",
+        )
+        .bind(tenant)
+        .bind(subject.0.as_slice())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_sqlx)?
+        .try_into()
     }
 
     fn purge_lock(&self) -> i64 {
@@ -294,4 +281,5 @@ super::sql_common::sql_store!(
     for_update: " FOR UPDATE",
     hot_write: pg_hot_write,
     hot_read: pg_hot_read,
+    add_counters: WriteKind::Statement,
 );

@@ -538,6 +538,8 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   on the backend's `HotTx`: `hot_write!(store, kind, |tx| future)` as a
 ///   write of `kind` (the future owns what it needs), `hot_read!(store, |tx|
 ///   future)` as a read. Both evaluate to the future's output.
+/// - `add_counters`: the `WriteKind` of a counter batch (`HotTx::add_counters`):
+///   a statement where the backend makes a batch in one, else a transaction.
 ///
 /// What each backend does its own way, it provides as inherent items:
 /// - `async fn close(&self)`: closes its pools.
@@ -559,7 +561,8 @@ macro_rules! sql_store {
         insertion_order: $order:literal,
         for_update: $lock:literal,
         hot_write: $hot_write:ident,
-        hot_read: $hot_read:ident $(,)?
+        hot_read: $hot_read:ident,
+        add_counters: $add_counters:expr $(,)?
     ) => {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
@@ -1144,7 +1147,7 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 let adds = adds.to_vec();
-                $hot_write!(self, WriteKind::Transaction, |tx| tx.add_counters(&adds, now))
+                $hot_write!(self, $add_counters, |tx| tx.add_counters(&adds, now))
             }
 
             async fn read_counter(
