@@ -281,5 +281,5 @@ super::sql_common::sql_store!(
     for_update: " FOR UPDATE",
     hot_write: pg_hot_write,
     hot_read: pg_hot_read,
-    add_counters: WriteKind::Statement,
+    compound_write: WriteKind::Statement,
 );

@@ -538,8 +538,9 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   on the backend's `HotTx`: `hot_write!(store, kind, |tx| future)` as a
 ///   write of `kind` (the future owns what it needs), `hot_read!(store, |tx|
 ///   future)` as a read. Both evaluate to the future's output.
-/// - `add_counters`: the `WriteKind` of a counter batch (`HotTx::add_counters`):
-///   a statement where the backend makes a batch in one, else a transaction.
+/// - `compound_write`: the `WriteKind` of the writes that take SQLite several
+///   statements and PostgreSQL one (`HotTx::add_counters`,
+///   `HotTx::insert_message_with_usage`): a transaction, or a statement.
 ///
 /// What each backend does its own way, it provides as inherent items:
 /// - `async fn close(&self)`: closes its pools.
@@ -562,7 +563,7 @@ macro_rules! sql_store {
         for_update: $lock:literal,
         hot_write: $hot_write:ident,
         hot_read: $hot_read:ident,
-        add_counters: $add_counters:expr $(,)?
+        compound_write: $compound:expr $(,)?
     ) => {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
@@ -577,7 +578,7 @@ macro_rules! sql_store {
             sealed,
         };
         use $crate::store::sql_hot::{
-            HotTx, check_in, counted_send_in, insert_message_in, read_counters_in,
+            HotTx, check_in, counted_send_in, read_counters_in,
             send_in,
         };
         use $crate::store::{
@@ -807,10 +808,10 @@ macro_rules! sql_store {
                 let m = m.clone();
                 let usage = usage.cloned();
                 let kind = match usage {
-                    Some(_) => WriteKind::Transaction,
+                    Some(_) => $compound,
                     None => WriteKind::Statement,
                 };
-                $hot_write!(self, kind, |tx| insert_message_in(tx, &m, usage.as_ref()))
+                $hot_write!(self, kind, |tx| tx.insert_message_with_usage(&m, usage.as_ref()))
             }
 
             async fn get_message(
@@ -1147,7 +1148,7 @@ macro_rules! sql_store {
                     return Ok(Vec::new());
                 }
                 let adds = adds.to_vec();
-                $hot_write!(self, $add_counters, |tx| tx.add_counters(&adds, now))
+                $hot_write!(self, $compound, |tx| tx.add_counters(&adds, now))
             }
 
             async fn read_counter(

@@ -101,6 +101,19 @@ pub(crate) trait HotTx {
     async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()>;
     /// `UPSERT_USAGE`.
     async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()>;
+    /// `Store::insert_message`: a delivery attempt and what it adds to usage.
+    /// Two statements unless the backend has better.
+    async fn insert_message_with_usage(
+        &mut self,
+        m: &MessageRecord,
+        usage: Option<&UsageRow>,
+    ) -> StoreResult<()> {
+        self.insert_message(m).await?;
+        match usage {
+            Some(usage) => self.upsert_usage(usage).await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// `Store::read_counters`: one statement per `COUNTER_READS_PER_STATEMENT`.
@@ -113,19 +126,6 @@ pub(crate) async fn read_counters_in(
         totals.extend(tx.counter_totals(chunk).await?);
     }
     Ok(totals)
-}
-
-/// `Store::insert_message`, inside the backend's write.
-pub(crate) async fn insert_message_in(
-    tx: &mut impl HotTx,
-    m: &MessageRecord,
-    usage: Option<&UsageRow>,
-) -> StoreResult<()> {
-    tx.insert_message(m).await?;
-    match usage {
-        Some(usage) => tx.upsert_usage(usage).await,
-        None => Ok(()),
-    }
 }
 
 /// `Store::start_send`, inside the backend's write.

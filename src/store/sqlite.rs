@@ -249,7 +249,7 @@ super::sql_common::sql_store!(
     for_update: "",
     hot_write: sqlite_hot_write,
     hot_read: sqlite_hot_read,
-    add_counters: WriteKind::Transaction,
+    compound_write: WriteKind::Transaction,
 );
 
 #[cfg(test)]

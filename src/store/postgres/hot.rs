@@ -3,10 +3,11 @@
 //! write); SQLite runs the same ones directly instead (`sqlite::hot`).
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgArguments;
-use sqlx::query::QueryScalar;
+use sqlx::query::{Query, QueryScalar};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres};
 use uuid::Uuid;
 
@@ -233,26 +234,7 @@ impl HotTx for PgConnection {
     }
 
     async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()> {
-        sqlx::query(INSERT_MESSAGE)
-            .bind(id_text(m.id))
-            .bind(id_text(m.verification_id))
-            .bind(&m.tenant)
-            .bind(i64::from(m.route_id))
-            .bind(&m.provider)
-            .bind(&m.provider_message_id)
-            .bind(&m.masked_to)
-            .bind(&m.country)
-            .bind(m.status.as_str())
-            .bind(&m.error)
-            .bind(m.cost)
-            .bind(&m.currency)
-            .bind(i64::from(m.latency_ms))
-            .bind(m.resend_of.map(id_text))
-            .bind(millis(m.created_at))
-            .bind(m.sent_at.map(millis))
-            .bind(m.delivered_at.map(millis))
-            .bind(m.failed_at.map(millis))
-            .bind(millis(m.updated_at))
+        bind_message(sqlx::query(INSERT_MESSAGE), m)
             .execute(&mut *self)
             .await
             .map_err(map_sqlx)?;
@@ -260,23 +242,100 @@ impl HotTx for PgConnection {
     }
 
     async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()> {
-        sqlx::query(UPSERT_USAGE)
-            .bind(&d.tenant)
-            .bind(day_text(d.day))
-            .bind(i64::from(d.route_id))
-            .bind(d.country.as_deref().unwrap_or_default())
-            .bind(d.currency.as_deref().unwrap_or_default())
-            .bind(usage_amount(d.sent))
-            .bind(usage_amount(d.delivered))
-            .bind(usage_amount(d.failed))
-            .bind(usage_amount(d.verifications_started))
-            .bind(usage_amount(d.verifications_approved))
-            .bind(d.cost_micros)
+        bind_usage(sqlx::query(UPSERT_USAGE), d)
             .execute(&mut *self)
             .await
             .map_err(map_sqlx)?;
         Ok(())
     }
+
+    /// One statement (a data-modifying `WITH`), so one round trip and no
+    /// transaction around it.
+    async fn insert_message_with_usage(
+        &mut self,
+        m: &MessageRecord,
+        usage: Option<&UsageRow>,
+    ) -> StoreResult<()> {
+        let Some(usage) = usage else {
+            return self.insert_message(m).await;
+        };
+        static SQL: OnceLock<String> = OnceLock::new();
+        let sql = SQL.get_or_init(|| {
+            format!(
+                "WITH message AS ({INSERT_MESSAGE}) {}",
+                shift_parameters(UPSERT_USAGE, MESSAGE_PARAMETERS)
+            )
+        });
+        bind_usage(bind_message(sqlx::query(sql.as_str()), m), usage)
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+}
+
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+/// How many parameters `INSERT_MESSAGE` takes (`bind_message` binds them).
+const MESSAGE_PARAMETERS: usize = 19;
+
+/// `INSERT_MESSAGE`'s parameters.
+fn bind_message<'q>(query: PgQuery<'q>, m: &'q MessageRecord) -> PgQuery<'q> {
+    query
+        .bind(id_text(m.id))
+        .bind(id_text(m.verification_id))
+        .bind(&m.tenant)
+        .bind(i64::from(m.route_id))
+        .bind(&m.provider)
+        .bind(&m.provider_message_id)
+        .bind(&m.masked_to)
+        .bind(&m.country)
+        .bind(m.status.as_str())
+        .bind(&m.error)
+        .bind(m.cost)
+        .bind(&m.currency)
+        .bind(i64::from(m.latency_ms))
+        .bind(m.resend_of.map(id_text))
+        .bind(millis(m.created_at))
+        .bind(m.sent_at.map(millis))
+        .bind(m.delivered_at.map(millis))
+        .bind(m.failed_at.map(millis))
+        .bind(millis(m.updated_at))
+}
+
+/// `UPSERT_USAGE`'s parameters, after those already bound.
+fn bind_usage<'q>(query: PgQuery<'q>, d: &'q UsageRow) -> PgQuery<'q> {
+    query
+        .bind(&d.tenant)
+        .bind(day_text(d.day))
+        .bind(i64::from(d.route_id))
+        .bind(d.country.as_deref().unwrap_or_default())
+        .bind(d.currency.as_deref().unwrap_or_default())
+        .bind(usage_amount(d.sent))
+        .bind(usage_amount(d.delivered))
+        .bind(usage_amount(d.failed))
+        .bind(usage_amount(d.verifications_started))
+        .bind(usage_amount(d.verifications_approved))
+        .bind(d.cost_micros)
+}
+
+/// `sql` with each parameter `$N` renumbered `$(N + by)`, to follow another
+/// statement's in one.
+fn shift_parameters(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The one SELECT of `counter_reads_sql` for `reads`, bound.
@@ -295,4 +354,20 @@ fn counter_reads_query<'q>(
             .bind(slot);
     }
     query
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_shift_past_another_statement() {
+        assert_eq!(
+            shift_parameters("VALUES ($1, $2, $10) -- $ alone, $x", 19),
+            "VALUES ($20, $21, $29) -- $ alone, $x"
+        );
+        let combined = shift_parameters(UPSERT_USAGE, MESSAGE_PARAMETERS);
+        assert!(combined.contains("($20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)"));
+        assert!(INSERT_MESSAGE.contains(&format!("${MESSAGE_PARAMETERS})")));
+    }
 }
