@@ -592,19 +592,7 @@ pub trait Store: Send + Sync + 'static {
     /// new total exceeds its `ceiling` (that add is made). Returns the new
     /// totals of the adds made: fewer than `adds` only when the last one
     /// returned went over its ceiling.
-    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
-        let mut totals = Vec::with_capacity(adds.len());
-        for a in adds {
-            let total = self
-                .add_to_counter(&a.key, a.amount, a.window_seconds, now)
-                .await?;
-            totals.push(total);
-            if a.stops_batch(total) {
-                break;
-            }
-        }
-        Ok(totals)
-    }
+    async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>>;
 
     // --- markers (named values with an expiry, shared across instances) ---
     /// Creates or overwrites the marker `name` in `namespace`.
