@@ -189,6 +189,9 @@ impl HotTx for PgConnection {
         adds: &[CounterAdd],
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<u64>> {
+        if adds.is_empty() {
+            return Ok(Vec::new());
+        }
         let n = adds.len();
         let (mut keys, mut windows, mut slots, mut keeps, mut amounts, mut ceilings) = (
             Vec::with_capacity(n),
