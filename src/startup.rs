@@ -216,6 +216,13 @@ impl Application {
         self.run_until(signal).await
     }
 
+    /// `run_until_stopped` on `runtime`, for a binary that builds its own: the
+    /// server's code is then compiled once, into this library, and not again
+    /// into that binary (as awaiting it there would).
+    pub fn block_until_stopped(self, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+        runtime.block_on(self.run_until_stopped())
+    }
+
     /// Serves until `shutdown` completes, then: stops accepting connections,
     /// lets in-flight requests finish for up to `server.shutdown_grace_seconds`,
     /// stops the background tasks and closes the store.

@@ -5,6 +5,7 @@
 pub mod bounded;
 mod decorate;
 pub mod memory;
+mod migrations;
 pub mod postgres;
 pub mod redis;
 mod sql_common;

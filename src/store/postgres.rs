@@ -14,14 +14,13 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
+use super::migrations::POSTGRES_MIGRATOR;
 use super::sql_common::{
     KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, WriteFuture, WriteKind, map_migrate,
     map_sqlx, millis,
 };
 use super::{StoreError, StoreResult};
 use crate::domain::SubjectKey;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// How long a request waits for a pooled connection (or a new one) before the
 /// store reports unavailable; an unreachable database must not hang requests.
@@ -105,7 +104,7 @@ impl PostgresStore {
     /// Applies pending migrations; safe to run from several instances at once
     /// (sqlx serialises them with an advisory lock).
     pub async fn migrate(&self) -> StoreResult<()> {
-        MIGRATOR.run(&self.pool).await.map_err(map_migrate)
+        POSTGRES_MIGRATOR.run(&self.pool).await.map_err(map_migrate)
     }
 
     pub async fn close(&self) {

@@ -89,25 +89,55 @@ fn count(n: i64, what: &str) -> StoreResult<u32> {
     u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {n}")))
 }
 
-#[derive(sqlx::FromRow)]
-pub(crate) struct VerificationRow {
-    pub(crate) id: String,
-    pub(crate) tenant: String,
-    pub(crate) subject: Vec<u8>,
-    pub(crate) purpose: String,
-    pub(crate) uid: Option<String>,
-    pub(crate) phone: Vec<u8>,
-    pub(crate) masked_to: String,
-    pub(crate) country: Option<String>,
-    pub(crate) code_hash: Option<Vec<u8>>,
-    pub(crate) status: String,
-    pub(crate) attempts: i64,
-    pub(crate) max_attempts: i64,
-    pub(crate) send_count: i64,
-    pub(crate) created_at: i64,
-    pub(crate) updated_at: i64,
-    pub(crate) expires_at: i64,
-    pub(crate) last_sent_at: i64,
+/// A row struct with `sqlx::FromRow` by column name for every driver whose
+/// rows decode its fields: what `#[derive(sqlx::FromRow)]` writes, without
+/// sqlx's macros (`store::migrations` says why).
+macro_rules! row_struct {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $($fvis:vis $field:ident: $ty:ty),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $($fvis $field: $ty),*
+        }
+
+        impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for $name
+        where
+            &'r str: sqlx::ColumnIndex<R>,
+            $($ty: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,)*
+        {
+            fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+                Ok(Self {
+                    $($field: row.try_get(stringify!($field))?),*
+                })
+            }
+        }
+    };
+}
+
+row_struct! {
+    pub(crate) struct VerificationRow {
+        pub(crate) id: String,
+        pub(crate) tenant: String,
+        pub(crate) subject: Vec<u8>,
+        pub(crate) purpose: String,
+        pub(crate) uid: Option<String>,
+        pub(crate) phone: Vec<u8>,
+        pub(crate) masked_to: String,
+        pub(crate) country: Option<String>,
+        pub(crate) code_hash: Option<Vec<u8>>,
+        pub(crate) status: String,
+        pub(crate) attempts: i64,
+        pub(crate) max_attempts: i64,
+        pub(crate) send_count: i64,
+        pub(crate) created_at: i64,
+        pub(crate) updated_at: i64,
+        pub(crate) expires_at: i64,
+        pub(crate) last_sent_at: i64,
+    }
 }
 
 impl TryFrom<VerificationRow> for Verification {
@@ -136,27 +166,28 @@ impl TryFrom<VerificationRow> for Verification {
     }
 }
 
-#[derive(sqlx::FromRow)]
-pub(crate) struct MessageRow {
-    id: String,
-    verification_id: String,
-    tenant: String,
-    route_id: i64,
-    provider: String,
-    provider_message_id: Option<String>,
-    masked_to: String,
-    country: Option<String>,
-    status: String,
-    error: Option<String>,
-    cost: Option<f64>,
-    currency: Option<String>,
-    latency_ms: i64,
-    resend_of: Option<String>,
-    created_at: i64,
-    sent_at: Option<i64>,
-    delivered_at: Option<i64>,
-    failed_at: Option<i64>,
-    updated_at: i64,
+row_struct! {
+    pub(crate) struct MessageRow {
+        id: String,
+        verification_id: String,
+        tenant: String,
+        route_id: i64,
+        provider: String,
+        provider_message_id: Option<String>,
+        masked_to: String,
+        country: Option<String>,
+        status: String,
+        error: Option<String>,
+        cost: Option<f64>,
+        currency: Option<String>,
+        latency_ms: i64,
+        resend_of: Option<String>,
+        created_at: i64,
+        sent_at: Option<i64>,
+        delivered_at: Option<i64>,
+        failed_at: Option<i64>,
+        updated_at: i64,
+    }
 }
 
 impl TryFrom<MessageRow> for MessageRecord {
@@ -189,13 +220,14 @@ impl TryFrom<MessageRow> for MessageRecord {
     }
 }
 
-#[derive(sqlx::FromRow)]
-pub(crate) struct ApiKeyRow {
-    id: String,
-    tenant: String,
-    key_hash: Vec<u8>,
-    created_at: i64,
-    revoked_at: Option<i64>,
+row_struct! {
+    pub(crate) struct ApiKeyRow {
+        id: String,
+        tenant: String,
+        key_hash: Vec<u8>,
+        created_at: i64,
+        revoked_at: Option<i64>,
+    }
 }
 
 impl TryFrom<ApiKeyRow> for ApiKeyRecord {
@@ -212,15 +244,16 @@ impl TryFrom<ApiKeyRow> for ApiKeyRecord {
     }
 }
 
-#[derive(sqlx::FromRow)]
-pub(crate) struct InboxRow {
-    id: String,
-    tenant: String,
-    phone_index: Vec<u8>,
-    masked_to: String,
-    sealed_body: Vec<u8>,
-    created_at: i64,
-    expires_at: i64,
+row_struct! {
+    pub(crate) struct InboxRow {
+        id: String,
+        tenant: String,
+        phone_index: Vec<u8>,
+        masked_to: String,
+        sealed_body: Vec<u8>,
+        created_at: i64,
+        expires_at: i64,
+    }
 }
 
 impl TryFrom<InboxRow> for InboxEntry {
@@ -239,14 +272,15 @@ impl TryFrom<InboxRow> for InboxEntry {
     }
 }
 
-/// A subject's send history: which verification is current, and its cooldown
-/// and window counters.
-#[derive(sqlx::FromRow)]
-pub(crate) struct SubjectRow {
-    pub(crate) current_id: Option<String>,
-    pub(crate) last_sent_at: Option<i64>,
-    pub(crate) window_start: Option<i64>,
-    pub(crate) window_count: i64,
+row_struct! {
+    /// A subject's send history: which verification is current, and its cooldown
+    /// and window counters.
+    pub(crate) struct SubjectRow {
+        pub(crate) current_id: Option<String>,
+        pub(crate) last_sent_at: Option<i64>,
+        pub(crate) window_start: Option<i64>,
+        pub(crate) window_count: i64,
+    }
 }
 
 pub(crate) struct SubjectState {
@@ -367,21 +401,22 @@ pub(crate) fn decide_check(
     (outcome, true)
 }
 
-/// A usage row as both SQL schemas store it: no country or currency is '' (they
-/// are part of the primary key), the day is `YYYY-MM-DD` text.
-#[derive(sqlx::FromRow)]
-pub(crate) struct UsageDbRow {
-    tenant: String,
-    day: String,
-    route_id: i64,
-    country: String,
-    currency: String,
-    sent: i64,
-    delivered: i64,
-    failed: i64,
-    verifications_started: i64,
-    verifications_approved: i64,
-    cost_micros: i64,
+row_struct! {
+    /// A usage row as both SQL schemas store it: no country or currency is '' (they
+    /// are part of the primary key), the day is `YYYY-MM-DD` text.
+    pub(crate) struct UsageDbRow {
+        tenant: String,
+        day: String,
+        route_id: i64,
+        country: String,
+        currency: String,
+        sent: i64,
+        delivered: i64,
+        failed: i64,
+        verifications_started: i64,
+        verifications_approved: i64,
+        cost_micros: i64,
+    }
 }
 
 impl TryFrom<UsageDbRow> for UsageRow {
@@ -436,11 +471,12 @@ pub(crate) fn counter_total(total: Option<i64>) -> u64 {
     total.map_or(0, |t| u64::try_from(t).unwrap_or(0))
 }
 
-#[derive(sqlx::FromRow)]
-pub(crate) struct MarkerRow {
-    pub(crate) name: String,
-    pub(crate) value: String,
-    pub(crate) expires_at: i64,
+row_struct! {
+    pub(crate) struct MarkerRow {
+        pub(crate) name: String,
+        pub(crate) value: String,
+        pub(crate) expires_at: i64,
+    }
 }
 
 impl TryFrom<MarkerRow> for Marker {

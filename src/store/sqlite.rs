@@ -24,12 +24,11 @@ use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use self::checkpoint::Checkpointer;
 use self::readers::Readers;
 use self::writer::Writer;
+use super::migrations::SQLITE_MIGRATOR;
 use super::sql_common::{
     KEEP_ENDED, KEEP_SUBJECTS, WriteFuture, WriteKind, map_migrate, map_sqlx, millis,
 };
 use super::{StoreError, StoreResult};
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
@@ -214,7 +213,7 @@ impl SqliteStore {
 /// Applies pending migrations on a connection of their own, closed after.
 async fn migrate(connect: &SqliteConnectOptions) -> StoreResult<()> {
     let mut conn = connect.connect().await.map_err(map_sqlx)?;
-    MIGRATOR.run(&mut conn).await.map_err(map_migrate)?;
+    SQLITE_MIGRATOR.run(&mut conn).await.map_err(map_migrate)?;
     conn.close().await.map_err(map_sqlx)
 }
 

@@ -178,11 +178,19 @@ async fn prefill(
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::load(Some(&args.config), &Overrides::default())?;
     otpd::telemetry::init(&settings.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let app = runtime.block_on(start(&args, settings))?;
+    app.block_until_stopped(&runtime)
+}
+
+/// Builds otpd's Application with the prefill's route, and serves the control port.
+async fn start(args: &Args, settings: Settings) -> anyhow::Result<Application> {
     let (routes, store) = routes(&settings).await?;
     let deps = Dependencies {
         store: Some(store),
@@ -205,5 +213,5 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    app.run_until_stopped().await
+    Ok(app)
 }
