@@ -145,6 +145,8 @@ struct Dialect {
     blob: &'static str,
     /// `n` as 12 lowercase hex digits.
     hex12: &'static str,
+    /// The secondary indexes of the filled tables: name and definition.
+    indexes: &'static str,
 }
 
 /// A filled row's id: a UUIDv7 from `n`, as otpd's ids are time-ordered, but
@@ -162,6 +164,9 @@ const SQLITE: Dialect = Dialect {
     last4: "substr('000' || (n % 10000), -4, 4)",
     blob: "BLOB",
     hex12: "printf('%012x', n)",
+    indexes: "SELECT name, sql FROM sqlite_master
+              WHERE type = 'index' AND sql IS NOT NULL
+                AND tbl_name IN ('verifications', 'subjects', 'messages')",
 };
 
 const POSTGRES: Dialect = Dialect {
@@ -178,6 +183,10 @@ const POSTGRES: Dialect = Dialect {
     last4: "lpad((n % 10000)::text, 4, '0')",
     blob: "BYTEA",
     hex12: "lpad(to_hex(n), 12, '0')",
+    indexes: "SELECT indexname, indexdef FROM pg_indexes
+              WHERE schemaname = current_schema()
+                AND tablename IN ('verifications', 'subjects', 'messages')
+                AND indexname NOT IN (SELECT conname FROM pg_constraint)",
 };
 
 /// The inserts both SQL backends run once the temporary table `fill` (`n`,
@@ -217,6 +226,34 @@ fn sql_inserts(d: &Dialect) -> [String; 3] {
     ]
 }
 
+/// What a SQL fill runs once `fill` exists: the secondary indexes dropped, the
+/// rows inserted, the indexes built again from their definitions (a sort
+/// each, instead of a million inserts each). Inside the fill's transaction,
+/// so otpd never sees the tables without them.
+async fn insert_rows<DB: sqlx::Database>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    d: &Dialect,
+) -> anyhow::Result<()>
+where
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    (String, String): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let indexes: Vec<(String, String)> = sqlx::query_as(d.indexes).fetch_all(&mut **tx).await?;
+    let drops = indexes
+        .iter()
+        .map(|(name, _)| format!("DROP INDEX \"{name}\""));
+    let rebuilds = indexes.iter().map(|(_, definition)| definition.clone());
+    for sql in drops.chain(sql_inserts(d)).chain(rebuilds) {
+        let first_line = sql.lines().next().unwrap_or_default().trim().to_owned();
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut **tx)
+            .await
+            .with_context(|| format!("filling: {first_line}"))?;
+    }
+    Ok(())
+}
+
 async fn fill_sqlite(url: &str, first: u64, count: u64, now: i64) -> anyhow::Result<String> {
     let mut conn = sqlite(url).await?;
     // Rows are generated in memory, and the B-trees that grow by a million
@@ -238,33 +275,7 @@ async fn fill_sqlite(url: &str, first: u64, count: u64, now: i64) -> anyhow::Res
         .execute(&mut *tx)
         .await
         .context("generating the rows")?;
-    // As on PostgreSQL: the secondary indexes are built again (a sort each)
-    // rather than taking a million inserts each. Inside the transaction, so
-    // otpd never sees the tables without them.
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT name, sql FROM sqlite_master
-         WHERE type = 'index' AND sql IS NOT NULL
-           AND tbl_name IN ('verifications', 'subjects', 'messages')",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    for (name, _) in &indexes {
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP INDEX \"{name}\"")))
-            .execute(&mut *tx)
-            .await?;
-    }
-    for sql in sql_inserts(&SQLITE) {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&mut *tx)
-            .await
-            .context("inserting")?;
-    }
-    for (_, definition) in indexes {
-        sqlx::raw_sql(AssertSqlSafe(definition))
-            .execute(&mut *tx)
-            .await
-            .context("rebuilding an index")?;
-    }
+    insert_rows(&mut tx, &SQLITE).await?;
     let sample: String = sqlx::query_scalar("SELECT id FROM fill LIMIT 1")
         .fetch_one(&mut *tx)
         .await?;
@@ -293,34 +304,7 @@ async fn fill_postgres(url: &str, first: u64, count: u64, now: i64) -> anyhow::R
         .execute(&mut *tx)
         .await
         .context("generating the rows")?;
-    // Secondary indexes are dropped and built again from their own definitions
-    // (a sort each) instead of taking a million random inserts each; inside the
-    // transaction, so nobody sees the tables without them.
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT indexname, indexdef FROM pg_indexes
-         WHERE schemaname = current_schema()
-           AND tablename IN ('verifications', 'subjects', 'messages')
-           AND indexname NOT IN (SELECT conname FROM pg_constraint)",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    for (name, _) in &indexes {
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP INDEX \"{name}\"")))
-            .execute(&mut *tx)
-            .await?;
-    }
-    for sql in sql_inserts(&POSTGRES) {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&mut *tx)
-            .await
-            .context("inserting")?;
-    }
-    for (_, definition) in indexes {
-        sqlx::raw_sql(AssertSqlSafe(definition))
-            .execute(&mut *tx)
-            .await
-            .context("rebuilding an index")?;
-    }
+    insert_rows(&mut tx, &POSTGRES).await?;
     let sample: String = sqlx::query_scalar("SELECT id FROM fill LIMIT 1")
         .fetch_one(&mut *tx)
         .await?;
