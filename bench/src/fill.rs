@@ -260,7 +260,10 @@ async fn fill_sqlite(url: &str, first: u64, count: u64, now: i64) -> anyhow::Res
     // keys stay cached instead of going back and forth to the file.
     conn.execute("PRAGMA temp_store = MEMORY; PRAGMA cache_size = -2000000")
         .await?;
-    let mut tx = conn.begin().await?;
+    // The write lock first (waiting for otpd's writer as long as the busy
+    // timeout allows): a transaction that reads the schema and then writes
+    // would fail at once if otpd committed in between.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let create = format!(
         "CREATE TEMP TABLE fill AS
          WITH RECURSIVE seq(n) AS (SELECT {first} UNION ALL SELECT n + 1 FROM seq WHERE n < {last})
