@@ -2,7 +2,8 @@
 //!
 //! Layers, outermost first: `http` (API surfaces) → `service` (one send or check)
 //! → `domain` (pure rules, no I/O) with `store` (persistence) and `sms` (delivery)
-//! plugged in behind traits. `startup` wires them from `config`.
+//! plugged in behind traits. `startup` wires them from `config`; `commands` is
+//! what the `otpd` binary runs (its command line is `cli`).
 
 pub mod cli;
 pub mod clock;
