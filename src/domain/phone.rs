@@ -39,29 +39,41 @@ impl PhoneNumber {
     }
 
     fn parse_checked(input: &str, validate: bool) -> Result<Self, PhoneError> {
-        let cleaned: String = input
-            .trim()
-            .chars()
-            .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
-            .collect();
-        let digits = cleaned
-            .strip_prefix('+')
-            .or_else(|| cleaned.strip_prefix("00"))
-            .unwrap_or(&cleaned);
+        // `+` and the cleaned input, then without the input's own `+` or `00`.
+        let mut international = String::with_capacity(input.len() + 1);
+        international.push('+');
+        international.extend(
+            input
+                .trim()
+                .chars()
+                .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')')),
+        );
+        let cleaned = &international[1..];
+        let own_prefix = if cleaned.starts_with('+') {
+            1
+        } else if cleaned.starts_with("00") {
+            2
+        } else {
+            0
+        };
+        international.drain(1..1 + own_prefix);
+        let digits = &international[1..];
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(PhoneError::Characters);
         }
         if !(8..=15).contains(&digits.len()) {
             return Err(PhoneError::Length);
         }
-        let international = format!("+{digits}");
         let parsed = phonenumber::parse(None, &international).map_err(|_| PhoneError::NotValid)?;
         if validate && !phonenumber::is_valid(&parsed) {
             return Err(PhoneError::NotValid);
         }
-        let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        // What `parsed.format()` writes in E.164 mode, without the national
+        // format patterns it also matches first (most of a lookup's cost).
+        let code = parsed.code().value();
+        let e164 = format!("+{code}{}", parsed.national());
         let country = parsed.country().id().map(|id| format!("{id:?}"));
-        let calling_code_len = parsed.code().value().to_string().len();
+        let calling_code_len = code.checked_ilog10().map_or(1, |d| d as usize + 1);
         Ok(Self {
             e164,
             country,
