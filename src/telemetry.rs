@@ -1,10 +1,9 @@
 //! Logging setup: human-readable by default, JSON with `log.format = "json"`.
 //! Logs go to stderr; stdout is kept for what scripts capture (a new API key).
+//! Plain text, never colour codes, on a terminal too.
 //!
 //! Every event inside a request carries that request's `request_id` (from the
 //! span `http::observe` opens). Audit events use the target `audit`.
-
-use std::io::IsTerminal;
 
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
@@ -25,7 +24,6 @@ pub fn subscriber<W>(
     settings: &LogSettings,
     filter: EnvFilter,
     writer: W,
-    ansi: bool,
 ) -> Box<dyn Subscriber + Send + Sync>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
@@ -36,14 +34,13 @@ where
     if settings.format == "json" {
         Box::new(builder.json().flatten_event(true).finish())
     } else {
-        Box::new(builder.with_ansi(ansi).finish())
+        Box::new(builder.with_ansi(false).finish())
     }
 }
 
 pub fn init(settings: &LogSettings) {
-    let ansi = std::io::stderr().is_terminal();
     // Written synchronously, one write per line: an audit line must not sit in
     // a buffer that a crash or `kill -9` would lose (a background writer,
     // tried for speed, lost them in the audit-log test).
-    let _ = subscriber(settings, filter(settings), std::io::stderr, ansi).try_init();
+    let _ = subscriber(settings, filter(settings), std::io::stderr).try_init();
 }

@@ -590,7 +590,7 @@ async fn logged_run(format: &str) -> (String, Vec<String>) {
         level: "debug".into(),
     };
     let subscriber =
-        otpd::telemetry::subscriber(&settings, EnvFilter::new("debug"), captured.clone(), false);
+        otpd::telemetry::subscriber(&settings, EnvFilter::new("debug"), captured.clone());
     keep_a_second_dispatcher();
     // The test runtime is single-threaded, so the app's tasks log here too.
     let _guard = tracing::subscriber::set_default(subscriber);
