@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Instructions per request in otpd's own process, counted by callgrind.
+
+Wall-clock figures on a shared 2-core machine move by a third from one run to
+the next; instruction counts repeat to a fraction of a percent, so they show
+what a small change gains. Kernel work (syscalls, TCP) is not counted.
+
+    bench/callgrind.py target/release [label] [requests per phase]
+
+Starts the mock provider and `otpd serve` under valgrind (memory store, the
+benchmark's policy, DLR polling off so that no timer adds work), makes one
+warm-up round, then counts each phase alone: native and BridgeX-style sends,
+wrong-code and right-code checks.
+"""
+import glob, http.client, json, re, socket, subprocess, sys, tempfile, time
+
+bins = sys.argv[1]
+label = sys.argv[2] if len(sys.argv) > 2 else "otpd"
+N = int(sys.argv[3]) if len(sys.argv) > 3 else 300
+work = tempfile.mkdtemp(prefix=f"cg-{label}-")
+mock = subprocess.Popen([f"{bins}/mock-provider", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+mock_addr = None
+for line in mock.stdout:
+    if "listening on" in line:
+        mock_addr = line.split("listening on")[1].strip()
+        break
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+cfg = f"""
+data_dir = "{work}/data"
+debug_codes = true
+[server]
+listen = "127.0.0.1:{port}"
+[store]
+url = "memory://"
+[secrets]
+master_key = "otpd-bench master key, not a secret"
+[log]
+level = "info"
+[policy]
+ttl_seconds = 3600
+max_ttl_seconds = 3600
+max_attempts = 100
+max_sends_per_ip_10min = 1000000000
+max_wrong_guesses_per_hour = 1000000000
+[policy.guard]
+min_conversion = 0.0
+[dlr]
+poll_interval_seconds = 3600
+[dialects.bridgex]
+default_route_id = 1
+bridgexapi_base_url = "http://{mock_addr}"
+[dialects.bridgex.policy]
+ttl_seconds = 3600
+max_attempts = 100
+[[routes]]
+id = 1
+provider = "bridgexapi"
+base_url = "http://{mock_addr}"
+api_key = "otpd-bench"
+provider_route_id = 3
+caller_id = "BRIDGEXAPI"
+"""
+open(f"{work}/c.toml", "w").write(cfg)
+out = f"{work}/cg.out"
+srv = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                        f"{bins}/otpd", "--config", f"{work}/c.toml", "serve"],
+                       stdout=subprocess.PIPE, stderr=open(f"{work}/err.log", "w"), text=True)
+key = None
+for line in srv.stdout:
+    if "API key:" in line:
+        key = line.split("API key:")[1].strip()
+        break
+if key is None:
+    mock.terminate()
+    sys.exit(f"otpd did not start; see {work}/err.log")
+for _ in range(600):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close(); break
+    except OSError:
+        time.sleep(0.1)
+conn = http.client.HTTPConnection("127.0.0.1", port)
+
+def post(path, body):
+    conn.request("POST", path, json.dumps(body), {"x-api-key": key, "content-type": "application/json"})
+    r = conn.getresponse()
+    return r.status, r.read()
+
+def ctl(flag):
+    subprocess.run(["callgrind_control", flag, str(srv.pid)], stdout=subprocess.DEVNULL, check=True)
+
+results = {}
+def phase(name, fn):
+    ctl("-z")
+    statuses = [fn(i) for i in range(N)]
+    ctl("-d")
+    results[name] = statuses
+
+native, bx = [], []
+def send_native(i, block="1"):
+    st, b = post("/v1/verifications", {"to": f"+316{block}{i:07d}", "purpose": "login"})
+    j = json.loads(b); native.append((j["id"], j["debug_code"])); return st
+def send_bx(i):
+    st, b = post("/send-otp", {"phone_number": f"3162{i:07d}", "purpose": "login", "route_id": 1})
+    j = json.loads(b); bx.append((f"3162{i:07d}", j["debug_code"])); return st
+def wrong(c): return "0" * len(c) if c != "0" * len(c) else "1" * len(c)
+# Warm-up (lazy statics, connection pools), counted but not reported.
+phase("warm-up", lambda i: send_native(i, "3") if i < 20 else post("/v1/verifications/check", {"id": native[i % 20][0], "code": wrong(native[i % 20][1])})[0])
+native.clear()
+phase("send native", send_native)
+phase("send bridgex", send_bx)
+phase("check wrong native", lambda i: post("/v1/verifications/check", {"id": native[i][0], "code": wrong(native[i][1])})[0])
+phase("check wrong bridgex", lambda i: post("/verify-otp", {"phone_number": bx[i][0], "purpose": "login", "code": wrong(bx[i][1])})[0])
+phase("check right native", lambda i: post("/v1/verifications/check", {"id": native[i][0], "code": native[i][1]})[0])
+phase("check right bridgex", lambda i: post("/verify-otp", {"phone_number": bx[i][0], "purpose": "login", "code": bx[i][1]})[0])
+srv.terminate(); srv.wait(); mock.terminate()
+dumps = sorted(glob.glob(f"{out}.*"), key=lambda p: int(p.rsplit(".", 1)[1]) if p.rsplit(".", 1)[1].isdigit() else 0)
+dumps = [d for d in dumps if re.search(r"\.\d+$", d)]
+for (name, sts), d in list(zip(results.items(), dumps))[1:]:
+    total = 0
+    for line in open(d):
+        if line.startswith("summary:") or line.startswith("totals:"):
+            total = int(line.split()[1]); break
+    print(f"{label:6} {name:22} {total / N / 1000:8.1f}k instr/req  statuses {sorted(set(sts))}")
