@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 use super::client_ip::ClientIp;
 use super::error::ApiError;
 use super::extract::Tenant;
+use super::rfc3339;
 use super::state::AppState;
 use crate::domain::limits::normalize_prefix;
 use crate::service::Quarantine;
@@ -31,8 +32,10 @@ pub struct QuarantineView {
     pub prefix: String,
     /// Why it tripped, with the numbers it tripped on.
     pub reason: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub since: DateTime<Utc>,
     /// Sends to the prefix are refused (403 `suspected_fraud`) until then.
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub until: DateTime<Utc>,
 }
 
@@ -59,6 +62,7 @@ pub struct GuardView {
 pub struct LiftedView {
     pub lifted: QuarantineView,
     /// The prefix cannot be quarantined again before this.
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub spared_until: DateTime<Utc>,
 }
 

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::client_ip::ClientIp;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Tenant};
+use super::rfc3339;
 use super::state::AppState;
 use crate::domain::{
     Code, DeliveryStatus, MessageRecord, PhoneNumber, Purpose, Status, Verification,
@@ -73,11 +74,16 @@ pub struct DeliveryView {
     /// The message whose failed delivery this one re-sent the verification for.
     pub resend_of: Option<Uuid>,
     /// When the attempt was made (queued).
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize_option")]
     pub sent_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "rfc3339::serialize_option")]
     pub delivered_at: Option<DateTime<Utc>>,
     /// When it failed or was reported undelivered.
+    #[serde(serialize_with = "rfc3339::serialize_option")]
     pub failed_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -115,6 +121,7 @@ pub struct SendVerificationResponse {
     pub purpose: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub expires_at: DateTime<Utc>,
     pub expires_in_seconds: u64,
     pub resend_after_seconds: u64,
@@ -157,8 +164,11 @@ pub struct VerificationView {
     pub attempts_left: u32,
     pub max_attempts: u32,
     pub send_count: u32,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub updated_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub expires_at: DateTime<Utc>,
     pub deliveries: Vec<DeliveryView>,
 }
@@ -197,6 +207,7 @@ pub struct InboxMessageView {
     pub id: Uuid,
     pub to: String,
     pub body: String,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub created_at: DateTime<Utc>,
 }
 
