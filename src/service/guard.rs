@@ -18,7 +18,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::Crypto;
+use crate::crypto::{Crypto, to_hex};
 use crate::domain::limits::{
     self, DAY, HOUR, Limit, Traffic, WindowCounts, admit_spend, judge_traffic, micro_units,
 };
@@ -163,12 +163,12 @@ impl AbuseGuard {
     fn key(&self, kind: &str, parts: &[&str]) -> String {
         format!(
             "{kind}:{}",
-            hex::encode(self.crypto.blind_index(&format!("limit-{kind}"), parts))
+            to_hex(self.crypto.blind_index(&format!("limit-{kind}"), parts))
         )
     }
 
     fn tenant_tag(&self, tenant: &str) -> String {
-        hex::encode(&self.crypto.blind_index("limit-tenant", &[tenant])[..12])
+        to_hex(&self.crypto.blind_index("limit-tenant", &[tenant])[..12])
     }
 
     fn traffic_key(&self, what: &str, tenant: &str, prefix: &str) -> String {
@@ -192,7 +192,7 @@ impl AbuseGuard {
             });
         }
 
-        let number = hex::encode(self.crypto.phone_index(ctx.tenant, ctx.to));
+        let number = to_hex(self.crypto.phone_index(ctx.tenant, ctx.to));
         let number_key = self.key("num", &[&number]);
         let mut wanted = vec![
             (

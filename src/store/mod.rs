@@ -132,13 +132,7 @@ impl GuessBudget {
     /// The counter of a subject's wrong guesses. Derived from the subject
     /// alone (already a keyed hash), so a store can name it from a record.
     pub fn counter_key(subject: &SubjectKey) -> String {
-        let mut hex = [0u8; 64];
-        // 64 bytes hold the hex of 32, so this cannot fail.
-        let _ = hex::encode_to_slice(subject.0, &mut hex);
-        let mut key = String::with_capacity(Self::KEY_PREFIX.len() + hex.len());
-        key.push_str(Self::KEY_PREFIX);
-        key.extend(hex.iter().map(|&b| char::from(b)));
-        key
+        format!("{}{}", Self::KEY_PREFIX, crate::crypto::to_hex(subject.0))
     }
 
     /// The reads of the counter's previous and current window.

@@ -73,7 +73,7 @@ use super::{
     Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
     SendPlan, Store, StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
 };
-use crate::crypto::SealedPhone;
+use crate::crypto::{SealedPhone, to_hex};
 use crate::domain::limits::WindowCounts;
 use crate::domain::{
     ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
@@ -242,7 +242,7 @@ impl RedisStore {
         or_spent: bool,
     ) -> StoreResult<Option<(Uuid, Status)>> {
         bounded(async {
-            let subject = hex::encode(subject.0);
+            let subject = to_hex(subject.0);
             let found: Option<(String, String)> = self
                 .scripts
                 .find_current
@@ -603,11 +603,11 @@ impl Keys {
 
     /// A tenant's usage day keys before the day (`YYYY-MM-DD`).
     fn usage_days(&self, tenant: &str) -> String {
-        format!("{{{}:u:{}}}:", self.prefix, hex::encode(tenant))
+        format!("{{{}:u:{}}}:", self.prefix, to_hex(tenant))
     }
 
     fn inbox_tag(&self, tenant: &str) -> String {
-        format!("{{{}:i:{}}}", self.prefix, hex::encode(tenant))
+        format!("{{{}:i:{}}}", self.prefix, to_hex(tenant))
     }
 
     fn keys_tag(&self) -> String {
@@ -615,7 +615,7 @@ impl Keys {
     }
 
     fn api_key(&self, key_hash: &[u8; 32]) -> String {
-        format!("{}:k:{}", self.keys_tag(), hex::encode(key_hash))
+        format!("{}:k:{}", self.keys_tag(), to_hex(key_hash))
     }
 
     fn api_key_ids(&self) -> String {
@@ -1375,9 +1375,9 @@ fn verification_pairs(v: &Verification) -> Pairs {
     let mut pairs = vec![
         ("id", v.id.to_string()),
         ("tenant", v.tenant.clone()),
-        ("subject", hex::encode(v.subject.0)),
+        ("subject", to_hex(v.subject.0)),
         ("purpose", v.purpose.clone()),
-        ("phone", hex::encode(v.phone.to_bytes())),
+        ("phone", to_hex(v.phone.to_bytes())),
         ("masked_to", v.masked_to.clone()),
         ("status", v.status.as_str().to_owned()),
         ("attempts", v.attempts.to_string()),
@@ -1395,7 +1395,7 @@ fn verification_pairs(v: &Verification) -> Pairs {
         pairs.push(("country", country.clone()));
     }
     if let Some(hash) = &v.code_hash {
-        pairs.push(("code_hash", hex::encode(hash)));
+        pairs.push(("code_hash", to_hex(hash)));
     }
     pairs
 }
@@ -1463,9 +1463,9 @@ fn inbox_pairs(e: &InboxEntry) -> Pairs {
     vec![
         ("id", e.id.to_string()),
         ("tenant", e.tenant.clone()),
-        ("phone_index", hex::encode(e.phone_index)),
+        ("phone_index", to_hex(e.phone_index)),
         ("masked_to", e.masked_to.clone()),
-        ("sealed_body", hex::encode(e.sealed_body.to_bytes())),
+        ("sealed_body", to_hex(e.sealed_body.to_bytes())),
         ("created_at", ms(e.created_at)),
         ("expires_at", ms(e.expires_at)),
     ]
@@ -1475,7 +1475,7 @@ fn api_key_pairs(k: &ApiKeyRecord) -> Pairs {
     let mut pairs = vec![
         ("id", k.id.clone()),
         ("tenant", k.tenant.clone()),
-        ("key_hash", hex::encode(k.key_hash)),
+        ("key_hash", to_hex(k.key_hash)),
         ("created_at", ms(k.created_at)),
     ];
     if let Some(at) = k.revoked_at {
@@ -1806,7 +1806,7 @@ impl Store for RedisStore {
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         bounded(async {
             let v = &plan.verification;
-            let subject = hex::encode(v.subject.0);
+            let subject = to_hex(v.subject.0);
             let now_ms = now.timestamp_millis();
             let expires_ms = v.expires_at.timestamp_millis();
             let record_ttl = (expires_ms - now_ms).max(0) + KEEP_ENDED_MS;
@@ -1935,7 +1935,7 @@ impl Store for RedisStore {
 
     async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
         bounded(async {
-            let subject = hex::encode(abort.subject.0);
+            let subject = to_hex(abort.subject.0);
             self.scripts
                 .abort_send
                 .key(self.keys.state(&subject))
@@ -1966,7 +1966,7 @@ impl Store for RedisStore {
             let args = |counts| {
                 let mut args = vec![
                     tenant.to_owned(),
-                    hex::encode(code_hash),
+                    to_hex(code_hash),
                     ms(now),
                     KEEP_ENDED_MS.to_string(),
                 ];
@@ -2535,7 +2535,7 @@ impl Store for RedisStore {
                 .key(self.keys.record(&subject, r.verification_id))
                 .arg(&r.tenant)
                 .arg(r.expected_send_count)
-                .arg(hex::encode(r.code_hash))
+                .arg(to_hex(r.code_hash))
                 .arg(expires_ms)
                 .arg(ms(now))
                 .arg(record_ttl)
@@ -2567,7 +2567,7 @@ impl Store for RedisStore {
                 .max(1);
             let mut inv = self.scripts.push_inbox.key(format!("{tag}:e:{}", entry.id));
             inv.key(format!("{tag}:all"))
-                .key(format!("{tag}:n:{}", hex::encode(entry.phone_index)))
+                .key(format!("{tag}:n:{}", to_hex(entry.phone_index)))
                 .key(format!("{tag}:seq"))
                 .arg(ttl)
                 .arg(entry.id.to_string())
@@ -2591,7 +2591,7 @@ impl Store for RedisStore {
         bounded(async {
             let tag = self.keys.inbox_tag(tenant);
             let index = match phone_index {
-                Some(p) => format!("{tag}:n:{}", hex::encode(p)),
+                Some(p) => format!("{tag}:n:{}", to_hex(p)),
                 None => format!("{tag}:all"),
             };
             let rows: Vec<Vec<String>> = self
@@ -2917,7 +2917,7 @@ impl Store for RedisStore {
             .collect();
         candidates.sort();
         candidates.dedup_by_key(|(id, _)| *id);
-        let current = hex::encode(current_key.to_be_bytes());
+        let current = to_hex(current_key.to_be_bytes());
         let mut found = Vec::new();
         for chunk in candidates.chunks(256) {
             let rows: Vec<StoreResult<Option<SealedRecord>>> =
@@ -2952,8 +2952,8 @@ impl Store for RedisStore {
                 .scripts
                 .reseal_phone
                 .key(self.keys.record(&subject, id))
-                .arg(hex::encode(old.to_bytes()))
-                .arg(hex::encode(new.to_bytes()))
+                .arg(to_hex(old.to_bytes()))
+                .arg(to_hex(new.to_bytes()))
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(store_error)?;
