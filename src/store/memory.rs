@@ -25,6 +25,7 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use dashmap::DashMap;
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
+use siphasher::sip128::{Hash128, Hasher128, SipHasher13};
 use uuid::Uuid;
 
 use super::{
@@ -862,13 +863,13 @@ fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> i64 {
 /// busy instance holds a few per distinct number for a day (the guard's keys
 /// are ~70-byte strings, which as owned map keys cost ~300 bytes a counter).
 /// A window's counter is found by a 128-bit fingerprint of (key, window
-/// length, slot) instead of the key: two SipHash-1-3 outputs under independent
-/// random per-process keys. Two different windows share a fingerprint with
+/// length, slot) instead of the key: SipHash-1-3's 128-bit output under a
+/// random per-process key. Two different windows share a fingerprint with
 /// probability 2^-128 per pair, so with n live counters the chance that any
 /// two merge is below n²/2^129 (under 10^-22 for n = 10^8), and the random
-/// keys leave no way to aim for one.
+/// key leaves no way to aim for one.
 struct Counters {
-    seeds: [RandomState; 2],
+    key: (u64, u64),
     shards: Box<[Mutex<HashTable<Counter>>]>,
 }
 
@@ -884,8 +885,10 @@ struct Counter {
 
 impl Default for Counters {
     fn default() -> Self {
+        // std's random per-process hash keys (from the OS), as two words.
+        let random = RandomState::new();
         Self {
-            seeds: [RandomState::new(), RandomState::new()],
+            key: (random.hash_one(0u8), random.hash_one(1u8)),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
@@ -902,10 +905,9 @@ impl Counters {
         at: DateTime<Utc>,
     ) -> (&Mutex<HashTable<Counter>>, Counter) {
         let slot = counter_slot(window_seconds, at);
-        let [a, b] = self
-            .seeds
-            .each_ref()
-            .map(|s| s.hash_one((key, window_seconds, slot)));
+        let mut hasher = SipHasher13::new_with_keys(self.key.0, self.key.1);
+        (key, window_seconds, slot).hash(&mut hasher);
+        let Hash128 { h1: a, h2: b } = hasher.finish128();
         let fingerprint = [a as u32, (a >> 32) as u32, b as u32, (b >> 32) as u32];
         let end = (slot + 2).saturating_mul(i64::from(window_seconds.max(1)));
         let counter = Counter {
