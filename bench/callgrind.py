@@ -7,10 +7,11 @@ what a small change gains. Kernel work (syscalls, TCP) is not counted.
 
     bench/callgrind.py target/release [label] [requests per phase]
 
-Starts the mock provider and `otpd serve` under valgrind (memory store, the
-benchmark's policy, DLR polling off so that no timer adds work), makes one
-warm-up round, then counts each phase alone: native and BridgeX-style sends,
-wrong-code and right-code checks.
+Starts the mock provider and `otpd serve` under valgrind with the benchmark's
+config (`otpd-bench --print-config`: memory store, its policy; DLR polling
+slowed to hourly so that no timer adds work), makes one warm-up round, then
+counts each phase alone: native and BridgeX-style sends, wrong-code and
+right-code checks.
 """
 import glob, http.client, json, re, socket, subprocess, sys, tempfile, time
 
@@ -25,41 +26,11 @@ for line in mock.stdout:
         mock_addr = line.split("listening on")[1].strip()
         break
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-cfg = f"""
-data_dir = "{work}/data"
-debug_codes = true
-[server]
-listen = "127.0.0.1:{port}"
-[store]
-url = "memory://"
-[secrets]
-master_key = "otpd-bench master key, not a secret"
-[log]
-level = "info"
-[policy]
-ttl_seconds = 3600
-max_ttl_seconds = 3600
-max_attempts = 100
-max_sends_per_ip_10min = 1000000000
-max_wrong_guesses_per_hour = 1000000000
-[policy.guard]
-min_conversion = 0.0
-[dlr]
-poll_interval_seconds = 3600
-[dialects.bridgex]
-default_route_id = 1
-bridgexapi_base_url = "http://{mock_addr}"
-[dialects.bridgex.policy]
-ttl_seconds = 3600
-max_attempts = 100
-[[routes]]
-id = 1
-provider = "bridgexapi"
-base_url = "http://{mock_addr}"
-api_key = "otpd-bench"
-provider_route_id = 3
-caller_id = "BRIDGEXAPI"
-"""
+# The benchmark's own config (memory store, its policy, routes to the mock),
+# with DLR polling slowed to hourly, the longest otpd allows.
+cfg = subprocess.run([f"{bins}/otpd-bench", "--print-config", f"127.0.0.1:{port}", mock_addr,
+                      f"{work}/data"], check=True, capture_output=True, text=True).stdout
+cfg += "\n[dlr]\npoll_interval_seconds = 3600\n"
 open(f"{work}/c.toml", "w").write(cfg)
 out = f"{work}/cg.out"
 srv = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",

@@ -65,6 +65,10 @@ struct Cli {
     /// With `--perf`: profile only scenarios whose name contains this (e.g. `check wrong`).
     #[arg(long)]
     perf_only: Option<String>,
+    /// Print the config the benchmark gives otpd (memory store) and exit: for
+    /// `bench/callgrind.py`, which runs otpd as the benchmark does.
+    #[arg(long, num_args = 3, value_names = ["LISTEN", "MOCK", "DATA_DIR"])]
+    print_config: Option<Vec<String>>,
 }
 
 /// Number ranges per scenario, so no two sends in one otpd ever share a number.
@@ -100,6 +104,17 @@ impl Ctx {
 
 fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
+    if let Some([listen, mock, data]) = cli.print_config.as_deref() {
+        let all = Features {
+            routes: true,
+            dialects: true,
+        };
+        print!(
+            "{}",
+            otpd_config(listen, "memory://", Path::new(data), mock.parse()?, all)
+        );
+        return Ok(());
+    }
     if cli.quick {
         cli.duration = cli.duration.min(1.0);
         cli.warmup = cli.warmup.min(0.3);
