@@ -5,7 +5,10 @@ Wall-clock figures on a shared 2-core machine move by a third from one run to
 the next; instruction counts repeat to a fraction of a percent, so they show
 what a small change gains. Kernel work (syscalls, TCP) is not counted.
 
-    bench/callgrind.py target/release [label] [requests per phase]
+    bench/callgrind.py target/release [label] [requests per phase] [store]
+
+where store is memory (the default), sqlite (a new file), or a Redis URL whose
+database is emptied first (redis://127.0.0.1:6379/5).
 
 Starts the mock provider and `otpd serve` under valgrind with the benchmark's
 config (`otpd-bench --print-config`: memory store, its policy; DLR polling
@@ -18,7 +21,17 @@ import glob, http.client, json, re, socket, subprocess, sys, tempfile, time
 bins = sys.argv[1]
 label = sys.argv[2] if len(sys.argv) > 2 else "otpd"
 N = int(sys.argv[3]) if len(sys.argv) > 3 else 300
+store = sys.argv[4] if len(sys.argv) > 4 else "memory"
 work = tempfile.mkdtemp(prefix=f"cg-{label}-")
+if store == "memory":
+    store_url = "memory://"
+elif store == "sqlite":
+    store_url = f"sqlite://{work}/otpd.db"
+elif store.startswith("redis://"):
+    store_url = store
+    subprocess.run(["redis-cli", "-u", store, "FLUSHDB"], check=True, stdout=subprocess.DEVNULL)
+else:
+    sys.exit(f"unknown store {store!r}: memory, sqlite or a redis:// URL")
 mock = subprocess.Popen([f"{bins}/mock-provider", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
 mock_addr = None
 for line in mock.stdout:
@@ -29,7 +42,7 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.clos
 # The benchmark's own config (memory store, its policy, routes to the mock),
 # with DLR polling slowed to hourly, the longest otpd allows.
 cfg = subprocess.run([f"{bins}/otpd-bench", "--print-config", f"127.0.0.1:{port}", mock_addr,
-                      f"{work}/data"], check=True, capture_output=True, text=True).stdout
+                      f"{work}/data", store_url], check=True, capture_output=True, text=True).stdout
 cfg += "\n[dlr]\npoll_interval_seconds = 3600\n"
 open(f"{work}/c.toml", "w").write(cfg)
 out = f"{work}/cg.out"

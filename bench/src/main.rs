@@ -65,9 +65,10 @@ struct Cli {
     /// With `--perf`: profile only scenarios whose name contains this (e.g. `check wrong`).
     #[arg(long)]
     perf_only: Option<String>,
-    /// Print the config the benchmark gives otpd (memory store) and exit: for
-    /// `bench/callgrind.py`, which runs otpd as the benchmark does.
-    #[arg(long, num_args = 3, value_names = ["LISTEN", "MOCK", "DATA_DIR"])]
+    /// Print the config the benchmark gives otpd (on the memory store unless a
+    /// store URL follows) and exit: for `bench/callgrind.py`, which runs otpd
+    /// as the benchmark does.
+    #[arg(long, num_args = 3..=4, value_names = ["LISTEN", "MOCK", "DATA_DIR", "STORE_URL"])]
     print_config: Option<Vec<String>>,
 }
 
@@ -104,14 +105,15 @@ impl Ctx {
 
 fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
-    if let Some([listen, mock, data]) = cli.print_config.as_deref() {
+    if let Some([listen, mock, data, store @ ..]) = cli.print_config.as_deref() {
         let all = Features {
             routes: true,
             dialects: true,
         };
+        let store = store.first().map_or("memory://", String::as_str);
         print!(
             "{}",
-            otpd_config(listen, "memory://", Path::new(data), mock.parse()?, all)
+            otpd_config(listen, store, Path::new(data), mock.parse()?, all)
         );
         return Ok(());
     }
