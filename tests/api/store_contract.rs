@@ -131,6 +131,40 @@ pub async fn created_verification_reads_back_exactly(store: DynStore) {
     );
 }
 
+/// What a send and an approval answer with is the record as stored, text that
+/// needs escaping in JSON or Lua included.
+pub async fn send_and_approval_answer_with_the_stored_record(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = Uuid::new_v4();
+    let v = Verification {
+        uid: Some("ü \"quoted\" \\ back/slash\n\u{1}{}[]".into()),
+        ..f.verification(id, "123456", now)
+    };
+    let decision = store.start_send(&f.plan(v.clone()), now).await.unwrap();
+    let SendDecision::Created { verification, .. } = decision else {
+        panic!("expected a new verification, got {decision:?}");
+    };
+    assert_eq!(verification, v);
+    let later = now + Duration::seconds(5);
+    let outcome = store
+        .check_code(&f.tenant, id, &f.hash(id, "123456"), None, later)
+        .await
+        .unwrap();
+    let CheckOutcome::Approved(approved) = outcome else {
+        panic!("expected approval, got {outcome:?}");
+    };
+    assert_eq!(
+        approved,
+        Verification {
+            status: Status::Approved,
+            code_hash: None,
+            updated_at: later,
+            ..v
+        }
+    );
+}
+
 pub async fn right_code_approves_once(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -1952,6 +1986,7 @@ macro_rules! store_contract_tests {
             use super::*;
             $crate::store_contract_tests!(@cases $factory;
                 created_verification_reads_back_exactly,
+                send_and_approval_answer_with_the_stored_record,
                 right_code_approves_once,
                 wrong_guesses_count_down_then_kill,
                 expired_code_is_not_found,
