@@ -97,8 +97,9 @@ phase("check wrong bridgex", lambda i: post("/verify-otp", {"phone_number": bx[i
 phase("check right native", lambda i: post("/v1/verifications/check", {"id": native[i][0], "code": native[i][1]})[0])
 phase("check right bridgex", lambda i: post("/verify-otp", {"phone_number": bx[i][0], "purpose": "login", "code": bx[i][1]})[0])
 srv.terminate(); srv.wait(); mock.terminate()
-dumps = sorted(glob.glob(f"{out}.*"), key=lambda p: int(p.rsplit(".", 1)[1]) if p.rsplit(".", 1)[1].isdigit() else 0)
-dumps = [d for d in dumps if re.search(r"\.\d+$", d)]
+# One numbered dump per phase, in order (cg.out.1, cg.out.2, ...).
+dumps = sorted((d for d in glob.glob(f"{out}.*") if re.search(r"\.\d+$", d)),
+               key=lambda d: int(d.rsplit(".", 1)[1]))
 for (name, sts), d in list(zip(results.items(), dumps))[1:]:
     total = 0
     for line in open(d):

@@ -1498,38 +1498,45 @@ fn add_pairs(inv: &mut ::redis::ScriptInvocation<'_>, pairs: Pairs) {
 
 // --- decoding ---
 
-/// A hash as HGETALL returned it.
-struct Fields(HashMap<String, String>);
+/// A hash as HGETALL returned it, borrowed from the reply: a field is copied
+/// only when a decoded value keeps it as text.
+struct Fields<'a>(HashMap<&'a str, &'a str>);
 
-impl Fields {
-    fn from_flat(flat: &[String]) -> StoreResult<Self> {
+impl<'a> Fields<'a> {
+    fn from_flat(flat: &'a [String]) -> StoreResult<Self> {
         if !flat.len().is_multiple_of(2) {
             return Err(StoreError::Corrupt("odd field list from redis".into()));
         }
         Ok(Self(
             flat.chunks_exact(2)
-                .map(|kv| (kv[0].clone(), kv[1].clone()))
+                .map(|kv| (kv[0].as_str(), kv[1].as_str()))
                 .collect(),
         ))
     }
 
-    fn opt(&self, field: &str) -> Option<String> {
-        self.0.get(field).cloned()
-    }
-
-    fn text(&self, field: &str) -> StoreResult<String> {
-        self.opt(field)
+    fn raw(&self, field: &str) -> StoreResult<&'a str> {
+        self.0
+            .get(field)
+            .copied()
             .ok_or_else(|| StoreError::Corrupt(format!("redis record lacks {field}")))
     }
 
+    fn opt(&self, field: &str) -> Option<String> {
+        self.0.get(field).map(|v| (*v).to_owned())
+    }
+
+    fn text(&self, field: &str) -> StoreResult<String> {
+        self.raw(field).map(str::to_owned)
+    }
+
     fn parse<T: FromStr>(&self, field: &str) -> StoreResult<T> {
-        let raw = self.text(field)?;
-        raw.parse()
+        self.raw(field)?
+            .parse()
             .map_err(|_| StoreError::Corrupt(format!("redis field {field} is malformed")))
     }
 
     fn time(&self, field: &str) -> StoreResult<DateTime<Utc>> {
-        parse_ms(&self.text(field)?)
+        parse_ms(self.raw(field)?)
     }
 
     fn opt_time(&self, field: &str) -> StoreResult<Option<DateTime<Utc>>> {
@@ -1537,7 +1544,7 @@ impl Fields {
     }
 
     fn bytes(&self, field: &str) -> StoreResult<Vec<u8>> {
-        hex::decode(self.text(field)?)
+        hex::decode(self.raw(field)?)
             .map_err(|_| StoreError::Corrupt(format!("redis field {field} is not hex")))
     }
 
@@ -1881,7 +1888,7 @@ impl Store for RedisStore {
                 .arg(self.keys.record_prefix(&subject))
                 .arg(v.id.to_string())
                 .arg(&v.tenant)
-                .arg(v.code_hash.map(hex::encode).unwrap_or_default())
+                .arg(v.code_hash.map(to_hex).unwrap_or_default())
                 .arg(expires_ms)
                 .arg(record_ttl)
                 .arg(state_ttl)
