@@ -5,6 +5,11 @@
 //! Every event inside a request carries that request's `request_id` (from the
 //! span `http::observe` opens). Audit events use the target `audit`.
 
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+
+use parking_lot::RwLock;
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -42,5 +47,131 @@ pub fn init(settings: &LogSettings) {
     // Written synchronously, one write per line: an audit line must not sit in
     // a buffer that a crash or `kill -9` would lose (a background writer,
     // tried for speed, lost them in the audit-log test).
-    let _ = subscriber(settings, filter(settings), std::io::stderr).try_init();
+    let _ = subscriber(settings, filter(settings), LineWriter::stderr()).try_init();
+}
+
+/// A log destination that takes each line in one `write(2)`, without std's
+/// process-wide stderr lock: that lock is held across the system call, so
+/// request threads logging at once queued on it and woke each other (a few
+/// per cent of a check's CPU on two cores, more with more).
+///
+/// A write of at most `PIPE_BUF` bytes is never split, not even on a pipe,
+/// so short lines need no lock. A longer line may be, so it waits for the
+/// short ones in flight and keeps them out until it is whole.
+pub struct LineWriter {
+    file: Option<File>,
+    long_line: RwLock<()>,
+}
+
+/// The size POSIX guarantees a pipe takes in one piece (Linux's).
+const PIPE_BUF: usize = 4096;
+
+impl LineWriter {
+    /// A second handle on the process's stderr (dropped lines if it is closed,
+    /// as std's stderr drops them).
+    pub fn stderr() -> Self {
+        let file = io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(File::from);
+        Self {
+            file,
+            long_line: RwLock::new(()),
+        }
+    }
+
+    pub fn new(file: File) -> Self {
+        Self {
+            file: Some(file),
+            long_line: RwLock::new(()),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for LineWriter {
+    type Writer = Line<'a>;
+
+    fn make_writer(&'a self) -> Line<'a> {
+        Line(self)
+    }
+}
+
+/// One event's output; tracing-subscriber hands it the whole line at once.
+pub struct Line<'a>(&'a LineWriter);
+
+impl Write for Line<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let Some(mut file) = self.0.file.as_ref() else {
+            return Ok(());
+        };
+        if buf.len() <= PIPE_BUF {
+            let _short = self.0.long_line.read();
+            file.write_all(buf)
+        } else {
+            let _long = self.0.long_line.write();
+            file.write_all(buf)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+
+    use super::*;
+
+    /// Lines written from many threads at once, short and longer than a pipe
+    /// takes in one piece, arrive whole: none is cut into by another.
+    #[test]
+    fn concurrent_lines_arrive_whole() {
+        let (reader, writer) = io::pipe().expect("a pipe");
+        let writer = std::sync::Arc::new(LineWriter::new(File::from(std::os::fd::OwnedFd::from(
+            writer,
+        ))));
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let writer = writer.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200usize {
+                        let len = if i % 10 == 0 { 3 * PIPE_BUF } else { 40 + i };
+                        let letter = char::from(b'a' + t);
+                        let line = format!("{t} {}\n", letter.to_string().repeat(len));
+                        writer
+                            .make_writer()
+                            .write_all(line.as_bytes())
+                            .expect("written");
+                    }
+                })
+            })
+            .collect();
+        let reading = std::thread::spawn(move || {
+            BufReader::new(reader)
+                .lines()
+                .map(|l| l.expect("a line"))
+                .collect::<Vec<_>>()
+        });
+        for t in threads {
+            t.join().expect("writer thread");
+        }
+        drop(writer);
+        let lines = reading.join().expect("reader thread");
+        assert_eq!(lines.len(), 8 * 200);
+        for line in lines {
+            let (t, body) = line.split_once(' ').expect("thread number, then the body");
+            let letter = char::from(b'a' + t.parse::<u8>().expect("a thread number"));
+            assert!(
+                body.chars().all(|c| c == letter),
+                "a line was cut into: {t}"
+            );
+        }
+    }
 }
