@@ -179,13 +179,9 @@ impl Crypto {
         SubjectKey(self.blind_index("subject-uid", &[tenant, uid]))
     }
 
-    pub fn subject_for_phone(
-        &self,
-        tenant: &str,
-        phone: &PhoneNumber,
-        purpose: &str,
-    ) -> SubjectKey {
-        SubjectKey(self.blind_index("subject-phone", &[tenant, phone.e164(), purpose]))
+    /// The subject of a number in E.164 form.
+    pub fn subject_for_phone(&self, tenant: &str, e164: &str, purpose: &str) -> SubjectKey {
+        SubjectKey(self.blind_index("subject-phone", &[tenant, e164, purpose]))
     }
 
     /// Index of a number alone (inbox lookups, per-number limits).

@@ -12,7 +12,7 @@ pub mod verification;
 pub use api_key::{ApiKey, ApiKeyRecord};
 pub use code::{Code, CodeGenerator, OsCodeGenerator};
 pub use message::{DeliveryStatus, MessageRecord};
-pub use phone::PhoneNumber;
+pub use phone::{PhoneNumber, TypedNumber};
 pub use policy::{GuardPolicy, Policy};
 pub use purpose::Purpose;
 pub use verification::{Status, SubjectKey, Verification};

@@ -30,55 +30,8 @@ impl PhoneNumber {
         Self::parse_checked(input, true)
     }
 
-    /// A number to look up, not to send to: `parse`'s normalisation without
-    /// the numbering plan's validity test, which is half of its cost. A number
-    /// that fails that test was never sent to, so a lookup of it finds nothing
-    /// either way; one that passes reads exactly as `parse` reads it.
-    pub fn parse_for_lookup(input: &str) -> Result<Self, PhoneError> {
-        Self::parse_checked(input, false)
-    }
-
     fn parse_checked(input: &str, validate: bool) -> Result<Self, PhoneError> {
-        // `+` and the cleaned input, then without the input's own `+` or `00`.
-        let mut international = String::with_capacity(input.len() + 1);
-        international.push('+');
-        international.extend(
-            input
-                .trim()
-                .chars()
-                .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')')),
-        );
-        let cleaned = &international[1..];
-        let own_prefix = if cleaned.starts_with('+') {
-            1
-        } else if cleaned.starts_with("00") {
-            2
-        } else {
-            0
-        };
-        international.drain(1..1 + own_prefix);
-        let digits = &international[1..];
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(PhoneError::Characters);
-        }
-        if !(8..=15).contains(&digits.len()) {
-            return Err(PhoneError::Length);
-        }
-        let parsed = phonenumber::parse(None, &international).map_err(|_| PhoneError::NotValid)?;
-        if validate && !phonenumber::is_valid(&parsed) {
-            return Err(PhoneError::NotValid);
-        }
-        // What `parsed.format()` writes in E.164 mode, without the national
-        // format patterns it also matches first (most of a lookup's cost).
-        let code = parsed.code().value();
-        let e164 = format!("+{code}{}", parsed.national());
-        let country = parsed.country().id().map(|id| format!("{id:?}"));
-        let calling_code_len = code.checked_ilog10().map_or(1, |d| d as usize + 1);
-        Ok(Self {
-            e164,
-            country,
-            calling_code_len,
-        })
+        TypedNumber::parse(input)?.normalise_checked(validate)
     }
 
     /// A number this service parsed before and stored (sealed) with its
@@ -137,6 +90,95 @@ impl PhoneNumber {
     }
 }
 
+/// A number as a caller typed it to look something up: cleaned (`+` or
+/// `00`, spaces, dashes, dots, parentheses) and checked for shape only.
+///
+/// Callers mostly type the number in the E.164 form it was sent to, so a
+/// lookup tries that form first; `normalise` reads it as `parse` would,
+/// without the numbering plan's validity test (a number that fails it was
+/// never sent to), for the lookups that find nothing under the typed form.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TypedNumber {
+    e164: String,
+}
+
+impl TypedNumber {
+    pub fn parse(input: &str) -> Result<Self, PhoneError> {
+        // `+` and the cleaned input, then without the input's own `+` or `00`.
+        let mut e164 = String::with_capacity(input.len() + 1);
+        e164.push('+');
+        e164.extend(
+            input
+                .trim()
+                .chars()
+                .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')')),
+        );
+        let cleaned = &e164[1..];
+        let own_prefix = if cleaned.starts_with('+') {
+            1
+        } else if cleaned.starts_with("00") {
+            2
+        } else {
+            0
+        };
+        e164.drain(1..1 + own_prefix);
+        let digits = &e164[1..];
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(PhoneError::Characters);
+        }
+        if !(8..=15).contains(&digits.len()) {
+            return Err(PhoneError::Length);
+        }
+        Ok(Self { e164 })
+    }
+
+    /// `+` and the digits as typed.
+    pub fn e164(&self) -> &str {
+        &self.e164
+    }
+
+    /// `+********0670`, as `PhoneNumber::masked`.
+    pub fn masked(&self) -> String {
+        format!("+{}", mask_digits(&self.e164[1..]))
+    }
+
+    /// The number as `PhoneNumber::parse` reads it, without the validity test.
+    pub fn normalise(&self) -> Result<PhoneNumber, PhoneError> {
+        self.normalise_checked(false)
+    }
+
+    fn normalise_checked(&self, validate: bool) -> Result<PhoneNumber, PhoneError> {
+        let parsed = phonenumber::parse(None, &self.e164).map_err(|_| PhoneError::NotValid)?;
+        if validate && !phonenumber::is_valid(&parsed) {
+            return Err(PhoneError::NotValid);
+        }
+        // What `parsed.format()` writes in E.164 mode, without the national
+        // format patterns it also matches first (most of a lookup's cost).
+        let code = parsed.code().value();
+        let e164 = format!("+{code}{}", parsed.national());
+        let country = parsed.country().id().map(|id| format!("{id:?}"));
+        let calling_code_len = code.checked_ilog10().map_or(1, |d| d as usize + 1);
+        Ok(PhoneNumber {
+            e164,
+            country,
+            calling_code_len,
+        })
+    }
+}
+
+/// A parsed number, typed in its canonical form.
+impl From<PhoneNumber> for TypedNumber {
+    fn from(phone: PhoneNumber) -> Self {
+        Self { e164: phone.e164 }
+    }
+}
+
+impl fmt::Debug for TypedNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TypedNumber({})", self.masked())
+    }
+}
+
 /// `*******0670`: all but the last four characters become `*`.
 pub fn mask_digits(digits: &str) -> String {
     let keep = digits.len().min(4);
@@ -191,15 +233,22 @@ mod tests {
         // Not an assigned number block, but shaped like one: nothing was ever
         // sent to it, and a lookup of it is as cheap as any other.
         assert!(PhoneNumber::parse("+31012345678").is_err());
-        assert!(PhoneNumber::parse_for_lookup("+31012345678").is_ok());
-        assert_eq!(
-            PhoneNumber::parse_for_lookup("+3165"),
-            Err(PhoneError::Length)
-        );
-        assert_eq!(
-            PhoneNumber::parse_for_lookup("+31abc"),
-            Err(PhoneError::Characters)
-        );
+        let typed = TypedNumber::parse("+31012345678").unwrap();
+        assert!(typed.normalise().is_ok());
+        assert_eq!(TypedNumber::parse("+3165"), Err(PhoneError::Length));
+        assert_eq!(TypedNumber::parse("+31abc"), Err(PhoneError::Characters));
+    }
+
+    #[test]
+    fn a_typed_number_keeps_its_digits_and_hides_them_when_shown() {
+        let typed = TypedNumber::parse("0031 (651) 860-670").unwrap();
+        assert_eq!(typed.e164(), "+31651860670");
+        assert_eq!(typed.masked(), "+*******0670");
+        assert!(!format!("{typed:?}").contains("651860"));
+        // A trunk prefix after the calling code is typed, not normalised, until asked.
+        let trunk = TypedNumber::parse("+31 0651860670").unwrap();
+        assert_eq!(trunk.e164(), "+310651860670");
+        assert_eq!(trunk.normalise().unwrap().e164(), "+31651860670");
     }
 
     #[test]
@@ -249,9 +298,15 @@ mod tests {
         #[test]
         fn a_lookup_reads_every_valid_number_as_parse_does(s in "[+0]?[0-9 ()-]{8,22}") {
             if let Ok(p) = PhoneNumber::parse(&s) {
-                prop_assert_eq!(PhoneNumber::parse_for_lookup(&s), Ok(p));
+                let typed = TypedNumber::parse(&s);
+                prop_assert_eq!(typed.as_ref().map(TypedNumber::normalise), Ok(Ok(p.clone())));
+                // Typed as sent, a number needs no normalising to be found.
+                let sent = TypedNumber::from(p.clone());
+                prop_assert_eq!(sent.e164(), p.e164());
             }
-            let _ = PhoneNumber::parse_for_lookup(&s);
+            if let Ok(typed) = TypedNumber::parse(&s) {
+                let _ = typed.normalise();
+            }
         }
 
         #[test]

@@ -24,7 +24,7 @@ use super::extract::authenticate_headers;
 use super::state::AppState;
 use crate::config::BRIDGEX_ROUTE_IDS;
 use crate::domain::phone::mask_digits;
-use crate::domain::{Code, PhoneNumber, Purpose};
+use crate::domain::{Code, PhoneNumber, Purpose, TypedNumber};
 use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
 use crate::sms::router::RoutingError;
 
@@ -746,7 +746,7 @@ pub async fn verify_otp(
 
     // A number or purpose otpd could never have sent to has nothing pending.
     let (Ok(to), Ok(purpose)) = (
-        PhoneNumber::parse_for_lookup(&form.phone_number),
+        TypedNumber::parse(&form.phone_number),
         Purpose::parse(&form.purpose),
     ) else {
         return Err(BridgexError::NotFound);

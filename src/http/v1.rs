@@ -329,7 +329,7 @@ pub async fn check_verification(
         (Some(id), None, None) => Target::Id(id),
         (None, Some(uid), None) => Target::Uid(parse_uid(Some(uid))?.unwrap_or_default()),
         (None, None, Some(to)) => Target::Phone {
-            to: parse_phone(&to)?,
+            to: parse_phone(&to)?.into(),
             purpose: parse_purpose(req.purpose.as_deref())?,
         },
         _ => {

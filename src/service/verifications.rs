@@ -14,7 +14,7 @@ use crate::domain::code::{MAX_CODE_LENGTH, MIN_CODE_LENGTH};
 use crate::domain::policy::MIN_TTL_SECONDS;
 use crate::domain::{
     Code, CodeGenerator, DeliveryStatus, MessageRecord, PhoneNumber, Policy, Purpose, Status,
-    SubjectKey, Verification,
+    SubjectKey, TypedNumber, Verification,
 };
 use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
@@ -142,7 +142,7 @@ impl From<StoreError> for SendError {
 pub enum Target {
     Id(Uuid),
     Uid(String),
-    Phone { to: PhoneNumber, purpose: Purpose },
+    Phone { to: TypedNumber, purpose: Purpose },
 }
 
 // Returned by value once per request; boxing would only add an allocation.
@@ -237,7 +237,9 @@ impl VerificationService {
     ) -> SubjectKey {
         match uid {
             Some(uid) => self.crypto.subject_for_uid(tenant, uid),
-            None => self.crypto.subject_for_phone(tenant, to, purpose.as_str()),
+            None => self
+                .crypto
+                .subject_for_phone(tenant, to.e164(), purpose.as_str()),
         }
     }
 
@@ -653,11 +655,11 @@ impl VerificationService {
                 (id, None)
             }
             Target::Phone { to, purpose } => {
-                let subject = self.crypto.subject_for_phone(tenant, &to, purpose.as_str());
                 let masked = to.masked();
-                let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
-                    audit(None, Some(&masked), check_error_label(e));
-                })?;
+                let id = self
+                    .current_for_number(tenant, &to, &purpose, now)
+                    .await
+                    .inspect_err(|e| audit(None, Some(&masked), check_error_label(e)))?;
                 (id, Some(masked))
             }
         };
@@ -705,6 +707,36 @@ impl VerificationService {
             CheckOutcome::MaxAttempts => Err(CheckError::MaxAttempts),
             CheckOutcome::NotFound => Err(CheckError::NotFound),
         }
+    }
+
+    /// The number as typed first, as it was sent to in most calls; then, if
+    /// that finds nothing, as `PhoneNumber::parse` normalises it. What
+    /// answers "nothing pending" depends only on what was typed.
+    async fn current_for_number(
+        &self,
+        tenant: &str,
+        to: &TypedNumber,
+        purpose: &Purpose,
+        now: DateTime<Utc>,
+    ) -> Result<Uuid, CheckError> {
+        let typed = self
+            .crypto
+            .subject_for_phone(tenant, to.e164(), purpose.as_str());
+        match self.current(tenant, &typed, now).await {
+            Err(CheckError::NotFound) => {}
+            found_or_failed => return found_or_failed,
+        }
+        // A number that the plan cannot read was never sent to.
+        let Ok(normal) = to.normalise() else {
+            return Err(CheckError::NotFound);
+        };
+        if normal.e164() == to.e164() {
+            return Err(CheckError::NotFound);
+        }
+        let subject = self
+            .crypto
+            .subject_for_phone(tenant, normal.e164(), purpose.as_str());
+        self.current(tenant, &subject, now).await
     }
 
     async fn current(

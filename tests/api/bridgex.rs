@@ -675,6 +675,39 @@ async fn verify_without_a_send_or_for_another_purpose_is_404() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// A verify finds the code however the number's digits are typed: as sent,
+/// after `00`, or with the national trunk prefix after the calling code.
+#[tokio::test]
+async fn verify_reads_the_number_in_any_form_it_was_sent_to() {
+    let app = TestApp::spawn().await;
+    let code = send(&app).await;
+    let guess = wrong(&code);
+    for typed in ["310651860670", "0031651860670"] {
+        let (status, _, text) = raw(app
+            .post_bearer(
+                "/verify-otp",
+                json!({ "phone_number": typed, "code": guess, "purpose": "login" }),
+            )
+            .await)
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{typed}: {text}");
+        assert!(text.contains("Invalid OTP"), "{typed}: {text}");
+    }
+    let (status, body) = parts(
+        app.post_bearer(
+            "/verify-otp",
+            json!({ "phone_number": "00310651860670", "code": code, "purpose": "login" }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["verified"], true);
+    // Approved under one form, it is gone under every other.
+    let (status, _) = verify(&app, &code).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn health_is_the_bridgex_health() {
     let app = TestApp::spawn().await;
