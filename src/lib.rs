@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod domain;
 pub mod http;
 pub mod metrics;
+pub mod rfc3339;
 pub mod service;
 pub mod sms;
 pub mod startup;

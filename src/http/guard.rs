@@ -14,9 +14,9 @@ use utoipa::ToSchema;
 use super::client_ip::ClientIp;
 use super::error::ApiError;
 use super::extract::Tenant;
-use super::rfc3339;
 use super::state::AppState;
 use crate::domain::limits::normalize_prefix;
+use crate::rfc3339;
 use crate::service::Quarantine;
 
 pub fn routes() -> Router<AppState> {

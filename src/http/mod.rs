@@ -10,7 +10,6 @@ pub mod observe;
 pub mod openapi;
 pub mod openlyne;
 pub mod ops;
-pub mod rfc3339;
 pub mod state;
 pub mod v1;
 

@@ -13,11 +13,11 @@ use uuid::Uuid;
 use super::client_ip::ClientIp;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Tenant};
-use super::rfc3339;
 use super::state::AppState;
 use crate::domain::{
     Code, DeliveryStatus, MessageRecord, PhoneNumber, Purpose, Status, Verification,
 };
+use crate::rfc3339;
 use crate::service::{Caller, CheckResult, SendCommand, Target, UsageReport};
 
 pub fn routes() -> Router<AppState> {
