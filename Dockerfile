@@ -10,6 +10,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 # Manifests first so the dependency layer is reused while only sources change.
 COPY Cargo.toml Cargo.lock ./
+# How the bundled SQLite is built (see the file).
+COPY .cargo ./.cargo
 COPY src ./src
 # sqlx embeds the migrations into the binary at compile time.
 COPY migrations ./migrations

@@ -285,6 +285,28 @@ mod tests {
         (direct.await.unwrap(), sqlx.await.unwrap())
     }
 
+    /// `.cargo/config.toml` builds the bundled SQLite without its two global
+    /// mutexes; a build that lost the setting shows here, not only in the
+    /// benchmark.
+    #[test]
+    fn sqlite_is_built_without_its_global_locks() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut stmt = conn.prepare("PRAGMA compile_options").unwrap();
+        let options: Vec<String> = stmt
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "one page cache shared by every connection: {options:?}"
+        );
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "memory statistics on: {options:?}"
+        );
+    }
+
     #[tokio::test]
     async fn durability_settings_are_applied() {
         let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
