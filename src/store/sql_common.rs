@@ -700,18 +700,10 @@ macro_rules! sql_store {
                 subject: &SubjectKey,
                 now: DateTime<Utc>,
             ) -> StoreResult<Option<Uuid>> {
-                let id: Option<String> = sqlx::query_scalar(
-                    "SELECT v.id FROM subjects s JOIN verifications v ON v.id = s.current_id
-                     WHERE s.tenant = $1 AND s.subject = $2 AND v.tenant = $1
-                       AND v.status = 'pending' AND v.expires_at > $3",
-                )
-                .bind(tenant)
-                .bind(subject.0.as_slice())
-                .bind(millis(now))
-                .fetch_optional(&self.$read)
-                .await
-                .map_err(map_sqlx)?;
-                id.as_deref().map(parse_id).transpose()
+                // `find_current`'s hot read (on SQLite, on the caller's thread
+                // instead of a hand-off to sqlx's), less its dead verifications.
+                let current = $hot_read!(self, |tx| tx.find_current(tenant, subject, now))?;
+                Ok(current.and_then(|(id, status)| (status == Status::Pending).then_some(id)))
             }
 
             async fn find_current(
