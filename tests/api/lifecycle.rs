@@ -19,9 +19,21 @@ struct Running {
     key: String,
     /// Every stderr line so far (JSON logs).
     log: Arc<Mutex<Vec<String>>>,
+    /// The thread filling `log`; it ends at the pipe's end, when otpd exits.
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
+    /// Waits for otpd to exit, then for the reader to take in what it logged
+    /// on the way out.
+    fn wait_exit(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        let status = wait_exit(&mut self.child, deadline)?;
+        if let Some(reader) = self.log_reader.take() {
+            let _ = reader.join();
+        }
+        Some(status)
+    }
+
     fn log_has(&self, message: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(message))
     }
@@ -93,7 +105,7 @@ fn start(dir: &Path, grace_seconds: u64) -> Running {
     let log = Arc::new(Mutex::new(Vec::new()));
     let stderr = child.stderr.take().unwrap();
     let lines = log.clone();
-    std::thread::spawn(move || {
+    let log_reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<Value>(&line)
                 && v["message"] == "otpd listening"
@@ -116,6 +128,7 @@ fn start(dir: &Path, grace_seconds: u64) -> Running {
         addr,
         key,
         log,
+        log_reader: Some(log_reader),
     }
 }
 
@@ -238,7 +251,8 @@ fn sigterm_refuses_new_connections_finishes_in_flight_requests_and_exits_0() {
     assert_eq!(sent["status"], "pending");
     assert_eq!(sent["to"], "+*******0670");
 
-    let exit = wait_exit(&mut otpd.child, signalled + Duration::from_secs(grace))
+    let exit = otpd
+        .wait_exit(signalled + Duration::from_secs(grace))
         .unwrap_or_else(|| panic!("still running after the grace period\n{}", otpd.log_text()));
     assert_eq!(exit.code(), Some(0), "{}", otpd.log_text());
     // It exited because the work was done, not because the deadline passed.
@@ -256,7 +270,8 @@ fn a_request_still_running_at_the_deadline_is_dropped_and_otpd_exits_0() {
     let signalled = Instant::now();
     sigterm(&otpd.child);
 
-    let exit = wait_exit(&mut otpd.child, signalled + Duration::from_secs(grace + 10))
+    let exit = otpd
+        .wait_exit(signalled + Duration::from_secs(grace + 10))
         .unwrap_or_else(|| panic!("did not stop after the deadline\n{}", otpd.log_text()));
     assert!(
         signalled.elapsed() >= Duration::from_secs(grace),
