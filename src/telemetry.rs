@@ -20,6 +20,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogSettings;
 
+mod fields;
+
 /// `RUST_LOG` when set and valid, else `log.level`, else `info`.
 pub fn filter(settings: &LogSettings) -> EnvFilter {
     EnvFilter::try_from_default_env()
@@ -43,7 +45,12 @@ where
     if settings.format == "json" {
         Box::new(builder.json().flatten_event(true).finish())
     } else {
-        Box::new(builder.with_ansi(false).finish())
+        Box::new(
+            builder
+                .with_ansi(false)
+                .fmt_fields(fields::TextFields)
+                .finish(),
+        )
     }
 }
 
