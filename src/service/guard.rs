@@ -12,10 +12,12 @@
 //! concurrency: a send succeeds only when its own atomic increment stayed
 //! within the limit.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{Crypto, to_hex};
@@ -109,7 +111,14 @@ pub struct AbuseGuard {
     store: Arc<dyn Store>,
     crypto: Arc<Crypto>,
     metrics: Arc<Metrics>,
+    /// Each tenant's `tenant_tag`, an HMAC taken for every send and approval
+    /// (several times in a send) that never changes for the tenant.
+    tags: RwLock<HashMap<Box<str>, Arc<str>>>,
 }
+
+/// Tenants whose tags are kept; tenants are few (each is an API key's), so
+/// this is only a bound: the map starts over if it fills.
+const MAX_CACHED_TAGS: usize = 4096;
 
 /// The prefixes the pumping guard judges a number by, each with its hourly
 /// threshold: the country calling code, and the longer prefix (one level when
@@ -149,6 +158,7 @@ impl AbuseGuard {
             store,
             crypto,
             metrics: Arc::new(Metrics::disabled()),
+            tags: RwLock::default(),
         }
     }
 
@@ -167,8 +177,18 @@ impl AbuseGuard {
         )
     }
 
-    fn tenant_tag(&self, tenant: &str) -> String {
-        to_hex(&self.crypto.blind_index("limit-tenant", &[tenant])[..12])
+    fn tenant_tag(&self, tenant: &str) -> Arc<str> {
+        if let Some(tag) = self.tags.read().get(tenant) {
+            return tag.clone();
+        }
+        let tag: Arc<str> =
+            to_hex(&self.crypto.blind_index("limit-tenant", &[tenant])[..12]).into();
+        let mut tags = self.tags.write();
+        if tags.len() >= MAX_CACHED_TAGS {
+            tags.clear();
+        }
+        tags.insert(tenant.into(), tag.clone());
+        tag
     }
 
     fn traffic_key(&self, what: &str, tenant: &str, prefix: &str) -> String {
@@ -669,5 +689,27 @@ mod tests {
         );
         policy.guard.enabled = false;
         assert!(guard_levels(&policy, &nl).is_empty());
+    }
+
+    /// A kept tag is the tag: the same for the same tenant, across a full
+    /// cache starting over, and different for every other tenant.
+    #[test]
+    fn a_tenant_keeps_its_own_tag() {
+        let crypto = Arc::new(Crypto::for_tests());
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
+        let guard = AbuseGuard::new(store, crypto.clone());
+        let computed = |t: &str| to_hex(&crypto.blind_index("limit-tenant", &[t])[..12]);
+        assert_eq!(&*guard.tenant_tag("acme"), computed("acme"));
+        assert_eq!(&*guard.tenant_tag("acme"), computed("acme"), "read back");
+        let tags: std::collections::HashSet<_> = (0..MAX_CACHED_TAGS + 10)
+            .map(|i| guard.tenant_tag(&format!("tenant-{i}")))
+            .collect();
+        assert_eq!(tags.len(), MAX_CACHED_TAGS + 10, "one tag per tenant");
+        assert_eq!(
+            &*guard.tenant_tag("acme"),
+            computed("acme"),
+            "after starting over"
+        );
+        assert_eq!(&*guard.tenant_tag("tenant-3"), computed("tenant-3"));
     }
 }
