@@ -94,6 +94,11 @@ pub struct GuardReport {
     pub blocked_today: Vec<(&'static str, u64)>,
 }
 
+/// A limit's counter key: its kind and a blind index.
+fn named_key(kind: &str, index: &[u8; 32]) -> String {
+    format!("{kind}:{}", to_hex(index))
+}
+
 /// A guard counter's key; `tag` is the tenant's `tenant_tag`.
 fn traffic_key(what: &str, tag: &str, prefix: &str) -> String {
     format!("guard:{what}:{tag}:{prefix}")
@@ -111,14 +116,14 @@ pub struct AbuseGuard {
     store: Arc<dyn Store>,
     crypto: Arc<Crypto>,
     metrics: Arc<Metrics>,
-    /// Each tenant's `tenant_tag`, an HMAC taken for every send and approval
-    /// (several times in a send) that never changes for the tenant.
-    tags: RwLock<HashMap<Box<str>, Arc<str>>>,
+    /// Each tenant's `tenant_index`: an HMAC that every send and approval
+    /// needs (a send twice) and that never changes for the tenant.
+    tenants: RwLock<HashMap<Box<str>, [u8; 32]>>,
 }
 
-/// Tenants whose tags are kept; tenants are few (each is an API key's), so
+/// Tenants whose indexes are kept; tenants are few (each is an API key's), so
 /// this is only a bound: the map starts over if it fills.
-const MAX_CACHED_TAGS: usize = 4096;
+const MAX_CACHED_TENANTS: usize = 4096;
 
 /// The prefixes the pumping guard judges a number by, each with its hourly
 /// threshold: the country calling code, and the longer prefix (one level when
@@ -158,7 +163,7 @@ impl AbuseGuard {
             store,
             crypto,
             metrics: Arc::new(Metrics::disabled()),
-            tags: RwLock::default(),
+            tenants: RwLock::default(),
         }
     }
 
@@ -171,24 +176,29 @@ impl AbuseGuard {
     /// Counter keys hold blind indexes, never a number, an address or a raw
     /// tenant name (which may hold characters keys cannot).
     fn key(&self, kind: &str, parts: &[&str]) -> String {
-        format!(
-            "{kind}:{}",
-            to_hex(self.crypto.blind_index(&format!("limit-{kind}"), parts))
+        named_key(
+            kind,
+            &self.crypto.blind_index(&format!("limit-{kind}"), parts),
         )
     }
 
-    fn tenant_tag(&self, tenant: &str) -> Arc<str> {
-        if let Some(tag) = self.tags.read().get(tenant) {
-            return tag.clone();
+    /// `key("tenant", &[tenant])`'s blind index, kept per tenant: it names the
+    /// tenant's own send limit and, cut short, tags the guard's keys.
+    fn tenant_index(&self, tenant: &str) -> [u8; 32] {
+        if let Some(index) = self.tenants.read().get(tenant) {
+            return *index;
         }
-        let tag: Arc<str> =
-            to_hex(&self.crypto.blind_index("limit-tenant", &[tenant])[..12]).into();
-        let mut tags = self.tags.write();
-        if tags.len() >= MAX_CACHED_TAGS {
-            tags.clear();
+        let index = self.crypto.blind_index("limit-tenant", &[tenant]);
+        let mut tenants = self.tenants.write();
+        if tenants.len() >= MAX_CACHED_TENANTS {
+            tenants.clear();
         }
-        tags.insert(tenant.into(), tag.clone());
-        tag
+        tenants.insert(tenant.into(), index);
+        index
+    }
+
+    fn tenant_tag(&self, tenant: &str) -> String {
+        to_hex(&self.tenant_index(tenant)[..12])
     }
 
     fn traffic_key(&self, what: &str, tenant: &str, prefix: &str) -> String {
@@ -228,7 +238,7 @@ impl AbuseGuard {
             (
                 Limit::TenantMinute,
                 policy.max_sends_per_tenant_minute,
-                self.key("tenant", &[ctx.tenant]),
+                named_key("tenant", &self.tenant_index(ctx.tenant)),
             ),
         ];
         if let Some(ip) = ctx.client_ip {
@@ -691,25 +701,31 @@ mod tests {
         assert!(guard_levels(&policy, &nl).is_empty());
     }
 
-    /// A kept tag is the tag: the same for the same tenant, across a full
-    /// cache starting over, and different for every other tenant.
+    /// A kept index is the index: the same for the same tenant, across a
+    /// full cache starting over, and different for every other tenant; the
+    /// tenant's limit key and tag are what they were before it was kept.
     #[test]
-    fn a_tenant_keeps_its_own_tag() {
+    fn a_tenant_keeps_its_own_index() {
         let crypto = Arc::new(Crypto::for_tests());
         let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
         let guard = AbuseGuard::new(store, crypto.clone());
-        let computed = |t: &str| to_hex(&crypto.blind_index("limit-tenant", &[t])[..12]);
-        assert_eq!(&*guard.tenant_tag("acme"), computed("acme"));
-        assert_eq!(&*guard.tenant_tag("acme"), computed("acme"), "read back");
-        let tags: std::collections::HashSet<_> = (0..MAX_CACHED_TAGS + 10)
-            .map(|i| guard.tenant_tag(&format!("tenant-{i}")))
+        let computed = |t: &str| crypto.blind_index("limit-tenant", &[t]);
+        assert_eq!(guard.tenant_index("acme"), computed("acme"));
+        assert_eq!(guard.tenant_index("acme"), computed("acme"), "read back");
+        let indexes: std::collections::HashSet<_> = (0..MAX_CACHED_TENANTS + 10)
+            .map(|i| guard.tenant_index(&format!("tenant-{i}")))
             .collect();
-        assert_eq!(tags.len(), MAX_CACHED_TAGS + 10, "one tag per tenant");
+        assert_eq!(indexes.len(), MAX_CACHED_TENANTS + 10, "one per tenant");
         assert_eq!(
-            &*guard.tenant_tag("acme"),
+            guard.tenant_index("acme"),
             computed("acme"),
             "after starting over"
         );
-        assert_eq!(&*guard.tenant_tag("tenant-3"), computed("tenant-3"));
+        assert_eq!(guard.tenant_index("tenant-3"), computed("tenant-3"));
+        assert_eq!(
+            named_key("tenant", &guard.tenant_index("acme")),
+            guard.key("tenant", &["acme"])
+        );
+        assert_eq!(guard.tenant_tag("acme"), to_hex(&computed("acme")[..12]));
     }
 }
