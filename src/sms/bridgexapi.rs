@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use reqwest::header::{HeaderName, HeaderValue};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
 
 use super::config::{BRIDGEX_MAX_MESSAGE, BridgexSettings};
 use super::http::{self, HttpAnswer, execute, safe_snippet, status_error};
@@ -13,12 +14,14 @@ use super::{OutgoingSms, ProviderError, ProviderErrorKind, SendReceipt, SmsProvi
 use crate::domain::DeliveryStatus;
 
 const NAME: &str = "bridgexapi";
+const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 pub struct BridgexProvider {
     client: reqwest::Client,
     base_url: String,
     send_url: reqwest::Url,
-    api_key: SecretString,
+    /// The `X-API-KEY` value, checked and built once; hidden from `Debug`.
+    api_key: HeaderValue,
     route_id: u8,
     caller_id: String,
     timeout: Duration,
@@ -30,10 +33,13 @@ impl BridgexProvider {
         client: reqwest::Client,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let api_key = settings
+        let key = settings
             .api_key
-            .clone()
+            .as_ref()
             .ok_or_else(|| "api_key: required".to_owned())?;
+        let mut api_key = HeaderValue::from_str(key.expose_secret())
+            .map_err(|_| "api_key: must be visible ASCII, as an HTTP header value".to_owned())?;
+        api_key.set_sensitive(true);
         let base_url = settings.base_url.trim_end_matches('/').to_owned();
         Ok(Self {
             client,
@@ -45,6 +51,16 @@ impl BridgexProvider {
             timeout,
         })
     }
+}
+
+/// `POST /api/v1/send_sms`'s body (fields in the order a JSON map sorts them,
+/// as the body was written before it had a type).
+#[derive(Serialize)]
+struct SendRequest<'a> {
+    caller_id: &'a str,
+    message: &'a str,
+    numbers: [&'a str; 1],
+    route_id: u8,
 }
 
 #[derive(Deserialize)]
@@ -94,10 +110,7 @@ impl BridgexProvider {
             self.base_url,
             urlencoding::encode(bx_message_id)
         );
-        let request = self
-            .client
-            .get(url)
-            .header("X-API-KEY", self.api_key.expose_secret());
+        let request = self.client.get(url).header(API_KEY, self.api_key.clone());
         let answer = execute(request, self.timeout).await?;
         if answer.status.is_success() {
             let record: DlrRecord = answer.json().ok_or_else(|| answer.malformed(NAME))?;
@@ -187,13 +200,13 @@ impl SmsProvider for BridgexProvider {
         let request = self
             .client
             .post(self.send_url.clone())
-            .header("X-API-KEY", self.api_key.expose_secret())
-            .json(&serde_json::json!({
-                "route_id": self.route_id,
-                "caller_id": self.caller_id,
-                "numbers": [number],
-                "message": sms.body,
-            }));
+            .header(API_KEY, self.api_key.clone())
+            .json(&SendRequest {
+                caller_id: &self.caller_id,
+                message: sms.body,
+                numbers: [number],
+                route_id: self.route_id,
+            });
         let answer = execute(request, self.timeout).await?;
         if answer.status.is_success() {
             parse_success(&answer)

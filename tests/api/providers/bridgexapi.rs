@@ -29,6 +29,21 @@ fn boxed(base: &str, timeout: Duration) -> Box<dyn SmsProvider> {
     Box::new(provider(base, timeout))
 }
 
+/// A key that cannot travel in an HTTP header is refused when the route is
+/// built (at startup), not on every send.
+#[test]
+fn a_key_that_cannot_be_a_header_is_refused_up_front() {
+    let mut bad = settings("http://127.0.0.1:9");
+    bad.api_key = Some(SecretString::from("test\nkey"));
+    let refused = BridgexProvider::new(&bad, client(), Duration::from_secs(1)).err();
+    let refused = refused.expect("refused");
+    assert!(refused.starts_with("api_key:"), "{refused}");
+    assert!(
+        !refused.contains("test"),
+        "the key is not repeated: {refused}"
+    );
+}
+
 fn send_sms() -> MockBuilder {
     Mock::given(method("POST")).and(path("/api/v1/send_sms"))
 }
