@@ -204,23 +204,29 @@ fn in_numbering_plan(number: &phonenumber::PhoneNumber) -> bool {
 }
 
 fn plan_has(plan: &phonenumber::Metadata, national: &str) -> bool {
+    plan.descriptors().general().is_match(national)
+        && number_kinds(plan).any(|kind| kind.is_match(national))
+}
+
+/// The kinds of number a plan describes, mobile first.
+fn number_kinds(
+    plan: &phonenumber::Metadata,
+) -> impl Iterator<Item = &phonenumber::metadata::Descriptor> {
     let kinds = plan.descriptors();
-    kinds.general().is_match(national)
-        && [
-            kinds.mobile(),
-            kinds.fixed_line(),
-            kinds.premium_rate(),
-            kinds.toll_free(),
-            kinds.shared_cost(),
-            kinds.voip(),
-            kinds.personal_number(),
-            kinds.pager(),
-            kinds.uan(),
-            kinds.voicemail(),
-        ]
-        .into_iter()
-        .flatten()
-        .any(|kind| kind.is_match(national))
+    [
+        kinds.mobile(),
+        kinds.fixed_line(),
+        kinds.premium_rate(),
+        kinds.toll_free(),
+        kinds.shared_cost(),
+        kinds.voip(),
+        kinds.personal_number(),
+        kinds.pager(),
+        kinds.uan(),
+        kinds.voicemail(),
+    ]
+    .into_iter()
+    .flatten()
 }
 
 /// A parsed number, typed in its canonical form.
@@ -355,23 +361,9 @@ mod tests {
         let mut judged = (0, 0);
         for code in 1..=999u16 {
             for plan in database.by_code(&code).unwrap_or_default() {
-                let kinds = plan.descriptors();
-                let examples = [
-                    Some(kinds.general()),
-                    kinds.mobile(),
-                    kinds.fixed_line(),
-                    kinds.premium_rate(),
-                    kinds.toll_free(),
-                    kinds.shared_cost(),
-                    kinds.voip(),
-                    kinds.personal_number(),
-                    kinds.pager(),
-                    kinds.uan(),
-                    kinds.voicemail(),
-                ]
-                .into_iter()
-                .flatten()
-                .filter_map(|kind| kind.example());
+                let examples = std::iter::once(plan.descriptors().general())
+                    .chain(number_kinds(plan))
+                    .filter_map(|kind| kind.example());
                 for example in examples {
                     for digits in [example, &example[..example.len() - 1]] {
                         let Ok(number) = phonenumber::parse(None, format!("+{code}{digits}"))
