@@ -116,8 +116,8 @@ pub struct AbuseGuard {
     store: Arc<dyn Store>,
     crypto: Arc<Crypto>,
     metrics: Arc<Metrics>,
-    /// Each tenant's `tenant_index`: an HMAC that every send and approval
-    /// needs (a send twice) and that never changes for the tenant.
+    /// Each tenant's `tenant_index`: an HMAC that every send (more than
+    /// once) and every approval needs, and that never changes for the tenant.
     tenants: RwLock<HashMap<Box<str>, [u8; 32]>>,
 }
 
