@@ -1,19 +1,49 @@
-//! The longest single delivery-record inserts into the memory store as it
-//! grows: each insert holds the store's delivery-record lock, so its longest
-//! ones are how long every concurrent send can be made to wait.
+//! The longest single writes into the memory store as it grows: each holds a
+//! lock of the store's (the delivery records', or a counter shard's), so its
+//! longest ones are how long concurrent sends can be made to wait.
 //!
 //!     cargo run --release -p otpd-bench --bin insert-stalls [records]
 //!
-//! Inserts `records` (default 300000) records as a BridgeXAPI send leaves
-//! them, on one thread, and prints the five longest inserts with the number of
-//! records the store held at the time.
+//! Inserts `records` (default 300000) delivery records as a BridgeXAPI send
+//! leaves them, then counts as many numbers' sends in their two windows (10
+//! minutes and a day, as the abuse limits do), on one thread, and prints the
+//! five longest of each with how much the store held at the time.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use otpd::domain::{DeliveryStatus, MessageRecord};
-use otpd::store::{MemoryStore, Store};
+use otpd::store::{CounterAdd, MemoryStore, Store};
 use uuid::Uuid;
+
+/// The longest calls seen so far, with what the store held before each.
+#[derive(Default)]
+struct Longest(Vec<(Duration, u32)>);
+
+impl Longest {
+    fn add(&mut self, took: Duration, held: u32) {
+        self.0.push((took, held));
+        if self.0.len() > 64 {
+            self.keep(5);
+        }
+    }
+
+    fn keep(&mut self, n: usize) {
+        self.0.sort_unstable_by(|a, b| b.cmp(a));
+        self.0.truncate(n);
+    }
+
+    fn print(mut self, what: &str, unit: &str) {
+        self.keep(5);
+        println!("longest {what}:");
+        for (took, held) in &self.0 {
+            println!(
+                "  {:>8.3} ms with {held} {unit} held",
+                took.as_secs_f64() * 1000.0
+            );
+        }
+    }
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -23,7 +53,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let store = MemoryStore::new();
     let now = chrono::Utc::now();
-    let mut longest: Vec<(Duration, u32)> = Vec::new();
+
+    let mut longest = Longest::default();
     for held in 0..records {
         let record = MessageRecord {
             id: Uuid::now_v7(),
@@ -48,19 +79,23 @@ async fn main() -> anyhow::Result<()> {
         };
         let started = Instant::now();
         store.insert_message(&record, None).await?;
-        longest.push((started.elapsed(), held));
-        if longest.len() > 64 {
-            longest.sort_unstable_by(|a, b| b.cmp(a));
-            longest.truncate(5);
-        }
+        longest.add(started.elapsed(), held);
     }
-    longest.sort_unstable_by(|a, b| b.cmp(a));
-    println!("longest of {records} delivery-record inserts (memory store):");
-    for (took, held) in longest.iter().take(5) {
-        println!(
-            "  {:>8.3} ms with {held} records held",
-            took.as_secs_f64() * 1000.0
-        );
+    longest.print(&format!("of {records} delivery-record inserts"), "records");
+
+    let mut longest = Longest::default();
+    for number in 0..records {
+        let key = format!("num:{number:064x}");
+        let adds = [600, 86_400].map(|window_seconds| CounterAdd {
+            key: key.clone(),
+            amount: 1,
+            window_seconds,
+            ceiling: None,
+        });
+        let started = Instant::now();
+        store.add_counters(&adds, now).await?;
+        longest.add(started.elapsed(), 2 * number);
     }
+    longest.print(&format!("of {records} numbers' counter adds"), "counters");
     Ok(())
 }
