@@ -887,6 +887,19 @@ impl Messages {
         self.slab.get(i).decode(self.spill(i), symbols)
     }
 
+    /// The attempt a provider knows by `pmid` (`hash`: `pmid_hash` of both).
+    fn find_by_provider_id(
+        &self,
+        hash: u64,
+        symbols: &Symbols,
+        provider: &str,
+        pmid: &str,
+    ) -> Option<u32> {
+        self.by_provider_id.find(hash, |j| {
+            self.pmid(j) == Some(pmid.as_bytes()) && self.provider_is(j, symbols, provider)
+        })
+    }
+
     /// A verification's attempts, oldest first (`hash`: of its id).
     fn attempts_of(&self, hash: u64, verification_id: &[u8; 16]) -> impl Iterator<Item = u32> {
         let first = self
@@ -1502,52 +1515,21 @@ impl Store for MemoryStore {
         if let Some(s) = spill {
             m.spills.insert(i, s);
         }
-        let Messages {
-            slab,
-            by_id,
-            by_verification,
-            by_provider_id,
-            spills,
-            ..
-        } = &mut *m;
-        by_id.insert(id_hash, i);
+        m.by_id.insert(id_hash, i);
         // Append to the verification's chain, keeping insertion order.
-        match by_verification.find(v_hash, |j| {
-            slab.get(j).verification_id == rec.verification_id
-        }) {
-            Some(mut j) => {
-                while slab.get(j).next != NONE {
-                    j = slab.get(j).next;
-                }
-                slab.get_mut(j).next = i;
-            }
-            None => by_verification.insert(v_hash, i),
+        let last = m.attempts_of(v_hash, &rec.verification_id).last();
+        match last {
+            Some(last) => m.slab.get_mut(last).next = i,
+            None => m.by_verification.insert(v_hash, i),
         }
         if let Some(ph) = p_hash {
             // The newest message wins should a provider ever reuse an id: the
             // older entry is dropped from the index.
-            let provider = message.provider.as_str();
             let pmid = message.provider_message_id.as_deref().unwrap_or_default();
-            let symbols = &self.symbols;
-            let spills = &*spills;
-            let slab = &*slab;
-            by_provider_id.remove(ph, |j| {
-                let r = slab.get(j);
-                let stored = r.inline_pmid().or_else(|| {
-                    spills
-                        .get(&j)
-                        .and_then(|s| s.provider_message_id.as_deref())
-                        .map(str::as_bytes)
-                });
-                stored == Some(pmid.as_bytes())
-                    && text_matches(
-                        symbols,
-                        r.provider,
-                        spills.get(&j).and_then(|s| s.provider.as_deref()),
-                        provider,
-                    )
-            });
-            by_provider_id.insert(ph, i);
+            if let Some(older) = m.find_by_provider_id(ph, &self.symbols, &message.provider, pmid) {
+                m.by_provider_id.remove(ph, |j| j == older);
+            }
+            m.by_provider_id.insert(ph, i);
         }
         if is_unfinished(message) {
             m.unfinished.insert((rec.provider, rec.created, i));
@@ -1592,10 +1574,7 @@ impl Store for MemoryStore {
         let h = self.pmid_hash(provider, provider_message_id.as_bytes());
         let mut guard = self.messages.lock();
         let m = &mut *guard;
-        let Some(i) = m.by_provider_id.find(h, |j| {
-            m.pmid(j) == Some(provider_message_id.as_bytes())
-                && m.provider_is(j, &self.symbols, provider)
-        }) else {
+        let Some(i) = m.find_by_provider_id(h, &self.symbols, provider, provider_message_id) else {
             return Ok(None);
         };
         let current = m.decode(i, &self.symbols);
