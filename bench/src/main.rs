@@ -465,6 +465,7 @@ async fn measure<W: Workload>(
     expected: &[u16],
 ) -> anyhow::Result<RunResult> {
     let cpu_before = running.server.cpu_time().ok();
+    let disk_before = running.server.disk_write_bytes().ok();
     let profile = match (&ctx.cli.perf, running.server.pid()) {
         (Some(dir), Some(pid))
             if store != "-"
@@ -487,6 +488,10 @@ async fn measure<W: Workload>(
         .map(|(a, b)| b.saturating_sub(a))
         .filter(|_| result.answered > 0)
         .map(|d| d.as_secs_f64() * 1e6 / result.answered as f64);
+    let disk = disk_before
+        .zip(running.server.disk_write_bytes().ok())
+        .filter(|_| result.answered > 0)
+        .map(|(a, b)| b.saturating_sub(a) as f64 / 1024.0 / result.answered as f64);
     let ok_share = result.share_of(expected);
     let mut note = String::new();
     if ok_share < 0.99 {
@@ -510,10 +515,11 @@ async fn measure<W: Workload>(
         p99_us: result.latency.percentile(99.0),
         ok_share,
         cpu_us_per_req: cpu,
+        disk_kib_per_req: disk,
         note: note.trim().to_owned(),
     };
     println!(
-        "{:<9} {:<22} {:<8} {:>9.0} req/s  p50 {} ms  p99 {} ms  ok {}  {}",
+        "{:<9} {:<22} {:<8} {:>9.0} req/s  p50 {} ms  p99 {} ms  ok {}  disk {} KiB/req  {}",
         m.store,
         m.scenario,
         m.api,
@@ -521,6 +527,8 @@ async fn measure<W: Workload>(
         report::ms(m.p50_us),
         report::ms(m.p99_us),
         pct(ok_share),
+        m.disk_kib_per_req
+            .map_or_else(|| "-".to_owned(), |d| format!("{d:.1}")),
         m.note
     );
     ctx.measures.push(m);

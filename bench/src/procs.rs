@@ -117,6 +117,21 @@ impl Server {
         Ok(Duration::from_millis(total * 10))
     }
 
+    /// Bytes the process has caused to be written to storage so far: pages it
+    /// dirtied, less those of files truncated or deleted before they were
+    /// written (Linux `/proc/<pid>/io`; SQLite's and the log's writes alike).
+    pub fn disk_write_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.pid().context("process has exited")?;
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+        let field = |name: &str| {
+            io.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .with_context(|| format!("no {name} in /proc io"))
+        };
+        Ok(field("write_bytes:")?.saturating_sub(field("cancelled_write_bytes:")?))
+    }
+
     pub async fn stop(mut self) {
         // SIGTERM first so servers drain and close their stores cleanly.
         if let Some(pid) = self.child.id() {

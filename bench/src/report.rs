@@ -18,6 +18,10 @@ pub struct Measure {
     pub ok_share: f64,
     /// Server CPU time per answer, in microseconds (all threads).
     pub cpu_us_per_req: Option<f64>,
+    /// Storage writes the server caused per answer, in KiB (all threads): its
+    /// store's files and its log. Pages dirtied while the scenario ran; the
+    /// kernel writes them back later.
+    pub disk_kib_per_req: Option<f64>,
     pub note: String,
 }
 
@@ -113,9 +117,9 @@ pub fn render(
     );
     let _ = writeln!(
         s,
-        "| store | scenario | API | req/s | vs hello | p50 ms | p99 ms | expected answers | server CPU µs/req | note |"
+        "| store | scenario | API | req/s | vs hello | p50 ms | p99 ms | expected answers | server CPU µs/req | disk KiB/req | note |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for m in measures {
         let ratio = if hello_rps > 0.0 && m.rps > 0.0 {
             pct(m.rps / hello_rps)
@@ -126,6 +130,10 @@ pub fn render(
             .cpu_us_per_req
             .map(|c| format!("{c:.1}"))
             .unwrap_or_else(|| "-".into());
+        let disk = m
+            .disk_kib_per_req
+            .map(|d| format!("{d:.1}"))
+            .unwrap_or_else(|| "-".into());
         let rps = if m.rps > 0.0 {
             format!("{:.0}", m.rps)
         } else {
@@ -133,7 +141,7 @@ pub fn render(
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {rps} | {ratio} | {} | {} | {} | {cpu} | {} |",
+            "| {} | {} | {} | {rps} | {ratio} | {} | {} | {} | {cpu} | {disk} | {} |",
             m.store,
             m.scenario,
             m.api,
