@@ -15,9 +15,13 @@ use tokio::task::JoinHandle;
 use crate::store::StoreResult;
 use crate::store::sql_common::map_sqlx;
 
-/// How often the WAL is copied back: often enough to keep it small under a
-/// steady load, rarely enough to cost nothing when idle.
-const EVERY: Duration = Duration::from_millis(200);
+/// How often the WAL is copied back. Each checkpoint ends in fsyncs, and the
+/// kernel's writeback for them takes the cores from the request threads in
+/// one piece: the more one checkpoint carries, the longer requests wait
+/// (sends' p99 at half of peak on ext4: 59 ms checkpointing every second,
+/// 31–43 ms every 200 ms, 12–25 ms every 10–50 ms; BENCHMARKS.md). Idle, a
+/// tick finds no new frames, and copies and syncs nothing.
+const EVERY: Duration = Duration::from_millis(50);
 
 /// The writer still checkpoints by itself once the WAL holds this many pages
 /// (64 MiB at 4 KiB), should the background checkpoints ever fall behind.
