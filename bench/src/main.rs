@@ -527,8 +527,7 @@ async fn measure<W: Workload>(
         report::ms(m.p50_us),
         report::ms(m.p99_us),
         pct(ok_share),
-        m.disk_kib_per_req
-            .map_or_else(|| "-".to_owned(), |d| format!("{d:.1}")),
+        report::per_answer(m.disk_kib_per_req),
         m.note
     );
     ctx.measures.push(m);

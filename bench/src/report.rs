@@ -80,6 +80,11 @@ pub fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
+/// A per-answer figure with one decimal, or `-` when it was not measured.
+pub fn per_answer(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"))
+}
+
 pub fn pct(x: f64) -> String {
     format!("{:.0} %", x * 100.0)
 }
@@ -126,14 +131,8 @@ pub fn render(
         } else {
             "-".into()
         };
-        let cpu = m
-            .cpu_us_per_req
-            .map(|c| format!("{c:.1}"))
-            .unwrap_or_else(|| "-".into());
-        let disk = m
-            .disk_kib_per_req
-            .map(|d| format!("{d:.1}"))
-            .unwrap_or_else(|| "-".into());
+        let cpu = per_answer(m.cpu_us_per_req);
+        let disk = per_answer(m.disk_kib_per_req);
         let rps = if m.rps > 0.0 {
             format!("{:.0}", m.rps)
         } else {
