@@ -180,15 +180,9 @@ fn in_numbering_plan(number: &phonenumber::PhoneNumber) -> bool {
     let Some(regions) = database.region(&code) else {
         return false;
     };
-    let by_region = |region: &str| {
-        region
-            .parse::<phonenumber::country::Id>()
-            .ok()
-            .and_then(|id| database.by_id(id.as_ref()))
-    };
     let plan = match regions[..] {
         ["001"] => database.by_code(&code).and_then(|m| m.into_iter().next()),
-        [region] => by_region(region),
+        [region] => database.by_id(region),
         // Regions sharing a calling code: the number's is the first whose
         // leading digits it starts with or, lacking those, whose plan has it.
         _ => regions.iter().find_map(|&region| {
@@ -197,7 +191,7 @@ fn in_numbering_plan(number: &phonenumber::PhoneNumber) -> bool {
                 Some(leading) => leading.find(&national).is_some_and(|m| m.start() == 0),
                 None => plan_has(plan, &national),
             };
-            if ours { by_region(region) } else { None }
+            ours.then_some(plan)
         }),
     };
     plan.is_some_and(|plan| plan_has(plan, &national))

@@ -71,13 +71,14 @@ impl TextVisitor<'_> {
         }
     }
 
-    fn record_integer(&mut self, field: &Field, digits: &str) {
+    /// A value written as it is, unquoted: an integer or a boolean.
+    fn record_unquoted(&mut self, field: &Field, text: &str) {
         if self.result.is_err() {
             return;
         }
         match self.start(field) {
-            Some(started) => self.result = started.and_then(|()| self.writer.write_str(digits)),
-            None => self.delegate(field, |d| d.record_debug(field, &format_args!("{digits}"))),
+            Some(started) => self.result = started.and_then(|()| self.writer.write_str(text)),
+            None => self.delegate(field, |d| d.record_debug(field, &format_args!("{text}"))),
         }
     }
 }
@@ -114,15 +115,15 @@ impl Visit for TextVisitor<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.record_integer(field, itoa::Buffer::new().format(value));
+        self.record_unquoted(field, itoa::Buffer::new().format(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.record_integer(field, itoa::Buffer::new().format(value));
+        self.record_unquoted(field, itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.record_integer(field, if value { "true" } else { "false" });
+        self.record_unquoted(field, if value { "true" } else { "false" });
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
