@@ -47,7 +47,7 @@ pub struct Policy {
 /// The SMS-pumping guard: a number prefix (or a whole country) whose send
 /// velocity is above its threshold while few of its codes are ever approved is
 /// quarantined for a while.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GuardPolicy {
     pub enabled: bool,

@@ -24,9 +24,11 @@ use crate::crypto::{Crypto, to_hex};
 use crate::domain::limits::{
     self, DAY, HOUR, Limit, Traffic, WindowCounts, admit_spend, judge_traffic, micro_units,
 };
-use crate::domain::{PhoneNumber, Policy, Verification};
+use crate::domain::{GuardPolicy, PhoneNumber, Policy, Verification};
 use crate::metrics::Metrics;
-use crate::store::{CounterAdd, CounterRead, GuessBudget, Store, StoreError, StoreResult};
+use crate::store::{
+    ApprovalCounts, CounterAdd, CounterRead, GuessBudget, Store, StoreError, StoreResult,
+};
 
 use super::verifications::{CheckError, SendError};
 
@@ -129,8 +131,7 @@ const MAX_CACHED_TENANTS: usize = 4096;
 /// threshold: the country calling code, and the longer prefix (one level when
 /// `prefix_digits` is 0 or the number is too short for more, with the lower
 /// threshold). None when the guard is off.
-fn guard_levels<'a>(policy: &Policy, to: &'a PhoneNumber) -> Vec<(&'a str, u32)> {
-    let guard = &policy.guard;
+fn guard_levels<'a>(guard: &GuardPolicy, to: &'a PhoneNumber) -> Vec<(&'a str, u32)> {
     if !guard.enabled {
         return Vec::new();
     }
@@ -252,7 +253,7 @@ impl AbuseGuard {
         wanted.retain(|(_, max, _)| *max > 0);
 
         let guard = &policy.guard;
-        let levels = guard_levels(policy, ctx.to);
+        let levels = guard_levels(&policy.guard, ctx.to);
 
         // Every counter this send is judged by, in one store round trip: each
         // limit's two windows, then each prefix's sends and approvals, then spend.
@@ -546,30 +547,30 @@ impl AbuseGuard {
         }
     }
 
-    /// Feeds the pumping guard's conversion: an approved code is a real user.
-    pub async fn record_approval(&self, policy: &Policy, v: &Verification, now: DateTime<Utc>) {
-        if !policy.guard.enabled {
-            return;
+    /// The pumping guard's conversion counts an approval of `tenant`'s adds
+    /// (an approved code is a real user), for `Store::check_counted_code`;
+    /// `None` with the guard off.
+    pub fn approval_counts(&self, tenant: &str, policy: &Policy) -> Option<ApprovalCounts> {
+        let guard = policy.guard;
+        if !guard.enabled {
+            return None;
         }
-        let Ok(phone) = self
-            .crypto
-            .open_stored_phone(&v.phone, v.country.as_deref())
-        else {
-            return;
-        };
-        let tag = self.tenant_tag(&v.tenant);
-        let adds: Vec<CounterAdd> = guard_levels(policy, &phone)
-            .iter()
-            .map(|(prefix, _)| CounterAdd {
-                key: traffic_key("ok", &tag, prefix),
-                amount: 1,
-                window_seconds: HOUR,
-                ceiling: None,
-            })
-            .collect();
-        if let Err(e) = self.store.add_counters(&adds, now).await {
-            tracing::warn!(tenant = %v.tenant, error = %e, "could not count an approval");
-        }
+        let crypto = self.crypto.clone();
+        let tag = self.tenant_tag(tenant);
+        Some(Arc::new(move |v: &Verification| {
+            let Ok(phone) = crypto.open_stored_phone(&v.phone, v.country.as_deref()) else {
+                return Vec::new();
+            };
+            guard_levels(&guard, &phone)
+                .iter()
+                .map(|(prefix, _)| CounterAdd {
+                    key: traffic_key("ok", &tag, prefix),
+                    amount: 1,
+                    window_seconds: HOUR,
+                    ceiling: None,
+                })
+                .collect()
+        }))
     }
 
     /// Logs a refused send and counts it for the tenant's daily report.
@@ -684,21 +685,24 @@ mod tests {
     fn a_number_is_judged_by_country_and_prefix_once_each() {
         let nl = PhoneNumber::parse("+31651860670").unwrap();
         let mut policy = Policy::default();
-        assert_eq!(guard_levels(&policy, &nl), [("+31", 500), ("+31651", 50)]);
+        assert_eq!(
+            guard_levels(&policy.guard, &nl),
+            [("+31", 500), ("+31651", 50)]
+        );
         policy.guard.prefix_digits = 0;
         assert_eq!(
-            guard_levels(&policy, &nl),
+            guard_levels(&policy.guard, &nl),
             [("+31", 50)],
             "one level, lower threshold"
         );
         policy.guard.max_sends_per_prefix_hour = 0;
         assert_eq!(
-            guard_levels(&policy, &nl),
+            guard_levels(&policy.guard, &nl),
             [("+31", 500)],
             "0 is off, not lowest"
         );
         policy.guard.enabled = false;
-        assert!(guard_levels(&policy, &nl).is_empty());
+        assert!(guard_levels(&policy.guard, &nl).is_empty());
     }
 
     /// A kept index is the index: the same for the same tenant, across a

@@ -667,10 +667,19 @@ impl VerificationService {
         // The store judges and counts the subject's wrong-guess budget in the
         // same step as the compare, so racing wrong guesses cannot overrun it.
         let budget = GuessBudget::new(caller.policy.max_wrong_guesses_per_hour);
-        let outcome = self
-            .store
-            .check_code(tenant, id, &hash, budget, now)
-            .await?;
+        // The guard's conversion counts go with the approval, in one step.
+        let outcome = match self.guard.approval_counts(tenant, caller.policy) {
+            Some(counts) => {
+                self.store
+                    .check_counted_code(tenant, id, &hash, budget, &counts, now)
+                    .await?
+            }
+            None => {
+                self.store
+                    .check_code(tenant, id, &hash, budget, now)
+                    .await?
+            }
+        };
         let label = match &outcome {
             CheckOutcome::Approved(_) => Some("approved"),
             CheckOutcome::Wrong {
@@ -691,11 +700,8 @@ impl VerificationService {
             audit(Some(id), masked_to, label);
         }
         match outcome {
-            CheckOutcome::Approved(v) => {
-                // The store counted it in usage with the approval itself.
-                self.guard.record_approval(caller.policy, &v, now).await;
-                Ok(CheckResult::Approved(v))
-            }
+            // The store counted it in usage and for the guard with the approval itself.
+            CheckOutcome::Approved(v) => Ok(CheckResult::Approved(v)),
             CheckOutcome::Wrong { attempts_left, .. } => Ok(CheckResult::Wrong {
                 verification_id: id,
                 attempts_left,

@@ -92,6 +92,23 @@ macro_rules! decorate_store {
                 )
                 .await
             }
+            async fn check_counted_code(
+                &self,
+                tenant: &str,
+                id: Uuid,
+                code_hash: &[u8; 32],
+                budget: Option<$crate::store::GuessBudget>,
+                counts: &$crate::store::ApprovalCounts,
+                now: DateTime<Utc>,
+            ) -> StoreResult<CheckOutcome> {
+                // The same operation to whoever reads the metrics.
+                self.$around(
+                    "check_code",
+                    self.inner
+                        .check_counted_code(tenant, id, code_hash, budget, counts, now),
+                )
+                .await
+            }
             async fn get_verification(
                 &self,
                 tenant: &str,

@@ -200,6 +200,11 @@ impl<'a> CounterRead<'a> {
     }
 }
 
+/// The counters an approval adds, worked out from the approved record (the
+/// pumping guard's conversion counts need the number it was sent to, which
+/// a check by id only learns from the record). See `Store::check_counted_code`.
+pub type ApprovalCounts = Arc<dyn Fn(&Verification) -> Vec<CounterAdd> + Send + Sync>;
+
 /// One add of `Store::add_counters`, in the window containing its `now`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterAdd {
@@ -460,6 +465,33 @@ pub trait Store: Send + Sync + 'static {
         budget: Option<GuessBudget>,
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome>;
+
+    /// `check_code`, then, when it approved, `add_counters` of what `counts`
+    /// works out from the approved record. One atomic step where the backend
+    /// can (the SQL stores: one transaction, so a right check commits once and
+    /// an approval is never kept without its counts). Here two calls; the
+    /// approval stands when its adds fail, since the code is spent either way,
+    /// and the failure is logged.
+    async fn check_counted_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        counts: &ApprovalCounts,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        let outcome = self.check_code(tenant, id, code_hash, budget, now).await?;
+        if let CheckOutcome::Approved(v) = &outcome {
+            let adds = counts(v);
+            if !adds.is_empty()
+                && let Err(e) = self.add_counters(&adds, now).await
+            {
+                tracing::warn!(tenant, error = %e, "could not count an approval");
+            }
+        }
+        Ok(outcome)
+    }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>>;
 

@@ -618,7 +618,7 @@ macro_rules! sql_store {
             send_in,
         };
         use $crate::store::{
-            CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
+            ApprovalCounts, CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
             SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message, seconds_until,
         };
@@ -777,7 +777,24 @@ macro_rules! sql_store {
                 let tenant = tenant.to_owned();
                 let code_hash = *code_hash;
                 $hot_write!(self, WriteKind::Transaction, |tx| {
-                    check_in(tx, &tenant, id, &code_hash, budget, now)
+                    check_in(tx, &tenant, id, &code_hash, budget, None, now)
+                })
+            }
+
+            async fn check_counted_code(
+                &self,
+                tenant: &str,
+                id: Uuid,
+                code_hash: &[u8; 32],
+                budget: Option<GuessBudget>,
+                counts: &ApprovalCounts,
+                now: DateTime<Utc>,
+            ) -> StoreResult<CheckOutcome> {
+                let tenant = tenant.to_owned();
+                let code_hash = *code_hash;
+                let counts = counts.clone();
+                $hot_write!(self, WriteKind::Transaction, |tx| {
+                    check_in(tx, &tenant, id, &code_hash, budget, Some(&counts), now)
                 })
             }
 

@@ -13,8 +13,8 @@ use super::sql_common::{
     COUNTER_READS_PER_STATEMENT, SubjectState, Window, admit_send, decide_check,
 };
 use super::{
-    CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision, SendPlan, StoreError,
-    StoreResult, UsageRow,
+    ApprovalCounts, CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision,
+    SendPlan, StoreError, StoreResult, UsageRow,
 };
 use crate::domain::limits::WindowCounts;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
@@ -184,13 +184,16 @@ pub(crate) async fn counted_send_in(
     Ok((decision, totals))
 }
 
-/// `Store::check_code`, inside the backend's write.
+/// `Store::check_code` (`Store::check_counted_code` with `counts`), inside
+/// the backend's write.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn check_in(
     tx: &mut impl HotTx,
     tenant: &str,
     id: Uuid,
     code_hash: &[u8; 32],
     budget: Option<GuessBudget>,
+    counts: Option<&ApprovalCounts>,
     now: DateTime<Utc>,
 ) -> StoreResult<CheckOutcome> {
     let Some(mut v) = tx
@@ -219,7 +222,12 @@ pub(crate) async fn check_in(
             tx.add_to_counter(key, 1, GuessBudget::WINDOW_SECONDS, now)
                 .await?;
         }
-        (CheckOutcome::Approved(_), _) => tx.count_approval(id).await?,
+        (CheckOutcome::Approved(v), _) => {
+            tx.count_approval(id).await?;
+            if let Some(adds) = counts.map(|counts| counts(v)).filter(|a| !a.is_empty()) {
+                tx.add_counters(&adds, now).await?;
+            }
+        }
         _ => {}
     }
     Ok(outcome)

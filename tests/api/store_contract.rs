@@ -12,8 +12,8 @@ use otpd::domain::{
     Verification,
 };
 use otpd::store::{
-    CancelOutcome, CheckOutcome, CounterAdd, CounterRead, GuessBudget, InboxEntry, MessageUpdate,
-    RateDecision, SendAbort, SendDecision, SendPlan, Store,
+    ApprovalCounts, CancelOutcome, CheckOutcome, CounterAdd, CounterRead, GuessBudget, InboxEntry,
+    MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, Store,
 };
 use uuid::Uuid;
 
@@ -1382,6 +1382,55 @@ pub async fn an_approval_counts_once_on_its_first_accepted_attempt(store: DynSto
     assert_eq!(rows, vec![expected]);
 }
 
+pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let key = format!("ok:{}", Uuid::new_v4().simple());
+    // As the guard's, the adds depend on the record, which is the approved one.
+    let counts: ApprovalCounts = {
+        let key = key.clone();
+        Arc::new(move |v: &Verification| {
+            if v.status != Status::Approved {
+                return Vec::new();
+            }
+            vec![CounterAdd {
+                key: format!("{key}:{}", v.id),
+                amount: 1,
+                window_seconds: 3600,
+                ceiling: None,
+            }]
+        })
+    };
+    let counted = format!("{key}:{id}");
+    let wrong = store
+        .check_counted_code(&f.tenant, id, &f.hash(id, "000000"), None, &counts, now)
+        .await
+        .unwrap();
+    assert!(matches!(wrong, CheckOutcome::Wrong { .. }), "{wrong:?}");
+    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 0);
+
+    let hash = f.hash(id, "123456");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, f, counts) = (store.clone(), f.clone(), counts.clone());
+            tokio::spawn(async move {
+                store
+                    .check_counted_code(&f.tenant, id, &hash, None, &counts, now)
+                    .await
+            })
+        })
+        .collect();
+    let mut approved = 0;
+    for t in tasks {
+        if let CheckOutcome::Approved(_) = t.await.unwrap().unwrap() {
+            approved += 1;
+        }
+    }
+    assert_eq!(approved, 1);
+    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
+}
+
 pub async fn an_approval_without_an_accepted_attempt_counts_nothing(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -2014,6 +2063,7 @@ macro_rules! store_contract_tests {
                 a_message_and_its_usage_are_recorded_together,
                 an_approval_counts_once_on_its_first_accepted_attempt,
                 an_approval_without_an_accepted_attempt_counts_nothing,
+                an_approval_adds_its_counts_once_and_a_wrong_code_none,
                 replace_code_resends_without_cooldown_and_keeps_attempts,
                 inbox_lists_newest_first_per_tenant_and_number,
                 rate_limit_counts_per_window,
