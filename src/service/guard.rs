@@ -150,6 +150,11 @@ fn guard_levels<'a>(guard: &GuardPolicy, to: &'a PhoneNumber) -> Vec<(&'a str, u
     vec![(country.0, lower)]
 }
 
+/// A tenant's part of its counter keys: enough of its index to tell tenants apart.
+fn tenant_tag(index: &[u8; 32]) -> String {
+    to_hex(&index[..12])
+}
+
 fn quarantine_namespace(tenant: &str) -> String {
     format!("guard:q:{tenant}")
 }
@@ -199,7 +204,7 @@ impl AbuseGuard {
     }
 
     fn tenant_tag(&self, tenant: &str) -> String {
-        to_hex(&self.tenant_index(tenant)[..12])
+        tenant_tag(&self.tenant_index(tenant))
     }
 
     fn traffic_key(&self, what: &str, tenant: &str, prefix: &str) -> String {
@@ -556,11 +561,13 @@ impl AbuseGuard {
             return None;
         }
         let crypto = self.crypto.clone();
-        let tag = self.tenant_tag(tenant);
+        // Written out only for an approval: most checks are not one.
+        let index = self.tenant_index(tenant);
         Some(Arc::new(move |v: &Verification| {
             let Ok(phone) = crypto.open_stored_phone(&v.phone, v.country.as_deref()) else {
                 return Vec::new();
             };
+            let tag = tenant_tag(&index);
             guard_levels(&guard, &phone)
                 .iter()
                 .map(|(prefix, _)| CounterAdd {

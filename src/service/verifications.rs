@@ -20,7 +20,8 @@ use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
 use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
-    CancelOutcome, CheckOutcome, GuessBudget, SendAbort, SendDecision, SendPlan, Store, StoreError,
+    ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CurrentCheck, GuessBudget, SendAbort,
+    SendDecision, SendPlan, Store, StoreError,
 };
 
 use super::guard::{AbuseGuard, SendContext};
@@ -143,6 +144,16 @@ pub enum Target {
     Id(Uuid),
     Uid(String),
     Phone { to: TypedNumber, purpose: Purpose },
+}
+
+/// What a check hands the store to compare and count: the typed code's hash
+/// for a verification id, the subject's wrong-guess budget (judged and counted
+/// in the same step as the compare, so racing wrong guesses cannot overrun
+/// it), and the guard's counts for an approval.
+struct Comparison {
+    hash_for: CodeHasher,
+    budget: Option<GuessBudget>,
+    counts: Option<ApprovalCounts>,
 }
 
 // Returned by value once per request; boxing would only add an allocation.
@@ -581,8 +592,9 @@ impl VerificationService {
         target: Target,
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
-        self.check_hash(caller, target, |id| self.crypto.code_hash(id, code))
-            .await
+        let (crypto, code) = (self.crypto.clone(), code.clone());
+        let hash_for = Arc::new(move |id| crypto.code_hash(id, &code));
+        self.check_hash(caller, target, hash_for).await
     }
 
     /// Checks a guess that cannot be any issued code (digits of a length no code
@@ -594,11 +606,11 @@ impl VerificationService {
         target: Target,
     ) -> Result<CheckResult, CheckError> {
         // A hash under another key and domain: it matches no code hash.
-        self.check_hash(caller, target, |id| {
-            self.crypto
-                .blind_index("unusable-guess", &[id.to_string().as_str()])
-        })
-        .await
+        let crypto = self.crypto.clone();
+        let hash_for = Arc::new(move |id: Uuid| {
+            crypto.blind_index("unusable-guess", &[id.to_string().as_str()])
+        });
+        self.check_hash(caller, target, hash_for).await
     }
 
     /// Every check ends here, so each is counted once, whatever the API surface.
@@ -606,7 +618,7 @@ impl VerificationService {
         &self,
         caller: &Caller<'_>,
         target: Target,
-        hash_for: impl FnOnce(Uuid) -> [u8; 32],
+        hash_for: CodeHasher,
     ) -> Result<CheckResult, CheckError> {
         let result = self.check_hashed(caller, target, hash_for).await;
         let label = match &result {
@@ -630,7 +642,7 @@ impl VerificationService {
         &self,
         caller: &Caller<'_>,
         target: Target,
-        hash_for: impl FnOnce(Uuid) -> [u8; 32],
+        hash_for: CodeHasher,
     ) -> Result<CheckResult, CheckError> {
         let tenant = caller.tenant;
         let now = self.clock.now();
@@ -645,39 +657,41 @@ impl VerificationService {
                 client_ip = caller.client_ip.map(|ip| ip.to_string()),
             );
         };
-        let (id, masked_to) = match target {
-            Target::Id(id) => (id, None),
+        let compare = Comparison {
+            hash_for,
+            budget: GuessBudget::new(caller.policy.max_wrong_guesses_per_hour),
+            counts: self.guard.approval_counts(tenant, caller.policy),
+        };
+        let (id, outcome, masked_to) = match target {
+            Target::Id(id) => {
+                let outcome = self
+                    .store
+                    .check_counted_code(
+                        tenant,
+                        id,
+                        &(compare.hash_for)(id),
+                        compare.budget,
+                        compare.counts.as_ref(),
+                        now,
+                    )
+                    .await?;
+                (id, outcome, None)
+            }
             Target::Uid(uid) => {
                 let subject = self.crypto.subject_for_uid(tenant, &uid);
-                let id = self.current(tenant, &subject, now).await.inspect_err(|e| {
-                    audit(None, None, check_error_label(e));
-                })?;
-                (id, None)
+                let (id, outcome) = self
+                    .check_current(tenant, &subject, &compare, now)
+                    .await
+                    .inspect_err(|e| audit(None, None, check_error_label(e)))?;
+                (id, outcome, None)
             }
             Target::Phone { to, purpose } => {
                 let masked = to.masked();
-                let id = self
-                    .current_for_number(tenant, &to, &purpose, now)
+                let (id, outcome) = self
+                    .check_number(tenant, &to, &purpose, &compare, now)
                     .await
                     .inspect_err(|e| audit(None, Some(&masked), check_error_label(e)))?;
-                (id, Some(masked))
-            }
-        };
-        let hash = hash_for(id);
-        // The store judges and counts the subject's wrong-guess budget in the
-        // same step as the compare, so racing wrong guesses cannot overrun it.
-        let budget = GuessBudget::new(caller.policy.max_wrong_guesses_per_hour);
-        // The guard's conversion counts go with the approval, in one step.
-        let outcome = match self.guard.approval_counts(tenant, caller.policy) {
-            Some(counts) => {
-                self.store
-                    .check_counted_code(tenant, id, &hash, budget, &counts, now)
-                    .await?
-            }
-            None => {
-                self.store
-                    .check_code(tenant, id, &hash, budget, now)
-                    .await?
+                (id, outcome, Some(masked))
             }
         };
         let label = match &outcome {
@@ -718,19 +732,20 @@ impl VerificationService {
     /// The number as typed first, as it was sent to in most calls; then, if
     /// that finds nothing, as `PhoneNumber::parse` normalises it. What
     /// answers "nothing pending" depends only on what was typed.
-    async fn current_for_number(
+    async fn check_number(
         &self,
         tenant: &str,
         to: &TypedNumber,
         purpose: &Purpose,
+        compare: &Comparison,
         now: DateTime<Utc>,
-    ) -> Result<Uuid, CheckError> {
+    ) -> Result<(Uuid, CheckOutcome), CheckError> {
         let typed = self
             .crypto
             .subject_for_phone(tenant, to.e164(), purpose.as_str());
-        match self.current(tenant, &typed, now).await {
+        match self.check_current(tenant, &typed, compare, now).await {
             Err(CheckError::NotFound) => {}
-            found_or_failed => return found_or_failed,
+            checked_or_failed => return checked_or_failed,
         }
         // A number that the plan cannot read was never sent to.
         let Ok(normal) = to.normalise() else {
@@ -742,19 +757,32 @@ impl VerificationService {
         let subject = self
             .crypto
             .subject_for_phone(tenant, normal.e164(), purpose.as_str());
-        self.current(tenant, &subject, now).await
+        self.check_current(tenant, &subject, compare, now).await
     }
 
-    async fn current(
+    /// The subject's current verification, checked: its id and the outcome.
+    async fn check_current(
         &self,
         tenant: &str,
         subject: &SubjectKey,
+        compare: &Comparison,
         now: DateTime<Utc>,
-    ) -> Result<Uuid, CheckError> {
-        match self.store.find_current(tenant, subject, now).await? {
-            Some((_, Status::MaxAttempts)) => Err(CheckError::MaxAttempts),
-            Some((id, _)) => Ok(id),
-            None => Err(CheckError::NotFound),
+    ) -> Result<(Uuid, CheckOutcome), CheckError> {
+        let found = self
+            .store
+            .check_current_code(
+                tenant,
+                subject,
+                &compare.hash_for,
+                compare.budget,
+                compare.counts.as_ref(),
+                now,
+            )
+            .await?;
+        match found {
+            CurrentCheck::Checked(id, outcome) => Ok((id, outcome)),
+            CurrentCheck::MaxAttempts => Err(CheckError::MaxAttempts),
+            CurrentCheck::NoneCurrent => Err(CheckError::NotFound),
         }
     }
 

@@ -98,7 +98,7 @@ macro_rules! decorate_store {
                 id: Uuid,
                 code_hash: &[u8; 32],
                 budget: Option<$crate::store::GuessBudget>,
-                counts: &$crate::store::ApprovalCounts,
+                counts: Option<&$crate::store::ApprovalCounts>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
                 // The same operation to whoever reads the metrics.
@@ -106,6 +106,22 @@ macro_rules! decorate_store {
                     "check_code",
                     self.inner
                         .check_counted_code(tenant, id, code_hash, budget, counts, now),
+                )
+                .await
+            }
+            async fn check_current_code(
+                &self,
+                tenant: &str,
+                subject: &SubjectKey,
+                hash_for: &$crate::store::CodeHasher,
+                budget: Option<$crate::store::GuessBudget>,
+                counts: Option<&$crate::store::ApprovalCounts>,
+                now: DateTime<Utc>,
+            ) -> StoreResult<$crate::store::CurrentCheck> {
+                self.$around(
+                    "check_current_code",
+                    self.inner
+                        .check_current_code(tenant, subject, hash_for, budget, counts, now),
                 )
                 .await
             }

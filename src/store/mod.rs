@@ -205,6 +205,22 @@ impl<'a> CounterRead<'a> {
 /// a check by id only learns from the record). See `Store::check_counted_code`.
 pub type ApprovalCounts = Arc<dyn Fn(&Verification) -> Vec<CounterAdd> + Send + Sync>;
 
+/// The typed code's hash for a verification id: what a check by number
+/// compares once the store has found the verification.
+pub type CodeHasher = Arc<dyn Fn(Uuid) -> [u8; 32] + Send + Sync>;
+
+/// What `Store::check_current_code` found, and did.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum CurrentCheck {
+    /// The subject has no verification that can be checked.
+    NoneCurrent,
+    /// Its current verification is out of attempts: nothing was compared.
+    MaxAttempts,
+    /// Its current verification, and the check of it.
+    Checked(Uuid, CheckOutcome),
+}
+
 /// One add of `Store::add_counters`, in the window containing its `now`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterAdd {
@@ -467,7 +483,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<CheckOutcome>;
 
     /// `check_code`, then, when it approved, `add_counters` of what `counts`
-    /// works out from the approved record. One atomic step where the backend
+    /// works out from the approved record (with no `counts`, `check_code`). One atomic step where the backend
     /// can (the SQL stores: one transaction, so a right check commits once and
     /// an approval is never kept without its counts). Here two calls; the
     /// approval stands when its adds fail, since the code is spent either way,
@@ -478,11 +494,11 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         code_hash: &[u8; 32],
         budget: Option<GuessBudget>,
-        counts: &ApprovalCounts,
+        counts: Option<&ApprovalCounts>,
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
         let outcome = self.check_code(tenant, id, code_hash, budget, now).await?;
-        if let CheckOutcome::Approved(v) = &outcome {
+        if let (CheckOutcome::Approved(v), Some(counts)) = (&outcome, counts) {
             let adds = counts(v);
             if !adds.is_empty()
                 && let Err(e) = self.add_counters(&adds, now).await
@@ -491,6 +507,32 @@ pub trait Store: Send + Sync + 'static {
             }
         }
         Ok(outcome)
+    }
+
+    /// A check by number: `find_current` of `subject` and, when that is
+    /// pending, `check_counted_code` of it with the hash `hash_for` gives for
+    /// its id (a code's hash is keyed by its verification). One atomic step
+    /// where the backend can (the SQL stores: one transaction, whose lookup
+    /// is a read inside the write). Here two calls.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_current_code(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        hash_for: &CodeHasher,
+        budget: Option<GuessBudget>,
+        counts: Option<&ApprovalCounts>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CurrentCheck> {
+        let id = match self.find_current(tenant, subject, now).await? {
+            None => return Ok(CurrentCheck::NoneCurrent),
+            Some((_, Status::MaxAttempts)) => return Ok(CurrentCheck::MaxAttempts),
+            Some((id, _)) => id,
+        };
+        let outcome = self
+            .check_counted_code(tenant, id, &hash_for(id), budget, counts, now)
+            .await?;
+        Ok(CurrentCheck::Checked(id, outcome))
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>>;

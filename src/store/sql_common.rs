@@ -614,11 +614,11 @@ macro_rules! sql_store {
             sealed,
         };
         use $crate::store::sql_hot::{
-            HotTx, check_in, counted_send_in, read_counters_in,
+            HotTx, check_current_in, check_in, counted_send_in, read_counters_in,
             send_in,
         };
         use $crate::store::{
-            ApprovalCounts, CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
+            ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CurrentCheck, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
             SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message, seconds_until,
         };
@@ -787,14 +787,31 @@ macro_rules! sql_store {
                 id: Uuid,
                 code_hash: &[u8; 32],
                 budget: Option<GuessBudget>,
-                counts: &ApprovalCounts,
+                counts: Option<&ApprovalCounts>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
                 let tenant = tenant.to_owned();
                 let code_hash = *code_hash;
-                let counts = counts.clone();
+                let counts = counts.cloned();
                 $hot_write!(self, WriteKind::Transaction, |tx| {
-                    check_in(tx, &tenant, id, &code_hash, budget, Some(&counts), now)
+                    check_in(tx, &tenant, id, &code_hash, budget, counts.as_ref(), now)
+                })
+            }
+
+            async fn check_current_code(
+                &self,
+                tenant: &str,
+                subject: &SubjectKey,
+                hash_for: &CodeHasher,
+                budget: Option<GuessBudget>,
+                counts: Option<&ApprovalCounts>,
+                now: DateTime<Utc>,
+            ) -> StoreResult<CurrentCheck> {
+                let tenant = tenant.to_owned();
+                let subject = *subject;
+                let (hash_for, counts) = (hash_for.clone(), counts.cloned());
+                $hot_write!(self, WriteKind::Transaction, |tx| {
+                    check_current_in(tx, &tenant, &subject, &hash_for, budget, counts.as_ref(), now)
                 })
             }
 

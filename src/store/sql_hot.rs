@@ -13,8 +13,8 @@ use super::sql_common::{
     COUNTER_READS_PER_STATEMENT, SubjectState, Window, admit_send, decide_check,
 };
 use super::{
-    ApprovalCounts, CheckOutcome, CounterAdd, CounterRead, GuessBudget, Marker, SendDecision,
-    SendPlan, StoreError, StoreResult, UsageRow,
+    ApprovalCounts, CheckOutcome, CodeHasher, CounterAdd, CounterRead, CurrentCheck, GuessBudget,
+    Marker, SendDecision, SendPlan, StoreError, StoreResult, UsageRow,
 };
 use crate::domain::limits::WindowCounts;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
@@ -231,6 +231,27 @@ pub(crate) async fn check_in(
         _ => {}
     }
     Ok(outcome)
+}
+
+/// `Store::check_current_code`, inside the backend's write: the lookup reads
+/// what the write sees (on SQLite, through the writer's warm page cache).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn check_current_in(
+    tx: &mut impl HotTx,
+    tenant: &str,
+    subject: &SubjectKey,
+    hash_for: &CodeHasher,
+    budget: Option<GuessBudget>,
+    counts: Option<&ApprovalCounts>,
+    now: DateTime<Utc>,
+) -> StoreResult<CurrentCheck> {
+    let id = match tx.find_current(tenant, subject, now).await? {
+        None => return Ok(CurrentCheck::NoneCurrent),
+        Some((_, Status::MaxAttempts)) => return Ok(CurrentCheck::MaxAttempts),
+        Some((id, _)) => id,
+    };
+    let outcome = check_in(tx, tenant, id, &hash_for(id), budget, counts, now).await?;
+    Ok(CurrentCheck::Checked(id, outcome))
 }
 
 /// A subject's current verification, while it can still be checked: the

@@ -12,8 +12,8 @@ use otpd::domain::{
     Verification,
 };
 use otpd::store::{
-    ApprovalCounts, CancelOutcome, CheckOutcome, CounterAdd, CounterRead, GuessBudget, InboxEntry,
-    MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, Store,
+    ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CounterAdd, CounterRead, CurrentCheck,
+    GuessBudget, InboxEntry, MessageUpdate, RateDecision, SendAbort, SendDecision, SendPlan, Store,
 };
 use uuid::Uuid;
 
@@ -1404,7 +1404,14 @@ pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynSt
     };
     let counted = format!("{key}:{id}");
     let wrong = store
-        .check_counted_code(&f.tenant, id, &f.hash(id, "000000"), None, &counts, now)
+        .check_counted_code(
+            &f.tenant,
+            id,
+            &f.hash(id, "000000"),
+            None,
+            Some(&counts),
+            now,
+        )
         .await
         .unwrap();
     assert!(matches!(wrong, CheckOutcome::Wrong { .. }), "{wrong:?}");
@@ -1416,7 +1423,7 @@ pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynSt
             let (store, f, counts) = (store.clone(), f.clone(), counts.clone());
             tokio::spawn(async move {
                 store
-                    .check_counted_code(&f.tenant, id, &hash, None, &counts, now)
+                    .check_counted_code(&f.tenant, id, &hash, None, Some(&counts), now)
                     .await
             })
         })
@@ -1429,6 +1436,124 @@ pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynSt
     }
     assert_eq!(approved, 1);
     assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
+}
+
+pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    // The hash is asked for with the id the store found, and only then.
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hasher = |code: &'static str| -> CodeHasher {
+        let (f, asked) = (f.clone(), asked.clone());
+        Arc::new(move |id| {
+            asked.lock().unwrap().push(id);
+            f.hash(id, code)
+        })
+    };
+    let nothing = store
+        .check_current_code(&f.tenant, &f.subject, &hasher("123456"), None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(nothing, CurrentCheck::NoneCurrent);
+    assert!(asked.lock().unwrap().is_empty());
+
+    let id = f.start(&store, "123456", now).await;
+    let key = format!("ok:{}", Uuid::new_v4().simple());
+    let counts: ApprovalCounts = {
+        let key = key.clone();
+        Arc::new(move |_: &Verification| {
+            vec![CounterAdd {
+                key: key.clone(),
+                amount: 1,
+                window_seconds: 3600,
+                ceiling: None,
+            }]
+        })
+    };
+    for _ in 1..MAX_ATTEMPTS {
+        let wrong = store
+            .check_current_code(
+                &f.tenant,
+                &f.subject,
+                &hasher("000000"),
+                None,
+                Some(&counts),
+                now,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(wrong, CurrentCheck::Checked(found, CheckOutcome::Wrong { .. }) if found == id),
+            "{wrong:?}"
+        );
+    }
+    let right = store
+        .check_current_code(
+            &f.tenant,
+            &f.subject,
+            &hasher("123456"),
+            None,
+            Some(&counts),
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&right, CurrentCheck::Checked(found, CheckOutcome::Approved(v)) if *found == id && v.status == Status::Approved),
+        "{right:?}"
+    );
+    assert_eq!(*asked.lock().unwrap(), vec![id; MAX_ATTEMPTS as usize]);
+    assert_eq!(store.read_counter(&key, 3600, now).await.unwrap(), 1);
+    // Approved, it is no longer current; another tenant never saw it.
+    let after = store
+        .check_current_code(
+            &f.tenant,
+            &f.subject,
+            &hasher("123456"),
+            None,
+            Some(&counts),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(after, CurrentCheck::NoneCurrent);
+    let other = store
+        .check_current_code(
+            "someone-else",
+            &f.subject,
+            &hasher("123456"),
+            None,
+            None,
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(other, CurrentCheck::NoneCurrent);
+}
+
+pub async fn a_check_by_subject_compares_nothing_once_attempts_are_spent(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    for _ in 0..MAX_ATTEMPTS {
+        store
+            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
+            .await
+            .unwrap();
+    }
+    let hasher: CodeHasher = {
+        let f = f.clone();
+        Arc::new(move |id| f.hash(id, "123456"))
+    };
+    let spent = store
+        .check_current_code(&f.tenant, &f.subject, &hasher, None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(spent, CurrentCheck::MaxAttempts);
+    assert!(matches!(
+        store.get_verification(&f.tenant, id).await.unwrap(),
+        Some(v) if v.status == Status::MaxAttempts
+    ));
 }
 
 pub async fn an_approval_without_an_accepted_attempt_counts_nothing(store: DynStore) {
@@ -2064,6 +2189,8 @@ macro_rules! store_contract_tests {
                 an_approval_counts_once_on_its_first_accepted_attempt,
                 an_approval_without_an_accepted_attempt_counts_nothing,
                 an_approval_adds_its_counts_once_and_a_wrong_code_none,
+                a_check_by_subject_finds_and_checks_its_current_verification,
+                a_check_by_subject_compares_nothing_once_attempts_are_spent,
                 replace_code_resends_without_cooldown_and_keeps_attempts,
                 inbox_lists_newest_first_per_tenant_and_number,
                 rate_limit_counts_per_window,
