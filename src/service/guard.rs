@@ -552,9 +552,9 @@ impl AbuseGuard {
         }
     }
 
-    /// The pumping guard's conversion counts an approval of `tenant`'s adds
-    /// (an approved code is a real user), for `Store::check_counted_code`;
-    /// `None` with the guard off.
+    /// What an approval of one of `tenant`'s codes adds to the pumping
+    /// guard's conversion counts (an approved code is a real user), for
+    /// `Store::check_counted_code`; `None` with the guard off.
     pub fn approval_counts(&self, tenant: &str, policy: &Policy) -> Option<ApprovalCounts> {
         let guard = policy.guard;
         if !guard.enabled {

@@ -483,11 +483,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<CheckOutcome>;
 
     /// `check_code`, then, when it approved, `add_counters` of what `counts`
-    /// works out from the approved record (with no `counts`, `check_code`). One atomic step where the backend
-    /// can (the SQL stores: one transaction, so a right check commits once and
-    /// an approval is never kept without its counts). Here two calls; the
-    /// approval stands when its adds fail, since the code is spent either way,
-    /// and the failure is logged.
+    /// works out from the approved record (with no `counts`, `check_code`).
+    /// One atomic step where the backend can (the SQL stores: one transaction,
+    /// so a right check commits once and an approval is never kept without
+    /// its counts). Here two calls; the approval stands when its adds fail,
+    /// since the code is spent either way, and the failure is logged.
     async fn check_counted_code(
         &self,
         tenant: &str,

@@ -618,7 +618,8 @@ macro_rules! sql_store {
             send_in,
         };
         use $crate::store::{
-            ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CurrentCheck, CodeReplacement, CounterAdd, CounterRead, GuessBudget,
+            ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeReplacement, CounterAdd,
+            CounterRead, CurrentCheck, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
             SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message, seconds_until,
         };
@@ -774,11 +775,8 @@ macro_rules! sql_store {
                 budget: Option<GuessBudget>,
                 now: DateTime<Utc>,
             ) -> StoreResult<CheckOutcome> {
-                let tenant = tenant.to_owned();
-                let code_hash = *code_hash;
-                $hot_write!(self, WriteKind::Transaction, |tx| {
-                    check_in(tx, &tenant, id, &code_hash, budget, None, now)
-                })
+                self.check_counted_code(tenant, id, code_hash, budget, None, now)
+                    .await
             }
 
             async fn check_counted_code(
