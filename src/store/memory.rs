@@ -29,9 +29,10 @@ use siphasher::sip128::{Hash128, Hasher128, SipHasher13};
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget, InboxEntry,
-    Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
-    SendPlan, Store, StoreResult, UsageRow, advance_message, is_unfinished, seconds_until,
+    ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeReplacement, CounterAdd,
+    CounterRead, CurrentCheck, GuessBudget, InboxEntry, Marker, MessageTransition, MessageUpdate,
+    RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store, StoreResult, UsageRow,
+    advance_message, is_unfinished, seconds_until,
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::limits::WindowCounts;
@@ -1117,6 +1118,101 @@ impl MemoryStore {
         row.cost_micros += delta.cost_micros;
     }
 
+    /// The subject's current verification while it can be checked.
+    fn current(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        now: DateTime<Utc>,
+    ) -> Option<(Uuid, Status)> {
+        let now = ms(now);
+        self.current_of(tenant, subject, |r| {
+            now < r.expires && matches!(r.status(), Status::Pending | Status::MaxAttempts)
+        })
+    }
+
+    /// `Store::check_counted_code`, in one step: the counts are added before
+    /// the approval is answered.
+    fn check(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        counts: Option<&ApprovalCounts>,
+        at: DateTime<Utc>,
+    ) -> CheckOutcome {
+        let now = ms(at);
+        let (vh, vshard) = self.verification_shard(id.as_bytes());
+        // The shard stays locked through the budget's read and count, so
+        // checks of this verification are one at a time.
+        let mut shard = vshard.lock();
+        let Some(i) = shard.find(vh, id.as_bytes()) else {
+            return CheckOutcome::NotFound;
+        };
+        if !shard.tenant_is(i, &self.symbols, tenant) {
+            return CheckOutcome::NotFound;
+        }
+        let r = shard.slab.get(i);
+        if !r.is_checkable_at(now) {
+            return CheckOutcome::NotFound;
+        }
+        let guesses = budget.map(|b| (b, GuessBudget::counter_key(&SubjectKey(r.subject))));
+        if let Some((budget, key)) = &guesses {
+            let [previous, current] = GuessBudget::reads(key, at)
+                .map(|r| self.counters.read(r.key, r.window_seconds, r.at));
+            let counts = WindowCounts { previous, current };
+            if !budget.admits(counts, at) {
+                return CheckOutcome::GuessesSpent(counts);
+            }
+        }
+        let r = shard.slab.get_mut(i);
+        if r.status() == Status::MaxAttempts {
+            return CheckOutcome::MaxAttempts;
+        }
+        let Some(stored) = r.code_hash() else {
+            return CheckOutcome::NotFound;
+        };
+        r.updated = now;
+        if Crypto::hashes_match(&stored, code_hash) {
+            r.status = status_code(Status::Approved);
+            r.clear_code();
+            let v = shard.decode(i, &self.symbols);
+            drop(shard);
+            self.count_approval(id.as_bytes());
+            if let Some(counts) = counts {
+                self.add_all(&counts(&v), at);
+            }
+            return CheckOutcome::Approved(v);
+        }
+        r.attempts += 1;
+        if r.attempts >= r.max_attempts {
+            r.status = status_code(Status::MaxAttempts);
+            r.clear_code();
+        }
+        let attempts_left = r.max_attempts.saturating_sub(r.attempts);
+        if let Some((_, key)) = &guesses {
+            self.counters.add(key, 1, GuessBudget::WINDOW_SECONDS, at);
+        }
+        CheckOutcome::Wrong {
+            attempts_left,
+            masked_to: shard.slab.get(i).masked_to(shard.spill(i)),
+        }
+    }
+
+    /// `Store::add_counters`.
+    fn add_all(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> Vec<u64> {
+        let mut totals = Vec::with_capacity(adds.len());
+        for a in adds {
+            let total = self.counters.add(&a.key, a.amount, a.window_seconds, now);
+            totals.push(total);
+            if a.stops_batch(total) {
+                break;
+            }
+        }
+        totals
+    }
+
     /// Counts an approval of verification `id` (see `UsageRow::approval`).
     fn count_approval(&self, id: &[u8; 16]) {
         let h = self.hash(id);
@@ -1256,10 +1352,7 @@ impl Store for MemoryStore {
         subject: &SubjectKey,
         now: DateTime<Utc>,
     ) -> StoreResult<Option<(Uuid, Status)>> {
-        let now = ms(now);
-        Ok(self.current_of(tenant, subject, |r| {
-            now < r.expires && matches!(r.status(), Status::Pending | Status::MaxAttempts)
-        }))
+        Ok(self.current(tenant, subject, now))
     }
 
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
@@ -1412,59 +1505,37 @@ impl Store for MemoryStore {
         budget: Option<GuessBudget>,
         at: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
-        let now = ms(at);
-        let (vh, vshard) = self.verification_shard(id.as_bytes());
-        // The shard stays locked through the budget's read and count, so
-        // checks of this verification are one at a time.
-        let mut shard = vshard.lock();
-        let Some(i) = shard.find(vh, id.as_bytes()) else {
-            return Ok(CheckOutcome::NotFound);
+        Ok(self.check(tenant, id, code_hash, budget, None, at))
+    }
+
+    async fn check_counted_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        counts: Option<&ApprovalCounts>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        Ok(self.check(tenant, id, code_hash, budget, counts, at))
+    }
+
+    async fn check_current_code(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        hash_for: &CodeHasher,
+        budget: Option<GuessBudget>,
+        counts: Option<&ApprovalCounts>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<CurrentCheck> {
+        let id = match self.current(tenant, subject, at) {
+            None => return Ok(CurrentCheck::NoneCurrent),
+            Some((_, Status::MaxAttempts)) => return Ok(CurrentCheck::MaxAttempts),
+            Some((id, _)) => id,
         };
-        if !shard.tenant_is(i, &self.symbols, tenant) {
-            return Ok(CheckOutcome::NotFound);
-        }
-        let r = shard.slab.get(i);
-        if !r.is_checkable_at(now) {
-            return Ok(CheckOutcome::NotFound);
-        }
-        let guesses = budget.map(|b| (b, GuessBudget::counter_key(&SubjectKey(r.subject))));
-        if let Some((budget, key)) = &guesses {
-            let [previous, current] = GuessBudget::reads(key, at)
-                .map(|r| self.counters.read(r.key, r.window_seconds, r.at));
-            let counts = WindowCounts { previous, current };
-            if !budget.admits(counts, at) {
-                return Ok(CheckOutcome::GuessesSpent(counts));
-            }
-        }
-        let r = shard.slab.get_mut(i);
-        if r.status() == Status::MaxAttempts {
-            return Ok(CheckOutcome::MaxAttempts);
-        }
-        let Some(stored) = r.code_hash() else {
-            return Ok(CheckOutcome::NotFound);
-        };
-        r.updated = now;
-        if Crypto::hashes_match(&stored, code_hash) {
-            r.status = status_code(Status::Approved);
-            r.clear_code();
-            let v = shard.decode(i, &self.symbols);
-            drop(shard);
-            self.count_approval(id.as_bytes());
-            return Ok(CheckOutcome::Approved(v));
-        }
-        r.attempts += 1;
-        if r.attempts >= r.max_attempts {
-            r.status = status_code(Status::MaxAttempts);
-            r.clear_code();
-        }
-        let attempts_left = r.max_attempts.saturating_sub(r.attempts);
-        if let Some((_, key)) = &guesses {
-            self.counters.add(key, 1, GuessBudget::WINDOW_SECONDS, at);
-        }
-        Ok(CheckOutcome::Wrong {
-            attempts_left,
-            masked_to: shard.slab.get(i).masked_to(shard.spill(i)),
-        })
+        let outcome = self.check(tenant, id, &hash_for(id), budget, counts, at);
+        Ok(CurrentCheck::Checked(id, outcome))
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
@@ -1775,15 +1846,7 @@ impl Store for MemoryStore {
     }
 
     async fn add_counters(&self, adds: &[CounterAdd], now: DateTime<Utc>) -> StoreResult<Vec<u64>> {
-        let mut totals = Vec::with_capacity(adds.len());
-        for a in adds {
-            let total = self.counters.add(&a.key, a.amount, a.window_seconds, now);
-            totals.push(total);
-            if a.stops_batch(total) {
-                break;
-            }
-        }
-        Ok(totals)
+        Ok(self.add_all(adds, now))
     }
 
     async fn set_marker(
