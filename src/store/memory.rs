@@ -1529,10 +1529,9 @@ impl Store for MemoryStore {
         counts: Option<&ApprovalCounts>,
         at: DateTime<Utc>,
     ) -> StoreResult<CurrentCheck> {
-        let id = match self.current(tenant, subject, at) {
-            None => return Ok(CurrentCheck::NoneCurrent),
-            Some((_, Status::MaxAttempts)) => return Ok(CurrentCheck::MaxAttempts),
-            Some((id, _)) => id,
+        let id = match CurrentCheck::to_check(self.current(tenant, subject, at)) {
+            Ok(id) => id,
+            Err(answer) => return Ok(answer),
         };
         let outcome = self.check(tenant, id, &hash_for(id), budget, counts, at);
         Ok(CurrentCheck::Checked(id, outcome))

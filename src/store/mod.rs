@@ -221,6 +221,20 @@ pub enum CurrentCheck {
     Checked(Uuid, CheckOutcome),
 }
 
+impl CurrentCheck {
+    /// The id `find_current` found to check, or the answer when it left
+    /// nothing to compare.
+    // The errors are the two small variants; `Checked` is never built here.
+    #[allow(clippy::result_large_err)]
+    pub fn to_check(current: Option<(Uuid, Status)>) -> Result<Uuid, Self> {
+        match current {
+            None => Err(Self::NoneCurrent),
+            Some((_, Status::MaxAttempts)) => Err(Self::MaxAttempts),
+            Some((id, _)) => Ok(id),
+        }
+    }
+}
+
 /// One add of `Store::add_counters`, in the window containing its `now`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterAdd {
@@ -524,10 +538,9 @@ pub trait Store: Send + Sync + 'static {
         counts: Option<&ApprovalCounts>,
         now: DateTime<Utc>,
     ) -> StoreResult<CurrentCheck> {
-        let id = match self.find_current(tenant, subject, now).await? {
-            None => return Ok(CurrentCheck::NoneCurrent),
-            Some((_, Status::MaxAttempts)) => return Ok(CurrentCheck::MaxAttempts),
-            Some((id, _)) => id,
+        let id = match CurrentCheck::to_check(self.find_current(tenant, subject, now).await?) {
+            Ok(id) => id,
+            Err(answer) => return Ok(answer),
         };
         let outcome = self
             .check_counted_code(tenant, id, &hash_for(id), budget, counts, now)

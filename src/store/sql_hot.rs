@@ -245,10 +245,9 @@ pub(crate) async fn check_current_in(
     counts: Option<&ApprovalCounts>,
     now: DateTime<Utc>,
 ) -> StoreResult<CurrentCheck> {
-    let id = match tx.find_current(tenant, subject, now).await? {
-        None => return Ok(CurrentCheck::NoneCurrent),
-        Some((_, Status::MaxAttempts)) => return Ok(CurrentCheck::MaxAttempts),
-        Some((id, _)) => id,
+    let id = match CurrentCheck::to_check(tx.find_current(tenant, subject, now).await?) {
+        Ok(id) => id,
+        Err(answer) => return Ok(answer),
     };
     let outcome = check_in(tx, tenant, id, &hash_for(id), budget, counts, now).await?;
     Ok(CurrentCheck::Checked(id, outcome))

@@ -1450,14 +1450,6 @@ pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store:
             f.hash(id, code)
         })
     };
-    let nothing = store
-        .check_current_code(&f.tenant, &f.subject, &hasher("123456"), None, None, now)
-        .await
-        .unwrap();
-    assert_eq!(nothing, CurrentCheck::NoneCurrent);
-    assert!(asked.lock().unwrap().is_empty());
-
-    let id = f.start(&store, "123456", now).await;
     let key = format!("ok:{}", Uuid::new_v4().simple());
     let counts: ApprovalCounts = {
         let key = key.clone();
@@ -1470,65 +1462,38 @@ pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store:
             }]
         })
     };
-    for _ in 1..MAX_ATTEMPTS {
-        let wrong = store
-            .check_current_code(
-                &f.tenant,
-                &f.subject,
-                &hasher("000000"),
-                None,
-                Some(&counts),
-                now,
-            )
+    let check = async |tenant: &str, code: &'static str| {
+        store
+            .check_current_code(tenant, &f.subject, &hasher(code), None, Some(&counts), now)
             .await
-            .unwrap();
+            .unwrap()
+    };
+    assert_eq!(check(&f.tenant, "123456").await, CurrentCheck::NoneCurrent);
+    assert!(asked.lock().unwrap().is_empty());
+
+    let id = f.start(&store, "123456", now).await;
+    // Another tenant's check by the same subject finds nothing, and compares nothing.
+    assert_eq!(
+        check("someone-else", "123456").await,
+        CurrentCheck::NoneCurrent
+    );
+    assert!(asked.lock().unwrap().is_empty());
+    for _ in 1..MAX_ATTEMPTS {
+        let wrong = check(&f.tenant, "000000").await;
         assert!(
             matches!(wrong, CurrentCheck::Checked(found, CheckOutcome::Wrong { .. }) if found == id),
             "{wrong:?}"
         );
     }
-    let right = store
-        .check_current_code(
-            &f.tenant,
-            &f.subject,
-            &hasher("123456"),
-            None,
-            Some(&counts),
-            now,
-        )
-        .await
-        .unwrap();
+    let right = check(&f.tenant, "123456").await;
     assert!(
         matches!(&right, CurrentCheck::Checked(found, CheckOutcome::Approved(v)) if *found == id && v.status == Status::Approved),
         "{right:?}"
     );
     assert_eq!(*asked.lock().unwrap(), vec![id; MAX_ATTEMPTS as usize]);
     assert_eq!(store.read_counter(&key, 3600, now).await.unwrap(), 1);
-    // Approved, it is no longer current; another tenant never saw it.
-    let after = store
-        .check_current_code(
-            &f.tenant,
-            &f.subject,
-            &hasher("123456"),
-            None,
-            Some(&counts),
-            now,
-        )
-        .await
-        .unwrap();
-    assert_eq!(after, CurrentCheck::NoneCurrent);
-    let other = store
-        .check_current_code(
-            "someone-else",
-            &f.subject,
-            &hasher("123456"),
-            None,
-            None,
-            now,
-        )
-        .await
-        .unwrap();
-    assert_eq!(other, CurrentCheck::NoneCurrent);
+    // Approved, it is no longer current.
+    assert_eq!(check(&f.tenant, "123456").await, CurrentCheck::NoneCurrent);
 }
 
 pub async fn a_check_by_subject_compares_nothing_once_attempts_are_spent(store: DynStore) {
