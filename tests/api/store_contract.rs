@@ -593,6 +593,54 @@ pub async fn concurrent_right_checks_approve_exactly_once(store: DynStore) {
     assert_eq!(approved, 1);
 }
 
+/// Approval counts as the guard's: worked out from the record, and only an
+/// approved one adds, to `{prefix}:{its id}` (the prefix is returned).
+fn approval_counter() -> (ApprovalCounts, String) {
+    let prefix = format!("ok:{}", Uuid::new_v4().simple());
+    let key = prefix.clone();
+    let counts: ApprovalCounts = Arc::new(move |v: &Verification| {
+        if v.status != Status::Approved {
+            return Vec::new();
+        }
+        vec![CounterAdd {
+            key: format!("{key}:{}", v.id),
+            amount: 1,
+            window_seconds: 3600,
+            ceiling: None,
+        }]
+    });
+    (counts, prefix)
+}
+
+/// Eight checks of verification `id`'s right code (123456) at once, each
+/// counting `counts` with its approval: how many approved.
+async fn race_right_checks(
+    store: &DynStore,
+    f: &Arc<Fixture>,
+    id: Uuid,
+    counts: Option<&ApprovalCounts>,
+    now: DateTime<Utc>,
+) -> usize {
+    let hash = f.hash(id, "123456");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, f, counts) = (store.clone(), f.clone(), counts.cloned());
+            tokio::spawn(async move {
+                store
+                    .check_counted_code(&f.tenant, id, &hash, None, counts.as_ref(), now)
+                    .await
+            })
+        })
+        .collect();
+    let mut approved = 0;
+    for t in tasks {
+        if let CheckOutcome::Approved(_) = t.await.unwrap().unwrap() {
+            approved += 1;
+        }
+    }
+    approved
+}
+
 /// `n` distinct wrong guesses at verification `id`, all at once: their outcomes.
 async fn race_wrong_guesses(
     store: &DynStore,
@@ -1358,20 +1406,7 @@ pub async fn an_approval_counts_once_on_its_first_accepted_attempt(store: DynSto
     for m in [&refused, &first, &later] {
         store.insert_message(m, None).await.unwrap();
     }
-    let hash = f.hash(id, "123456");
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let (store, f) = (store.clone(), f.clone());
-            tokio::spawn(async move { store.check_code(&f.tenant, id, &hash, None, now).await })
-        })
-        .collect();
-    let mut approved = 0;
-    for t in tasks {
-        if let CheckOutcome::Approved(_) = t.await.unwrap().unwrap() {
-            approved += 1;
-        }
-    }
-    assert_eq!(approved, 1);
+    assert_eq!(race_right_checks(&store, &f, id, None, now).await, 1);
     let from = at.date_naive() - Duration::days(1);
     let rows = store
         .usage(&f.tenant, from, from + Duration::days(3))
@@ -1386,23 +1421,8 @@ pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynSt
     let f = Arc::new(Fixture::new());
     let now = t0();
     let id = f.start(&store, "123456", now).await;
-    let key = format!("ok:{}", Uuid::new_v4().simple());
-    // As the guard's, the adds depend on the record, which is the approved one.
-    let counts: ApprovalCounts = {
-        let key = key.clone();
-        Arc::new(move |v: &Verification| {
-            if v.status != Status::Approved {
-                return Vec::new();
-            }
-            vec![CounterAdd {
-                key: format!("{key}:{}", v.id),
-                amount: 1,
-                window_seconds: 3600,
-                ceiling: None,
-            }]
-        })
-    };
-    let counted = format!("{key}:{id}");
+    let (counts, prefix) = approval_counter();
+    let counted = format!("{prefix}:{id}");
     let wrong = store
         .check_counted_code(
             &f.tenant,
@@ -1417,24 +1437,10 @@ pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynSt
     assert!(matches!(wrong, CheckOutcome::Wrong { .. }), "{wrong:?}");
     assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 0);
 
-    let hash = f.hash(id, "123456");
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let (store, f, counts) = (store.clone(), f.clone(), counts.clone());
-            tokio::spawn(async move {
-                store
-                    .check_counted_code(&f.tenant, id, &hash, None, Some(&counts), now)
-                    .await
-            })
-        })
-        .collect();
-    let mut approved = 0;
-    for t in tasks {
-        if let CheckOutcome::Approved(_) = t.await.unwrap().unwrap() {
-            approved += 1;
-        }
-    }
-    assert_eq!(approved, 1);
+    assert_eq!(
+        race_right_checks(&store, &f, id, Some(&counts), now).await,
+        1
+    );
     assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
 }
 
@@ -1450,18 +1456,7 @@ pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store:
             f.hash(id, code)
         })
     };
-    let key = format!("ok:{}", Uuid::new_v4().simple());
-    let counts: ApprovalCounts = {
-        let key = key.clone();
-        Arc::new(move |_: &Verification| {
-            vec![CounterAdd {
-                key: key.clone(),
-                amount: 1,
-                window_seconds: 3600,
-                ceiling: None,
-            }]
-        })
-    };
+    let (counts, prefix) = approval_counter();
     let check = async |tenant: &str, code: &'static str| {
         store
             .check_current_code(tenant, &f.subject, &hasher(code), None, Some(&counts), now)
@@ -1491,7 +1486,8 @@ pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store:
         "{right:?}"
     );
     assert_eq!(*asked.lock().unwrap(), vec![id; MAX_ATTEMPTS as usize]);
-    assert_eq!(store.read_counter(&key, 3600, now).await.unwrap(), 1);
+    let counted = format!("{prefix}:{id}");
+    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
     // Approved, it is no longer current.
     assert_eq!(check(&f.tenant, "123456").await, CurrentCheck::NoneCurrent);
 }
