@@ -97,6 +97,16 @@ impl Fixture {
         }
     }
 
+    /// Spends every attempt of verification `id` on wrong codes.
+    pub(crate) async fn spend_attempts(&self, store: &DynStore, id: Uuid, now: DateTime<Utc>) {
+        for _ in 0..MAX_ATTEMPTS {
+            store
+                .check_code(&self.tenant, id, &self.hash(id, "000000"), None, now)
+                .await
+                .unwrap();
+        }
+    }
+
     /// Creates a pending verification with `code`; returns its id.
     pub(crate) async fn start(&self, store: &DynStore, code: &str, now: DateTime<Utc>) -> Uuid {
         let id = Uuid::new_v4();
@@ -236,12 +246,7 @@ pub async fn find_current_sees_pending_and_dead_but_not_ended(store: DynStore) {
         .await
         .unwrap();
     assert_eq!(current, Some((id, Status::Pending)));
-    for _ in 0..MAX_ATTEMPTS {
-        store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
-            .await
-            .unwrap();
-    }
+    f.spend_attempts(&store, id, now).await;
     let dead = store
         .find_current(&f.tenant, &f.subject, now)
         .await
@@ -467,12 +472,7 @@ pub async fn spent_attempts_do_not_skip_cooldown_or_window(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
     let id = f.start(&store, "111111", now).await;
-    for _ in 0..MAX_ATTEMPTS {
-        store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
-            .await
-            .unwrap();
-    }
+    f.spend_attempts(&store, id, now).await;
     let fresh = Uuid::new_v4();
     let d = store
         .start_send(&f.plan(f.verification(fresh, "222222", now)), now)
@@ -1496,12 +1496,7 @@ pub async fn a_check_by_subject_compares_nothing_once_attempts_are_spent(store: 
     let f = Arc::new(Fixture::new());
     let now = t0();
     let id = f.start(&store, "123456", now).await;
-    for _ in 0..MAX_ATTEMPTS {
-        store
-            .check_code(&f.tenant, id, &f.hash(id, "000000"), None, now)
-            .await
-            .unwrap();
-    }
+    f.spend_attempts(&store, id, now).await;
     let hasher: CodeHasher = {
         let f = f.clone();
         Arc::new(move |id| f.hash(id, "123456"))
