@@ -27,9 +27,9 @@ use crate::store::{
 use super::guard::{AbuseGuard, SendContext};
 use super::usage;
 
-/// How many times a send re-plans when another request changed the subject
-/// between its read and its atomic write.
-const MAX_PLAN_ROUNDS: usize = 3;
+/// How many times a send plans: a resend takes two (the first learns the
+/// pending id), and another request may change the subject in between.
+const MAX_PLAN_ROUNDS: usize = 4;
 
 pub struct VerificationService {
     pub(super) store: Arc<dyn Store>,
@@ -305,15 +305,15 @@ impl VerificationService {
 
         let mut started = None;
         let mut counted = (Vec::new(), Vec::new());
+        // A send plans a new verification first: most have nothing pending, so
+        // they need no read before their write. A resend learns the pending id
+        // from the store's conflict and plans again under it.
+        let mut resend_of = None;
         for _ in 0..MAX_PLAN_ROUNDS {
             let now = self.clock.now();
-            let id = self
-                .store
-                .find_pending(tenant, &subject, now)
-                .await?
-                // Time-ordered (v7; 74 random bits): SQL stores append to the id
-                // index instead of writing a random page of it on every send.
-                .unwrap_or_else(Uuid::now_v7);
+            // Time-ordered (v7; 74 random bits): SQL stores append to the id
+            // index instead of writing a random page of it on every send.
+            let id = resend_of.take().unwrap_or_else(Uuid::now_v7);
             let code = self
                 .codes
                 .generate(code_length)
@@ -381,7 +381,7 @@ impl VerificationService {
                         limit: "subject_sends_per_window",
                     });
                 }
-                SendDecision::Conflict => continue,
+                SendDecision::Conflict { pending } => resend_of = pending,
             }
         }
         let Some((verification, previous_sent_at, code, now, created)) = started else {

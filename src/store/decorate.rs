@@ -30,18 +30,6 @@ macro_rules! decorate_store {
                 self.$around("revoke_api_key", self.inner.revoke_api_key(id, at))
                     .await
             }
-            async fn find_pending(
-                &self,
-                tenant: &str,
-                subject: &SubjectKey,
-                now: DateTime<Utc>,
-            ) -> StoreResult<Option<Uuid>> {
-                self.$around(
-                    "find_pending",
-                    self.inner.find_pending(tenant, subject, now),
-                )
-                .await
-            }
             async fn find_current(
                 &self,
                 tenant: &str,

@@ -1334,18 +1334,6 @@ impl Store for MemoryStore {
         Ok(false)
     }
 
-    async fn find_pending(
-        &self,
-        tenant: &str,
-        subject: &SubjectKey,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Uuid>> {
-        let now = ms(now);
-        Ok(self
-            .current_of(tenant, subject, |r| r.is_pending_at(now))
-            .map(|(id, _)| id))
-    }
-
     async fn find_current(
         &self,
         tenant: &str,
@@ -1413,7 +1401,7 @@ impl Store for MemoryStore {
             _ => false,
         };
         if other_pending {
-            return Ok(SendDecision::Conflict);
+            return Ok(SendDecision::Conflict { pending: current });
         }
         let (vh, vshard) = self.verification_shard(planned.id.as_bytes());
         let mut shard = vshard.lock();
@@ -1424,7 +1412,7 @@ impl Store for MemoryStore {
                 shard.tenant_is(i, &self.symbols, &planned.tenant)
                     && shard.slab.get(i).is_pending_at(now_ms)
             }) else {
-                return Ok(SendDecision::Conflict);
+                return Ok(SendDecision::Conflict { pending: None });
             };
             let r = shard.slab.get_mut(i);
             match planned.code_hash {
@@ -1456,7 +1444,7 @@ impl Store for MemoryStore {
                 previous_sent_at,
             }
         } else if existing.is_some() {
-            return Ok(SendDecision::Conflict);
+            return Ok(SendDecision::Conflict { pending: None });
         } else {
             self.insert_verification(&mut shard, vh, planned);
             SendDecision::Created {

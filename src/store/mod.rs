@@ -73,8 +73,9 @@ pub enum SendDecision {
     /// The subject has used its sends for the current window.
     WindowExhausted { retry_after_seconds: u64 },
     /// The subject's pending verification is not the one the plan named
-    /// (created, replaced or expired in between); the service plans again.
-    Conflict,
+    /// (`pending`, when one is: the plan's resend goes to it), or the named
+    /// one exists but is no longer pending; the service plans again.
+    Conflict { pending: Option<Uuid> },
 }
 
 /// Undo of a send whose every route failed: nothing stays pending and the
@@ -427,7 +428,10 @@ pub trait Store: Send + Sync + 'static {
         tenant: &str,
         subject: &SubjectKey,
         now: DateTime<Utc>,
-    ) -> StoreResult<Option<Uuid>>;
+    ) -> StoreResult<Option<Uuid>> {
+        let current = self.find_current(tenant, subject, now).await?;
+        Ok(current.and_then(|(id, status)| (status == Status::Pending).then_some(id)))
+    }
 
     /// The subject's current unexpired verification that a check should address:
     /// pending, or dead from spent attempts (so a check can say `max_attempts`

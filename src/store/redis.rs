@@ -836,7 +836,7 @@ if pending and pending == ARGV[6] then
   end
   decision = 'replaced'
 elseif pending or foreign or redis.call('EXISTS', KEYS[2]) == 1 then
-  return {'conflict'}
+  return {'conflict', pending or ''}
 else
   redis.call('HSET', KEYS[2], unpack(ARGV, 16))
   decision = 'created'
@@ -898,9 +898,16 @@ return false
 /// (previous window, current window), their ttl, and the two windows' counts
 /// when the caller read them ('' = read here: `S` names the keys), then the
 /// verification's message list ('' = the caller counts the approval's usage),
-/// its message record prefix and the tenant's usage days. The budget is judged
-/// after the liveness tests and before anything else, as every store does.
+/// its message record prefix, the tenant's usage days, then the purge index
+/// and the verification's id ('' = the caller unindexes a verification that
+/// ends). The budget is judged after the liveness tests and before anything
+/// else, as every store does.
 const CHECK_CODE: &str = r#"
+local function finish()
+  redis.call('HDEL', R, 'code_hash')
+  shorten(R, ARGV[4])
+  if ARGV[17] ~= '' then redis.call('ZREM', ARGV[17], S .. ':' .. ARGV[18]) end
+end
 local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts', 'masked_to')
 if r[1] ~= ARGV[1] then return {'not_found'} end
 if (r[2] ~= 'pending' and r[2] ~= 'max_attempts') or tonumber(ARGV[3]) >= tonumber(r[3]) then
@@ -926,8 +933,7 @@ if not r[4] then return {'not_found'} end
 redis.call('HSET', R, 'updated_at', ARGV[3])
 if same(r[4], ARGV[2]) then
   redis.call('HSET', R, 'status', 'approved')
-  redis.call('HDEL', R, 'code_hash')
-  shorten(R, ARGV[4])
+  finish()
   if ARGV[14] ~= '' then count_approval(ARGV[14], ARGV[15], ARGV[16]) end
   return {'approved', record_json(R)}
 end
@@ -935,8 +941,7 @@ local attempts = redis.call('HINCRBY', R, 'attempts', 1)
 local max = tonumber(r[5])
 if attempts >= max then
   redis.call('HSET', R, 'status', 'max_attempts')
-  redis.call('HDEL', R, 'code_hash')
-  shorten(R, ARGV[4])
+  finish()
 end
 if counter then
   redis.call('INCRBY', counter, 1)
@@ -1805,18 +1810,6 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn find_pending(
-        &self,
-        tenant: &str,
-        subject: &SubjectKey,
-        now: DateTime<Utc>,
-    ) -> StoreResult<Option<Uuid>> {
-        Ok(self
-            .current(tenant, subject, now, false)
-            .await?
-            .map(|(id, _)| id))
-    }
-
     async fn find_current(
         &self,
         tenant: &str,
@@ -1909,7 +1902,14 @@ impl Store for RedisStore {
                 "window" => SendDecision::WindowExhausted {
                     retry_after_seconds: seconds_until(now, parse_ms(nth(rest, 0)?)?),
                 },
-                "conflict" => SendDecision::Conflict,
+                "conflict" => SendDecision::Conflict {
+                    pending: match rest.first().map(String::as_str) {
+                        None | Some("") => None,
+                        Some(id) => Some(id.parse().map_err(|_| {
+                            StoreError::Corrupt("malformed verification id".into())
+                        })?),
+                    },
+                },
                 "created" | "replaced" => {
                     let previous_sent_at = match nth(rest, 0)? {
                         "" => None,
@@ -1994,8 +1994,9 @@ impl Store for RedisStore {
                     KEEP_ENDED_MS.to_string(),
                 ];
                 args.extend(self.guess_args(budget, counts, now));
-                // A cluster script cannot reach the messages or usage (other
-                // slots either): the approval is counted after it.
+                // A cluster script cannot reach the messages, usage or purge
+                // index (other slots either): the approval is counted and an
+                // ended verification unindexed after it.
                 args.extend(if cluster {
                     Default::default()
                 } else {
@@ -2003,6 +2004,8 @@ impl Store for RedisStore {
                         self.keys.message_list(id),
                         self.keys.message_prefix(id),
                         self.keys.usage_days(tenant),
+                        self.keys.pending(),
+                        id.to_string(),
                     ]
                 });
                 args
@@ -2044,8 +2047,8 @@ impl Store for RedisStore {
             Ok(match verdict {
                 "approved" => {
                     let v = decode_verification(&flat_from_json(nth(rest, 0)?)?)?;
-                    self.unindex_pending(&subject, id);
                     if cluster {
+                        self.unindex_pending(&subject, id);
                         self.count_approval(tenant, id).await;
                     }
                     CheckOutcome::Approved(v)
@@ -2053,7 +2056,7 @@ impl Store for RedisStore {
                 "wrong" => {
                     let attempts_left = u32::try_from(count(0)?)
                         .map_err(|_| StoreError::Corrupt("attempts left out of range".into()))?;
-                    if attempts_left == 0 {
+                    if cluster && attempts_left == 0 {
                         self.unindex_pending(&subject, id);
                     }
                     if let Some(key) = guess_key {

@@ -695,18 +695,6 @@ macro_rules! sql_store {
                 .await
             }
 
-            async fn find_pending(
-                &self,
-                tenant: &str,
-                subject: &SubjectKey,
-                now: DateTime<Utc>,
-            ) -> StoreResult<Option<Uuid>> {
-                // `find_current`'s hot read (on SQLite, on the caller's thread
-                // instead of a hand-off to sqlx's), less its dead verifications.
-                let current = $hot_read!(self, |tx| tx.find_current(tenant, subject, now))?;
-                Ok(current.and_then(|(id, status)| (status == Status::Pending).then_some(id)))
-            }
-
             async fn find_current(
                 &self,
                 tenant: &str,

@@ -153,10 +153,16 @@ pub(crate) async fn send_in(
             verification: tx.resend(planned, v.id, now).await?,
             previous_sent_at,
         },
-        Some(_) => return Ok(SendDecision::Conflict),
+        Some(v) => {
+            return Ok(SendDecision::Conflict {
+                pending: Some(v.id),
+            });
+        }
         // The plan names a verification that exists but is no longer
         // pending (expired or ended since the service looked).
-        None if !tx.insert_verification(planned).await? => return Ok(SendDecision::Conflict),
+        None if !tx.insert_verification(planned).await? => {
+            return Ok(SendDecision::Conflict { pending: None });
+        }
         None => SendDecision::Created {
             verification: planned.clone(),
             previous_sent_at,

@@ -300,7 +300,7 @@ async fn postgres_two_instances_send_once_and_approve_once() {
     for t in sends {
         match t.await.unwrap() {
             SendDecision::Created { verification, .. } => created.push(verification.id),
-            SendDecision::Cooldown { .. } | SendDecision::Conflict => {}
+            SendDecision::Cooldown { .. } | SendDecision::Conflict { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     }
