@@ -409,6 +409,42 @@ pub struct CodeReplacement {
     pub expires_at: DateTime<Utc>,
 }
 
+/// `Store::start_counted_send` as two calls: `start_send`, then, when it
+/// started one, `add_counters`; when the adds fail the send is given back.
+pub(crate) async fn start_then_count<S: Store + ?Sized>(
+    store: &S,
+    plan: &SendPlan,
+    counts: &[CounterAdd],
+    now: DateTime<Utc>,
+) -> StoreResult<(SendDecision, Vec<u64>)> {
+    let decision = store.start_send(plan, now).await?;
+    let previous_sent_at = match &decision {
+        SendDecision::Created {
+            previous_sent_at, ..
+        }
+        | SendDecision::Replaced {
+            previous_sent_at, ..
+        } if !counts.is_empty() => *previous_sent_at,
+        _ => return Ok((decision, Vec::new())),
+    };
+    match store.add_counters(counts, now).await {
+        Ok(totals) => Ok((decision, totals)),
+        Err(e) => {
+            let planned = &plan.verification;
+            store
+                .abort_send(&SendAbort {
+                    tenant: planned.tenant.clone(),
+                    subject: planned.subject,
+                    verification_id: planned.id,
+                    previous_sent_at,
+                    at: now,
+                })
+                .await?;
+            Err(e)
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap reachability probe for `/health`.
@@ -451,40 +487,15 @@ pub trait Store: Send + Sync + 'static {
     /// `start_send`, then, when it started one (created or replaced),
     /// `add_counters(counts)`: the decision, and the totals of the adds made
     /// (none when nothing started). One atomic step where the backend can
-    /// (the SQL stores: one transaction, so a send commits once for both).
-    /// Here two calls; when the adds fail the send is given back, as
-    /// `abort_send` does, and their error returned.
+    /// (the SQL stores: one transaction, so a send commits once for both;
+    /// one Redis node: one script). Here two calls (`start_then_count`).
     async fn start_counted_send(
         &self,
         plan: &SendPlan,
         counts: &[CounterAdd],
         now: DateTime<Utc>,
     ) -> StoreResult<(SendDecision, Vec<u64>)> {
-        let decision = self.start_send(plan, now).await?;
-        let previous_sent_at = match &decision {
-            SendDecision::Created {
-                previous_sent_at, ..
-            }
-            | SendDecision::Replaced {
-                previous_sent_at, ..
-            } if !counts.is_empty() => *previous_sent_at,
-            _ => return Ok((decision, Vec::new())),
-        };
-        match self.add_counters(counts, now).await {
-            Ok(totals) => Ok((decision, totals)),
-            Err(e) => {
-                let planned = &plan.verification;
-                self.abort_send(&SendAbort {
-                    tenant: planned.tenant.clone(),
-                    subject: planned.subject,
-                    verification_id: planned.id,
-                    previous_sent_at,
-                    at: now,
-                })
-                .await?;
-                Err(e)
-            }
-        }
+        start_then_count(self, plan, counts, now).await
     }
 
     /// Atomically: pending and unexpired, the subject's guess budget (when

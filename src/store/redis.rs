@@ -72,6 +72,7 @@ use super::{
     CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget, InboxEntry,
     Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
     SendPlan, Store, StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
+    start_then_count,
 };
 use crate::crypto::{SealedPhone, to_hex};
 use crate::domain::limits::WindowCounts;
@@ -298,6 +299,23 @@ impl RedisStore {
         Ok(Some(SealedRecord { tenant, id, phone }))
     }
 
+    /// Each add's key, and its arguments as `add_counters` takes them (amount,
+    /// ttl, ceiling), after what `inv` already has.
+    fn add_counter_adds(
+        &self,
+        inv: &mut ::redis::ScriptInvocation<'_>,
+        adds: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) {
+        for a in adds {
+            let (slot, ttl) = counter_window(a.window_seconds, now);
+            inv.key(self.keys.counter(&a.key, a.window_seconds, slot))
+                .arg(i64::try_from(a.amount).unwrap_or(i64::MAX))
+                .arg(ttl)
+                .arg(a.ceiling.map(|c| c.to_string()).unwrap_or_default());
+        }
+    }
+
     /// `adds` as one counter script (see `ADD_COUNTERS`): on a cluster, only
     /// keys of one slot.
     async fn run_counter_adds(
@@ -306,13 +324,7 @@ impl RedisStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<u64>> {
         let mut inv = self.scripts.add_counters.prepare_invoke();
-        for a in adds {
-            let (slot, ttl) = counter_window(a.window_seconds, now);
-            inv.key(self.keys.counter(&a.key, a.window_seconds, slot))
-                .arg(i64::try_from(a.amount).unwrap_or(i64::MAX))
-                .arg(ttl)
-                .arg(a.ceiling.map(|c| c.to_string()).unwrap_or_default());
-        }
+        self.add_counter_adds(&mut inv, adds, now);
         let totals: Vec<i64> = inv
             .invoke_async(&mut self.conn())
             .await
@@ -429,6 +441,165 @@ impl RedisStore {
         if let Err(e) = self.record_usage(usage).await {
             tracing::warn!(tenant = %usage.tenant, error = %e, "usage not recorded");
         }
+    }
+
+    /// `start_send`, and on one node also `start_counted_send` in the same
+    /// script: `counts` are added when it starts a send. A cluster takes no
+    /// `counts` (they live in other slots): `start_then_count` adds them.
+    async fn send(
+        &self,
+        plan: &SendPlan,
+        counts: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<(SendDecision, Vec<u64>)> {
+        bounded(async {
+            let v = &plan.verification;
+            let subject = to_hex(v.subject.0);
+            let now_ms = now.timestamp_millis();
+            let expires_ms = v.expires_at.timestamp_millis();
+            let record_ttl = (expires_ms - now_ms).max(0) + KEEP_ENDED_MS;
+            let cooldown_ms = i64::from(plan.cooldown_seconds) * 1000;
+            let window_ms = i64::from(plan.send_window_seconds) * 1000;
+            let state_ttl = KEEP_ENDED_MS
+                .max(cooldown_ms)
+                .max(window_ms)
+                .max(record_ttl);
+            let member = pending_member(&subject, v.id);
+            let ref_ttl = record_ttl + REF_MARGIN_MS;
+
+            // The id reference and the purge index come first, so that a crash
+            // after the script can leave neither a record nobody finds by id nor a
+            // code nobody purges. One node does all of it in one script; on a
+            // cluster they live in other slots, so they go first on their own and
+            // the index follows the outcome afterwards (`None` on one node).
+            let (script, indexed_now, foreign_id) = if let Conn::Cluster(_) = self.conn {
+                let (mut claim_conn, mut index_conn) = (self.conn(), self.conn());
+                let claim = async {
+                    self.scripts
+                        .claim_id
+                        .key(self.keys.vref(v.id))
+                        .arg(&subject)
+                        .arg(ref_ttl)
+                        .invoke_async::<i64>(&mut claim_conn)
+                        .await
+                };
+                let index = async {
+                    ::redis::cmd("ZADD")
+                        .arg(self.keys.pending())
+                        .arg("NX")
+                        .arg(expires_ms)
+                        .arg(&member)
+                        .query_async::<i64>(&mut index_conn)
+                        .await
+                };
+                let (claimed, indexed) = tokio::join!(claim, index);
+                let indexed_now = indexed.map_err(store_error)? == 1;
+                // An id that is another subject's conflicts, but only once the
+                // cooldown and window checks have passed, as in the other backends.
+                let foreign_id = claimed.map_err(store_error)? == 0;
+                (&self.scripts.start_send, Some(indexed_now), foreign_id)
+            } else {
+                (&self.scripts.start_send_indexed, None, false)
+            };
+            let mut inv = script.key(self.keys.state(&subject));
+            inv.key(self.keys.record(&subject, v.id));
+            if indexed_now.is_none() {
+                inv.key(self.keys.vref(v.id)).key(self.keys.pending());
+            }
+            inv.arg(now_ms)
+                .arg(cooldown_ms)
+                .arg(window_ms)
+                .arg(plan.max_sends_per_window)
+                .arg(self.keys.record_prefix(&subject))
+                .arg(v.id.to_string())
+                .arg(&v.tenant)
+                .arg(v.code_hash.map(to_hex).unwrap_or_default())
+                .arg(expires_ms)
+                .arg(record_ttl)
+                .arg(state_ttl)
+                .arg(if foreign_id { "1" } else { "0" })
+                .arg(&subject)
+                .arg(ref_ttl)
+                .arg(&member);
+            if indexed_now.is_none() {
+                inv.arg(counts.len());
+                self.add_counter_adds(&mut inv, counts, now);
+            }
+            add_pairs(&mut inv, verification_pairs(v));
+            let out: Vec<String> = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)?;
+            let (verdict, rest) = verdict(&out)?;
+            let mut totals = Vec::new();
+            let decision = match verdict {
+                "cooldown" => SendDecision::Cooldown {
+                    retry_after_seconds: seconds_until(now, parse_ms(nth(rest, 0)?)?),
+                },
+                "window" => SendDecision::WindowExhausted {
+                    retry_after_seconds: seconds_until(now, parse_ms(nth(rest, 0)?)?),
+                },
+                "conflict" => SendDecision::Conflict {
+                    pending: match rest.first().map(String::as_str) {
+                        None | Some("") => None,
+                        Some(id) => Some(id.parse().map_err(|_| {
+                            StoreError::Corrupt("malformed verification id".into())
+                        })?),
+                    },
+                },
+                "created" | "replaced" => {
+                    let previous_sent_at = match nth(rest, 0)? {
+                        "" => None,
+                        raw => Some(parse_ms(raw)?),
+                    };
+                    let verification = decode_verification(&flat_from_json(nth(rest, 1)?)?)?;
+                    totals = rest
+                        .iter()
+                        .skip(2)
+                        .map(|t| {
+                            t.parse().map_err(|_| {
+                                StoreError::Corrupt("malformed count from redis".into())
+                            })
+                        })
+                        .collect::<StoreResult<_>>()?;
+                    if verdict == "created" {
+                        SendDecision::Created {
+                            verification,
+                            previous_sent_at,
+                        }
+                    } else {
+                        SendDecision::Replaced {
+                            verification,
+                            previous_sent_at,
+                        }
+                    }
+                }
+                other => return Err(unexpected(other)),
+            };
+            let Some(indexed_now) = indexed_now else {
+                return Ok((decision, totals));
+            };
+            match &decision {
+                SendDecision::Created { verification, .. }
+                | SendDecision::Replaced { verification, .. } => {
+                    let fresh = matches!(decision, SendDecision::Created { .. }) && indexed_now;
+                    if !fresh {
+                        // A resend moved the expiry later (or an old entry was there).
+                        let mut cmd = ::redis::cmd("ZADD");
+                        cmd.arg(self.keys.pending())
+                            .arg("XX")
+                            .arg("GT")
+                            .arg(verification.expires_at.timestamp_millis())
+                            .arg(&member);
+                        self.housekeeping("re-indexing a verification", cmd);
+                    }
+                }
+                _ if indexed_now => self.unindex_pending(&subject, v.id),
+                _ => {}
+            }
+            Ok((decision, totals))
+        })
+        .await
     }
 
     /// The subject (hex) a verification id belongs to, if the id is known.
@@ -795,9 +966,9 @@ return 0
 /// KEYS: state, planned record. ARGV: now, cooldown ms, window ms, max sends,
 /// record prefix, planned id, tenant, code hash ('' = none), expires_at,
 /// record ttl, state ttl, '1' when the id is another subject's, subject hex,
-/// vref ttl, purge index member, then the planned record's field/value pairs.
-/// Runs after `START_SEND_HEAD` (a cluster) or `START_SEND_INDEXED_HEAD` (one
-/// node), which set `foreign`.
+/// vref ttl, purge index member, then from ARGV[P] the planned record's
+/// field/value pairs. Runs after `START_SEND_HEAD` (a cluster) or
+/// `START_SEND_INDEXED_HEAD` (one node), which set `foreign` and `P`.
 const START_SEND: &str = r#"
 local now = tonumber(ARGV[1])
 local st = redis.call('HMGET', KEYS[1], 'current', 'last_sent', 'win_start', 'win_count')
@@ -828,7 +999,7 @@ if pending and pending == ARGV[6] then
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
   -- A resend goes to the number of this request (a uid's number may change).
   redis.call('HDEL', KEYS[2], 'country')
-  for i = 16, #ARGV, 2 do
+  for i = P, #ARGV, 2 do
     local f = ARGV[i]
     if f == 'phone' or f == 'masked_to' or f == 'country' then
       redis.call('HSET', KEYS[2], f, ARGV[i + 1])
@@ -838,7 +1009,7 @@ if pending and pending == ARGV[6] then
 elseif pending or foreign or redis.call('EXISTS', KEYS[2]) == 1 then
   return {'conflict', pending or ''}
 else
-  redis.call('HSET', KEYS[2], unpack(ARGV, 16))
+  redis.call('HSET', KEYS[2], unpack(ARGV, P))
   decision = 'created'
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[10])
@@ -851,15 +1022,21 @@ return {decision, last_sent or '', record_json(KEYS[2])}
 /// `START_SEND` after the caller claimed the id and indexed it (a cluster).
 const START_SEND_HEAD: &str = r#"
 local foreign = ARGV[12] == '1'
+local P = 16
 "#;
 
-/// One node: KEYS as `START_SEND`, then vref and the purge index. Claims the
-/// id and indexes it first, as the caller does on a cluster, then after the
-/// send keeps the index in step with its outcome. `START_SEND` comes between
+/// One node: KEYS as `START_SEND`, then vref, the purge index and the
+/// send's counters; ARGV as `START_SEND` with, before the record's pairs, the
+/// number of counters and their arguments (see `add_counters`). Claims the id
+/// and indexes it first, as the caller does on a cluster, then after the send
+/// keeps the index in step with its outcome and, when it started one, adds the
+/// counters, their totals following its answer. `START_SEND` comes between
 /// this head and `START_SEND_INDEXED_TAIL`.
 const START_SEND_INDEXED_HEAD: &str = r#"
 local indexed = redis.call('ZADD', KEYS[4], 'NX', ARGV[9], ARGV[15])
 local foreign = not claim(KEYS[3], ARGV[13], ARGV[14])
+local counters = tonumber(ARGV[16])
+local P = 17 + 3 * counters
 local function decide()
 "#;
 
@@ -871,6 +1048,7 @@ if out[1] == 'created' or out[1] == 'replaced' then
   if out[1] == 'replaced' or indexed == 0 then
     redis.call('ZADD', KEYS[4], 'XX', 'GT', ARGV[9], ARGV[15])
   end
+  for _, total in ipairs(add_counters(4, 16, counters)) do out[#out + 1] = tostring(total) end
 elseif indexed == 1 then
   redis.call('ZREM', KEYS[4], ARGV[15])
 end
@@ -1192,19 +1370,26 @@ if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {1, count}
 "#;
 
-/// KEYS: counters. ARGV: per counter, amount, ttl ms and ceiling ('' = none).
-/// Adds in order, stopping after the first add whose new total exceeds its
-/// ceiling; the new totals of the adds made.
-const ADD_COUNTERS: &str = r#"
-local totals = {}
-for i = 1, #KEYS do
-  local a = 3 * i - 2
-  local total = redis.call('INCRBY', KEYS[i], ARGV[a])
-  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[a + 1]) end
-  totals[i] = total
-  if ARGV[a + 2] ~= '' and total > tonumber(ARGV[a + 2]) then break end
+/// Adds `n` counters, keys from KEYS[k + 1], and per counter from ARGV[a + 1]
+/// its amount, ttl ms and ceiling ('' = none): in order, stopping after the
+/// first add whose new total exceeds its ceiling. The new totals of the adds made.
+const ADD_COUNTERS_FN: &str = r#"
+local function add_counters(k, a, n)
+  local totals = {}
+  for i = 1, n do
+    local key, at = KEYS[k + i], a + 3 * i - 2
+    local total = redis.call('INCRBY', key, ARGV[at])
+    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ARGV[at + 1]) end
+    totals[i] = total
+    if ARGV[at + 2] ~= '' and total > tonumber(ARGV[at + 2]) then break end
+  end
+  return totals
 end
-return totals
+"#;
+
+/// KEYS: counters. ARGV: per counter, as `add_counters` takes them.
+const ADD_COUNTERS: &str = r#"
+return add_counters(0, 0, #KEYS)
 "#;
 
 /// Marker scripts share this: KEYS are always (values hash, expiries zset).
@@ -1345,7 +1530,7 @@ impl Scripts {
             claim_id: s(&format!("{CLAIM_FN}{CLAIM_ID}")),
             start_send: s(&format!("{START_SEND_HEAD}{START_SEND}")),
             start_send_indexed: s(&format!(
-                "{CLAIM_FN}{START_SEND_INDEXED_HEAD}{START_SEND}{START_SEND_INDEXED_TAIL}"
+                "{CLAIM_FN}{ADD_COUNTERS_FN}{START_SEND_INDEXED_HEAD}{START_SEND}{START_SEND_INDEXED_TAIL}"
             )),
             find_current: s(FIND_CURRENT),
             check_code: RecordScript::new(CHECK_CODE),
@@ -1367,7 +1552,7 @@ impl Scripts {
             list_api_keys: s(LIST_API_KEYS),
             revoke_api_key: s(REVOKE_API_KEY),
             hit_rate_limit: s(HIT_RATE_LIMIT),
-            add_counters: s(ADD_COUNTERS),
+            add_counters: s(&format!("{ADD_COUNTERS_FN}{ADD_COUNTERS}")),
             set_marker: marker(SET_MARKER),
             get_marker: marker(GET_MARKER),
             list_markers: marker(LIST_MARKERS),
@@ -1820,140 +2005,20 @@ impl Store for RedisStore {
     }
 
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
-        bounded(async {
-            let v = &plan.verification;
-            let subject = to_hex(v.subject.0);
-            let now_ms = now.timestamp_millis();
-            let expires_ms = v.expires_at.timestamp_millis();
-            let record_ttl = (expires_ms - now_ms).max(0) + KEEP_ENDED_MS;
-            let cooldown_ms = i64::from(plan.cooldown_seconds) * 1000;
-            let window_ms = i64::from(plan.send_window_seconds) * 1000;
-            let state_ttl = KEEP_ENDED_MS
-                .max(cooldown_ms)
-                .max(window_ms)
-                .max(record_ttl);
-            let member = pending_member(&subject, v.id);
-            let ref_ttl = record_ttl + REF_MARGIN_MS;
+        Ok(self.send(plan, &[], now).await?.0)
+    }
 
-            // The id reference and the purge index come first, so that a crash
-            // after the script can leave neither a record nobody finds by id nor a
-            // code nobody purges. One node does all of it in one script; on a
-            // cluster they live in other slots, so they go first on their own and
-            // the index follows the outcome afterwards (`None` on one node).
-            let (script, indexed_now, foreign_id) = if let Conn::Cluster(_) = self.conn {
-                let (mut claim_conn, mut index_conn) = (self.conn(), self.conn());
-                let claim = async {
-                    self.scripts
-                        .claim_id
-                        .key(self.keys.vref(v.id))
-                        .arg(&subject)
-                        .arg(ref_ttl)
-                        .invoke_async::<i64>(&mut claim_conn)
-                        .await
-                };
-                let index = async {
-                    ::redis::cmd("ZADD")
-                        .arg(self.keys.pending())
-                        .arg("NX")
-                        .arg(expires_ms)
-                        .arg(&member)
-                        .query_async::<i64>(&mut index_conn)
-                        .await
-                };
-                let (claimed, indexed) = tokio::join!(claim, index);
-                let indexed_now = indexed.map_err(store_error)? == 1;
-                // An id that is another subject's conflicts, but only once the
-                // cooldown and window checks have passed, as in the other backends.
-                let foreign_id = claimed.map_err(store_error)? == 0;
-                (&self.scripts.start_send, Some(indexed_now), foreign_id)
-            } else {
-                (&self.scripts.start_send_indexed, None, false)
-            };
-            let mut inv = script.key(self.keys.state(&subject));
-            inv.key(self.keys.record(&subject, v.id));
-            if indexed_now.is_none() {
-                inv.key(self.keys.vref(v.id)).key(self.keys.pending());
-            }
-            inv.arg(now_ms)
-                .arg(cooldown_ms)
-                .arg(window_ms)
-                .arg(plan.max_sends_per_window)
-                .arg(self.keys.record_prefix(&subject))
-                .arg(v.id.to_string())
-                .arg(&v.tenant)
-                .arg(v.code_hash.map(to_hex).unwrap_or_default())
-                .arg(expires_ms)
-                .arg(record_ttl)
-                .arg(state_ttl)
-                .arg(if foreign_id { "1" } else { "0" })
-                .arg(&subject)
-                .arg(ref_ttl)
-                .arg(&member);
-            add_pairs(&mut inv, verification_pairs(v));
-            let out: Vec<String> = inv
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)?;
-            let (verdict, rest) = verdict(&out)?;
-            let decision = match verdict {
-                "cooldown" => SendDecision::Cooldown {
-                    retry_after_seconds: seconds_until(now, parse_ms(nth(rest, 0)?)?),
-                },
-                "window" => SendDecision::WindowExhausted {
-                    retry_after_seconds: seconds_until(now, parse_ms(nth(rest, 0)?)?),
-                },
-                "conflict" => SendDecision::Conflict {
-                    pending: match rest.first().map(String::as_str) {
-                        None | Some("") => None,
-                        Some(id) => Some(id.parse().map_err(|_| {
-                            StoreError::Corrupt("malformed verification id".into())
-                        })?),
-                    },
-                },
-                "created" | "replaced" => {
-                    let previous_sent_at = match nth(rest, 0)? {
-                        "" => None,
-                        raw => Some(parse_ms(raw)?),
-                    };
-                    let verification = decode_verification(&flat_from_json(nth(rest, 1)?)?)?;
-                    if verdict == "created" {
-                        SendDecision::Created {
-                            verification,
-                            previous_sent_at,
-                        }
-                    } else {
-                        SendDecision::Replaced {
-                            verification,
-                            previous_sent_at,
-                        }
-                    }
-                }
-                other => return Err(unexpected(other)),
-            };
-            let Some(indexed_now) = indexed_now else {
-                return Ok(decision);
-            };
-            match &decision {
-                SendDecision::Created { verification, .. }
-                | SendDecision::Replaced { verification, .. } => {
-                    let fresh = matches!(decision, SendDecision::Created { .. }) && indexed_now;
-                    if !fresh {
-                        // A resend moved the expiry later (or an old entry was there).
-                        let mut cmd = ::redis::cmd("ZADD");
-                        cmd.arg(self.keys.pending())
-                            .arg("XX")
-                            .arg("GT")
-                            .arg(verification.expires_at.timestamp_millis())
-                            .arg(&member);
-                        self.housekeeping("re-indexing a verification", cmd);
-                    }
-                }
-                _ if indexed_now => self.unindex_pending(&subject, v.id),
-                _ => {}
-            }
-            Ok(decision)
-        })
-        .await
+    async fn start_counted_send(
+        &self,
+        plan: &SendPlan,
+        counts: &[CounterAdd],
+        now: DateTime<Utc>,
+    ) -> StoreResult<(SendDecision, Vec<u64>)> {
+        match self.conn {
+            // The counters live in other slots than the subject's.
+            Conn::Cluster(_) => start_then_count(self, plan, counts, now).await,
+            Conn::Node(_) => self.send(plan, counts, now).await,
+        }
     }
 
     async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
