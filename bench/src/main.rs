@@ -14,7 +14,7 @@ use otpd_bench::fill;
 use otpd_bench::loadgen::{self, RunOptions, RunResult, Workload};
 use otpd_bench::procs::{Server, free_port, settle, wait_for_port};
 use otpd_bench::report::{self, Machine, Measure, Target, pct};
-use otpd_bench::stores::{self, StoreKind};
+use otpd_bench::stores::{self, Place, StoreKind};
 use otpd_bench::workloads::{Api, Check, Endpoint, Hello, Issued, Send};
 
 #[derive(Parser, Clone)]
@@ -93,7 +93,19 @@ struct Ctx {
     notes: Vec<String>,
     hello_rps: f64,
     bytes_per_pending: Option<f64>,
-    scaling: Vec<(String, f64, f64)>,
+    scaling: Vec<ScalingRatio>,
+}
+
+/// A scaled store's figure at a level against the same at its smallest level.
+struct ScalingRatio {
+    /// `<store> <scenario> @<level>`.
+    label: String,
+    value: f64,
+    /// The smallest level's figure it is judged against: the reference
+    /// instance's, measured just after it, when there is one.
+    base: f64,
+    /// The smallest level's figure measured at the start of the scaling runs.
+    first: f64,
 }
 
 impl Ctx {
@@ -214,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{name}: skipped: {e:#}");
             ctx.notes.push(format!("{name}: skipped: {e:#}"));
         }
-        stores::cleanup(kind).await;
+        stores::cleanup(kind, Place::Main).await;
     }
     let mut scaled = Vec::new();
     for name in &cli.scaling_stores {
@@ -640,7 +652,7 @@ async fn measure_floors(ctx: &mut Ctx) -> anyhow::Result<()> {
         "Relay send: `POST /v1/verifications` to a bare server that makes otpd's BridgeXAPI call (otpd's HTTP client and provider code) to the mock provider and nothing else: no store, guard, code or log line. A send through otpd costs at least this.".into(),
     );
     if ctx.cli.stores.iter().any(|s| s == "redis") {
-        let redis = match stores::prepare(StoreKind::Redis, &ctx.dir, "relay").await {
+        let redis = match stores::prepare(StoreKind::Redis, Place::Main, &ctx.dir, "relay").await {
             Ok(redis) => redis,
             Err(e) => {
                 println!("relay redis: skipped: {e:#}");
@@ -649,7 +661,7 @@ async fn measure_floors(ctx: &mut Ctx) -> anyhow::Result<()> {
         };
         let measured =
             measure_floor(ctx, "relay redis", &["redis", "127.0.0.1:0", &redis.url]).await;
-        stores::cleanup(StoreKind::Redis).await;
+        stores::cleanup(StoreKind::Redis, Place::Main).await;
         measured?;
         ctx.notes.push(
             "Relay Redis: the same bare server making one Redis script round trip per request (a counter in a hash; otpd's connection setup), as a wrong check by id makes: a Redis check costs at least this.".into(),
@@ -689,7 +701,7 @@ async fn wrk_hello(addr: SocketAddr, cli: &Cli) -> Option<f64> {
 
 async fn store_scenarios(ctx: &mut Ctx, kind: StoreKind) -> anyhow::Result<()> {
     let name = kind.name();
-    let prepared = stores::prepare(kind, &ctx.dir, name).await?;
+    let prepared = stores::prepare(kind, Place::Main, &ctx.dir, name).await?;
     let running = start_otpd(ctx, name, &prepared.url, false).await?;
     let result = store_scenarios_on(ctx, kind, &running).await;
     running.server.stop().await;
@@ -940,10 +952,16 @@ enum Filler {
 /// One store's scaling run: its otpd, how it grows, and its first level's figures.
 struct Scaled {
     kind: StoreKind,
+    place: Place,
     running: Running,
     filler: Filler,
     /// Check and send req/s at the first level.
     base: Option<(f64, f64)>,
+    /// A second otpd on a second place of the same store, filled to the first
+    /// level only and measured right after the largest level: the ratio the
+    /// target judges compares two figures taken seconds apart, where the first
+    /// level's were taken minutes earlier (this machine drifts by a third).
+    reference: Option<Box<Scaled>>,
 }
 
 /// Verifications each level's wrong-code checks cycle over: sent through the
@@ -952,6 +970,8 @@ struct Scaled {
 /// many as the store takes in `WORKING_SET_TIME`.
 const WORKING_SET: u64 = 5_000;
 const WORKING_SET_TIME: Duration = Duration::from_millis(1500);
+/// The longest wait for the machine to go quiet before a store's level.
+const BETWEEN_STORES: Duration = Duration::from_secs(10);
 
 /// Throughput with 1k, 100k and 1M pending verifications on every store, and
 /// (memory store) memory per pending verification. Level by level, every store
@@ -961,8 +981,14 @@ const WORKING_SET_TIME: Duration = Duration::from_millis(1500);
 async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     let mut scaled = Vec::new();
     for &kind in kinds {
-        match start_scaled(ctx, kind).await {
-            Ok(s) => scaled.push(s),
+        match start_scaled(ctx, kind, Place::Main).await {
+            Ok(mut s) => {
+                match start_scaled(ctx, kind, Place::Reference).await {
+                    Ok(r) => s.reference = Some(Box::new(r)),
+                    Err(e) => reference_failed(ctx, kind, &e),
+                }
+                scaled.push(s);
+            }
             Err(e) => scaling_failed(ctx, kind, &e),
         }
     }
@@ -975,8 +1001,15 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
         // Distinct numbers per level.
         let numbers = (10 + i as u64) * NUMBERS_PER_SCENARIO;
         let add = level.saturating_sub(filled);
-        let grown =
-            futures::future::join_all(scaled.iter().map(|s| grow(s, level, filled, add))).await;
+        let grown = futures::future::join_all(scaled.iter().map(|s| async move {
+            // The reference instance is filled with the first level only.
+            let reference = match (&s.reference, i) {
+                (Some(r), 0) => Some(grow(r, level, 0, add).await),
+                _ => None,
+            };
+            (grow(s, level, filled, add).await, reference)
+        }))
+        .await;
         filled = level;
         let waited = settle(Duration::from_secs(20)).await;
         if waited > Duration::from_secs(1) {
@@ -986,7 +1019,13 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
             );
         }
         let mut grew = Vec::new();
-        for (s, growth) in scaled.into_iter().zip(grown) {
+        for (mut s, (growth, reference)) in scaled.into_iter().zip(grown) {
+            if let Some(Err(e)) = reference {
+                reference_failed(ctx, s.kind, &e);
+                if let Some(r) = s.reference.take() {
+                    finish_scaled(*r).await;
+                }
+            }
             match growth {
                 Ok(bytes_per_pending) => {
                     if let Some(bytes) = bytes_per_pending
@@ -1004,28 +1043,51 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
         }
         largest_step = largest_step.max(add);
         let label = level_label(level);
+        let last = i > 0 && i + 1 == levels.len();
         scaled = Vec::new();
         for mut s in grew {
-            match measure_level(ctx, &s, &label, numbers).await {
-                Ok((check, send)) => {
-                    match s.base {
-                        None => s.base = Some((check, send)),
-                        Some((bc, bs)) => {
-                            let name = s.kind.name();
-                            ctx.scaling
-                                .push((format!("{name} check @{label}"), check, bc));
-                            ctx.scaling
-                                .push((format!("{name} send @{label}"), send, bs));
-                        }
-                    }
-                    scaled.push(s);
-                }
+            // Each otpd polls the delivery reports of what it just sent for a
+            // few seconds after: that lands in whatever is measured next.
+            settle(BETWEEN_STORES).await;
+            let (check, send) = match measure_level(ctx, &s, &label, numbers).await {
+                Ok(figures) => figures,
                 // A store that failed a level is not compared at the next ones.
                 Err(e) => {
                     scaling_failed(ctx, s.kind, &e);
                     finish_scaled(s).await;
+                    continue;
                 }
+            };
+            let Some((first_check, first_send)) = s.base else {
+                s.base = Some((check, send));
+                scaled.push(s);
+                continue;
+            };
+            let mut base = (first_check, first_send);
+            if last && let Some(r) = s.reference.take() {
+                let reference_label = format!("{} (reference)", level_label(levels[0]));
+                let reference_numbers = (10 + levels.len() as u64) * NUMBERS_PER_SCENARIO;
+                settle(BETWEEN_STORES).await;
+                match measure_level(ctx, &r, &reference_label, reference_numbers).await {
+                    Ok(figures) => base = figures,
+                    Err(e) => reference_failed(ctx, s.kind, &e),
+                }
+                finish_scaled(*r).await;
             }
+            let name = s.kind.name();
+            ctx.scaling.push(ScalingRatio {
+                label: format!("{name} check @{label}"),
+                value: check,
+                base: base.0,
+                first: first_check,
+            });
+            ctx.scaling.push(ScalingRatio {
+                label: format!("{name} send @{label}"),
+                value: send,
+                base: base.1,
+                first: first_send,
+            });
+            scaled.push(s);
         }
     }
     let (service, direct): (Vec<&Scaled>, Vec<&Scaled>) = scaled
@@ -1034,6 +1096,10 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     ctx.notes.push(format!(
         "Scaling (every store): at each level the wrong-code checks cycle over a fresh working set sent through the API just before ({WORKING_SET} verifications, or as many as the store takes in {:.1} s), as live traffic checks codes soon after sending them; the level also holds what earlier working sets and send runs added.",
         WORKING_SET_TIME.as_secs_f64()
+    ));
+    ctx.notes.push(format!(
+        "Scaling, the target's ratio: beside each store's scaled otpd ran a second one on a second place of the same store (a second SQLite file, Redis database or PostgreSQL database; for memory, a second process), filled to the smallest level only. Right after the largest level's scenarios, the same scenarios ran on it (rows `@{} (reference)`), and the target compares the two: figures taken seconds apart, where this machine moved a scenario by up to a third between its smallest-level measurement and the largest's. The ratio against the smallest level measured first is shown beside it.",
+        level_label(levels.first().copied().unwrap_or_default())
     ));
     for s in service {
         ctx.notes.push(format!(
@@ -1053,15 +1119,28 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     }
 }
 
+/// Without its reference, a store's largest level is judged against its
+/// smallest level as measured first.
+fn reference_failed(ctx: &mut Ctx, kind: StoreKind, e: &anyhow::Error) {
+    println!("{} scaling reference: failed: {e:#}", kind.name());
+    ctx.notes.push(format!(
+        "{} scaling reference: failed ({e:#}); its ratio is against the smallest level as measured first",
+        kind.name()
+    ));
+}
+
 fn scaling_failed(ctx: &mut Ctx, kind: StoreKind, e: &anyhow::Error) {
     println!("{} scaling: failed: {e:#}", kind.name());
     ctx.notes
         .push(format!("{} scaling: failed: {e:#}", kind.name()));
 }
 
-async fn start_scaled(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Scaled> {
-    let label = format!("{}-scaling", kind.name());
-    let prepared = stores::prepare(kind, &ctx.dir, &label).await?;
+async fn start_scaled(ctx: &Ctx, kind: StoreKind, place: Place) -> anyhow::Result<Scaled> {
+    let label = match place {
+        Place::Main => format!("{}-scaling", kind.name()),
+        Place::Reference => format!("{}-reference", kind.name()),
+    };
+    let prepared = stores::prepare(kind, place, &ctx.dir, &label).await?;
     let in_process = kind == StoreKind::Memory;
     let running = start_otpd(ctx, &label, &prepared.url, in_process).await?;
     let filler = if in_process {
@@ -1071,15 +1150,20 @@ async fn start_scaled(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<Scaled> {
     };
     Ok(Scaled {
         kind,
+        place,
         running,
         filler,
         base: None,
+        reference: None,
     })
 }
 
 async fn finish_scaled(s: Scaled) {
+    if let Some(r) = s.reference {
+        Box::pin(finish_scaled(*r)).await;
+    }
     s.running.server.stop().await;
-    stores::cleanup(s.kind).await;
+    stores::cleanup(s.kind, s.place).await;
 }
 
 /// Adds `add` pending verifications to a store that holds `filled`; for the
@@ -1193,16 +1277,17 @@ async fn read_back(running: &Running, id: &str) -> anyhow::Result<()> {
 /// The worst 1M/1k ratio of each store (check or send); met only when every
 /// store of the run was scaled and each held up.
 fn scaling_target(ctx: &Ctx) -> Target {
-    let mut per_store: Vec<(&str, f64, &str)> = Vec::new();
-    for (label, value, base) in ctx.scaling.iter().filter(|(l, _, _)| l.ends_with("@1M")) {
-        let Some((store, _)) = label.split_once(' ') else {
+    // Each store's worst ratio: (store, ratio, what it was).
+    let mut per_store: Vec<(&str, f64, &ScalingRatio)> = Vec::new();
+    for r in ctx.scaling.iter().filter(|r| r.label.ends_with("@1M")) {
+        let Some((store, _)) = r.label.split_once(' ') else {
             continue;
         };
-        let ratio = value / base.max(1.0);
+        let ratio = r.value / r.base.max(1.0);
         match per_store.iter_mut().find(|(s, _, _)| *s == store) {
-            Some(worst) if ratio < worst.1 => *worst = (store, ratio, label),
+            Some(worst) if ratio < worst.1 => *worst = (store, ratio, r),
             Some(_) => {}
-            None => per_store.push((store, ratio, label)),
+            None => per_store.push((store, ratio, r)),
         }
     }
     let unscaled: Vec<&str> = ctx
@@ -1214,9 +1299,17 @@ fn scaling_target(ctx: &Ctx) -> Target {
         .collect();
     let mut value = per_store
         .iter()
-        .map(|(store, ratio, label)| {
-            let scenario = label.strip_prefix(store).unwrap_or(label).trim();
-            format!("{store} {} ({scenario})", pct(*ratio))
+        .map(|(store, ratio, r)| {
+            let scenario = r.label.strip_prefix(store).unwrap_or(&r.label).trim();
+            if r.base == r.first {
+                format!("{store} {} ({scenario})", pct(*ratio))
+            } else {
+                let first = pct(r.value / r.first.max(1.0));
+                format!(
+                    "{store} {} ({scenario}; {first} against the first)",
+                    pct(*ratio)
+                )
+            }
         })
         .collect::<Vec<_>>()
         .join("; ");

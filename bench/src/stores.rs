@@ -2,6 +2,7 @@
 //! SQLite always (a file in the run's temporary directory), Redis and PostgreSQL
 //! when a server answers (a dedicated Redis database that is flushed, a
 //! dedicated PostgreSQL database that is recreated and dropped afterwards).
+//! The scaling runs' reference instances get a second such place.
 
 use std::path::Path;
 
@@ -10,7 +11,32 @@ use sqlx::Connection;
 
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/13";
 pub const DEFAULT_POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const POSTGRES_BENCH_DB: &str = "otpd_bench";
+
+/// Which of a store's two places: the one every run uses, or the second one
+/// the scaling runs' reference instance uses beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Main,
+    Reference,
+}
+
+impl Place {
+    /// Its PostgreSQL database, and the statements that create and drop it.
+    fn postgres_database(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Place::Main => (
+                "otpd_bench",
+                "CREATE DATABASE otpd_bench",
+                "DROP DATABASE IF EXISTS otpd_bench WITH (FORCE)",
+            ),
+            Place::Reference => (
+                "otpd_bench_reference",
+                "CREATE DATABASE otpd_bench_reference",
+                "DROP DATABASE IF EXISTS otpd_bench_reference WITH (FORCE)",
+            ),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
@@ -47,16 +73,33 @@ pub struct PreparedStore {
     pub url: String,
 }
 
-fn redis_url() -> String {
-    std::env::var("OTPD_BENCH_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.into())
+/// The main place's Redis database, or for the reference the next one.
+fn redis_url(place: Place) -> String {
+    let url = std::env::var("OTPD_BENCH_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.into());
+    if place == Place::Main {
+        return url;
+    }
+    match url.rsplit_once('/') {
+        Some((base, db)) if !base.ends_with('/') => match db.parse::<u32>() {
+            Ok(db) => format!("{base}/{}", db + 1),
+            Err(_) => format!("{url}/1"),
+        },
+        _ => format!("{url}/1"),
+    }
 }
 
 fn postgres_admin_url() -> String {
     std::env::var("OTPD_BENCH_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_ADMIN_URL.into())
 }
 
-/// Gives `kind` an empty place; `Err` says why the store is skipped.
-pub async fn prepare(kind: StoreKind, dir: &Path, label: &str) -> anyhow::Result<PreparedStore> {
+/// Gives `kind` an empty place; `Err` says why the store is skipped. `label`
+/// names the SQLite file.
+pub async fn prepare(
+    kind: StoreKind,
+    place: Place,
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<PreparedStore> {
     let url = match kind {
         StoreKind::Memory => "memory://".to_owned(),
         StoreKind::Sqlite => {
@@ -64,23 +107,23 @@ pub async fn prepare(kind: StoreKind, dir: &Path, label: &str) -> anyhow::Result
             format!("sqlite://{}", path.display())
         }
         StoreKind::Redis => {
-            let url = redis_url();
+            let url = redis_url(place);
             flush_redis(&url).await?;
             url
         }
-        StoreKind::Postgres => recreate_postgres().await?,
+        StoreKind::Postgres => recreate_postgres(place).await?,
     };
     Ok(PreparedStore { kind, url })
 }
 
 /// Removes what the run left in shared servers.
-pub async fn cleanup(kind: StoreKind) {
+pub async fn cleanup(kind: StoreKind, place: Place) {
     match kind {
         StoreKind::Redis => {
-            let _ = flush_redis(&redis_url()).await;
+            let _ = flush_redis(&redis_url(place)).await;
         }
         StoreKind::Postgres => {
-            let _ = drop_postgres().await;
+            let _ = drop_postgres(place).await;
         }
         StoreKind::Memory | StoreKind::Sqlite => {}
     }
@@ -113,24 +156,22 @@ async fn admin() -> anyhow::Result<sqlx::PgConnection> {
     .context("postgres is not reachable")
 }
 
-async fn recreate_postgres() -> anyhow::Result<String> {
-    drop_postgres().await?;
+async fn recreate_postgres(place: Place) -> anyhow::Result<String> {
+    drop_postgres(place).await?;
     let mut conn = admin().await?;
-    sqlx::query("CREATE DATABASE otpd_bench")
-        .execute(&mut conn)
-        .await?;
+    let (database, create, _) = place.postgres_database();
+    sqlx::query(create).execute(&mut conn).await?;
     let admin_url = postgres_admin_url();
     let base = admin_url
         .rsplit_once('/')
         .map(|(b, _)| b)
         .context("postgres url has no database part")?;
-    Ok(format!("{base}/{POSTGRES_BENCH_DB}"))
+    Ok(format!("{base}/{database}"))
 }
 
-async fn drop_postgres() -> anyhow::Result<()> {
+async fn drop_postgres(place: Place) -> anyhow::Result<()> {
     let mut conn = admin().await?;
-    sqlx::query("DROP DATABASE IF EXISTS otpd_bench WITH (FORCE)")
-        .execute(&mut conn)
-        .await?;
+    let (_, _, drop) = place.postgres_database();
+    sqlx::query(drop).execute(&mut conn).await?;
     Ok(())
 }
