@@ -980,6 +980,7 @@ const BETWEEN_STORES: Duration = Duration::from_secs(10);
 /// fills share the cores instead of queuing.
 async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     let mut scaled = Vec::new();
+    let mut described = Vec::new();
     for &kind in kinds {
         match start_scaled(ctx, kind, Place::Main).await {
             Ok(mut s) => {
@@ -1063,18 +1064,36 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
                 scaled.push(s);
                 continue;
             };
-            let mut base = (first_check, first_send);
-            if last && let Some(r) = s.reference.take() {
-                let reference_label = format!("{} (reference)", level_label(levels[0]));
-                let reference_numbers = (10 + levels.len() as u64) * NUMBERS_PER_SCENARIO;
-                settle(BETWEEN_STORES).await;
-                match measure_level(ctx, &r, &reference_label, reference_numbers).await {
-                    Ok(figures) => base = figures,
-                    Err(e) => reference_failed(ctx, s.kind, &e),
-                }
-                finish_scaled(*r).await;
-            }
             let name = s.kind.name();
+            let mut base = (first_check, first_send);
+            if last {
+                // The scaled otpd stops first: for seconds after its sends it
+                // polls their delivery reports, which would land in the
+                // reference's figures and not in its own. Its store is
+                // emptied after the reference's run, not during it.
+                described.push(Described::of(&s));
+                let Scaled {
+                    kind,
+                    place,
+                    running,
+                    reference,
+                    ..
+                } = s;
+                running.server.stop().await;
+                if let Some(r) = reference {
+                    let reference_label = format!("{} (reference)", level_label(levels[0]));
+                    let reference_numbers = (10 + levels.len() as u64) * NUMBERS_PER_SCENARIO;
+                    settle(BETWEEN_STORES).await;
+                    match measure_level(ctx, &r, &reference_label, reference_numbers).await {
+                        Ok(figures) => base = figures,
+                        Err(e) => reference_failed(ctx, kind, &e),
+                    }
+                    finish_scaled(*r).await;
+                }
+                stores::cleanup(kind, place).await;
+            } else {
+                scaled.push(s);
+            }
             ctx.scaling.push(ScalingRatio {
                 label: format!("{name} check @{label}"),
                 value: check,
@@ -1087,12 +1106,14 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
                 base: base.1,
                 first: first_send,
             });
-            scaled.push(s);
         }
     }
-    let (service, direct): (Vec<&Scaled>, Vec<&Scaled>) = scaled
-        .iter()
-        .partition(|s| matches!(s.filler, Filler::Service(_)));
+    described.extend(scaled.iter().map(Described::of));
+    for s in scaled {
+        finish_scaled(s).await;
+    }
+    let (service, direct): (Vec<Described>, Vec<Described>) =
+        described.into_iter().partition(|d| d.in_process);
     ctx.notes.push(format!(
         "Scaling (every store): at each level the wrong-code checks cycle over a fresh working set sent through the API just before ({WORKING_SET} verifications, or as many as the store takes in {:.1} s), as live traffic checks codes soon after sending them; the level also holds what earlier working sets and send runs added.",
         WORKING_SET_TIME.as_secs_f64()
@@ -1114,8 +1135,21 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
             names.join(", ")
         ));
     }
-    for s in scaled {
-        finish_scaled(s).await;
+}
+
+/// What the report says of a scaled store once its otpd has stopped.
+struct Described {
+    kind: StoreKind,
+    /// Filled inside otpd (`otpd-loaded`) rather than straight into the backend.
+    in_process: bool,
+}
+
+impl Described {
+    fn of(s: &Scaled) -> Self {
+        Self {
+            kind: s.kind,
+            in_process: matches!(s.filler, Filler::Service(_)),
+        }
     }
 }
 
