@@ -407,21 +407,22 @@ struct Running {
     control: Option<SocketAddr>,
 }
 
-/// Starts `otpd serve` (or `otpd-loaded`) on `store_url` with its own config.
+/// Starts `otpd serve` (or `otpd-loaded`) on `store_url` with its own config,
+/// `extra` appended to it.
 async fn start_otpd(
     ctx: &Ctx,
     label: &str,
     store_url: &str,
     loaded: bool,
+    extra: &str,
 ) -> anyhow::Result<Running> {
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let data = ctx.dir.join(format!("{label}-data"));
     let config = ctx.dir.join(format!("{label}.toml"));
-    std::fs::write(
-        &config,
-        otpd_config(&listen, store_url, &data, ctx.mock, ctx.features),
-    )?;
+    let mut text = otpd_config(&listen, store_url, &data, ctx.mock, ctx.features);
+    text.push_str(extra);
+    std::fs::write(&config, text)?;
     let config_arg = config.display().to_string();
     let mut server = if loaded {
         Server::start(
@@ -702,7 +703,7 @@ async fn wrk_hello(addr: SocketAddr, cli: &Cli) -> Option<f64> {
 async fn store_scenarios(ctx: &mut Ctx, kind: StoreKind) -> anyhow::Result<()> {
     let name = kind.name();
     let prepared = stores::prepare(kind, Place::Main, &ctx.dir, name).await?;
-    let running = start_otpd(ctx, name, &prepared.url, false).await?;
+    let running = start_otpd(ctx, name, &prepared.url, false, "").await?;
     let result = store_scenarios_on(ctx, kind, &running).await;
     running.server.stop().await;
     result
@@ -970,6 +971,10 @@ struct Scaled {
 /// many as the store takes in `WORKING_SET_TIME`.
 const WORKING_SET: u64 = 5_000;
 const WORKING_SET_TIME: Duration = Duration::from_millis(1500);
+/// A scaling run's otpd polls delivery reports only hourly: its polling after
+/// each send scenario would land in whatever is measured next (its own next
+/// level, another store's, or the reference it is compared with).
+const SCALING_CONFIG: &str = "\n[dlr]\npoll_interval_seconds = 3600\n";
 /// The longest wait for the machine to go quiet before a store's level.
 const BETWEEN_STORES: Duration = Duration::from_secs(10);
 
@@ -1047,8 +1052,8 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
         let last = i > 0 && i + 1 == levels.len();
         scaled = Vec::new();
         for mut s in grew {
-            // Each otpd polls the delivery reports of what it just sent for a
-            // few seconds after: that lands in whatever is measured next.
+            // What the fills or the last store's scenarios left behind (a
+            // checkpoint, dirty pages) ends before this store is measured.
             settle(BETWEEN_STORES).await;
             let (check, send) = match measure_level(ctx, &s, &label, numbers).await {
                 Ok(figures) => figures,
@@ -1066,43 +1071,33 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
             };
             let name = s.kind.name();
             let mut base = (first_check, first_send);
+            let mut best = (check, send);
             if last {
-                // The scaled otpd stops first: for seconds after its sends it
-                // polls their delivery reports, which would land in the
-                // reference's figures and not in its own. Its store is
-                // emptied after the reference's run, not during it.
                 described.push(Described::of(&s));
-                let Scaled {
-                    kind,
-                    place,
-                    running,
-                    reference,
-                    ..
-                } = s;
-                running.server.stop().await;
-                if let Some(r) = reference {
-                    let reference_label = format!("{} (reference)", level_label(levels[0]));
-                    let reference_numbers = (10 + levels.len() as u64) * NUMBERS_PER_SCENARIO;
-                    settle(BETWEEN_STORES).await;
-                    match measure_level(ctx, &r, &reference_label, reference_numbers).await {
-                        Ok(figures) => base = figures,
-                        Err(e) => reference_failed(ctx, kind, &e),
-                    }
+                if let Some(r) = s.reference.take() {
+                    let reference = compare_with_reference(ctx, &s, &r, &levels).await;
                     finish_scaled(*r).await;
+                    match reference {
+                        Ok((scaled_again, at_reference)) => {
+                            best = best_of(best, scaled_again);
+                            base = at_reference;
+                        }
+                        Err(e) => reference_failed(ctx, s.kind, &e),
+                    }
                 }
-                stores::cleanup(kind, place).await;
+                finish_scaled(s).await;
             } else {
                 scaled.push(s);
             }
             ctx.scaling.push(ScalingRatio {
                 label: format!("{name} check @{label}"),
-                value: check,
+                value: best.0,
                 base: base.0,
                 first: first_check,
             });
             ctx.scaling.push(ScalingRatio {
                 label: format!("{name} send @{label}"),
-                value: send,
+                value: best.1,
                 base: base.1,
                 first: first_send,
             });
@@ -1119,8 +1114,9 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
         WORKING_SET_TIME.as_secs_f64()
     ));
     ctx.notes.push(format!(
-        "Scaling, the target's ratio: beside each store's scaled otpd ran a second one on a second place of the same store (a second SQLite file, Redis database or PostgreSQL database; for memory, a second process), filled to the smallest level only. Right after the largest level's scenarios, the same scenarios ran on it (rows `@{} (reference)`), and the target compares the two: figures taken seconds apart, where this machine moved a scenario by up to a third between its smallest-level measurement and the largest's. The ratio against the smallest level measured first is shown beside it.",
-        level_label(levels.first().copied().unwrap_or_default())
+        "Scaling, the target's ratio: beside each store's scaled otpd ran a second one on a second place of the same store (a second SQLite file, Redis database or PostgreSQL database; for memory, a second process), filled to the smallest level only. Right after the largest level's scenarios, the same scenarios ran in turns: on the reference, on the scaled otpd again, on the reference again (rows `@{first} (reference)`, `@{last}, again`, `@{first} (reference), again`), and the target compares the best of each side: figures taken seconds apart, where this machine moved a scenario by up to a third between its smallest-level measurement and the largest's. The ratio against the smallest level measured first is shown beside it. Scaling otpds poll delivery reports only hourly, so that one's polling does not land in the next one's figures.",
+        first = level_label(levels.first().copied().unwrap_or_default()),
+        last = level_label(levels.last().copied().unwrap_or_default()),
     ));
     for s in service {
         ctx.notes.push(format!(
@@ -1131,7 +1127,7 @@ async fn scaling(ctx: &mut Ctx, kinds: &[StoreKind]) {
     if !direct.is_empty() {
         let names: Vec<&str> = direct.iter().map(|s| s.kind.name()).collect();
         ctx.notes.push(format!(
-            "Scaling ({}): before each level the driver wrote the missing pending verifications straight into the backend (`bench/src/fill.rs`: SQL in one transaction, or a Lua script in chunks), in the store's layout: each with its subject state and one delivered SMS record; the backend's count was checked and otpd read one back through the API.",
+            "Scaling ({}): before each level the driver wrote the missing pending verifications straight into the backend (`bench/src/fill.rs`: SQL in one transaction, or pipelined Redis commands), in the store's layout: each with its subject state and one delivered SMS record; the backend's count was checked and otpd read one back through the API.",
             names.join(", ")
         ));
     }
@@ -1176,7 +1172,7 @@ async fn start_scaled(ctx: &Ctx, kind: StoreKind, place: Place) -> anyhow::Resul
     };
     let prepared = stores::prepare(kind, place, &ctx.dir, &label).await?;
     let in_process = kind == StoreKind::Memory;
-    let running = start_otpd(ctx, &label, &prepared.url, in_process).await?;
+    let running = start_otpd(ctx, &label, &prepared.url, in_process, SCALING_CONFIG).await?;
     let filler = if in_process {
         Filler::Service(running.control.context("no control port")?)
     } else {
@@ -1236,6 +1232,38 @@ async fn grow(s: &Scaled, level: u64, filled: u64, add: u64) -> anyhow::Result<O
             Ok(None)
         }
     }
+}
+
+/// The largest level against the reference, in alternating rounds: the
+/// reference, the scaled otpd again, the reference again (the scaled otpd's
+/// first round is its level's own). Returns the best check and send of the
+/// scaled otpd's second round and of the reference's two: the machine's
+/// slowdowns come and go within seconds, and a best of two on each side, taken
+/// in turns, is what either store can do then.
+async fn compare_with_reference(
+    ctx: &mut Ctx,
+    scaled: &Scaled,
+    reference: &Scaled,
+    levels: &[u64],
+) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    let (Some(&smallest), Some(&largest)) = (levels.first(), levels.last()) else {
+        bail!("no levels");
+    };
+    let smallest = format!("{} (reference)", level_label(smallest));
+    // Numbers past every level's, one range per round.
+    let numbers = |round: usize| (10 + levels.len() + round) as u64 * NUMBERS_PER_SCENARIO;
+    settle(BETWEEN_STORES).await;
+    let first = measure_level(ctx, reference, &smallest, numbers(0)).await?;
+    settle(BETWEEN_STORES).await;
+    let largest = format!("{}, again", level_label(largest));
+    let again = measure_level(ctx, scaled, &largest, numbers(1)).await?;
+    settle(BETWEEN_STORES).await;
+    let second = measure_level(ctx, reference, &format!("{smallest}, again"), numbers(2)).await?;
+    Ok((again, best_of(first, second)))
+}
+
+fn best_of(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
+    (a.0.max(b.0), a.1.max(b.1))
 }
 
 /// A fresh working set, wrong-code checks over it, then sends; numbers from `numbers` on.
