@@ -552,7 +552,11 @@ impl RedisStore {
                         "" => None,
                         raw => Some(parse_ms(raw)?),
                     };
-                    let verification = decode_verification(&flat_from_json(nth(rest, 1)?)?)?;
+                    let verification = if verdict == "created" {
+                        v.clone()
+                    } else {
+                        decode_verification(&flat_from_json(nth(rest, 1)?)?)?
+                    };
                     totals = rest
                         .iter()
                         .skip(2)
@@ -881,11 +885,15 @@ fn ms(t: DateTime<Utc>) -> String {
 const PRELUDE: &str = r#"
 local function int(n) return string.format('%.0f', n) end
 -- Constant-time comparison: the time taken does not depend on where the
--- strings differ.
+-- strings differ. Plain arithmetic, no call per byte: with `bit.bxor` and
+-- `string.byte` per byte, comparing two code hashes was most of a check's time.
 local function same(a, b)
   if #a ~= #b then return false end
-  local d = 0
-  for i = 1, #a do d = bit.bor(d, bit.bxor(string.byte(a, i), string.byte(b, i))) end
+  local x, y, d = {string.byte(a, 1, -1)}, {string.byte(b, 1, -1)}, 0
+  for i = 1, #x do
+    local e = x[i] - y[i]
+    d = d + e * e
+  end
   return d == 0
 end
 -- Brings a key's TTL down to `ttl` ms, never up: an ended record must not outlive
@@ -1016,7 +1024,8 @@ redis.call('PEXPIRE', KEYS[2], ARGV[10])
 redis.call('HSET', KEYS[1], 'current', ARGV[6], 'last_sent', ARGV[1],
   'win_start', int(win_start), 'win_count', int(win_count + 1))
 redis.call('PEXPIRE', KEYS[1], ARGV[11])
-return {decision, last_sent or '', record_json(KEYS[2])}
+-- A created record is the caller's plan as written: only a replaced one goes back.
+return {decision, last_sent or '', decision == 'replaced' and record_json(KEYS[2]) or ''}
 "#;
 
 /// `START_SEND` after the caller claimed the id and indexed it (a cluster).

@@ -237,6 +237,37 @@ pub async fn wrong_guesses_count_down_then_kill(store: DynStore) {
     assert_eq!(v.code_hash, None);
 }
 
+/// A guess whose hash is the code's with one byte changed (first, middle or
+/// last) is wrong: the comparison covers every byte, and only equal hashes
+/// approve.
+pub async fn hashes_one_byte_off_are_wrong(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let right = f.hash(id, "123456");
+    for (i, at) in [0, 16, 31].into_iter().enumerate() {
+        let mut off = right;
+        off[at] ^= 1;
+        let outcome = store
+            .check_code(&f.tenant, id, &off, None, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            CheckOutcome::Wrong {
+                attempts_left: MAX_ATTEMPTS - 1 - i as u32,
+                masked_to: MASKED.into(),
+            },
+            "byte {at} changed"
+        );
+    }
+    let outcome = store
+        .check_code(&f.tenant, id, &right, None, now)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, CheckOutcome::Approved(_)), "{outcome:?}");
+}
+
 pub async fn find_current_sees_pending_and_dead_but_not_ended(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -2147,6 +2178,7 @@ macro_rules! store_contract_tests {
                 send_and_approval_answer_with_the_stored_record,
                 right_code_approves_once,
                 wrong_guesses_count_down_then_kill,
+                hashes_one_byte_off_are_wrong,
                 expired_code_is_not_found,
                 find_current_sees_pending_and_dead_but_not_ended,
                 cooldown_then_resend_keeps_attempts,
