@@ -12,9 +12,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use otpd_bench::fill;
 use otpd_bench::loadgen::{self, RunOptions, RunResult, Workload};
-use otpd_bench::procs::{Server, free_port, settle, wait_for_port};
+use otpd_bench::procs::{Server, StoreServer, free_port, settle, wait_for_port};
 use otpd_bench::report::{self, Machine, Measure, Target, pct};
-use otpd_bench::stores::{self, Place, StoreKind};
+use otpd_bench::stores::{self, Place, PreparedStore, StoreKind};
 use otpd_bench::workloads::{Api, Check, Endpoint, Hello, Issued, Send};
 
 #[derive(Parser, Clone)]
@@ -240,6 +240,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     scaling(&mut ctx, &scaled).await;
     mock.stop().await;
+    if ctx
+        .measures
+        .iter()
+        .any(|m| m.store_cpu_us_per_req.is_some())
+    {
+        ctx.notes.push(
+            "Store server CPU: the CPU time of the store's own server while the scenario ran (redis-server's one process; every PostgreSQL process), per answer. It shares the two cores with otpd and the load generator; the memory and SQLite stores run inside otpd, in its own column.".into(),
+        );
+    }
 
     let driver = started.elapsed().as_secs();
     ctx.notes.push(match std::env::var("OTPD_BENCH_BUILD_SECONDS").ok().and_then(|s| s.parse::<u64>().ok()) {
@@ -405,14 +414,16 @@ struct Running {
     addr: SocketAddr,
     endpoint: Endpoint,
     control: Option<SocketAddr>,
+    /// The store's own server, when it runs apart from otpd.
+    store: StoreServer,
 }
 
-/// Starts `otpd serve` (or `otpd-loaded`) on `store_url` with its own config,
+/// Starts `otpd serve` (or `otpd-loaded`) on `store` with its own config,
 /// `extra` appended to it.
 async fn start_otpd(
     ctx: &Ctx,
     label: &str,
-    store_url: &str,
+    store: &PreparedStore,
     loaded: bool,
     extra: &str,
 ) -> anyhow::Result<Running> {
@@ -420,7 +431,7 @@ async fn start_otpd(
     let listen = format!("127.0.0.1:{port}");
     let data = ctx.dir.join(format!("{label}-data"));
     let config = ctx.dir.join(format!("{label}.toml"));
-    let mut text = otpd_config(&listen, store_url, &data, ctx.mock, ctx.features);
+    let mut text = otpd_config(&listen, &store.url, &data, ctx.mock, ctx.features);
     text.push_str(extra);
     std::fs::write(&config, text)?;
     let config_arg = config.display().to_string();
@@ -463,6 +474,7 @@ async fn start_otpd(
         addr,
         endpoint: Endpoint { host: listen, key },
         control,
+        store: store.server,
     })
 }
 
@@ -479,6 +491,7 @@ async fn measure<W: Workload>(
     expected: &[u16],
 ) -> anyhow::Result<RunResult> {
     let cpu_before = running.server.cpu_time().ok();
+    let store_cpu_before = running.store.cpu_time();
     let disk_before = running.server.disk_write_bytes().ok();
     let profile = match (&ctx.cli.perf, running.server.pid()) {
         (Some(dir), Some(pid))
@@ -497,11 +510,15 @@ async fn measure<W: Workload>(
     if let Some((child, data)) = profile {
         finish_perf(child, &data).await;
     }
+    let per_answer = |d: Duration| d.as_secs_f64() * 1e6 / result.answered as f64;
     let cpu = cpu_before
         .zip(running.server.cpu_time().ok())
-        .map(|(a, b)| b.saturating_sub(a))
         .filter(|_| result.answered > 0)
-        .map(|d| d.as_secs_f64() * 1e6 / result.answered as f64);
+        .map(|(a, b)| per_answer(b.saturating_sub(a)));
+    let store_cpu = store_cpu_before
+        .zip(running.store.cpu_time())
+        .filter(|_| result.answered > 0)
+        .map(|(a, b)| per_answer(b.saturating_sub(a)));
     let disk = disk_before
         .zip(running.server.disk_write_bytes().ok())
         .filter(|_| result.answered > 0)
@@ -529,11 +546,12 @@ async fn measure<W: Workload>(
         p99_us: result.latency.percentile(99.0),
         ok_share,
         cpu_us_per_req: cpu,
+        store_cpu_us_per_req: store_cpu,
         disk_kib_per_req: disk,
         note: note.trim().to_owned(),
     };
     println!(
-        "{:<9} {:<22} {:<8} {:>9.0} req/s  p50 {} ms  p99 {} ms  ok {}  disk {} KiB/req  {}",
+        "{:<9} {:<22} {:<8} {:>9.0} req/s  p50 {} ms  p99 {} ms  ok {}  CPU {} + {} µs/req  disk {} KiB/req  {}",
         m.store,
         m.scenario,
         m.api,
@@ -541,6 +559,8 @@ async fn measure<W: Workload>(
         report::ms(m.p50_us),
         report::ms(m.p99_us),
         pct(ok_share),
+        report::per_answer(m.cpu_us_per_req),
+        report::per_answer(m.store_cpu_us_per_req),
         report::per_answer(m.disk_kib_per_req),
         m.note
     );
@@ -621,6 +641,7 @@ async fn start_bare(ctx: &Ctx, name: &str, args: &[&str]) -> anyhow::Result<Runn
             key: String::new(),
         },
         control: None,
+        store: StoreServer::Unmeasured,
     })
 }
 
@@ -648,7 +669,8 @@ async fn measure_hello(ctx: &mut Ctx) -> anyhow::Result<()> {
 /// and (when Redis is measured) one Redis script round trip per request.
 async fn measure_floors(ctx: &mut Ctx) -> anyhow::Result<()> {
     let mock = ctx.mock.to_string();
-    measure_floor(ctx, "relay send", &["provider", "127.0.0.1:0", &mock]).await?;
+    let provider = ["provider", "127.0.0.1:0", &mock];
+    measure_floor(ctx, "relay send", &provider, StoreServer::Unmeasured).await?;
     ctx.notes.push(
         "Relay send: `POST /v1/verifications` to a bare server that makes otpd's BridgeXAPI call (otpd's HTTP client and provider code) to the mock provider and nothing else: no store, guard, code or log line. A send through otpd costs at least this.".into(),
     );
@@ -660,8 +682,8 @@ async fn measure_floors(ctx: &mut Ctx) -> anyhow::Result<()> {
                 return Ok(());
             }
         };
-        let measured =
-            measure_floor(ctx, "relay redis", &["redis", "127.0.0.1:0", &redis.url]).await;
+        let args = ["redis", "127.0.0.1:0", &redis.url];
+        let measured = measure_floor(ctx, "relay redis", &args, redis.server).await;
         stores::cleanup(StoreKind::Redis, Place::Main).await;
         measured?;
         ctx.notes.push(
@@ -671,8 +693,16 @@ async fn measure_floors(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure_floor(ctx: &mut Ctx, scenario: &str, args: &[&str]) -> anyhow::Result<()> {
-    let running = start_bare(ctx, "relay", args).await?;
+async fn measure_floor(
+    ctx: &mut Ctx,
+    scenario: &str,
+    args: &[&str],
+    store: StoreServer,
+) -> anyhow::Result<()> {
+    let running = Running {
+        store,
+        ..start_bare(ctx, "relay", args).await?
+    };
     let o = opts(&ctx.cli);
     let sends = Arc::new(Send::new(running.endpoint.clone(), Api::Native, 0, false));
     let measured = measure(ctx, &running, "-", scenario, "native", sends, &o, &[201]).await;
@@ -703,7 +733,7 @@ async fn wrk_hello(addr: SocketAddr, cli: &Cli) -> Option<f64> {
 async fn store_scenarios(ctx: &mut Ctx, kind: StoreKind) -> anyhow::Result<()> {
     let name = kind.name();
     let prepared = stores::prepare(kind, Place::Main, &ctx.dir, name).await?;
-    let running = start_otpd(ctx, name, &prepared.url, false, "").await?;
+    let running = start_otpd(ctx, name, &prepared, false, "").await?;
     let result = store_scenarios_on(ctx, kind, &running).await;
     running.server.stop().await;
     result
@@ -1172,7 +1202,7 @@ async fn start_scaled(ctx: &Ctx, kind: StoreKind, place: Place) -> anyhow::Resul
     };
     let prepared = stores::prepare(kind, place, &ctx.dir, &label).await?;
     let in_process = kind == StoreKind::Memory;
-    let running = start_otpd(ctx, &label, &prepared.url, in_process, SCALING_CONFIG).await?;
+    let running = start_otpd(ctx, &label, &prepared, in_process, SCALING_CONFIG).await?;
     let filler = if in_process {
         Filler::Service(running.control.context("no control port")?)
     } else {

@@ -102,19 +102,7 @@ impl Server {
     /// CPU time (user + system) the process has used so far.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
         let pid = self.pid().context("process has exited")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-        let total = ticks(11) + ticks(12);
-        Ok(Duration::from_millis(total * 10))
+        process_cpu(pid).context("no /proc stat")
     }
 
     /// Bytes the process has caused to be written to storage so far: pages it
@@ -209,4 +197,47 @@ fn cpu_ticks() -> Option<(u64, u64)> {
     let all: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     Some((all.saturating_sub(idle), all))
+}
+
+/// CPU time (user + system) process `pid` has used so far (Linux `/proc`).
+fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    Some(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// The processes of a store's own server on this machine, whose CPU time a
+/// scenario adds to otpd's: redis-server (one process), or every PostgreSQL
+/// process (one backend per connection, and its background workers).
+#[derive(Clone, Copy)]
+pub enum StoreServer {
+    /// In otpd's own process (memory, SQLite), or not found on this machine.
+    Unmeasured,
+    Redis(u32),
+    Postgres,
+}
+
+impl StoreServer {
+    /// CPU time the store's server processes have used so far.
+    pub fn cpu_time(self) -> Option<Duration> {
+        match self {
+            StoreServer::Unmeasured => None,
+            StoreServer::Redis(pid) => process_cpu(pid),
+            StoreServer::Postgres => Some(
+                std::fs::read_dir("/proc")
+                    .ok()?
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|pid| {
+                        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                            .is_ok_and(|c| c.trim() == "postgres")
+                    })
+                    .filter_map(process_cpu)
+                    .sum(),
+            ),
+        }
+    }
 }

@@ -18,6 +18,9 @@ pub struct Measure {
     pub ok_share: f64,
     /// Server CPU time per answer, in microseconds (all threads).
     pub cpu_us_per_req: Option<f64>,
+    /// CPU time per answer of the store's own server processes (redis-server,
+    /// PostgreSQL's), in microseconds; none for a store inside otpd.
+    pub store_cpu_us_per_req: Option<f64>,
     /// Storage writes the server caused per answer, in KiB (all threads): its
     /// store's files and its log. Pages dirtied while the scenario ran; the
     /// kernel writes them back later.
@@ -122,9 +125,9 @@ pub fn render(
     );
     let _ = writeln!(
         s,
-        "| store | scenario | API | req/s | vs hello | p50 ms | p99 ms | expected answers | server CPU µs/req | disk KiB/req | note |"
+        "| store | scenario | API | req/s | vs hello | p50 ms | p99 ms | expected answers | server CPU µs/req | store server CPU µs/req | disk KiB/req | note |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for m in measures {
         let ratio = if hello_rps > 0.0 && m.rps > 0.0 {
             pct(m.rps / hello_rps)
@@ -132,6 +135,7 @@ pub fn render(
             "-".into()
         };
         let cpu = per_answer(m.cpu_us_per_req);
+        let store_cpu = per_answer(m.store_cpu_us_per_req);
         let disk = per_answer(m.disk_kib_per_req);
         let rps = if m.rps > 0.0 {
             format!("{:.0}", m.rps)
@@ -140,7 +144,7 @@ pub fn render(
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {rps} | {ratio} | {} | {} | {} | {cpu} | {disk} | {} |",
+            "| {} | {} | {} | {rps} | {ratio} | {} | {} | {} | {cpu} | {store_cpu} | {disk} | {} |",
             m.store,
             m.scenario,
             m.api,

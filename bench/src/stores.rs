@@ -7,6 +7,8 @@
 use std::path::Path;
 
 use anyhow::Context;
+
+use crate::procs::StoreServer;
 use sqlx::Connection;
 
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/13";
@@ -67,10 +69,11 @@ impl StoreKind {
     }
 }
 
-/// A store ready for a fresh otpd: its `store.url`.
+/// A store ready for a fresh otpd: its `store.url`, and its server's processes.
 pub struct PreparedStore {
     pub kind: StoreKind,
     pub url: String,
+    pub server: StoreServer,
 }
 
 /// The main place's Redis database, or for the reference the next one.
@@ -100,20 +103,23 @@ pub async fn prepare(
     dir: &Path,
     label: &str,
 ) -> anyhow::Result<PreparedStore> {
-    let url = match kind {
-        StoreKind::Memory => "memory://".to_owned(),
+    let (url, server) = match kind {
+        StoreKind::Memory => ("memory://".to_owned(), StoreServer::Unmeasured),
         StoreKind::Sqlite => {
             let path = dir.join(format!("{label}.db"));
-            format!("sqlite://{}", path.display())
+            (
+                format!("sqlite://{}", path.display()),
+                StoreServer::Unmeasured,
+            )
         }
         StoreKind::Redis => {
             let url = redis_url(place);
-            flush_redis(&url).await?;
-            url
+            let server = flush_redis(&url).await?;
+            (url, server)
         }
-        StoreKind::Postgres => recreate_postgres(place).await?,
+        StoreKind::Postgres => (recreate_postgres(place).await?, StoreServer::Postgres),
     };
-    Ok(PreparedStore { kind, url })
+    Ok(PreparedStore { kind, url, server })
 }
 
 /// Removes what the run left in shared servers.
@@ -129,7 +135,9 @@ pub async fn cleanup(kind: StoreKind, place: Place) {
     }
 }
 
-async fn flush_redis(url: &str) -> anyhow::Result<()> {
+/// Empties the URL's database; returns redis-server's process when it runs
+/// on this machine.
+async fn flush_redis(url: &str) -> anyhow::Result<StoreServer> {
     let client = redis::Client::open(url).context("redis url")?;
     let mut conn = tokio::time::timeout(
         std::time::Duration::from_secs(3),
@@ -142,7 +150,20 @@ async fn flush_redis(url: &str) -> anyhow::Result<()> {
         .query_async::<()>(&mut conn)
         .await
         .context("FLUSHDB")?;
-    Ok(())
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .context("INFO")?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("redis-server"))
+        });
+    Ok(pid.map_or(StoreServer::Unmeasured, StoreServer::Redis))
 }
 
 async fn admin() -> anyhow::Result<sqlx::PgConnection> {
