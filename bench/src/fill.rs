@@ -336,26 +336,24 @@ const REDIS_KEEP_MESSAGES_MS: i64 = 400 * REDIS_KEEP_ENDED_MS;
 /// and code hashes are pseudo-random hex of their real sizes, not secrets.
 async fn fill_redis(url: &str, first: u64, count: u64, now: i64) -> anyhow::Result<String> {
     let conn = redis_conn(url).await?;
-    let mut random = SplitMix(now as u64 ^ first.rotate_left(32));
-    let chunks = (first..first + count)
-        .step_by(REDIS_CHUNK as usize)
+    // Each chunk is built as it is sent, not all up front: a million
+    // verifications' commands would take gigabytes.
+    let samples = futures::stream::iter((first..first + count).step_by(REDIS_CHUNK as usize))
         .map(|from| {
-            let n = REDIS_CHUNK.min(first + count - from);
-            redis_chunk(from..from + n, now, &mut random)
-        })
-        .collect::<Vec<_>>();
-    let sample = chunks.first().map(|(_, id)| id.clone());
-    // Two chunks in flight: Redis runs one while the next one's bytes arrive.
-    futures::stream::iter(chunks)
-        .map(|(pipe, _)| {
             let mut conn = conn.clone();
-            async move { pipe.query_async::<()>(&mut conn).await }
+            let numbers = from..(from + REDIS_CHUNK).min(first + count);
+            async move {
+                let mut random = SplitMix(now as u64 ^ from.rotate_left(32));
+                let (pipe, sample) = redis_chunk(numbers, now, &mut random);
+                pipe.query_async::<()>(&mut conn).await.map(|()| sample)
+            }
         })
+        // Two chunks in flight: Redis runs one while the next one's bytes arrive.
         .buffered(2)
-        .try_collect::<Vec<()>>()
+        .try_collect::<Vec<String>>()
         .await
         .context("fill commands")?;
-    sample.context("nothing filled")
+    samples.into_iter().next().context("nothing filled")
 }
 
 /// One chunk's commands, and its first verification's id.
