@@ -384,12 +384,12 @@ fn redis_chunk(
         let tag = format!("{{{p}:s:{subject}}}");
         let record = format!("{tag}:v:{vid}");
         let state = format!("{tag}:state");
-        pipe.cmd("SET")
-            .arg(format!("{p}:vref:{vid}"))
-            .arg(&subject)
-            .arg("PX")
-            .arg(record_ttl + REDIS_REF_MARGIN_MS)
-            .ignore();
+        set_px(
+            &mut pipe,
+            format!("{p}:vref:{vid}"),
+            &subject,
+            record_ttl + REDIS_REF_MARGIN_MS,
+        );
         pending_members.arg(expires).arg(format!("{subject}:{vid}"));
         pipe.cmd("HSET")
             .arg(&record)
@@ -429,18 +429,18 @@ fn redis_chunk(
         let message = format!("{mtag}:r:{mid}");
         let list = format!("{mtag}:list");
         let pid = format!("BX-fill-{n}");
-        pipe.cmd("SET")
-            .arg(format!("{p}:mref:{mid}"))
-            .arg(&vid)
-            .arg("PX")
-            .arg(REDIS_KEEP_MESSAGES_MS)
-            .ignore();
-        pipe.cmd("SET")
-            .arg(format!("{p}:pm:bridgexapi:{pid}"))
-            .arg(&message)
-            .arg("PX")
-            .arg(REDIS_KEEP_MESSAGES_MS)
-            .ignore();
+        set_px(
+            &mut pipe,
+            format!("{p}:mref:{mid}"),
+            &vid,
+            REDIS_KEEP_MESSAGES_MS,
+        );
+        set_px(
+            &mut pipe,
+            format!("{p}:pm:bridgexapi:{pid}"),
+            &message,
+            REDIS_KEEP_MESSAGES_MS,
+        );
         message_members.arg(t).arg(format!("{vid}:{mid}"));
         pipe.cmd("HSET")
             .arg(&message)
@@ -479,6 +479,16 @@ fn redis_chunk(
     pipe.add_command(pending_members).ignore();
     pipe.add_command(message_members).ignore();
     (pipe, sample.unwrap_or_default())
+}
+
+/// `SET key value PX ttl`, its reply ignored.
+fn set_px(pipe: &mut redis::Pipeline, key: String, value: &str, ttl_ms: i64) {
+    pipe.cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("PX")
+        .arg(ttl_ms)
+        .ignore();
 }
 
 /// splitmix64: fill values need only be distinct and of the right size, and a
