@@ -886,7 +886,8 @@ const PRELUDE: &str = r#"
 local function int(n) return string.format('%.0f', n) end
 -- Constant-time comparison: the time taken does not depend on where the
 -- strings differ. Plain arithmetic, no call per byte: with `bit.bxor` and
--- `string.byte` per byte, comparing two code hashes was most of a check's time.
+-- `string.byte` per byte, comparing two code hashes was a third of a check's
+-- time on Redis.
 local function same(a, b)
   if #a ~= #b then return false end
   local x, y, d = {string.byte(a, 1, -1)}, {string.byte(b, 1, -1)}, 0
