@@ -1,8 +1,9 @@
 //! Bulk fill for the scaling runs on SQLite, PostgreSQL and Redis: pending
-//! verifications written straight into the backend, server-side (a few SQL
-//! statements in one transaction, or pipelined commands), in the layout
-//! and encodings otpd's store uses. Through the API they would fill at the send
-//! rate, far too slowly for 1M within the run's time budget.
+//! verifications written straight into the backend (a few SQL statements in
+//! one transaction, generating the rows server-side, or pipelined Redis
+//! commands), in the layout and encodings otpd's store uses. Through the API
+//! they would fill at the send rate, far too slowly for 1M within the run's
+//! time budget.
 //!
 //! Each filled verification looks like one the bench's sends leave behind: a
 //! random subject, an id (time-ordered on the SQL stores, as otpd's UUIDv7s
