@@ -7,9 +7,9 @@
 use std::path::Path;
 
 use anyhow::Context;
+use sqlx::Connection;
 
 use crate::procs::StoreServer;
-use sqlx::Connection;
 
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/13";
 pub const DEFAULT_POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
