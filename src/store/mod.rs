@@ -445,6 +445,27 @@ pub(crate) async fn start_then_count<S: Store + ?Sized>(
     }
 }
 
+/// `Store::check_counted_code`'s counts as a call of their own, after the
+/// check: when `outcome` approved, `add_counters` of what `counts` works out
+/// from the record. The approval stands when the adds fail, since the code is
+/// spent either way; the failure is logged.
+pub(crate) async fn count_approval_apart<S: Store + ?Sized>(
+    store: &S,
+    outcome: &CheckOutcome,
+    counts: Option<&ApprovalCounts>,
+    now: DateTime<Utc>,
+) {
+    let (CheckOutcome::Approved(v), Some(counts)) = (outcome, counts) else {
+        return;
+    };
+    let adds = counts(v);
+    if !adds.is_empty()
+        && let Err(e) = store.add_counters(&adds, now).await
+    {
+        tracing::warn!(tenant = %v.tenant, error = %e, "could not count an approval");
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap reachability probe for `/health`.
@@ -527,14 +548,7 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
         let outcome = self.check_code(tenant, id, code_hash, budget, now).await?;
-        if let (CheckOutcome::Approved(v), Some(counts)) = (&outcome, counts) {
-            let adds = counts(v);
-            if !adds.is_empty()
-                && let Err(e) = self.add_counters(&adds, now).await
-            {
-                tracing::warn!(tenant, error = %e, "could not count an approval");
-            }
-        }
+        count_approval_apart(self, &outcome, counts, now).await;
         Ok(outcome)
     }
 

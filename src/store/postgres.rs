@@ -19,16 +19,27 @@ use super::sql_common::{
     KEEP_ENDED, KEEP_SUBJECTS, SubjectRow, SubjectState, WriteFuture, WriteKind, map_migrate,
     map_sqlx, millis,
 };
-use super::{StoreError, StoreResult};
+use super::sql_hot::HotTx;
+use super::{CounterAdd, StoreError, StoreResult};
 use crate::domain::SubjectKey;
 
 /// How long a request waits for a pooled connection (or a new one) before the
 /// store reports unavailable; an unreachable database must not hang requests.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_CONNECTIONS: u32 = 16;
+/// Counter adds are single short statements.
+const MAX_TALLY_CONNECTIONS: u32 = 4;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Connections for counter adds alone, with `synchronous_commit = off`:
+    /// an add commits without waiting for its WAL to reach the disk, so the
+    /// row locks of counters that every send shares (a country's traffic, a
+    /// client's sends) are held for the statement only, not for a disk
+    /// flush. The counters are abuse limits: a crash of PostgreSQL may lose
+    /// the adds of its last moments (at most `wal_writer_delay` × 3), never
+    /// a send or a check, which commit on `pool`.
+    tally: PgPool,
     /// Advisory lock taken by the purge so one instance purges at a time. It
     /// depends on the schema so that stores in different schemas of one
     /// database (tests) do not wait for each other.
@@ -39,11 +50,15 @@ impl PostgresStore {
     /// Connects to `url` and applies pending migrations.
     pub async fn connect(url: &str) -> StoreResult<Self> {
         let options = parse_url(url)?;
-        let pool = pool_options()
-            .connect_with(options)
+        let pool = pool_options(MAX_CONNECTIONS)
+            .connect_with(options.clone())
             .await
             .map_err(map_sqlx)?;
-        Self::ready(pool, "").await
+        let tally = pool_options(MAX_TALLY_CONNECTIONS)
+            .connect_with(unsynced(options))
+            .await
+            .map_err(map_sqlx)?;
+        Self::ready(pool, tally, "").await
     }
 
     /// Like `connect`, but with every table in `schema`, which is created if
@@ -78,23 +93,31 @@ impl PostgresStore {
             .map_err(map_sqlx)?;
 
         let set_path: Arc<str> = format!("SET search_path TO \"{schema}\"").into();
-        let pool = pool_options()
-            .after_connect(move |conn, _meta| {
+        let in_schema = |max: u32| {
+            let set_path = set_path.clone();
+            pool_options(max).after_connect(move |conn, _meta| {
                 let set_path = set_path.clone();
                 Box::pin(async move {
                     sqlx::raw_sql(AssertSqlSafe(set_path)).execute(conn).await?;
                     Ok(())
                 })
             })
-            .connect_with(options)
+        };
+        let pool = in_schema(MAX_CONNECTIONS)
+            .connect_with(options.clone())
             .await
             .map_err(map_sqlx)?;
-        Self::ready(pool, schema).await
+        let tally = in_schema(MAX_TALLY_CONNECTIONS)
+            .connect_with(unsynced(options))
+            .await
+            .map_err(map_sqlx)?;
+        Self::ready(pool, tally, schema).await
     }
 
-    async fn ready(pool: PgPool, schema: &str) -> StoreResult<Self> {
+    async fn ready(pool: PgPool, tally: PgPool, schema: &str) -> StoreResult<Self> {
         let store = Self {
             pool,
+            tally,
             purge_lock: purge_lock_key(schema),
         };
         store.migrate().await?;
@@ -108,7 +131,18 @@ impl PostgresStore {
     }
 
     pub async fn close(&self) {
+        self.tally.close().await;
         self.pool.close().await;
+    }
+
+    /// Counter adds as one statement on a `tally` connection (see there).
+    async fn write_counts(
+        &self,
+        adds: Vec<CounterAdd>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<u64>> {
+        let mut conn = self.tally.acquire().await.map_err(map_sqlx)?;
+        conn.add_counters(&adds, now).await
     }
 
     /// A statement runs on its own (autocommit); a transaction is a plain one,
@@ -238,10 +272,15 @@ fn parse_url(url: &str) -> StoreResult<PgConnectOptions> {
         .map_err(|e| StoreError::Unavailable(format!("invalid postgres url: {e}")))
 }
 
-fn pool_options() -> PgPoolOptions {
+fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
-        .max_connections(MAX_CONNECTIONS)
+        .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+}
+
+/// Connections whose commits do not wait for the disk (`PostgresStore::tally`).
+fn unsynced(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([("synchronous_commit", "off")])
 }
 
 /// FNV-1a: stable across builds and platforms, unlike std's hasher, so every
@@ -281,4 +320,50 @@ super::sql_common::sql_store!(
     hot_write: pg_hot_write,
     hot_read: pg_hot_read,
     compound_write: WriteKind::Statement,
+    counts_apart: true,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends and checks must commit durably; only counter adds may skip the
+    /// wait for the disk, and only on their own connections.
+    #[tokio::test]
+    async fn only_counter_adds_commit_without_waiting_for_the_disk() {
+        let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+            eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+            return;
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let store = PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .unwrap();
+        let setting = |pool: &PgPool| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        let mut plain = PgConnection::connect(&url).await.unwrap();
+        let server_default: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut plain)
+            .await
+            .unwrap();
+        assert_eq!(setting(&store.pool).await, server_default);
+        assert_eq!(setting(&store.tally).await, "off");
+        // The counters' connections work in the store's own schema.
+        let adds = [CounterAdd {
+            key: "k".into(),
+            amount: 2,
+            window_seconds: 60,
+            ceiling: None,
+        }];
+        let now = Utc::now();
+        assert_eq!(store.write_counts(adds.to_vec(), now).await.unwrap(), [2]);
+        store.close().await;
+    }
+}

@@ -574,12 +574,21 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   on the backend's `HotTx`: `hot_write!(store, kind, |tx| future)` as a
 ///   write of `kind` (the future owns what it needs), `hot_read!(store, |tx|
 ///   future)` as a read. Both evaluate to the future's output.
-/// - `compound_write`: the `WriteKind` of the writes that take SQLite several
-///   statements and PostgreSQL one (`HotTx::add_counters`,
-///   `HotTx::insert_message_with_usage`): a transaction, or a statement.
+/// - `compound_write`: the `WriteKind` of a write that takes SQLite several
+///   statements and PostgreSQL one (`HotTx::insert_message_with_usage`): a
+///   transaction, or a statement.
+/// - `counts_apart`: whether a send's and an approval's counter adds run as a
+///   write of their own right after it (`start_then_count`,
+///   `count_approval_apart`) rather than inside its transaction. PostgreSQL:
+///   every send adds to counters that many sends share (the client's, the
+///   country's traffic), and a row lock taken inside the send's transaction
+///   would be held until its commit, queueing every concurrent send behind it.
+///   SQLite: one writer, nothing to contend for, so one commit for both.
 ///
 /// What each backend does its own way, it provides as inherent items:
 /// - `async fn close(&self)`: closes its pools.
+/// - `async fn write_counts(&self, adds: Vec<CounterAdd>, now) ->
+///   StoreResult<Vec<u64>>`: `HotTx::add_counters` as a write of its own.
 /// - `async fn write<T, F>(&self, kind: WriteKind, op: F) -> StoreResult<T>`,
 ///   `F: for<'c> FnOnce(&'c mut DB::Connection) -> WriteFuture<'c, T> + Send +
 ///   'static`: runs one write operation atomically as `kind` says and answers
@@ -599,7 +608,8 @@ macro_rules! sql_store {
         for_update: $lock:literal,
         hot_write: $hot_write:ident,
         hot_read: $hot_read:ident,
-        compound_write: $compound:expr $(,)?
+        compound_write: $compound:expr,
+        counts_apart: $apart:literal $(,)?
     ) => {
         // An anonymous scope, so the imports stay out of the backend's module.
         const _: () = {
@@ -621,7 +631,8 @@ macro_rules! sql_store {
             ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeReplacement, CounterAdd,
             CounterRead, CurrentCheck, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
-            SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message, seconds_until,
+            SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message,
+            count_approval_apart, seconds_until, start_then_count,
         };
 
         #[async_trait::async_trait]
@@ -719,6 +730,9 @@ macro_rules! sql_store {
                 counts: &[CounterAdd],
                 now: DateTime<Utc>,
             ) -> StoreResult<(SendDecision, Vec<u64>)> {
+                if $apart {
+                    return start_then_count(self, plan, counts, now).await;
+                }
                 let plan = plan.clone();
                 let counts = counts.to_vec();
                 $hot_write!(self, WriteKind::Transaction, |tx| {
@@ -778,10 +792,14 @@ macro_rules! sql_store {
             ) -> StoreResult<CheckOutcome> {
                 let tenant = tenant.to_owned();
                 let code_hash = *code_hash;
-                let counts = counts.cloned();
-                $hot_write!(self, WriteKind::Transaction, |tx| {
-                    check_in(tx, &tenant, id, &code_hash, budget, counts.as_ref(), now)
-                })
+                let within = if $apart { None } else { counts.cloned() };
+                let outcome = $hot_write!(self, WriteKind::Transaction, |tx| {
+                    check_in(tx, &tenant, id, &code_hash, budget, within.as_ref(), now)
+                })?;
+                if $apart {
+                    count_approval_apart(self, &outcome, counts, now).await;
+                }
+                Ok(outcome)
             }
 
             async fn check_current_code(
@@ -795,10 +813,15 @@ macro_rules! sql_store {
             ) -> StoreResult<CurrentCheck> {
                 let tenant = tenant.to_owned();
                 let subject = *subject;
-                let (hash_for, counts) = (hash_for.clone(), counts.cloned());
-                $hot_write!(self, WriteKind::Transaction, |tx| {
-                    check_current_in(tx, &tenant, &subject, &hash_for, budget, counts.as_ref(), now)
-                })
+                let hash_for = hash_for.clone();
+                let within = if $apart { None } else { counts.cloned() };
+                let checked = $hot_write!(self, WriteKind::Transaction, |tx| {
+                    check_current_in(tx, &tenant, &subject, &hash_for, budget, within.as_ref(), now)
+                })?;
+                if let (true, CurrentCheck::Checked(_, outcome)) = ($apart, &checked) {
+                    count_approval_apart(self, outcome, counts, now).await;
+                }
+                Ok(checked)
             }
 
             async fn get_verification(
@@ -1195,8 +1218,8 @@ macro_rules! sql_store {
                 if adds.is_empty() {
                     return Ok(Vec::new());
                 }
-                let adds = adds.to_vec();
-                $hot_write!(self, $compound, |tx| tx.add_counters(&adds, now))
+                // The backend's own (inherent) `write_counts`.
+                <$store>::write_counts(self, adds.to_vec(), now).await
             }
 
             async fn read_counter(

@@ -28,7 +28,8 @@ use super::migrations::SQLITE_MIGRATOR;
 use super::sql_common::{
     KEEP_ENDED, KEEP_SUBJECTS, WriteFuture, WriteKind, map_migrate, map_sqlx, millis,
 };
-use super::{StoreError, StoreResult};
+use super::sql_hot::HotTx;
+use super::{CounterAdd, StoreError, StoreResult};
 
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
@@ -231,6 +232,18 @@ macro_rules! sqlite_hot_write {
     };
 }
 
+impl SqliteStore {
+    /// Counter adds, in a write of their own: several statements, one commit.
+    async fn write_counts(
+        &self,
+        adds: Vec<CounterAdd>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<u64>> {
+        sqlite_hot_write!(self, WriteKind::Transaction, |tx| tx
+            .add_counters(&adds, now))
+    }
+}
+
 /// `sql_store!`'s `hot_read`: a hot read, run directly on the caller's thread.
 macro_rules! sqlite_hot_read {
     ($store:expr, |$tx:ident| $op:expr) => {
@@ -249,6 +262,7 @@ super::sql_common::sql_store!(
     hot_write: sqlite_hot_write,
     hot_read: sqlite_hot_read,
     compound_write: WriteKind::Transaction,
+    counts_apart: false,
 );
 
 #[cfg(test)]
