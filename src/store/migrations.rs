@@ -63,6 +63,11 @@ const POSTGRES: &[File] = &[
         "add counters function",
         include_str!("../../migrations/postgres/0005_add_counters_function.sql"),
     ),
+    (
+        6,
+        "read counters function",
+        include_str!("../../migrations/postgres/0006_read_counters_function.sql"),
+    ),
 ];
 
 pub(crate) static SQLITE_MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(SQLITE));

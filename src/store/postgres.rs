@@ -326,6 +326,8 @@ super::sql_common::sql_store!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::CounterRead;
+    use crate::store::sql_common::counter_slot;
 
     /// Sends and checks must commit durably; only counter adds may skip the
     /// wait for the disk, and only on their own connections.
@@ -364,6 +366,65 @@ mod tests {
         }];
         let now = Utc::now();
         assert_eq!(store.write_counts(adds.to_vec(), now).await.unwrap(), [2]);
+        store.close().await;
+    }
+
+    /// A connection that read its counters while the table was empty and
+    /// analysed still looks each one up by key once the table has grown: no
+    /// plan cached back then scans the table.
+    #[tokio::test]
+    async fn counter_reads_never_scan_the_table() {
+        let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+            eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+            return;
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let store = PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .unwrap();
+        let now = Utc::now();
+        let keys: Vec<String> = (0..14).map(|i| format!("k{i}")).collect();
+        let reads: Vec<CounterRead<'_>> = keys
+            .iter()
+            .map(|key| CounterRead {
+                key,
+                window_seconds: 600,
+                at: now,
+            })
+            .collect();
+        // One transaction, so that its own statistics say what it scanned.
+        let mut tx = store.pool.begin().await.unwrap();
+        sqlx::query("ANALYZE counters")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        for _ in 0..8 {
+            assert_eq!(tx.counter_totals(&reads).await.unwrap(), [0; 14]);
+        }
+        let (slot, keep) = counter_slot(600, now);
+        sqlx::query(
+            "INSERT INTO counters (key, window_seconds, slot, keep_until, total)
+             SELECT 'n' || g, 600, $1, $2, 1 FROM generate_series(1, 5000) g
+             UNION ALL SELECT 'k3', 600, $1, $2, 7",
+        )
+        .bind(slot)
+        .bind(keep)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let mut expected = [0; 14];
+        expected[3] = 7;
+        assert_eq!(tx.counter_totals(&reads).await.unwrap(), expected);
+        let scans: i64 = sqlx::query_scalar(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables
+             WHERE schemaname = $1 AND relname = 'counters'",
+        )
+        .bind(&schema)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(scans, 0, "counter reads scanned the whole table");
+        drop(tx);
         store.close().await;
     }
 }

@@ -5,9 +5,6 @@
 //! `Store` implementation both run, around each backend's own pools, locking,
 //! purge coordination and hot write operations.
 
-use std::borrow::Cow;
-use std::sync::OnceLock;
-
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use uuid::Uuid;
 
@@ -504,42 +501,6 @@ pub(crate) fn counter_slot(window_seconds: u32, now: DateTime<Utc>) -> (i64, i64
 /// far above what a request reads, far below either database's bound on
 /// parameters.
 pub(crate) const COUNTER_READS_PER_STATEMENT: usize = 256;
-
-/// The one SELECT of `read_counters` for `n` counters: each binds its key,
-/// window length and slot (`$3i+1..$3i+3`), and gets its total (or NULL) back
-/// in order. The casts give PostgreSQL the parameters' types. Built once per
-/// `n` up to `COUNTER_READS_PER_STATEMENT` (every send reads its counters with
-/// one of these): callers chunk their reads to that size.
-pub(crate) fn counter_reads_sql(n: usize) -> Cow<'static, str> {
-    static BUILT: [OnceLock<String>; COUNTER_READS_PER_STATEMENT + 1] =
-        [const { OnceLock::new() }; COUNTER_READS_PER_STATEMENT + 1];
-    match BUILT.get(n) {
-        Some(sql) => Cow::Borrowed(sql.get_or_init(|| build_counter_reads_sql(n))),
-        None => Cow::Owned(build_counter_reads_sql(n)),
-    }
-}
-
-fn build_counter_reads_sql(n: usize) -> String {
-    let wanted: Vec<String> = (0..n)
-        .map(|i| {
-            let p = 3 * i;
-            format!(
-                "({i}, CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
-                p + 1,
-                p + 2,
-                p + 3
-            )
-        })
-        .collect();
-    format!(
-        "WITH wanted (i, key, window_seconds, slot) AS (VALUES {})
-         SELECT c.total FROM wanted w
-         LEFT JOIN counters c
-             ON c.key = w.key AND c.window_seconds = w.window_seconds AND c.slot = w.slot
-         ORDER BY w.i",
-        wanted.join(", ")
-    )
-}
 
 /// How a write operation is made atomic; each backend's `write` runs it so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

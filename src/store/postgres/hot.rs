@@ -2,21 +2,19 @@
 //! sqlx on a pooled connection (inside the operation's transaction, for a
 //! write); SQLite runs the same ones directly instead (`sqlite::hot`).
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgArguments;
 use sqlx::query::{Query, QueryScalar};
-use sqlx::{AssertSqlSafe, PgConnection, Postgres};
+use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
 use super::PostgresStore;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    MarkerRow, SubjectState, VerificationRow, Window, counter_amount, counter_reads_sql,
-    counter_slot, counter_total, day_text, id_text, map_sqlx, millis, parse_id, parse_status,
-    rate_slot, usage_amount,
+    MarkerRow, SubjectState, VerificationRow, Window, counter_amount, counter_slot, counter_total,
+    day_text, id_text, map_sqlx, millis, parse_id, parse_status, rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
@@ -42,7 +40,6 @@ impl HotTx for PgConnection {
             .transpose()
     }
 
-    /// One SELECT per `COUNTER_READS_PER_STATEMENT` reads.
     async fn list_markers(
         &mut self,
         namespace: &str,
@@ -143,7 +140,7 @@ impl HotTx for PgConnection {
 
     async fn counter_totals(&mut self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>> {
         let found = counter_reads_query(reads)
-            .fetch_all(&mut *self)
+            .fetch_one(&mut *self)
             .await
             .map_err(map_sqlx)?;
         Ok(found.into_iter().map(counter_total).collect())
@@ -341,22 +338,24 @@ fn shift_parameters(sql: &str, by: usize) -> String {
     out
 }
 
-/// The one SELECT of `counter_reads_sql` for `reads`, bound.
+/// `otpd_read_counters` of `reads` (the migration says why a function).
 fn counter_reads_query<'q>(
     reads: &'q [CounterRead<'q>],
-) -> QueryScalar<'q, Postgres, Option<i64>, PgArguments> {
-    let mut query = match counter_reads_sql(reads.len()) {
-        Cow::Borrowed(sql) => sqlx::query_scalar(sql),
-        Cow::Owned(sql) => sqlx::query_scalar(AssertSqlSafe(sql)),
-    };
+) -> QueryScalar<'q, Postgres, Vec<Option<i64>>, PgArguments> {
+    let (mut keys, mut windows, mut slots) = (
+        Vec::with_capacity(reads.len()),
+        Vec::with_capacity(reads.len()),
+        Vec::with_capacity(reads.len()),
+    );
     for r in reads {
-        let (slot, _) = rate_slot(r.window_seconds, r.at);
-        query = query
-            .bind(r.key)
-            .bind(i64::from(r.window_seconds))
-            .bind(slot);
+        keys.push(r.key);
+        windows.push(i64::from(r.window_seconds));
+        slots.push(rate_slot(r.window_seconds, r.at).0);
     }
-    query
+    sqlx::query_scalar("SELECT otpd_read_counters($1, $2, $3)")
+        .bind(keys)
+        .bind(windows)
+        .bind(slots)
 }
 
 #[cfg(test)]

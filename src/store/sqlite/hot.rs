@@ -3,7 +3,9 @@
 //! reads on the caller's (`readers`). Each statement is a function call, not
 //! a round trip to sqlx's connection thread.
 
+use std::borrow::Cow;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, ToSql, named_params};
@@ -13,9 +15,9 @@ use super::SqliteOptions;
 use super::checkpoint::WRITER_BACKSTOP_PAGES;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    MarkerRow, SubjectRow, SubjectState, VerificationRow, Window, counter_amount,
-    counter_reads_sql, counter_slot, counter_total, day_text, id_text, millis, parse_id,
-    parse_status, rate_slot, usage_amount,
+    COUNTER_READS_PER_STATEMENT, MarkerRow, SubjectRow, SubjectState, VerificationRow, Window,
+    counter_amount, counter_slot, counter_total, day_text, id_text, millis, parse_id, parse_status,
+    rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
@@ -379,4 +381,40 @@ fn query_row<T>(
     conn.prepare_cached(sql)
         .and_then(|mut s| s.query_row(params, read).optional())
         .map_err(map_rusqlite)
+}
+
+/// The one SELECT of `read_counters` for `n` counters: each binds its key,
+/// window length and slot (`$3i+1..$3i+3`), and gets its total (or NULL) back
+/// in order. Built once per `n` up to `COUNTER_READS_PER_STATEMENT` (every
+/// send reads its counters with one of these): callers chunk their reads to
+/// that size.
+fn counter_reads_sql(n: usize) -> Cow<'static, str> {
+    static BUILT: [OnceLock<String>; COUNTER_READS_PER_STATEMENT + 1] =
+        [const { OnceLock::new() }; COUNTER_READS_PER_STATEMENT + 1];
+    match BUILT.get(n) {
+        Some(sql) => Cow::Borrowed(sql.get_or_init(|| build_counter_reads_sql(n))),
+        None => Cow::Owned(build_counter_reads_sql(n)),
+    }
+}
+
+fn build_counter_reads_sql(n: usize) -> String {
+    let wanted: Vec<String> = (0..n)
+        .map(|i| {
+            let p = 3 * i;
+            format!(
+                "({i}, CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                p + 1,
+                p + 2,
+                p + 3
+            )
+        })
+        .collect();
+    format!(
+        "WITH wanted (i, key, window_seconds, slot) AS (VALUES {})
+         SELECT c.total FROM wanted w
+         LEFT JOIN counters c
+             ON c.key = w.key AND c.window_seconds = w.window_seconds AND c.slot = w.slot
+         ORDER BY w.i",
+        wanted.join(", ")
+    )
 }
