@@ -35,6 +35,11 @@ const SQLITE: &[File] = &[
         "counters keep until",
         include_str!("../../migrations/sqlite/0004_counters_keep_until.sql"),
     ),
+    (
+        5,
+        "usage stripes",
+        include_str!("../../migrations/sqlite/0005_usage_stripes.sql"),
+    ),
 ];
 
 const POSTGRES: &[File] = &[
@@ -67,6 +72,11 @@ const POSTGRES: &[File] = &[
         6,
         "read counters function",
         include_str!("../../migrations/postgres/0006_read_counters_function.sql"),
+    ),
+    (
+        7,
+        "usage stripes",
+        include_str!("../../migrations/postgres/0007_usage_stripes.sql"),
     ),
 ];
 

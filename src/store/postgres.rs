@@ -326,8 +326,8 @@ super::sql_common::sql_store!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::CounterRead;
     use crate::store::sql_common::counter_slot;
+    use crate::store::{CounterRead, Store, UsageRow};
 
     /// Sends and checks must commit durably; only counter adds may skip the
     /// wait for the disk, and only on their own connections.
@@ -425,6 +425,67 @@ mod tests {
         .unwrap();
         assert_eq!(scans, 0, "counter reads scanned the whole table");
         drop(tx);
+        store.close().await;
+    }
+
+    /// Two connections add to one day's usage, each in its own stripe when
+    /// their backends' stripes differ; the store reads back one row, summed.
+    #[tokio::test]
+    async fn usage_stripes_add_up_to_one_row() {
+        let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+            eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+            return;
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let store = PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .unwrap();
+        let day = Utc::now().date_naive();
+        let delta = |sent: u64, cost_micros: i64| UsageRow {
+            tenant: "t".into(),
+            day,
+            route_id: 1,
+            country: Some("NL".into()),
+            currency: Some("EUR".into()),
+            sent,
+            delivered: 0,
+            failed: 0,
+            verifications_started: sent,
+            verifications_approved: 0,
+            cost_micros,
+        };
+        let (mut a, mut b) = (
+            store.pool.acquire().await.unwrap(),
+            store.pool.acquire().await.unwrap(),
+        );
+        let mut stripes = std::collections::BTreeSet::new();
+        for (on_a, sent, cost) in [(true, 2, 30), (false, 3, 40), (true, 1, 5)] {
+            let conn = if on_a { &mut a } else { &mut b };
+            conn.upsert_usage(&delta(sent, cost)).await.unwrap();
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            stripes.insert(pid % 16);
+        }
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_daily")
+            .fetch_one(&mut *a)
+            .await
+            .unwrap();
+        assert_eq!(rows, stripes.len() as i64);
+        // A stripe no connection of this pool writes, whatever the pids.
+        sqlx::query(
+            "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
+                 verifications_started, cost_micros, stripe)
+             SELECT tenant, day, route_id, country, currency, 4, 4, 25, 99
+             FROM usage_daily LIMIT 1",
+        )
+        .execute(&mut *a)
+        .await
+        .unwrap();
+        drop((a, b));
+        let usage = Store::usage(&store, "t", day, day).await.unwrap();
+        assert_eq!(usage, [delta(10, 100)]);
         store.close().await;
     }
 }

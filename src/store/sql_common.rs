@@ -994,9 +994,18 @@ macro_rules! sql_store {
                 from: NaiveDate,
                 to: NaiveDate,
             ) -> StoreResult<Vec<UsageRow>> {
-                // ISO dates order as text, so the primary key serves the range.
+                // ISO dates order as text, so the primary key serves the range;
+                // a day's stripes (`upsert_usage_sql!`) add up to its row.
                 sqlx::query_as::<_, UsageDbRow>(
-                    "SELECT * FROM usage_daily WHERE tenant = $1 AND day >= $2 AND day <= $3",
+                    "SELECT tenant, day, route_id, country, currency,
+                         CAST(SUM(sent) AS BIGINT) AS sent,
+                         CAST(SUM(delivered) AS BIGINT) AS delivered,
+                         CAST(SUM(failed) AS BIGINT) AS failed,
+                         CAST(SUM(verifications_started) AS BIGINT) AS verifications_started,
+                         CAST(SUM(verifications_approved) AS BIGINT) AS verifications_approved,
+                         CAST(SUM(cost_micros) AS BIGINT) AS cost_micros
+                     FROM usage_daily WHERE tenant = $1 AND day >= $2 AND day <= $3
+                     GROUP BY tenant, day, route_id, country, currency",
                 )
                 .bind(tenant)
                 .bind(day_text(from))

@@ -330,16 +330,25 @@ async fn postgres_two_instances_send_once_and_approve_once() {
     assert_eq!(approved, 1);
 }
 
-/// The migrations before delivery tracking (0001, 0002) in a directory of their own.
-fn migrations_before_delivery(backend: &str) -> std::path::PathBuf {
+/// The backend's migrations up to version `last`, in a directory of their own.
+fn migrations_through(backend: &str, last: u32) -> std::path::PathBuf {
     let dir = scratch_dir();
     let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("migrations")
         .join(backend);
-    for name in ["0001_init.sql", "0002_counters_markers.sql"] {
-        std::fs::copy(source.join(name), dir.join(name)).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let version: u32 = name[..4].parse().unwrap();
+        if version <= last {
+            std::fs::copy(source.join(&name), dir.join(&name)).unwrap();
+        }
     }
     dir
+}
+
+/// The migrations before delivery tracking (0001, 0002).
+fn migrations_before_delivery(backend: &str) -> std::path::PathBuf {
+    migrations_through(backend, 2)
 }
 
 /// A verification and its delivered message as otpd wrote them before delivery
@@ -512,4 +521,89 @@ async fn postgres_ended_verifications_go_after_their_messages() {
     if let Some(store) = postgres_store().await {
         ended_verifications_go_after_their_messages(store.as_ref()).await;
     }
+}
+
+/// A day's usage as otpd wrote it before usage rows had stripes.
+const OLD_USAGE_SQL: &str = "INSERT INTO usage_daily (tenant, day, route_id, country, currency,
+         sent, delivered, failed, verifications_started, verifications_approved, cost_micros)
+     VALUES ('acme', '2030-03-17', 3, 'NL', 'EUR', 5, 4, 1, 5, 2, 200000)";
+
+/// What a store migrated to stripes must make of `OLD_USAGE_SQL`: the same
+/// row, which a new delta of the same day then adds to.
+async fn old_usage_adds_up(store: &dyn Store) {
+    let day = chrono::NaiveDate::from_ymd_opt(2030, 3, 17).unwrap();
+    let row = |sent, delivered, approved, cost_micros| otpd::store::UsageRow {
+        tenant: "acme".into(),
+        day,
+        route_id: 3,
+        country: Some("NL".into()),
+        currency: Some("EUR".into()),
+        sent,
+        delivered,
+        failed: 1,
+        verifications_started: sent,
+        verifications_approved: approved,
+        cost_micros,
+    };
+    assert_eq!(
+        store.usage("acme", day, day).await.unwrap(),
+        [row(5, 4, 2, 200_000)]
+    );
+    let mut delta = row(1, 1, 1, 50_000);
+    delta.failed = 0;
+    store.record_usage(&delta).await.unwrap();
+    assert_eq!(
+        store.usage("acme", day, day).await.unwrap(),
+        [row(6, 5, 3, 250_000)]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_usage_written_before_stripes_still_adds_up() {
+    let file = scratch_dir().join("otpd.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&file)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::migrate::Migrator::new(migrations_through("sqlite", 4))
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    sqlx::query(OLD_USAGE_SQL).execute(&pool).await.unwrap();
+    pool.close().await;
+
+    let store = SqliteStore::open(&file).await.unwrap();
+    old_usage_adds_up(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_usage_written_before_stripes_still_adds_up() {
+    let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+        eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let setup = format!("CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(migrations_through("postgres", 6))
+            .await
+            .unwrap()
+            .run(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(OLD_USAGE_SQL).execute(&mut conn).await.unwrap();
+    }
+    let store = PostgresStore::connect_in_schema(&url, &schema)
+        .await
+        .unwrap();
+    old_usage_adds_up(&store).await;
 }
