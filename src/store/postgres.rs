@@ -49,16 +49,7 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects to `url` and applies pending migrations.
     pub async fn connect(url: &str) -> StoreResult<Self> {
-        let options = parse_url(url)?;
-        let pool = pool_options(MAX_CONNECTIONS)
-            .connect_with(options.clone())
-            .await
-            .map_err(map_sqlx)?;
-        let tally = pool_options(MAX_TALLY_CONNECTIONS)
-            .connect_with(unsynced(options))
-            .await
-            .map_err(map_sqlx)?;
-        Self::ready(pool, tally, "").await
+        Self::open(parse_url(url)?, pool_options, "").await
     }
 
     /// Like `connect`, but with every table in `schema`, which is created if
@@ -103,18 +94,23 @@ impl PostgresStore {
                 })
             })
         };
-        let pool = in_schema(MAX_CONNECTIONS)
+        Self::open(options, in_schema, schema).await
+    }
+
+    /// Both pools, each from `pool_options(its size)`, then the migrations.
+    async fn open(
+        options: PgConnectOptions,
+        pool_options: impl Fn(u32) -> PgPoolOptions,
+        schema: &str,
+    ) -> StoreResult<Self> {
+        let pool = pool_options(MAX_CONNECTIONS)
             .connect_with(options.clone())
             .await
             .map_err(map_sqlx)?;
-        let tally = in_schema(MAX_TALLY_CONNECTIONS)
+        let tally = pool_options(MAX_TALLY_CONNECTIONS)
             .connect_with(unsynced(options))
             .await
             .map_err(map_sqlx)?;
-        Self::ready(pool, tally, schema).await
-    }
-
-    async fn ready(pool: PgPool, tally: PgPool, schema: &str) -> StoreResult<Self> {
         let store = Self {
             pool,
             tally,
@@ -329,18 +325,27 @@ mod tests {
     use crate::store::sql_common::counter_slot;
     use crate::store::{CounterRead, Store, UsageRow};
 
-    /// Sends and checks must commit durably; only counter adds may skip the
-    /// wait for the disk, and only on their own connections.
-    #[tokio::test]
-    async fn only_counter_adds_commit_without_waiting_for_the_disk() {
+    /// A store in a fresh schema, its URL and the schema; `None` (said on
+    /// stderr) when `OTPD_TEST_POSTGRES_URL` is not set.
+    async fn store_in_new_schema() -> Option<(PostgresStore, String, String)> {
         let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
             eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
-            return;
+            return None;
         };
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let store = PostgresStore::connect_in_schema(&url, &schema)
             .await
             .unwrap();
+        Some((store, url, schema))
+    }
+
+    /// Sends and checks must commit durably; only counter adds may skip the
+    /// wait for the disk, and only on their own connections.
+    #[tokio::test]
+    async fn only_counter_adds_commit_without_waiting_for_the_disk() {
+        let Some((store, url, _)) = store_in_new_schema().await else {
+            return;
+        };
         let setting = |pool: &PgPool| {
             let pool = pool.clone();
             async move {
@@ -374,14 +379,9 @@ mod tests {
     /// plan cached back then scans the table.
     #[tokio::test]
     async fn counter_reads_never_scan_the_table() {
-        let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
-            eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+        let Some((store, _, schema)) = store_in_new_schema().await else {
             return;
         };
-        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let store = PostgresStore::connect_in_schema(&url, &schema)
-            .await
-            .unwrap();
         let now = Utc::now();
         let keys: Vec<String> = (0..14).map(|i| format!("k{i}")).collect();
         let reads: Vec<CounterRead<'_>> = keys
@@ -432,14 +432,9 @@ mod tests {
     /// their backends' stripes differ; the store reads back one row, summed.
     #[tokio::test]
     async fn usage_stripes_add_up_to_one_row() {
-        let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
-            eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+        let Some((store, ..)) = store_in_new_schema().await else {
             return;
         };
-        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let store = PostgresStore::connect_in_schema(&url, &schema)
-            .await
-            .unwrap();
         let day = Utc::now().date_naive();
         let delta = |sent: u64, cost_micros: i64| UsageRow {
             tenant: "t".into(),

@@ -346,9 +346,45 @@ fn migrations_through(backend: &str, last: u32) -> std::path::PathBuf {
     dir
 }
 
-/// The migrations before delivery tracking (0001, 0002).
-fn migrations_before_delivery(backend: &str) -> std::path::PathBuf {
-    migrations_through(backend, 2)
+/// A new SQLite file migrated through version `last`, and a pool on it.
+async fn sqlite_through(last: u32) -> (std::path::PathBuf, sqlx::SqlitePool) {
+    let file = scratch_dir().join("otpd.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&file)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::migrate::Migrator::new(migrations_through("sqlite", last))
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    (file, pool)
+}
+
+/// A new PostgreSQL schema migrated through version `last`, and a connection
+/// in it: `None` (said on stderr) when `OTPD_TEST_POSTGRES_URL` is not set.
+async fn postgres_through(last: u32) -> Option<(String, String, sqlx::PgConnection)> {
+    let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
+        eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let setup = format!("CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(migrations_through("postgres", last))
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    Some((url, schema, conn))
 }
 
 /// A verification and its delivered message as otpd wrote them before delivery
@@ -409,18 +445,9 @@ async fn old_rows_read_back(store: &dyn Store, verification: Uuid, message: Uuid
 
 #[tokio::test]
 async fn sqlite_messages_written_before_delivery_tracking_still_read() {
-    let file = scratch_dir().join("otpd.db");
     let (verification, message) = (Uuid::new_v4(), Uuid::new_v4());
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&file)
-        .create_if_missing(true);
-    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-    sqlx::migrate::Migrator::new(migrations_before_delivery("sqlite"))
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
+    // The migrations before delivery tracking.
+    let (file, pool) = sqlite_through(2).await;
     for sql in old_rows_sql("X'0000000101'", verification, message) {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&pool)
@@ -435,34 +462,18 @@ async fn sqlite_messages_written_before_delivery_tracking_still_read() {
 
 #[tokio::test]
 async fn postgres_messages_written_before_delivery_tracking_still_read() {
-    let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
-        eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+    let (verification, message) = (Uuid::new_v4(), Uuid::new_v4());
+    // The migrations before delivery tracking.
+    let Some((url, schema, mut conn)) = postgres_through(2).await else {
         return;
     };
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    let (verification, message) = (Uuid::new_v4(), Uuid::new_v4());
-    {
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        let setup = format!("CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+    for sql in old_rows_sql("'\\x0000000101'::bytea", verification, message) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
             .unwrap();
-        sqlx::migrate::Migrator::new(migrations_before_delivery("postgres"))
-            .await
-            .unwrap()
-            .run(&mut conn)
-            .await
-            .unwrap();
-        for sql in old_rows_sql("'\\x0000000101'::bytea", verification, message) {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
     }
+    drop(conn);
     let store = PostgresStore::connect_in_schema(&url, &schema)
         .await
         .unwrap();
@@ -560,17 +571,7 @@ async fn old_usage_adds_up(store: &dyn Store) {
 
 #[tokio::test]
 async fn sqlite_usage_written_before_stripes_still_adds_up() {
-    let file = scratch_dir().join("otpd.db");
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&file)
-        .create_if_missing(true);
-    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-    sqlx::migrate::Migrator::new(migrations_through("sqlite", 4))
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
+    let (file, pool) = sqlite_through(4).await;
     sqlx::query(OLD_USAGE_SQL).execute(&pool).await.unwrap();
     pool.close().await;
 
@@ -580,28 +581,11 @@ async fn sqlite_usage_written_before_stripes_still_adds_up() {
 
 #[tokio::test]
 async fn postgres_usage_written_before_stripes_still_adds_up() {
-    let Ok(url) = std::env::var("OTPD_TEST_POSTGRES_URL") else {
-        eprintln!("skipping: OTPD_TEST_POSTGRES_URL is not set");
+    let Some((url, schema, mut conn)) = postgres_through(6).await else {
         return;
     };
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    {
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        let setup = format!("CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\"");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        sqlx::migrate::Migrator::new(migrations_through("postgres", 6))
-            .await
-            .unwrap()
-            .run(&mut conn)
-            .await
-            .unwrap();
-        sqlx::query(OLD_USAGE_SQL).execute(&mut conn).await.unwrap();
-    }
+    sqlx::query(OLD_USAGE_SQL).execute(&mut conn).await.unwrap();
+    drop(conn);
     let store = PostgresStore::connect_in_schema(&url, &schema)
         .await
         .unwrap();
