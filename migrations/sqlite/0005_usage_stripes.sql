@@ -1,6 +1,6 @@
 -- The stripe column PostgreSQL's usage rows have (see its migration 0007);
--- SQLite's one writer uses stripe 0 only. A primary key cannot be altered,
--- so the table is rebuilt.
+-- SQLite's one writer always writes the default, 0. A primary key cannot
+-- be altered, so the table is rebuilt.
 CREATE TABLE usage_daily_striped (
     tenant                  TEXT NOT NULL,
     day                     TEXT NOT NULL,      -- YYYY-MM-DD, UTC

@@ -995,7 +995,7 @@ macro_rules! sql_store {
                 to: NaiveDate,
             ) -> StoreResult<Vec<UsageRow>> {
                 // ISO dates order as text, so the primary key serves the range;
-                // a day's stripes (`upsert_usage_sql!`) add up to its row.
+                // a day's stripes (`UPSERT_USAGE`) add up to its row.
                 sqlx::query_as::<_, UsageDbRow>(
                     "SELECT tenant, day, route_id, country, currency,
                          CAST(SUM(sent) AS BIGINT) AS sent,

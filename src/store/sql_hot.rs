@@ -99,7 +99,7 @@ pub(crate) trait HotTx {
     async fn count_approval(&mut self, id: Uuid) -> StoreResult<()>;
     /// `INSERT_MESSAGE`.
     async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()>;
-    /// `upsert_usage_sql!`.
+    /// `UPSERT_USAGE`.
     async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()>;
     /// `Store::insert_message`: a delivery attempt and what it adds to usage.
     /// Two statements unless the backend has better.
@@ -331,56 +331,40 @@ pub(crate) const INSERT_MESSAGE: &str = "INSERT INTO messages (id, verification_
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
          $19)";
 
-/// A usage delta: the day's row is created or added to, in the backend's
-/// stripe of it. `stripe` is its SQL for the stripe this connection writes:
-/// a day's usage is kept in several rows that reads add up
-/// (`Store::usage`), so that concurrent writers do not queue for one row
-/// lock (on PostgreSQL, held until each writer's commit reaches the disk).
-macro_rules! upsert_usage_sql {
-    (stripe: $stripe:literal $(,)?) => {
-        concat!(
-            "INSERT INTO usage_daily (tenant, day, route_id, country,
-                 currency, sent, delivered, failed, verifications_started, verifications_approved,
-                 cost_micros, stripe)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, ",
-            $stripe,
-            ")
-             ON CONFLICT (tenant, day, route_id, country, currency, stripe) DO UPDATE SET
-                 sent = usage_daily.sent + excluded.sent,
-                 delivered = usage_daily.delivered + excluded.delivered,
-                 failed = usage_daily.failed + excluded.failed,
-                 verifications_started =
-                     usage_daily.verifications_started + excluded.verifications_started,
-                 verifications_approved =
-                     usage_daily.verifications_approved + excluded.verifications_approved,
-                 cost_micros = usage_daily.cost_micros + excluded.cost_micros"
-        )
-    };
-}
-pub(crate) use upsert_usage_sql;
+/// A usage delta: the day's row is created or added to, in the stripe that
+/// the column's default picks for this connection. A day's usage may be
+/// kept in several rows that reads add up (`Store::usage`), so that
+/// concurrent writers do not queue for one row lock (on PostgreSQL, held
+/// until each writer's commit reaches the disk; its migration 0007).
+pub(crate) const UPSERT_USAGE: &str = "INSERT INTO usage_daily (tenant, day, route_id, country,
+         currency, sent, delivered, failed, verifications_started, verifications_approved,
+         cost_micros)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+     ON CONFLICT (tenant, day, route_id, country, currency, stripe) DO UPDATE SET
+         sent = usage_daily.sent + excluded.sent,
+         delivered = usage_daily.delivered + excluded.delivered,
+         failed = usage_daily.failed + excluded.failed,
+         verifications_started =
+             usage_daily.verifications_started + excluded.verifications_started,
+         verifications_approved =
+             usage_daily.verifications_approved + excluded.verifications_approved,
+         cost_micros = usage_daily.cost_micros + excluded.cost_micros";
 
 /// Counts the approval of verification `$1` (`UsageRow::approval`) inside the
 /// check's write: one statement finds its first accepted attempt
 /// (`MessageRecord::was_accepted`) and adds to that row. `day_of_millis` is
 /// the UTC day (`YYYY-MM-DD`) of `created_at` in the backend's SQL; `order`
-/// the column that orders rows of equal `created_at` as they were inserted;
-/// `stripe` as in `upsert_usage_sql!`.
+/// the column that orders rows of equal `created_at` as they were inserted.
+/// The stripe is the column's default, as in `UPSERT_USAGE`.
 macro_rules! count_approval_sql {
-    (
-        day_of_millis: $day_of_millis:literal,
-        insertion_order: $order:literal,
-        stripe: $stripe:literal $(,)?
-    ) => {
+    (day_of_millis: $day_of_millis:literal, insertion_order: $order:literal $(,)?) => {
         concat!(
             "INSERT INTO usage_daily (tenant, day, route_id, country, currency, sent,
-                 delivered, failed, verifications_started, verifications_approved, cost_micros,
-                 stripe)
+                 delivered, failed, verifications_started, verifications_approved, cost_micros)
              SELECT tenant, ",
             $day_of_millis,
             ", route_id, COALESCE(country, ''), '',
-                 0, 0, 0, 0, 1, 0, ",
-            $stripe,
-            "
+                 0, 0, 0, 0, 1, 0
              FROM messages
              WHERE verification_id = $1
                  AND (status IN ('queued', 'sent', 'delivered')

@@ -18,13 +18,9 @@ use crate::store::sql_common::{
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, count_approval_sql, upsert_usage_sql,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
 };
 use crate::store::{CounterAdd, CounterRead, Marker, StoreResult, UsageRow};
-
-/// A connection's stripe of a usage row: its backend's process id, so two
-/// connections rarely share one (a pool holds 16).
-const UPSERT_USAGE: &str = upsert_usage_sql!(stripe: "pg_backend_pid() % 16");
 
 impl HotTx for PgConnection {
     async fn find_current(
@@ -229,7 +225,6 @@ impl HotTx for PgConnection {
         sqlx::query(count_approval_sql!(
             day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
             insertion_order: "seq",
-            stripe: "pg_backend_pid() % 16",
         ))
         .bind(id_text(id))
         .execute(&mut *self)
@@ -374,7 +369,7 @@ mod tests {
             "VALUES ($20, $21, $29) -- $ alone, $x"
         );
         let combined = shift_parameters(UPSERT_USAGE, MESSAGE_PARAMETERS);
-        assert!(combined.contains("($20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, "));
+        assert!(combined.contains("($20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)"));
         assert!(INSERT_MESSAGE.contains(&format!("${MESSAGE_PARAMETERS})")));
     }
 }

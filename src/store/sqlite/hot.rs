@@ -21,7 +21,7 @@ use crate::store::sql_common::{
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, count_approval_sql, upsert_usage_sql,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
     verification_columns,
 };
 use crate::store::{CounterRead, Marker, StoreError, StoreResult, UsageRow};
@@ -77,9 +77,6 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> StoreResult<C
 /// The writer's (or a reader's) connection, as `HotTx`. Its statements are
 /// plain calls, so each future it returns is ready when first polled.
 pub(super) struct Direct<'c>(pub(super) &'c Connection);
-
-/// One writer, nothing to spread: every usage row has the one stripe.
-const UPSERT_USAGE: &str = upsert_usage_sql!(stripe: "0");
 
 impl HotTx for Direct<'_> {
     async fn find_current(
@@ -288,7 +285,6 @@ impl HotTx for Direct<'_> {
         let sql = count_approval_sql!(
             day_of_millis: "date(created_at / 86400000 * 86400, 'unixepoch')",
             insertion_order: "rowid",
-            stripe: "0",
         );
         execute(self.0, sql, named_params! { "$1": id_text(id) })?;
         Ok(())
