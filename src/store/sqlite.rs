@@ -31,6 +31,14 @@ use super::sql_common::{
 use super::sql_hot::HotTx;
 use super::{CounterAdd, StoreError, StoreResult};
 
+/// The page size of a database file otpd creates. A commit writes every page
+/// it changed whole, into the WAL and again at the checkpoint, and a send
+/// changes one or two rows in each of about ten B-trees: at 2 KiB a send
+/// wrote a quarter less to storage than at SQLite's 4 KiB, cost 13–18 % less
+/// CPU and ran 10–25 % faster (BENCHMARKS.md). A file keeps the page size
+/// it was made with; this only applies to new ones.
+const PAGE_SIZE: u32 = 2048;
+
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
     /// `false` (the default) is `synchronous=NORMAL`: a committed send survives
@@ -85,7 +93,8 @@ impl SqliteStore {
                 SqliteSynchronous::Normal
             })
             .busy_timeout(options.busy_timeout)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .page_size(PAGE_SIZE);
 
         let write_options = connect.clone().pragma(
             "wal_autocheckpoint",
@@ -349,6 +358,38 @@ mod tests {
             (2, 2),
             "FULL when asked"
         );
+    }
+
+    #[tokio::test]
+    async fn a_new_file_gets_small_pages_and_an_older_one_keeps_its_own() {
+        use crate::store::{Store, UsageRow};
+        let (_dir, store) = open_in_tempdir(SqliteOptions::default()).await;
+        assert_eq!(
+            writer_pragma(&store, "page_size").await,
+            (i64::from(PAGE_SIZE), i64::from(PAGE_SIZE))
+        );
+        store.close().await;
+
+        // A file made before, with SQLite's default page size and a row in it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otpd.db");
+        let day = chrono::NaiveDate::from_ymd_opt(2030, 1, 1).unwrap();
+        let mut row = UsageRow::new("acme", day, 1, Some("NL"), None);
+        row.sent = 1;
+        {
+            let old = rusqlite::Connection::open(&path).unwrap();
+            old.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;")
+                .unwrap();
+            drop(old);
+            let store = SqliteStore::open(&path).await.unwrap();
+            store.record_usage(&row).await.unwrap();
+            store.close().await;
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(writer_pragma(&store, "page_size").await, (4096, 4096));
+        let kept = store.usage("acme", day, day).await.unwrap();
+        assert_eq!(kept.iter().map(|r| r.sent).sum::<u64>(), 1);
+        store.close().await;
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use crate::store::sql_common::map_sqlx;
 const EVERY: Duration = Duration::from_millis(50);
 
 /// The writer still checkpoints by itself once the WAL holds this many pages
-/// (64 MiB at 4 KiB), should the background checkpoints ever fall behind.
+/// (32 MiB at 2 KiB), should the background checkpoints ever fall behind.
 pub(super) const WRITER_BACKSTOP_PAGES: u32 = 16_384;
 
 pub(super) struct Checkpointer {
