@@ -34,9 +34,9 @@ use super::{CounterAdd, StoreError, StoreResult};
 /// The page size of a database file otpd creates. A commit writes every page
 /// it changed whole, into the WAL and again at the checkpoint, and a send
 /// changes one or two rows in each of about ten B-trees: at 2 KiB a send
-/// wrote a quarter less to storage than at SQLite's 4 KiB, cost 13–18 % less
-/// CPU and ran 10–25 % faster (BENCHMARKS.md). A file keeps the page size
-/// it was made with; this only applies to new ones.
+/// wrote a quarter to a third less to storage than at SQLite's 4 KiB
+/// (BENCHMARKS.md). A file keeps the page size it was made with; this only
+/// applies to new ones.
 const PAGE_SIZE: u32 = 2048;
 
 #[derive(Debug, Clone)]
