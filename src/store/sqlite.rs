@@ -33,8 +33,10 @@ use super::{CounterAdd, StoreError, StoreResult};
 
 /// The page size of a database file otpd creates. A commit writes every page
 /// it changed whole, into the WAL and again at the checkpoint, and a send
-/// changes one or two rows in each of about ten B-trees: at 2 KiB a send
-/// wrote a quarter to a third less to storage than at SQLite's 4 KiB
+/// changes one or two rows in each of about ten B-trees: at 2 KiB every
+/// request wrote a quarter to a third less to storage than at SQLite's 4 KiB,
+/// which is what a disk with a throughput cap limits. In alternating rounds
+/// sends gained about a tenth and right-code checks lost about as much
 /// (BENCHMARKS.md). A file keeps the page size it was made with; this only
 /// applies to new ones.
 const PAGE_SIZE: u32 = 2048;
