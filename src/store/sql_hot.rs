@@ -67,6 +67,19 @@ pub(crate) trait HotTx {
     async fn counter_totals(&mut self, reads: &[CounterRead<'_>]) -> StoreResult<Vec<u64>>;
     /// `UPDATE_CHECKED` with `v`'s status, code hash, attempts and update time.
     async fn save_checked(&mut self, v: &Verification) -> StoreResult<()>;
+    /// A wrong guess at `v` (which it has counted): `save_checked`, then one
+    /// more on the guess budget's counter `key`.
+    async fn save_wrong_guess(
+        &mut self,
+        v: &Verification,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.save_checked(v).await?;
+        self.add_to_counter(key, 1, GuessBudget::WINDOW_SECONDS, now)
+            .await?;
+        Ok(())
+    }
     /// `ADD_TO_COUNTER`; the new total.
     async fn add_to_counter(
         &mut self,
@@ -97,6 +110,11 @@ pub(crate) trait HotTx {
     }
     /// `count_approval_sql!` for verification `id`.
     async fn count_approval(&mut self, id: Uuid) -> StoreResult<()>;
+    /// An approval of `v`: `save_checked`, then `count_approval`.
+    async fn save_approval(&mut self, v: &Verification) -> StoreResult<()> {
+        self.save_checked(v).await?;
+        self.count_approval(v.id).await
+    }
     /// `INSERT_MESSAGE`.
     async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()>;
     /// `UPSERT_USAGE`.
@@ -220,21 +238,16 @@ pub(crate) async fn check_in(
         }
     }
     let (outcome, changed) = decide_check(&mut v, code_hash, now);
-    if changed {
-        tx.save_checked(&v).await?;
-    }
     match (&outcome, &guesses) {
-        (CheckOutcome::Wrong { .. }, Some((_, key))) => {
-            tx.add_to_counter(key, 1, GuessBudget::WINDOW_SECONDS, now)
-                .await?;
-        }
-        (CheckOutcome::Approved(v), _) => {
-            tx.count_approval(id).await?;
-            if let Some(adds) = counts.map(|counts| counts(v)).filter(|a| !a.is_empty()) {
-                tx.add_counters(&adds, now).await?;
-            }
-        }
+        (CheckOutcome::Approved(_), _) => tx.save_approval(&v).await?,
+        (CheckOutcome::Wrong { .. }, Some((_, key))) => tx.save_wrong_guess(&v, key, now).await?,
+        _ if changed => tx.save_checked(&v).await?,
         _ => {}
+    }
+    if let CheckOutcome::Approved(v) = &outcome
+        && let Some(adds) = counts.map(|counts| counts(v)).filter(|a| !a.is_empty())
+    {
+        tx.add_counters(&adds, now).await?;
     }
     Ok(outcome)
 }

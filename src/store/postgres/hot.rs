@@ -20,7 +20,7 @@ use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
     RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
 };
-use crate::store::{CounterAdd, CounterRead, Marker, StoreResult, UsageRow};
+use crate::store::{CounterAdd, CounterRead, GuessBudget, Marker, StoreResult, UsageRow};
 
 impl HotTx for PgConnection {
     async fn find_current(
@@ -147,12 +147,35 @@ impl HotTx for PgConnection {
     }
 
     async fn save_checked(&mut self, v: &Verification) -> StoreResult<()> {
-        sqlx::query(UPDATE_CHECKED)
-            .bind(v.status.as_str())
-            .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
-            .bind(i64::from(v.attempts))
-            .bind(millis(v.updated_at))
-            .bind(id_text(v.id))
+        bind_checked(sqlx::query(UPDATE_CHECKED), v)
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    /// One round trip: the update rides in a `WITH` of the counter's upsert
+    /// (PostgreSQL runs a data-modifying `WITH` whether or not the rest reads it).
+    async fn save_wrong_guess(
+        &mut self,
+        v: &Verification,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        static SQL: OnceLock<String> = OnceLock::new();
+        let sql = SQL.get_or_init(|| {
+            format!(
+                "WITH checked AS ({UPDATE_CHECKED}) {}",
+                shift_parameters(ADD_TO_COUNTER, CHECKED_PARAMETERS)
+            )
+        });
+        let (slot, keep_until) = counter_slot(GuessBudget::WINDOW_SECONDS, now);
+        bind_checked(sqlx::query(sql.as_str()), v)
+            .bind(key)
+            .bind(i64::from(GuessBudget::WINDOW_SECONDS))
+            .bind(slot)
+            .bind(keep_until)
+            .bind(counter_amount(1))
             .execute(&mut *self)
             .await
             .map_err(map_sqlx)?;
@@ -222,14 +245,28 @@ impl HotTx for PgConnection {
     }
 
     async fn count_approval(&mut self, id: Uuid) -> StoreResult<()> {
-        sqlx::query(count_approval_sql!(
-            day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
-            insertion_order: "seq",
-        ))
-        .bind(id_text(id))
-        .execute(&mut *self)
-        .await
-        .map_err(map_sqlx)?;
+        sqlx::query(COUNT_APPROVAL)
+            .bind(id_text(id))
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    /// One round trip: the update rides in a `WITH` of the approval's count,
+    /// whose verification id is the update's (`$5`).
+    async fn save_approval(&mut self, v: &Verification) -> StoreResult<()> {
+        static SQL: OnceLock<String> = OnceLock::new();
+        let sql = SQL.get_or_init(|| {
+            format!(
+                "WITH checked AS ({UPDATE_CHECKED}) {}",
+                shift_parameters(COUNT_APPROVAL, CHECKED_PARAMETERS - 1)
+            )
+        });
+        bind_checked(sqlx::query(sql.as_str()), v)
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
         Ok(())
     }
 
@@ -275,6 +312,25 @@ impl HotTx for PgConnection {
 }
 
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+/// `count_approval_sql!` in PostgreSQL's terms.
+const COUNT_APPROVAL: &str = count_approval_sql!(
+    day_of_millis: "to_char(DATE '1970-01-01' + (created_at / 86400000)::int, 'YYYY-MM-DD')",
+    insertion_order: "seq",
+);
+
+/// How many parameters `UPDATE_CHECKED` takes (`bind_checked` binds them).
+const CHECKED_PARAMETERS: usize = 5;
+
+/// `UPDATE_CHECKED`'s parameters: what the check decided for `v`.
+fn bind_checked<'q>(query: PgQuery<'q>, v: &'q Verification) -> PgQuery<'q> {
+    query
+        .bind(v.status.as_str())
+        .bind(v.code_hash.as_ref().map(|h| h.as_slice()))
+        .bind(i64::from(v.attempts))
+        .bind(millis(v.updated_at))
+        .bind(id_text(v.id))
+}
 
 /// How many parameters `INSERT_MESSAGE` takes (`bind_message` binds them).
 const MESSAGE_PARAMETERS: usize = 19;
