@@ -63,6 +63,8 @@ pub struct Admission {
     limits: Vec<Counted>,
     /// Guard counters of sends to the number's country and prefix.
     traffic_keys: Vec<String>,
+    /// And of approvals.
+    approval_keys: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -104,6 +106,16 @@ fn named_key(kind: &str, index: &[u8; 32]) -> String {
 /// A guard counter's key; `tag` is the tenant's `tenant_tag`.
 fn traffic_key(what: &str, tag: &str, prefix: &str) -> String {
     format!("guard:{what}:{tag}:{prefix}")
+}
+
+/// One more send or approval for the pumping rule's hourly counts.
+fn traffic_add(key: String) -> CounterAdd {
+    CounterAdd {
+        key,
+        amount: 1,
+        window_seconds: HOUR,
+        ceiling: None,
+    }
 }
 
 /// A window's counts from the two totals `CounterRead::window` asked for.
@@ -394,10 +406,12 @@ impl AbuseGuard {
             })
             .collect();
         limits.sort_by_key(|c| c.limit.window_seconds());
+        let (traffic_keys, approval_keys) = traffic_keys.into_iter().unzip();
         Ok(Admission {
             tenant: ctx.tenant.to_owned(),
             limits,
-            traffic_keys: traffic_keys.into_iter().map(|(sent, _)| sent).collect(),
+            traffic_keys,
+            approval_keys,
         })
     }
 
@@ -452,12 +466,18 @@ impl AbuseGuard {
                 }
                 .ceiling(c.max, c.limit.window_seconds(), now),
             })
-            .chain(admission.traffic_keys.iter().map(|key| CounterAdd {
-                key: key.clone(),
-                amount: 1,
-                window_seconds: HOUR,
-                ceiling: None,
-            }))
+            .chain(admission.traffic_keys.iter().cloned().map(traffic_add))
+            .collect()
+    }
+
+    /// What an approval of this send's verification will count: what
+    /// `approval_counts` works out from its record.
+    pub fn approval_counts_of(&self, admission: &Admission) -> Vec<CounterAdd> {
+        admission
+            .approval_keys
+            .iter()
+            .cloned()
+            .map(traffic_add)
             .collect()
     }
 
@@ -570,12 +590,7 @@ impl AbuseGuard {
             let tag = tenant_tag(&index);
             guard_levels(&guard, &phone)
                 .iter()
-                .map(|(prefix, _)| CounterAdd {
-                    key: traffic_key("ok", &tag, prefix),
-                    amount: 1,
-                    window_seconds: HOUR,
-                    ceiling: None,
-                })
+                .map(|(prefix, _)| traffic_add(traffic_key("ok", &tag, prefix)))
                 .collect()
         }))
     }

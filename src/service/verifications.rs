@@ -342,6 +342,7 @@ impl VerificationService {
                 cooldown_seconds: policy.cooldown_seconds,
                 max_sends_per_window: policy.max_sends_per_window,
                 send_window_seconds: policy.send_window_seconds,
+                approval_counts: self.guard.approval_counts_of(&admission),
             };
             // Counted only if the subject's cooldown lets it through, so a
             // refused request costs nothing against the number, client or tenant.

@@ -2130,6 +2130,7 @@ mod tests {
             cooldown_seconds: 30,
             max_sends_per_window: 5,
             send_window_seconds: 600,
+            approval_counts: Vec::new(),
         }
     }
 

@@ -52,6 +52,11 @@ pub struct SendPlan {
     pub cooldown_seconds: u32,
     pub max_sends_per_window: u32,
     pub send_window_seconds: u32,
+    /// What this verification's approval will count (the guard's conversion
+    /// counts for the number sent to): what `ApprovalCounts` works out from the
+    /// record at check time. A store whose check cannot open the record's
+    /// number (Redis's scripts) keeps these with it instead.
+    pub approval_counts: Vec<CounterAdd>,
 }
 
 // Returned by value once per request; boxing would only add an allocation.

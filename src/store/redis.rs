@@ -69,10 +69,10 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
-    CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead, GuessBudget, InboxEntry,
-    Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort, SendDecision,
-    SendPlan, Store, StoreError, StoreResult, UsageRow, is_unfinished, seconds_until,
-    start_then_count,
+    ApprovalCounts, CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead,
+    GuessBudget, InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord,
+    SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult, UsageRow,
+    count_approval_apart, is_unfinished, seconds_until, start_then_count,
 };
 use crate::crypto::{SealedPhone, to_hex};
 use crate::domain::limits::WindowCounts;
@@ -525,7 +525,13 @@ impl RedisStore {
                 inv.arg(counts.len());
                 self.add_counter_adds(&mut inv, counts, now);
             }
-            add_pairs(&mut inv, verification_pairs(v));
+            let mut pairs = verification_pairs(v);
+            if indexed_now.is_none()
+                && let Some(counts) = approval_counts_field(&plan.approval_counts)
+            {
+                pairs.push(("approval_counts", counts));
+            }
+            add_pairs(&mut inv, pairs);
             let out: Vec<String> = inv
                 .invoke_async(&mut self.conn())
                 .await
@@ -602,6 +608,128 @@ impl RedisStore {
                 _ => {}
             }
             Ok((decision, totals))
+        })
+        .await
+    }
+
+    /// `Store::check_code`; with `count_approval`, on one node the script also
+    /// adds the approval counts kept with the record (`SendPlan::approval_counts`).
+    /// Whether it did so goes with the outcome.
+    async fn check(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        count_approval: bool,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(CheckOutcome, bool)> {
+        bounded(async {
+            let cluster = matches!(self.conn, Conn::Cluster(_));
+            let args = |counts| {
+                let mut args = vec![
+                    tenant.to_owned(),
+                    to_hex(code_hash),
+                    ms(now),
+                    KEEP_ENDED_MS.to_string(),
+                ];
+                args.extend(self.guess_args(budget, counts, now));
+                // A cluster script cannot reach the messages, usage, purge
+                // index or counters (other slots either): the approval is
+                // counted and an ended verification unindexed after it.
+                args.extend(if cluster {
+                    Default::default()
+                } else {
+                    [
+                        self.keys.message_list(id),
+                        self.keys.message_prefix(id),
+                        self.keys.usage_days(tenant),
+                        self.keys.pending(),
+                        id.to_string(),
+                        if count_approval {
+                            self.keys.counter_head()
+                        } else {
+                            String::new()
+                        },
+                    ]
+                });
+                args
+            };
+            let script = &self.scripts.check_code;
+            // A cluster script cannot reach the budget's counters (other slots):
+            // they are read before it and a wrong guess counted after it, so
+            // there the budget is exact only for checks made one at a time.
+            let (subject, out, guess_key) = if cluster {
+                let Some(subject) = self.subject_of(id).await? else {
+                    return Ok((CheckOutcome::NotFound, false));
+                };
+                let key = format!("{}{subject}", GuessBudget::KEY_PREFIX);
+                let counts = match budget {
+                    Some(_) => {
+                        match self.read_counters(&GuessBudget::reads(&key, now)).await?[..] {
+                            [previous, current] => Some(WindowCounts { previous, current }),
+                            _ => return Err(StoreError::Corrupt("short counter read".into())),
+                        }
+                    }
+                    None => None,
+                };
+                let out = self
+                    .on_named_record(script, &subject, id, &args(counts))
+                    .await?;
+                (subject, out, budget.map(|_| key))
+            } else {
+                let Some((subject, out)) = self.on_record(script, id, &args(None)).await? else {
+                    return Ok((CheckOutcome::NotFound, false));
+                };
+                (subject, out, None)
+            };
+            let (verdict, rest) = verdict(&out)?;
+            let count = |i: usize| -> StoreResult<u64> {
+                nth(rest, i)?
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt("malformed count from redis".into()))
+            };
+            let mut counted = false;
+            let outcome = match verdict {
+                "approved" => {
+                    let v = decode_verification(&flat_from_json(nth(rest, 0)?)?)?;
+                    if cluster {
+                        self.unindex_pending(&subject, id);
+                        self.count_approval(tenant, id).await;
+                    }
+                    counted = rest.get(1).is_some_and(|c| c == "1");
+                    CheckOutcome::Approved(v)
+                }
+                "wrong" => {
+                    let attempts_left = u32::try_from(count(0)?)
+                        .map_err(|_| StoreError::Corrupt("attempts left out of range".into()))?;
+                    if cluster && attempts_left == 0 {
+                        self.unindex_pending(&subject, id);
+                    }
+                    if let Some(key) = guess_key {
+                        let add = CounterAdd {
+                            key,
+                            amount: 1,
+                            window_seconds: GuessBudget::WINDOW_SECONDS,
+                            ceiling: None,
+                        };
+                        self.run_counter_adds(std::slice::from_ref(&add), now)
+                            .await?;
+                    }
+                    CheckOutcome::Wrong {
+                        attempts_left,
+                        masked_to: nth(rest, 1)?.to_owned(),
+                    }
+                }
+                "guesses_spent" => CheckOutcome::GuessesSpent(WindowCounts {
+                    previous: count(0)?,
+                    current: count(1)?,
+                }),
+                "max_attempts" => CheckOutcome::MaxAttempts,
+                "not_found" => CheckOutcome::NotFound,
+                other => return Err(unexpected(other)),
+            };
+            Ok((outcome, counted))
         })
         .await
     }
@@ -805,6 +933,11 @@ impl Keys {
         format!("{}:ctr:{key}:{window_seconds}:{slot}", self.prefix)
     }
 
+    /// What every `counter` key starts with (for scripts that build them).
+    fn counter_head(&self) -> String {
+        format!("{}:ctr:", self.prefix)
+    }
+
     /// A namespace's (values, expiries) keys: one tag, so one slot.
     fn markers(&self, namespace: &str) -> (String, String) {
         let tag = format!("{{{}:mk:{namespace}}}", self.prefix);
@@ -931,6 +1064,21 @@ local function day_text(ms)
   local y = yoe + era * 400 + (m <= 2 and 1 or 0)
   return string.format('%04d-%02d-%02d', y, m, d)
 end
+-- Adds an approval's counts as kept with its record (`SendPlan::approval_counts`:
+-- JSON [[key, amount, window seconds], ...]) at `now` ms, as `add_counters`
+-- adds a `CounterAdd`: key `head`..key..':'..window..':'..slot, kept until two
+-- windows after its slot's start, plus a second.
+local function add_approval_counts(json, head, now)
+  for _, a in ipairs(cjson.decode(json)) do
+    local window = math.max(a[3], 1) * 1000
+    local slot = math.floor(now / window)
+    local key = head .. a[1] .. ':' .. int(a[3]) .. ':' .. int(slot)
+    redis.call('INCRBY', key, int(a[2]))
+    if redis.call('PTTL', key) < 0 then
+      redis.call('PEXPIRE', key, int(math.max((slot + 2) * window - now, 0) + 1000))
+    end
+  end
+end
 -- Counts an approval in usage (`UsageRow::approval`): on the day, route and
 -- country of the first attempt in `list` (record keys `prefix` .. id) that a
 -- provider accepted (`MessageRecord::was_accepted`), under usage days `days`.
@@ -1007,10 +1155,10 @@ if pending and pending == ARGV[6] then
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
   -- A resend goes to the number of this request (a uid's number may change).
-  redis.call('HDEL', KEYS[2], 'country')
+  redis.call('HDEL', KEYS[2], 'country', 'approval_counts')
   for i = P, #ARGV, 2 do
     local f = ARGV[i]
-    if f == 'phone' or f == 'masked_to' or f == 'country' then
+    if f == 'phone' or f == 'masked_to' or f == 'country' or f == 'approval_counts' then
       redis.call('HSET', KEYS[2], f, ARGV[i + 1])
     end
   end
@@ -1088,11 +1236,13 @@ return false
 /// verification's message list ('' = the caller counts the approval's usage),
 /// its message record prefix, the tenant's usage days, then the purge index
 /// and the verification's id ('' = the caller unindexes a verification that
-/// ends). The budget is judged after the liveness tests and before anything
-/// else, as every store does.
+/// ends), then the counter keys' head ('' = the caller adds an approval's
+/// counts; else the record's `approval_counts` are added here, and a third
+/// answer says whether it had them). The budget is judged after the liveness
+/// tests and before anything else, as every store does.
 const CHECK_CODE: &str = r#"
 local function finish()
-  redis.call('HDEL', R, 'code_hash')
+  redis.call('HDEL', R, 'code_hash', 'approval_counts')
   shorten(R, ARGV[4])
   if ARGV[17] ~= '' then redis.call('ZREM', ARGV[17], S .. ':' .. ARGV[18]) end
 end
@@ -1121,9 +1271,11 @@ if not r[4] then return {'not_found'} end
 redis.call('HSET', R, 'updated_at', ARGV[3])
 if same(r[4], ARGV[2]) then
   redis.call('HSET', R, 'status', 'approved')
+  local counts = ARGV[19] ~= '' and redis.call('HGET', R, 'approval_counts')
   finish()
   if ARGV[14] ~= '' then count_approval(ARGV[14], ARGV[15], ARGV[16]) end
-  return {'approved', record_json(R)}
+  if counts then add_approval_counts(counts, ARGV[19], tonumber(ARGV[3])) end
+  return {'approved', record_json(R), counts and '1' or '0'}
 end
 local attempts = redis.call('HINCRBY', R, 'attempts', 1)
 local max = tonumber(r[5])
@@ -1145,7 +1297,7 @@ if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[2]) >= tonumber(r[3]) t
   return {'not_found'}
 end
 redis.call('HSET', R, 'status', 'canceled', 'updated_at', ARGV[2])
-redis.call('HDEL', R, 'code_hash')
+redis.call('HDEL', R, 'code_hash', 'approval_counts')
 shorten(R, ARGV[3])
 return append({'canceled'}, redis.call('HGETALL', R))
 "#;
@@ -1606,6 +1758,20 @@ fn verification_pairs(v: &Verification) -> Pairs {
     pairs
 }
 
+/// `SendPlan::approval_counts` as the check script reads them (see
+/// `add_approval_counts`); `None` when there are none, or when one has a
+/// ceiling, which that script does not judge (the check counts those after it).
+fn approval_counts_field(adds: &[CounterAdd]) -> Option<String> {
+    if adds.is_empty() || adds.iter().any(|a| a.ceiling.is_some()) {
+        return None;
+    }
+    let rows: Vec<_> = adds
+        .iter()
+        .map(|a| (&a.key, a.amount, a.window_seconds))
+        .collect();
+    serde_json::to_string(&rows).ok()
+}
+
 fn message_pairs(m: &MessageRecord) -> Pairs {
     let mut pairs = vec![
         ("id", m.id.to_string()),
@@ -2059,106 +2225,31 @@ impl Store for RedisStore {
         budget: Option<GuessBudget>,
         now: DateTime<Utc>,
     ) -> StoreResult<CheckOutcome> {
-        bounded(async {
-            let cluster = matches!(self.conn, Conn::Cluster(_));
-            let args = |counts| {
-                let mut args = vec![
-                    tenant.to_owned(),
-                    to_hex(code_hash),
-                    ms(now),
-                    KEEP_ENDED_MS.to_string(),
-                ];
-                args.extend(self.guess_args(budget, counts, now));
-                // A cluster script cannot reach the messages, usage or purge
-                // index (other slots either): the approval is counted and an
-                // ended verification unindexed after it.
-                args.extend(if cluster {
-                    Default::default()
-                } else {
-                    [
-                        self.keys.message_list(id),
-                        self.keys.message_prefix(id),
-                        self.keys.usage_days(tenant),
-                        self.keys.pending(),
-                        id.to_string(),
-                    ]
-                });
-                args
-            };
-            let script = &self.scripts.check_code;
-            // A cluster script cannot reach the budget's counters (other slots):
-            // they are read before it and a wrong guess counted after it, so
-            // there the budget is exact only for checks made one at a time.
-            let (subject, out, guess_key) = if cluster {
-                let Some(subject) = self.subject_of(id).await? else {
-                    return Ok(CheckOutcome::NotFound);
-                };
-                let key = format!("{}{subject}", GuessBudget::KEY_PREFIX);
-                let counts = match budget {
-                    Some(_) => {
-                        match self.read_counters(&GuessBudget::reads(&key, now)).await?[..] {
-                            [previous, current] => Some(WindowCounts { previous, current }),
-                            _ => return Err(StoreError::Corrupt("short counter read".into())),
-                        }
-                    }
-                    None => None,
-                };
-                let out = self
-                    .on_named_record(script, &subject, id, &args(counts))
-                    .await?;
-                (subject, out, budget.map(|_| key))
-            } else {
-                let Some((subject, out)) = self.on_record(script, id, &args(None)).await? else {
-                    return Ok(CheckOutcome::NotFound);
-                };
-                (subject, out, None)
-            };
-            let (verdict, rest) = verdict(&out)?;
-            let count = |i: usize| -> StoreResult<u64> {
-                nth(rest, i)?
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt("malformed count from redis".into()))
-            };
-            Ok(match verdict {
-                "approved" => {
-                    let v = decode_verification(&flat_from_json(nth(rest, 0)?)?)?;
-                    if cluster {
-                        self.unindex_pending(&subject, id);
-                        self.count_approval(tenant, id).await;
-                    }
-                    CheckOutcome::Approved(v)
-                }
-                "wrong" => {
-                    let attempts_left = u32::try_from(count(0)?)
-                        .map_err(|_| StoreError::Corrupt("attempts left out of range".into()))?;
-                    if cluster && attempts_left == 0 {
-                        self.unindex_pending(&subject, id);
-                    }
-                    if let Some(key) = guess_key {
-                        let add = CounterAdd {
-                            key,
-                            amount: 1,
-                            window_seconds: GuessBudget::WINDOW_SECONDS,
-                            ceiling: None,
-                        };
-                        self.run_counter_adds(std::slice::from_ref(&add), now)
-                            .await?;
-                    }
-                    CheckOutcome::Wrong {
-                        attempts_left,
-                        masked_to: nth(rest, 1)?.to_owned(),
-                    }
-                }
-                "guesses_spent" => CheckOutcome::GuessesSpent(WindowCounts {
-                    previous: count(0)?,
-                    current: count(1)?,
-                }),
-                "max_attempts" => CheckOutcome::MaxAttempts,
-                "not_found" => CheckOutcome::NotFound,
-                other => return Err(unexpected(other)),
-            })
-        })
-        .await
+        let (outcome, _) = self
+            .check(tenant, id, code_hash, budget, false, now)
+            .await?;
+        Ok(outcome)
+    }
+
+    /// On one node the check script adds the counts kept with the record; a
+    /// record without them (a cluster's, or one written before they were
+    /// kept) is counted after it, as `counts` works them out.
+    async fn check_counted_code(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        code_hash: &[u8; 32],
+        budget: Option<GuessBudget>,
+        counts: Option<&ApprovalCounts>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CheckOutcome> {
+        let (outcome, counted) = self
+            .check(tenant, id, code_hash, budget, counts.is_some(), now)
+            .await?;
+        if !counted {
+            count_approval_apart(self, &outcome, counts, now).await;
+        }
+        Ok(outcome)
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {

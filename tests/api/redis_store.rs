@@ -270,6 +270,7 @@ async fn find_current_matches_the_memory_store() {
             cooldown_seconds: 30,
             max_sends_per_window: 5,
             send_window_seconds: 600,
+            approval_counts: Vec::new(),
         };
         let mut seen = Vec::new();
         store
@@ -515,4 +516,70 @@ async fn an_approval_stands_when_its_attempt_record_is_damaged() {
     assert!(matches!(outcome, CheckOutcome::Approved(_)), "{outcome:?}");
     let day = now.date_naive();
     assert_eq!(store.usage(&f.tenant, day, day).await.unwrap(), vec![]);
+}
+
+/// On one node an approval adds the counts its send kept with the record, in
+/// the check's own script: the counts worked out at check time are then not
+/// asked for, and the keys get the TTL `add_counters` gives. A record kept
+/// without them (written before they were kept) is counted as worked out at
+/// check time, and a check that asks for no counts (the guard off) adds none.
+#[tokio::test]
+async fn an_approval_adds_the_counts_kept_with_its_record() {
+    use crate::store_contract::{DynStore, Fixture, t0};
+    use otpd::domain::Verification;
+    use otpd::store::{ApprovalCounts, CheckOutcome, CounterAdd, SendDecision};
+
+    let Some(url) = test_redis_url() else { return };
+    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+    let store: DynStore = std::sync::Arc::new(
+        RedisStore::connect_with_prefix(&url, &prefix)
+            .await
+            .unwrap(),
+    );
+    // Late in its hour, so a TTL from the wrong window start would show.
+    let now = t0() + chrono::Duration::seconds(1800);
+    let add = |key: &str| CounterAdd {
+        key: key.to_owned(),
+        amount: 1,
+        window_seconds: 3600,
+        ceiling: None,
+    };
+    let at_check: ApprovalCounts =
+        std::sync::Arc::new(move |_: &Verification| vec![add("at-check")]);
+    let approve = async |kept: Vec<CounterAdd>, counts: Option<&ApprovalCounts>| {
+        let (f, id) = (Fixture::new(), Uuid::new_v4());
+        let mut plan = f.plan(f.verification(id, "123456", now));
+        plan.approval_counts = kept;
+        let started = store.start_send(&plan, now).await.unwrap();
+        assert!(
+            matches!(started, SendDecision::Created { .. }),
+            "{started:?}"
+        );
+        let outcome = store
+            .check_counted_code(&f.tenant, id, &f.hash(id, "123456"), None, counts, now)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, CheckOutcome::Approved(_)), "{outcome:?}");
+    };
+    let count = async |key: &str| store.read_counter(key, 3600, now).await.unwrap();
+
+    approve(vec![add("kept")], Some(&at_check)).await;
+    assert_eq!((count("kept").await, count("at-check").await), (1, 0));
+    store.add_counters(&[add("reference")], now).await.unwrap();
+    let slot = now.timestamp().div_euclid(3600);
+    let key = |name: &str| format!("{prefix}:ctr:{name}:3600:{slot}");
+    let (kept_ttl, reference_ttl) = (
+        pttl(&url, &key("kept")).await,
+        pttl(&url, &key("reference")).await,
+    );
+    assert!(
+        (reference_ttl - 1000..=reference_ttl).contains(&kept_ttl),
+        "{kept_ttl} against {reference_ttl}"
+    );
+
+    approve(Vec::new(), Some(&at_check)).await;
+    assert_eq!((count("kept").await, count("at-check").await), (1, 1));
+
+    approve(vec![add("kept")], None).await;
+    assert_eq!((count("kept").await, count("at-check").await), (1, 1));
 }

@@ -59,6 +59,7 @@ fn plan(crypto: &Crypto, tenant: &str, subject: SubjectKey, now: DateTime<Utc>) 
         cooldown_seconds: 30,
         max_sends_per_window: 3,
         send_window_seconds: 600,
+        approval_counts: Vec::new(),
     }
 }
 

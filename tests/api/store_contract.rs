@@ -61,7 +61,7 @@ impl Fixture {
         }
     }
 
-    fn verification(&self, id: Uuid, code: &str, now: DateTime<Utc>) -> Verification {
+    pub(crate) fn verification(&self, id: Uuid, code: &str, now: DateTime<Utc>) -> Verification {
         let phone = PhoneNumber::parse("+31651860670").unwrap();
         Verification {
             id,
@@ -88,12 +88,13 @@ impl Fixture {
         self.crypto.code_hash(id, &Code::parse(code).unwrap())
     }
 
-    fn plan(&self, v: Verification) -> SendPlan {
+    pub(crate) fn plan(&self, v: Verification) -> SendPlan {
         SendPlan {
             verification: v,
             cooldown_seconds: 30,
             max_sends_per_window: 3,
             send_window_seconds: 600,
+            approval_counts: Vec::new(),
         }
     }
 
@@ -1475,6 +1476,88 @@ pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynSt
     assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
 }
 
+/// Approval counts keyed by the number as shown, as the service works them
+/// out: from the record when checking (`counts`), and from the number when
+/// sending (the plan's `approval_counts`, which a store may keep instead).
+fn counts_by_number(prefix: &str) -> ApprovalCounts {
+    let prefix = prefix.to_owned();
+    Arc::new(move |v: &Verification| by_number(&prefix, &v.masked_to))
+}
+
+fn by_number(prefix: &str, masked_to: &str) -> Vec<CounterAdd> {
+    vec![counter_add(&format!("{prefix}:{masked_to}"), 1, 3600, None)]
+}
+
+/// Whichever way a store counts an approval, from its send's plan or from the
+/// record, racing right checks count it once, and a wrong check not at all.
+pub async fn an_approval_counts_what_its_send_planned_once(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let prefix = format!("ok:{}", Uuid::new_v4().simple());
+    let id = Uuid::new_v4();
+    let mut plan = f.plan(f.verification(id, "123456", now));
+    plan.approval_counts = by_number(&prefix, MASKED);
+    store.start_send(&plan, now).await.unwrap();
+    let counts = counts_by_number(&prefix);
+    let counted = format!("{prefix}:{MASKED}");
+
+    let wrong = store
+        .check_counted_code(
+            &f.tenant,
+            id,
+            &f.hash(id, "000000"),
+            None,
+            Some(&counts),
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(wrong, CheckOutcome::Wrong { .. }), "{wrong:?}");
+    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 0);
+    assert_eq!(
+        race_right_checks(&store, &f, id, Some(&counts), now).await,
+        1
+    );
+    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
+}
+
+/// A resend to another number (a uid's) plans that number's approval counts:
+/// the approval counts under the number the code went to last.
+pub async fn a_resend_to_another_number_counts_its_approval_there(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let prefix = format!("ok:{}", Uuid::new_v4().simple());
+    let id = Uuid::new_v4();
+    let mut plan = f.plan(f.verification(id, "111111", now));
+    plan.approval_counts = by_number(&prefix, MASKED);
+    store.start_send(&plan, now).await.unwrap();
+
+    let later = now + Duration::seconds(31);
+    let ug = PhoneNumber::parse("+256700123456").unwrap();
+    let mut resend = f.verification(id, "123456", later);
+    resend.phone = f.crypto.seal_phone(&ug).unwrap();
+    resend.masked_to = ug.masked();
+    let mut plan = f.plan(resend);
+    plan.approval_counts = by_number(&prefix, &ug.masked());
+    let decision = store.start_send(&plan, later).await.unwrap();
+    assert!(
+        matches!(decision, SendDecision::Replaced { .. }),
+        "{decision:?}"
+    );
+
+    assert_eq!(
+        race_right_checks(&store, &f, id, Some(&counts_by_number(&prefix)), later).await,
+        1
+    );
+    let count = async |masked: &str| {
+        store
+            .read_counter(&format!("{prefix}:{masked}"), 3600, later)
+            .await
+            .unwrap()
+    };
+    assert_eq!((count(&ug.masked()).await, count(MASKED).await), (1, 0));
+}
+
 pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store: DynStore) {
     let f = Arc::new(Fixture::new());
     let now = t0();
@@ -2205,6 +2288,8 @@ macro_rules! store_contract_tests {
                 an_approval_counts_once_on_its_first_accepted_attempt,
                 an_approval_without_an_accepted_attempt_counts_nothing,
                 an_approval_adds_its_counts_once_and_a_wrong_code_none,
+                an_approval_counts_what_its_send_planned_once,
+                a_resend_to_another_number_counts_its_approval_there,
                 a_check_by_subject_finds_and_checks_its_current_verification,
                 a_check_by_subject_compares_nothing_once_attempts_are_spent,
                 replace_code_resends_without_cooldown_and_keeps_attempts,
