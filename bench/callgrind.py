@@ -15,21 +15,41 @@ config (`otpd-bench --print-config`: memory store, its policy; DLR polling
 slowed to hourly so that no timer adds work), makes one warm-up round, then
 counts each phase alone: native and BridgeX-style sends, wrong-code and
 right-code checks.
+
+    bench/callgrind.py --cpu target/release [label] [requests per phase] [store]
+
+runs otpd without valgrind instead and, one request at a time, reports each
+phase's latency (p50, p99) and the CPU time per request (user and kernel,
+from /proc) of otpd and of the store's server (redis-server, or every
+PostgreSQL process): what a quiet instance spends, round trips included,
+which a saturated benchmark run can hide. Store may then also be a
+PostgreSQL URL, whose database otpd_cg is created afresh
+(postgres://postgres@127.0.0.1:5432/test). Use a few thousand requests:
+/proc counts in 10 ms ticks.
 """
 import glob, http.client, json, re, socket, subprocess, sys, tempfile, time
 
-bins = sys.argv[1]
-label = sys.argv[2] if len(sys.argv) > 2 else "otpd"
-N = int(sys.argv[3]) if len(sys.argv) > 3 else 300
-store = sys.argv[4] if len(sys.argv) > 4 else "memory"
+cpu_mode = sys.argv[1] == "--cpu"
+args = sys.argv[2:] if cpu_mode else sys.argv[1:]
+bins = args[0]
+label = args[1] if len(args) > 1 else "otpd"
+N = int(args[2]) if len(args) > 2 else 300
+store = args[3] if len(args) > 3 else "memory"
 work = tempfile.mkdtemp(prefix=f"cg-{label}-")
+store_server = None
 if store == "memory":
     store_url = "memory://"
 elif store == "sqlite":
     store_url = f"sqlite://{work}/otpd.db"
+elif store.startswith("postgres://") and cpu_mode:
+    subprocess.run(["psql", "-q", "-d", store, "-c", "DROP DATABASE IF EXISTS otpd_cg",
+                    "-c", "CREATE DATABASE otpd_cg"], check=True, stdout=subprocess.DEVNULL)
+    store_url = store.rsplit("/", 1)[0] + "/otpd_cg"
+    store_server = ["pgrep", "-x", "postgres"]
 elif store.startswith("redis://"):
     store_url = store
     subprocess.run(["redis-cli", "-u", store, "FLUSHDB"], check=True, stdout=subprocess.DEVNULL)
+    store_server = ["pgrep", "-x", "redis-server"]
 else:
     sys.exit(f"unknown store {store!r}: memory, sqlite or a redis:// URL")
 mock = subprocess.Popen([f"{bins}/mock-provider", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
@@ -46,8 +66,8 @@ cfg = subprocess.run([f"{bins}/otpd-bench", "--print-config", f"127.0.0.1:{port}
 cfg += "\n[dlr]\npoll_interval_seconds = 3600\n"
 open(f"{work}/c.toml", "w").write(cfg)
 out = f"{work}/cg.out"
-srv = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                        f"{bins}/otpd", "--config", f"{work}/c.toml", "serve"],
+under = [] if cpu_mode else ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+srv = subprocess.Popen(under + [f"{bins}/otpd", "--config", f"{work}/c.toml", "serve"],
                        stdout=subprocess.PIPE, stderr=open(f"{work}/err.log", "w"), text=True)
 key = None
 for line in srv.stdout:
@@ -72,12 +92,44 @@ def post(path, body):
 def ctl(flag):
     subprocess.run(["callgrind_control", flag, str(srv.pid)], stdout=subprocess.DEVNULL, check=True)
 
+def ticks(pids):
+    """User and kernel CPU of `pids` so far, in clock ticks (10 ms)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass  # ended meanwhile
+    return total
+
+def server_pids():
+    if store_server is None:
+        return []
+    return subprocess.run(store_server, capture_output=True, text=True).stdout.split()
+
 results = {}
 def phase(name, fn):
-    ctl("-z")
-    statuses = [fn(i) for i in range(N)]
-    ctl("-d")
-    results[name] = statuses
+    if not cpu_mode:
+        ctl("-z")
+        statuses = [fn(i) for i in range(N)]
+        ctl("-d")
+        results[name] = statuses
+        return
+    servers = server_pids()
+    before = (ticks([srv.pid]), ticks(servers))
+    latencies, statuses = [], []
+    for i in range(N):
+        started = time.perf_counter()
+        statuses.append(fn(i))
+        latencies.append(time.perf_counter() - started)
+    otpd, server = ticks([srv.pid]) - before[0], ticks(servers) - before[1]
+    latencies.sort()
+    if name != "warm-up":
+        ms = lambda q: latencies[min(int(q * N), N - 1)] * 1000
+        store_cpu = f"{server * 10_000 / N:7.1f} µs" if store_server else "      -   "
+        print(f"{label:6} {name:22} p50 {ms(0.5):6.2f} ms  p99 {ms(0.99):6.2f} ms  "
+              f"otpd {otpd * 10_000 / N:7.1f} µs  store {store_cpu}  statuses {sorted(set(statuses))}")
 
 native, bx = [], []
 def send_native(i, block="1"):
@@ -97,6 +149,8 @@ phase("check wrong bridgex", lambda i: post("/verify-otp", {"phone_number": bx[i
 phase("check right native", lambda i: post("/v1/verifications/check", {"id": native[i][0], "code": native[i][1]})[0])
 phase("check right bridgex", lambda i: post("/verify-otp", {"phone_number": bx[i][0], "purpose": "login", "code": bx[i][1]})[0])
 srv.terminate(); srv.wait(); mock.terminate()
+if cpu_mode:
+    sys.exit(0)
 # One numbered dump per phase, in order (cg.out.1, cg.out.2, ...).
 dumps = sorted((d for d in glob.glob(f"{out}.*") if re.search(r"\.\d+$", d)),
                key=lambda d: int(d.rsplit(".", 1)[1]))
