@@ -476,21 +476,28 @@ async fn counter_batches_match_single_counters_and_their_ttls() {
     }
 }
 
+/// A store on the single test Redis under a key prefix of its own, with its
+/// URL and prefix; `None` when `OTPD_TEST_REDIS_URL` is not set.
+async fn single_node_store() -> Option<(crate::store_contract::DynStore, String, String)> {
+    let url = test_redis_url()?;
+    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
+    let store = RedisStore::connect_with_prefix(&url, &prefix)
+        .await
+        .unwrap();
+    Some((std::sync::Arc::new(store), url, prefix))
+}
+
 /// A delivery record missing what otpd always writes (damaged by hand, say)
 /// must not turn an approval into an error after the script approved: the
 /// approval stands and the usage count is skipped.
 #[tokio::test]
 async fn an_approval_stands_when_its_attempt_record_is_damaged() {
-    use crate::store_contract::{DynStore, Fixture, message, t0};
+    use crate::store_contract::{Fixture, message, t0};
     use otpd::store::CheckOutcome;
 
-    let Some(url) = test_redis_url() else { return };
-    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
-    let store: DynStore = std::sync::Arc::new(
-        RedisStore::connect_with_prefix(&url, &prefix)
-            .await
-            .unwrap(),
-    );
+    let Some((store, url, prefix)) = single_node_store().await else {
+        return;
+    };
     let f = Fixture::new();
     let now = t0();
     let id = f.start(&store, "123456", now).await;
@@ -525,17 +532,13 @@ async fn an_approval_stands_when_its_attempt_record_is_damaged() {
 /// check time, and a check that asks for no counts (the guard off) adds none.
 #[tokio::test]
 async fn an_approval_adds_the_counts_kept_with_its_record() {
-    use crate::store_contract::{DynStore, Fixture, t0};
+    use crate::store_contract::{Fixture, t0};
     use otpd::domain::Verification;
     use otpd::store::{ApprovalCounts, CheckOutcome, CounterAdd, SendDecision};
 
-    let Some(url) = test_redis_url() else { return };
-    let prefix = format!("otpdtest:{}", Uuid::new_v4().simple());
-    let store: DynStore = std::sync::Arc::new(
-        RedisStore::connect_with_prefix(&url, &prefix)
-            .await
-            .unwrap(),
-    );
+    let Some((store, url, prefix)) = single_node_store().await else {
+        return;
+    };
     // Late in its hour, so a TTL from the wrong window start would show.
     let now = t0() + chrono::Duration::seconds(1800);
     let add = |key: &str| CounterAdd {

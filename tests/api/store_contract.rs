@@ -1454,26 +1454,35 @@ pub async fn an_approval_adds_its_counts_once_and_a_wrong_code_none(store: DynSt
     let now = t0();
     let id = f.start(&store, "123456", now).await;
     let (counts, prefix) = approval_counter();
-    let counted = format!("{prefix}:{id}");
+    counted_once_and_a_wrong_code_not(&store, &f, id, &counts, &format!("{prefix}:{id}"), now)
+        .await;
+}
+
+/// A wrong check of verification `id` (right code 123456) adds nothing to
+/// `counted`; racing right checks, each with `counts`, add one.
+async fn counted_once_and_a_wrong_code_not(
+    store: &DynStore,
+    f: &Arc<Fixture>,
+    id: Uuid,
+    counts: &ApprovalCounts,
+    counted: &str,
+    now: DateTime<Utc>,
+) {
     let wrong = store
         .check_counted_code(
             &f.tenant,
             id,
             &f.hash(id, "000000"),
             None,
-            Some(&counts),
+            Some(counts),
             now,
         )
         .await
         .unwrap();
     assert!(matches!(wrong, CheckOutcome::Wrong { .. }), "{wrong:?}");
-    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 0);
-
-    assert_eq!(
-        race_right_checks(&store, &f, id, Some(&counts), now).await,
-        1
-    );
-    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
+    assert_eq!(store.read_counter(counted, 3600, now).await.unwrap(), 0);
+    assert_eq!(race_right_checks(store, f, id, Some(counts), now).await, 1);
+    assert_eq!(store.read_counter(counted, 3600, now).await.unwrap(), 1);
 }
 
 /// Approval counts keyed by the number as shown, as the service works them
@@ -1499,26 +1508,8 @@ pub async fn an_approval_counts_what_its_send_planned_once(store: DynStore) {
     plan.approval_counts = by_number(&prefix, MASKED);
     store.start_send(&plan, now).await.unwrap();
     let counts = counts_by_number(&prefix);
-    let counted = format!("{prefix}:{MASKED}");
-
-    let wrong = store
-        .check_counted_code(
-            &f.tenant,
-            id,
-            &f.hash(id, "000000"),
-            None,
-            Some(&counts),
-            now,
-        )
-        .await
-        .unwrap();
-    assert!(matches!(wrong, CheckOutcome::Wrong { .. }), "{wrong:?}");
-    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 0);
-    assert_eq!(
-        race_right_checks(&store, &f, id, Some(&counts), now).await,
-        1
-    );
-    assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
+    counted_once_and_a_wrong_code_not(&store, &f, id, &counts, &format!("{prefix}:{MASKED}"), now)
+        .await;
 }
 
 /// A resend to another number (a uid's) plans that number's approval counts:
