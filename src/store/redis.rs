@@ -1067,9 +1067,19 @@ end
 -- Adds an approval's counts as kept with its record (`SendPlan::approval_counts`:
 -- JSON [[key, amount, window seconds], ...]) at `now` ms, as `add_counters`
 -- adds a `CounterAdd`: key `head`..key..':'..window..':'..slot, kept until two
--- windows after its slot's start, plus a second.
+-- windows after its slot's start, plus a second. False, adding nothing, for
+-- text that is not such a list (never written so): the caller then counts,
+-- rather than the script failing after the approval it already made.
 local function add_approval_counts(json, head, now)
-  for _, a in ipairs(cjson.decode(json)) do
+  local ok, adds = pcall(cjson.decode, json)
+  if not ok or type(adds) ~= 'table' or #adds == 0 then return false end
+  for _, a in ipairs(adds) do
+    if type(a) ~= 'table' or type(a[1]) ~= 'string' or type(a[2]) ~= 'number'
+      or type(a[3]) ~= 'number' then
+      return false
+    end
+  end
+  for _, a in ipairs(adds) do
     local window = math.max(a[3], 1) * 1000
     local slot = math.floor(now / window)
     local key = head .. a[1] .. ':' .. int(a[3]) .. ':' .. int(slot)
@@ -1078,6 +1088,7 @@ local function add_approval_counts(json, head, now)
       redis.call('PEXPIRE', key, int(math.max((slot + 2) * window - now, 0) + 1000))
     end
   end
+  return true
 end
 -- Counts an approval in usage (`UsageRow::approval`): on the day, route and
 -- country of the first attempt in `list` (record keys `prefix` .. id) that a
@@ -1238,7 +1249,7 @@ return false
 /// and the verification's id ('' = the caller unindexes a verification that
 /// ends), then the counter keys' head ('' = the caller adds an approval's
 /// counts; else the record's `approval_counts` are added here, and a third
-/// answer says whether it had them). The budget is judged after the liveness
+/// answer says whether they were). The budget is judged after the liveness
 /// tests and before anything else, as every store does.
 const CHECK_CODE: &str = r#"
 local function finish()
@@ -1274,8 +1285,8 @@ if same(r[4], ARGV[2]) then
   local counts = ARGV[19] ~= '' and redis.call('HGET', R, 'approval_counts')
   finish()
   if ARGV[14] ~= '' then count_approval(ARGV[14], ARGV[15], ARGV[16]) end
-  if counts then add_approval_counts(counts, ARGV[19], tonumber(ARGV[3])) end
-  return {'approved', record_json(R), counts and '1' or '0'}
+  local counted = counts and add_approval_counts(counts, ARGV[19], tonumber(ARGV[3]))
+  return {'approved', record_json(R), counted and '1' or '0'}
 end
 local attempts = redis.call('HINCRBY', R, 'attempts', 1)
 local max = tonumber(r[5])

@@ -585,4 +585,40 @@ async fn an_approval_adds_the_counts_kept_with_its_record() {
 
     approve(vec![add("kept")], None).await;
     assert_eq!((count("kept").await, count("at-check").await), (1, 1));
+
+    // Kept text that is not a list of adds (never written so) still approves,
+    // and is counted as worked out at check time.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for garbage in ["not json", "[[1, 2]]", "{}"] {
+        let (f, id) = (Fixture::new(), Uuid::new_v4());
+        let mut plan = f.plan(f.verification(id, "123456", now));
+        plan.approval_counts = vec![add("kept")];
+        store.start_send(&plan, now).await.unwrap();
+        let keys = crate::helpers::redis_keys_matching(&mut conn, &format!("*{prefix}*{id}")).await;
+        let record = keys.iter().find(|k| !k.contains(":vref:")).unwrap();
+        let _: i64 = redis::cmd("HSET")
+            .arg(record)
+            .arg("approval_counts")
+            .arg(garbage)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let outcome = store
+            .check_counted_code(
+                &f.tenant,
+                id,
+                &f.hash(id, "123456"),
+                None,
+                Some(&at_check),
+                now,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, CheckOutcome::Approved(_)),
+            "{garbage}: {outcome:?}"
+        );
+    }
+    assert_eq!((count("kept").await, count("at-check").await), (1, 4));
 }
