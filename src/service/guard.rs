@@ -103,9 +103,18 @@ fn named_key(kind: &str, index: &[u8; 32]) -> String {
     format!("{kind}:{}", to_hex(index))
 }
 
-/// A guard counter's key; `tag` is the tenant's `tenant_tag`.
-fn traffic_key(what: &str, tag: &str, prefix: &str) -> String {
-    format!("guard:{what}:{tag}:{prefix}")
+/// A guard counter's key; `tag` is the tenant's `tenant_tag`, `name` a
+/// prefix's `prefix_tag` or a refusal's reason.
+fn traffic_key(what: &str, tag: &str, name: &str) -> String {
+    format!("guard:{what}:{tag}:{name}")
+}
+
+/// A number's prefix as the guard's counters name it: a blind index, not
+/// its digits. On Redis a pending record keeps its approval's counter keys
+/// beside its masked last four digits, and the two in clear would narrow the
+/// number down to a few hundred, or ten, candidates.
+fn prefix_tag(crypto: &Crypto, prefix: &str) -> String {
+    to_hex(&crypto.blind_index("guard-prefix", &[prefix])[..12])
 }
 
 /// One more send or approval for the pumping rule's hourly counts.
@@ -278,9 +287,10 @@ impl AbuseGuard {
         let traffic_keys: Vec<(String, String)> = levels
             .iter()
             .map(|(prefix, _)| {
+                let name = prefix_tag(&self.crypto, prefix);
                 (
-                    traffic_key("sent", &tag, prefix),
-                    traffic_key("ok", &tag, prefix),
+                    traffic_key("sent", &tag, &name),
+                    traffic_key("ok", &tag, &name),
                 )
             })
             .collect();
@@ -590,7 +600,9 @@ impl AbuseGuard {
             let tag = tenant_tag(&index);
             guard_levels(&guard, &phone)
                 .iter()
-                .map(|(prefix, _)| traffic_add(traffic_key("ok", &tag, prefix)))
+                .map(|(prefix, _)| {
+                    traffic_add(traffic_key("ok", &tag, &prefix_tag(&crypto, prefix)))
+                })
                 .collect()
         }))
     }

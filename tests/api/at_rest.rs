@@ -110,6 +110,18 @@ fn assert_clean(dump: &str, codes: &[String], what: &str) {
         let hexed = hex::encode(secret.as_bytes());
         assert!(!lower.contains(&hexed), "{what}: {secret} hex-encoded");
     }
+    // The guard's traffic counters (`guard:sent:{tenant tag}:{prefix}`) name a
+    // number's prefix by a blind index: beside a record's masked last four
+    // digits, its leading digits in clear would all but name the number.
+    let mut named = 0;
+    for kind in ["guard:sent:", "guard:ok:"] {
+        for (at, _) in dump.match_indices(kind) {
+            let prefix = dump[at + kind.len()..].split(':').nth(1).unwrap_or("");
+            assert!(!prefix.starts_with('+'), "{what}: {kind} names {prefix}");
+            named += 1;
+        }
+    }
+    assert!(named > 0, "{what}: no guard counter in the dump");
 }
 
 /// Every value of every row of every table, through SQL, plus the raw bytes
