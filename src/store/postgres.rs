@@ -270,8 +270,9 @@ fn parse_url(url: &str) -> StoreResult<PgConnectOptions> {
 
 /// A pooled connection is pinged before it is handed out only when it has been
 /// idle this long (HikariCP's rule, at 500 ms): one that served an operation a
-/// moment ago is alive, and a ping is a round trip of its own, which cost every
-/// operation a tenth of its CPU on both sides when sqlx made one per acquire.
+/// moment ago is alive, and a ping is a round trip of its own: sqlx's ping per
+/// acquire cost a send a tenth or more of its CPU on both sides (measured one
+/// request at a time).
 /// A connection that died in the meantime fails the one operation that finds
 /// it out and is then dropped from the pool.
 const PING_IF_IDLE: Duration = Duration::from_secs(1);
