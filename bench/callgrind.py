@@ -27,7 +27,7 @@ PostgreSQL URL, whose database otpd_cg is created afresh
 (postgres://postgres@127.0.0.1:5432/test). Use a few thousand requests:
 /proc counts in 10 ms ticks.
 """
-import glob, http.client, json, re, socket, subprocess, sys, tempfile, time
+import glob, http.client, json, re, signal, socket, subprocess, sys, tempfile, time
 
 cpu_mode = sys.argv[1] == "--cpu"
 args = sys.argv[2:] if cpu_mode else sys.argv[1:]
@@ -103,6 +103,15 @@ def ticks(pids):
             pass  # ended meanwhile
     return total
 
+def redis_commands():
+    """Redis's calls and µs per command so far (INFO commandstats)."""
+    if not store.startswith("redis://"):
+        return {}
+    text = subprocess.run(["redis-cli", "-u", store, "INFO", "commandstats"],
+                          capture_output=True, text=True).stdout
+    return {m[1]: (int(m[2]), int(m[3])) for m in
+            re.finditer(r"cmdstat_([^:]+):calls=(\d+),usec=(\d+)", text)}
+
 def server_pids():
     if store_server is None:
         return []
@@ -118,18 +127,39 @@ def phase(name, fn):
         return
     servers = server_pids()
     before = (ticks([srv.pid]), ticks(servers))
+    commands = redis_commands()
+    # otpd's CPU time as the kernel's scheduler clock counts it (`perf stat`'s
+    # task-clock): finer than /proc's 10 ms ticks.
+    counting = subprocess.Popen(["perf", "stat", "-x,", "-e", "task-clock",
+                                 "-p", str(srv.pid)], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
     latencies, statuses = [], []
     for i in range(N):
         started = time.perf_counter()
         statuses.append(fn(i))
         latencies.append(time.perf_counter() - started)
     otpd, server = ticks([srv.pid]) - before[0], ticks(servers) - before[1]
+    counting.send_signal(signal.SIGINT)
+    clock_ms = 0.0
+    for line in counting.communicate()[1].splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("task-clock"):
+            clock_ms = float(fields[0] or 0)
     latencies.sort()
     if name != "warm-up":
         ms = lambda q: latencies[min(int(q * N), N - 1)] * 1000
         store_cpu = f"{server * 10_000 / N:7.1f} µs" if store_server else "      -   "
         print(f"{label:6} {name:22} p50 {ms(0.5):6.2f} ms  p99 {ms(0.99):6.2f} ms  "
-              f"otpd {otpd * 10_000 / N:7.1f} µs  store {store_cpu}  statuses {sorted(set(statuses))}")
+              f"otpd {otpd * 10_000 / N:7.1f} µs (task-clock {clock_ms * 1000 / N:6.1f} µs)  "
+              f"store {store_cpu}  statuses {sorted(set(statuses))}")
+        # What Redis ran per request, by command: calls and its own µs.
+        after = redis_commands()
+        spent = {c: (n - commands.get(c, (0, 0))[0], u - commands.get(c, (0, 0))[1])
+                 for c, (n, u) in after.items()}
+        if spent:
+            print("       redis per request: " + ", ".join(
+                f"{c} {n / N:.2f}× {u / N:.1f} µs" for c, (n, u) in
+                sorted(spent.items(), key=lambda kv: -kv[1][1]) if n))
 
 native, bx = [], []
 def send_native(i, block="1"):

@@ -19,6 +19,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use utoipa_swagger_ui::SwaggerUi;
@@ -39,18 +40,24 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(max_body))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            request_timeout,
-        ))
-        .layer(CatchPanicLayer::custom(|_| -> Response {
-            ApiError::Internal("handler panicked".into()).into_response()
-        }))
-        // Outermost, so timeouts and panics are counted and carry the request id.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            observe::observe,
-        ))
+        // One composed layer, not four: axum boxes every route once per
+        // `Router::layer` and clones each box on every request.
+        .layer(
+            ServiceBuilder::new()
+                // Outermost, so timeouts and panics are counted and carry the
+                // request id.
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    observe::observe,
+                ))
+                .layer(CatchPanicLayer::custom(|_| -> Response {
+                    ApiError::Internal("handler panicked".into()).into_response()
+                }))
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    request_timeout,
+                ))
+                .layer(DefaultBodyLimit::max(max_body)),
+        )
         .with_state(state)
 }

@@ -123,8 +123,40 @@ struct Inner {
     /// Handles of the hottest series, resolved once per label set: building a
     /// `Key` (label strings, its hash, the registry's lock) cost more than
     /// recording into it, several times per request.
-    store_ops: RwLock<HashMap<&'static str, Histogram>>,
+    /// Histograms with one fixed label, by (metric, label value).
+    histograms: RwLock<HashMap<(&'static str, &'static str), Histogram>>,
     requests: RwLock<HashMap<RequestKey, (Histogram, Counter)>>,
+    /// The per-send and per-check counters (`Series`).
+    counters: RwLock<HashMap<SeriesKey, Counter>>,
+}
+
+/// A counter's identity without building its `Key`: the metric, the tenant
+/// label's value ("" when the metric has none or the label is off), a route id
+/// and up to two fixed label values. `SeriesKey` is the same owning the
+/// tenant; both hash their fields in the same order.
+#[derive(Hash)]
+struct Series<'a> {
+    name: &'static str,
+    tenant: &'a str,
+    route_id: Option<u32>,
+    values: [&'static str; 2],
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct SeriesKey {
+    name: &'static str,
+    tenant: Box<str>,
+    route_id: Option<u32>,
+    values: [&'static str; 2],
+}
+
+impl Equivalent<SeriesKey> for Series<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        self.name == key.name
+            && self.route_id == key.route_id
+            && self.values == key.values
+            && self.tenant == &*key.tenant
+    }
 }
 
 /// An HTTP series' labels. `RequestLabels` is the same without owning the
@@ -163,8 +195,9 @@ impl Metrics {
             inner: Some(Inner {
                 recorder,
                 handle,
-                store_ops: RwLock::default(),
+                histograms: RwLock::default(),
                 requests: RwLock::default(),
+                counters: RwLock::default(),
             }),
             tenant_label: settings.tenant_label,
             scrape_token: settings.token.clone(),
@@ -290,11 +323,19 @@ impl Metrics {
         if self.inner.is_none() {
             return;
         }
-        let mut labels = self.tenant(tenant);
-        labels.push(Label::new("route_id", route_id.to_string()));
-        labels.push(Label::from_static_parts("provider", provider));
-        labels.push(Label::from_static_parts("outcome", result.as_str()));
-        self.increment(SENDS, labels);
+        let series = Series {
+            name: SENDS,
+            tenant: self.tenant_value(tenant),
+            route_id: Some(route_id),
+            values: [provider, result.as_str()],
+        };
+        self.increment_series(series, || {
+            let mut labels = self.tenant(tenant);
+            labels.push(Label::new("route_id", route_id.to_string()));
+            labels.push(Label::from_static_parts("provider", provider));
+            labels.push(Label::from_static_parts("outcome", result.as_str()));
+            labels
+        });
     }
 
     /// Every provider call of one send: latency by provider, result by route, and
@@ -326,19 +367,20 @@ impl Metrics {
         if self.inner.is_none() {
             return;
         }
-        self.observe(
-            PROVIDER_DURATION,
-            vec![Label::from_static_parts("provider", provider)],
-            latency,
-        );
-        self.increment(
-            PROVIDER_REQUESTS,
+        self.observe_one(PROVIDER_DURATION, ("provider", provider), latency);
+        let series = Series {
+            name: PROVIDER_REQUESTS,
+            tenant: "",
+            route_id: Some(route_id),
+            values: [provider, result],
+        };
+        self.increment_series(series, || {
             vec![
                 Label::new("route_id", route_id.to_string()),
                 Label::from_static_parts("provider", provider),
                 Label::from_static_parts("result", result),
-            ],
-        );
+            ]
+        });
     }
 
     /// A send moved on from this route to the next one.
@@ -359,9 +401,17 @@ impl Metrics {
         if self.inner.is_none() {
             return;
         }
-        let mut labels = self.tenant(tenant);
-        labels.push(Label::from_static_parts("outcome", result.as_str()));
-        self.increment(CHECKS, labels);
+        let series = Series {
+            name: CHECKS,
+            tenant: self.tenant_value(tenant),
+            route_id: None,
+            values: [result.as_str(), ""],
+        };
+        self.increment_series(series, || {
+            let mut labels = self.tenant(tenant);
+            labels.push(Label::from_static_parts("outcome", result.as_str()));
+            labels
+        });
     }
 
     /// A request refused by a rate limit or an abuse guard. `reason` is a fixed
@@ -389,19 +439,13 @@ impl Metrics {
 
     /// One store call; failures are counted apart as well.
     pub fn record_store_op(&self, operation: &'static str, ok: bool, elapsed: Duration) {
-        let Some(i) = &self.inner else { return };
-        let label = || vec![Label::from_static_parts("operation", operation)];
         if !ok {
-            self.increment(STORE_ERRORS, label());
+            self.increment(
+                STORE_ERRORS,
+                vec![Label::from_static_parts("operation", operation)],
+            );
         }
-        if let Some(duration) = i.store_ops.read().get(operation) {
-            return duration.record(elapsed.as_secs_f64());
-        }
-        let duration = i
-            .recorder
-            .register_histogram(&Key::from_parts(STORE_DURATION, label()), &METADATA);
-        duration.record(elapsed.as_secs_f64());
-        i.store_ops.write().insert(operation, duration);
+        self.observe_one(STORE_DURATION, ("operation", operation), elapsed);
     }
 
     pub fn set_pending(&self, pending: u64) {
@@ -428,19 +472,56 @@ impl Metrics {
         labels
     }
 
+    /// The tenant label's value in a `Series`: "" when the label is off.
+    fn tenant_value<'a>(&self, tenant: &'a str) -> &'a str {
+        if self.tenant_label { tenant } else { "" }
+    }
+
+    /// Adds one to a counter whose handle is kept after its first use:
+    /// building a `Key` (label strings, its hash, the registry's lock) cost more
+    /// than the increment, on every send and check.
+    fn increment_series(&self, series: Series<'_>, labels: impl FnOnce() -> Vec<Label>) {
+        let Some(i) = &self.inner else { return };
+        if let Some(counter) = i.counters.read().get(&series) {
+            return counter.increment(1);
+        }
+        let counter = i
+            .recorder
+            .register_counter(&Key::from_parts(series.name, labels()), &METADATA);
+        counter.increment(1);
+        let key = SeriesKey {
+            name: series.name,
+            tenant: series.tenant.into(),
+            route_id: series.route_id,
+            values: series.values,
+        };
+        i.counters.write().insert(key, counter);
+    }
+
+    /// Records into a histogram with one fixed label, its handle kept likewise.
+    fn observe_one(
+        &self,
+        name: &'static str,
+        (label, value): (&'static str, &'static str),
+        elapsed: Duration,
+    ) {
+        let Some(i) = &self.inner else { return };
+        if let Some(histogram) = i.histograms.read().get(&(name, value)) {
+            return histogram.record(elapsed.as_secs_f64());
+        }
+        let histogram = i.recorder.register_histogram(
+            &Key::from_parts(name, vec![Label::from_static_parts(label, value)]),
+            &METADATA,
+        );
+        histogram.record(elapsed.as_secs_f64());
+        i.histograms.write().insert((name, value), histogram);
+    }
+
     fn increment(&self, name: &'static str, labels: Vec<Label>) {
         if let Some(i) = &self.inner {
             i.recorder
                 .register_counter(&Key::from_parts(name, labels), &METADATA)
                 .increment(1);
-        }
-    }
-
-    fn observe(&self, name: &'static str, labels: Vec<Label>, elapsed: Duration) {
-        if let Some(i) = &self.inner {
-            i.recorder
-                .register_histogram(&Key::from_parts(name, labels), &METADATA)
-                .record(elapsed.as_secs_f64());
         }
     }
 
@@ -609,6 +690,32 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("acme"), "{text}");
+    }
+
+    #[test]
+    fn kept_handles_count_each_series_apart() {
+        let m = enabled(true);
+        for (tenant, result) in [
+            ("acme", CheckResultLabel::Wrong),
+            ("acme", CheckResultLabel::Wrong),
+            ("acme", CheckResultLabel::Approved),
+            ("bolt", CheckResultLabel::Wrong),
+        ] {
+            m.record_check(tenant, result);
+        }
+        m.record_send("acme", 1, "alpha", SendResult::Sent);
+        m.record_send("acme", 2, "alpha", SendResult::Sent);
+        m.record_send("acme", 1, "alpha", SendResult::Sent);
+        let text = m.render().unwrap();
+        for line in [
+            "otpd_checks_total{tenant=\"acme\",outcome=\"wrong\"} 2\n",
+            "otpd_checks_total{tenant=\"acme\",outcome=\"approved\"} 1\n",
+            "otpd_checks_total{tenant=\"bolt\",outcome=\"wrong\"} 1\n",
+            "otpd_sends_total{tenant=\"acme\",route_id=\"1\",provider=\"alpha\",outcome=\"sent\"} 2\n",
+            "otpd_sends_total{tenant=\"acme\",route_id=\"2\",provider=\"alpha\",outcome=\"sent\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

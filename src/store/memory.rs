@@ -58,6 +58,9 @@ const PMID_INLINE: usize = 40;
 /// Distinct interned strings; past this, new ones go to the side table instead
 /// (a flood of distinct purposes must not grow the interner without bound).
 const MAX_SYMBOLS: usize = 65_536;
+/// Distinct approval count sets (`ApprovalSets`): one per tenant and prefix
+/// chain in use; past this, a record keeps none and its check works them out.
+const MAX_APPROVAL_SETS: usize = 16_384;
 const NO_SYMBOL: u32 = u32::MAX;
 const NONE: u32 = u32::MAX;
 
@@ -112,6 +115,52 @@ impl Symbols {
             .get(id as usize)
             .cloned()
             .unwrap_or_else(|| Arc::from(""))
+    }
+}
+
+/// Approval count sets (`SendPlan::approval_counts`) stored once and referred
+/// to by number. Numbers that share their prefixes share a set, so a record
+/// keeps four bytes, and its approval adds the set instead of opening the
+/// record's number and hashing its prefixes again.
+#[derive(Default)]
+struct ApprovalSets {
+    table: RwLock<ApprovalTable>,
+}
+
+#[derive(Default)]
+struct ApprovalTable {
+    ids: HashMap<Arc<[CounterAdd]>, u32>,
+    sets: Vec<Arc<[CounterAdd]>>,
+}
+
+impl ApprovalSets {
+    /// `NONE` for no adds, and once the table is full.
+    fn intern(&self, adds: &[CounterAdd]) -> u32 {
+        if adds.is_empty() {
+            return NONE;
+        }
+        if let Some(id) = self.table.read().ids.get(adds) {
+            return *id;
+        }
+        let mut t = self.table.write();
+        if let Some(id) = t.ids.get(adds) {
+            return *id;
+        }
+        if t.sets.len() >= MAX_APPROVAL_SETS {
+            return NONE;
+        }
+        let id = t.sets.len() as u32;
+        let set: Arc<[CounterAdd]> = Arc::from(adds);
+        t.sets.push(set.clone());
+        t.ids.insert(set, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> Option<Arc<[CounterAdd]>> {
+        if id == NONE {
+            return None;
+        }
+        self.table.read().sets.get(id as usize).cloned()
     }
 }
 
@@ -321,6 +370,8 @@ struct VRec {
     send_count: u32,
     tenant: u32,
     purpose: u32,
+    /// The send's approval counts (`ApprovalSets`), `NONE` when it kept none.
+    approval: u32,
     masked_tail: [u8; 4],
     country: [u8; 2],
     masked_stars: u8,
@@ -347,6 +398,7 @@ impl Default for VRec {
             send_count: 0,
             tenant: NO_SYMBOL,
             purpose: NO_SYMBOL,
+            approval: NONE,
             masked_tail: [0; 4],
             country: [0; 2],
             masked_stars: 0,
@@ -556,6 +608,18 @@ impl VShard {
 
     fn decode(&self, i: u32, symbols: &Symbols) -> Verification {
         self.slab.get(i).decode(self.spill(i), symbols)
+    }
+
+    /// Stores `v` over the record at `i`, with `approval`'s set.
+    fn rewrite(&mut self, i: u32, v: &Verification, symbols: &Symbols, approval: u32) {
+        let (mut fresh, spill) = VRec::encode(v, symbols);
+        fresh.flags |= self.slab.get(i).flags & LIVE;
+        fresh.approval = approval;
+        *self.slab.get_mut(i) = fresh;
+        self.spills.remove(&i);
+        if let Some(s) = spill {
+            self.spills.insert(i, s);
+        }
     }
 }
 
@@ -917,6 +981,7 @@ impl Messages {
 pub struct MemoryStore {
     hasher: RandomState,
     symbols: Symbols,
+    approvals: ApprovalSets,
     keys: DashMap<[u8; 32], ApiKeyRecord>,
     subjects: Box<[Mutex<SShard>]>,
     verifications: Box<[Mutex<VShard>]>,
@@ -1049,6 +1114,7 @@ impl Default for MemoryStore {
         Self {
             hasher: RandomState::new(),
             symbols: Symbols::default(),
+            approvals: ApprovalSets::default(),
             keys: DashMap::new(),
             subjects: (0..SHARDS).map(|_| Mutex::default()).collect(),
             verifications: (0..SHARDS).map(|_| Mutex::default()).collect(),
@@ -1177,11 +1243,15 @@ impl MemoryStore {
         if Crypto::hashes_match(&stored, code_hash) {
             r.status = status_code(Status::Approved);
             r.clear_code();
+            let kept = self.approvals.get(r.approval);
             let v = shard.decode(i, &self.symbols);
             drop(shard);
             self.count_approval(id.as_bytes());
             if let Some(counts) = counts {
-                self.add_all(&counts(&v), at);
+                match kept {
+                    Some(adds) => self.add_all(&adds, at),
+                    None => self.add_all(&counts(&v), at),
+                };
             }
             return CheckOutcome::Approved(v);
         }
@@ -1229,9 +1299,10 @@ impl MemoryStore {
         self.hash(&(provider, pmid))
     }
 
-    /// Inserts a verification that is not stored yet.
-    fn insert_verification(&self, shard: &mut VShard, hash: u64, v: &Verification) {
-        let (rec, spill) = VRec::encode(v, &self.symbols);
+    /// Inserts a verification that is not stored yet, with `approval`'s set.
+    fn insert_verification(&self, shard: &mut VShard, hash: u64, v: &Verification, approval: u32) {
+        let (mut rec, spill) = VRec::encode(v, &self.symbols);
+        rec.approval = approval;
         let i = shard.slab.insert(rec);
         if let Some(s) = spill {
             shard.spills.insert(i, s);
@@ -1346,6 +1417,7 @@ impl Store for MemoryStore {
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let planned = &plan.verification;
         let now_ms = ms(now);
+        let approval = self.approvals.intern(&plan.approval_counts);
         let (sh, sshard) = self.subject_shard(&planned.subject.0);
         let mut subjects = sshard.lock();
         let si = match subjects.find(sh, &planned.subject.0) {
@@ -1432,13 +1504,7 @@ impl Store for MemoryStore {
             v.phone = planned.phone.clone();
             v.masked_to = planned.masked_to.clone();
             v.country = planned.country.clone();
-            let (mut fresh, spill) = VRec::encode(&v, &self.symbols);
-            fresh.flags |= shard.slab.get(i).flags & LIVE;
-            *shard.slab.get_mut(i) = fresh;
-            shard.spills.remove(&i);
-            if let Some(s) = spill {
-                shard.spills.insert(i, s);
-            }
+            shard.rewrite(i, &v, &self.symbols, approval);
             SendDecision::Replaced {
                 verification: shard.decode(i, &self.symbols),
                 previous_sent_at,
@@ -1446,7 +1512,7 @@ impl Store for MemoryStore {
         } else if existing.is_some() {
             return Ok(SendDecision::Conflict { pending: None });
         } else {
-            self.insert_verification(&mut shard, vh, planned);
+            self.insert_verification(&mut shard, vh, planned, approval);
             SendDecision::Created {
                 verification: planned.clone(),
                 previous_sent_at,
@@ -1964,13 +2030,8 @@ impl Store for MemoryStore {
             return Ok(false);
         }
         v.phone = new.clone();
-        let (mut fresh, spill) = VRec::encode(&v, &self.symbols);
-        fresh.flags |= shard.slab.get(i).flags & LIVE;
-        *shard.slab.get_mut(i) = fresh;
-        shard.spills.remove(&i);
-        if let Some(s) = spill {
-            shard.spills.insert(i, s);
-        }
+        let approval = shard.slab.get(i).approval;
+        shard.rewrite(i, &v, &self.symbols, approval);
         Ok(true)
     }
 
@@ -2160,6 +2221,60 @@ mod tests {
 
     fn t0() -> DateTime<Utc> {
         DateTime::from_timestamp_millis(1_900_000_000_123).unwrap()
+    }
+
+    /// An approval adds the counts its send planned, kept as a shared set,
+    /// without working them out from the record; once the sets are full, a
+    /// record keeps none and its check works them out.
+    #[tokio::test]
+    async fn an_approval_adds_its_kept_set_and_works_out_the_rest() {
+        let store = MemoryStore::new();
+        let now = t0();
+        let add = |key: &str| CounterAdd {
+            key: key.into(),
+            amount: 1,
+            window_seconds: 3600,
+            ceiling: None,
+        };
+        let worked_out = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let calls = worked_out.clone();
+        let counts: ApprovalCounts = Arc::new(move |_: &Verification| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            vec![CounterAdd {
+                key: "ok:worked-out".into(),
+                amount: 1,
+                window_seconds: 3600,
+                ceiling: None,
+            }]
+        });
+        let approve = async |planned: Vec<CounterAdd>| {
+            let v = verification("acme", now);
+            let mut p = plan(v.clone());
+            p.approval_counts = planned;
+            store.start_send(&p, now).await.unwrap();
+            let outcome = store
+                .check_counted_code("acme", v.id, &[1; 32], None, Some(&counts), now)
+                .await
+                .unwrap();
+            assert!(matches!(outcome, CheckOutcome::Approved(_)), "{outcome:?}");
+        };
+        // Two numbers sharing their prefixes share one set.
+        approve(vec![add("ok:kept")]).await;
+        approve(vec![add("ok:kept")]).await;
+        assert_eq!(store.approvals.table.read().sets.len(), 1);
+        assert_eq!(store.counters.read("ok:kept", 3600, now), 2);
+        assert_eq!(worked_out.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // No planned counts: worked out at the check.
+        approve(Vec::new()).await;
+        assert_eq!(store.counters.read("ok:worked-out", 3600, now), 1);
+        // A full table keeps no new set.
+        for n in 1..MAX_APPROVAL_SETS {
+            assert_ne!(store.approvals.intern(&[add(&format!("ok:{n}"))]), NONE);
+        }
+        approve(vec![add("ok:one-too-many")]).await;
+        assert_eq!(store.counters.read("ok:one-too-many", 3600, now), 0);
+        assert_eq!(store.counters.read("ok:worked-out", 3600, now), 2);
+        assert_eq!(worked_out.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

@@ -54,8 +54,9 @@ pub struct SendPlan {
     pub send_window_seconds: u32,
     /// What this verification's approval will count (the guard's conversion
     /// counts for the number sent to): what `ApprovalCounts` works out from the
-    /// record at check time. A store whose check cannot open the record's
-    /// number (Redis's scripts) keeps these with it instead.
+    /// record at check time. A store may keep these with the record instead:
+    /// Redis's scripts cannot open its number, and the memory store saves a
+    /// right check the decryption and the guard's keyed hashes.
     pub approval_counts: Vec<CounterAdd>,
 }
 
@@ -242,7 +243,7 @@ impl CurrentCheck {
 }
 
 /// One add of `Store::add_counters`, in the window containing its `now`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CounterAdd {
     pub key: String,
     pub amount: u64,
