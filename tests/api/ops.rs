@@ -704,3 +704,52 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
         assert!(request_id(line).is_some(), "no request id: {line}");
     }
 }
+
+/// A request that outlives `server.request_timeout_seconds` is answered 503
+/// at the deadline, and the outermost layer still sees it: the answer carries
+/// the request id and the HTTP metrics count it under its route.
+#[tokio::test]
+async fn a_request_past_its_deadline_is_answered_and_counted() {
+    use async_trait::async_trait;
+    use otpd::sms::{OutgoingSms, ProviderError, Route, SendReceipt, SmsProvider};
+
+    /// A provider that never answers (its route's own timeout is longer).
+    struct Silent;
+    #[async_trait]
+    impl SmsProvider for Silent {
+        fn name(&self) -> &'static str {
+            "bridgexapi"
+        }
+        async fn send(&self, _: &OutgoingSms<'_>) -> Result<SendReceipt, ProviderError> {
+            std::future::pending().await
+        }
+    }
+    let mut route = Route::new(1, Arc::new(Silent));
+    route.timeout = std::time::Duration::from_secs(60);
+    let app = TestApp::spawn_routed(vec![route], |s| s.server.request_timeout_seconds = 1).await;
+    let started = std::time::Instant::now();
+    let r = app
+        .client
+        .post(format!("{}/v1/verifications", app.base))
+        .header("x-api-key", &app.key)
+        .header("x-request-id", "late-1")
+        .json(&json!({ "to": "+31612345678" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["x-request-id"], "late-1");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let (_, metrics) = scrape(&app).await;
+    assert_eq!(
+        metrics.value(
+            "otpd_http_requests_total",
+            &[
+                ("method", "POST"),
+                ("route", "/v1/verifications"),
+                ("status", "503")
+            ]
+        ),
+        1.0
+    );
+}
