@@ -120,9 +120,9 @@ pub struct Metrics {
 struct Inner {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    /// Handles of the hottest series, resolved once per label set: building a
-    /// `Key` (label strings, its hash, the registry's lock) cost more than
-    /// recording into it, several times per request.
+    // Handles of the series every request records into, resolved once per
+    // label set: building a `Key` (label strings, its hash, the registry's
+    // lock) cost more than recording into it, several times per request.
     /// Histograms with one fixed label, by (metric, label value).
     histograms: RwLock<HashMap<(&'static str, &'static str), Histogram>>,
     requests: RwLock<HashMap<RequestKey, (Histogram, Counter)>>,
@@ -477,9 +477,7 @@ impl Metrics {
         if self.tenant_label { tenant } else { "" }
     }
 
-    /// Adds one to a counter whose handle is kept after its first use:
-    /// building a `Key` (label strings, its hash, the registry's lock) cost more
-    /// than the increment, on every send and check.
+    /// Adds one to a counter whose handle is kept after its first use.
     fn increment_series(&self, series: Series<'_>, labels: impl FnOnce() -> Vec<Label>) {
         let Some(i) = &self.inner else { return };
         if let Some(counter) = i.counters.read().get(&series) {
