@@ -330,7 +330,6 @@ super::sql_common::sql_store!(
     store: PostgresStore,
     read: pool,
     insertion_order: "seq",
-    for_update: " FOR UPDATE",
     hot_write: pg_hot_write,
     hot_read: pg_hot_read,
     compound_write: WriteKind::Statement,

@@ -165,25 +165,25 @@ impl TryFrom<VerificationRow> for Verification {
 
 row_struct! {
     pub(crate) struct MessageRow {
-        id: String,
-        verification_id: String,
-        tenant: String,
-        route_id: i64,
-        provider: String,
-        provider_message_id: Option<String>,
-        masked_to: String,
-        country: Option<String>,
-        status: String,
-        error: Option<String>,
-        cost: Option<f64>,
-        currency: Option<String>,
-        latency_ms: i64,
-        resend_of: Option<String>,
-        created_at: i64,
-        sent_at: Option<i64>,
-        delivered_at: Option<i64>,
-        failed_at: Option<i64>,
-        updated_at: i64,
+        pub(crate) id: String,
+        pub(crate) verification_id: String,
+        pub(crate) tenant: String,
+        pub(crate) route_id: i64,
+        pub(crate) provider: String,
+        pub(crate) provider_message_id: Option<String>,
+        pub(crate) masked_to: String,
+        pub(crate) country: Option<String>,
+        pub(crate) status: String,
+        pub(crate) error: Option<String>,
+        pub(crate) cost: Option<f64>,
+        pub(crate) currency: Option<String>,
+        pub(crate) latency_ms: i64,
+        pub(crate) resend_of: Option<String>,
+        pub(crate) created_at: i64,
+        pub(crate) sent_at: Option<i64>,
+        pub(crate) delivered_at: Option<i64>,
+        pub(crate) failed_at: Option<i64>,
+        pub(crate) updated_at: i64,
     }
 }
 
@@ -528,9 +528,6 @@ pub(crate) type WriteFuture<'c, T> = futures::future::BoxFuture<'c, StoreResult<
 ///   connection apart from its readers; PostgreSQL uses one pool).
 /// - `insertion_order`: the column that orders rows of equal `created_at` the
 ///   way they were inserted (`rowid` on SQLite, the `seq` identity on PostgreSQL).
-/// - `for_update`: appended to a read whose row the transaction then writes
-///   (`" FOR UPDATE"` on PostgreSQL; empty on SQLite, whose `BEGIN IMMEDIATE`
-///   already holds the only write lock).
 /// - `hot_write` and `hot_read`: macros that run a hot operation (`sql_hot`)
 ///   on the backend's `HotTx`: `hot_write!(store, kind, |tx| future)` as a
 ///   write of `kind` (the future owns what it needs), `hot_read!(store, |tx|
@@ -566,7 +563,6 @@ macro_rules! sql_store {
         store: $store:ty,
         read: $read:ident,
         insertion_order: $order:literal,
-        for_update: $lock:literal,
         hot_write: $hot_write:ident,
         hot_read: $hot_read:ident,
         compound_write: $compound:expr,
@@ -592,7 +588,7 @@ macro_rules! sql_store {
             ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeReplacement, CounterAdd,
             CounterRead, CurrentCheck, GuessBudget,
             InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord, SendAbort,
-            SendDecision, SendPlan, Store, StoreResult, UsageRow, advance_message,
+            SendDecision, SendPlan, Store, StoreResult, UsageRow,
             count_approval_apart, seconds_until, start_then_count,
         };
 
@@ -891,54 +887,12 @@ macro_rules! sql_store {
             ) -> StoreResult<Option<MessageTransition>> {
                 let (provider, provider_message_id) = (provider.to_owned(), provider_message_id.to_owned());
                 let update = update.clone();
-                self.write(WriteKind::ReadThenWrite, move |conn| Box::pin(async move {
-                    // Should a provider ever reuse an id, the newest message is the one meant.
-                    let Some(row) = sqlx::query_as::<_, MessageRow>(concat!(
-                        "SELECT * FROM messages WHERE provider = $1 AND provider_message_id = $2
-                         ORDER BY ",
-                        $order,
-                        " DESC LIMIT 1",
-                        $lock
-                    ))
-                    .bind(&provider)
-                    .bind(&provider_message_id)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?
-                    else {
-                        return Ok(None);
-                    };
-                    let current = MessageRecord::try_from(row)?;
-                    let previous = current.status;
-                    let Some(next) = advance_message(&current, &update) else {
-                        return Ok(Some(MessageTransition {
-                            previous,
-                            message: current,
-                        }));
-                    };
-                    sqlx::query(
-                        "UPDATE messages SET status = $1, error = $2, cost = $3, currency = $4,
-                             updated_at = $5, sent_at = $6, delivered_at = $7, failed_at = $8
-                         WHERE id = $9",
-                    )
-                    .bind(next.status.as_str())
-                    .bind(&next.error)
-                    .bind(next.cost)
-                    .bind(&next.currency)
-                    .bind(millis(next.updated_at))
-                    .bind(next.sent_at.map(millis))
-                    .bind(next.delivered_at.map(millis))
-                    .bind(next.failed_at.map(millis))
-                    .bind(id_text(next.id))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                    Ok(Some(MessageTransition {
-                        previous,
-                        message: next,
-                    }))
-                }))
-                .await
+                $hot_write!(self, WriteKind::ReadThenWrite, |tx| super::sql_hot::report_in(
+                    tx,
+                    &provider,
+                    &provider_message_id,
+                    &update
+                ))
             }
 
             async fn list_unfinished_messages(

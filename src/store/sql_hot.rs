@@ -14,7 +14,8 @@ use super::sql_common::{
 };
 use super::{
     ApprovalCounts, CheckOutcome, CodeHasher, CounterAdd, CounterRead, CurrentCheck, GuessBudget,
-    Marker, SendDecision, SendPlan, StoreError, StoreResult, UsageRow,
+    Marker, MessageTransition, MessageUpdate, SendDecision, SendPlan, StoreError, StoreResult,
+    UsageRow, advance_message,
 };
 use crate::domain::limits::WindowCounts;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
@@ -117,6 +118,16 @@ pub(crate) trait HotTx {
     }
     /// `INSERT_MESSAGE`.
     async fn insert_message(&mut self, m: &MessageRecord) -> StoreResult<()>;
+    /// The newest message `provider` knows as `provider_message_id` (should a
+    /// provider ever reuse an id, the newest is the one meant), locked for
+    /// the rest of the write where the backend locks rows.
+    async fn message_by_provider_id(
+        &mut self,
+        provider: &str,
+        provider_message_id: &str,
+    ) -> StoreResult<Option<MessageRecord>>;
+    /// `UPDATE_MESSAGE` with `m`'s delivery state.
+    async fn save_message(&mut self, m: &MessageRecord) -> StoreResult<()>;
     /// `UPSERT_USAGE`.
     async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()>;
     /// `Store::insert_message`: a delivery attempt and what it adds to usage.
@@ -252,6 +263,36 @@ pub(crate) async fn check_in(
     Ok(outcome)
 }
 
+/// `Store::update_message_by_provider_id`, inside the backend's write: a
+/// delivery report, as frequent as sends. On SQLite it runs on the writer's
+/// own connection with the other hot writes: a commit from its other
+/// connection would empty this one's page cache.
+pub(crate) async fn report_in(
+    tx: &mut impl HotTx,
+    provider: &str,
+    provider_message_id: &str,
+    update: &MessageUpdate,
+) -> StoreResult<Option<MessageTransition>> {
+    let Some(current) = tx
+        .message_by_provider_id(provider, provider_message_id)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let previous = current.status;
+    let Some(next) = advance_message(&current, update) else {
+        return Ok(Some(MessageTransition {
+            previous,
+            message: current,
+        }));
+    };
+    tx.save_message(&next).await?;
+    Ok(Some(MessageTransition {
+        previous,
+        message: next,
+    }))
+}
+
 /// `Store::check_current_code`, inside the backend's write: the lookup reads
 /// what the write sees (on SQLite, through the writer's warm page cache).
 #[allow(clippy::too_many_arguments)]
@@ -336,6 +377,21 @@ pub(crate) const ADD_TO_COUNTER: &str = "INSERT INTO counters (key, window_secon
      ON CONFLICT (key, window_seconds, slot) DO UPDATE SET
          total = counters.total + excluded.total
      RETURNING total";
+
+/// A message's columns, in `MessageRow`'s order (see `verification_columns`).
+macro_rules! message_columns {
+    () => {
+        "id, verification_id, tenant, route_id, provider, provider_message_id, masked_to,
+         country, status, error, cost, currency, latency_ms, resend_of, created_at, sent_at,
+         delivered_at, failed_at, updated_at"
+    };
+}
+pub(crate) use message_columns;
+
+/// A delivery report's new state for message `$9`.
+pub(crate) const UPDATE_MESSAGE: &str = "UPDATE messages SET status = $1, error = $2, cost = $3,
+         currency = $4, updated_at = $5, sent_at = $6, delivered_at = $7, failed_at = $8
+     WHERE id = $9";
 
 pub(crate) const INSERT_MESSAGE: &str = "INSERT INTO messages (id, verification_id, tenant,
          route_id, provider, provider_message_id, masked_to, country, status, error, cost,

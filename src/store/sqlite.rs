@@ -269,7 +269,6 @@ super::sql_common::sql_store!(
     store: SqliteStore,
     read: reader,
     insertion_order: "rowid",
-    for_update: "",
     hot_write: sqlite_hot_write,
     hot_read: sqlite_hot_read,
     compound_write: WriteKind::Transaction,

@@ -13,12 +13,14 @@ use uuid::Uuid;
 use super::PostgresStore;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    MarkerRow, SubjectState, VerificationRow, Window, counter_amount, counter_slot, counter_total,
-    day_text, id_text, map_sqlx, millis, parse_id, parse_status, rate_slot, usage_amount,
+    MarkerRow, MessageRow, SubjectState, VerificationRow, Window, counter_amount, counter_slot,
+    counter_total, day_text, id_text, map_sqlx, millis, parse_id, parse_status, rate_slot,
+    usage_amount,
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT, UPSERT_USAGE,
+    count_approval_sql, message_columns,
 };
 use crate::store::{CounterAdd, CounterRead, GuessBudget, Marker, StoreResult, UsageRow};
 
@@ -288,6 +290,44 @@ impl HotTx for PgConnection {
 
     /// One statement (a data-modifying `WITH`), so one round trip and no
     /// transaction around it.
+    async fn message_by_provider_id(
+        &mut self,
+        provider: &str,
+        provider_message_id: &str,
+    ) -> StoreResult<Option<MessageRecord>> {
+        let select = concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE provider = $1 AND provider_message_id = $2
+             ORDER BY seq DESC LIMIT 1 FOR UPDATE"
+        );
+        sqlx::query_as::<_, MessageRow>(select)
+            .bind(provider)
+            .bind(provider_message_id)
+            .fetch_optional(&mut *self)
+            .await
+            .map_err(map_sqlx)?
+            .map(MessageRecord::try_from)
+            .transpose()
+    }
+
+    async fn save_message(&mut self, m: &MessageRecord) -> StoreResult<()> {
+        sqlx::query(UPDATE_MESSAGE)
+            .bind(m.status.as_str())
+            .bind(&m.error)
+            .bind(m.cost)
+            .bind(&m.currency)
+            .bind(millis(m.updated_at))
+            .bind(m.sent_at.map(millis))
+            .bind(m.delivered_at.map(millis))
+            .bind(m.failed_at.map(millis))
+            .bind(id_text(m.id))
+            .execute(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
     async fn insert_message_with_usage(
         &mut self,
         m: &MessageRecord,

@@ -15,14 +15,14 @@ use super::SqliteOptions;
 use super::checkpoint::WRITER_BACKSTOP_PAGES;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
-    COUNTER_READS_PER_STATEMENT, MarkerRow, SubjectRow, SubjectState, VerificationRow, Window,
-    counter_amount, counter_slot, counter_total, day_text, id_text, millis, parse_id, parse_status,
-    rate_slot, usage_amount,
+    COUNTER_READS_PER_STATEMENT, MarkerRow, MessageRow, SubjectRow, SubjectState, VerificationRow,
+    Window, counter_amount, counter_slot, counter_total, day_text, id_text, millis, parse_id,
+    parse_status, rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPSERT_SUBJECT, UPSERT_USAGE, count_approval_sql,
-    verification_columns,
+    RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT, UPSERT_USAGE,
+    count_approval_sql, message_columns, verification_columns,
 };
 use crate::store::{CounterRead, Marker, StoreError, StoreResult, UsageRow};
 
@@ -319,6 +319,46 @@ impl HotTx for Direct<'_> {
         Ok(())
     }
 
+    async fn message_by_provider_id(
+        &mut self,
+        provider: &str,
+        provider_message_id: &str,
+    ) -> StoreResult<Option<MessageRecord>> {
+        let select = concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE provider = $1 AND provider_message_id = $2
+             ORDER BY rowid DESC LIMIT 1"
+        );
+        query_row(
+            self.0,
+            select,
+            named_params! { "$1": provider, "$2": provider_message_id },
+            message_row,
+        )?
+        .map(MessageRecord::try_from)
+        .transpose()
+    }
+
+    async fn save_message(&mut self, m: &MessageRecord) -> StoreResult<()> {
+        execute(
+            self.0,
+            UPDATE_MESSAGE,
+            named_params! {
+                "$1": m.status.as_str(),
+                "$2": m.error,
+                "$3": m.cost,
+                "$4": m.currency,
+                "$5": millis(m.updated_at),
+                "$6": m.sent_at.map(millis),
+                "$7": m.delivered_at.map(millis),
+                "$8": m.failed_at.map(millis),
+                "$9": id_text(m.id),
+            },
+        )?;
+        Ok(())
+    }
+
     async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()> {
         execute(
             self.0,
@@ -361,6 +401,30 @@ fn verification_row(r: &Row<'_>) -> rusqlite::Result<VerificationRow> {
         updated_at: r.get(14)?,
         expires_at: r.get(15)?,
         last_sent_at: r.get(16)?,
+    })
+}
+
+fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
+    Ok(MessageRow {
+        id: r.get(0)?,
+        verification_id: r.get(1)?,
+        tenant: r.get(2)?,
+        route_id: r.get(3)?,
+        provider: r.get(4)?,
+        provider_message_id: r.get(5)?,
+        masked_to: r.get(6)?,
+        country: r.get(7)?,
+        status: r.get(8)?,
+        error: r.get(9)?,
+        cost: r.get(10)?,
+        currency: r.get(11)?,
+        latency_ms: r.get(12)?,
+        resend_of: r.get(13)?,
+        created_at: r.get(14)?,
+        sent_at: r.get(15)?,
+        delivered_at: r.get(16)?,
+        failed_at: r.get(17)?,
+        updated_at: r.get(18)?,
     })
 }
 
