@@ -264,9 +264,10 @@ pub(crate) async fn check_in(
 }
 
 /// `Store::update_message_by_provider_id`, inside the backend's write: a
-/// delivery report, as frequent as sends. On SQLite it runs on the writer's
-/// own connection with the other hot writes: a commit from its other
-/// connection would empty this one's page cache.
+/// delivery report, one per message sent. On SQLite it runs on the writer's
+/// own connection like the other hot writes, not through sqlx's connection
+/// thread while the writer thread waits for it (a commit from that other
+/// connection also empties this one's page cache).
 pub(crate) async fn report_in(
     tx: &mut impl HotTx,
     provider: &str,
