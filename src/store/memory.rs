@@ -55,8 +55,7 @@ const CHUNK: usize = 1024;
 const PHONE_INLINE: usize = 56;
 /// Provider message ids up to this length are stored inline (BridgeXAPI's are 25).
 const PMID_INLINE: usize = 40;
-/// Distinct interned strings; past this, new ones go to the side table instead
-/// (a flood of distinct purposes must not grow the interner without bound).
+/// Distinct interned strings; past this, new ones go to the side table instead.
 const MAX_SYMBOLS: usize = 65_536;
 /// Distinct approval count sets (`ApprovalSets`): one per tenant and prefix
 /// chain in use; past this, a record keeps none and its check works them out.
@@ -72,95 +71,83 @@ fn time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-/// Strings stored once and referred to by number.
-#[derive(Default)]
-struct Symbols {
-    table: RwLock<SymbolTable>,
+/// Values stored once and referred to by number, at most `CAP` of them (a
+/// flood of distinct values must not grow the table without bound).
+struct Interner<T: ?Sized, const CAP: usize> {
+    table: RwLock<InternTable<T>>,
 }
 
-#[derive(Default)]
-struct SymbolTable {
-    ids: HashMap<Arc<str>, u32>,
-    names: Vec<Arc<str>>,
+struct InternTable<T: ?Sized> {
+    ids: HashMap<Arc<T>, u32>,
+    values: Vec<Arc<T>>,
 }
 
-impl Symbols {
-    fn find(&self, s: &str) -> Option<u32> {
-        self.table.read().ids.get(s).copied()
+impl<T: ?Sized, const CAP: usize> Default for Interner<T, CAP> {
+    fn default() -> Self {
+        Self {
+            table: RwLock::new(InternTable {
+                ids: HashMap::new(),
+                values: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl<T: ?Sized + Hash + Eq, const CAP: usize> Interner<T, CAP>
+where
+    for<'a> Arc<T>: From<&'a T>,
+{
+    fn find(&self, value: &T) -> Option<u32> {
+        self.table.read().ids.get(value).copied()
     }
 
-    /// `NO_SYMBOL` once the table is full.
-    fn intern(&self, s: &str) -> u32 {
-        if let Some(id) = self.find(s) {
+    /// `u32::MAX` (`NO_SYMBOL`, `NONE`) once the table is full.
+    fn intern(&self, value: &T) -> u32 {
+        if let Some(id) = self.find(value) {
             return id;
         }
         let mut t = self.table.write();
-        if let Some(id) = t.ids.get(s) {
+        if let Some(id) = t.ids.get(value) {
             return *id;
         }
-        if t.names.len() >= MAX_SYMBOLS {
-            return NO_SYMBOL;
+        if t.values.len() >= CAP {
+            return u32::MAX;
         }
-        let id = t.names.len() as u32;
-        let name: Arc<str> = Arc::from(s);
-        t.names.push(name.clone());
-        t.ids.insert(name, id);
+        let id = t.values.len() as u32;
+        let stored: Arc<T> = Arc::from(value);
+        t.values.push(stored.clone());
+        t.ids.insert(stored, id);
         id
     }
 
-    fn name(&self, id: u32) -> Arc<str> {
-        self.table
-            .read()
-            .names
-            .get(id as usize)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(""))
+    fn get(&self, id: u32) -> Option<Arc<T>> {
+        self.table.read().values.get(id as usize).cloned()
     }
 }
 
-/// Approval count sets (`SendPlan::approval_counts`) stored once and referred
-/// to by number. Numbers that share their prefixes share a set, so a record
-/// keeps four bytes, and its approval adds the set instead of opening the
-/// record's number and hashing its prefixes again.
-#[derive(Default)]
-struct ApprovalSets {
-    table: RwLock<ApprovalTable>,
+/// Tenant, purpose, provider and currency names.
+type Symbols = Interner<str, MAX_SYMBOLS>;
+
+impl Symbols {
+    fn name(&self, id: u32) -> Arc<str> {
+        self.get(id).unwrap_or_else(|| Arc::from(""))
+    }
 }
 
-#[derive(Default)]
-struct ApprovalTable {
-    ids: HashMap<Arc<[CounterAdd]>, u32>,
-    sets: Vec<Arc<[CounterAdd]>>,
-}
+/// Approval count sets (`SendPlan::approval_counts`). Numbers that share
+/// their prefixes share a set, so a record keeps four bytes, and its approval
+/// adds the set instead of opening the record's number and hashing its
+/// prefixes again.
+type ApprovalSets = Interner<[CounterAdd], MAX_APPROVAL_SETS>;
 
 impl ApprovalSets {
     /// `NONE` for no adds, and once the table is full.
-    fn intern(&self, adds: &[CounterAdd]) -> u32 {
+    fn intern_set(&self, adds: &[CounterAdd]) -> u32 {
         if adds.is_empty() {
-            return NONE;
+            NONE
+        } else {
+            self.intern(adds)
         }
-        if let Some(id) = self.table.read().ids.get(adds) {
-            return *id;
-        }
-        let mut t = self.table.write();
-        if let Some(id) = t.ids.get(adds) {
-            return *id;
-        }
-        if t.sets.len() >= MAX_APPROVAL_SETS {
-            return NONE;
-        }
-        let id = t.sets.len() as u32;
-        let set: Arc<[CounterAdd]> = Arc::from(adds);
-        t.sets.push(set.clone());
-        t.ids.insert(set, id);
-        id
-    }
-
-    fn get(&self, id: u32) -> Option<Arc<[CounterAdd]>> {
-        if id == NONE {
-            return None;
-        }
-        self.table.read().sets.get(id as usize).cloned()
     }
 }
 
@@ -1243,6 +1230,7 @@ impl MemoryStore {
         if Crypto::hashes_match(&stored, code_hash) {
             r.status = status_code(Status::Approved);
             r.clear_code();
+            // `NONE` is past every set: no kept set.
             let kept = self.approvals.get(r.approval);
             let v = shard.decode(i, &self.symbols);
             drop(shard);
@@ -1417,7 +1405,7 @@ impl Store for MemoryStore {
     async fn start_send(&self, plan: &SendPlan, now: DateTime<Utc>) -> StoreResult<SendDecision> {
         let planned = &plan.verification;
         let now_ms = ms(now);
-        let approval = self.approvals.intern(&plan.approval_counts);
+        let approval = self.approvals.intern_set(&plan.approval_counts);
         let (sh, sshard) = self.subject_shard(&planned.subject.0);
         let mut subjects = sshard.lock();
         let si = match subjects.find(sh, &planned.subject.0) {
@@ -2261,7 +2249,7 @@ mod tests {
         // Two numbers sharing their prefixes share one set.
         approve(vec![add("ok:kept")]).await;
         approve(vec![add("ok:kept")]).await;
-        assert_eq!(store.approvals.table.read().sets.len(), 1);
+        assert_eq!(store.approvals.table.read().values.len(), 1);
         assert_eq!(store.counters.read("ok:kept", 3600, now), 2);
         assert_eq!(worked_out.load(std::sync::atomic::Ordering::Relaxed), 0);
         // No planned counts: worked out at the check.
@@ -2269,7 +2257,7 @@ mod tests {
         assert_eq!(store.counters.read("ok:worked-out", 3600, now), 1);
         // A full table keeps no new set.
         for n in 1..MAX_APPROVAL_SETS {
-            assert_ne!(store.approvals.intern(&[add(&format!("ok:{n}"))]), NONE);
+            assert_ne!(store.approvals.intern_set(&[add(&format!("ok:{n}"))]), NONE);
         }
         approve(vec![add("ok:one-too-many")]).await;
         assert_eq!(store.counters.read("ok:one-too-many", 3600, now), 0);

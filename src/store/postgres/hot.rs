@@ -288,8 +288,6 @@ impl HotTx for PgConnection {
         Ok(())
     }
 
-    /// One statement (a data-modifying `WITH`), so one round trip and no
-    /// transaction around it.
     async fn message_by_provider_id(
         &mut self,
         provider: &str,
@@ -328,6 +326,8 @@ impl HotTx for PgConnection {
         Ok(())
     }
 
+    /// One statement (a data-modifying `WITH`), so one round trip and no
+    /// transaction around it.
     async fn insert_message_with_usage(
         &mut self,
         m: &MessageRecord,
