@@ -582,7 +582,7 @@ macro_rules! sql_store {
         };
         use $crate::store::sql_hot::{
             HotTx, check_current_in, check_in, counted_send_in, read_counters_in,
-            send_in,
+            report_in, send_in,
         };
         use $crate::store::{
             ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeReplacement, CounterAdd,
@@ -887,7 +887,7 @@ macro_rules! sql_store {
             ) -> StoreResult<Option<MessageTransition>> {
                 let (provider, provider_message_id) = (provider.to_owned(), provider_message_id.to_owned());
                 let update = update.clone();
-                $hot_write!(self, WriteKind::ReadThenWrite, |tx| super::sql_hot::report_in(
+                $hot_write!(self, WriteKind::ReadThenWrite, |tx| report_in(
                     tx,
                     &provider,
                     &provider_message_id,
