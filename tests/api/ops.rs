@@ -710,21 +710,11 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
 /// the request id and the HTTP metrics count it under its route.
 #[tokio::test]
 async fn a_request_past_its_deadline_is_answered_and_counted() {
-    use async_trait::async_trait;
-    use otpd::sms::{OutgoingSms, ProviderError, Route, SendReceipt, SmsProvider};
+    use crate::routing::{Behaviour, Scripted};
+    use otpd::sms::Route;
 
-    /// A provider that never answers (its route's own timeout is longer).
-    struct Silent;
-    #[async_trait]
-    impl SmsProvider for Silent {
-        fn name(&self) -> &'static str {
-            "bridgexapi"
-        }
-        async fn send(&self, _: &OutgoingSms<'_>) -> Result<SendReceipt, ProviderError> {
-            std::future::pending().await
-        }
-    }
-    let mut route = Route::new(1, Arc::new(Silent));
+    // A provider that never answers; its route's own timeout is longer.
+    let mut route = Route::new(1, Scripted::new(Behaviour::Hang));
     route.timeout = std::time::Duration::from_secs(60);
     let app = TestApp::spawn_routed(vec![route], |s| s.server.request_timeout_seconds = 1).await;
     let started = std::time::Instant::now();

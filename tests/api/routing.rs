@@ -20,14 +20,14 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 #[derive(Clone, Copy)]
-enum Behaviour {
+pub(crate) enum Behaviour {
     Accept,
     Fail(ProviderErrorKind),
     Hang,
 }
 
 /// A provider that does what the test says and counts its calls.
-struct Scripted {
+pub(crate) struct Scripted {
     behaviour: Mutex<Behaviour>,
     calls: AtomicUsize,
     /// When set, a call announces itself on `entered` and waits for `release`.
@@ -35,7 +35,7 @@ struct Scripted {
 }
 
 impl Scripted {
-    fn new(behaviour: Behaviour) -> Arc<Self> {
+    pub(crate) fn new(behaviour: Behaviour) -> Arc<Self> {
         Arc::new(Self {
             behaviour: Mutex::new(behaviour),
             calls: AtomicUsize::new(0),
