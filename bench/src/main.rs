@@ -239,6 +239,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     scaling(&mut ctx, &scaled).await;
+    if scaled.contains(&StoreKind::Redis) {
+        stores::empty_redis_later().await;
+    }
     mock.stop().await;
     if ctx
         .measures
@@ -1218,12 +1221,17 @@ async fn start_scaled(ctx: &Ctx, kind: StoreKind, place: Place) -> anyhow::Resul
     })
 }
 
+/// Stops a scaled store's otpd (and its reference's) and removes its data; a
+/// scaled Redis database is emptied at the end of the run
+/// (`stores::empty_redis_later`).
 async fn finish_scaled(s: Scaled) {
     if let Some(r) = s.reference {
         Box::pin(finish_scaled(*r)).await;
     }
     s.running.server.stop().await;
-    stores::cleanup(s.kind, s.place).await;
+    if s.kind != StoreKind::Redis {
+        stores::cleanup(s.kind, s.place).await;
+    }
 }
 
 /// Adds `add` pending verifications to a store that holds `filled`; for the

@@ -122,7 +122,7 @@ pub async fn prepare(
     Ok(PreparedStore { kind, url, server })
 }
 
-/// Removes what the run left in shared servers.
+/// Removes what the run left in shared servers, and waits until it is gone.
 pub async fn cleanup(kind: StoreKind, place: Place) {
     match kind {
         StoreKind::Redis => {
@@ -135,17 +135,39 @@ pub async fn cleanup(kind: StoreKind, place: Place) {
     }
 }
 
+/// Empties both places' Redis databases in the background (`FLUSHDB ASYNC`),
+/// for the end of the run. A database that held a scaling run's million
+/// verifications keeps redis-server's one thread busy for about 20 s as it
+/// empties, which must not land in another store's measurements.
+pub async fn empty_redis_later() {
+    for place in [Place::Main, Place::Reference] {
+        if let Ok(mut conn) = redis_admin(&redis_url(place)).await {
+            let _ = redis::cmd("FLUSHDB")
+                .arg("ASYNC")
+                .query_async::<()>(&mut conn)
+                .await;
+        }
+    }
+}
+
+/// A connection for whole-database commands, which may run for seconds on a
+/// filled database: the client's default half-second answer timeout would
+/// give up on a `FLUSHDB` that goes on in the server.
+async fn redis_admin(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url).context("redis url")?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(300)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("redis is not reachable")
+}
+
 /// Empties the URL's database; returns redis-server's process when it runs
 /// on this machine.
 async fn flush_redis(url: &str) -> anyhow::Result<StoreServer> {
-    let client = redis::Client::open(url).context("redis url")?;
-    let mut conn = tokio::time::timeout(
-        std::time::Duration::from_secs(3),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .context("redis did not answer")?
-    .context("redis is not reachable")?;
+    let mut conn = redis_admin(url).await?;
     redis::cmd("FLUSHDB")
         .query_async::<()>(&mut conn)
         .await
