@@ -26,7 +26,7 @@ fi
 
 log "building release binaries"
 build_started=$SECONDS
-cargo build --release --locked -p otpd -p otpd-bench
+cargo build --release --locked -p otpd -p otpd-bench -p otpd-bench-embedded
 # The driver reports the build time next to its own, so a report shows the whole budget.
 export OTPD_BENCH_BUILD_SECONDS=$((SECONDS - build_started))
 

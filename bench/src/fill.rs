@@ -23,13 +23,20 @@ use std::str::FromStr;
 
 use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
-use otpd::domain::{DeliveryStatus, Status};
 use sqlx::{AssertSqlSafe, Connection, Executor};
 
 use crate::stores::StoreKind;
 
 /// The tenant of the API key otpd creates on first start.
 pub const TENANT: &str = "default";
+/// otpd's texts for a pending verification and a delivered message, and a
+/// delivered message's status rank (`Status`, `DeliveryStatus`), and its
+/// Redis store's default key prefix: this package does not depend on otpd
+/// (`Cargo.toml` says why), so a test compares them with otpd's.
+const PENDING: &str = "pending";
+const DELIVERED: &str = "delivered";
+const DELIVERED_RANK: i64 = 3;
+const REDIS_PREFIX: &str = "otpd";
 /// Sealed numbers: key id (4 bytes) ‖ nonce (24) ‖ `+316xxxxxxxx` (12) ‖ tag (16).
 const SEALED_PHONE_BYTES: usize = 4 + 24 + 12 + 16;
 /// Phone key 1 (derived from the master secret), big endian.
@@ -102,10 +109,7 @@ impl Direct {
                 // The purge index: one member per verification until it ends.
                 let mut conn = redis_conn(&self.url).await?;
                 redis::cmd("ZCOUNT")
-                    .arg(format!(
-                        "{}:pending",
-                        otpd::store::redis::DEFAULT_KEY_PREFIX
-                    ))
+                    .arg(format!("{REDIS_PREFIX}:pending"))
                     .arg(format!("({now}"))
                     .arg("+inf")
                     .query_async(&mut conn)
@@ -208,7 +212,7 @@ fn sql_inserts(d: &Dialect) -> [String; 3] {
             blob = d.blob,
             phone = (d.rand)(SEALED_PHONE_BYTES - 4),
             code_hash = (d.rand)(32),
-            pending = Status::Pending.as_str(),
+            pending = PENDING,
         ),
         format!(
             "INSERT INTO subjects (tenant, subject, current_id, last_sent_at, window_start,
@@ -223,7 +227,7 @@ fn sql_inserts(d: &Dialect) -> [String; 3] {
                  '{delivered}', NULL, 0.05, NULL, 3, NULL, t, t, t + {DELIVERED_AFTER_MS}, NULL,
                  t + {DELIVERED_AFTER_MS}
              FROM fill ORDER BY mid",
-            delivered = DeliveryStatus::Delivered.as_str(),
+            delivered = DELIVERED,
         ),
     ]
 }
@@ -363,9 +367,9 @@ fn redis_chunk(
     now: i64,
     random: &mut SplitMix,
 ) -> (redis::Pipeline, String) {
-    let p = otpd::store::redis::DEFAULT_KEY_PREFIX;
-    let pending = Status::Pending.as_str();
-    let delivered = DeliveryStatus::Delivered.as_str();
+    let p = REDIS_PREFIX;
+    let pending = PENDING;
+    let delivered = DELIVERED;
     let mut pipe = redis::pipe();
     let mut pending_members = redis::cmd("ZADD");
     pending_members.arg(format!("{p}:pending"));
@@ -458,7 +462,7 @@ fn redis_chunk(
                 ("cost", "0.05"),
             ])
             .arg(&[
-                ("rank", i64::from(DeliveryStatus::Delivered.rank())),
+                ("rank", DELIVERED_RANK),
                 ("latency_ms", 3),
                 ("created_at", t),
                 ("updated_at", t + DELIVERED_AFTER_MS),
@@ -516,5 +520,22 @@ impl SplitMix {
 
     fn uuid(&mut self) -> String {
         uuid::Uuid::from_u64_pair(self.next(), self.next()).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use otpd::domain::{DeliveryStatus, Status};
+
+    use super::*;
+
+    /// The fill writes otpd's layout without depending on otpd: its texts
+    /// must be otpd's.
+    #[test]
+    fn the_fill_writes_otpds_own_texts() {
+        assert_eq!(PENDING, Status::Pending.as_str());
+        assert_eq!(DELIVERED, DeliveryStatus::Delivered.as_str());
+        assert_eq!(DELIVERED_RANK, i64::from(DeliveryStatus::Delivered.rank()));
+        assert_eq!(REDIS_PREFIX, otpd::store::redis::DEFAULT_KEY_PREFIX);
     }
 }
