@@ -2,7 +2,7 @@
 //! lock of the store's (the delivery records', or a counter shard's), so its
 //! longest ones are how long concurrent sends can be made to wait.
 //!
-//!     cargo run --release -p otpd-bench --bin insert-stalls [records]
+//!     cargo run --release -p otpd-bench-embedded --bin insert-stalls [records]
 //!
 //! Inserts `records` (default 300000) delivery records as a BridgeXAPI send
 //! leaves them, then counts as many numbers' sends in their two windows (10
