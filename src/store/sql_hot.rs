@@ -389,6 +389,21 @@ macro_rules! message_columns {
 }
 pub(crate) use message_columns;
 
+/// `HotTx::message_by_provider_id`: the newest message a provider knows by
+/// that id, newest by the backend's insertion order (`$order`, plus a lock
+/// where the backend takes one).
+macro_rules! message_by_provider_id_sql {
+    ($order:literal) => {
+        concat!(
+            "SELECT ",
+            $crate::store::sql_hot::message_columns!(),
+            " FROM messages WHERE provider = $1 AND provider_message_id = $2 ORDER BY ",
+            $order
+        )
+    };
+}
+pub(crate) use message_by_provider_id_sql;
+
 /// A delivery report's new state for message `$9`.
 pub(crate) const UPDATE_MESSAGE: &str = "UPDATE messages SET status = $1, error = $2, cost = $3,
          currency = $4, updated_at = $5, sent_at = $6, delivered_at = $7, failed_at = $8

@@ -20,7 +20,7 @@ use crate::store::sql_common::{
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
     RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT, UPSERT_USAGE,
-    count_approval_sql, message_columns,
+    count_approval_sql, message_by_provider_id_sql,
 };
 use crate::store::{CounterAdd, CounterRead, GuessBudget, Marker, StoreResult, UsageRow};
 
@@ -293,12 +293,7 @@ impl HotTx for PgConnection {
         provider: &str,
         provider_message_id: &str,
     ) -> StoreResult<Option<MessageRecord>> {
-        let select = concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE provider = $1 AND provider_message_id = $2
-             ORDER BY seq DESC LIMIT 1 FOR UPDATE"
-        );
+        let select = message_by_provider_id_sql!("seq DESC LIMIT 1 FOR UPDATE");
         sqlx::query_as::<_, MessageRow>(select)
             .bind(provider)
             .bind(provider_message_id)

@@ -22,7 +22,7 @@ use crate::store::sql_common::{
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
     RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT, UPSERT_USAGE,
-    count_approval_sql, message_columns, verification_columns,
+    count_approval_sql, message_by_provider_id_sql, verification_columns,
 };
 use crate::store::{CounterRead, Marker, StoreError, StoreResult, UsageRow};
 
@@ -324,12 +324,7 @@ impl HotTx for Direct<'_> {
         provider: &str,
         provider_message_id: &str,
     ) -> StoreResult<Option<MessageRecord>> {
-        let select = concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE provider = $1 AND provider_message_id = $2
-             ORDER BY rowid DESC LIMIT 1"
-        );
+        let select = message_by_provider_id_sql!("rowid DESC LIMIT 1");
         query_row(
             self.0,
             select,
