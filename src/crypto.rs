@@ -158,6 +158,19 @@ impl Crypto {
         m.finalize().into_bytes().into()
     }
 
+    /// HMAC(code key, "subject" ‖ subject ‖ code): the same code's hash keyed
+    /// by the subject it was sent to, which a check by number knows before it
+    /// knows the id. Redis keeps it beside `code_hash`, so that one script can
+    /// find a subject's current verification and compare. The tag keeps it
+    /// apart from every `code_hash`.
+    pub fn subject_code_hash(&self, subject: &SubjectKey, code: &Code) -> [u8; 32] {
+        let mut m = self.code_mac.clone();
+        m.update(b"subject");
+        m.update(&subject.0);
+        m.update(code.expose().as_bytes());
+        m.finalize().into_bytes().into()
+    }
+
     pub fn hashes_match(a: &[u8; 32], b: &[u8; 32]) -> bool {
         a.ct_eq(b).into()
     }
@@ -268,6 +281,28 @@ mod tests {
             &c.code_hash(a, &code),
             &c.code_hash(a, &code)
         ));
+    }
+
+    #[test]
+    fn subject_code_hash_is_bound_to_the_subject_and_the_code() {
+        let c = Crypto::for_tests();
+        let (code, other) = (
+            Code::parse("123456").unwrap(),
+            Code::parse("123457").unwrap(),
+        );
+        let (a, b) = (SubjectKey([1; 32]), SubjectKey([2; 32]));
+        assert_eq!(
+            c.subject_code_hash(&a, &code),
+            c.subject_code_hash(&a, &code)
+        );
+        assert_ne!(
+            c.subject_code_hash(&a, &code),
+            c.subject_code_hash(&b, &code)
+        );
+        assert_ne!(
+            c.subject_code_hash(&a, &code),
+            c.subject_code_hash(&a, &other)
+        );
     }
 
     #[test]

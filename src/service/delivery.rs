@@ -183,6 +183,7 @@ impl VerificationService {
             verification_id: v.id,
             expected_send_count: v.send_count,
             code_hash: self.crypto.code_hash(v.id, &code),
+            subject_code_hash: Some(self.crypto.subject_code_hash(&v.subject, &code)),
             expires_at: now + Duration::seconds(ttl_seconds),
         };
         // A send, check or cancel since we looked wins: nothing to rescue then.

@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::crypto::Crypto;
+use crate::crypto::{Crypto, to_hex};
 use crate::domain::code::{MAX_CODE_LENGTH, MIN_CODE_LENGTH};
 use crate::domain::policy::MIN_TTL_SECONDS;
 use crate::domain::{
@@ -343,6 +343,7 @@ impl VerificationService {
                 max_sends_per_window: policy.max_sends_per_window,
                 send_window_seconds: policy.send_window_seconds,
                 approval_counts: self.guard.approval_counts_of(&admission),
+                subject_code_hash: Some(self.crypto.subject_code_hash(&subject, &code)),
             };
             // Counted only if the subject's cooldown lets it through, so a
             // refused request costs nothing against the number, client or tenant.
@@ -594,7 +595,11 @@ impl VerificationService {
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
         let (crypto, code) = (self.crypto.clone(), code.clone());
-        let hash_for = Arc::new(move |id| crypto.code_hash(id, &code));
+        let (by_subject, code_too) = (crypto.clone(), code.clone());
+        let hash_for = CodeHasher::new(
+            move |id| crypto.code_hash(id, &code),
+            move |subject| by_subject.subject_code_hash(subject, &code_too),
+        );
         self.check_hash(caller, target, hash_for).await
     }
 
@@ -607,10 +612,11 @@ impl VerificationService {
         target: Target,
     ) -> Result<CheckResult, CheckError> {
         // A hash under another key and domain: it matches no code hash.
-        let crypto = self.crypto.clone();
-        let hash_for = Arc::new(move |id: Uuid| {
-            crypto.blind_index("unusable-guess", &[id.to_string().as_str()])
-        });
+        let (crypto, by_subject) = (self.crypto.clone(), self.crypto.clone());
+        let hash_for = CodeHasher::new(
+            move |id| crypto.blind_index("unusable-guess", &[id.to_string().as_str()]),
+            move |subject| by_subject.blind_index("unusable-guess", &[to_hex(subject.0).as_str()]),
+        );
         self.check_hash(caller, target, hash_for).await
     }
 
@@ -670,7 +676,7 @@ impl VerificationService {
                     .check_counted_code(
                         tenant,
                         id,
-                        &(compare.hash_for)(id),
+                        &compare.hash_for.for_id(id),
                         compare.budget,
                         compare.counts.as_ref(),
                         now,

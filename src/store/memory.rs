@@ -1575,7 +1575,7 @@ impl Store for MemoryStore {
             Ok(id) => id,
             Err(answer) => return Ok(answer),
         };
-        let outcome = self.check(tenant, id, &hash_for(id), budget, counts, at);
+        let outcome = self.check(tenant, id, &hash_for.for_id(id), budget, counts, at);
         Ok(CurrentCheck::Checked(id, outcome))
     }
 
@@ -2180,6 +2180,7 @@ mod tests {
             max_sends_per_window: 5,
             send_window_seconds: 600,
             approval_counts: Vec::new(),
+            subject_code_hash: None,
         }
     }
 

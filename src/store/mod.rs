@@ -58,6 +58,11 @@ pub struct SendPlan {
     /// Redis's scripts cannot open its number, and the memory store saves a
     /// right check the decryption and the guard's keyed hashes.
     pub approval_counts: Vec<CounterAdd>,
+    /// The code's hash keyed by the subject (`Crypto::subject_code_hash`),
+    /// which a store may keep beside `verification.code_hash` so that a check
+    /// by number need not learn the id first (Redis: one script instead of
+    /// two). `None`: a check by number finds the id, then compares.
+    pub subject_code_hash: Option<[u8; 32]>,
 }
 
 // Returned by value once per request; boxing would only add an allocation.
@@ -212,9 +217,38 @@ impl<'a> CounterRead<'a> {
 /// a check by id only learns from the record). See `Store::check_counted_code`.
 pub type ApprovalCounts = Arc<dyn Fn(&Verification) -> Vec<CounterAdd> + Send + Sync>;
 
-/// The typed code's hash for a verification id: what a check by number
-/// compares once the store has found the verification.
-pub type CodeHasher = Arc<dyn Fn(Uuid) -> [u8; 32] + Send + Sync>;
+/// The typed code's hash, made when a check by number asks for it: keyed by
+/// the id of the verification the store found (`Crypto::code_hash`, which
+/// every store keeps), or by the subject the check addresses
+/// (`Crypto::subject_code_hash`, which Redis also keeps, so that one script
+/// finds the verification and compares).
+#[derive(Clone)]
+pub struct CodeHasher {
+    for_id: Arc<dyn Fn(Uuid) -> [u8; 32] + Send + Sync>,
+    for_subject: Arc<SubjectHash>,
+}
+
+type SubjectHash = dyn Fn(&SubjectKey) -> [u8; 32] + Send + Sync;
+
+impl CodeHasher {
+    pub fn new(
+        for_id: impl Fn(Uuid) -> [u8; 32] + Send + Sync + 'static,
+        for_subject: impl Fn(&SubjectKey) -> [u8; 32] + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            for_id: Arc::new(for_id),
+            for_subject: Arc::new(for_subject),
+        }
+    }
+
+    pub fn for_id(&self, id: Uuid) -> [u8; 32] {
+        (self.for_id)(id)
+    }
+
+    pub fn for_subject(&self, subject: &SubjectKey) -> [u8; 32] {
+        (self.for_subject)(subject)
+    }
+}
 
 /// What `Store::check_current_code` found, and did.
 #[allow(clippy::large_enum_variant)]
@@ -412,6 +446,8 @@ pub struct CodeReplacement {
     /// The `send_count` the caller saw: a send in between makes this one stale.
     pub expected_send_count: u32,
     pub code_hash: [u8; 32],
+    /// As `SendPlan::subject_code_hash`, for the new code.
+    pub subject_code_hash: Option<[u8; 32]>,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -449,6 +485,28 @@ pub(crate) async fn start_then_count<S: Store + ?Sized>(
             Err(e)
         }
     }
+}
+
+/// `Store::check_current_code` as two calls: `find_current`, then, when that
+/// is pending, `check_counted_code` with the hash for the id it found.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn find_then_check<S: Store + ?Sized>(
+    store: &S,
+    tenant: &str,
+    subject: &SubjectKey,
+    hash_for: &CodeHasher,
+    budget: Option<GuessBudget>,
+    counts: Option<&ApprovalCounts>,
+    now: DateTime<Utc>,
+) -> StoreResult<CurrentCheck> {
+    let id = match CurrentCheck::to_check(store.find_current(tenant, subject, now).await?) {
+        Ok(id) => id,
+        Err(answer) => return Ok(answer),
+    };
+    let outcome = store
+        .check_counted_code(tenant, id, &hash_for.for_id(id), budget, counts, now)
+        .await?;
+    Ok(CurrentCheck::Checked(id, outcome))
 }
 
 /// `Store::check_counted_code`'s counts as a call of their own, after the
@@ -562,7 +620,8 @@ pub trait Store: Send + Sync + 'static {
     /// pending, `check_counted_code` of it with the hash `hash_for` gives for
     /// its id (a code's hash is keyed by its verification). One atomic step
     /// where the backend can (the SQL stores: one transaction, whose lookup
-    /// is a read inside the write). Here two calls.
+    /// is a read inside the write; one Redis node: one script, comparing the
+    /// hash by subject its send kept). Here two calls.
     #[allow(clippy::too_many_arguments)]
     async fn check_current_code(
         &self,
@@ -573,14 +632,7 @@ pub trait Store: Send + Sync + 'static {
         counts: Option<&ApprovalCounts>,
         now: DateTime<Utc>,
     ) -> StoreResult<CurrentCheck> {
-        let id = match CurrentCheck::to_check(self.find_current(tenant, subject, now).await?) {
-            Ok(id) => id,
-            Err(answer) => return Ok(answer),
-        };
-        let outcome = self
-            .check_counted_code(tenant, id, &hash_for(id), budget, counts, now)
-            .await?;
-        Ok(CurrentCheck::Checked(id, outcome))
+        find_then_check(self, tenant, subject, hash_for, budget, counts, now).await
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>>;

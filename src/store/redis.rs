@@ -69,10 +69,11 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
-    ApprovalCounts, CancelOutcome, CheckOutcome, CodeReplacement, CounterAdd, CounterRead,
-    GuessBudget, InboxEntry, Marker, MessageTransition, MessageUpdate, RateDecision, SealedRecord,
-    SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult, UsageRow,
-    count_approval_apart, is_unfinished, seconds_until, start_then_count,
+    ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeReplacement, CounterAdd,
+    CounterRead, CurrentCheck, GuessBudget, InboxEntry, Marker, MessageTransition, MessageUpdate,
+    RateDecision, SealedRecord, SendAbort, SendDecision, SendPlan, Store, StoreError, StoreResult,
+    UsageRow, count_approval_apart, find_then_check, is_unfinished, seconds_until,
+    start_then_count,
 };
 use crate::crypto::{SealedPhone, to_hex};
 use crate::domain::limits::WindowCounts;
@@ -526,6 +527,9 @@ impl RedisStore {
                 self.add_counter_adds(&mut inv, counts, now);
             }
             let mut pairs = verification_pairs(v);
+            if let Some(hash) = &plan.subject_code_hash {
+                pairs.push(("subject_code_hash", to_hex(hash)));
+            }
             if indexed_now.is_none()
                 && let Some(counts) = approval_counts_field(&plan.approval_counts)
             {
@@ -683,27 +687,17 @@ impl RedisStore {
                 };
                 (subject, out, None)
             };
-            let (verdict, rest) = verdict(&out)?;
-            let count = |i: usize| -> StoreResult<u64> {
-                nth(rest, i)?
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt("malformed count from redis".into()))
-            };
-            let mut counted = false;
-            let outcome = match verdict {
-                "approved" => {
-                    let v = decode_verification(&flat_from_json(nth(rest, 0)?)?)?;
-                    if cluster {
-                        self.unindex_pending(&subject, id);
-                        self.count_approval(tenant, id).await;
-                    }
-                    counted = rest.get(1).is_some_and(|c| c == "1");
-                    CheckOutcome::Approved(v)
+            let (outcome, counted) = decode_check(&out)?;
+            if !cluster {
+                return Ok((outcome, counted));
+            }
+            match &outcome {
+                CheckOutcome::Approved(_) => {
+                    self.unindex_pending(&subject, id);
+                    self.count_approval(tenant, id).await;
                 }
-                "wrong" => {
-                    let attempts_left = u32::try_from(count(0)?)
-                        .map_err(|_| StoreError::Corrupt("attempts left out of range".into()))?;
-                    if cluster && attempts_left == 0 {
+                CheckOutcome::Wrong { attempts_left, .. } => {
+                    if *attempts_left == 0 {
                         self.unindex_pending(&subject, id);
                     }
                     if let Some(key) = guess_key {
@@ -716,22 +710,86 @@ impl RedisStore {
                         self.run_counter_adds(std::slice::from_ref(&add), now)
                             .await?;
                     }
-                    CheckOutcome::Wrong {
-                        attempts_left,
-                        masked_to: nth(rest, 1)?.to_owned(),
-                    }
                 }
-                "guesses_spent" => CheckOutcome::GuessesSpent(WindowCounts {
-                    previous: count(0)?,
-                    current: count(1)?,
-                }),
-                "max_attempts" => CheckOutcome::MaxAttempts,
-                "not_found" => CheckOutcome::NotFound,
-                other => return Err(unexpected(other)),
-            };
+                _ => {}
+            }
             Ok((outcome, counted))
         })
         .await
+    }
+
+    /// `Store::check_current_code` on one node, in one script (`RECORD_CURRENT`
+    /// around `CHECK_CODE`): it finds the subject's current verification and
+    /// compares the code's hash keyed by the subject, which the send kept
+    /// beside the id-keyed one. A record without it is checked by id after.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_current_here(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        hash_for: &CodeHasher,
+        budget: Option<GuessBudget>,
+        counts: Option<&ApprovalCounts>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CurrentCheck> {
+        let subject_hex = to_hex(subject.0);
+        let out: Vec<String> = bounded(async {
+            let mut inv = self
+                .scripts
+                .check_current
+                .key(self.keys.state(&subject_hex));
+            inv.arg(tenant)
+                .arg(to_hex(hash_for.for_subject(subject)))
+                .arg(ms(now))
+                .arg(KEEP_ENDED_MS);
+            for arg in self.guess_args(budget, None, now) {
+                inv.arg(arg);
+            }
+            // The message list, record prefix and id are the script's to fill in.
+            inv.arg("")
+                .arg("")
+                .arg(self.keys.usage_days(tenant))
+                .arg(self.keys.pending())
+                .arg("")
+                .arg(if counts.is_some() {
+                    self.keys.counter_head()
+                } else {
+                    String::new()
+                })
+                .arg(&subject_hex)
+                .arg(self.keys.record_prefix(&subject_hex))
+                .arg(self.keys.messages_head());
+            inv.invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)
+        })
+        .await?;
+        let (verdict, rest) = verdict(&out)?;
+        let id = || -> StoreResult<Uuid> {
+            nth(rest, 0)?
+                .parse()
+                .map_err(|_| StoreError::Corrupt("malformed verification id".into()))
+        };
+        match verdict {
+            "none" => Ok(CurrentCheck::NoneCurrent),
+            "max_attempts" => Ok(CurrentCheck::MaxAttempts),
+            "unhashed" => {
+                let id = id()?;
+                let outcome = self
+                    .check_counted_code(tenant, id, &hash_for.for_id(id), budget, counts, now)
+                    .await?;
+                Ok(CurrentCheck::Checked(id, outcome))
+            }
+            "checked" => {
+                let id = id()?;
+                let (outcome, counted) = decode_check(&rest[1..])?;
+                if !counted {
+                    count_approval_apart(self, &outcome, counts, now).await;
+                }
+                Ok(CurrentCheck::Checked(id, outcome))
+            }
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The subject (hex) a verification id belongs to, if the id is known.
@@ -869,7 +927,12 @@ impl Keys {
     }
 
     fn messages_tag(&self, verification_id: Uuid) -> String {
-        format!("{{{}:m:{verification_id}}}", self.prefix)
+        format!("{}{verification_id}}}", self.messages_head())
+    }
+
+    /// `messages_tag` before the id: scripts that learn the id build its keys.
+    fn messages_head(&self) -> String {
+        format!("{{{}:m:", self.prefix)
     }
 
     fn message_list(&self, verification_id: Uuid) -> String {
@@ -1159,17 +1222,18 @@ end
 local decision
 if pending and pending == ARGV[6] then
   if ARGV[8] == '' then
-    redis.call('HDEL', KEYS[2], 'code_hash')
+    redis.call('HDEL', KEYS[2], 'code_hash', 'subject_code_hash')
   else
     redis.call('HSET', KEYS[2], 'code_hash', ARGV[8])
   end
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
   -- A resend goes to the number of this request (a uid's number may change).
-  redis.call('HDEL', KEYS[2], 'country', 'approval_counts')
+  redis.call('HDEL', KEYS[2], 'country', 'approval_counts', 'subject_code_hash')
   for i = P, #ARGV, 2 do
     local f = ARGV[i]
-    if f == 'phone' or f == 'masked_to' or f == 'country' or f == 'approval_counts' then
+    if f == 'phone' or f == 'masked_to' or f == 'country' or f == 'approval_counts'
+      or f == 'subject_code_hash' then
       redis.call('HSET', KEYS[2], f, ARGV[i + 1])
     end
   end
@@ -1253,11 +1317,11 @@ return false
 /// tests and before anything else, as every store does.
 const CHECK_CODE: &str = r#"
 local function finish()
-  redis.call('HDEL', R, 'code_hash', 'approval_counts')
+  redis.call('HDEL', R, 'code_hash', 'subject_code_hash', 'approval_counts')
   shorten(R, ARGV[4])
   if ARGV[17] ~= '' then redis.call('ZREM', ARGV[17], S .. ':' .. ARGV[18]) end
 end
-local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'code_hash', 'max_attempts', 'masked_to')
+local r = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', HASH, 'max_attempts', 'masked_to')
 if r[1] ~= ARGV[1] then return {'not_found'} end
 if (r[2] ~= 'pending' and r[2] ~= 'max_attempts') or tonumber(ARGV[3]) >= tonumber(r[3]) then
   return {'not_found'}
@@ -1308,15 +1372,15 @@ if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[2]) >= tonumber(r[3]) t
   return {'not_found'}
 end
 redis.call('HSET', R, 'status', 'canceled', 'updated_at', ARGV[2])
-redis.call('HDEL', R, 'code_hash', 'approval_counts')
+redis.call('HDEL', R, 'code_hash', 'subject_code_hash', 'approval_counts')
 shorten(R, ARGV[3])
 return append({'canceled'}, redis.call('HGETALL', R))
 "#;
 
-/// How a record body finds `R`. `named`: KEYS[1] is the record (the caller
-/// read the id reference first).
+/// How a record body finds `R` (see `record_script`). `named`: KEYS[1] is the
+/// record (the caller read the id reference first).
 const RECORD_NAMED: &str = r#"
-return run(KEYS[1])
+return run(KEYS[1], nil, ARGV, 'code_hash')
 "#;
 
 /// `by_ref`, one node only: KEYS[1] is the id reference and the last two ARGV
@@ -1327,7 +1391,32 @@ return run(KEYS[1])
 const RECORD_BY_REF: &str = r#"
 local S = redis.call('GET', KEYS[1])
 if not S then return {''} end
-return append({S}, run(ARGV[#ARGV - 1] .. S .. ARGV[#ARGV], S))
+return append({S}, run(ARGV[#ARGV - 1] .. S .. ARGV[#ARGV], S, ARGV, 'code_hash'))
+"#;
+
+/// `current`, one node, for `CHECK_CODE` only: KEYS[1] is a subject's state,
+/// and the last three ARGV the subject (hex), its record prefix and the head
+/// of message keys (`{P:m:`); ARGV[2] is the code's hash keyed by the subject,
+/// compared with the record's `subject_code_hash`. Finds the subject's current
+/// verification as `FIND_CURRENT` does, then fills in CHECK_CODE's arguments
+/// that name it (its message list and record prefix, its id). Answers
+/// {'none'}, {'max_attempts'} (nothing compared), {'unhashed', id} (a record
+/// without that hash: the caller checks it by id), or {'checked', id, the
+/// body's answer…}.
+const RECORD_CURRENT: &str = r#"
+local n = #ARGV
+local S, prefix, messages = ARGV[n - 2], ARGV[n - 1], ARGV[n]
+local id = redis.call('HGET', KEYS[1], 'current')
+if not id then return {'none'} end
+local R = prefix .. id
+local c = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'subject_code_hash')
+if c[1] ~= ARGV[1] or tonumber(ARGV[3]) >= tonumber(c[3]) then return {'none'} end
+if c[2] == 'max_attempts' then return {'max_attempts'} end
+if c[2] ~= 'pending' then return {'none'} end
+if not c[4] then return {'unhashed', id} end
+local A = {unpack(ARGV, 1, n - 3)}
+A[14], A[15], A[18] = messages .. id .. '}:list', messages .. id .. '}:r:', id
+return append({'checked', id}, run(R, S, A, 'subject_code_hash'))
 "#;
 
 /// KEYS: state, record. ARGV: tenant, previous send ('' = none), at, keep-ended ms.
@@ -1343,7 +1432,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 if redis.call('HGET', KEYS[2], 'tenant') == ARGV[1] then
   redis.call('HSET', KEYS[2], 'status', 'failed', 'updated_at', ARGV[3])
-  redis.call('HDEL', KEYS[2], 'code_hash')
+  redis.call('HDEL', KEYS[2], 'code_hash', 'subject_code_hash')
   shorten(KEYS[2], ARGV[4])
 end
 return 1
@@ -1356,7 +1445,7 @@ if not r[1] then return {'gone'} end
 if r[1] ~= 'pending' then return {'ended'} end
 if tonumber(ARGV[1]) < tonumber(r[2]) then return {'later', r[2]} end
 redis.call('HSET', KEYS[1], 'status', 'expired', 'updated_at', ARGV[1])
-redis.call('HDEL', KEYS[1], 'code_hash')
+redis.call('HDEL', KEYS[1], 'code_hash', 'subject_code_hash')
 return {'expired'}
 "#;
 
@@ -1449,7 +1538,8 @@ return out
 "#;
 
 /// KEYS: record. ARGV: tenant, expected send count, code hash, expires_at, now,
-/// record ttl. The verification after the new code, or false.
+/// record ttl, subject code hash ('' = none). The verification after the new
+/// code, or false.
 const REPLACE_CODE: &str = r#"
 local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at', 'send_count')
 if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[5]) >= tonumber(r[3])
@@ -1458,6 +1548,11 @@ if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[5]) >= tonumber(r[3])
 end
 redis.call('HSET', KEYS[1], 'code_hash', ARGV[3], 'expires_at', ARGV[4],
   'updated_at', ARGV[5], 'last_sent_at', ARGV[5])
+if ARGV[7] == '' then
+  redis.call('HDEL', KEYS[1], 'subject_code_hash')
+else
+  redis.call('HSET', KEYS[1], 'subject_code_hash', ARGV[7])
+end
 redis.call('HINCRBY', KEYS[1], 'send_count', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return redis.call('HGETALL', KEYS[1])
@@ -1648,6 +1743,7 @@ struct Scripts {
     start_send_indexed: Script,
     find_current: Script,
     check_code: RecordScript,
+    check_current: Script,
     cancel: RecordScript,
     abort_send: Script,
     expire: Script,
@@ -1683,16 +1779,21 @@ struct RecordScript {
 
 impl RecordScript {
     fn new(body: &str) -> Self {
-        let with = |finder: &str| {
-            Script::new(&format!(
-                "{PRELUDE}local function run(R, S)\n{body}\nend\n{finder}"
-            ))
-        };
         Self {
-            named: with(RECORD_NAMED),
-            by_ref: with(RECORD_BY_REF),
+            named: record_script(body, RECORD_NAMED),
+            by_ref: record_script(body, RECORD_BY_REF),
         }
     }
+}
+
+/// A record body run on the record `finder` finds: `run(R, S, ARGV, HASH)`,
+/// with `R` the record's key, `S` its subject (hex) when the finder knows it,
+/// the arguments the body reads, and the record field holding the hash a
+/// check compares.
+fn record_script(body: &str, finder: &str) -> Script {
+    Script::new(&format!(
+        "{PRELUDE}local function run(R, S, ARGV, HASH)\n{body}\nend\n{finder}"
+    ))
 }
 
 impl Scripts {
@@ -1707,6 +1808,7 @@ impl Scripts {
             )),
             find_current: s(FIND_CURRENT),
             check_code: RecordScript::new(CHECK_CODE),
+            check_current: record_script(CHECK_CODE, RECORD_CURRENT),
             cancel: RecordScript::new(CANCEL),
             abort_send: s(ABORT_SEND),
             expire: s(EXPIRE),
@@ -2095,6 +2197,40 @@ fn flat_from_json(raw: &str) -> StoreResult<Vec<String>> {
         .map_err(|_| StoreError::Corrupt("malformed record from a redis script".into()))
 }
 
+/// What `CHECK_CODE` answered, and whether it added the approval's counts.
+fn decode_check(out: &[String]) -> StoreResult<(CheckOutcome, bool)> {
+    let (verdict, rest) = verdict(out)?;
+    let count = |i: usize| -> StoreResult<u64> {
+        nth(rest, i)?
+            .parse()
+            .map_err(|_| StoreError::Corrupt("malformed count from redis".into()))
+    };
+    Ok(match verdict {
+        "approved" => (
+            CheckOutcome::Approved(decode_verification(&flat_from_json(nth(rest, 0)?)?)?),
+            rest.get(1).is_some_and(|c| c == "1"),
+        ),
+        "wrong" => (
+            CheckOutcome::Wrong {
+                attempts_left: u32::try_from(count(0)?)
+                    .map_err(|_| StoreError::Corrupt("attempts left out of range".into()))?,
+                masked_to: nth(rest, 1)?.to_owned(),
+            },
+            false,
+        ),
+        "guesses_spent" => (
+            CheckOutcome::GuessesSpent(WindowCounts {
+                previous: count(0)?,
+                current: count(1)?,
+            }),
+            false,
+        ),
+        "max_attempts" => (CheckOutcome::MaxAttempts, false),
+        "not_found" => (CheckOutcome::NotFound, false),
+        other => return Err(unexpected(other)),
+    })
+}
+
 fn verdict(out: &[String]) -> StoreResult<(&str, &[String])> {
     out.split_first()
         .map(|(head, rest)| (head.as_str(), rest))
@@ -2261,6 +2397,24 @@ impl Store for RedisStore {
             count_approval_apart(self, &outcome, counts, now).await;
         }
         Ok(outcome)
+    }
+
+    /// One node: one script (`check_current_here`). A cluster finds the id
+    /// first, then checks it: the check's counters live in other slots.
+    async fn check_current_code(
+        &self,
+        tenant: &str,
+        subject: &SubjectKey,
+        hash_for: &CodeHasher,
+        budget: Option<GuessBudget>,
+        counts: Option<&ApprovalCounts>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<CurrentCheck> {
+        if let Conn::Cluster(_) = self.conn {
+            return find_then_check(self, tenant, subject, hash_for, budget, counts, now).await;
+        }
+        self.check_current_here(tenant, subject, hash_for, budget, counts, now)
+            .await
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
@@ -2742,6 +2896,7 @@ impl Store for RedisStore {
                 .arg(expires_ms)
                 .arg(ms(now))
                 .arg(record_ttl)
+                .arg(r.subject_code_hash.map(to_hex).unwrap_or_default())
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(store_error)?;

@@ -310,7 +310,7 @@ pub(crate) async fn check_current_in(
         Ok(id) => id,
         Err(answer) => return Ok(answer),
     };
-    let outcome = check_in(tx, tenant, id, &hash_for(id), budget, counts, now).await?;
+    let outcome = check_in(tx, tenant, id, &hash_for.for_id(id), budget, counts, now).await?;
     Ok(CurrentCheck::Checked(id, outcome))
 }
 

@@ -271,6 +271,7 @@ async fn find_current_matches_the_memory_store() {
             max_sends_per_window: 5,
             send_window_seconds: 600,
             approval_counts: Vec::new(),
+            subject_code_hash: None,
         };
         let mut seen = Vec::new();
         store

@@ -60,6 +60,7 @@ fn plan(crypto: &Crypto, tenant: &str, subject: SubjectKey, now: DateTime<Utc>) 
         max_sends_per_window: 3,
         send_window_seconds: 600,
         approval_counts: Vec::new(),
+        subject_code_hash: None,
     }
 }
 

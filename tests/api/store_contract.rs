@@ -88,6 +88,7 @@ impl Fixture {
         self.crypto.code_hash(id, &Code::parse(code).unwrap())
     }
 
+    /// A plan without the code's hash by subject, as builds before it wrote.
     pub(crate) fn plan(&self, v: Verification) -> SendPlan {
         SendPlan {
             verification: v,
@@ -95,7 +96,27 @@ impl Fixture {
             max_sends_per_window: 3,
             send_window_seconds: 600,
             approval_counts: Vec::new(),
+            subject_code_hash: None,
         }
+    }
+
+    /// A plan as the service makes it, with the code's hash by subject too.
+    pub(crate) fn plan_coded(&self, v: Verification, code: &str) -> SendPlan {
+        SendPlan {
+            subject_code_hash: Some(self.subject_hash(code)),
+            ..self.plan(v)
+        }
+    }
+
+    pub(crate) fn subject_hash(&self, code: &str) -> [u8; 32] {
+        self.crypto
+            .subject_code_hash(&self.subject, &Code::parse(code).unwrap())
+    }
+
+    /// Both of `code`'s hashes, as a check by number asks for them.
+    pub(crate) fn hasher(self: &Arc<Self>, code: &'static str) -> CodeHasher {
+        let (f, g) = (self.clone(), self.clone());
+        CodeHasher::new(move |id| f.hash(id, code), move |_| g.subject_hash(code))
     }
 
     /// Spends every attempt of verification `id` on wrong codes.
@@ -112,7 +133,10 @@ impl Fixture {
     pub(crate) async fn start(&self, store: &DynStore, code: &str, now: DateTime<Utc>) -> Uuid {
         let id = Uuid::new_v4();
         let decision = store
-            .start_send(&self.plan(self.verification(id, code, now)), now)
+            .start_send(
+                &self.plan_coded(self.verification(id, code, now), code),
+                now,
+            )
             .await
             .unwrap();
         assert!(
@@ -1552,14 +1576,23 @@ pub async fn a_resend_to_another_number_counts_its_approval_there(store: DynStor
 pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store: DynStore) {
     let f = Arc::new(Fixture::new());
     let now = t0();
-    // The hash is asked for with the id the store found, and only then.
+    // A hash by id is asked for with the id the store found, and only then;
+    // a hash by subject (compared where the record keeps one) for the subject
+    // checked.
     let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let by_subject = Arc::new(std::sync::Mutex::new(Vec::new()));
     let hasher = |code: &'static str| -> CodeHasher {
-        let (f, asked) = (f.clone(), asked.clone());
-        Arc::new(move |id| {
-            asked.lock().unwrap().push(id);
-            f.hash(id, code)
-        })
+        let (f, g, asked, by_subject) = (f.clone(), f.clone(), asked.clone(), by_subject.clone());
+        CodeHasher::new(
+            move |id| {
+                asked.lock().unwrap().push(id);
+                f.hash(id, code)
+            },
+            move |subject| {
+                by_subject.lock().unwrap().push(*subject);
+                g.subject_hash(code)
+            },
+        )
     };
     let (counts, prefix) = approval_counter();
     let check = async |tenant: &str, code: &'static str| {
@@ -1590,7 +1623,10 @@ pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store:
         matches!(&right, CurrentCheck::Checked(found, CheckOutcome::Approved(v)) if *found == id && v.status == Status::Approved),
         "{right:?}"
     );
-    assert_eq!(*asked.lock().unwrap(), vec![id; MAX_ATTEMPTS as usize]);
+    // Each compare used one of the two hashes, of this verification.
+    assert!(asked.lock().unwrap().iter().all(|&asked| asked == id));
+    assert!(by_subject.lock().unwrap().iter().all(|&s| s == f.subject));
+    assert!(asked.lock().unwrap().len() <= MAX_ATTEMPTS as usize);
     let counted = format!("{prefix}:{id}");
     assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
     // Approved, it is no longer current.
@@ -1602,12 +1638,8 @@ pub async fn a_check_by_subject_compares_nothing_once_attempts_are_spent(store: 
     let now = t0();
     let id = f.start(&store, "123456", now).await;
     f.spend_attempts(&store, id, now).await;
-    let hasher: CodeHasher = {
-        let f = f.clone();
-        Arc::new(move |id| f.hash(id, "123456"))
-    };
     let spent = store
-        .check_current_code(&f.tenant, &f.subject, &hasher, None, None, now)
+        .check_current_code(&f.tenant, &f.subject, &f.hasher("123456"), None, None, now)
         .await
         .unwrap();
     assert_eq!(spent, CurrentCheck::MaxAttempts);
@@ -1615,6 +1647,181 @@ pub async fn a_check_by_subject_compares_nothing_once_attempts_are_spent(store: 
         store.get_verification(&f.tenant, id).await.unwrap(),
         Some(v) if v.status == Status::MaxAttempts
     ));
+}
+
+/// A record written without the code's hash by subject (by an older build) is
+/// still checked by number: found first, then compared by id.
+pub async fn a_check_by_subject_of_a_record_without_its_subject_hash_still_compares(
+    store: DynStore,
+) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let id = Uuid::new_v4();
+    store
+        .start_send(&f.plan(f.verification(id, "123456", now)), now)
+        .await
+        .unwrap();
+    let check = async |code: &'static str| {
+        store
+            .check_current_code(&f.tenant, &f.subject, &f.hasher(code), None, None, now)
+            .await
+            .unwrap()
+    };
+    let wrong = check("654321").await;
+    assert!(
+        matches!(wrong, CurrentCheck::Checked(found, CheckOutcome::Wrong { attempts_left, .. })
+            if found == id && attempts_left == MAX_ATTEMPTS - 1),
+        "{wrong:?}"
+    );
+    let right = check("123456").await;
+    assert!(
+        matches!(right, CurrentCheck::Checked(found, CheckOutcome::Approved(_)) if found == id),
+        "{right:?}"
+    );
+}
+
+/// Checks by number racing each other: one right code is approved once, and
+/// wrong guesses spend the attempts exactly, never one more compare.
+pub async fn racing_checks_by_subject_approve_once_and_spend_attempts_exactly(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let race = async |code: &'static str, n: usize| -> Vec<CurrentCheck> {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (store, f) = (store.clone(), f.clone());
+                tokio::spawn(async move {
+                    store
+                        .check_current_code(&f.tenant, &f.subject, &f.hasher(code), None, None, now)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        outcomes
+    };
+    let id = f.start(&store, "123456", now).await;
+    let right = race("123456", 8).await;
+    let approved = right
+        .iter()
+        .filter(|c| matches!(c, CurrentCheck::Checked(found, CheckOutcome::Approved(_)) if *found == id))
+        .count();
+    assert_eq!(approved, 1, "{right:?}");
+    assert!(
+        right.iter().all(|c| matches!(
+            c,
+            CurrentCheck::Checked(_, CheckOutcome::Approved(_) | CheckOutcome::NotFound)
+                | CurrentCheck::NoneCurrent
+        )),
+        "{right:?}"
+    );
+
+    let later = now + Duration::seconds(60);
+    let f2 = Arc::new(Fixture::new());
+    let id = f2.start(&store, "123456", later).await;
+    let wrong = {
+        let tasks: Vec<_> = (0..MAX_ATTEMPTS + 4)
+            .map(|_| {
+                let (store, f2) = (store.clone(), f2.clone());
+                tokio::spawn(async move {
+                    store
+                        .check_current_code(
+                            &f2.tenant,
+                            &f2.subject,
+                            &f2.hasher("000000"),
+                            None,
+                            None,
+                            later,
+                        )
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        outcomes
+    };
+    let compared = wrong
+        .iter()
+        .filter(|c| matches!(c, CurrentCheck::Checked(found, CheckOutcome::Wrong { .. }) if *found == id))
+        .count();
+    assert_eq!(compared, MAX_ATTEMPTS as usize, "{wrong:?}");
+    let right = store
+        .check_current_code(
+            &f2.tenant,
+            &f2.subject,
+            &f2.hasher("123456"),
+            None,
+            None,
+            later,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        right,
+        CurrentCheck::MaxAttempts,
+        "the right code comes too late"
+    );
+}
+
+/// A resend's new code, whether the caller's or an automatic re-send's, is
+/// what a check by number compares; the code it replaced no longer matches.
+pub async fn a_check_by_subject_compares_the_newest_code(store: DynStore) {
+    use otpd::store::CodeReplacement;
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let check = async |code: &'static str, at| {
+        store
+            .check_current_code(&f.tenant, &f.subject, &f.hasher(code), None, None, at)
+            .await
+            .unwrap()
+    };
+    let is_wrong =
+        |c: &CurrentCheck| matches!(c, CurrentCheck::Checked(_, CheckOutcome::Wrong { .. }));
+
+    let id = f.start(&store, "111111", now).await;
+    let later = now + Duration::seconds(31);
+    let mut resend = f.verification(id, "222222", later);
+    resend.expires_at = later + Duration::seconds(300);
+    let decision = store
+        .start_send(&f.plan_coded(resend, "222222"), later)
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Replaced { .. }),
+        "{decision:?}"
+    );
+    let old = check("111111", later).await;
+    assert!(is_wrong(&old), "{old:?}");
+
+    let replacement = CodeReplacement {
+        tenant: f.tenant.clone(),
+        verification_id: id,
+        expected_send_count: 2,
+        code_hash: f.hash(id, "333333"),
+        subject_code_hash: Some(f.subject_hash("333333")),
+        expires_at: later + Duration::seconds(300),
+    };
+    assert!(
+        store
+            .replace_code(&replacement, later)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let replaced = check("222222", later).await;
+    assert!(is_wrong(&replaced), "{replaced:?}");
+    let right = check("333333", later).await;
+    assert!(
+        matches!(right, CurrentCheck::Checked(found, CheckOutcome::Approved(_)) if found == id),
+        "{right:?}"
+    );
 }
 
 pub async fn an_approval_without_an_accepted_attempt_counts_nothing(store: DynStore) {
@@ -1655,6 +1862,7 @@ pub async fn replace_code_resends_without_cooldown_and_keeps_attempts(store: Dyn
         verification_id: id,
         expected_send_count,
         code_hash: f.hash(id, "222222"),
+        subject_code_hash: None,
         expires_at: later + Duration::seconds(300),
     };
     assert_eq!(
@@ -2283,6 +2491,9 @@ macro_rules! store_contract_tests {
                 a_resend_to_another_number_counts_its_approval_there,
                 a_check_by_subject_finds_and_checks_its_current_verification,
                 a_check_by_subject_compares_nothing_once_attempts_are_spent,
+                a_check_by_subject_of_a_record_without_its_subject_hash_still_compares,
+                racing_checks_by_subject_approve_once_and_spend_attempts_exactly,
+                a_check_by_subject_compares_the_newest_code,
                 replace_code_resends_without_cooldown_and_keeps_attempts,
                 inbox_lists_newest_first_per_tenant_and_number,
                 rate_limit_counts_per_window,
