@@ -1409,11 +1409,12 @@ local S, prefix, messages = ARGV[n - 2], ARGV[n - 1], ARGV[n]
 local id = redis.call('HGET', KEYS[1], 'current')
 if not id then return {'none'} end
 local R = prefix .. id
-local c = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'subject_code_hash')
+local c = redis.call('HMGET', R, 'tenant', 'status', 'expires_at', 'subject_code_hash', 'code_hash')
 if c[1] ~= ARGV[1] or tonumber(ARGV[3]) >= tonumber(c[3]) then return {'none'} end
 if c[2] == 'max_attempts' then return {'max_attempts'} end
 if c[2] ~= 'pending' then return {'none'} end
-if not c[4] then return {'unhashed', id} end
+-- Only a record holding both hashes of one code is compared by subject.
+if not c[4] or not c[5] then return {'unhashed', id} end
 local A = {unpack(ARGV, 1, n - 3)}
 A[14], A[15], A[18] = messages .. id .. '}:list', messages .. id .. '}:r:', id
 return append({'checked', id}, run(R, S, A, 'subject_code_hash'))

@@ -1680,6 +1680,27 @@ pub async fn a_check_by_subject_of_a_record_without_its_subject_hash_still_compa
     );
 }
 
+/// A record without its id-keyed hash (nothing to compare) is never approved,
+/// whatever hash by subject it holds.
+pub async fn a_record_without_a_code_hash_is_not_approved_by_subject(store: DynStore) {
+    let f = Arc::new(Fixture::new());
+    let now = t0();
+    let mut v = f.verification(Uuid::new_v4(), "123456", now);
+    v.code_hash = None;
+    store
+        .start_send(&f.plan_coded(v, "123456"), now)
+        .await
+        .unwrap();
+    let right = store
+        .check_current_code(&f.tenant, &f.subject, &f.hasher("123456"), None, None, now)
+        .await
+        .unwrap();
+    assert!(
+        !matches!(right, CurrentCheck::Checked(_, CheckOutcome::Approved(_))),
+        "{right:?}"
+    );
+}
+
 /// Checks by number racing each other: one right code is approved once, and
 /// wrong guesses spend the attempts exactly, never one more compare.
 pub async fn racing_checks_by_subject_approve_once_and_spend_attempts_exactly(store: DynStore) {
@@ -2493,6 +2514,7 @@ macro_rules! store_contract_tests {
                 a_check_by_subject_compares_nothing_once_attempts_are_spent,
                 a_check_by_subject_of_a_record_without_its_subject_hash_still_compares,
                 racing_checks_by_subject_approve_once_and_spend_attempts_exactly,
+                a_record_without_a_code_hash_is_not_approved_by_subject,
                 a_check_by_subject_compares_the_newest_code,
                 replace_code_resends_without_cooldown_and_keeps_attempts,
                 inbox_lists_newest_first_per_tenant_and_number,
