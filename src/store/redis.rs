@@ -718,80 +718,6 @@ impl RedisStore {
         .await
     }
 
-    /// `Store::check_current_code` on one node, in one script (`RECORD_CURRENT`
-    /// around `CHECK_CODE`): it finds the subject's current verification and
-    /// compares the code's hash keyed by the subject, which the send kept
-    /// beside the id-keyed one. A record without it is checked by id after.
-    #[allow(clippy::too_many_arguments)]
-    async fn check_current_here(
-        &self,
-        tenant: &str,
-        subject: &SubjectKey,
-        hash_for: &CodeHasher,
-        budget: Option<GuessBudget>,
-        counts: Option<&ApprovalCounts>,
-        now: DateTime<Utc>,
-    ) -> StoreResult<CurrentCheck> {
-        let subject_hex = to_hex(subject.0);
-        let out: Vec<String> = bounded(async {
-            let mut inv = self
-                .scripts
-                .check_current
-                .key(self.keys.state(&subject_hex));
-            inv.arg(tenant)
-                .arg(to_hex(hash_for.for_subject(subject)))
-                .arg(ms(now))
-                .arg(KEEP_ENDED_MS);
-            for arg in self.guess_args(budget, None, now) {
-                inv.arg(arg);
-            }
-            // The message list, record prefix and id are the script's to fill in.
-            inv.arg("")
-                .arg("")
-                .arg(self.keys.usage_days(tenant))
-                .arg(self.keys.pending())
-                .arg("")
-                .arg(if counts.is_some() {
-                    self.keys.counter_head()
-                } else {
-                    String::new()
-                })
-                .arg(&subject_hex)
-                .arg(self.keys.record_prefix(&subject_hex))
-                .arg(self.keys.messages_head());
-            inv.invoke_async(&mut self.conn())
-                .await
-                .map_err(store_error)
-        })
-        .await?;
-        let (verdict, rest) = verdict(&out)?;
-        let id = || -> StoreResult<Uuid> {
-            nth(rest, 0)?
-                .parse()
-                .map_err(|_| StoreError::Corrupt("malformed verification id".into()))
-        };
-        match verdict {
-            "none" => Ok(CurrentCheck::NoneCurrent),
-            "max_attempts" => Ok(CurrentCheck::MaxAttempts),
-            "unhashed" => {
-                let id = id()?;
-                let outcome = self
-                    .check_counted_code(tenant, id, &hash_for.for_id(id), budget, counts, now)
-                    .await?;
-                Ok(CurrentCheck::Checked(id, outcome))
-            }
-            "checked" => {
-                let id = id()?;
-                let (outcome, counted) = decode_check(&rest[1..])?;
-                if !counted {
-                    count_approval_apart(self, &outcome, counts, now).await;
-                }
-                Ok(CurrentCheck::Checked(id, outcome))
-            }
-            other => Err(unexpected(other)),
-        }
-    }
-
     /// The subject (hex) a verification id belongs to, if the id is known.
     async fn subject_of(&self, id: Uuid) -> StoreResult<Option<String>> {
         ::redis::cmd("GET")
@@ -2400,8 +2326,11 @@ impl Store for RedisStore {
         Ok(outcome)
     }
 
-    /// One node: one script (`check_current_here`). A cluster finds the id
-    /// first, then checks it: the check's counters live in other slots.
+    /// One node: one script (`RECORD_CURRENT` around `CHECK_CODE`) finds the
+    /// subject's current verification and compares the code's hash keyed by
+    /// the subject, which the send kept beside the id-keyed one; a record
+    /// without it is checked by id after. A cluster finds the id first, then
+    /// checks it: the check's counters live in other slots.
     async fn check_current_code(
         &self,
         tenant: &str,
@@ -2414,8 +2343,64 @@ impl Store for RedisStore {
         if let Conn::Cluster(_) = self.conn {
             return find_then_check(self, tenant, subject, hash_for, budget, counts, now).await;
         }
-        self.check_current_here(tenant, subject, hash_for, budget, counts, now)
-            .await
+        let subject_hex = to_hex(subject.0);
+        let out: Vec<String> = bounded(async {
+            let mut inv = self
+                .scripts
+                .check_current
+                .key(self.keys.state(&subject_hex));
+            inv.arg(tenant)
+                .arg(to_hex(hash_for.for_subject(subject)))
+                .arg(ms(now))
+                .arg(KEEP_ENDED_MS);
+            for arg in self.guess_args(budget, None, now) {
+                inv.arg(arg);
+            }
+            // The message list, record prefix and id are the script's to fill in.
+            inv.arg("")
+                .arg("")
+                .arg(self.keys.usage_days(tenant))
+                .arg(self.keys.pending())
+                .arg("")
+                .arg(if counts.is_some() {
+                    self.keys.counter_head()
+                } else {
+                    String::new()
+                })
+                .arg(&subject_hex)
+                .arg(self.keys.record_prefix(&subject_hex))
+                .arg(self.keys.messages_head());
+            inv.invoke_async(&mut self.conn())
+                .await
+                .map_err(store_error)
+        })
+        .await?;
+        let (verdict, rest) = verdict(&out)?;
+        let id = || -> StoreResult<Uuid> {
+            nth(rest, 0)?
+                .parse()
+                .map_err(|_| StoreError::Corrupt("malformed verification id".into()))
+        };
+        match verdict {
+            "none" => Ok(CurrentCheck::NoneCurrent),
+            "max_attempts" => Ok(CurrentCheck::MaxAttempts),
+            "unhashed" => {
+                let id = id()?;
+                let outcome = self
+                    .check_counted_code(tenant, id, &hash_for.for_id(id), budget, counts, now)
+                    .await?;
+                Ok(CurrentCheck::Checked(id, outcome))
+            }
+            "checked" => {
+                let id = id()?;
+                let (outcome, counted) = decode_check(&rest[1..])?;
+                if !counted {
+                    count_approval_apart(self, &outcome, counts, now).await;
+                }
+                Ok(CurrentCheck::Checked(id, outcome))
+            }
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn get_verification(&self, tenant: &str, id: Uuid) -> StoreResult<Option<Verification>> {
