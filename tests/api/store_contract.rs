@@ -1701,31 +1701,39 @@ pub async fn a_record_without_a_code_hash_is_not_approved_by_subject(store: DynS
     );
 }
 
+/// `n` checks by number of `code` at `f`'s subject, all at once: their outcomes.
+async fn race_checks_by_subject(
+    store: &DynStore,
+    f: &Arc<Fixture>,
+    code: &'static str,
+    n: u32,
+    at: DateTime<Utc>,
+) -> Vec<CurrentCheck> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (store, f) = (store.clone(), f.clone());
+            tokio::spawn(async move {
+                store
+                    .check_current_code(&f.tenant, &f.subject, &f.hasher(code), None, None, at)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    outcomes
+}
+
 /// Checks by number racing each other: one right code is approved once, and
 /// wrong guesses spend the attempts exactly, never one more compare.
 pub async fn racing_checks_by_subject_approve_once_and_spend_attempts_exactly(store: DynStore) {
     let f = Arc::new(Fixture::new());
     let now = t0();
-    let race = async |code: &'static str, n: usize| -> Vec<CurrentCheck> {
-        let tasks: Vec<_> = (0..n)
-            .map(|_| {
-                let (store, f) = (store.clone(), f.clone());
-                tokio::spawn(async move {
-                    store
-                        .check_current_code(&f.tenant, &f.subject, &f.hasher(code), None, None, now)
-                        .await
-                        .unwrap()
-                })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for t in tasks {
-            outcomes.push(t.await.unwrap());
-        }
-        outcomes
-    };
     let id = f.start(&store, "123456", now).await;
-    let right = race("123456", 8).await;
+    let right = race_checks_by_subject(&store, &f, "123456", 8, now).await;
     let approved = right
         .iter()
         .filter(|c| matches!(c, CurrentCheck::Checked(found, CheckOutcome::Approved(_)) if *found == id))
@@ -1743,31 +1751,7 @@ pub async fn racing_checks_by_subject_approve_once_and_spend_attempts_exactly(st
     let later = now + Duration::seconds(60);
     let f2 = Arc::new(Fixture::new());
     let id = f2.start(&store, "123456", later).await;
-    let wrong = {
-        let tasks: Vec<_> = (0..MAX_ATTEMPTS + 4)
-            .map(|_| {
-                let (store, f2) = (store.clone(), f2.clone());
-                tokio::spawn(async move {
-                    store
-                        .check_current_code(
-                            &f2.tenant,
-                            &f2.subject,
-                            &f2.hasher("000000"),
-                            None,
-                            None,
-                            later,
-                        )
-                        .await
-                        .unwrap()
-                })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for t in tasks {
-            outcomes.push(t.await.unwrap());
-        }
-        outcomes
-    };
+    let wrong = race_checks_by_subject(&store, &f2, "000000", MAX_ATTEMPTS + 4, later).await;
     let compared = wrong
         .iter()
         .filter(|c| matches!(c, CurrentCheck::Checked(found, CheckOutcome::Wrong { .. }) if *found == id))
