@@ -160,9 +160,10 @@ impl Crypto {
 
     /// HMAC(code key, "subject" ‖ subject ‖ code): the same code's hash keyed
     /// by the subject it was sent to, which a check by number knows before it
-    /// knows the id. Redis keeps it beside `code_hash`, so that one script can
-    /// find a subject's current verification and compare. The tag keeps it
-    /// apart from every `code_hash`.
+    /// knows the id. Redis keeps it beside `code_hash`, bound to the
+    /// verification's id by its scripts, so that one script can find a
+    /// subject's current verification and compare. The tag keeps it apart from
+    /// every `code_hash`.
     pub fn subject_code_hash(&self, subject: &SubjectKey, code: &Code) -> [u8; 32] {
         let mut m = self.code_mac.clone();
         m.update(b"subject");

@@ -59,9 +59,10 @@ pub struct SendPlan {
     /// right check the decryption and the guard's keyed hashes.
     pub approval_counts: Vec<CounterAdd>,
     /// The code's hash keyed by the subject (`Crypto::subject_code_hash`),
-    /// which a store may keep beside `verification.code_hash` so that a check
-    /// by number need not learn the id first (Redis: one script instead of
-    /// two). `None`: a check by number finds the id, then compares.
+    /// which a store may keep beside `verification.code_hash`, bound to the
+    /// verification's id, so that a check by number need not learn the id
+    /// first (Redis: one script instead of two). `None`: a check by number
+    /// finds the id, then compares.
     pub subject_code_hash: Option<[u8; 32]>,
 }
 

@@ -1035,6 +1035,12 @@ end
 local function record_json(key)
   return cjson.encode(redis.call('HGETALL', key))
 end
+-- A code's hash by subject (`Crypto::subject_code_hash`) as a record keeps it:
+-- bound to the verification `id`, so that a copy in another record of the same
+-- subject matches nothing (as the id-keyed `code_hash` cannot be reused). SHA-1
+-- is the one digest Redis's Lua has; it only binds a secret-keyed HMAC, which is
+-- what an attacker would have to find.
+local function bound(id, hash) return redis.sha1hex(id .. hash) end
 -- Adds the `n` field/increment pairs from ARGV[first] to usage day `key`.
 local function add_usage(key, first, n)
   for i = first, first + 2 * n - 1, 2 do redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1]) end
@@ -1124,7 +1130,7 @@ return 0
 /// record prefix, planned id, tenant, code hash ('' = none), expires_at,
 /// record ttl, state ttl, '1' when the id is another subject's, subject hex,
 /// vref ttl, purge index member, then from ARGV[P] the planned record's
-/// field/value pairs. Runs after `START_SEND_HEAD` (a cluster) or
+/// field/value pairs (a `subject_code_hash` among them is kept `bound`). Runs after `START_SEND_HEAD` (a cluster) or
 /// `START_SEND_INDEXED_HEAD` (one node), which set `foreign` and `P`.
 const START_SEND: &str = r#"
 local now = tonumber(ARGV[1])
@@ -1169,6 +1175,10 @@ elseif pending or foreign or redis.call('EXISTS', KEYS[2]) == 1 then
 else
   redis.call('HSET', KEYS[2], unpack(ARGV, P))
   decision = 'created'
+end
+local by_subject = redis.call('HGET', KEYS[2], 'subject_code_hash')
+if by_subject then
+  redis.call('HSET', KEYS[2], 'subject_code_hash', bound(ARGV[6], by_subject))
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[10])
 redis.call('HSET', KEYS[1], 'current', ARGV[6], 'last_sent', ARGV[1],
@@ -1323,7 +1333,8 @@ return append({S}, run(ARGV[#ARGV - 1] .. S .. ARGV[#ARGV], S, ARGV, 'code_hash'
 /// `current`, one node, for `CHECK_CODE` only: KEYS[1] is a subject's state,
 /// and the last three ARGV the subject (hex), its record prefix and the head
 /// of message keys (`{P:m:`); ARGV[2] is the code's hash keyed by the subject,
-/// compared with the record's `subject_code_hash`. Finds the subject's current
+/// compared, bound to the verification found (`bound`), with the record's
+/// `subject_code_hash`. Finds the subject's current
 /// verification as `FIND_CURRENT` does, then fills in CHECK_CODE's arguments
 /// that name it (its message list and record prefix, its id). Answers
 /// {'none'}, {'max_attempts'} (nothing compared), {'unhashed', id} (a record
@@ -1342,6 +1353,7 @@ if c[2] ~= 'pending' then return {'none'} end
 -- Only a record holding both hashes of one code is compared by subject.
 if not c[4] or not c[5] then return {'unhashed', id} end
 local A = {unpack(ARGV, 1, n - 3)}
+A[2] = bound(id, ARGV[2])
 A[14], A[15], A[18] = messages .. id .. '}:list', messages .. id .. '}:r:', id
 return append({'checked', id}, run(R, S, A, 'subject_code_hash'))
 "#;
@@ -1465,10 +1477,10 @@ return out
 "#;
 
 /// KEYS: record. ARGV: tenant, expected send count, code hash, expires_at, now,
-/// record ttl, subject code hash ('' = none). The verification after the new
-/// code, or false.
+/// record ttl, subject code hash ('' = none; kept `bound` to the record's id).
+/// The verification after the new code, or false.
 const REPLACE_CODE: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at', 'send_count')
+local r = redis.call('HMGET', KEYS[1], 'tenant', 'status', 'expires_at', 'send_count', 'id')
 if r[1] ~= ARGV[1] or r[2] ~= 'pending' or tonumber(ARGV[5]) >= tonumber(r[3])
   or r[4] ~= ARGV[2] then
   return false
@@ -1478,7 +1490,7 @@ redis.call('HSET', KEYS[1], 'code_hash', ARGV[3], 'expires_at', ARGV[4],
 if ARGV[7] == '' then
   redis.call('HDEL', KEYS[1], 'subject_code_hash')
 else
-  redis.call('HSET', KEYS[1], 'subject_code_hash', ARGV[7])
+  redis.call('HSET', KEYS[1], 'subject_code_hash', bound(r[5], ARGV[7]))
 end
 redis.call('HINCRBY', KEYS[1], 'send_count', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])

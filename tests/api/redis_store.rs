@@ -616,3 +616,64 @@ async fn an_approval_adds_the_counts_kept_with_its_record() {
     }
     assert_eq!((count("kept").await, count("at-check").await), (1, 4));
 }
+
+/// The code's hash by subject is kept bound to its verification: copied with
+/// the id-keyed hash into a later record of the same subject (by someone who
+/// can write to Redis but holds no key), it does not let the old code in.
+#[tokio::test]
+async fn a_hash_by_subject_copied_to_another_verification_matches_nothing() {
+    use crate::store_contract::{Fixture, t0};
+    use otpd::store::{CheckOutcome, CurrentCheck};
+
+    let Some((store, url, prefix)) = single_node_store().await else {
+        return;
+    };
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let f = std::sync::Arc::new(Fixture::new());
+    let now = t0();
+    let record_of = async |conn: &mut redis::aio::MultiplexedConnection, id: Uuid| {
+        let keys = crate::helpers::redis_keys_matching(conn, &format!("*{prefix}*{id}")).await;
+        keys.into_iter().find(|k| !k.contains(":vref:")).unwrap()
+    };
+
+    let old = f.start(&store, "111111", now).await;
+    let old_record = record_of(&mut conn, old).await;
+    let copied: Vec<String> = redis::cmd("HMGET")
+        .arg(&old_record)
+        .arg("code_hash")
+        .arg("subject_code_hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store.cancel(&f.tenant, old, now).await.unwrap();
+
+    let later = now + chrono::Duration::seconds(31);
+    let new = f.start(&store, "222222", later).await;
+    let new_record = record_of(&mut conn, new).await;
+    let _: i64 = redis::cmd("HSET")
+        .arg(&new_record)
+        .arg("code_hash")
+        .arg(&copied[0])
+        .arg("subject_code_hash")
+        .arg(&copied[1])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let check = store
+        .check_current_code(
+            &f.tenant,
+            &f.subject,
+            &f.hasher("111111"),
+            None,
+            None,
+            later,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(check, CurrentCheck::Checked(id, CheckOutcome::Wrong { .. }) if id == new),
+        "{check:?}"
+    );
+}

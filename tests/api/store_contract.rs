@@ -48,7 +48,7 @@ fn crypto() -> Crypto {
 /// A tenant and subject of their own, and the crypto to hash their codes.
 pub(crate) struct Fixture {
     pub(crate) tenant: String,
-    subject: SubjectKey,
+    pub(crate) subject: SubjectKey,
     crypto: Crypto,
 }
 
