@@ -594,10 +594,10 @@ impl VerificationService {
         target: Target,
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
-        let (crypto, code) = (self.crypto.clone(), code.clone());
-        let (by_subject, code_too) = (crypto.clone(), code.clone());
+        let (by_id, by_subject) = (self.crypto.clone(), self.crypto.clone());
+        let (code, code_too) = (code.clone(), code.clone());
         let hash_for = CodeHasher::new(
-            move |id| crypto.code_hash(id, &code),
+            move |id| by_id.code_hash(id, &code),
             move |subject| by_subject.subject_code_hash(subject, &code_too),
         );
         self.check_hash(caller, target, hash_for).await
@@ -612,9 +612,9 @@ impl VerificationService {
         target: Target,
     ) -> Result<CheckResult, CheckError> {
         // A hash under another key and domain: it matches no code hash.
-        let (crypto, by_subject) = (self.crypto.clone(), self.crypto.clone());
+        let (by_id, by_subject) = (self.crypto.clone(), self.crypto.clone());
         let hash_for = CodeHasher::new(
-            move |id| crypto.blind_index("unusable-guess", &[id.to_string().as_str()]),
+            move |id| by_id.blind_index("unusable-guess", &[id.to_string().as_str()]),
             move |subject| by_subject.blind_index("unusable-guess", &[to_hex(subject.0).as_str()]),
         );
         self.check_hash(caller, target, hash_for).await

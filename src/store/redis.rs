@@ -1130,8 +1130,9 @@ return 0
 /// record prefix, planned id, tenant, code hash ('' = none), expires_at,
 /// record ttl, state ttl, '1' when the id is another subject's, subject hex,
 /// vref ttl, purge index member, then from ARGV[P] the planned record's
-/// field/value pairs (a `subject_code_hash` among them is kept `bound`). Runs after `START_SEND_HEAD` (a cluster) or
-/// `START_SEND_INDEXED_HEAD` (one node), which set `foreign` and `P`.
+/// field/value pairs (a `subject_code_hash` among them is kept `bound`). Runs
+/// after `START_SEND_HEAD` (a cluster) or `START_SEND_INDEXED_HEAD` (one node),
+/// which set `foreign` and `P`.
 const START_SEND: &str = r#"
 local now = tonumber(ARGV[1])
 local st = redis.call('HMGET', KEYS[1], 'current', 'last_sent', 'win_start', 'win_count')
@@ -1154,7 +1155,7 @@ end
 local decision
 if pending and pending == ARGV[6] then
   if ARGV[8] == '' then
-    redis.call('HDEL', KEYS[2], 'code_hash', 'subject_code_hash')
+    redis.call('HDEL', KEYS[2], 'code_hash')
   else
     redis.call('HSET', KEYS[2], 'code_hash', ARGV[8])
   end
@@ -1333,13 +1334,13 @@ return append({S}, run(ARGV[#ARGV - 1] .. S .. ARGV[#ARGV], S, ARGV, 'code_hash'
 /// `current`, one node, for `CHECK_CODE` only: KEYS[1] is a subject's state,
 /// and the last three ARGV the subject (hex), its record prefix and the head
 /// of message keys (`{P:m:`); ARGV[2] is the code's hash keyed by the subject,
-/// compared, bound to the verification found (`bound`), with the record's
-/// `subject_code_hash`. Finds the subject's current
-/// verification as `FIND_CURRENT` does, then fills in CHECK_CODE's arguments
-/// that name it (its message list and record prefix, its id). Answers
-/// {'none'}, {'max_attempts'} (nothing compared), {'unhashed', id} (a record
-/// without that hash: the caller checks it by id), or {'checked', id, the
-/// body's answer…}.
+/// compared, `bound` to the verification found, with the record's
+/// `subject_code_hash`. Finds the subject's current verification as
+/// `FIND_CURRENT` does, then fills in CHECK_CODE's arguments that name it (its
+/// message list and record prefix, its id). Answers {'none'},
+/// {'max_attempts'} (nothing compared), {'unhashed', id} (a record without
+/// that hash: the caller checks it by id), or {'checked', id, the body's
+/// answer…}.
 const RECORD_CURRENT: &str = r#"
 local n = #ARGV
 local S, prefix, messages = ARGV[n - 2], ARGV[n - 1], ARGV[n]
