@@ -20,8 +20,8 @@ use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
 use crate::sms::{DeliveryAttempt, SmsRouter};
 use crate::store::{
-    ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CurrentCheck, GuessBudget, SendAbort,
-    SendDecision, SendPlan, Store, StoreError,
+    ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeHashes, CurrentCheck, GuessBudget,
+    SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
 
 use super::guard::{AbuseGuard, SendContext};
@@ -154,6 +154,37 @@ struct Comparison {
     hash_for: CodeHasher,
     budget: Option<GuessBudget>,
     counts: Option<ApprovalCounts>,
+}
+
+/// A typed code's two hashes (`CodeHashes`).
+struct TypedCode {
+    crypto: Arc<Crypto>,
+    code: Code,
+}
+
+impl CodeHashes for TypedCode {
+    fn for_id(&self, id: Uuid) -> [u8; 32] {
+        self.crypto.code_hash(id, &self.code)
+    }
+
+    fn for_subject(&self, subject: &SubjectKey) -> [u8; 32] {
+        self.crypto.subject_code_hash(subject, &self.code)
+    }
+}
+
+/// Hashes under another key and domain than any code's: they match nothing.
+struct UnusableGuess(Arc<Crypto>);
+
+impl CodeHashes for UnusableGuess {
+    fn for_id(&self, id: Uuid) -> [u8; 32] {
+        self.0
+            .blind_index("unusable-guess", &[id.to_string().as_str()])
+    }
+
+    fn for_subject(&self, subject: &SubjectKey) -> [u8; 32] {
+        self.0
+            .blind_index("unusable-guess", &[to_hex(subject.0).as_str()])
+    }
 }
 
 // Returned by value once per request; boxing would only add an allocation.
@@ -594,12 +625,10 @@ impl VerificationService {
         target: Target,
         code: &Code,
     ) -> Result<CheckResult, CheckError> {
-        let (by_id, by_subject) = (self.crypto.clone(), self.crypto.clone());
-        let (code, code_too) = (code.clone(), code.clone());
-        let hash_for = CodeHasher::new(
-            move |id| by_id.code_hash(id, &code),
-            move |subject| by_subject.subject_code_hash(subject, &code_too),
-        );
+        let hash_for = CodeHasher::of(TypedCode {
+            crypto: self.crypto.clone(),
+            code: code.clone(),
+        });
         self.check_hash(caller, target, hash_for).await
     }
 
@@ -612,11 +641,7 @@ impl VerificationService {
         target: Target,
     ) -> Result<CheckResult, CheckError> {
         // A hash under another key and domain: it matches no code hash.
-        let (by_id, by_subject) = (self.crypto.clone(), self.crypto.clone());
-        let hash_for = CodeHasher::new(
-            move |id| by_id.blind_index("unusable-guess", &[id.to_string().as_str()]),
-            move |subject| by_subject.blind_index("unusable-guess", &[to_hex(subject.0).as_str()]),
-        );
+        let hash_for = CodeHasher::of(UnusableGuess(self.crypto.clone()));
         self.check_hash(caller, target, hash_for).await
     }
 

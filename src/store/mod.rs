@@ -223,31 +223,47 @@ pub type ApprovalCounts = Arc<dyn Fn(&Verification) -> Vec<CounterAdd> + Send + 
 /// every store keeps), or by the subject the check addresses
 /// (`Crypto::subject_code_hash`, which Redis also keeps, so that one script
 /// finds the verification and compares).
-#[derive(Clone)]
-pub struct CodeHasher {
-    for_id: Arc<dyn Fn(Uuid) -> [u8; 32] + Send + Sync>,
-    for_subject: Arc<SubjectHash>,
+pub trait CodeHashes: Send + Sync {
+    fn for_id(&self, id: Uuid) -> [u8; 32];
+    fn for_subject(&self, subject: &SubjectKey) -> [u8; 32];
 }
 
-type SubjectHash = dyn Fn(&SubjectKey) -> [u8; 32] + Send + Sync;
+/// A check's `CodeHashes`, shared: one allocation per check.
+#[derive(Clone)]
+pub struct CodeHasher(Arc<dyn CodeHashes>);
 
 impl CodeHasher {
+    pub fn of(hashes: impl CodeHashes + 'static) -> Self {
+        Self(Arc::new(hashes))
+    }
+
+    /// From two functions (tests, and hashes with nothing to share).
     pub fn new(
         for_id: impl Fn(Uuid) -> [u8; 32] + Send + Sync + 'static,
         for_subject: impl Fn(&SubjectKey) -> [u8; 32] + Send + Sync + 'static,
     ) -> Self {
-        Self {
-            for_id: Arc::new(for_id),
-            for_subject: Arc::new(for_subject),
+        struct Both<I, S>(I, S);
+        impl<I, S> CodeHashes for Both<I, S>
+        where
+            I: Fn(Uuid) -> [u8; 32] + Send + Sync,
+            S: Fn(&SubjectKey) -> [u8; 32] + Send + Sync,
+        {
+            fn for_id(&self, id: Uuid) -> [u8; 32] {
+                (self.0)(id)
+            }
+            fn for_subject(&self, subject: &SubjectKey) -> [u8; 32] {
+                (self.1)(subject)
+            }
         }
+        Self::of(Both(for_id, for_subject))
     }
 
     pub fn for_id(&self, id: Uuid) -> [u8; 32] {
-        (self.for_id)(id)
+        self.0.for_id(id)
     }
 
     pub fn for_subject(&self, subject: &SubjectKey) -> [u8; 32] {
-        (self.for_subject)(subject)
+        self.0.for_subject(subject)
     }
 }
 

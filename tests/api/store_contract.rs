@@ -1626,17 +1626,19 @@ pub async fn a_check_by_subject_finds_and_checks_its_current_verification(store:
     // Each compare used one kind of hash: by id, asked once per compare with
     // the id found; or by subject, asked once per check (every check above:
     // the two that found nothing, then each attempt).
-    let (asked, by_subject) = (asked.lock().unwrap(), by_subject.lock().unwrap());
+    let (asked, by_subject) = (
+        asked.lock().unwrap().clone(),
+        by_subject.lock().unwrap().clone(),
+    );
     let checks = MAX_ATTEMPTS as usize + 2;
     assert!(
-        (*asked == vec![id; MAX_ATTEMPTS as usize] && by_subject.is_empty())
+        (asked == vec![id; MAX_ATTEMPTS as usize] && by_subject.is_empty())
             || (asked.is_empty()
                 && by_subject.len() == checks
                 && by_subject.iter().all(|&s| s == f.subject)),
         "by id {asked:?}, by subject {} times",
         by_subject.len()
     );
-    drop((asked, by_subject));
     let counted = format!("{prefix}:{id}");
     assert_eq!(store.read_counter(&counted, 3600, now).await.unwrap(), 1);
     // Approved, it is no longer current.
