@@ -527,13 +527,15 @@ impl RedisStore {
                 self.add_counter_adds(&mut inv, counts, now);
             }
             let mut pairs = verification_pairs(v);
-            if let Some(hash) = &plan.subject_code_hash {
-                pairs.push(("subject_code_hash", to_hex(hash)));
-            }
-            if indexed_now.is_none()
-                && let Some(counts) = approval_counts_field(&plan.approval_counts)
-            {
-                pairs.push(("approval_counts", counts));
+            // Only one node compares by subject: a cluster's check by number
+            // finds the id first (see `check_current_code`).
+            if indexed_now.is_none() {
+                if let Some(hash) = &plan.subject_code_hash {
+                    pairs.push(("subject_code_hash", to_hex(hash)));
+                }
+                if let Some(counts) = approval_counts_field(&plan.approval_counts) {
+                    pairs.push(("approval_counts", counts));
+                }
             }
             add_pairs(&mut inv, pairs);
             let out: Vec<String> = inv
@@ -2895,7 +2897,11 @@ impl Store for RedisStore {
                 .arg(expires_ms)
                 .arg(ms(now))
                 .arg(record_ttl)
-                .arg(r.subject_code_hash.map(to_hex).unwrap_or_default())
+                .arg(match (&self.conn, r.subject_code_hash) {
+                    (Conn::Node(_), Some(hash)) => to_hex(hash),
+                    // As on a send: a cluster compares by id only.
+                    _ => String::new(),
+                })
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(store_error)?;
