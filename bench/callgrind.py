@@ -66,7 +66,9 @@ cfg = subprocess.run([f"{bins}/otpd-bench", "--print-config", f"127.0.0.1:{port}
 cfg += "\n[dlr]\npoll_interval_seconds = 3600\n"
 open(f"{work}/c.toml", "w").write(cfg)
 out = f"{work}/cg.out"
-under = [] if cpu_mode else ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+# Names in full in every dump, so that each phase's file annotates on its own.
+under = [] if cpu_mode else ["valgrind", "--tool=callgrind", "--compress-strings=no",
+                              f"--callgrind-out-file={out}"]
 srv = subprocess.Popen(under + [f"{bins}/otpd", "--config", f"{work}/c.toml", "serve"],
                        stdout=subprocess.PIPE, stderr=open(f"{work}/err.log", "w"), text=True)
 key = None

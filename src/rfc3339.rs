@@ -56,6 +56,19 @@ pub fn write_micros<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; 30]) -> Option<&'b 
     write_with(t, t.nanosecond() / 1_000, 6, buf)
 }
 
+/// The `.ffffffZ` that follows a `write_micros` second already in
+/// `buf[..19]`, for a time whose nanoseconds are `nanosecond` (under 10^9).
+pub fn write_micros_after_second(nanosecond: u32, buf: &mut [u8; 30]) -> Option<&str> {
+    let mut micros = nanosecond / 1_000;
+    buf[19] = b'.';
+    for slot in buf[20..26].iter_mut().rev() {
+        *slot = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    buf[26] = b'Z';
+    std::str::from_utf8(&buf[..27]).ok()
+}
+
 fn write_with<'b>(
     t: &DateTime<Utc>,
     fraction: u32,
@@ -181,6 +194,25 @@ mod tests {
             let mut buf = [0; 30];
             let expected = at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
             prop_assert_eq!(write_micros(&at, &mut buf), Some(expected.as_str()));
+        }
+
+        /// A second's text written once, then only the microseconds of
+        /// another time in that second: the same as writing that time whole.
+        #[test]
+        fn a_kept_second_with_new_microseconds_reads_as_the_whole_time(
+            secs in 0i64..253_402_300_800,
+            first in 0u32..1_000_000_000,
+            then in 0u32..1_000_000_000,
+        ) {
+            let mut kept = [0; 30];
+            write_micros(&Utc.timestamp_opt(secs, first).unwrap(), &mut kept);
+            let at = Utc.timestamp_opt(secs, then).unwrap();
+            let mut whole = [0; 30];
+            let expected = write_micros(&at, &mut whole).map(str::to_owned);
+            prop_assert_eq!(
+                write_micros_after_second(then, &mut kept).map(str::to_owned),
+                expected
+            );
         }
 
         #[test]

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::store::{
     ApprovalCounts, CounterAdd, CounterRead, GuessBudget, Store, StoreError, StoreResult,
 };
+use crate::telemetry::IpText;
 
 use super::verifications::{CheckError, SendError};
 
@@ -565,7 +566,7 @@ impl AbuseGuard {
             event = "blocked",
             tenant,
             reason,
-            client_ip = client_ip.map(|ip| ip.to_string()),
+            client_ip = IpText::of(client_ip).as_ref().map(IpText::as_str),
         );
         self.count_block(tenant, reason, now).await;
         CheckError::RateLimited {
@@ -624,7 +625,7 @@ impl AbuseGuard {
             to = %ctx.to.masked(),
             country = ctx.to.country(),
             prefix,
-            client_ip = ctx.client_ip.map(|ip| ip.to_string()),
+            client_ip = IpText::of(ctx.client_ip).as_ref().map(IpText::as_str),
         );
         self.count_block(tenant, reason, now).await;
     }

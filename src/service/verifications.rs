@@ -23,6 +23,7 @@ use crate::store::{
     ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CodeHashes, CurrentCheck, GuessBudget,
     SendAbort, SendDecision, SendPlan, Store, StoreError,
 };
+use crate::telemetry::IpText;
 
 use super::guard::{AbuseGuard, SendContext};
 use super::usage;
@@ -485,7 +486,7 @@ impl VerificationService {
                     provider = record.provider,
                     attempts = records.len(),
                     outcome = "sent",
-                    client_ip = cmd.client_ip.map(|ip| ip.to_string()),
+                    client_ip = IpText::of(cmd.client_ip).as_ref().map(IpText::as_str),
                 );
                 let cost = record.cost.unwrap_or(price_estimate);
                 self.guard.record_spend(tenant, policy, cost, now).await;
@@ -519,7 +520,7 @@ impl VerificationService {
                     to = %verification.masked_to,
                     attempts = records.len(),
                     outcome = "delivery_failed",
-                    client_ip = cmd.client_ip.map(|ip| ip.to_string()),
+                    client_ip = IpText::of(cmd.client_ip).as_ref().map(IpText::as_str),
                 );
                 Err(SendError::DeliveryFailed {
                     verification_id: verification.id,
@@ -679,14 +680,15 @@ impl VerificationService {
         let tenant = caller.tenant;
         let now = self.clock.now();
         let audit = |id: Option<Uuid>, to: Option<&str>, outcome: &str| {
+            let mut id_text = Uuid::encode_buffer();
             tracing::info!(
                 target: "audit",
                 event = "check",
                 tenant,
-                verification_id = id.map(|id| id.to_string()),
+                verification_id = id.map(|id| &*id.hyphenated().encode_lower(&mut id_text)),
                 to,
                 outcome,
-                client_ip = caller.client_ip.map(|ip| ip.to_string()),
+                client_ip = IpText::of(caller.client_ip).as_ref().map(IpText::as_str),
             );
         };
         let compare = Comparison {
@@ -849,7 +851,7 @@ impl VerificationService {
             verification_id = %id,
             to = canceled.as_ref().map(|v| v.masked_to.as_str()),
             outcome = if canceled.is_some() { "canceled" } else { "not_found" },
-            client_ip = client_ip.map(|ip| ip.to_string()),
+            client_ip = IpText::of(client_ip).as_ref().map(IpText::as_str),
         );
         Ok(canceled)
     }

@@ -54,21 +54,11 @@ impl TextVisitor<'_> {
     /// `DefaultVisitor`'s handling (the message, `r#` names, `log.` metadata).
     fn start(&mut self, field: &Field) -> Option<fmt::Result> {
         let name = field.name();
-        if name == "message" || name.starts_with("r#") || name.starts_with("log.") {
+        if !ordinary(name) {
             return None;
         }
-        Some(self.pad().and_then(|()| {
-            self.writer.write_str(name)?;
-            self.writer.write_char('=')
-        }))
-    }
-
-    fn pad(&mut self) -> fmt::Result {
-        if std::mem::take(&mut self.is_empty) {
-            Ok(())
-        } else {
-            self.writer.write_char(' ')
-        }
+        let pad = self.separator();
+        Some(write_joined(&mut self.writer, [pad, name, "="]))
     }
 
     /// A value written as it is, unquoted: an integer or a boolean.
@@ -76,11 +66,44 @@ impl TextVisitor<'_> {
         if self.result.is_err() {
             return;
         }
-        match self.start(field) {
-            Some(started) => self.result = started.and_then(|()| self.writer.write_str(text)),
-            None => self.delegate(field, |d| d.record_debug(field, &format_args!("{text}"))),
+        let name = field.name();
+        if !ordinary(name) {
+            return self.delegate(field, |d| d.record_debug(field, &format_args!("{text}")));
+        }
+        let pad = self.separator();
+        self.result = write_joined(&mut self.writer, [pad, name, "=", text]);
+    }
+
+    /// The space before every field but the first.
+    fn separator(&mut self) -> &'static str {
+        if std::mem::take(&mut self.is_empty) {
+            ""
+        } else {
+            " "
         }
     }
+}
+
+/// A name written as it is: not the message, an `r#` name or `log.` metadata.
+fn ordinary(name: &str) -> bool {
+    name != "message" && !name.starts_with("r#") && !name.starts_with("log.")
+}
+
+/// Writes `parts` one after the other, in one call when they fit a small
+/// buffer: each call into the line's `String` goes through `dyn fmt::Write`,
+/// and a field is five pieces.
+fn write_joined<const N: usize>(w: &mut Writer<'_>, parts: [&str; N]) -> fmt::Result {
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    for part in parts {
+        let Some(slot) = buf.get_mut(len..len + part.len()) else {
+            return parts.iter().try_for_each(|p| w.write_str(p));
+        };
+        slot.copy_from_slice(part.as_bytes());
+        len += part.len();
+    }
+    // Whole `str`s joined at their boundaries: still UTF-8.
+    w.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| fmt::Error)?)
 }
 
 /// Printable ASCII that `str`'s `Debug` writes as it is (no quote or
@@ -99,19 +122,16 @@ impl Visit for TextVisitor<'_> {
             return self.delegate(field, |d| d.record_str(field, value));
         }
         if field.name() == "message" {
-            self.result = self.pad().and_then(|()| self.writer.write_str(value));
+            let pad = self.separator();
+            self.result = write_joined(&mut self.writer, [pad, value]);
             return;
         }
-        match self.start(field) {
-            Some(started) => {
-                self.result = started.and_then(|()| {
-                    self.writer.write_char('"')?;
-                    self.writer.write_str(value)?;
-                    self.writer.write_char('"')
-                })
-            }
-            None => self.delegate(field, |d| d.record_str(field, value)),
+        let name = field.name();
+        if !ordinary(name) {
+            return self.delegate(field, |d| d.record_str(field, value));
         }
+        let pad = self.separator();
+        self.result = write_joined(&mut self.writer, [pad, name, "=\"", value, "\""]);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
