@@ -1008,6 +1008,12 @@ fn ms(t: DateTime<Utc>) -> String {
 /// Shared helpers. Numbers go back to Redis as integer strings (never `%.14g`).
 const PRELUDE: &str = r#"
 local function int(n) return string.format('%.0f', n) end
+-- Whether INCRBY's `total` after adding `amount` made the key: then it needs
+-- its TTL. A counter's TTL is set in the same script that makes it, so one
+-- that existed has it, and asking (`PTTL`) was an extra call per add. Were an
+-- existing counter at 0 (undone adds), setting its TTL again changes nothing:
+-- every caller's TTL ends at the window's fixed keep-until time.
+local function new_counter(total, amount) return total == tonumber(amount) end
 -- Constant-time comparison: the time taken does not depend on where the
 -- strings differ. Plain arithmetic, no call per byte: with `bit.bxor` and
 -- `string.byte` per byte, comparing two code hashes was a third of a check's
@@ -1080,8 +1086,7 @@ local function add_approval_counts(json, head, now)
     local window = math.max(a[3], 1) * 1000
     local slot = math.floor(now / window)
     local key = head .. a[1] .. ':' .. int(a[3]) .. ':' .. int(slot)
-    redis.call('INCRBY', key, int(a[2]))
-    if redis.call('PTTL', key) < 0 then
+    if new_counter(redis.call('INCRBY', key, int(a[2])), a[2]) then
       redis.call('PEXPIRE', key, int(math.max((slot + 2) * window - now, 0) + 1000))
     end
   end
@@ -1298,8 +1303,9 @@ if attempts >= max then
   finish()
 end
 if counter then
-  redis.call('INCRBY', counter, 1)
-  if redis.call('PTTL', counter) < 0 then redis.call('PEXPIRE', counter, ARGV[11]) end
+  if new_counter(redis.call('INCRBY', counter, 1), 1) then
+    redis.call('PEXPIRE', counter, ARGV[11])
+  end
 end
 return {'wrong', int(math.max(max - attempts, 0)), r[6] or ''}
 "#;
@@ -1589,7 +1595,7 @@ local function add_counters(k, a, n)
   for i = 1, n do
     local key, at = KEYS[k + i], a + 3 * i - 2
     local total = redis.call('INCRBY', key, ARGV[at])
-    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ARGV[at + 1]) end
+    if new_counter(total, ARGV[at]) then redis.call('PEXPIRE', key, ARGV[at + 1]) end
     totals[i] = total
     if ARGV[at + 2] ~= '' and total > tonumber(ARGV[at + 2]) then break end
   end

@@ -617,6 +617,84 @@ async fn an_approval_adds_the_counts_kept_with_its_record() {
     assert_eq!((count("kept").await, count("at-check").await), (1, 4));
 }
 
+/// Every counter a send and its checks make expires with its window: the
+/// guess budget's (a wrong check), the approval's (a right check), a send's
+/// own adds; a later add to one leaves its expiry as it was.
+#[tokio::test]
+async fn every_counter_a_verification_makes_expires_with_its_window() {
+    use crate::store_contract::{Fixture, t0};
+    use otpd::domain::Verification;
+    use otpd::store::{ApprovalCounts, CheckOutcome, CounterAdd, GuessBudget, SendDecision};
+
+    let Some((store, url, prefix)) = single_node_store().await else {
+        return;
+    };
+    let now = t0() + chrono::Duration::seconds(1800);
+    // The approval adds what its send kept (below), nothing worked out at check time.
+    let at_check: ApprovalCounts = std::sync::Arc::new(|_: &Verification| Vec::new());
+    let add = |key: &str| CounterAdd {
+        key: key.to_owned(),
+        amount: 1,
+        window_seconds: 3600,
+        ceiling: None,
+    };
+    let f = Fixture::new();
+    let id = Uuid::new_v4();
+    let mut plan = f.plan(f.verification(id, "123456", now));
+    plan.approval_counts = vec![add("approved")];
+    let (decision, _) = store
+        .start_counted_send(&plan, &[add("sent")], now)
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Created { .. }),
+        "{decision:?}"
+    );
+    for (code, approved) in [("123457", false), ("123456", true)] {
+        let outcome = store
+            .check_counted_code(
+                &f.tenant,
+                id,
+                &f.hash(id, code),
+                GuessBudget::new(10),
+                Some(&at_check),
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            matches!(outcome, CheckOutcome::Approved(_)),
+            approved,
+            "{outcome:?}"
+        );
+    }
+    // A second add to an existing counter, later in its window.
+    let later = now + chrono::Duration::seconds(600);
+    store.add_counters(&[add("sent")], later).await.unwrap();
+
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let counters = crate::helpers::redis_keys_matching(&mut conn, &format!("{prefix}:ctr:*")).await;
+    let kinds = |needle: &str| counters.iter().filter(|k| k.contains(needle)).count();
+    assert_eq!(
+        (
+            kinds(":sent:"),
+            kinds(":approved:"),
+            kinds(GuessBudget::KEY_PREFIX)
+        ),
+        (1, 1, 1),
+        "{counters:?}"
+    );
+    // Each kept through the end of the window after its own, plus a second
+    // (an hour's windows here), counted from `now`, not from the later add.
+    let slot = now.timestamp().div_euclid(3600);
+    let full = (slot + 2) * 3600 * 1000 - now.timestamp_millis() + 1000;
+    for key in &counters {
+        let ttl = pttl(&url, key).await;
+        assert!(ttl <= full && ttl > full - 5_000, "{key}: {ttl} vs {full}");
+    }
+}
+
 /// The code's hash by subject is kept bound to its verification: copied with
 /// the id-keyed hash into a later record of the same subject (by someone who
 /// can write to Redis but holds no key), it does not let the old code in.
