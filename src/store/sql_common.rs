@@ -1239,9 +1239,10 @@ macro_rules! sql_store {
                 .await
             }
 
-            /// One upsert decides and writes: it takes a free or expired marker,
-            /// renews the holder's own, and leaves anyone else's alone (returning
-            /// no row).
+            /// `CLAIM_MARKER`, a hot write: the delivery-report poller claims a
+            /// lease per message it polls, beside the checks and sends (on SQLite,
+            /// through the writer's own connection, whose page cache a commit
+            /// from its sqlx connection would empty).
             async fn claim_marker(
                 &self,
                 namespace: &str,
@@ -1251,27 +1252,9 @@ macro_rules! sql_store {
                 now: DateTime<Utc>,
             ) -> StoreResult<bool> {
                 let (namespace, name, holder) = (namespace.to_owned(), name.to_owned(), holder.to_owned());
-                self.write(WriteKind::Statement, move |conn| Box::pin(async move {
-                    // The cast: PostgreSQL's bare `1` is a 4-byte integer.
-                    let claimed: Option<i64> = sqlx::query_scalar(
-                        "INSERT INTO markers (namespace, name, value, expires_at)
-                         VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (namespace, name) DO UPDATE SET
-                             value = excluded.value, expires_at = excluded.expires_at
-                         WHERE markers.expires_at <= $5 OR markers.value = excluded.value
-                         RETURNING CAST(1 AS BIGINT)",
-                    )
-                    .bind(&namespace)
-                    .bind(&name)
-                    .bind(&holder)
-                    .bind(millis(expires_at))
-                    .bind(millis(now))
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(map_sqlx)?;
-                    Ok(claimed.is_some())
-                }))
-                .await
+                $hot_write!(self, WriteKind::Statement, |tx| {
+                    tx.claim_marker(&namespace, &name, &holder, expires_at, now)
+                })
             }
 
             async fn list_sealed_with_other_key(

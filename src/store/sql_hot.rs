@@ -130,6 +130,15 @@ pub(crate) trait HotTx {
     async fn save_message(&mut self, m: &MessageRecord) -> StoreResult<()>;
     /// `UPSERT_USAGE`.
     async fn upsert_usage(&mut self, d: &UsageRow) -> StoreResult<()>;
+    /// `CLAIM_MARKER`: whether `holder` holds the lease until `expires_at`.
+    async fn claim_marker(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
     /// `Store::insert_message`: a delivery attempt and what it adds to usage.
     /// Two statements unless the backend has better.
     async fn insert_message_with_usage(
@@ -324,6 +333,17 @@ pub(crate) const FIND_CURRENT: &str = "SELECT v.id, v.status
 /// A namespace's live markers (the pumping guard's blocked prefixes).
 pub(crate) const LIST_MARKERS: &str = "SELECT name, value, expires_at FROM markers
      WHERE namespace = $1 AND expires_at > $2 ORDER BY name";
+
+/// `Store::claim_marker` as one upsert that decides and writes: it takes a
+/// free or expired marker ($5: now), renews the holder's own, and leaves
+/// anyone else's alone (returning no row). The cast: PostgreSQL's bare `1`
+/// is a 4-byte integer.
+pub(crate) const CLAIM_MARKER: &str = "INSERT INTO markers (namespace, name, value, expires_at)
+     VALUES ($1, $2, $3, $4)
+     ON CONFLICT (namespace, name) DO UPDATE SET
+         value = excluded.value, expires_at = excluded.expires_at
+     WHERE markers.expires_at <= $5 OR markers.value = excluded.value
+     RETURNING CAST(1 AS BIGINT)";
 
 /// A verification's columns, in `VerificationRow`'s order: SQLite reads
 /// them by position, which is cheaper than looking each name up.

@@ -18,9 +18,9 @@ use crate::store::sql_common::{
     usage_amount,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT, UPSERT_USAGE,
-    count_approval_sql, message_by_provider_id_sql,
+    ADD_TO_COUNTER, CLAIM_MARKER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION,
+    LIST_MARKERS, RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT,
+    UPSERT_USAGE, count_approval_sql, message_by_provider_id_sql,
 };
 use crate::store::{CounterAdd, CounterRead, GuessBudget, Marker, StoreResult, UsageRow};
 
@@ -286,6 +286,26 @@ impl HotTx for PgConnection {
             .await
             .map_err(map_sqlx)?;
         Ok(())
+    }
+
+    async fn claim_marker(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let claimed: Option<i64> = sqlx::query_scalar(CLAIM_MARKER)
+            .bind(namespace)
+            .bind(name)
+            .bind(holder)
+            .bind(millis(expires_at))
+            .bind(millis(now))
+            .fetch_optional(&mut *self)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(claimed.is_some())
     }
 
     async fn message_by_provider_id(

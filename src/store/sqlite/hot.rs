@@ -20,9 +20,9 @@ use crate::store::sql_common::{
     parse_status, rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
-    ADD_TO_COUNTER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION, LIST_MARKERS,
-    RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT, UPSERT_USAGE,
-    count_approval_sql, message_by_provider_id_sql, verification_columns,
+    ADD_TO_COUNTER, CLAIM_MARKER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION,
+    LIST_MARKERS, RESEND_VERIFICATION, UPDATE_CHECKED, UPDATE_MESSAGE, UPSERT_SUBJECT,
+    UPSERT_USAGE, count_approval_sql, message_by_provider_id_sql, verification_columns,
 };
 use crate::store::{CounterRead, Marker, StoreError, StoreResult, UsageRow};
 
@@ -373,6 +373,29 @@ impl HotTx for Direct<'_> {
             },
         )?;
         Ok(())
+    }
+
+    async fn claim_marker(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let params = named_params! {
+            "$1": namespace,
+            "$2": name,
+            "$3": holder,
+            "$4": millis(expires_at),
+            "$5": millis(now),
+        };
+        let claimed = self
+            .0
+            .prepare_cached(CLAIM_MARKER)
+            .and_then(|mut s| s.query_row(params, |r| r.get::<_, i64>(0)).optional())
+            .map_err(map_rusqlite)?;
+        Ok(claimed.is_some())
     }
 }
 
