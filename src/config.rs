@@ -1,7 +1,7 @@
 //! Layered configuration: defaults → TOML file → `OTPD_*` environment (`__` for
 //! nesting) → CLI flags, validated once at start with errors naming the key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -474,7 +474,35 @@ impl Settings {
             }
         }
         self.validate_delivery()?;
-        self.validate_dialects()
+        self.validate_dialects()?;
+        self.validate_spend_currency()
+    }
+
+    /// A daily spend budget adds message costs up, so the routes it counts
+    /// must be priced in one currency (`SmsRouter::budget_cost`).
+    fn validate_spend_currency(&self) -> Result<(), ConfigError> {
+        let currencies: BTreeSet<String> = self
+            .routes
+            .iter()
+            .filter_map(|r| r.currency.as_deref().map(str::to_ascii_uppercase))
+            .collect();
+        if currencies.len() < 2 {
+            return Ok(());
+        }
+        let mut budgets = vec![("policy".to_owned(), self.policy.clone())];
+        for name in self.tenants.keys() {
+            budgets.push((format!("tenants.{name}.policy"), self.tenant_policy(name)?));
+        }
+        budgets.push(("dialects.bridgex.policy".into(), self.bridgex_policy()?));
+        budgets.push(("dialects.openlyne.policy".into(), self.openlyne_policy()?));
+        match budgets.iter().find(|(_, p)| p.daily_spend_limit > 0.0) {
+            Some((key, _)) => Err(ConfigError::Invalid(format!(
+                "{key}.daily_spend_limit: the routes are priced in {}; a spend budget \
+                 needs them in one currency",
+                currencies.into_iter().collect::<Vec<_>>().join(" and ")
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn validate_delivery(&self) -> Result<(), ConfigError> {
@@ -1081,6 +1109,24 @@ secret = "webhook-secret-1"
         assert!(s.policy.resend_on_failed_delivery);
         assert!(!s.tenant_policy("acme").unwrap().resend_on_failed_delivery);
         assert_eq!(Settings::default().dlr.callback_url("twilio"), None);
+    }
+
+    #[test]
+    fn a_spend_budget_needs_the_routes_priced_in_one_currency() {
+        let routes = "[[routes]]\nid = 1\nprovider = \"bridgexapi\"\napi_key = \"k\"\nprovider_route_id = 3\ncaller_id = \"OTPD\"\nprice = { \"*\" = 0.05 }\ncurrency = \"eur\"\n\n[[routes]]\nid = 2\nprovider = \"bridgexapi\"\napi_key = \"k\"\nprovider_route_id = 3\ncaller_id = \"OTPD\"\ncurrency = \"USD\"\n";
+        load_toml(routes).expect("two currencies and no budget");
+        let err = load_toml(&format!(
+            "{routes}\n[tenants.acme.policy]\ndaily_spend_limit = 10.0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tenants.acme.policy.daily_spend_limit") && err.contains("EUR and USD"),
+            "{err}"
+        );
+        let one = routes.replace("\"USD\"", "\"EUR\"");
+        load_toml(&format!("{one}\n[policy]\ndaily_spend_limit = 10.0\n"))
+            .expect("one currency, written in either case");
     }
 
     #[test]

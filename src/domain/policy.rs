@@ -36,7 +36,8 @@ pub struct Policy {
     /// ISO codes refused even when allowed.
     pub blocked_countries: Vec<String>,
     /// Sends stop for the rest of the UTC day once the day's message costs
-    /// (route prices, in the routes' currency) reach this; 0 = no budget.
+    /// reach this, in the routes' one currency (`SmsRouter::budget_cost`);
+    /// 0 = no budget.
     pub daily_spend_limit: f64,
     pub guard: GuardPolicy,
     /// When a delivery report says a pending verification's SMS failed, send a

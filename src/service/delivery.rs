@@ -211,14 +211,8 @@ impl VerificationService {
         let accepted = records.iter().find(|m| m.was_accepted());
         if let Some(m) = accepted {
             // A re-send costs like any send: it counts against the day's budget.
-            let price = untried
-                .iter()
-                .find(|r| r.id == m.route_id)
-                .and_then(|r| r.price_for(to.country()))
-                .map_or(0.0, |(price, _)| price);
-            self.guard()
-                .record_spend(tenant, policy, m.cost.unwrap_or(price), now)
-                .await;
+            let cost = self.router.budget_cost(m);
+            self.guard().record_spend(tenant, policy, cost, now).await;
         }
         tracing::info!(
             target: "audit",

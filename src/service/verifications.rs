@@ -488,7 +488,7 @@ impl VerificationService {
                     outcome = "sent",
                     client_ip = IpText::of(cmd.client_ip).as_ref().map(IpText::as_str),
                 );
-                let cost = record.cost.unwrap_or(price_estimate);
+                let cost = self.router.budget_cost(record);
                 self.guard.record_spend(tenant, policy, cost, now).await;
                 Ok(SendOutcome {
                     delivery: record.clone(),

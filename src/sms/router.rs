@@ -1,7 +1,7 @@
 //! Explicit routing: which routes a send may use, in which order, and walking
 //! that chain until one provider takes the message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use super::breaker::CircuitBreakers;
 use super::config::RoutingSettings;
 use super::{OutgoingSms, ProviderError, ProviderErrorKind, SendReceipt, SmsProvider};
 use crate::clock::Clock;
-use crate::domain::{Code, DeliveryStatus, PhoneNumber};
+use crate::domain::{Code, DeliveryStatus, MessageRecord, PhoneNumber};
 
 pub const DEFAULT_TEMPLATE: &str = "Your verification code is {code}.";
 
@@ -142,6 +142,9 @@ pub struct SmsRouter {
     /// Per-country chains by upper-case ISO code.
     country_chains: BTreeMap<String, Vec<u32>>,
     default_chain: Vec<u32>,
+    /// The routes' one currency, which spend budgets are kept in (config
+    /// validation refuses a budget over routes priced in several).
+    budget_currency: Option<String>,
     breakers: CircuitBreakers,
     clock: Arc<dyn Clock>,
 }
@@ -156,6 +159,14 @@ impl SmsRouter {
         clock: Arc<dyn Clock>,
     ) -> Self {
         let routes: BTreeMap<u32, Route> = routes.into_iter().map(|r| (r.id, r)).collect();
+        let currencies: BTreeSet<&str> = routes
+            .values()
+            .filter_map(|r| r.currency.as_deref())
+            .collect();
+        let budget_currency = match currencies.into_iter().collect::<Vec<_>>()[..] {
+            [one] => Some(one.to_ascii_uppercase()),
+            _ => None,
+        };
         let breakers = CircuitBreakers::new(
             routing.breaker.clone(),
             clock.clone(),
@@ -171,6 +182,7 @@ impl SmsRouter {
                 .map(|(cc, c)| (cc.to_ascii_uppercase(), c.routes.clone()))
                 .collect(),
             default_chain: Vec::new(),
+            budget_currency,
             breakers,
             clock,
         }
@@ -189,6 +201,38 @@ impl SmsRouter {
 
     pub fn route(&self, id: u32) -> Option<&Route> {
         self.routes.get(&id)
+    }
+
+    /// What an accepted message counts against a daily spend budget, in the
+    /// routes' currency: the provider's reported cost when it is in that
+    /// currency (or names none), else the route's price for the country. A
+    /// cost in another currency with no price to count instead is counted as
+    /// reported, and logged: a route billed in another currency needs a price.
+    pub fn budget_cost(&self, message: &MessageRecord) -> f64 {
+        let in_budget_currency = match (&message.currency, &self.budget_currency) {
+            (Some(reported), Some(budget)) => reported.eq_ignore_ascii_case(budget),
+            _ => true,
+        };
+        if in_budget_currency && let Some(cost) = message.cost {
+            return cost;
+        }
+        let price = self
+            .routes
+            .get(&message.route_id)
+            .and_then(|r| r.price_for(message.country.as_deref()));
+        if let Some((price, _)) = price {
+            return price;
+        }
+        if !in_budget_currency {
+            tracing::warn!(
+                route_id = message.route_id,
+                currency = message.currency.as_deref(),
+                budget_currency = self.budget_currency.as_deref(),
+                "a message's cost is in another currency than the spend budget's and \
+                 its route has no price: counted as reported"
+            );
+        }
+        message.cost.unwrap_or(0.0)
     }
 
     /// Each route's id, provider and circuit state (`closed`, `open`,

@@ -579,6 +579,62 @@ async fn daily_spend_budget_stops_sends_until_midnight_utc() {
     );
 }
 
+/// Accepts everything and reports what the message cost, as Africa's Talking
+/// and Twilio do: an amount in the currency the account is billed in.
+struct Billed(f64, &'static str);
+
+#[async_trait]
+impl SmsProvider for Billed {
+    fn name(&self) -> &'static str {
+        "billed"
+    }
+
+    async fn send(&self, _sms: &OutgoingSms<'_>) -> Result<SendReceipt, ProviderError> {
+        Ok(SendReceipt {
+            provider_message_id: Some(Uuid::new_v4().to_string()),
+            cost: Some(self.0),
+            currency: Some(self.1.into()),
+            ..SendReceipt::default()
+        })
+    }
+}
+
+/// A budget of 1.0 EUR over one EUR route (at `price` a message, if any)
+/// whose provider bills `billed`: how many sends it lets through before
+/// `daily_spend`.
+async fn sends_within_budget(billed: Billed, price: Option<f64>) -> usize {
+    let mut route = Route::new(1, Arc::new(billed));
+    if let Some(price) = price {
+        route.price.insert("*".into(), price);
+    }
+    route.currency = Some("EUR".into());
+    let app = TestApp::spawn_routed(vec![route], |s| s.policy.daily_spend_limit = 1.0).await;
+    for i in 0..10 {
+        let answer = send(&app, json!({ "to": nl(i) })).await;
+        if answer.0 == StatusCode::TOO_MANY_REQUESTS {
+            assert_limited(&answer, "daily_spend");
+            return i as usize;
+        }
+        assert_eq!(answer.0, StatusCode::CREATED, "{}", answer.2);
+    }
+    panic!("the budget never stopped a send");
+}
+
+#[tokio::test]
+async fn spend_counts_the_providers_cost_only_in_the_budgets_currency() {
+    // Billed in the routes' currency: the provider's own figure counts.
+    assert_eq!(sends_within_budget(Billed(0.5, "EUR"), Some(0.25)).await, 2);
+    assert_eq!(sends_within_budget(Billed(0.5, "eur"), Some(0.25)).await, 2);
+    // Billed in shillings: 80 of them are not 80 euros; the route's price counts.
+    assert_eq!(
+        sends_within_budget(Billed(80.0, "KES"), Some(0.25)).await,
+        4
+    );
+    // With no price to count instead, the provider's figure counts as it is
+    // (and a warning says so) rather than nothing: a budget still stops sends.
+    assert_eq!(sends_within_budget(Billed(0.4, "KES"), None).await, 3);
+}
+
 #[tokio::test]
 async fn nothing_pending_looks_the_same_whatever_the_number_went_through() {
     let app = TestApp::spawn().await;
