@@ -15,4 +15,4 @@ pub use message::{DeliveryStatus, MessageRecord};
 pub use phone::{PhoneNumber, TypedNumber};
 pub use policy::{GuardPolicy, Policy};
 pub use purpose::Purpose;
-pub use verification::{Status, SubjectKey, Verification};
+pub use verification::{Dialect, SendOptions, Status, SubjectKey, Verification};

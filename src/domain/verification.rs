@@ -55,6 +55,60 @@ impl Status {
     }
 }
 
+/// The API a send came through: its policy is the one a re-send follows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dialect {
+    /// `/v1`: the tenant's policy.
+    #[default]
+    Native,
+    /// `/send-otp`: `dialects.bridgex.policy`.
+    Bridgex,
+    /// The Openlyne-style API: `dialects.openlyne.policy`.
+    Openlyne,
+}
+
+/// How the latest send was asked for, kept with its verification so that a
+/// re-send after a failed delivery repeats it: the same API's policy, code
+/// length and template locale, and only the routes it allowed (a route pinned
+/// without failover is the only one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendOptions {
+    #[serde(default)]
+    pub dialect: Dialect,
+    pub code_length: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_id: Option<u32>,
+    pub failover: bool,
+}
+
+/// BCP 47's longest practical tag (RFC 5646 §4.4.1).
+pub const MAX_LOCALE_LEN: usize = 35;
+
+/// A locale as a send may ask for one (`fr`, `pt-BR`, `zh_Hant`): it is kept
+/// with the verification, so it is held to the shape of a language tag.
+pub fn is_locale_tag(locale: &str) -> bool {
+    (1..=MAX_LOCALE_LEN).contains(&locale.len())
+        && locale
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl SendOptions {
+    /// As stores keep it: one short JSON text.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `None` for text that is not such an object (never written so): the
+    /// re-send then falls back to the tenant's policy and any route.
+    pub fn from_text(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verification {
     pub id: Uuid,
@@ -76,6 +130,8 @@ pub struct Verification {
     pub updated_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub last_sent_at: DateTime<Utc>,
+    /// The latest send's options; `None` on records written before otpd kept them.
+    pub send_options: Option<SendOptions>,
 }
 
 impl Verification {

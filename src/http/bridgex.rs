@@ -24,7 +24,7 @@ use super::extract::authenticate_headers;
 use super::state::AppState;
 use crate::config::BRIDGEX_ROUTE_IDS;
 use crate::domain::phone::mask_digits;
-use crate::domain::{Code, PhoneNumber, Purpose, TypedNumber};
+use crate::domain::{Code, Dialect, PhoneNumber, Purpose, TypedNumber};
 use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
 use crate::sms::router::RoutingError;
 
@@ -686,6 +686,7 @@ pub async fn send_otp(
     let cmd = SendCommand {
         route_id: Some(form.route_id),
         client_ip,
+        dialect: Dialect::Bridgex,
         ..SendCommand::new(form.phone, form.purpose)
     };
     let out = state

@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::client_ip::ClientIp;
 use super::extract::authenticate;
 use super::state::AppState;
-use crate::domain::{Code, PhoneNumber, Purpose};
+use crate::domain::{Code, Dialect, PhoneNumber, Purpose};
 use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
 
 pub fn routes() -> Router<AppState> {
@@ -362,6 +362,7 @@ pub async fn send_otp(
         uid: Some(uid),
         sandbox,
         client_ip,
+        dialect: Dialect::Openlyne,
         ..SendCommand::new(phone, Purpose::default())
     };
     state

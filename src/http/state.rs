@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::client_ip::TrustedProxies;
 use super::dlr::DlrEndpoints;
 use crate::config::DialectSettings;
-use crate::domain::Policy;
+use crate::domain::{Dialect, Policy};
 use crate::metrics::Metrics;
 use crate::service::{ApiKeys, PolicySource, VerificationService};
 
@@ -74,7 +74,11 @@ impl Policies {
 }
 
 impl PolicySource for Policies {
-    fn policy_for(&self, tenant: &str) -> &Policy {
-        self.for_tenant(tenant)
+    fn policy_for(&self, tenant: &str, dialect: Dialect) -> &Policy {
+        match dialect {
+            Dialect::Native => self.for_tenant(tenant),
+            Dialect::Bridgex => &self.bridgex,
+            Dialect::Openlyne => &self.openlyne,
+        }
     }
 }

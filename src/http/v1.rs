@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Tenant};
 use super::state::AppState;
 use crate::domain::{
-    Code, DeliveryStatus, MessageRecord, PhoneNumber, Purpose, Status, Verification,
+    Code, DeliveryStatus, Dialect, MessageRecord, PhoneNumber, Purpose, Status, Verification,
 };
 use crate::rfc3339;
 use crate::service::{Caller, CheckResult, SendCommand, Target, UsageReport};
@@ -49,6 +49,7 @@ pub struct SendVerificationRequest {
     pub failover: Option<bool>,
     /// Deliver to the sandbox inbox instead of a real provider.
     pub sandbox: Option<bool>,
+    /// The route template's language (`fr`, `pt-BR`): a language tag of at most 35 characters.
     pub locale: Option<String>,
     pub code_length: Option<u8>,
     pub ttl_seconds: Option<u32>,
@@ -280,6 +281,7 @@ pub async fn send_verification(
         code_length: req.code_length,
         ttl_seconds: req.ttl_seconds,
         client_ip,
+        dialect: Dialect::Native,
     };
     let policy = state.policies.for_tenant(&tenant);
     let out = state.service.send(&tenant, policy, cmd).await?;

@@ -9,14 +9,15 @@ use std::time::Duration as StdDuration;
 use super::usage::{self, UsageReport};
 use super::verifications::VerificationService;
 use crate::domain::policy::MIN_TTL_SECONDS;
-use crate::domain::{DeliveryStatus, MessageRecord, Policy};
+use crate::domain::{DeliveryStatus, Dialect, MessageRecord, Policy};
 use crate::sms::router::DeliveryRequest;
 use crate::store::{CodeReplacement, MessageUpdate, StoreError, UsageRow};
 use chrono::{Duration, NaiveDate};
 
-/// Which policy a tenant's verifications follow (resolved once at start).
+/// Which policy a tenant's verifications follow through each API (resolved
+/// once at start).
 pub trait PolicySource: Send + Sync + 'static {
-    fn policy_for(&self, tenant: &str) -> &Policy;
+    fn policy_for(&self, tenant: &str, dialect: Dialect) -> &Policy;
 }
 
 /// What a delivery report did.
@@ -92,8 +93,7 @@ impl VerificationService {
             self.add_usage(&delta).await;
         }
         let resent = if message.status.is_failure() {
-            let policy = policies.policy_for(&message.tenant);
-            match self.resend_after_failure(policy, &message).await {
+            match self.resend_after_failure(policies, &message).await {
                 Ok(resent) => resent,
                 Err(e) => {
                     tracing::error!(
@@ -114,16 +114,16 @@ impl VerificationService {
     /// policy allows it, the verification is still pending, and `failed` carried
     /// its current code, a new code goes out over the chain's routes this
     /// verification has not used yet (each route at most once, first come first).
+    /// The latest send's options decide as they did for it: its API's policy,
+    /// the code's length, the template's locale, and the routes it allowed (a
+    /// route pinned without failover was the only one, so nothing is re-sent).
     /// Neither cooldown nor send window applies, and the attempts left stay.
     /// Returns the new attempts (empty when nothing was re-sent).
     async fn resend_after_failure(
         &self,
-        policy: &Policy,
+        policies: &dyn PolicySource,
         failed: &MessageRecord,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        if !policy.resend_on_failed_delivery {
-            return Ok(Vec::new());
-        }
         let now = self.clock.now();
         let tenant = failed.tenant.as_str();
         let Some(v) = self
@@ -134,6 +134,13 @@ impl VerificationService {
         else {
             return Ok(Vec::new());
         };
+        // A record from before otpd kept send options: the tenant's policy and
+        // any route of its chain, as then.
+        let options = v.send_options.as_ref();
+        let policy = policies.policy_for(tenant, options.map_or(Dialect::Native, |o| o.dialect));
+        if !policy.resend_on_failed_delivery {
+            return Ok(Vec::new());
+        }
         let messages = self.store.list_messages(tenant, v.id).await?;
         // Each send replaces the code; only the latest accepted message's code
         // can still be typed in, so an older message's failure needs no rescue.
@@ -151,10 +158,13 @@ impl VerificationService {
             tracing::error!(verification_id = %v.id, "cannot open the stored number for a re-send");
             return Ok(Vec::new());
         };
-        let chain = match self
-            .router
-            .plan(&policy.routes, None, true, false, to.country())
-        {
+        let chain = match self.router.plan(
+            &policy.routes,
+            options.and_then(|o| o.route_id),
+            options.is_none_or(|o| o.failover),
+            false,
+            to.country(),
+        ) {
             Ok(chain) => chain,
             Err(e) => {
                 tracing::info!(verification_id = %v.id, reason = %e, "no route to re-send over");
@@ -176,7 +186,7 @@ impl VerificationService {
             .max(i64::from(MIN_TTL_SECONDS));
         let code = self
             .codes
-            .generate(policy.code_length)
+            .generate(options.map_or(policy.code_length, |o| o.code_length))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let replacement = CodeReplacement {
             tenant: tenant.to_owned(),
@@ -199,7 +209,7 @@ impl VerificationService {
                     verification_id: v.id,
                     to: &to,
                     code: &code,
-                    locale: None,
+                    locale: options.and_then(|o| o.locale.as_deref()),
                     ttl: StdDuration::from_secs(u64::try_from(ttl_seconds).unwrap_or(0)),
                 },
             )

@@ -12,9 +12,10 @@ use crate::clock::Clock;
 use crate::crypto::{Crypto, to_hex};
 use crate::domain::code::{MAX_CODE_LENGTH, MIN_CODE_LENGTH};
 use crate::domain::policy::MIN_TTL_SECONDS;
+use crate::domain::verification::{MAX_LOCALE_LEN, is_locale_tag};
 use crate::domain::{
-    Code, CodeGenerator, DeliveryStatus, MessageRecord, PhoneNumber, Policy, Purpose, Status,
-    SubjectKey, TypedNumber, Verification,
+    Code, CodeGenerator, DeliveryStatus, Dialect, MessageRecord, PhoneNumber, Policy, Purpose,
+    SendOptions, Status, SubjectKey, TypedNumber, Verification,
 };
 use crate::metrics::{CheckResultLabel, Metrics, SendResult};
 use crate::sms::router::{DeliveryRequest, RoutingError};
@@ -67,6 +68,8 @@ pub struct SendCommand {
     pub ttl_seconds: Option<u32>,
     /// The client's address, for the per-client limit and the audit log.
     pub client_ip: Option<IpAddr>,
+    /// The API it came through, whose policy a re-send follows.
+    pub dialect: Dialect,
 }
 
 impl SendCommand {
@@ -82,6 +85,7 @@ impl SendCommand {
             code_length: None,
             ttl_seconds: None,
             client_ip: None,
+            dialect: Dialect::Native,
         }
     }
 }
@@ -298,6 +302,11 @@ impl VerificationService {
                 "code_length must be between {MIN_CODE_LENGTH} and {MAX_CODE_LENGTH}"
             )));
         }
+        if cmd.locale.as_deref().is_some_and(|l| !is_locale_tag(l)) {
+            return Err(SendError::InvalidRequest(format!(
+                "locale must be a language tag such as fr or pt-BR (letters, digits, '-' or '_'; at most {MAX_LOCALE_LEN})"
+            )));
+        }
         let ttl_seconds = cmd.ttl_seconds.unwrap_or(policy.ttl_seconds);
         if !(MIN_TTL_SECONDS..=policy.max_ttl_seconds).contains(&ttl_seconds) {
             return Err(SendError::InvalidRequest(format!(
@@ -368,6 +377,13 @@ impl VerificationService {
                 updated_at: now,
                 expires_at: now + Duration::seconds(ttl_seconds.into()),
                 last_sent_at: now,
+                send_options: Some(SendOptions {
+                    dialect: cmd.dialect,
+                    code_length,
+                    locale: cmd.locale.clone(),
+                    route_id: cmd.route_id,
+                    failover: cmd.failover,
+                }),
             };
             let plan = SendPlan {
                 verification,

@@ -37,7 +37,8 @@ use super::{
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::limits::WindowCounts;
 use crate::domain::{
-    ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
+    ApiKeyRecord, DeliveryStatus, Dialect, MessageRecord, SendOptions, Status, SubjectKey,
+    Verification,
 };
 
 /// Ended verifications stay readable this long before the purge forgets them.
@@ -212,6 +213,7 @@ struct Spill {
     error: Option<Box<str>>,
     /// Resends are rare: 16 bytes here rather than in every delivery record.
     resend_of: Option<Uuid>,
+    locale: Option<Box<str>>,
 }
 
 /// A hash index of slab positions, in parts that grow one at a time.
@@ -340,7 +342,7 @@ const HAS_CODE: u8 = 4;
 const HAS_COUNTRY: u8 = 8;
 const COMPACT_MASK: u8 = 16;
 
-/// One verification, 208 bytes.
+/// One verification, 216 bytes.
 #[derive(Clone, Copy)]
 struct VRec {
     id: [u8; 16],
@@ -359,6 +361,10 @@ struct VRec {
     purpose: u32,
     /// The send's approval counts (`ApprovalSets`), `NONE` when it kept none.
     approval: u32,
+    /// `SendOptions`: the pinned route (`NONE`: none), the locale's symbol
+    /// (`NO_SYMBOL`: none, or in the side table), and `send_bits`.
+    route: u32,
+    locale: u32,
     masked_tail: [u8; 4],
     country: [u8; 2],
     masked_stars: u8,
@@ -366,6 +372,7 @@ struct VRec {
     phone_len: u8,
     status: u8,
     flags: u8,
+    send_bits: u8,
 }
 
 impl Default for VRec {
@@ -386,12 +393,15 @@ impl Default for VRec {
             tenant: NO_SYMBOL,
             purpose: NO_SYMBOL,
             approval: NONE,
+            route: NONE,
+            locale: NO_SYMBOL,
             masked_tail: [0; 4],
             country: [0; 2],
             masked_stars: 0,
             phone_len: 0,
             status: 0,
             flags: 0,
+            send_bits: 0,
         }
     }
 }
@@ -467,6 +477,16 @@ impl VRec {
             spill.purpose = Some(v.purpose.as_str().into());
         }
         spill.uid = v.uid.as_deref().map(Into::into);
+        if let Some(o) = &v.send_options {
+            r.send_bits = send_bits(o);
+            r.route = o.route_id.unwrap_or(NONE);
+            if let Some(locale) = &o.locale {
+                r.locale = symbols.intern(locale);
+                if r.locale == NO_SYMBOL {
+                    spill.locale = Some(locale.as_str().into());
+                }
+            }
+        }
         if let Some(h) = v.code_hash {
             r.code_hash = h;
             r.flags |= HAS_CODE;
@@ -542,8 +562,49 @@ impl VRec {
             updated_at: time(self.updated),
             expires_at: time(self.expires),
             last_sent_at: time(self.last_sent),
+            send_options: self.send_options(spill, symbols),
         }
     }
+
+    fn send_options(&self, spill: Option<&Spill>, symbols: &Symbols) -> Option<SendOptions> {
+        let code_length = self.send_bits & SEND_CODE_LENGTH;
+        if code_length == 0 {
+            return None;
+        }
+        let locale = if self.locale == NO_SYMBOL {
+            spill.and_then(|x| x.locale.as_deref()).map(str::to_owned)
+        } else {
+            Some(symbols.name(self.locale).to_string())
+        };
+        Some(SendOptions {
+            dialect: match self.send_bits & SEND_DIALECT {
+                SEND_BRIDGEX => Dialect::Bridgex,
+                SEND_OPENLYNE => Dialect::Openlyne,
+                _ => Dialect::Native,
+            },
+            code_length,
+            locale,
+            route_id: (self.route != NONE).then_some(self.route),
+            failover: self.send_bits & SEND_FAILOVER != 0,
+        })
+    }
+}
+
+/// `VRec::send_bits`: the code's length (4–10; 0 when the record has no
+/// send options), the dialect, and whether failover was allowed.
+const SEND_CODE_LENGTH: u8 = 0x0f;
+const SEND_DIALECT: u8 = 0x30;
+const SEND_BRIDGEX: u8 = 0x10;
+const SEND_OPENLYNE: u8 = 0x20;
+const SEND_FAILOVER: u8 = 0x40;
+
+fn send_bits(o: &SendOptions) -> u8 {
+    let dialect = match o.dialect {
+        Dialect::Native => 0,
+        Dialect::Bridgex => SEND_BRIDGEX,
+        Dialect::Openlyne => SEND_OPENLYNE,
+    };
+    (o.code_length & SEND_CODE_LENGTH) | dialect | if o.failover { SEND_FAILOVER } else { 0 }
 }
 
 impl Spill {
@@ -559,6 +620,7 @@ impl Spill {
             || self.currency.is_some()
             || self.error.is_some()
             || self.resend_of.is_some()
+            || self.locale.is_some()
     }
 }
 
@@ -1517,11 +1579,13 @@ impl Store for MemoryStore {
             r.updated = now_ms;
             r.last_sent = now_ms;
             // A resend goes to the number of this request (a uid's number may
-            // change): take its phone, mask and country, keeping the rest.
+            // change), as it asked: take its phone, mask, country and send
+            // options, keeping the rest.
             let mut v = shard.decode(i, &self.symbols);
             v.phone = planned.phone.clone();
             v.masked_to = planned.masked_to.clone();
             v.country = planned.country.clone();
+            v.send_options = planned.send_options.clone();
             shard.rewrite(i, &v, &self.symbols, approval);
             SendDecision::Replaced {
                 verification: shard.decode(i, &self.symbols),
@@ -2130,7 +2194,7 @@ mod tests {
 
     #[test]
     fn records_stay_small() {
-        assert_eq!(std::mem::size_of::<VRec>(), 208);
+        assert_eq!(std::mem::size_of::<VRec>(), 216);
         assert_eq!(std::mem::size_of::<SRec>(), 72);
         assert_eq!(std::mem::size_of::<MRec>(), 160);
         assert_eq!(std::mem::size_of::<Counter>(), 28);
@@ -2200,6 +2264,7 @@ mod tests {
             updated_at: now,
             expires_at: now + Duration::seconds(300),
             last_sent_at: now,
+            send_options: None,
         }
     }
 

@@ -40,6 +40,11 @@ const SQLITE: &[File] = &[
         "usage stripes",
         include_str!("../../migrations/sqlite/0005_usage_stripes.sql"),
     ),
+    (
+        6,
+        "send options",
+        include_str!("../../migrations/sqlite/0006_send_options.sql"),
+    ),
 ];
 
 const POSTGRES: &[File] = &[
@@ -77,6 +82,11 @@ const POSTGRES: &[File] = &[
         7,
         "usage stripes",
         include_str!("../../migrations/postgres/0007_usage_stripes.sql"),
+    ),
+    (
+        8,
+        "send options",
+        include_str!("../../migrations/postgres/0008_send_options.sql"),
     ),
 ];
 

@@ -78,7 +78,7 @@ use super::{
 use crate::crypto::{SealedPhone, to_hex};
 use crate::domain::limits::WindowCounts;
 use crate::domain::{
-    ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
+    ApiKeyRecord, DeliveryStatus, MessageRecord, SendOptions, Status, SubjectKey, Verification,
 };
 
 pub const DEFAULT_KEY_PREFIX: &str = "otpd";
@@ -1168,12 +1168,13 @@ if pending and pending == ARGV[6] then
   end
   redis.call('HSET', KEYS[2], 'expires_at', ARGV[9], 'updated_at', ARGV[1], 'last_sent_at', ARGV[1])
   redis.call('HINCRBY', KEYS[2], 'send_count', 1)
-  -- A resend goes to the number of this request (a uid's number may change).
-  redis.call('HDEL', KEYS[2], 'country', 'approval_counts', 'subject_code_hash')
+  -- A resend goes to the number of this request (a uid's number may change),
+  -- as it asked (its send options).
+  redis.call('HDEL', KEYS[2], 'country', 'approval_counts', 'subject_code_hash', 'send_options')
   for i = P, #ARGV, 2 do
     local f = ARGV[i]
     if f == 'phone' or f == 'masked_to' or f == 'country' or f == 'approval_counts'
-      or f == 'subject_code_hash' then
+      or f == 'subject_code_hash' or f == 'send_options' then
       redis.call('HSET', KEYS[2], f, ARGV[i + 1])
     end
   end
@@ -1816,6 +1817,9 @@ fn verification_pairs(v: &Verification) -> Pairs {
     if let Some(hash) = &v.code_hash {
         pairs.push(("code_hash", to_hex(hash)));
     }
+    if let Some(options) = &v.send_options {
+        pairs.push(("send_options", options.to_text()));
+    }
     pairs
 }
 
@@ -2019,6 +2023,10 @@ fn decode_verification(flat: &[String]) -> StoreResult<Verification> {
         updated_at: f.time("updated_at")?,
         expires_at: f.time("expires_at")?,
         last_sent_at: f.time("last_sent_at")?,
+        send_options: f
+            .opt("send_options")
+            .as_deref()
+            .and_then(SendOptions::from_text),
     })
 }
 
@@ -3576,6 +3584,7 @@ mod tests {
             updated_at: now,
             expires_at: now + chrono::Duration::seconds(300),
             last_sent_at: now,
+            send_options: None,
         };
         let flat: Vec<String> = verification_pairs(&v)
             .into_iter()

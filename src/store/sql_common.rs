@@ -14,7 +14,7 @@ use super::{
 };
 use crate::crypto::{Crypto, SealedPhone};
 use crate::domain::{
-    ApiKeyRecord, DeliveryStatus, MessageRecord, Status, SubjectKey, Verification,
+    ApiKeyRecord, DeliveryStatus, MessageRecord, SendOptions, Status, SubjectKey, Verification,
 };
 
 /// An ended verification stays readable (status reads, usage credit) at least this long;
@@ -134,6 +134,7 @@ row_struct! {
         pub(crate) updated_at: i64,
         pub(crate) expires_at: i64,
         pub(crate) last_sent_at: i64,
+        pub(crate) send_options: Option<String>,
     }
 }
 
@@ -159,8 +160,14 @@ impl TryFrom<VerificationRow> for Verification {
             updated_at: time(r.updated_at)?,
             expires_at: time(r.expires_at)?,
             last_sent_at: time(r.last_sent_at)?,
+            send_options: r.send_options.as_deref().and_then(SendOptions::from_text),
         })
     }
+}
+
+/// A verification's `send_options` column.
+pub(crate) fn options_text(v: &Verification) -> Option<String> {
+    v.send_options.as_ref().map(SendOptions::to_text)
 }
 
 row_struct! {

@@ -350,18 +350,19 @@ pub(crate) const CLAIM_MARKER: &str = "INSERT INTO markers (namespace, name, val
 macro_rules! verification_columns {
     () => {
         "id, tenant, subject, purpose, uid, phone, masked_to, country, code_hash, status,
-         attempts, max_attempts, send_count, created_at, updated_at, expires_at, last_sent_at"
+         attempts, max_attempts, send_count, created_at, updated_at, expires_at, last_sent_at,
+         send_options"
     };
 }
 pub(crate) use verification_columns;
 
-/// A resend: the pending verification gets a new code, expiry and number
-/// (a uid's number may change between sends).
+/// A resend: the pending verification gets a new code, expiry, number (a
+/// uid's number may change between sends) and send options.
 pub(crate) const RESEND_VERIFICATION: &str = concat!(
     "UPDATE verifications
      SET code_hash = $1, expires_at = $2, send_count = send_count + 1,
          updated_at = $3, last_sent_at = $3,
-         phone = $5, masked_to = $6, country = $7
+         phone = $5, masked_to = $6, country = $7, send_options = $8
      WHERE id = $4 RETURNING ",
     verification_columns!()
 );
@@ -370,8 +371,8 @@ pub(crate) const RESEND_VERIFICATION: &str = concat!(
 /// verification ended since the service looked).
 pub(crate) const INSERT_VERIFICATION: &str = "INSERT INTO verifications (id, tenant, subject,
          purpose, uid, phone, masked_to, country, code_hash, status, attempts, max_attempts,
-         send_count, created_at, updated_at, expires_at, last_sent_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+         send_count, created_at, updated_at, expires_at, last_sent_at, send_options)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
      ON CONFLICT (id) DO NOTHING";
 
 /// A send's subject state: an upsert, since SQLite may have no row yet

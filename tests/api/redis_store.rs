@@ -264,6 +264,7 @@ async fn find_current_matches_the_memory_store() {
             updated_at: at,
             expires_at: at + Span::seconds(300),
             last_sent_at: at,
+            send_options: None,
         };
         let plan = |v| SendPlan {
             verification: v,

@@ -55,6 +55,7 @@ fn plan(crypto: &Crypto, tenant: &str, subject: SubjectKey, now: DateTime<Utc>) 
             updated_at: now,
             expires_at: now + Duration::seconds(300),
             last_sent_at: now,
+            send_options: None,
         },
         cooldown_seconds: 30,
         max_sends_per_window: 3,

@@ -8,8 +8,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use otpd::crypto::Crypto;
 use otpd::domain::limits::WindowCounts;
 use otpd::domain::{
-    ApiKeyRecord, Code, DeliveryStatus, MessageRecord, PhoneNumber, Status, SubjectKey,
-    Verification,
+    ApiKeyRecord, Code, DeliveryStatus, Dialect, MessageRecord, PhoneNumber, SendOptions, Status,
+    SubjectKey, Verification,
 };
 use otpd::store::{
     ApprovalCounts, CancelOutcome, CheckOutcome, CodeHasher, CounterAdd, CounterRead, CurrentCheck,
@@ -81,6 +81,13 @@ impl Fixture {
             updated_at: now,
             expires_at: now + Duration::seconds(300),
             last_sent_at: now,
+            send_options: Some(SendOptions {
+                dialect: Dialect::Bridgex,
+                code_length: 8,
+                locale: Some("pt-BR".into()),
+                route_id: Some(3),
+                failover: false,
+            }),
         }
     }
 
@@ -437,16 +444,32 @@ pub async fn cooldown_then_resend_keeps_attempts(store: DynStore) {
     assert!(matches!(new, CheckOutcome::Approved(_)));
 }
 
-pub async fn a_resend_to_another_number_records_that_number(store: DynStore) {
+/// A resend goes to the number it names, as it asked (a re-send after a
+/// failed delivery repeats the latest send's options).
+pub async fn a_resend_records_its_number_and_options(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
     let id = f.start(&store, "111111", now).await;
+    let first = store.get_verification(&f.tenant, id).await.unwrap();
+    assert_eq!(
+        first.and_then(|v| v.send_options),
+        f.verification(id, "111111", now).send_options,
+        "a created verification keeps its send options"
+    );
     let later = now + Duration::seconds(31);
     let ug = PhoneNumber::parse("+256700123456").unwrap();
     let mut resend = f.verification(id, "222222", later);
     resend.phone = f.crypto.seal_phone(&ug).unwrap();
     resend.masked_to = ug.masked();
     resend.country = Some("UG".into());
+    let options = SendOptions {
+        dialect: Dialect::Native,
+        code_length: 6,
+        locale: None,
+        route_id: None,
+        failover: true,
+    };
+    resend.send_options = Some(options.clone());
     let decision = store.start_send(&f.plan(resend), later).await.unwrap();
     assert!(
         matches!(decision, SendDecision::Replaced { .. }),
@@ -462,6 +485,7 @@ pub async fn a_resend_to_another_number_records_that_number(store: DynStore) {
         (v.masked_to.as_str(), v.country.as_deref()),
         ("+********3456", Some("UG"))
     );
+    assert_eq!(v.send_options, Some(options));
 }
 
 pub async fn plan_for_a_stale_id_conflicts(store: DynStore) {
@@ -2482,7 +2506,7 @@ macro_rules! store_contract_tests {
                 find_current_sees_pending_and_dead_but_not_ended,
                 cooldown_then_resend_keeps_attempts,
                 plan_for_a_stale_id_conflicts,
-                a_resend_to_another_number_records_that_number,
+                a_resend_records_its_number_and_options,
                 send_window_limits_resends,
                 spent_attempts_do_not_skip_cooldown_or_window,
                 abort_releases_cooldown_and_leaves_nothing_pending,

@@ -264,6 +264,34 @@ async fn codes_expire_after_their_ttl() {
 }
 
 #[tokio::test]
+async fn a_locale_is_a_language_tag() {
+    let app = TestApp::spawn().await;
+    for (i, good) in ["fr", "pt-BR", "zh_Hant", "sr-Latn-RS"].iter().enumerate() {
+        let r = app
+            .post(
+                "/v1/verifications",
+                json!({ "to": NL, "uid": format!("u{i}"), "locale": good }),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{good}");
+    }
+    // Kept with the verification for a re-send, so held to a tag's shape.
+    for bad in ["", "fr;DROP", "x".repeat(36).as_str(), "fr\n", "é"] {
+        let r = app
+            .post("/v1/verifications", json!({ "to": NL, "locale": bad }))
+            .await;
+        let body = expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("locale"),
+            "{bad:?}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn per_request_ttl_and_code_length_within_bounds() {
     let app = TestApp::spawn().await;
     let r = app

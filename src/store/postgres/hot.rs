@@ -14,8 +14,8 @@ use super::PostgresStore;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
     MarkerRow, MessageRow, SubjectState, VerificationRow, Window, counter_amount, counter_slot,
-    counter_total, day_text, id_text, map_sqlx, millis, parse_id, parse_status, rate_slot,
-    usage_amount,
+    counter_total, day_text, id_text, map_sqlx, millis, options_text, parse_id, parse_status,
+    rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, CLAIM_MARKER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION,
@@ -90,6 +90,7 @@ impl HotTx for PgConnection {
             .bind(planned.phone.to_bytes())
             .bind(&planned.masked_to)
             .bind(planned.country.as_deref())
+            .bind(options_text(planned))
             .fetch_one(&mut *self)
             .await
             .map_err(map_sqlx)?
@@ -115,6 +116,7 @@ impl HotTx for PgConnection {
             .bind(millis(planned.updated_at))
             .bind(millis(planned.expires_at))
             .bind(millis(planned.last_sent_at))
+            .bind(options_text(planned))
             .execute(&mut *self)
             .await
             .map_err(map_sqlx)?;

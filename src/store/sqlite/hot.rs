@@ -16,8 +16,8 @@ use super::checkpoint::WRITER_BACKSTOP_PAGES;
 use crate::domain::{MessageRecord, Status, SubjectKey, Verification};
 use crate::store::sql_common::{
     COUNTER_READS_PER_STATEMENT, MarkerRow, MessageRow, SubjectRow, SubjectState, VerificationRow,
-    Window, counter_amount, counter_slot, counter_total, day_text, id_text, millis, parse_id,
-    parse_status, rate_slot, usage_amount,
+    Window, counter_amount, counter_slot, counter_total, day_text, id_text, millis, options_text,
+    parse_id, parse_status, rate_slot, usage_amount,
 };
 use crate::store::sql_hot::{
     ADD_TO_COUNTER, CLAIM_MARKER, FIND_CURRENT, HotTx, INSERT_MESSAGE, INSERT_VERIFICATION,
@@ -177,6 +177,7 @@ impl HotTx for Direct<'_> {
             "$5": planned.phone.to_bytes(),
             "$6": planned.masked_to,
             "$7": planned.country,
+            "$8": options_text(planned),
         };
         // Read in this same write, so it is there.
         query_row(self.0, RESEND_VERIFICATION, params, verification_row)?
@@ -203,6 +204,7 @@ impl HotTx for Direct<'_> {
             "$15": millis(planned.updated_at),
             "$16": millis(planned.expires_at),
             "$17": millis(planned.last_sent_at),
+            "$18": options_text(planned),
         };
         Ok(execute(self.0, INSERT_VERIFICATION, params)? > 0)
     }
@@ -419,6 +421,7 @@ fn verification_row(r: &Row<'_>) -> rusqlite::Result<VerificationRow> {
         updated_at: r.get(14)?,
         expires_at: r.get(15)?,
         last_sent_at: r.get(16)?,
+        send_options: r.get(17)?,
     })
 }
 

@@ -5,8 +5,8 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use super::{
-    DLR_SECRET, Providers, check, deliveries, hits, last_code, post_at_report, post_twilio_report,
-    report_status,
+    DLR_SECRET, Providers, check, deliveries, form, hits, last_code, post_at_report,
+    post_twilio_report, report_status,
 };
 use crate::helpers::{TestApp, expect_error, parts};
 
@@ -369,4 +369,107 @@ async fn only_the_current_codes_message_is_rescued() {
     );
     assert_eq!(deliveries(&app, id).await.len(), 2);
     assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 0);
+}
+
+/// Africa's Talking reports its first message (ATPid_1) undeliverable.
+async fn fail_the_first_message(app: &TestApp) {
+    let failed = [
+        ("id", "ATPid_1"),
+        ("status", "AbsentSubscriber"),
+        ("failureReason", "DeliveryFailure"),
+    ];
+    assert_eq!(
+        report_status(post_at_report(app, DLR_SECRET, &failed).await).await,
+        "updated"
+    );
+}
+
+#[tokio::test]
+async fn a_resend_repeats_the_sends_code_length_and_locale() {
+    let providers = Providers::start().await;
+    let app = TestApp::spawn_with(|s| {
+        providers.configure(s, &[1, 2]);
+        s.routes[1]
+            .templates
+            .insert("fr".into(), "Votre code : {code}".into());
+    })
+    .await;
+    let (status, sent) = parts(
+        app.post(
+            "/v1/verifications",
+            json!({ "to": "+254711000111", "code_length": 8, "locale": "fr-CA" }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{sent}");
+    fail_the_first_message(&app).await;
+
+    let requests = providers.twilio.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1, "re-sent over route 2");
+    let text = form(&requests[0].body)["Body"].clone();
+    assert!(text.starts_with("Votre code : "), "{text}");
+    let code = last_code(&providers.twilio).await;
+    assert_eq!(code.len(), 8, "{text}");
+    let (_, body) = check(&app, sent["id"].as_str().unwrap(), &code).await;
+    assert_eq!(body["valid"], true, "{body}");
+}
+
+#[tokio::test]
+async fn a_route_pinned_without_failover_is_never_resent_over_another() {
+    let providers = Providers::start().await;
+    let app = providers.spawn(&[1, 2]).await;
+    let (status, sent) = parts(
+        app.post(
+            "/v1/verifications",
+            json!({ "to": "+254711000111", "route_id": 1, "failover": false }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{sent}");
+    fail_the_first_message(&app).await;
+    assert_eq!(
+        deliveries(&app, sent["id"].as_str().unwrap()).await.len(),
+        1
+    );
+    assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 0);
+}
+
+#[tokio::test]
+async fn a_bridgex_style_send_is_resent_under_the_dialects_policy() {
+    let providers = Providers::start().await;
+    let app = TestApp::spawn_with(|s| {
+        providers.configure(s, &[1, 2]);
+        s.dialects
+            .bridgex
+            .policy
+            .insert("resend_on_failed_delivery".into(), json!(false));
+    })
+    .await;
+    // The tenant's own policy re-sends; the dialect's does not.
+    let (status, sent) = parts(
+        app.post_bearer(
+            "/send-otp",
+            json!({ "phone_number": "254711000111", "route_id": 1 }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{sent}");
+    fail_the_first_message(&app).await;
+    assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 0);
+
+    // A native send of the same tenant is re-sent.
+    let native = app.send_to("+254711000222").await;
+    let failed = [("id", "ATPid_2"), ("status", "Failed")];
+    assert_eq!(
+        report_status(post_at_report(&app, DLR_SECRET, &failed).await).await,
+        "updated"
+    );
+    assert_eq!(
+        deliveries(&app, native["id"].as_str().unwrap()).await.len(),
+        2
+    );
+    assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 1);
 }
