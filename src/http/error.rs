@@ -51,6 +51,12 @@ pub enum ApiError {
     NoRoute,
     #[error("service temporarily unavailable")]
     Unavailable(String),
+    /// Every route for the destination is cooling off after failures.
+    #[error("{message}")]
+    RoutesCoolingOff {
+        message: String,
+        retry_after_seconds: u64,
+    },
     #[error("internal error")]
     Internal(String),
 }
@@ -77,7 +83,9 @@ impl ApiError {
             }
             ApiError::MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
             ApiError::NoRoute => ("not_found", StatusCode::NOT_FOUND),
-            ApiError::Unavailable(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            ApiError::Unavailable(_) | ApiError::RoutesCoolingOff { .. } => {
+                ("unavailable", StatusCode::SERVICE_UNAVAILABLE)
+            }
             ApiError::Internal(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -88,6 +96,10 @@ impl ApiError {
                 retry_after_seconds,
             }
             | ApiError::RateLimited {
+                retry_after_seconds,
+                ..
+            }
+            | ApiError::RoutesCoolingOff {
                 retry_after_seconds,
                 ..
             } => Some(*retry_after_seconds),
@@ -197,7 +209,12 @@ impl From<RoutingError> for ApiError {
                 ApiError::RouteNotAllowed(e.to_string())
             }
             RoutingError::NoRoute => ApiError::CountryNotAllowed(e.to_string()),
-            RoutingError::CircuitOpen { .. } => ApiError::Unavailable(e.to_string()),
+            RoutingError::CircuitOpen {
+                retry_after_seconds,
+            } => ApiError::RoutesCoolingOff {
+                message: e.to_string(),
+                retry_after_seconds,
+            },
         }
     }
 }

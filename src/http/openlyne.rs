@@ -26,6 +26,7 @@ use super::extract::authenticate;
 use super::state::AppState;
 use crate::domain::{Code, Dialect, PhoneNumber, Purpose};
 use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
+use crate::sms::router::RoutingError;
 
 pub fn routes() -> Router<AppState> {
     let not_allowed = || async { OpenlyneError::MethodNotAllowed };
@@ -151,6 +152,9 @@ impl From<SendError> for OpenlyneError {
                 retry_after_seconds,
                 ..
             } => OpenlyneError::RateLimited(retry_after_seconds),
+            // Every route is cooling off after failures: a failed send, as the
+            // original answered when its provider failed, not a bad number.
+            SendError::Routing(RoutingError::CircuitOpen { .. }) => OpenlyneError::SendFailed,
             // No route may serve this number: to the caller, a number it cannot use.
             SendError::Routing(_) | SendError::CountryNotAllowed { .. } => {
                 OpenlyneError::InvalidPhone

@@ -140,9 +140,11 @@ pub(crate) async fn execute(
 }
 
 /// A connect failure (refused, DNS, TLS, connect timeout) means nothing was
-/// sent, so it is `Unavailable` and safe to fail over; a timeout after
-/// connecting is `Timeout` because the request may have been delivered.
-/// The message never includes reqwest's text, which carries the URL.
+/// sent, so it is `Unavailable` and safe to fail over. Any later failure (a
+/// timeout, or the connection reset or closed before an answer) is `Timeout`:
+/// the request may have been delivered, so with `failover_on_timeout` off no
+/// second route may send it again. The message never includes reqwest's
+/// text, which carries the URL.
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> ProviderError {
     if e.is_connect() {
         let why = if e.is_timeout() {
@@ -156,8 +158,13 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> ProviderError {
             ProviderErrorKind::Timeout,
             format!("no answer within {} ms", timeout.as_millis()),
         )
+    } else if e.is_builder() {
+        ProviderError::new(ProviderErrorKind::Unavailable, "request could not be built")
     } else {
-        ProviderError::new(ProviderErrorKind::Unavailable, "request failed")
+        ProviderError::new(
+            ProviderErrorKind::Timeout,
+            "connection lost before an answer",
+        )
     }
 }
 

@@ -58,7 +58,8 @@ pub struct SendReceipt {
 /// Why a send failed, in the terms the router acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderErrorKind {
-    /// No answer in time. The provider may have accepted the message.
+    /// No answer: none in time, or the connection was lost after the request
+    /// went out. The provider may have accepted the message.
     Timeout,
     /// Connection refused, DNS, TLS, 5xx: the provider is down.
     Unavailable,

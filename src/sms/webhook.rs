@@ -3,7 +3,8 @@
 //! sha256=<hex HMAC-SHA256 of the exact body>`.
 //!
 //! The gateway answers 2xx with an empty body or a JSON object (optional `id`
-//! and `status`: queued, sent, delivered). On failure it may answer JSON
+//! and `status`: queued, sent, delivered; failed or undelivered there is a
+//! refusal, and any other word reads as queued). On failure it may answer JSON
 //! `{"error": "<kind>"}` with a kind such as `invalid_number` (stop: no other
 //! route will do better), `rejected`, `rate_limited`, `insufficient_balance`,
 //! `auth` or `unavailable`; otherwise the HTTP status decides.
@@ -113,11 +114,18 @@ fn parse_success(answer: &HttpAnswer) -> Result<SendReceipt, ProviderError> {
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     });
-    let status = accepted
-        .status
-        .as_deref()
-        .and_then(DeliveryStatus::parse)
-        .unwrap_or(DeliveryStatus::Queued);
+    // A 2xx that says the message failed is a refusal, as other providers'
+    // failed recipient entries are: the next route may still deliver it.
+    let status = match accepted.status.as_deref().and_then(DeliveryStatus::parse) {
+        Some(s @ (DeliveryStatus::Sent | DeliveryStatus::Delivered)) => s,
+        Some(DeliveryStatus::Failed | DeliveryStatus::Undelivered) => {
+            return Err(ProviderError::new(
+                ProviderErrorKind::Rejected,
+                "webhook answered 2xx with a failed status",
+            ));
+        }
+        _ => DeliveryStatus::Queued,
+    };
     Ok(SendReceipt {
         provider_message_id: id,
         status: Some(status),

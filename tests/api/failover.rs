@@ -193,6 +193,56 @@ async fn a_pinned_route_is_tried_first_and_alone_without_failover() {
 }
 
 #[tokio::test]
+async fn with_every_circuit_open_a_send_says_when_to_come_back() {
+    let (primary, fallback) = (MockServer::start().await, MockServer::start().await);
+    primary_answers(&primary, 503, json!({"detail": "maintenance"})).await;
+    gateway_answers(&fallback, 502).await;
+    let app = TestApp::spawn_with(|s| {
+        configure(s, &primary, &fallback);
+        s.routing.breaker.failure_threshold = 1;
+    })
+    .await;
+    let r = app
+        .post("/v1/verifications", json!({"to": "+31651860670"}))
+        .await;
+    expect_error(r, StatusCode::BAD_GATEWAY, "delivery_failed").await;
+
+    // Both circuits are open now: no provider is asked, and the answer gives
+    // the cool-off left, not a blind one second.
+    app.advance(10);
+    let r = app
+        .post("/v1/verifications", json!({"to": "+31651860671"}))
+        .await;
+    let retry_after = r.headers()["retry-after"].to_str().unwrap().to_owned();
+    let body = expect_error(r, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+    assert_eq!(retry_after, "20", "{body}");
+    assert_eq!(body["error"]["retry_after_seconds"], 20, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("every route"),
+        "{body}"
+    );
+    // The Openlyne-style API calls it a failed send, as its original did when
+    // its provider failed, not an invalid number.
+    let (status, body) = parts(
+        app.post(
+            "/webhook/send-otp",
+            json!({"phone": "+31651860672", "uid": "0b8f7c2e-6a4e-4f9b-9a51-2f0c7d3e8a10"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["code"], "send_failed", "{body}");
+    assert_eq!(
+        (requests(&primary).await, requests(&fallback).await),
+        (1, 1)
+    );
+}
+
+#[tokio::test]
 async fn a_failing_route_is_skipped_once_its_circuit_opens() {
     let (primary, fallback) = (MockServer::start().await, MockServer::start().await);
     primary_answers(&primary, 503, json!({"detail": "maintenance"})).await;

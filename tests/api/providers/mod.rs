@@ -145,6 +145,21 @@ pub async fn transport_failures(target: Target) {
     assert!(err.kind.outcome_unknown());
     drop(_guard);
 
+    // The connection closes after the request went out, with no answer: the
+    // provider may have the message just as after a timeout.
+    let hangs_up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_up_base = format!("http://{}", hangs_up.local_addr().unwrap());
+    let hang_up = tokio::spawn(async move {
+        let (mut conn, _) = hangs_up.accept().await.unwrap();
+        let mut request = vec![0; 64 * 1024];
+        let _ = tokio::io::AsyncReadExt::read(&mut conn, &mut request).await;
+    });
+    let provider = (target.make)(&hang_up_base, LONG_TIMEOUT);
+    let err = assert_failure(send(provider.as_ref()).await, ProviderErrorKind::Timeout);
+    assert!(err.kind.outcome_unknown());
+    assert!(err.message.contains("connection lost"), "{}", err.message);
+    hang_up.await.unwrap();
+
     let provider = (target.make)(&base, LONG_TIMEOUT);
     let cases: Vec<(ResponseTemplate, ProviderErrorKind, &str)> = vec![
         (

@@ -101,6 +101,31 @@ async fn an_empty_2xx_is_an_accepted_message() {
 }
 
 #[tokio::test]
+async fn a_2xx_saying_failed_is_a_refusal_the_next_route_can_take() {
+    let server = MockServer::start().await;
+    let p = provider(&server.uri(), Duration::from_secs(5));
+    for status in ["failed", "undelivered"] {
+        let _guard = hook()
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"status": status})))
+            .mount_as_scoped(&server)
+            .await;
+        let err = send(&p).await.unwrap_err();
+        assert_eq!(err.kind, ProviderErrorKind::Rejected, "{status}");
+        assert!(err.kind.try_next_route());
+    }
+    let _guard = hook()
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"status": "accepted"})))
+        .mount_as_scoped(&server)
+        .await;
+    let receipt = send(&p).await.unwrap();
+    assert_eq!(
+        receipt.status,
+        Some(DeliveryStatus::Queued),
+        "another word reads as queued"
+    );
+}
+
+#[tokio::test]
 async fn the_gateway_can_say_why_it_refused() {
     let server = MockServer::start().await;
     let p = provider(&server.uri(), Duration::from_secs(5));
