@@ -217,8 +217,8 @@ impl Default for MetricsSettings {
 }
 
 /// The seed-compatible APIs. Each has its own policy: the original service's
-/// defaults over `[policy]`, then the keys set in `dialects.<name>.policy`.
-/// Per-tenant policy overrides do not apply to the dialects.
+/// defaults over the calling tenant's policy (`[policy]` with its overrides),
+/// then the keys set in `dialects.<name>.policy`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DialectSettings {
@@ -493,8 +493,11 @@ impl Settings {
         for name in self.tenants.keys() {
             budgets.push((format!("tenants.{name}.policy"), self.tenant_policy(name)?));
         }
-        budgets.push(("dialects.bridgex.policy".into(), self.bridgex_policy()?));
-        budgets.push(("dialects.openlyne.policy".into(), self.openlyne_policy()?));
+        budgets.push(("dialects.bridgex.policy".into(), self.bridgex_policy(None)?));
+        budgets.push((
+            "dialects.openlyne.policy".into(),
+            self.openlyne_policy(None)?,
+        ));
         match budgets.iter().find(|(_, p)| p.daily_spend_limit > 0.0) {
             Some((key, _)) => Err(ConfigError::Invalid(format!(
                 "{key}.daily_spend_limit: the routes are priced in {}; a spend budget \
@@ -580,37 +583,52 @@ impl Settings {
                 )));
             }
         }
-        self.bridgex_policy()?;
-        self.openlyne_policy()?;
+        for tenant in std::iter::once(None).chain(self.tenants.keys().map(|t| Some(t.as_str()))) {
+            self.bridgex_policy(tenant)?;
+            self.openlyne_policy(tenant)?;
+        }
         Ok(())
     }
 
-    /// The BridgeX-style API's policy: the original's defaults (6 digits, 300 s,
-    /// 45 s cooldown, 5 attempts) over `[policy]`, then `dialects.bridgex.policy`.
-    pub fn bridgex_policy(&self) -> Result<Policy, ConfigError> {
+    /// The BridgeX-style API's policy for `tenant` (`None`: one with no
+    /// overrides of its own): the original's defaults (6 digits, 300 s, 45 s
+    /// cooldown, 5 attempts) over the tenant's policy, then
+    /// `dialects.bridgex.policy`.
+    pub fn bridgex_policy(&self, tenant: Option<&str>) -> Result<Policy, ConfigError> {
         self.dialect_policy(
+            tenant,
             (6, 300, 45, 5),
             &self.dialects.bridgex.policy,
             "dialects.bridgex.policy",
         )
     }
 
-    /// The Openlyne-style API's policy: the original's defaults (6 digits, 180 s,
-    /// 30 s cooldown, 5 attempts) over `[policy]`, then `dialects.openlyne.policy`.
-    pub fn openlyne_policy(&self) -> Result<Policy, ConfigError> {
+    /// The Openlyne-style API's policy for `tenant`: the original's defaults (6
+    /// digits, 180 s, 30 s cooldown, 5 attempts) over the tenant's policy, then
+    /// `dialects.openlyne.policy`.
+    pub fn openlyne_policy(&self, tenant: Option<&str>) -> Result<Policy, ConfigError> {
         self.dialect_policy(
+            tenant,
             (6, 180, 30, 5),
             &self.dialects.openlyne.policy,
             "dialects.openlyne.policy",
         )
     }
 
+    /// A dialect keeps its original's shape (code length, TTL, cooldown,
+    /// attempts), while a tenant's limits (countries, routes, budgets, rate
+    /// limits) hold whichever API its key calls.
     fn dialect_policy(
         &self,
+        tenant: Option<&str>,
         (code_length, ttl_seconds, cooldown_seconds, max_attempts): (u8, u32, u32, u32),
         overrides: &serde_json::Map<String, serde_json::Value>,
         prefix: &str,
     ) -> Result<Policy, ConfigError> {
+        let own = match tenant {
+            Some(name) => self.tenant_policy(name)?,
+            None => self.policy.clone(),
+        };
         let base = Policy {
             code_length,
             ttl_seconds,
@@ -619,7 +637,7 @@ impl Settings {
             // Dialect requests never ask for their own TTL, so the cap is moot;
             // keeping it at the maximum lets `ttl_seconds` be overridden alone.
             max_ttl_seconds: crate::domain::policy::MAX_TTL_SECONDS,
-            ..self.policy.clone()
+            ..own
         };
         merge_policy(&base, overrides, prefix)
     }
@@ -957,7 +975,7 @@ secret = "webhook-secret-1"
     #[test]
     fn dialect_policies_have_the_seed_defaults_and_take_overrides() {
         let s = Settings::default();
-        let bx = s.bridgex_policy().unwrap();
+        let bx = s.bridgex_policy(None).unwrap();
         assert_eq!(
             (
                 bx.code_length,
@@ -967,7 +985,7 @@ secret = "webhook-secret-1"
             ),
             (6, 300, 45, 5)
         );
-        let ol = s.openlyne_policy().unwrap();
+        let ol = s.openlyne_policy(None).unwrap();
         assert_eq!(
             (
                 ol.code_length,
@@ -982,10 +1000,10 @@ secret = "webhook-secret-1"
             "[policy]\nmax_sends_per_window = 9\n[dialects.bridgex.policy]\ncooldown_seconds = 60\n[dialects.openlyne.policy]\nttl_seconds = 7200\n",
         )
         .unwrap();
-        let bx = s.bridgex_policy().unwrap();
+        let bx = s.bridgex_policy(None).unwrap();
         assert_eq!((bx.cooldown_seconds, bx.ttl_seconds), (60, 300));
         assert_eq!(bx.max_sends_per_window, 9, "the rest comes from [policy]");
-        assert_eq!(s.openlyne_policy().unwrap().ttl_seconds, 7200);
+        assert_eq!(s.openlyne_policy(None).unwrap().ttl_seconds, 7200);
     }
 
     #[test]

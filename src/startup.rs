@@ -128,14 +128,20 @@ impl Application {
                 routes: Vec::new(),
                 ..settings.policy.clone()
             },
-            bridgex: settings.bridgex_policy()?,
-            openlyne: settings.openlyne_policy()?,
+            bridgex: settings.bridgex_policy(None)?,
+            openlyne: settings.openlyne_policy(None)?,
             ..Policies::default()
         };
         for name in settings.tenants.keys() {
             let mut policy = settings.tenant_policy(name)?;
             policy.routes = settings.tenant_chain(name).unwrap_or_default();
             policies.tenants.insert(name.clone(), policy);
+            policies
+                .tenant_bridgex
+                .insert(name.clone(), settings.bridgex_policy(Some(name))?);
+            policies
+                .tenant_openlyne
+                .insert(name.clone(), settings.openlyne_policy(Some(name))?);
         }
         let policies = Arc::new(policies);
         let poller = Arc::new(DlrPoller::new(

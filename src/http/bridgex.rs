@@ -691,7 +691,7 @@ pub async fn send_otp(
     };
     let out = state
         .service
-        .send(&tenant, &state.policies.bridgex, cmd)
+        .send(&tenant, state.policies.of(&tenant, Dialect::Bridgex), cmd)
         .await
         .map_err(|e| send_error(e, form.route_id))?;
 
@@ -755,7 +755,7 @@ pub async fn verify_otp(
     let target = Target::Phone { to, purpose };
     let caller = Caller {
         tenant: &tenant,
-        policy: &state.policies.bridgex,
+        policy: state.policies.of(&tenant, Dialect::Bridgex),
         client_ip,
     };
     let result = match Code::parse(&form.code) {
@@ -787,8 +787,8 @@ pub async fn config(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<BridgexConfigResponse>, BridgexError> {
-    authenticate_headers(&headers, &state).await?;
-    let policy = &state.policies.bridgex;
+    let tenant = authenticate_headers(&headers, &state).await?;
+    let policy = state.policies.of(&tenant, Dialect::Bridgex);
     let dialect = &state.dialects.bridgex;
     Ok(Json(BridgexConfigResponse {
         otp_length: policy.code_length,

@@ -371,7 +371,7 @@ pub async fn send_otp(
     };
     state
         .service
-        .send(&tenant, &state.policies.openlyne, cmd)
+        .send(&tenant, state.policies.of(&tenant, Dialect::Openlyne), cmd)
         .await?;
     Ok(Json(OpenlyneSendResponse {
         success: true,
@@ -408,7 +408,7 @@ pub async fn verify_otp(
     let code = parse_code(body.get("code"))?;
     let caller = Caller {
         tenant: &tenant,
-        policy: &state.policies.openlyne,
+        policy: state.policies.of(&tenant, Dialect::Openlyne),
         client_ip,
     };
     match state

@@ -58,27 +58,35 @@ impl AppStateInner {
 }
 
 /// Policies resolved once at start: the default, each configured tenant's, and
-/// each seed-compatible dialect's.
+/// each seed-compatible dialect's, for tenants without overrides and for
+/// each configured tenant (its own limits in the dialect's shape).
 #[derive(Debug, Clone, Default)]
 pub struct Policies {
     pub default: Policy,
     pub tenants: HashMap<String, Policy>,
     pub bridgex: Policy,
     pub openlyne: Policy,
+    pub tenant_bridgex: HashMap<String, Policy>,
+    pub tenant_openlyne: HashMap<String, Policy>,
 }
 
 impl Policies {
     pub fn for_tenant(&self, tenant: &str) -> &Policy {
         self.tenants.get(tenant).unwrap_or(&self.default)
     }
+
+    /// What `tenant`'s requests through `dialect`'s API follow.
+    pub fn of(&self, tenant: &str, dialect: Dialect) -> &Policy {
+        match dialect {
+            Dialect::Native => self.for_tenant(tenant),
+            Dialect::Bridgex => self.tenant_bridgex.get(tenant).unwrap_or(&self.bridgex),
+            Dialect::Openlyne => self.tenant_openlyne.get(tenant).unwrap_or(&self.openlyne),
+        }
+    }
 }
 
 impl PolicySource for Policies {
     fn policy_for(&self, tenant: &str, dialect: Dialect) -> &Policy {
-        match dialect {
-            Dialect::Native => self.for_tenant(tenant),
-            Dialect::Bridgex => &self.bridgex,
-            Dialect::Openlyne => &self.openlyne,
-        }
+        self.of(tenant, dialect)
     }
 }

@@ -340,6 +340,43 @@ async fn wrong_guesses_are_budgeted_across_resends() {
 }
 
 #[tokio::test]
+async fn a_tenants_limits_hold_on_the_seed_compatible_apis_too() {
+    let app = TestApp::spawn_with(|s| {
+        let mut acme = TenantSettings::default();
+        acme.policy
+            .insert("allowed_countries".into(), json!(["NL"]));
+        acme.policy.insert("cooldown_seconds".into(), json!(5));
+        s.tenants.insert("acme".into(), acme);
+    })
+    .await;
+    let acme = app.new_key("acme").await;
+    let other = app.new_key("other").await;
+    let ug = "256700123456";
+    let bridgex = json!({ "phone_number": ug, "purpose": "login" });
+    let openlyne = json!({ "phone": ug, "uid": "0b8f7c2e-6a4e-4f9b-9a51-2f0c7d3e8a10" });
+    for (path, body, refusal) in [
+        ("/send-otp", &bridgex, "destination country not allowed"),
+        ("/webhook/send-otp", &openlyne, "Invalid phone number"),
+    ] {
+        let (status, answer) = parts(app.post_as(&acme, path, body.clone()).await).await;
+        assert_ne!(status, StatusCode::OK, "{path}: {answer}");
+        assert!(answer.to_string().contains(refusal), "{path}: {answer}");
+        let (status, answer) = parts(app.post_as(&other, path, body.clone()).await).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+    }
+    // The dialect keeps its original's shape over the tenant's own settings:
+    // BridgeX's 45-second cooldown, not acme's 5.
+    let nl = json!({ "phone_number": "31651860670", "purpose": "login" });
+    assert_eq!(
+        app.post_as(&acme, "/send-otp", nl.clone()).await.status(),
+        StatusCode::OK
+    );
+    app.advance(10);
+    let r = app.post_as(&acme, "/send-otp", nl).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn country_allow_and_block_lists_per_tenant() {
     let app = TestApp::spawn_with(|s| {
         s.policy.allowed_countries = vec!["NL".into(), "UG".into()];
