@@ -10,7 +10,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{OriginalUri, Path, State};
+use axum::extract::{OriginalUri, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
 use base64::Engine;
@@ -22,6 +22,7 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
+use super::extract::ApiPath;
 use super::state::AppState;
 use crate::domain::DeliveryStatus;
 use crate::sms::safe_snippet as http_snippet;
@@ -82,7 +83,7 @@ pub struct DeliveryReportResponse {
 )]
 pub async fn delivery_report(
     State(state): State<AppState>,
-    Path((provider, secret)): Path<(String, String)>,
+    ApiPath((provider, secret)): ApiPath<(String, String)>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,

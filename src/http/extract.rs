@@ -98,3 +98,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             .map_err(|e| ApiError::InvalidRequest(e.body_text()))
     }
 }
+
+/// `axum::extract::Path`, but a path whose parameters cannot be read (say,
+/// percent-encoded bytes that are not UTF-8) names nothing: 404 in the API's
+/// error shape, not axum's plain-text 400.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|_| ApiError::NoRoute)
+    }
+}

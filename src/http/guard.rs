@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use super::client_ip::ClientIp;
 use super::error::ApiError;
-use super::extract::Tenant;
+use super::extract::{ApiPath, Tenant};
 use super::state::AppState;
 use crate::domain::limits::normalize_prefix;
 use crate::rfc3339;
@@ -113,7 +113,7 @@ pub async fn lift_quarantine(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     ClientIp(client_ip): ClientIp,
-    Path(prefix): Path<String>,
+    ApiPath(prefix): ApiPath<String>,
 ) -> Result<Json<LiftedView>, ApiError> {
     let prefix = normalize_prefix(&prefix).ok_or_else(|| {
         ApiError::InvalidRequest("prefix: expected + and 1 to 15 digits, e.g. +256700".into())

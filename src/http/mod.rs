@@ -15,13 +15,14 @@ pub mod v1;
 
 use std::time::Duration;
 
+use axum::BoxError;
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
+use tower::timeout::TimeoutLayer;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
@@ -53,10 +54,12 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .layer(CatchPanicLayer::custom(|_| -> Response {
                     ApiError::Internal("handler panicked".into()).into_response()
                 }))
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    request_timeout,
-                ))
+                // The deadline's only error becomes a 503 in the API's error
+                // shape, with Retry-After, like every other refusal.
+                .layer(HandleErrorLayer::new(|_: BoxError| async {
+                    ApiError::Unavailable("request timed out".into())
+                }))
+                .layer(TimeoutLayer::new(request_timeout))
                 .layer(DefaultBodyLimit::max(max_body)),
         )
         .with_state(state)

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::client_ip::ClientIp;
 use super::error::ApiError;
-use super::extract::{ApiJson, ApiQuery, Tenant};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Tenant};
 use super::state::AppState;
 use crate::domain::{
     Code, DeliveryStatus, Dialect, MessageRecord, PhoneNumber, Purpose, Status, Verification,
@@ -383,7 +383,7 @@ pub async fn check_verification(
 pub async fn get_verification(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VerificationView>, ApiError> {
     verification_view(&state, &tenant, parse_id(&id)?).await
 }
@@ -420,7 +420,7 @@ pub async fn cancel_verification(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     ClientIp(client_ip): ClientIp,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VerificationView>, ApiError> {
     let id = parse_id(&id)?;
     state
@@ -445,7 +445,7 @@ pub async fn cancel_verification(
 pub async fn get_message(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeliveryView>, ApiError> {
     let id = parse_id(&id)?;
     let m = state

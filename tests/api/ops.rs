@@ -729,7 +729,11 @@ async fn a_request_past_its_deadline_is_answered_and_counted() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.headers()["x-request-id"], "late-1");
+    assert_eq!(r.headers()["retry-after"], "1");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    // In the API's error shape, as every other refusal.
+    let (_, body) = parts(r).await;
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
     let (_, metrics) = scrape(&app).await;
     assert_eq!(
         metrics.value(

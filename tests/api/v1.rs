@@ -608,6 +608,19 @@ async fn malformed_requests_get_the_error_shape_never_a_5xx() {
         "not_found",
     )
     .await;
+    // Percent-encoded bytes that are not UTF-8 name nothing either.
+    for path in [
+        "/v1/verifications/%FF",
+        "/v1/verifications/%C3%28/cancel",
+        "/v1/dlr/twilio/%FF",
+    ] {
+        let r = if path.starts_with("/v1/dlr") || path.ends_with("/cancel") {
+            app.post(path, json!({})).await
+        } else {
+            app.get(path).await
+        };
+        expect_error(r, StatusCode::NOT_FOUND, "not_found").await;
+    }
     expect_error(
         app.get("/v1/sandbox/messages?limit=abc").await,
         StatusCode::BAD_REQUEST,
