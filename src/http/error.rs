@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use crate::domain::Policy;
 use crate::service::{AuthError, CheckError, SendError};
 use crate::sms::router::RoutingError;
 
@@ -37,8 +38,10 @@ pub enum ApiError {
         retry_after_seconds: u64,
         limit: &'static str,
     },
+    /// The verification is dead; a new one can be sent once the cooldown
+    /// since the last send is over (at most the policy's cooldown from now).
     #[error("attempts exhausted; start a new verification")]
-    MaxAttempts,
+    MaxAttempts { retry_after_seconds: u64 },
     #[error("every route failed to deliver the code")]
     DeliveryFailed { verification_id: String },
     #[error("request body is larger than {0} bytes")]
@@ -75,7 +78,7 @@ impl ApiError {
             ApiError::SuspectedFraud { .. } => ("suspected_fraud", StatusCode::FORBIDDEN),
             ApiError::Cooldown { .. } => ("cooldown", StatusCode::TOO_MANY_REQUESTS),
             ApiError::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
-            ApiError::MaxAttempts => ("max_attempts", StatusCode::TOO_MANY_REQUESTS),
+            ApiError::MaxAttempts { .. } => ("max_attempts", StatusCode::TOO_MANY_REQUESTS),
             ApiError::DeliveryFailed { .. } => ("delivery_failed", StatusCode::BAD_GATEWAY),
             ApiError::PayloadTooLarge(_) => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
             ApiError::UnsupportedMediaType => {
@@ -102,6 +105,9 @@ impl ApiError {
             | ApiError::RoutesCoolingOff {
                 retry_after_seconds,
                 ..
+            }
+            | ApiError::MaxAttempts {
+                retry_after_seconds,
             } => Some(*retry_after_seconds),
             ApiError::Unavailable(_) => Some(1),
             _ => None,
@@ -219,11 +225,15 @@ impl From<RoutingError> for ApiError {
     }
 }
 
-impl From<CheckError> for ApiError {
-    fn from(e: CheckError) -> Self {
+impl ApiError {
+    /// A refused check, answered under `policy` (whose cooldown bounds when
+    /// a dead verification's subject can be sent a new code).
+    pub fn of_check(e: CheckError, policy: &Policy) -> Self {
         match e {
             CheckError::NotFound => ApiError::NotFound,
-            CheckError::MaxAttempts => ApiError::MaxAttempts,
+            CheckError::MaxAttempts => ApiError::MaxAttempts {
+                retry_after_seconds: u64::from(policy.cooldown_seconds),
+            },
             CheckError::RateLimited {
                 retry_after_seconds,
                 limit,

@@ -345,7 +345,11 @@ pub async fn check_verification(
         policy: state.policies.for_tenant(&tenant),
         client_ip,
     };
-    let result = state.service.check(&caller, target, &code).await?;
+    let result = state
+        .service
+        .check(&caller, target, &code)
+        .await
+        .map_err(|e| ApiError::of_check(e, caller.policy))?;
     Ok(Json(match result {
         CheckResult::Approved(v) => CheckVerificationResponse {
             valid: true,

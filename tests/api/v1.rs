@@ -159,13 +159,14 @@ async fn wrong_guesses_count_down_then_the_verification_is_dead() {
     .await;
     assert_eq!(last["status"], "max_attempts");
     assert_eq!(last["attempts_left"], 0);
-    expect_error(
-        app.post("/v1/verifications/check", json!({ "id": id, "code": code }))
-            .await,
-        StatusCode::TOO_MANY_REQUESTS,
-        "max_attempts",
-    )
-    .await;
+    let r = app
+        .post("/v1/verifications/check", json!({ "id": id, "code": code }))
+        .await;
+    // Like every 429, it says when to come back: a new code can be sent
+    // once the cooldown since the last send is over (30 s at most).
+    assert_eq!(r.headers()["retry-after"], "30");
+    let body = expect_error(r, StatusCode::TOO_MANY_REQUESTS, "max_attempts").await;
+    assert_eq!(body["error"]["retry_after_seconds"], 30, "{body}");
     expect_error(
         app.post("/v1/verifications/check", json!({ "to": NL, "code": code }))
             .await,
