@@ -639,7 +639,16 @@ impl Settings {
             max_ttl_seconds: crate::domain::policy::MAX_TTL_SECONDS,
             ..own
         };
-        merge_policy(&base, overrides, prefix)
+        let mut policy = merge_policy(&base, overrides, prefix)?;
+        // As on `/v1`, `routes` reaches the router as the caller's own chain,
+        // so it holds only what the dialect or the tenant set: otherwise the
+        // per-country chains and the default chain (`[policy].routes`) apply.
+        if !overrides.contains_key("routes") {
+            policy.routes = tenant
+                .and_then(|t| self.tenant_chain(t))
+                .unwrap_or_default();
+        }
+        Ok(policy)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -658,7 +667,6 @@ impl Settings {
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("otpd.db").display()))
     }
 
-    /// The default policy with the tenant's overrides applied and validated.
     /// The failover chain a tenant set for itself (`tenants.X.policy.routes`),
     /// which wins over per-country chains and limits what it may pin.
     pub fn tenant_chain(&self, tenant: &str) -> Option<Vec<u32>> {
@@ -666,6 +674,7 @@ impl Settings {
         serde_json::from_value(value.clone()).ok()
     }
 
+    /// The default policy with the tenant's overrides applied and validated.
     pub fn tenant_policy(&self, tenant: &str) -> Result<Policy, ConfigError> {
         let Some(t) = self.tenants.get(tenant) else {
             return Ok(self.policy.clone());

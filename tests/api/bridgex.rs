@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use otpd::sms::config::CountryRouting;
 use otpd::sms::{OutgoingSms, ProviderError, ProviderErrorKind, Route, SendReceipt, SmsProvider};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -746,6 +747,52 @@ fn bridgexapi_accepts() -> Result<SendReceipt, ProviderError> {
         order_id: Some("22229".into()),
         ..SendReceipt::default()
     })
+}
+
+#[tokio::test]
+async fn the_default_and_per_country_chains_apply_as_on_v1() {
+    let down = Err(ProviderError::new(ProviderErrorKind::Unavailable, "down"));
+    let routes = vec![
+        route(1, "bridgexapi", down),
+        route(2, "bridgexapi", bridgexapi_accepts()),
+    ];
+    let app = TestApp::spawn_routed(routes, |s| {
+        s.policy.routes = vec![1];
+        s.routing
+            .countries
+            .insert("UG".into(), CountryRouting { routes: vec![2] });
+    })
+    .await;
+    // Uganda's chain goes first for its numbers, on every API: route 1, the
+    // default chain, is down and never tried.
+    let (status, body) = parts(
+        app.post("/v1/verifications", json!({ "to": "+256700123457" }))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["delivery"]["route_id"], 2);
+    let (status, body) = parts(
+        app.post(
+            "/webhook/send-otp",
+            json!({ "phone": "256700123458", "uid": "0b8f7c2e-6a4e-4f9b-9a51-2f0c7d3e8a10" }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // `[policy].routes` is the default chain, not a limit on what may be
+    // pinned.
+    let (status, body) = parts(
+        app.post_bearer(
+            "/send-otp",
+            json!({ "phone_number": "256700123456", "purpose": "login", "route_id": 2 }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["route_id"], 2);
 }
 
 #[tokio::test]
