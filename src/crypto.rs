@@ -63,7 +63,8 @@ pub enum CryptoError {
 pub struct KeyMaterial {
     pub master: Vec<u8>,
     pub code_key: Option<Vec<u8>>,
-    /// Explicit phone keys by id; when empty, key 1 is derived from the master.
+    /// Explicit phone keys by id. Key 1, unless given here, is derived from
+    /// the master: the current key while none is given, readable after.
     pub phone_keys: BTreeMap<u32, Vec<u8>>,
     pub current_phone_key: Option<u32>,
 }
@@ -84,6 +85,16 @@ pub fn to_hex(bytes: impl AsRef<[u8]>) -> String {
     // The buffer is exactly twice the input, so this cannot fail.
     let _ = hex::encode_to_slice(bytes, &mut out);
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// Whether a presented secret (a token, a callback secret) is the expected
+/// one, in time that depends on neither's content nor length: their SHA-256
+/// digests are compared in constant time.
+pub fn secret_eq(expected: &str, presented: &str) -> bool {
+    use sha2::Digest;
+    let a = Sha256::digest(expected.as_bytes());
+    let b = Sha256::digest(presented.as_bytes());
+    a.ct_eq(&b).into()
 }
 
 fn derive(master: &[u8], label: &str) -> [u8; 32] {
@@ -108,13 +119,17 @@ impl Crypto {
             .clone()
             .unwrap_or_else(|| derive(&material.master, "code-hash v1").to_vec());
         let mut phone_keys = material.phone_keys.clone();
-        if phone_keys.is_empty() {
-            phone_keys.insert(1, derive(&material.master, "phone-aead v1").to_vec());
-        }
         let current = material
             .current_phone_key
             .or_else(|| phone_keys.keys().next_back().copied())
             .unwrap_or(1);
+        // Key 1 is derived from the master until keys are configured, and
+        // stays readable after (unless key 1 itself is configured): numbers
+        // sealed before the first explicit key must still open, and
+        // `rotate-keys` re-seal them.
+        phone_keys
+            .entry(1)
+            .or_insert_with(|| derive(&material.master, "phone-aead v1").to_vec());
         if !phone_keys.contains_key(&current) {
             return Err(format!(
                 "secrets.current_phone_key: no key with id {current}"
@@ -318,6 +333,36 @@ mod tests {
         let last = sealed.blob.len() - 1;
         sealed.blob[last] ^= 1;
         assert!(c.open_phone(&sealed).is_err());
+    }
+
+    #[test]
+    fn numbers_sealed_before_the_first_explicit_key_still_open() {
+        let material = |keys: &[(u32, &str)], current: Option<u32>| KeyMaterial {
+            master: b"a master secret".to_vec(),
+            code_key: None,
+            phone_keys: keys
+                .iter()
+                .map(|(id, k)| (*id, k.as_bytes().to_vec()))
+                .collect(),
+            current_phone_key: current,
+        };
+        let p = PhoneNumber::parse("+256700123456").unwrap();
+        let first = Crypto::new(&material(&[], None)).unwrap();
+        let sealed = first.seal_phone(&p).unwrap();
+        assert_eq!(sealed.key_id, 1);
+
+        // A first explicit key becomes current; the derived key 1 still opens.
+        let rotated = Crypto::new(&material(&[(2, "second")], None)).unwrap();
+        assert_eq!(rotated.current_phone_key(), 2);
+        assert_eq!(rotated.open_phone(&sealed).unwrap(), p);
+        assert_eq!(rotated.seal_phone(&p).unwrap().key_id, 2);
+        // Even one numbered below it does not take key 1's place as current.
+        let low = Crypto::new(&material(&[(0, "zero")], None)).unwrap();
+        assert_eq!(low.current_phone_key(), 0);
+        assert_eq!(low.open_phone(&sealed).unwrap(), p);
+        // A configured key 1 is that key, not the derived one.
+        let own = Crypto::new(&material(&[(1, "own")], None)).unwrap();
+        assert!(own.open_phone(&sealed).is_err());
     }
 
     #[test]
