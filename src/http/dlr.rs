@@ -17,8 +17,6 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
@@ -127,9 +125,7 @@ fn secret_matches(expected: Option<&SecretString>, presented: &str) -> bool {
     let Some(expected) = expected else {
         return false;
     };
-    let a = Sha256::digest(expected.expose_secret().as_bytes());
-    let b = Sha256::digest(presented.as_bytes());
-    a.ct_eq(&b).into()
+    crate::crypto::secret_eq(expected.expose_secret(), presented)
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {

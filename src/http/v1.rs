@@ -5,7 +5,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -471,9 +471,17 @@ pub struct UsageQuery {
 /// Longest range one usage request may cover.
 const MAX_USAGE_DAYS: i64 = 366;
 
+/// A day of usage: chrono reads signed and five-digit years too, whose
+/// arithmetic could leave its range, so the year is held to 1970–9999.
 fn parse_day(key: &str, value: &str) -> Result<NaiveDate, ApiError> {
     NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d")
-        .map_err(|_| ApiError::InvalidRequest(format!("{key}: expected a date as YYYY-MM-DD")))
+        .ok()
+        .filter(|d| (1970..=9999).contains(&d.year()))
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "{key}: expected a date as YYYY-MM-DD, from 1970 to 9999"
+            ))
+        })
 }
 
 /// The tenant's usage per day range: sends, deliveries, failures, pending
@@ -503,7 +511,9 @@ pub async fn get_usage(
     };
     let from = match q.from.as_deref() {
         Some(from) => parse_day("from", from)?,
-        None => to - chrono::Days::new(29),
+        None => to
+            .checked_sub_days(chrono::Days::new(29))
+            .unwrap_or(NaiveDate::MIN),
     };
     if from > to {
         return Err(ApiError::InvalidRequest(

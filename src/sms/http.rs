@@ -222,28 +222,41 @@ pub(crate) fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Provider-supplied text made safe for an error message: one line, bounded,
-/// and every run of four or more digits hidden (codes have at least four
+/// and every number of four or more digits hidden (codes have at least four
 /// digits, phone numbers more; shorter runs such as "route 3" stay readable).
+/// A number counts whole across the separators numbers are written with
+/// (`+31 6-51 86 06 70`, `(0)6`), and in any script's digits.
 pub(crate) fn safe_snippet(text: &str) -> String {
     let mut out = String::new();
-    let mut run = String::new();
-    let flush = |out: &mut String, run: &mut String| {
-        if run.len() >= 4 {
+    // The number being read: its text (digits and the separators between
+    // them), how many digits, and separators after it not yet known to join.
+    let (mut number, mut digits, mut gap) = (String::new(), 0usize, String::new());
+    let flush = |out: &mut String, number: &mut String, digits: &mut usize| {
+        if *digits >= 4 {
             out.push_str("[digits]");
         } else {
-            out.push_str(run);
+            out.push_str(number);
         }
-        run.clear();
+        number.clear();
+        *digits = 0;
     };
     for c in text.chars() {
-        if c.is_ascii_digit() {
-            run.push(c);
-            continue;
+        if c.is_numeric() {
+            number.push_str(&gap);
+            gap.clear();
+            number.push(c);
+            digits += 1;
+        } else if digits > 0 && gap.len() < 2 && matches!(c, ' ' | '-' | '.' | '(' | ')' | '/') {
+            gap.push(c);
+        } else {
+            flush(&mut out, &mut number, &mut digits);
+            out.push_str(&gap);
+            gap.clear();
+            out.push(if c.is_control() { ' ' } else { c });
         }
-        flush(&mut out, &mut run);
-        out.push(if c.is_control() { ' ' } else { c });
     }
-    flush(&mut out, &mut run);
+    flush(&mut out, &mut number, &mut digits);
+    out.push_str(&gap);
     let trimmed = out.trim();
     match trimmed.char_indices().nth(MAX_SNIPPET_CHARS) {
         Some((cut, _)) => format!("{}…", &trimmed[..cut]),
@@ -272,6 +285,25 @@ mod tests {
             "not authorized for route 3"
         );
         assert_eq!(safe_snippet("line\nbreak"), "line break");
+        // Numbers as people write them, and in other scripts' digits.
+        for written in [
+            "+31 6 51 86 06 70",
+            "+31 (0)6-5186-0670",
+            "+31.651.860.670",
+            "\u{0660}\u{0666}\u{0665}\u{0661}\u{0668}",
+            "12 34",
+        ] {
+            let plus = if written.starts_with('+') { "+" } else { "" };
+            assert_eq!(
+                safe_snippet(&format!("number {written} refused")),
+                format!("number {plus}[digits] refused"),
+                "{written}"
+            );
+        }
+        assert_eq!(
+            safe_snippet("HTTP 503 - retry in 30 s (route 3)"),
+            "HTTP 503 - retry in 30 s (route 3)"
+        );
         let long = "x".repeat(500);
         assert_eq!(safe_snippet(&long).chars().count(), MAX_SNIPPET_CHARS + 1);
     }

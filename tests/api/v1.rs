@@ -609,6 +609,19 @@ async fn malformed_requests_get_the_error_shape_never_a_5xx() {
         "not_found",
     )
     .await;
+    // Dates chrono reads but whose arithmetic would leave its range.
+    for query in [
+        "to=-262143-01-15",
+        "from=-262143-01-01&to=2026-01-01",
+        "to=+99999-01-01",
+    ] {
+        expect_error(
+            app.get(&format!("/v1/usage?{query}")).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
+    }
     // Percent-encoded bytes that are not UTF-8 name nothing either.
     for path in [
         "/v1/verifications/%FF",
