@@ -1,5 +1,7 @@
 # otpd container image: multi-stage build, non-root runtime, configured from OTPD_* env.
-# Untested on the machine this was written on (no Docker daemon there); see docs/operating.md.
+# Never built by `docker build` here (no Docker daemon on the machines otpd is made on);
+# its build step, `cargo build --locked --bin otpd` on exactly the files copied below, is
+# checked by hand. See docs/operating.md.
 #
 #   docker build -t otpd .
 #   docker run -p 8080:8080 -v otpd-data:/var/lib/otpd otpd
@@ -13,8 +15,10 @@ COPY Cargo.toml Cargo.lock ./
 # How the bundled SQLite is built (see the file).
 COPY .cargo ./.cargo
 COPY src ./src
-# sqlx embeds the migrations into the binary at compile time.
+# The migrations are built into the binary.
 COPY migrations ./migrations
+# Workspace members: cargo loads their manifests even to build otpd alone.
+COPY bench ./bench
 RUN cargo build --release --locked --bin otpd \
     && strip target/release/otpd
 
