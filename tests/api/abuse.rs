@@ -574,18 +574,22 @@ async fn a_quarantine_ends_by_itself() {
     );
 }
 
-/// Accepts everything without a cost of its own: the route's price applies.
-struct Priced;
+/// Accepts everything and reports what the message cost, as Africa's Talking
+/// and Twilio do (an amount in the currency the account is billed in), or
+/// nothing, as BridgeXAPI does: then the route's price applies.
+struct Billed(Option<(f64, &'static str)>);
 
 #[async_trait]
-impl SmsProvider for Priced {
+impl SmsProvider for Billed {
     fn name(&self) -> &'static str {
-        "priced"
+        "billed"
     }
 
     async fn send(&self, _sms: &OutgoingSms<'_>) -> Result<SendReceipt, ProviderError> {
         Ok(SendReceipt {
             provider_message_id: Some(Uuid::new_v4().to_string()),
+            cost: self.0.map(|(amount, _)| amount),
+            currency: self.0.map(|(_, currency)| currency.to_owned()),
             ..SendReceipt::default()
         })
     }
@@ -593,7 +597,7 @@ impl SmsProvider for Priced {
 
 #[tokio::test]
 async fn daily_spend_budget_stops_sends_until_midnight_utc() {
-    let mut route = Route::new(1, Arc::new(Priced));
+    let mut route = Route::new(1, Arc::new(Billed(None)));
     route.price.insert("*".into(), 0.25);
     route.currency = Some("EUR".into());
     let app = TestApp::spawn_routed(vec![route], |s| s.policy.daily_spend_limit = 1.0).await;
@@ -614,26 +618,6 @@ async fn daily_spend_budget_stops_sends_until_midnight_utc() {
         &send(&app, json!({ "to": nl(4) })).await,
         StatusCode::CREATED,
     );
-}
-
-/// Accepts everything and reports what the message cost, as Africa's Talking
-/// and Twilio do: an amount in the currency the account is billed in.
-struct Billed(f64, &'static str);
-
-#[async_trait]
-impl SmsProvider for Billed {
-    fn name(&self) -> &'static str {
-        "billed"
-    }
-
-    async fn send(&self, _sms: &OutgoingSms<'_>) -> Result<SendReceipt, ProviderError> {
-        Ok(SendReceipt {
-            provider_message_id: Some(Uuid::new_v4().to_string()),
-            cost: Some(self.0),
-            currency: Some(self.1.into()),
-            ..SendReceipt::default()
-        })
-    }
 }
 
 /// A budget of 1.0 EUR over one EUR route (at `price` a message, if any)
@@ -660,16 +644,25 @@ async fn sends_within_budget(billed: Billed, price: Option<f64>) -> usize {
 #[tokio::test]
 async fn spend_counts_the_providers_cost_only_in_the_budgets_currency() {
     // Billed in the routes' currency: the provider's own figure counts.
-    assert_eq!(sends_within_budget(Billed(0.5, "EUR"), Some(0.25)).await, 2);
-    assert_eq!(sends_within_budget(Billed(0.5, "eur"), Some(0.25)).await, 2);
+    assert_eq!(
+        sends_within_budget(Billed(Some((0.5, "EUR"))), Some(0.25)).await,
+        2
+    );
+    assert_eq!(
+        sends_within_budget(Billed(Some((0.5, "eur"))), Some(0.25)).await,
+        2
+    );
     // Billed in shillings: 80 of them are not 80 euros; the route's price counts.
     assert_eq!(
-        sends_within_budget(Billed(80.0, "KES"), Some(0.25)).await,
+        sends_within_budget(Billed(Some((80.0, "KES"))), Some(0.25)).await,
         4
     );
     // With no price to count instead, the provider's figure counts as it is
     // (and a warning says so) rather than nothing: a budget still stops sends.
-    assert_eq!(sends_within_budget(Billed(0.4, "KES"), None).await, 3);
+    assert_eq!(
+        sends_within_budget(Billed(Some((0.4, "KES"))), None).await,
+        3
+    );
 }
 
 #[tokio::test]
