@@ -592,14 +592,19 @@ impl VerifyForm {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BridgexSendRequest {
     /// Digits only, 10 to 15, with the country code.
-    #[schema(example = "31651860670")]
+    #[schema(example = "31651860670", pattern = r"^\s*[0-9]{10,15}\s*$")]
     pub phone_number: String,
     /// Trimmed and lower-cased, at most 50 characters. Default `login`.
-    #[schema(example = "login")]
+    #[schema(
+        example = "login",
+        nullable = false,
+        max_length = 50,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub purpose: Option<String>,
     /// 1 to 8; default `dialects.bridgex.default_route_id` (3). Once routes are
     /// configured it must name one.
-    #[schema(example = 3, minimum = 1, maximum = 8)]
+    #[schema(example = 3, minimum = 1, maximum = 8, nullable = false)]
     pub route_id: Option<u32>,
 }
 
@@ -628,11 +633,12 @@ pub struct BridgexSendResponse {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BridgexVerifyRequest {
-    #[schema(example = "31651860670")]
+    #[schema(example = "31651860670", pattern = r"^\s*[0-9]+\s*$")]
     pub phone_number: String,
-    #[schema(example = "816369")]
+    #[schema(example = "816369", pattern = r"^\s*[0-9]+\s*$")]
     pub code: String,
     /// Default `login`.
+    #[schema(nullable = false, pattern = r"\S")]
     pub purpose: Option<String>,
 }
 
@@ -663,6 +669,7 @@ pub struct BridgexConfigResponse {
     responses(
         (status = 200, description = "Code sent", body = BridgexSendResponse),
         (status = 401, description = r#"{"detail": "Unauthorized."}"#),
+        (status = 413, description = r#"{"detail": "Request body too large."}"#),
         (status = 422, description = r#"Validation failed: {"detail": [{"type", "loc", "msg", "input"}]}"#),
         (status = 429, description = r#"{"detail": "OTP was sent too recently. Retry in N seconds."} (with Retry-After)"#),
         (status = 502, description = r#"{"detail": "SMS send failed: ..."}; nothing is left pending"#),
@@ -730,6 +737,7 @@ pub async fn send_otp(
         (status = 400, description = r#"{"detail": "Invalid OTP. Attempts left: N"}"#),
         (status = 401, description = r#"{"detail": "Unauthorized."}"#),
         (status = 404, description = r#"{"detail": "No active OTP found for this phone number and purpose."}"#),
+        (status = 413, description = r#"{"detail": "Request body too large."}"#),
         (status = 422, description = "Validation failed (FastAPI shape)"),
         (status = 429, description = r#"{"detail": "OTP attempts exceeded."}"#),
         (status = 503, description = "The store is unavailable"),

@@ -100,7 +100,7 @@ pub async fn get_guard(
 /// again at once.
 #[utoipa::path(
     delete, path = "/v1/guard/{prefix}", tag = "guard",
-    params(("prefix" = String, Path, description = "The quarantined prefix, e.g. +256700 (the + may be left out)")),
+    params(("prefix" = String, Path, pattern = r"^\s*(\+|%2[Bb])?[0-9]{1,15}\s*$", description = "The quarantined prefix, e.g. +256700 (the + may be left out)")),
     responses(
         (status = 200, body = LiftedView),
         (status = 400, description = "invalid_request: not a prefix"),

@@ -277,10 +277,10 @@ pub struct OpenlyneSendRequest {
     #[schema(value_type = String, example = "256700123456")]
     pub phone: Value,
     /// The caller's user id, a UUID; the verification belongs to it.
-    #[schema(example = "123e4567-e89b-12d3-a456-426614174000")]
+    #[schema(example = "123e4567-e89b-12d3-a456-426614174000", format = Uuid)]
     pub uid: String,
     /// `sandbox` delivers to the sandbox inbox; leave it out for live delivery.
-    #[schema(example = "sandbox")]
+    #[schema(example = "sandbox", pattern = "^sandbox$")]
     pub env: Option<String>,
 }
 
@@ -307,10 +307,10 @@ pub struct OpenlyneSent {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OpenlyneVerifyRequest {
-    #[schema(example = "123e4567-e89b-12d3-a456-426614174000")]
+    #[schema(example = "123e4567-e89b-12d3-a456-426614174000", format = Uuid)]
     pub uid: String,
     /// The 6-digit code.
-    #[schema(example = "123456")]
+    #[schema(example = "123456", pattern = r"^\s*[0-9]{4,10}\s*$")]
     pub code: String,
 }
 
@@ -346,6 +346,8 @@ pub struct OpenlyneVerified {
         (status = 200, description = r#"{"success": true, "data": {"status": "Sent", "number": "256700123456"}, "message": "OTP sent successfully", "error": null}"#, body = OpenlyneSendResponse),
         (status = 400, description = "invalid_phone / invalid_uid / invalid_env / invalid_request"),
         (status = 401, description = "unauthorized"),
+        (status = 413, description = "payload_too_large"),
+        (status = 415, description = "unsupported_media_type: the body is not `application/json`"),
         (status = 429, description = "A code went to this uid less than 30 s ago (with Retry-After)"),
         (status = 500, description = "send_failed / internal"),
         (status = 503, description = "unavailable"),
@@ -392,6 +394,8 @@ pub async fn send_otp(
         (status = 200, description = r#"{"success": true, "data": {"message": "OTP verified successfully", "contact_value": "256700123456"}, "message": "Verification successful", "error": {}}"#, body = OpenlyneVerifyResponse),
         (status = 400, description = "invalid_code (wrong, expired or used: one answer) / invalid_uid"),
         (status = 401, description = "unauthorized"),
+        (status = 413, description = "payload_too_large"),
+        (status = 415, description = "unsupported_media_type: the body is not `application/json`"),
         (status = 500, description = "internal"),
         (status = 503, description = "unavailable"),
     ),

@@ -37,21 +37,41 @@ const MAX_UID_LEN: usize = 128;
 #[serde(deny_unknown_fields)]
 pub struct SendVerificationRequest {
     /// Phone number with country code; `+` optional.
-    #[schema(example = "+31651860670")]
+    #[schema(example = "+31651860670", min_length = 1)]
     pub to: String,
-    /// What the code is for; default `login`.
+    /// What the code is for; default `login`. Trimmed and lower-cased.
+    #[schema(
+        nullable = false,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+        max_length = 50
+    )]
     pub purpose: Option<String>,
     /// Caller's subject id; when given it identifies the verification instead of `to`+`purpose`.
+    #[schema(
+        nullable = false,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub uid: Option<String>,
     /// Try this route first.
+    #[schema(nullable = false)]
     pub route_id: Option<u32>,
     /// With `route_id`: whether the rest of the chain may be tried (default true).
+    #[schema(nullable = false)]
     pub failover: Option<bool>,
     /// Deliver to the sandbox inbox instead of a real provider.
+    #[schema(nullable = false)]
     pub sandbox: Option<bool>,
     /// The route template's language (`fr`, `pt-BR`): a language tag of at most 35 characters.
+    #[schema(nullable = false, pattern = "^[A-Za-z0-9_-]{1,35}$")]
     pub locale: Option<String>,
+    /// Digits in the code; default the policy's (6).
+    #[schema(nullable = false, minimum = 4, maximum = 10)]
     pub code_length: Option<u8>,
+    /// How long the code lives: 10 s up to the policy's `max_ttl_seconds`
+    /// (3600 by default); default the policy's `ttl_seconds` (300).
+    #[schema(nullable = false, minimum = 10)]
     pub ttl_seconds: Option<u32>,
 }
 
@@ -137,10 +157,24 @@ pub struct SendVerificationResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckVerificationRequest {
+    #[schema(pattern = r"^\s*[0-9]{4,10}\s*$", example = "816369")]
     pub code: String,
+    #[schema(nullable = false)]
     pub id: Option<Uuid>,
+    #[schema(
+        nullable = false,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub uid: Option<String>,
+    #[schema(nullable = false)]
     pub to: Option<String>,
+    #[schema(
+        nullable = false,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+        max_length = 50
+    )]
     pub purpose: Option<String>,
 }
 
@@ -196,10 +230,12 @@ impl VerificationView {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct InboxQuery {
     /// Only messages to this number.
+    #[param(min_length = 1)]
     pub to: Option<String>,
-    /// At most this many (default 50, max 200).
+    /// At most this many (default 50; more than 200 reads as 200).
     pub limit: Option<u32>,
 }
 
@@ -233,7 +269,7 @@ fn parse_uid(input: Option<String>) -> Result<Option<String>, ApiError> {
         None => Ok(None),
         Some(u) => {
             let u = u.trim().to_owned();
-            if u.is_empty() || u.len() > MAX_UID_LEN || u.chars().any(char::is_control) {
+            if u.is_empty() || u.chars().count() > MAX_UID_LEN || u.chars().any(char::is_control) {
                 return Err(ApiError::InvalidRequest(format!(
                     "uid: must be 1 to {MAX_UID_LEN} characters without control characters"
                 )));
@@ -258,6 +294,7 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
         (status = 401, description = "unauthorized"),
         (status = 403, description = "country_not_allowed / route_not_allowed / suspected_fraud (the number's prefix is quarantined: `prefix`, `reason`, `until`)"),
         (status = 413, description = "payload_too_large"),
+        (status = 415, description = "unsupported_media_type: the body is not `application/json`"),
         (status = 429, description = "cooldown / rate_limited (with Retry-After; `limit` names it: number_10min, number_day, ip_10min, tenant_minute, daily_spend, subject_sends_per_window)"),
         (status = 502, description = "delivery_failed: every route failed, nothing left pending"),
         (status = 503, description = "unavailable"),
@@ -314,6 +351,8 @@ pub async fn send_verification(
         (status = 400, description = "invalid_request"),
         (status = 401, description = "unauthorized"),
         (status = 404, description = "not_found: nothing pending (never existed, expired, approved, canceled)"),
+        (status = 413, description = "payload_too_large"),
+        (status = 415, description = "unsupported_media_type: the body is not `application/json`"),
         (status = 429, description = "max_attempts: the verification is dead / rate_limited with limit wrong_guesses_hour (with Retry-After)"),
         (status = 503, description = "unavailable"),
     ),
@@ -461,10 +500,13 @@ pub async fn get_message(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// First day, `YYYY-MM-DD` (UTC, inclusive); default 29 days before `to`.
+    #[param(pattern = r"^\s*[0-9]{4}-[0-9]{2}-[0-9]{2}\s*$")]
     pub from: Option<String>,
     /// Last day, `YYYY-MM-DD` (UTC, inclusive); default today.
+    #[param(pattern = r"^\s*[0-9]{4}-[0-9]{2}-[0-9]{2}\s*$")]
     pub to: Option<String>,
 }
 

@@ -8,6 +8,7 @@ mod delivery;
 mod failover;
 mod helpers;
 mod lifecycle;
+mod openapi;
 mod openlyne;
 mod ops;
 mod process;
