@@ -48,6 +48,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::telemetry::init(&settings.log);
+    for warning in &settings.warnings {
+        tracing::warn!("configuration: {warning}");
+    }
 
     match cli.command.unwrap_or(Command::Serve { listen: None }) {
         Command::Serve { .. } => serve(settings).await,

@@ -59,6 +59,9 @@ pub struct Settings {
     pub dlr: DlrSettings,
     /// `[retention]`: how long delivery records are kept.
     pub retention: RetentionSettings,
+    /// What is valid but likely not meant (logged at start).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Default for Settings {
@@ -79,6 +82,7 @@ impl Default for Settings {
             dialects: DialectSettings::default(),
             dlr: DlrSettings::default(),
             retention: RetentionSettings::default(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -326,6 +330,56 @@ pub const MAX_MESSAGE_DAYS: u32 = 366;
 /// The route ids a BridgeX-style client may send, as the original validates them.
 pub const BRIDGEX_ROUTE_IDS: std::ops::RangeInclusive<u32> = 1..=8;
 
+/// The shortest master, code or phone key accepted.
+const MIN_SECRET_CHARS: usize = 16;
+
+/// `log.level` held to what is meant: `EnvFilter` reads a bare word that is
+/// not a level (`warning`, `verbose`) as a target name, which silences every
+/// line, audit lines included.
+fn validate_log_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    for directive in level.split(',') {
+        let meant = match directive.rsplit_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(directive),
+        };
+        if !meant {
+            return Err(format!(
+                "log.level: {:?} is not a level ({}) or a target=level directive",
+                directive.trim(),
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| format!("log.level: {e}"))
+}
+
+/// `OTPD_*` variables that configure nothing: a top-level typo
+/// (`OTPD_SERVER_LISTEN` for `OTPD_SERVER__LISTEN`) or a route secret for a
+/// route or field that does not exist. Nested typos are errors already (every
+/// section denies unknown keys). `OTPD_TEST_*` and `OTPD_BENCH_*` belong to the
+/// project's tests and benchmark.
+fn unused_env_vars(names: impl Iterator<Item = String>, routes: &[RouteSettings]) -> Vec<String> {
+    let route_vars = crate::sms::config::secret_env_vars(routes);
+    let mut unused: Vec<String> = names
+        .filter(|name| {
+            let Some(rest) = name.strip_prefix("OTPD_") else {
+                return false;
+            };
+            let first = rest.split("__").next().unwrap_or_default();
+            !(rest.starts_with("TEST_")
+                || rest.starts_with("BENCH_")
+                || TOP_LEVEL_KEYS.iter().any(|t| t.eq_ignore_ascii_case(first))
+                || route_vars.contains(name))
+        })
+        .collect();
+    unused.sort();
+    unused
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -370,7 +424,11 @@ impl Settings {
         }
         let mut settings: Settings = figment.extract().map_err(|e| {
             let key = e.path.join(".");
-            let detail = e.kind.to_string();
+            let mut detail = e.kind.to_string();
+            if detail.contains("expected a string") {
+                // The environment's values are read as typed: `123456` is a number.
+                detail.push_str(" (from the environment, quote it: OTPD_X='\"123456\"')");
+            }
             ConfigError::Invalid(if key.is_empty() {
                 detail
             } else {
@@ -381,6 +439,7 @@ impl Settings {
         // have their own variables: OTPD_ROUTE_<id>_API_KEY and the like.
         apply_secret_env(&mut settings.routes, |name| std::env::var(name).ok());
         settings.validate()?;
+        settings.warnings = settings.warnings(std::env::vars().map(|(k, _)| k));
         Ok(settings)
     }
 
@@ -447,16 +506,11 @@ impl Settings {
                 "store.purge_interval_seconds: must be at least 1".into(),
             ));
         }
-        for id in self.secrets.phone_keys.keys() {
-            if id.parse::<u32>().is_err() {
-                return Err(invalid(format!(
-                    "secrets.phone_keys.{id}: key ids must be numbers"
-                )));
-            }
-        }
+        self.validate_secrets()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format: must be \"text\" or \"json\"".into()));
         }
+        validate_log_level(&self.log.level).map_err(invalid)?;
         self.policy.validate("policy").map_err(invalid)?;
         for name in self.tenants.keys() {
             self.tenant_policy(name)?;
@@ -476,6 +530,72 @@ impl Settings {
         self.validate_delivery()?;
         self.validate_dialects()?;
         self.validate_spend_currency()
+    }
+
+    /// What is valid but likely not meant: `OTPD_*` variables no setting
+    /// reads, and a BridgeX default route that is not configured (its sends
+    /// without a `route_id` would all be refused).
+    fn warnings(&self, env_names: impl Iterator<Item = String>) -> Vec<String> {
+        let mut warnings: Vec<String> = unused_env_vars(env_names, &self.routes)
+            .into_iter()
+            .map(|name| {
+                format!(
+                    "{name}: no setting reads this variable (nested keys take `__`, e.g. OTPD_SERVER__LISTEN)"
+                )
+            })
+            .collect();
+        let default_route = self.dialects.bridgex.default_route_id;
+        if !self.routes.is_empty() && !self.routes.iter().any(|r| r.id == default_route) {
+            warnings.push(format!(
+                "dialects.bridgex.default_route_id: route {default_route} is not configured in \
+                 [[routes]], so /send-otp without a route_id is refused"
+            ));
+        }
+        warnings
+    }
+
+    /// Every key derives from these, so an empty or short one (an unset
+    /// `${VAR}` in a compose file) would make them guessable.
+    fn validate_secrets(&self) -> Result<(), ConfigError> {
+        let secrets = &self.secrets;
+        let mut given: Vec<(String, &SecretString)> = Vec::new();
+        given.extend(
+            secrets
+                .master_key
+                .iter()
+                .map(|k| ("secrets.master_key".to_owned(), k)),
+        );
+        given.extend(
+            secrets
+                .code_key
+                .iter()
+                .map(|k| ("secrets.code_key".to_owned(), k)),
+        );
+        for (id, key) in &secrets.phone_keys {
+            if id.parse::<u32>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "secrets.phone_keys.{id}: key ids must be numbers"
+                )));
+            }
+            given.push((format!("secrets.phone_keys.{id}"), key));
+        }
+        for (key, secret) in given {
+            if secret.expose_secret().trim().chars().count() < MIN_SECRET_CHARS {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}: must be at least {MIN_SECRET_CHARS} characters (a long random string)"
+                )));
+            }
+        }
+        // Key 1 is always there (derived from the master key when not given).
+        if let Some(current) = secrets.current_phone_key
+            && current != 1
+            && !secrets.phone_keys.contains_key(&current.to_string())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "secrets.current_phone_key: no key with id {current} in secrets.phone_keys"
+            )));
+        }
+        Ok(())
     }
 
     /// A daily spend budget adds message costs up, so the routes it counts
@@ -586,6 +706,22 @@ impl Settings {
         for tenant in std::iter::once(None).chain(self.tenants.keys().map(|t| Some(t.as_str()))) {
             self.bridgex_policy(tenant)?;
             self.openlyne_policy(tenant)?;
+        }
+        for (key, overrides, policy) in [
+            (
+                "dialects.bridgex.policy.routes",
+                &bx.policy,
+                self.bridgex_policy(None)?,
+            ),
+            (
+                "dialects.openlyne.policy.routes",
+                &self.dialects.openlyne.policy,
+                self.openlyne_policy(None)?,
+            ),
+        ] {
+            if overrides.contains_key("routes") {
+                validate_chain(key, &policy.routes, &self.routes).map_err(invalid)?;
+            }
         }
         Ok(())
     }
@@ -869,9 +1005,9 @@ mod tests {
 [store]
 url = "postgres://otpd:pg-password-1@127.0.0.1/otpd"
 [secrets]
-master_key = "master-secret-1"
-code_key = "code-secret-1"
-phone_keys = { 1 = "phone-secret-1", 2 = "phone-secret-2" }
+master_key = "master-secret-1-long"
+code_key = "code-secret-1-long"
+phone_keys = { 1 = "phone-secret-1-long", 2 = "phone-secret-2-long" }
 [metrics]
 token = "metrics-secret-1"
 tenant_label = false
@@ -917,10 +1053,10 @@ secret = "webhook-secret-1"
             "at-secret-1",
             "webhook-secret-1",
             "pg-password-1",
-            "master-secret-1",
-            "code-secret-1",
-            "phone-secret-1",
-            "phone-secret-2",
+            "master-secret-1-long",
+            "code-secret-1-long",
+            "phone-secret-1-long",
+            "phone-secret-2-long",
             "metrics-secret-1",
         ] {
             assert!(!printed.contains(secret), "{secret} leaked:\n{printed}");
@@ -1055,6 +1191,121 @@ secret = "webhook-secret-1"
             let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
             assert_eq!(s.store_url(), "memory://");
             assert_eq!(s.policy.ttl_seconds, 120);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_key_the_secrets_derive_from_is_long_and_exists() {
+        for (toml, key) in [
+            ("[secrets]\nmaster_key = \"\"\n", "secrets.master_key"),
+            (
+                "[secrets]\nmaster_key = \"   short   \"\n",
+                "secrets.master_key",
+            ),
+            ("[secrets]\ncode_key = \"code\"\n", "secrets.code_key"),
+            ("[secrets.phone_keys]\n2 = \"\"\n", "secrets.phone_keys.2"),
+            (
+                "[secrets]\ncurrent_phone_key = 5\n[secrets.phone_keys]\n2 = \"a long enough phone key\"\n",
+                "secrets.current_phone_key",
+            ),
+        ] {
+            let err = load_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let fine = "[secrets]\nmaster_key = \"sixteen chars ok\"\ncurrent_phone_key = 1\n";
+        load_toml(fine).unwrap();
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_level_is_refused() {
+        for level in ["warning", "verbose", "", "otpd=loud"] {
+            let err = load_toml(&format!("[log]\nlevel = {level:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(": log.level:"), "{level}: {err}");
+        }
+        for level in ["debug", "WARN", "otpd=debug,info", "off"] {
+            load_toml(&format!("[log]\nlevel = {level:?}\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_dialects_route_chain_names_configured_routes() {
+        let routes = "[[routes]]\nid = 1\nprovider = \"console\"\n";
+        let err = load_toml(&format!(
+            "{routes}[dialects.bridgex.policy]\nroutes = [9]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(": dialects.bridgex.policy.routes: route 9"),
+            "{err}"
+        );
+        load_toml(&format!(
+            "{routes}[dialects.openlyne.policy]\nroutes = [1]\n"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_number_for_a_text_setting_says_how_to_quote_it() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OTPD_METRICS__TOKEN", "1234567890123456");
+            let err = Settings::load(None, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("metrics.token") && err.contains("quote it"),
+                "{err}"
+            );
+            jail.set_env("OTPD_METRICS__TOKEN", "\"0034567890123456\"");
+            let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let token = s
+                .metrics
+                .token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned());
+            assert_eq!(token.as_deref(), Some("0034567890123456"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn variables_and_defaults_that_configure_nothing_are_warned_about() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "otpd.toml",
+                "[[routes]]\nid = 1\nprovider = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n",
+            )?;
+            for name in [
+                "OTPD_SERVER_LISTEN",
+                "OTPD_ROUTE_7_API_KEY",
+                "OTPD_ROUTE_1_SECRETS",
+            ] {
+                jail.set_env(name, "x");
+            }
+            jail.set_env(
+                "OTPD_ROUTE_1_SECRET",
+                "a webhook secret from the environment",
+            );
+            jail.set_env("OTPD_SERVER__LISTEN", "127.0.0.1:8081");
+            jail.set_env("OTPD_TEST_ANYTHING", "x");
+            let s = Settings::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let warned: Vec<&str> = s
+                .warnings
+                .iter()
+                .map(|w| w.split(':').next().unwrap_or_default())
+                .collect();
+            assert_eq!(
+                warned,
+                [
+                    "OTPD_ROUTE_1_SECRETS",
+                    "OTPD_ROUTE_7_API_KEY",
+                    "OTPD_SERVER_LISTEN",
+                    "dialects.bridgex.default_route_id"
+                ]
+            );
             Ok(())
         });
     }

@@ -326,21 +326,37 @@ pub fn secret_env_var(route_id: u32, field: &str) -> String {
 pub fn apply_secret_env(routes: &mut [RouteSettings], lookup: impl Fn(&str) -> Option<String>) {
     for route in routes {
         let id = route.id;
-        let from_env = |field: &str, slot: &mut Option<SecretString>| {
+        for (field, slot) in secret_slots(&mut route.provider) {
             if let Some(value) = lookup(&secret_env_var(id, field)) {
                 *slot = Some(SecretString::from(value));
             }
-        };
-        match &mut route.provider {
-            ProviderSettings::Bridgexapi(s) => from_env("api_key", &mut s.api_key),
-            ProviderSettings::Africastalking(s) => from_env("api_key", &mut s.api_key),
-            ProviderSettings::Twilio(s) => {
-                from_env("auth_token", &mut s.auth_token);
-                from_env("status_callback", &mut s.status_callback);
-            }
-            ProviderSettings::Webhook(s) => from_env("secret", &mut s.secret),
-            ProviderSettings::Console(_) | ProviderSettings::Sandbox(_) => {}
         }
+    }
+}
+
+/// The variables `apply_secret_env` reads for these routes.
+pub fn secret_env_vars(routes: &[RouteSettings]) -> Vec<String> {
+    let mut names = Vec::new();
+    for route in routes {
+        let mut provider = route.provider.clone();
+        for (field, _) in secret_slots(&mut provider) {
+            names.push(secret_env_var(route.id, field));
+        }
+    }
+    names
+}
+
+/// A provider's secrets that may come from the environment, by field name.
+fn secret_slots(provider: &mut ProviderSettings) -> Vec<(&'static str, &mut Option<SecretString>)> {
+    match provider {
+        ProviderSettings::Bridgexapi(s) => vec![("api_key", &mut s.api_key)],
+        ProviderSettings::Africastalking(s) => vec![("api_key", &mut s.api_key)],
+        ProviderSettings::Twilio(s) => vec![
+            ("auth_token", &mut s.auth_token),
+            ("status_callback", &mut s.status_callback),
+        ],
+        ProviderSettings::Webhook(s) => vec![("secret", &mut s.secret)],
+        ProviderSettings::Console(_) | ProviderSettings::Sandbox(_) => Vec::new(),
     }
 }
 

@@ -323,9 +323,10 @@ fn crypto(keys: &[(u32, &str)], current: u32) -> Crypto {
 async fn rotation_reseals_live_numbers_so_the_old_key_can_go() {
     let store: Arc<dyn Store> = Arc::new(otpd::store::MemoryStore::new());
     let first_key = |s: &mut otpd::config::Settings| {
-        s.secrets
-            .phone_keys
-            .insert("1".into(), SecretString::from("first phone key".to_owned()));
+        s.secrets.phone_keys.insert(
+            "1".into(),
+            SecretString::from("the first phone key".to_owned()),
+        );
     };
     let old = TestApp::spawn_on(store.clone(), first_key).await;
     // An Openlyne-style verification: its verify answer opens the stored number.
@@ -349,7 +350,7 @@ async fn rotation_reseals_live_numbers_so_the_old_key_can_go() {
     .await;
     assert_eq!(status, StatusCode::OK);
 
-    let both = crypto(&[(1, "first phone key"), (2, "second phone key")], 2);
+    let both = crypto(&[(1, "the first phone key"), (2, "second phone key")], 2);
     let report = otpd::service::rotate_phone_keys(store.as_ref(), &both)
         .await
         .unwrap();
@@ -400,7 +401,7 @@ async fn operator_commands_rotate_keys_and_manage_quarantines() {
     let dir = tempfile::tempdir().unwrap();
     let first = [
         ("OTPD_DEBUG_CODES", "true"),
-        ("OTPD_SECRETS__PHONE_KEYS__1", "first phone key"),
+        ("OTPD_SECRETS__PHONE_KEYS__1", "the first phone key"),
         ("OTPD_POLICY__GUARD__MAX_SENDS_PER_PREFIX_HOUR", "1"),
     ];
     let mut otpd = start_otpd(dir.path(), &first);
@@ -448,7 +449,7 @@ async fn operator_commands_rotate_keys_and_manage_quarantines() {
     assert!(ok && out.trim().is_empty(), "{out}");
 
     let rotated = [
-        ("OTPD_SECRETS__PHONE_KEYS__1", "first phone key"),
+        ("OTPD_SECRETS__PHONE_KEYS__1", "the first phone key"),
         ("OTPD_SECRETS__PHONE_KEYS__2", "second phone key"),
     ];
     let (ok, out, err) = run(&["rotate-keys"], &rotated);
