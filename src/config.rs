@@ -330,7 +330,7 @@ pub const MAX_MESSAGE_DAYS: u32 = 366;
 /// The route ids a BridgeX-style client may send, as the original validates them.
 pub const BRIDGEX_ROUTE_IDS: std::ops::RangeInclusive<u32> = 1..=8;
 
-/// The shortest master, code or phone key accepted.
+/// The shortest master, code or phone key taken without a warning.
 const MIN_SECRET_CHARS: usize = 16;
 
 /// `log.level` held to what is meant: `EnvFilter` reads a bare word that is
@@ -544,6 +544,14 @@ impl Settings {
                 )
             })
             .collect();
+        for (key, secret) in self.given_secrets() {
+            if secret.expose_secret().trim().chars().count() < MIN_SECRET_CHARS {
+                warnings.push(format!(
+                    "{key}: shorter than {MIN_SECRET_CHARS} characters; a long random string \
+                     resists guessing"
+                ));
+            }
+        }
         let default_route = self.dialects.bridgex.default_route_id;
         if !self.routes.is_empty() && !self.routes.iter().any(|r| r.id == default_route) {
             warnings.push(format!(
@@ -554,35 +562,39 @@ impl Settings {
         warnings
     }
 
-    /// Every key derives from these, so an empty or short one (an unset
-    /// `${VAR}` in a compose file) would make them guessable.
-    fn validate_secrets(&self) -> Result<(), ConfigError> {
+    /// The configured secrets every key derives from, by key name.
+    fn given_secrets(&self) -> Vec<(String, &SecretString)> {
         let secrets = &self.secrets;
         let mut given: Vec<(String, &SecretString)> = Vec::new();
-        given.extend(
-            secrets
-                .master_key
-                .iter()
-                .map(|k| ("secrets.master_key".to_owned(), k)),
-        );
-        given.extend(
-            secrets
-                .code_key
-                .iter()
-                .map(|k| ("secrets.code_key".to_owned(), k)),
-        );
+        if let Some(k) = &secrets.master_key {
+            given.push(("secrets.master_key".to_owned(), k));
+        }
+        if let Some(k) = &secrets.code_key {
+            given.push(("secrets.code_key".to_owned(), k));
+        }
         for (id, key) in &secrets.phone_keys {
+            given.push((format!("secrets.phone_keys.{id}"), key));
+        }
+        given
+    }
+
+    /// An empty secret (an unset `${VAR}` in a compose file) would derive
+    /// every key from '' and let anyone compute them. (A short one is a
+    /// warning: refusing it would force a key change, which strands stored
+    /// numbers and pending codes.)
+    fn validate_secrets(&self) -> Result<(), ConfigError> {
+        let secrets = &self.secrets;
+        for id in secrets.phone_keys.keys() {
             if id.parse::<u32>().is_err() {
                 return Err(ConfigError::Invalid(format!(
                     "secrets.phone_keys.{id}: key ids must be numbers"
                 )));
             }
-            given.push((format!("secrets.phone_keys.{id}"), key));
         }
-        for (key, secret) in given {
-            if secret.expose_secret().trim().chars().count() < MIN_SECRET_CHARS {
+        for (key, secret) in self.given_secrets() {
+            if secret.expose_secret().trim().is_empty() {
                 return Err(ConfigError::Invalid(format!(
-                    "{key}: must be at least {MIN_SECRET_CHARS} characters (a long random string)"
+                    "{key}: must not be empty (leave it out to use the generated key file)"
                 )));
             }
         }
@@ -1196,14 +1208,11 @@ secret = "webhook-secret-1"
     }
 
     #[test]
-    fn every_key_the_secrets_derive_from_is_long_and_exists() {
+    fn every_key_the_secrets_derive_from_is_set_and_exists() {
         for (toml, key) in [
             ("[secrets]\nmaster_key = \"\"\n", "secrets.master_key"),
-            (
-                "[secrets]\nmaster_key = \"   short   \"\n",
-                "secrets.master_key",
-            ),
-            ("[secrets]\ncode_key = \"code\"\n", "secrets.code_key"),
+            ("[secrets]\nmaster_key = \"   \"\n", "secrets.master_key"),
+            ("[secrets]\ncode_key = \"\"\n", "secrets.code_key"),
             ("[secrets.phone_keys]\n2 = \"\"\n", "secrets.phone_keys.2"),
             (
                 "[secrets]\ncurrent_phone_key = 5\n[secrets.phone_keys]\n2 = \"a long enough phone key\"\n",
@@ -1214,7 +1223,13 @@ secret = "webhook-secret-1"
             assert!(err.contains(key), "{toml}: {err}");
         }
         let fine = "[secrets]\nmaster_key = \"sixteen chars ok\"\ncurrent_phone_key = 1\n";
-        load_toml(fine).unwrap();
+        assert!(load_toml(fine).unwrap().warnings.is_empty());
+        let short = load_toml("[secrets]\ncode_key = \"fifteen chars!!\"\n").unwrap();
+        assert!(
+            short.warnings[0].starts_with("secrets.code_key: shorter than 16"),
+            "{:?}",
+            short.warnings
+        );
     }
 
     #[test]
