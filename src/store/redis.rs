@@ -61,7 +61,8 @@ use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::io::tcp::TcpSettings;
 use ::redis::{
-    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value,
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Script,
+    Value,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
@@ -108,6 +109,52 @@ const DEAD_PEER_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 const CONNECT_BUDGET: StdDuration = StdDuration::from_secs(10);
 /// How many purge scripts run at once.
 const PURGE_CONCURRENCY: usize = 32;
+/// A cluster command a node refused (a slot moved, a failover) is sent again
+/// this many times, after 20, 40, 80 ms.
+const CLUSTER_REFUSAL_RETRIES: u32 = 3;
+
+/// Runs a cluster command, and again only when a node refused it unrun.
+///
+/// The cluster client's own retries (off: `retries(0)`) also resend after a
+/// timeout or a dropped connection, when the script may already have run: a
+/// check run twice takes two attempts, or answers a right code "not found"
+/// because its first run approved it. Those errors end the command here (the
+/// caller answers 503); a refusal (MOVED, ASK, TRYAGAIN, CLUSTERDOWN,
+/// MASTERDOWN, LOADING, READONLY) guarantees the command did not run, and the
+/// client has started refreshing its slot map by the time it is resent.
+async fn retry_refusals<F, Fut>(mut send: F) -> RedisResult<Value>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = RedisResult<Value>>,
+{
+    let mut retries = 0;
+    loop {
+        match send().await {
+            Err(e) if retries < CLUSTER_REFUSAL_RETRIES && refused_unrun(&e) => {
+                retries += 1;
+                tokio::time::sleep(StdDuration::from_millis(10 << retries)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Whether a cluster error says the command never ran.
+fn refused_unrun(e: &RedisError) -> bool {
+    use ::redis::ServerErrorKind as Refusal;
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            Refusal::Moved
+                | Refusal::Ask
+                | Refusal::TryAgain
+                | Refusal::ClusterDown
+                | Refusal::MasterDown
+                | Refusal::BusyLoading
+                | Refusal::ReadOnly
+        ) | ErrorKind::ClusterConnectionNotFound
+    )
+}
 
 /// One node behind a self-reconnecting manager, or a cluster (which reconnects
 /// and follows slot moves by itself).
@@ -121,7 +168,13 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Node(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => {
+                let c = c.clone();
+                Box::pin(retry_refusals(move || {
+                    let mut c = c.clone();
+                    async move { c.req_packed_command(cmd).await }
+                }))
+            }
         }
     }
 
@@ -737,8 +790,8 @@ async fn open(url: &str) -> StoreResult<Conn> {
             .response_timeout(RESPONSE_TIMEOUT)
             // Room for a redirect or a reconnect within one command.
             .overall_response_timeout(Some(2 * RESPONSE_TIMEOUT))
-            .retries(3)
-            .max_retry_wait(500)
+            // Its retries would resend scripts that may have run (`retry_refusals`).
+            .retries(0)
             .tcp_settings(tcp_settings())
             .build()
             .map_err(|e| StoreError::Unavailable(format!("invalid redis cluster url: {e}")))?;
@@ -3437,6 +3490,69 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// How many times `retry_refusals` sends a command failing with `error`
+    /// on the first `failures` sends, and whether it then succeeded.
+    async fn sends(failures: u32, error: fn() -> RedisError) -> (u32, bool) {
+        let count = AtomicU32::new(0);
+        let answer = retry_refusals(|| {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if n <= failures {
+                    Err(error())
+                } else {
+                    Ok(Value::Okay)
+                }
+            }
+        })
+        .await;
+        (count.load(Ordering::SeqCst), answer.is_ok())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_command_is_sent_again_only_when_a_node_refused_it_unrun() {
+        let moved = || {
+            RedisError::from((
+                ErrorKind::Server(::redis::ServerErrorKind::Moved),
+                "MOVED",
+                "3999 127.0.0.1:7002".to_owned(),
+            ))
+        };
+        let try_again = || {
+            RedisError::from((
+                ErrorKind::Server(::redis::ServerErrorKind::TryAgain),
+                "TRYAGAIN",
+                "multiple keys".to_owned(),
+            ))
+        };
+        assert_eq!(sends(2, moved).await, (3, true));
+        assert_eq!(sends(1, try_again).await, (2, true));
+        assert_eq!(sends(10, moved).await, (1 + CLUSTER_REFUSAL_RETRIES, false));
+        // The script may have run before these: never sent again.
+        let timed_out = || {
+            RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            ))
+        };
+        let dropped = || {
+            RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset",
+            ))
+        };
+        let script_error = || {
+            RedisError::from((
+                ErrorKind::Server(::redis::ServerErrorKind::ResponseError),
+                "ERR",
+                "user_script:1: error".to_owned(),
+            ))
+        };
+        for error in [timed_out, dropped, script_error] {
+            assert_eq!(sends(1, error).await, (1, false));
+        }
+    }
 
     #[test]
     fn cluster_urls_become_node_urls() {
