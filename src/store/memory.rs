@@ -1226,6 +1226,17 @@ impl MemoryStore {
         (h, &self.verifications[Self::shard_of(h)])
     }
 
+    /// Whether verification `id` is still pending. A re-send after a failed
+    /// delivery moves its expiry, not its subject's last send, so the subject
+    /// purge asks this (locking subject, then verification, as a send does).
+    fn is_pending(&self, id: Uuid) -> bool {
+        let (hash, shard) = self.verification_shard(id.as_bytes());
+        let shard = shard.lock();
+        shard
+            .find(hash, id.as_bytes())
+            .is_some_and(|i| shard.slab.get(i).status() == Status::Pending)
+    }
+
     fn subject_shard(&self, key: &[u8; 32]) -> (u64, &Mutex<SShard>) {
         let h = self.hash(key);
         (h, &self.subjects[Self::shard_of(h)])
@@ -2152,7 +2163,9 @@ impl Store for MemoryStore {
                 .positions()
                 .filter(|&i| {
                     let r = s.slab.get(i);
-                    r.flags & LIVE != 0 && r.last_sent().is_none_or(|t| t <= keep_after)
+                    r.flags & LIVE != 0
+                        && r.last_sent().is_none_or(|t| t <= keep_after)
+                        && !r.current().is_some_and(|id| self.is_pending(id))
                 })
                 .collect();
             for i in stale {

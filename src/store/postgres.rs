@@ -241,10 +241,14 @@ impl PostgresStore {
                 now_ms,
             ),
             (
+                // A re-send after a failed delivery moves the expiry, not the
+                // subject's last send: a subject stays while its verification is pending.
                 "DELETE FROM subjects WHERE (tenant, subject) IN
-                     (SELECT tenant, subject FROM subjects
-                      WHERE last_sent_at <= $1 OR last_sent_at IS NULL
-                      LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                     (SELECT s.tenant, s.subject FROM subjects s
+                      WHERE (s.last_sent_at <= $1 OR s.last_sent_at IS NULL)
+                        AND NOT EXISTS (SELECT 1 FROM verifications v
+                                        WHERE v.id = s.current_id AND v.status = 'pending')
+                      LIMIT $2 FOR UPDATE OF s SKIP LOCKED)",
                 millis(now - KEEP_SUBJECTS),
             ),
             (

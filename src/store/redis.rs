@@ -1539,7 +1539,7 @@ for i = 1, #KEYS do out[i] = redis.call('HGETALL', KEYS[i]) end
 return out
 "#;
 
-/// KEYS: record. ARGV: tenant, expected send count, code hash, expires_at, now,
+/// KEYS: record, subject state. ARGV: tenant, expected send count, code hash, expires_at, now,
 /// record ttl, subject code hash ('' = none; kept `bound` to the record's id).
 /// The verification after the new code, or false.
 const REPLACE_CODE: &str = r#"
@@ -1557,6 +1557,9 @@ else
 end
 redis.call('HINCRBY', KEYS[1], 'send_count', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
+-- The subject's state (its cooldown, its current id) lives as long as the record.
+local left = redis.call('PTTL', KEYS[2])
+if left >= 0 and left < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[2], ARGV[6]) end
 return redis.call('HGETALL', KEYS[1])
 "#;
 
@@ -2958,6 +2961,7 @@ impl Store for RedisStore {
                 .scripts
                 .replace_code
                 .key(self.keys.record(&subject, r.verification_id))
+                .key(self.keys.state(&subject))
                 .arg(&r.tenant)
                 .arg(r.expected_send_count)
                 .arg(to_hex(r.code_hash))

@@ -204,9 +204,14 @@ impl SqliteStore {
                 now_ms,
             ),
             (
+                // A re-send after a failed delivery moves the expiry, not the
+                // subject's last send: a subject stays while its verification is pending.
                 "DELETE FROM subjects WHERE rowid IN
-                     (SELECT rowid FROM subjects
-                      WHERE last_sent_at <= $1 OR last_sent_at IS NULL LIMIT $2)",
+                     (SELECT rowid FROM subjects s
+                      WHERE (s.last_sent_at <= $1 OR s.last_sent_at IS NULL)
+                        AND NOT EXISTS (SELECT 1 FROM verifications v
+                                        WHERE v.id = s.current_id AND v.status = 'pending')
+                      LIMIT $2)",
                 millis(now - KEEP_SUBJECTS),
             ),
             (

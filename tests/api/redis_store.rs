@@ -756,3 +756,52 @@ async fn a_hash_by_subject_copied_to_another_verification_matches_nothing() {
         "{check:?}"
     );
 }
+
+/// A re-send after a failed delivery that moves the expiry also keeps the
+/// subject's state (its current id, its cooldown) as long as the record, as a
+/// send does: otherwise the state would expire first and a check by number
+/// find nothing while the code is still pending.
+#[tokio::test]
+async fn a_resend_keeps_the_subjects_state_as_long_as_its_record() {
+    use crate::store_contract::{Fixture, t0};
+    use chrono::Duration as Span;
+    use otpd::store::CodeReplacement;
+
+    let Some((store, url, prefix)) = single_node_store().await else {
+        eprintln!("skipping: OTPD_TEST_REDIS_URL is not set");
+        return;
+    };
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "123456", now).await;
+    let resent = now + Span::seconds(60);
+    let replacement = CodeReplacement {
+        tenant: f.tenant.clone(),
+        verification_id: id,
+        expected_send_count: 1,
+        code_hash: f.hash(id, "654321"),
+        subject_code_hash: None,
+        expires_at: resent + Span::hours(25),
+    };
+    store
+        .replace_code(&replacement, resent)
+        .await
+        .unwrap()
+        .expect("replaced");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let record =
+        crate::helpers::redis_keys_matching(&mut conn, &format!("{{{prefix}:s:*}}:v:{id}")).await;
+    let state =
+        crate::helpers::redis_keys_matching(&mut conn, &format!("{{{prefix}:s:*}}:state")).await;
+    assert_eq!((record.len(), state.len()), (1, 1), "{record:?} {state:?}");
+    let (record_ttl, state_ttl) = (pttl(&url, &record[0]).await, pttl(&url, &state[0]).await);
+    assert!(
+        record_ttl > Span::hours(48).num_milliseconds(),
+        "{record_ttl}"
+    );
+    assert!(
+        state_ttl >= record_ttl - 1_000,
+        "state {state_ttl} ms, record {record_ttl} ms"
+    );
+}

@@ -2422,6 +2422,52 @@ pub async fn key_rotation_lists_and_reseals_pending_numbers(store: DynStore) {
     );
 }
 
+/// A re-send after a failed delivery can move a verification's expiry past
+/// the 24 h its subject is kept after its last send: the purge keeps the
+/// subject while the verification is pending, so a check by subject still
+/// finds it and a new send cannot start a second pending one.
+pub async fn a_subject_stays_while_its_verification_is_pending(store: DynStore) {
+    use otpd::store::CodeReplacement;
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let resent = now + Duration::seconds(60);
+    let replacement = CodeReplacement {
+        tenant: f.tenant.clone(),
+        verification_id: id,
+        expected_send_count: 1,
+        code_hash: f.hash(id, "222222"),
+        subject_code_hash: None,
+        expires_at: resent + Duration::hours(25),
+    };
+    store
+        .replace_code(&replacement, resent)
+        .await
+        .unwrap()
+        .expect("replaced");
+    let next_day = now + Duration::hours(24) + Duration::minutes(5);
+    // Other tests may share the backend: a few rounds reach every row.
+    for _ in 0..20 {
+        if store.purge_expired(next_day, 10_000).await.unwrap() == 0 {
+            break;
+        }
+    }
+    let f = Arc::new(f);
+    let (g, h) = (f.clone(), f.clone());
+    let wrong = CodeHasher::new(
+        move |id| g.hash(id, "000000"),
+        move |_| h.subject_hash("000000"),
+    );
+    let found = store
+        .check_current_code(&f.tenant, &f.subject, &wrong, None, None, next_day)
+        .await
+        .unwrap();
+    assert!(
+        matches!(found, CurrentCheck::Checked(found_id, CheckOutcome::Wrong { .. }) if found_id == id),
+        "{found:?}"
+    );
+}
+
 pub async fn purge_ends_expired_verifications(store: DynStore) {
     let f = Fixture::new();
     let now = t0();
@@ -2549,6 +2595,7 @@ macro_rules! store_contract_tests {
                 racing_claims_grant_one_lease,
                 key_rotation_lists_and_reseals_pending_numbers,
                 purge_ends_expired_verifications,
+                a_subject_stays_while_its_verification_is_pending,
                 count_pending_sees_new_verifications,
                 guess_budget_is_judged_before_the_compare,
                 $($extra),*
