@@ -765,7 +765,6 @@ async fn a_hash_by_subject_copied_to_another_verification_matches_nothing() {
 async fn a_resend_keeps_the_subjects_state_as_long_as_its_record() {
     use crate::store_contract::{Fixture, t0};
     use chrono::Duration as Span;
-    use otpd::store::CodeReplacement;
 
     let Some((store, url, prefix)) = single_node_store().await else {
         eprintln!("skipping: OTPD_TEST_REDIS_URL is not set");
@@ -775,14 +774,7 @@ async fn a_resend_keeps_the_subjects_state_as_long_as_its_record() {
     let now = t0();
     let id = f.start(&store, "123456", now).await;
     let resent = now + Span::seconds(60);
-    let replacement = CodeReplacement {
-        tenant: f.tenant.clone(),
-        verification_id: id,
-        expected_send_count: 1,
-        code_hash: f.hash(id, "654321"),
-        subject_code_hash: None,
-        expires_at: resent + Span::hours(25),
-    };
+    let replacement = f.resend(id, "654321", resent + Span::hours(25));
     store
         .replace_code(&replacement, resent)
         .await

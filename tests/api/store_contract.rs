@@ -137,6 +137,23 @@ impl Fixture {
     }
 
     /// Creates a pending verification with `code`; returns its id.
+    /// The first re-send of `id` after a failed delivery: a new code, expiring at `expires_at`.
+    pub(crate) fn resend(
+        &self,
+        id: Uuid,
+        code: &str,
+        expires_at: DateTime<Utc>,
+    ) -> otpd::store::CodeReplacement {
+        otpd::store::CodeReplacement {
+            tenant: self.tenant.clone(),
+            verification_id: id,
+            expected_send_count: 1,
+            code_hash: self.hash(id, code),
+            subject_code_hash: None,
+            expires_at,
+        }
+    }
+
     pub(crate) async fn start(&self, store: &DynStore, code: &str, now: DateTime<Utc>) -> Uuid {
         let id = Uuid::new_v4();
         let decision = store
@@ -2427,19 +2444,11 @@ pub async fn key_rotation_lists_and_reseals_pending_numbers(store: DynStore) {
 /// subject while the verification is pending, so a check by subject still
 /// finds it and a new send cannot start a second pending one.
 pub async fn a_subject_stays_while_its_verification_is_pending(store: DynStore) {
-    use otpd::store::CodeReplacement;
     let f = Fixture::new();
     let now = t0();
     let id = f.start(&store, "111111", now).await;
     let resent = now + Duration::seconds(60);
-    let replacement = CodeReplacement {
-        tenant: f.tenant.clone(),
-        verification_id: id,
-        expected_send_count: 1,
-        code_hash: f.hash(id, "222222"),
-        subject_code_hash: None,
-        expires_at: resent + Duration::hours(25),
-    };
+    let replacement = f.resend(id, "222222", resent + Duration::hours(25));
     store
         .replace_code(&replacement, resent)
         .await
