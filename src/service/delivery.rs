@@ -153,6 +153,12 @@ impl VerificationService {
         {
             return Ok(Vec::new());
         }
+        // A send that began after `failed` was recorded has replaced its code,
+        // even while that send's own message is still with its provider (and
+        // so not listed): a re-send now would kill the code it is delivering.
+        if v.last_sent_at > failed.created_at {
+            return Ok(Vec::new());
+        }
         let used: HashSet<u32> = messages.iter().map(|m| m.route_id).collect();
         let Some(to) = self.phone_of(&v) else {
             tracing::error!(verification_id = %v.id, "cannot open the stored number for a re-send");

@@ -371,6 +371,57 @@ async fn only_the_current_codes_message_is_rescued() {
     assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 0);
 }
 
+/// A report that the first message failed, arriving while the user's own
+/// later send is still with its provider (its message not recorded yet), must
+/// not re-send: that send already replaced the code, and a re-send would kill
+/// the code it is delivering.
+#[tokio::test]
+async fn a_failure_report_never_replaces_a_later_send_in_flight() {
+    let providers = Providers::start().await;
+    let proxy = crate::helpers::StallingProxy::start(*providers.at.address()).await;
+    let at = format!("http://127.0.0.1:{}", proxy.port);
+    let app = TestApp::spawn_with(|s| providers.configure_reaching_at(s, &[1, 2], &at)).await;
+    let first = app.send_to("+254711000111").await;
+    let id = first["id"].as_str().unwrap().to_owned();
+    app.advance(31);
+
+    proxy.stall(true);
+    let (client, base, key) = (app.client.clone(), app.base.clone(), app.key.clone());
+    let second = tokio::spawn(async move {
+        client
+            .post(format!("{base}/v1/verifications"))
+            .header("x-api-key", key)
+            .json(&json!({ "to": "+254711000111" }))
+            .send()
+            .await
+            .unwrap()
+    });
+    // The second send has replaced the code and waits on its provider.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, v) = parts(app.get(&format!("/v1/verifications/{id}")).await).await;
+        if v["send_count"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second send never started: {v}"
+        );
+        tokio::task::yield_now().await;
+    }
+    fail_the_first_message(&app).await;
+    assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 0, "re-sent");
+
+    proxy.stall(false);
+    let (status, second) = parts(second.await.unwrap()).await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    let (_, body) = check(&app, &id, second["debug_code"].as_str().unwrap()).await;
+    assert_eq!(
+        body["valid"], true,
+        "the code the user got still works: {body}"
+    );
+}
+
 /// Africa's Talking reports its first message (ATPid_1) undeliverable.
 async fn fail_the_first_message(app: &TestApp) {
     let failed = [

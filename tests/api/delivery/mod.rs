@@ -189,6 +189,11 @@ impl Providers {
     /// Routes 1–3, the failover chain `chain`, the DLR secret and public URL,
     /// and a poll interval long enough that only the test runs poll rounds.
     pub fn configure(&self, settings: &mut Settings, chain: &[u32]) {
+        self.configure_reaching_at(settings, chain, &self.at.uri());
+    }
+
+    /// As `configure`, with Africa's Talking reached at `at` (a proxy, say).
+    pub fn configure_reaching_at(&self, settings: &mut Settings, chain: &[u32], at: &str) {
         #[derive(Deserialize)]
         struct Routes {
             routes: Vec<RouteSettings>,
@@ -220,7 +225,6 @@ impl Providers {
             price = {{ "*" = 0.05 }}
             currency = "EUR"
             "#,
-            at = self.at.uri(),
             twilio = self.twilio.uri(),
             bridgex = self.bridgex.uri(),
         ))
