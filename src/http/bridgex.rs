@@ -98,8 +98,9 @@ pub enum BridgexError {
     SendFailed(String),
     #[error("No active OTP found for this phone number and purpose.")]
     NotFound,
+    /// With the seconds until a retry may find a new code (`Retry-After`).
     #[error("OTP attempts exceeded.")]
-    AttemptsExceeded,
+    AttemptsExceeded(u64),
     #[error("Invalid OTP. Attempts left: {0}")]
     InvalidOtp(u32),
     #[error("Request body too large.")]
@@ -121,7 +122,7 @@ impl BridgexError {
             BridgexError::Cooldown(_) | BridgexError::SendLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             BridgexError::SendFailed(_) => StatusCode::BAD_GATEWAY,
             BridgexError::NotFound => StatusCode::NOT_FOUND,
-            BridgexError::AttemptsExceeded => StatusCode::TOO_MANY_REQUESTS,
+            BridgexError::AttemptsExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             BridgexError::InvalidOtp(_) => StatusCode::BAD_REQUEST,
             BridgexError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BridgexError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -132,7 +133,9 @@ impl BridgexError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            BridgexError::Cooldown(s) | BridgexError::SendLimit(s) => Some(*s),
+            BridgexError::Cooldown(s)
+            | BridgexError::SendLimit(s)
+            | BridgexError::AttemptsExceeded(s) => Some(*s),
             BridgexError::Unavailable(_) => Some(1),
             _ => None,
         }
@@ -169,14 +172,20 @@ impl From<AuthError> for BridgexError {
     }
 }
 
-impl From<CheckError> for BridgexError {
-    fn from(e: CheckError) -> Self {
+impl BridgexError {
+    /// A refused check; a spent verification can be sent anew after the
+    /// policy's cooldown, as on `/v1`.
+    fn of_check(e: CheckError, policy: &crate::domain::Policy) -> Self {
         match e {
             CheckError::NotFound => BridgexError::NotFound,
-            // The subject's wrong-guess budget is spent: the same answer.
-            CheckError::MaxAttempts | CheckError::RateLimited { .. } => {
-                BridgexError::AttemptsExceeded
+            CheckError::MaxAttempts => {
+                BridgexError::AttemptsExceeded(u64::from(policy.cooldown_seconds))
             }
+            // The subject's wrong-guess budget is spent: the same answer.
+            CheckError::RateLimited {
+                retry_after_seconds,
+                ..
+            } => BridgexError::AttemptsExceeded(retry_after_seconds),
             CheckError::Unavailable(cause) => BridgexError::Unavailable(cause),
         }
     }
@@ -739,7 +748,7 @@ pub async fn send_otp(
         (status = 404, description = r#"{"detail": "No active OTP found for this phone number and purpose."}"#),
         (status = 413, description = r#"{"detail": "Request body too large."}"#),
         (status = 422, description = "Validation failed (FastAPI shape)"),
-        (status = 429, description = r#"{"detail": "OTP attempts exceeded."}"#),
+        (status = 429, description = r#"{"detail": "OTP attempts exceeded."} (with Retry-After)"#),
         (status = 503, description = "The store is unavailable"),
     ),
     security(("bearer" = []), ("api_key" = []))
@@ -767,10 +776,11 @@ pub async fn verify_otp(
         client_ip,
     };
     let result = match Code::parse(&form.code) {
-        Ok(code) => state.service.check(&caller, target, &code).await?,
+        Ok(code) => state.service.check(&caller, target, &code).await,
         // The original counts any digit string as a guess; so does this.
-        Err(_) => state.service.check_unusable_guess(&caller, target).await?,
-    };
+        Err(_) => state.service.check_unusable_guess(&caller, target).await,
+    }
+    .map_err(|e| BridgexError::of_check(e, caller.policy))?;
     match result {
         CheckResult::Approved(_) => Ok(Json(BridgexVerifyResponse {
             status: "otp_verified",

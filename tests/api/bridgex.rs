@@ -584,9 +584,17 @@ async fn wrong_codes_count_down_and_spent_attempts_keep_the_cooldown() {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(text, detail(&format!("Invalid OTP. Attempts left: {left}")));
     }
-    let (status, text) = verify(&app, &code).await;
+    let (status, headers, text) = raw(app
+        .post_bearer(
+            "/verify-otp",
+            json!({ "phone_number": PHONE, "code": code, "purpose": "login" }),
+        )
+        .await)
+    .await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(text, detail("OTP attempts exceeded."));
+    // Every 429 says when to retry: a new code after the dialect's cooldown.
+    assert_eq!(headers["retry-after"], "45");
 
     // Unlike the original, a dead verification does not lift the cooldown.
     let (status, _, text) = raw(app.post_bearer("/send-otp", readme_send()).await).await;
