@@ -73,7 +73,7 @@ pub struct DeliveryReportResponse {
     ),
     responses(
         (status = 200, body = DeliveryReportResponse),
-        (status = 400, description = "invalid_request: a report without the provider's id or status fields"),
+        (status = 400, description = "invalid_request: a report without the provider's id or status fields, or with an id that is not printable text"),
         (status = 403, description = "invalid_signature: a Twilio report not signed with a configured route's auth token"),
         (status = 404, description = "not_found: unknown provider, wrong secret, or delivery reports not configured"),
         (status = 503, description = "unavailable: the store could not record it (the provider retries)"),
@@ -105,6 +105,14 @@ pub async fn delivery_report(
             status: "ignored".into(),
         }));
     };
+    // Providers' ids are short printable text. Anything else is a malformed
+    // report, not a store outage (PostgreSQL refuses a NUL in text: a 503,
+    // which the provider would retry for ever).
+    if message_id.len() > MAX_PROVIDER_ID_BYTES || message_id.chars().any(char::is_control) {
+        return Err(ApiError::InvalidRequest(format!(
+            "the report's message id is not printable text of at most {MAX_PROVIDER_ID_BYTES} bytes"
+        )));
+    }
     let outcome = state
         .service
         .apply_delivery_report(
@@ -119,6 +127,8 @@ pub async fn delivery_report(
         status: outcome.label().into(),
     }))
 }
+
+const MAX_PROVIDER_ID_BYTES: usize = 256;
 
 /// Compared as digests, so the time taken says nothing about the secret.
 fn secret_matches(expected: Option<&SecretString>, presented: &str) -> bool {

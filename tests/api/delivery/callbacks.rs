@@ -113,6 +113,22 @@ async fn africastalking_reports_move_status_forward_once() {
 }
 
 #[tokio::test]
+async fn a_report_whose_id_is_not_printable_text_is_refused() {
+    let providers = Providers::start().await;
+    let app = providers.spawn(&[1]).await;
+    let long = "A".repeat(257);
+    for id in ["\u{0}ATPid_1", "ATPid\n1", long.as_str()] {
+        let r = post_at_report(&app, DLR_SECRET, &[("id", id), ("status", "Success")]).await;
+        expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+    let unknown = [("id", "ATPid_404"), ("status", "Success")];
+    assert_eq!(
+        report_status(post_at_report(&app, DLR_SECRET, &unknown).await).await,
+        "ignored"
+    );
+}
+
+#[tokio::test]
 async fn without_a_secret_the_endpoints_do_not_exist() {
     let providers = Providers::start().await;
     let app = TestApp::spawn_with(|s| {
