@@ -450,7 +450,7 @@ impl VerificationService {
             .judge_send_counts(&admission, &counts, &totals, now)
             .await
         {
-            self.abort(tenant, subject, verification.id, previous_sent_at)
+            self.abort(tenant, subject, verification.id, previous_sent_at, now)
                 .await?;
             return Err(refused);
         }
@@ -518,7 +518,7 @@ impl VerificationService {
                 })
             }
             None => {
-                self.abort(tenant, subject, verification.id, previous_sent_at)
+                self.abort(tenant, subject, verification.id, previous_sent_at, now)
                     .await?;
                 if let Some(last) = attempts.last() {
                     self.metrics.record_send(
@@ -554,6 +554,7 @@ impl VerificationService {
         subject: SubjectKey,
         verification_id: Uuid,
         previous_sent_at: Option<DateTime<Utc>>,
+        sent_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         self.store
             .abort_send(&SendAbort {
@@ -561,6 +562,7 @@ impl VerificationService {
                 subject,
                 verification_id,
                 previous_sent_at,
+                sent_at,
                 at: self.clock.now(),
             })
             .await

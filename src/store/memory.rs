@@ -1627,7 +1627,9 @@ impl Store for MemoryStore {
             let mut subjects = sshard.lock();
             if let Some(i) = subjects.find(sh, &abort.subject.0) {
                 let s = subjects.slab.get_mut(i);
-                s.set_last_sent(abort.previous_sent_at.map(ms));
+                if s.last_sent() == Some(ms(abort.sent_at)) {
+                    s.set_last_sent(abort.previous_sent_at.map(ms));
+                }
                 s.window_count = s.window_count.saturating_sub(1);
             }
         }
@@ -1635,6 +1637,8 @@ impl Store for MemoryStore {
         let mut shard = vshard.lock();
         if let Some(i) = shard.find(vh, abort.verification_id.as_bytes())
             && shard.tenant_is(i, &self.symbols, &abort.tenant)
+            && shard.slab.get(i).last_sent == ms(abort.sent_at)
+            && shard.slab.get(i).status() == Status::Pending
         {
             let r = shard.slab.get_mut(i);
             r.status = status_code(Status::Failed);

@@ -98,6 +98,10 @@ pub struct SendAbort {
     pub subject: SubjectKey,
     pub verification_id: Uuid,
     pub previous_sent_at: Option<DateTime<Utc>>,
+    /// The aborted send's own time (its `start_send`'s `now`): only what it
+    /// still holds is undone. A later send for the subject (its cooldown, its
+    /// code in the verification) is left alone.
+    pub sent_at: DateTime<Utc>,
     pub at: DateTime<Utc>,
 }
 
@@ -496,6 +500,7 @@ pub(crate) async fn start_then_count<S: Store + ?Sized>(
                     subject: planned.subject,
                     verification_id: planned.id,
                     previous_sent_at,
+                    sent_at: now,
                     at: now,
                 })
                 .await?;

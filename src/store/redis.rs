@@ -1421,23 +1421,29 @@ A[14], A[15], A[18] = messages .. id .. '}:list', messages .. id .. '}:r:', id
 return append({'checked', id}, run(R, S, A, 'subject_code_hash'))
 "#;
 
-/// KEYS: state, record. ARGV: tenant, previous send ('' = none), at, keep-ended ms.
+/// KEYS: state, record. ARGV: tenant, previous send ('' = none), at, keep-ended
+/// ms, the aborted send's time. Undoes only what that send still holds (a later
+/// send keeps its cooldown and its code); 1 when the verification was ended.
 const ABORT_SEND: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  if ARGV[2] == '' then
-    redis.call('HDEL', KEYS[1], 'last_sent')
-  else
-    redis.call('HSET', KEYS[1], 'last_sent', ARGV[2])
+  if redis.call('HGET', KEYS[1], 'last_sent') == ARGV[5] then
+    if ARGV[2] == '' then
+      redis.call('HDEL', KEYS[1], 'last_sent')
+    else
+      redis.call('HSET', KEYS[1], 'last_sent', ARGV[2])
+    end
   end
   local count = tonumber(redis.call('HGET', KEYS[1], 'win_count') or '0')
   if count > 0 then redis.call('HSET', KEYS[1], 'win_count', int(count - 1)) end
 end
-if redis.call('HGET', KEYS[2], 'tenant') == ARGV[1] then
+local r = redis.call('HMGET', KEYS[2], 'tenant', 'status', 'last_sent_at')
+if r[1] == ARGV[1] and r[2] == 'pending' and r[3] == ARGV[5] then
   redis.call('HSET', KEYS[2], 'status', 'failed', 'updated_at', ARGV[3])
   redis.call('HDEL', KEYS[2], 'code_hash', 'subject_code_hash')
   shorten(KEYS[2], ARGV[4])
+  return 1
 end
-return 1
+return 0
 "#;
 
 /// KEYS: record. ARGV: now. Ends a pending verification whose code has expired.
@@ -2359,7 +2365,8 @@ impl Store for RedisStore {
     async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
         bounded(async {
             let subject = to_hex(abort.subject.0);
-            self.scripts
+            let ended = self
+                .scripts
                 .abort_send
                 .key(self.keys.state(&subject))
                 .key(self.keys.record(&subject, abort.verification_id))
@@ -2367,10 +2374,13 @@ impl Store for RedisStore {
                 .arg(abort.previous_sent_at.map(ms).unwrap_or_default())
                 .arg(ms(abort.at))
                 .arg(KEEP_ENDED_MS)
+                .arg(ms(abort.sent_at))
                 .invoke_async::<i64>(&mut self.conn())
                 .await
                 .map_err(store_error)?;
-            self.unindex_pending(&subject, abort.verification_id);
+            if ended == 1 {
+                self.unindex_pending(&subject, abort.verification_id);
+            }
             Ok(())
         })
         .await

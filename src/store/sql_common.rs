@@ -707,24 +707,29 @@ macro_rules! sql_store {
             async fn abort_send(&self, abort: &SendAbort) -> StoreResult<()> {
                 let abort = abort.clone();
                 self.write(WriteKind::Transaction, move |conn| Box::pin(async move {
+                    // Only what this send still holds: a later send keeps its
+                    // cooldown and its code.
                     sqlx::query(
-                        "UPDATE subjects SET last_sent_at = $1,
+                        "UPDATE subjects SET
+                             last_sent_at = CASE WHEN last_sent_at = $4 THEN $1 ELSE last_sent_at END,
                              window_count = CASE WHEN window_count > 0 THEN window_count - 1 ELSE 0 END
                          WHERE tenant = $2 AND subject = $3",
                     )
                     .bind(abort.previous_sent_at.map(millis))
                     .bind(&abort.tenant)
                     .bind(abort.subject.0.as_slice())
+                    .bind(millis(abort.sent_at))
                     .execute(&mut *conn)
                     .await
                     .map_err(map_sqlx)?;
                     sqlx::query(
                         "UPDATE verifications SET status = 'failed', code_hash = NULL, updated_at = $1
-                         WHERE id = $2 AND tenant = $3",
+                         WHERE id = $2 AND tenant = $3 AND status = 'pending' AND last_sent_at = $4",
                     )
                     .bind(millis(abort.at))
                     .bind(id_text(abort.verification_id))
                     .bind(&abort.tenant)
+                    .bind(millis(abort.sent_at))
                     .execute(&mut *conn)
                     .await
                     .map_err(map_sqlx)?;

@@ -588,6 +588,7 @@ pub async fn abort_releases_cooldown_and_leaves_nothing_pending(store: DynStore)
             subject: f.subject,
             verification_id: id,
             previous_sent_at: None,
+            sent_at: now,
             at: now,
         })
         .await
@@ -613,6 +614,64 @@ pub async fn abort_releases_cooldown_and_leaves_nothing_pending(store: DynStore)
     assert_eq!(check, CheckOutcome::NotFound);
     // The cooldown slot was given back: an immediate new send is accepted.
     f.start(&store, "222222", now).await;
+}
+
+/// A send aborted after a later send for its subject replaced its code (its
+/// delivery outlasted the cooldown) undoes nothing of the later send: the
+/// code and the cooldown stay. The later send's own abort still ends it.
+pub async fn an_abort_leaves_a_later_send_alone(store: DynStore) {
+    let f = Fixture::new();
+    let now = t0();
+    let id = f.start(&store, "111111", now).await;
+    let later = now + Duration::seconds(31);
+    let decision = store
+        .start_send(&f.plan(f.verification(id, "222222", later)), later)
+        .await
+        .unwrap();
+    assert!(
+        matches!(decision, SendDecision::Replaced { .. }),
+        "{decision:?}"
+    );
+    let abort = |sent_at, previous_sent_at| SendAbort {
+        tenant: f.tenant.clone(),
+        subject: f.subject,
+        verification_id: id,
+        previous_sent_at,
+        sent_at,
+        at: later + Duration::seconds(5),
+    };
+    store.abort_send(&abort(now, None)).await.unwrap();
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status, Status::Pending);
+    let at = later + Duration::seconds(5);
+    let fresh = f.verification(Uuid::new_v4(), "333333", at);
+    let d = store.start_send(&f.plan(fresh), at).await.unwrap();
+    assert!(
+        matches!(
+            d,
+            SendDecision::Cooldown { .. } | SendDecision::Conflict { .. }
+        ),
+        "the later send's cooldown holds: {d:?}"
+    );
+    assert!(matches!(
+        store
+            .check_code(&f.tenant, id, &f.hash(id, "222222"), None, at)
+            .await
+            .unwrap(),
+        CheckOutcome::Approved(_)
+    ));
+    // Once ended, its own late abort changes nothing either.
+    store.abort_send(&abort(later, Some(now))).await.unwrap();
+    let v = store
+        .get_verification(&f.tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status, Status::Approved);
 }
 
 pub async fn cancel_ends_a_pending_verification(store: DynStore) {
@@ -2605,6 +2664,7 @@ macro_rules! store_contract_tests {
                 key_rotation_lists_and_reseals_pending_numbers,
                 purge_ends_expired_verifications,
                 a_subject_stays_while_its_verification_is_pending,
+                an_abort_leaves_a_later_send_alone,
                 count_pending_sees_new_verifications,
                 guess_budget_is_judged_before_the_compare,
                 $($extra),*
