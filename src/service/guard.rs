@@ -460,9 +460,9 @@ impl AbuseGuard {
     /// the subject's cooldown refuses costs nothing against the number,
     /// client or tenant. One add per limit, shortest window first, each
     /// stopping the batch when concurrent sends took its last room: a send
-    /// refused by one limit then takes no room in the others, so concurrent
-    /// sends never crowd each other out of a limit they would have fitted (a
-    /// burst against a per-number limit of 5 gets exactly 5). Traffic counts last.
+    /// refused by one limit then takes no room in the longer-window limits
+    /// after it (a burst against a per-number limit of 5 gets exactly 5). Its
+    /// adds up to the refusing one stay (counters only grow). Traffic counts last.
     pub fn send_counts(&self, admission: &Admission, now: DateTime<Utc>) -> Vec<CounterAdd> {
         admission
             .limits
