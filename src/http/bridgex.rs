@@ -28,12 +28,15 @@ use crate::domain::{Code, Dialect, PhoneNumber, Purpose, TypedNumber};
 use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
 use crate::sms::router::RoutingError;
 
+/// This API's paths (`/health` is shared and answers natively).
+pub const PATHS: [&str; 3] = ["/send-otp", "/verify-otp", "/config"];
+
 pub fn routes() -> Router<AppState> {
     let not_allowed = || async { BridgexError::MethodNotAllowed };
     Router::new()
-        .route("/send-otp", post(send_otp).fallback(not_allowed))
-        .route("/verify-otp", post(verify_otp).fallback(not_allowed))
-        .route("/config", get(config).fallback(not_allowed))
+        .route(PATHS[0], post(send_otp).fallback(not_allowed))
+        .route(PATHS[1], post(verify_otp).fallback(not_allowed))
+        .route(PATHS[2], get(config).fallback(not_allowed))
 }
 
 const MAX_PURPOSE_CHARS: usize = 50;

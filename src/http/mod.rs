@@ -19,6 +19,7 @@ use axum::BoxError;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
+use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
 use tower::timeout::TimeoutLayer;
@@ -26,6 +27,18 @@ use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
+
+/// A request past its deadline, answered as its API answers a store outage.
+fn timed_out(path: &str) -> Response {
+    let cause = String::from("request timed out");
+    if bridgex::PATHS.contains(&path) {
+        bridgex::BridgexError::Unavailable(cause).into_response()
+    } else if openlyne::PATHS.contains(&path) {
+        openlyne::OpenlyneError::Unavailable(cause).into_response()
+    } else {
+        ApiError::Unavailable(cause).into_response()
+    }
+}
 pub use state::{AppState, AppStateInner, Policies};
 
 /// The whole application's routes, without a socket (tests call `.oneshot`).
@@ -54,10 +67,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .layer(CatchPanicLayer::custom(|_| -> Response {
                     ApiError::Internal("handler panicked".into()).into_response()
                 }))
-                // The deadline's only error becomes a 503 in the API's error
-                // shape, with Retry-After, like every other refusal.
-                .layer(HandleErrorLayer::new(|_: BoxError| async {
-                    ApiError::Unavailable("request timed out".into())
+                // The deadline's only error becomes a 503 with Retry-After,
+                // in the error shape of the API the request called.
+                .layer(HandleErrorLayer::new(|uri: Uri, _: BoxError| async move {
+                    timed_out(uri.path())
                 }))
                 .layer(TimeoutLayer::new(request_timeout))
                 .layer(DefaultBodyLimit::max(max_body)),

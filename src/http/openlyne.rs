@@ -28,14 +28,14 @@ use crate::domain::{Code, Dialect, PhoneNumber, Purpose};
 use crate::service::{AuthError, Caller, CheckError, CheckResult, SendCommand, SendError, Target};
 use crate::sms::router::RoutingError;
 
+/// This API's paths.
+pub const PATHS: [&str; 2] = ["/webhook/send-otp", "/webhook/verify-otp"];
+
 pub fn routes() -> Router<AppState> {
     let not_allowed = || async { OpenlyneError::MethodNotAllowed };
     Router::new()
-        .route("/webhook/send-otp", post(send_otp).fallback(not_allowed))
-        .route(
-            "/webhook/verify-otp",
-            post(verify_otp).fallback(not_allowed),
-        )
+        .route(PATHS[0], post(send_otp).fallback(not_allowed))
+        .route(PATHS[1], post(verify_otp).fallback(not_allowed))
 }
 
 // ---------------------------------------------------------------------------

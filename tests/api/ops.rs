@@ -734,6 +734,24 @@ async fn a_request_past_its_deadline_is_answered_and_counted() {
     // In the API's error shape, as every other refusal.
     let (_, body) = parts(r).await;
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    // The seed-compatible APIs answer in their own shapes.
+    let bridgex = json!({ "phone_number": "31612345679", "route_id": 1 });
+    let r = app.post_bearer("/send-otp", bridgex).await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    let (status, body) = parts(r).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        json!({ "detail": "Service temporarily unavailable." })
+    );
+    let openlyne = json!({ "phone": "31612345670", "uid": "123e4567-e89b-12d3-a456-426614174000" });
+    let (status, body) = parts(app.post("/webhook/send-otp", openlyne).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        (&body["success"], &body["data"]),
+        (&json!(false), &json!(null)),
+        "{body}"
+    );
     let (_, metrics) = scrape(&app).await;
     assert_eq!(
         metrics.value(
