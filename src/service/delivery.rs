@@ -6,8 +6,9 @@
 use std::collections::HashSet;
 use std::time::Duration as StdDuration;
 
+use super::guard::SendContext;
 use super::usage::{self, UsageReport};
-use super::verifications::VerificationService;
+use super::verifications::{SendError, VerificationService};
 use crate::domain::policy::MIN_TTL_SECONDS;
 use crate::domain::{DeliveryStatus, Dialect, MessageRecord, Policy};
 use crate::sms::router::DeliveryRequest;
@@ -185,6 +186,34 @@ impl VerificationService {
             tracing::info!(verification_id = %v.id, "every route of the chain was tried; no re-send");
             return Ok(Vec::new());
         }
+        // A re-send is one more SMS to the number: the rules of a send hold
+        // (countries, quarantines, the spend budget, the limits, the pumping
+        // guard), so a number that reports failures cannot pump the chain.
+        let price_estimate = untried[0]
+            .price_for(to.country())
+            .map_or(0.0, |(price, _)| price);
+        let context = SendContext {
+            tenant,
+            policy,
+            to: &to,
+            client_ip: None,
+            price_estimate,
+        };
+        let admission = match self.guard().admit_send(&context, now).await {
+            Ok(admission) => admission,
+            Err(SendError::Unavailable(cause)) => return Err(StoreError::Unavailable(cause)),
+            Err(refused) => {
+                tracing::info!(
+                    target: "audit",
+                    event = "resend_refused",
+                    tenant,
+                    verification_id = %v.id,
+                    to = %v.masked_to,
+                    reason = %refused,
+                );
+                return Ok(Vec::new());
+            }
+        };
 
         // The new code lives as long as the last one was given.
         let ttl_seconds = (v.expires_at - v.last_sent_at)
@@ -206,6 +235,10 @@ impl VerificationService {
         let Some(v) = self.store.replace_code(&replacement, now).await? else {
             return Ok(Vec::new());
         };
+        let counts = self.guard().send_counts(&admission, now);
+        if let Err(e) = self.store.add_counters(&counts, now).await {
+            tracing::warn!(verification_id = %v.id, error = %e, "could not count a re-send");
+        }
         let attempts = self
             .router
             .deliver(

@@ -438,6 +438,44 @@ async fn a_failure_report_never_replaces_a_later_send_in_flight() {
     );
 }
 
+/// A re-send is one more SMS to the number: it needs room under the send
+/// limits as a send does, and takes it.
+#[tokio::test]
+async fn a_resend_needs_and_takes_room_under_the_send_limits() {
+    let providers = Providers::start().await;
+    // The send took the only room: the failure is not re-sent.
+    let app = TestApp::spawn_with(|s| {
+        providers.configure(s, &[1, 2]);
+        s.policy.max_sends_per_number_10min = 1;
+    })
+    .await;
+    let sent = app.send_to("+254711000111").await;
+    let id = sent["id"].as_str().unwrap();
+    fail_the_first_message(&app).await;
+    assert_eq!(deliveries(&app, id).await.len(), 1);
+    assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 0);
+
+    // Room for two: the re-send goes out and takes the second.
+    let providers = Providers::start().await;
+    let app = TestApp::spawn_with(|s| {
+        providers.configure(s, &[1, 2]);
+        s.policy.max_sends_per_number_10min = 2;
+    })
+    .await;
+    app.send_to("+254711000111").await;
+    fail_the_first_message(&app).await;
+    assert_eq!(hits(&providers.twilio, TWILIO_PATH).await, 1);
+    app.advance(31);
+    let r = app
+        .post(
+            "/v1/verifications",
+            json!({ "to": "+254711000111", "purpose": "signup" }),
+        )
+        .await;
+    let body = expect_error(r, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    assert_eq!(body["error"]["limit"], "number_10min", "{body}");
+}
+
 /// Africa's Talking reports its first message (ATPid_1) undeliverable.
 async fn fail_the_first_message(app: &TestApp) {
     let failed = [
