@@ -88,6 +88,10 @@ pub struct DlrPoller {
     /// them, or saw another instance's lease. Saves a store round trip per
     /// message per round; the lease alone decides who polls.
     not_before: Mutex<HashMap<Uuid, DateTime<Utc>>>,
+    /// Where the last round stopped with pages left (after `MAX_PAGES`): the
+    /// next goes on from there, so a backlog is swept over several rounds
+    /// instead of its oldest pages, mostly not due, being read every round.
+    resume_after: Mutex<Option<DateTime<Utc>>>,
 }
 
 impl DlrPoller {
@@ -104,6 +108,7 @@ impl DlrPoller {
             settings,
             instance: Uuid::new_v4().simple().to_string(),
             not_before: Mutex::new(HashMap::new()),
+            resume_after: Mutex::new(None),
         }
     }
 
@@ -142,7 +147,14 @@ impl DlrPoller {
         }
         let now = self.service.clock.now();
         self.not_before.lock().retain(|_, at| *at > now);
-        let mut after = now - self.settings.max_age;
+        let oldest = now - self.settings.max_age;
+        let mut after = self
+            .resume_after
+            .lock()
+            .take()
+            .filter(|at| *at > oldest)
+            .unwrap_or(oldest);
+        let mut swept = false;
         for _ in 0..MAX_PAGES {
             let page = match self
                 .service
@@ -186,8 +198,12 @@ impl DlrPoller {
                 }
             }
             if !full {
+                swept = true;
                 break;
             }
+        }
+        if !swept {
+            *self.resume_after.lock() = Some(after);
         }
         stats
     }

@@ -140,6 +140,36 @@ async fn timeouts_errors_and_unknown_statuses_leave_the_message_for_a_later_poll
     assert_eq!(deliveries(&app, id).await[0]["status"], "delivered");
 }
 
+/// A round reads at most ten pages; a backlog longer than that is swept over
+/// several rounds, each going on where the last stopped, so newer messages are
+/// reached even while older ones stay unfinished.
+#[tokio::test]
+async fn a_backlog_longer_than_a_round_is_swept_over_several() {
+    let providers = Providers::start().await;
+    let app = TestApp::spawn_with(|s| {
+        providers.configure(s, &[3]);
+        s.dlr.poll_batch = 1;
+    })
+    .await;
+    for n in 0..12 {
+        app.send_to(&format!("+3165186{n:04}")).await;
+        app.advance(1);
+    }
+    app.advance(6);
+    assert_eq!(app.poller.poll_once().await.polled, 10, "ten pages of one");
+    assert_eq!(
+        app.poller.poll_once().await.polled,
+        2,
+        "the rest, not the first ten again"
+    );
+    // Swept: the next starts over at the oldest (none due yet, and it stops
+    // after ten pages); once all are due again, the sweep goes round.
+    assert_eq!(app.poller.poll_once().await.polled, 0);
+    app.advance(20);
+    assert_eq!(app.poller.poll_once().await.polled, 2);
+    assert_eq!(app.poller.poll_once().await.polled, 10);
+}
+
 #[tokio::test]
 async fn messages_past_the_max_age_are_left_alone() {
     let providers = Providers::start().await;
