@@ -17,6 +17,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
@@ -113,16 +114,19 @@ pub async fn delivery_report(
             "the report's message id is not printable text of at most {MAX_PROVIDER_ID_BYTES} bytes"
         )));
     }
-    let outcome = state
-        .service
-        .apply_delivery_report(
-            state.policies.as_ref(),
-            &provider,
-            &message_id,
-            status,
-            error,
-        )
-        .await?;
+    // Run to its end even if the provider hangs up or the deadline passes: a
+    // re-send it starts replaces the code first, then sends and records.
+    let (service, policies) = (state.service.clone(), state.policies.clone());
+    let outcome = tokio::spawn(
+        async move {
+            service
+                .apply_delivery_report(policies.as_ref(), &provider, &message_id, status, error)
+                .await
+        }
+        .in_current_span(),
+    )
+    .await
+    .map_err(|e| ApiError::Internal(format!("the report stopped: {e}")))??;
     Ok(Json(DeliveryReportResponse {
         status: outcome.label().into(),
     }))

@@ -321,7 +321,7 @@ pub async fn send_verification(
         dialect: Dialect::Native,
     };
     let policy = state.policies.for_tenant(&tenant);
-    let out = state.service.send(&tenant, policy, cmd).await?;
+    let out = state.service.send_to_the_end(&tenant, policy, cmd).await?;
     let v = &out.verification;
     Ok((
         StatusCode::CREATED,

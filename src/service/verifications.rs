@@ -290,6 +290,23 @@ impl VerificationService {
         }
     }
 
+    /// `send`, run to its end even when the caller stops waiting (a client
+    /// that hangs up, the request deadline): a started send then still records
+    /// its attempts, or gives its code and cooldown back, instead of leaving a
+    /// code pending that nothing recorded.
+    pub async fn send_to_the_end(
+        self: &Arc<Self>,
+        tenant: &str,
+        policy: &Policy,
+        cmd: SendCommand,
+    ) -> Result<SendOutcome, SendError> {
+        use tracing::Instrument;
+        let (service, tenant, policy) = (self.clone(), tenant.to_owned(), policy.clone());
+        tokio::spawn(async move { service.send(&tenant, &policy, cmd).await }.in_current_span())
+            .await
+            .unwrap_or_else(|e| Err(SendError::Unavailable(format!("the send stopped: {e}"))))
+    }
+
     pub async fn send(
         &self,
         tenant: &str,

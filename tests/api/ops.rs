@@ -705,6 +705,62 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
     }
 }
 
+/// A send the caller stopped waiting for (here the request deadline; a client
+/// that hangs up is the same) runs to its end: when its provider then fails,
+/// it gives its code and cooldown back, so nothing stays pending and the next
+/// send is not held to a cooldown.
+#[tokio::test]
+async fn a_send_past_its_deadline_still_ends_cleanly() {
+    use crate::routing::{Behaviour, Scripted};
+    use otpd::sms::ProviderErrorKind;
+    use otpd::sms::Route;
+    use std::sync::Arc;
+    use tokio::sync::Notify;
+
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let failing = Behaviour::Fail(ProviderErrorKind::Unavailable);
+    let provider = Scripted::gated(failing, &entered, &release);
+    let app = TestApp::spawn_routed(vec![Route::new(1, provider)], |s| {
+        s.server.request_timeout_seconds = 1
+    })
+    .await;
+    let send = || {
+        let (client, base, key) = (app.client.clone(), app.base.clone(), app.key.clone());
+        tokio::spawn(async move {
+            client
+                .post(format!("{base}/v1/verifications"))
+                .header("x-api-key", key)
+                .json(&json!({ "to": "+31612345678" }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let first = send();
+    entered.notified().await;
+    assert_eq!(first.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    release.notify_one();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut next = send();
+        tokio::select! {
+            status = &mut next => {
+                // Held to the first send's cooldown until its give-back lands.
+                assert_eq!(status.unwrap(), StatusCode::TOO_MANY_REQUESTS);
+                assert!(std::time::Instant::now() < deadline, "the first send's code stayed pending");
+                tokio::task::yield_now().await;
+            }
+            () = entered.notified() => {
+                release.notify_one();
+                assert_eq!(next.await.unwrap(), StatusCode::BAD_GATEWAY);
+                break;
+            }
+        }
+    }
+}
+
 /// A request that outlives `server.request_timeout_seconds` is answered 503
 /// at the deadline, and the outermost layer still sees it: the answer carries
 /// the request id and the HTTP metrics count it under its route.

@@ -43,6 +43,19 @@ impl Scripted {
         })
     }
 
+    /// Every call announces itself on `entered`, then waits for `release`.
+    pub(crate) fn gated(
+        behaviour: Behaviour,
+        entered: &Arc<Notify>,
+        release: &Arc<Notify>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            behaviour: Mutex::new(behaviour),
+            calls: AtomicUsize::new(0),
+            gate: Some((entered.clone(), release.clone())),
+        })
+    }
+
     fn set(&self, behaviour: Behaviour) {
         *self.behaviour.lock() = behaviour;
     }
