@@ -8,9 +8,11 @@
 //! `admit_send` only reads (so a request refused here, or by the subject's
 //! cooldown just after, costs nothing against any limit), and `count_send`
 //! counts once the store has accepted the send, refusing if other instances
-//! used the last room meanwhile. That keeps every limit exact under any
+//! used the last room meanwhile. That keeps every send limit exact under any
 //! concurrency: a send succeeds only when its own atomic increment stayed
-//! within the limit.
+//! within the limit. The spend budget is the exception: a message's cost is
+//! known only once a provider took it, so it is added after delivery, and
+//! sends in flight together can pass the budget by their own costs.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
