@@ -439,7 +439,9 @@ impl Settings {
         // have their own variables: OTPD_ROUTE_<id>_API_KEY and the like.
         apply_secret_env(&mut settings.routes, |name| std::env::var(name).ok());
         settings.validate()?;
-        settings.warnings = settings.warnings(std::env::vars().map(|(k, _)| k));
+        // `vars()` would panic on a variable that is not UTF-8; only the names matter.
+        let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+        settings.warnings = settings.warnings(names);
         Ok(settings)
     }
 

@@ -335,3 +335,34 @@ fn print_config_shows_the_effective_settings_with_secrets_hidden() {
     assert!(!dir.path().join("data").exists());
     assert!(!printed.contains("API key"));
 }
+
+/// `otpd check-config` as an operator runs it: a variable no setting reads is
+/// named in a warning, and an environment holding a variable that is not
+/// UTF-8 (which `std::env::vars` panics on) is read as usual.
+#[test]
+fn check_config_warns_about_unread_variables_and_takes_any_environment() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_otpd"))
+        .arg("check-config")
+        .current_dir(dir.path())
+        .env("OTPD_SERVER_LISTEN", "0.0.0.0:9")
+        .env(
+            OsStr::from_bytes(b"NOT_UTF8_\xff"),
+            OsStr::from_bytes(b"\xfe"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "configuration is valid\n"
+    );
+    assert!(
+        stderr.contains("OTPD_SERVER_LISTEN: no setting reads this variable"),
+        "{stderr}"
+    );
+}
