@@ -7,7 +7,7 @@
 //! one instance poll a message per step of the schedule: whoever claims it
 //! polls, everyone else skips it until the lease runs out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -155,6 +155,9 @@ impl DlrPoller {
             .filter(|at| *at > oldest)
             .unwrap_or(oldest);
         let mut swept = false;
+        // This round's messages: a page re-reads the millisecond the last
+        // one ended in (see below), and these are the ones it already had.
+        let mut seen = HashSet::new();
         for _ in 0..MAX_PAGES {
             let page = match self
                 .service
@@ -169,11 +172,23 @@ impl DlrPoller {
                 }
             };
             let full = page.len() >= self.settings.batch as usize;
-            if let Some(last) = page.last() {
-                after = last.created_at;
+            let last_at = page.last().map(|m| m.created_at);
+            let fresh: Vec<MessageRecord> =
+                page.into_iter().filter(|m| seen.insert(m.id)).collect();
+            if let Some(last_at) = last_at {
+                // Pages go by creation time, in milliseconds, and more messages
+                // than the page held may share its last one: the next page
+                // starts a millisecond earlier, so they are not skipped. A page
+                // of nothing new means one millisecond holds more than a page:
+                // step past it.
+                after = if fresh.is_empty() {
+                    last_at
+                } else {
+                    last_at - Duration::milliseconds(1)
+                };
             }
             let due: Vec<MessageRecord> =
-                page.into_iter().filter(|m| self.is_due(m, now)).collect();
+                fresh.into_iter().filter(|m| self.is_due(m, now)).collect();
             let results: Vec<PollResult> = futures::stream::iter(due)
                 .map(|m| self.poll_message(m, now))
                 .buffer_unordered(CONCURRENCY)
