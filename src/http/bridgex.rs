@@ -710,7 +710,7 @@ pub async fn send_otp(
     };
     let out = state
         .service
-        .send_to_the_end(&tenant, state.policies.of(&tenant, Dialect::Bridgex), cmd)
+        .send_to_the_end(state.policies.clone(), &tenant, cmd)
         .await
         .map_err(|e| send_error(e, form.route_id))?;
 

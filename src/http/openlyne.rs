@@ -373,7 +373,7 @@ pub async fn send_otp(
     };
     state
         .service
-        .send_to_the_end(&tenant, state.policies.of(&tenant, Dialect::Openlyne), cmd)
+        .send_to_the_end(state.policies.clone(), &tenant, cmd)
         .await?;
     Ok(Json(OpenlyneSendResponse {
         success: true,

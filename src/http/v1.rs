@@ -320,8 +320,10 @@ pub async fn send_verification(
         client_ip,
         dialect: Dialect::Native,
     };
-    let policy = state.policies.for_tenant(&tenant);
-    let out = state.service.send_to_the_end(&tenant, policy, cmd).await?;
+    let out = state
+        .service
+        .send_to_the_end(state.policies.clone(), &tenant, cmd)
+        .await?;
     let v = &out.verification;
     Ok((
         StatusCode::CREATED,

@@ -26,6 +26,7 @@ use crate::store::{
 };
 use crate::telemetry::IpText;
 
+use super::delivery::PolicySource;
 use super::guard::{AbuseGuard, SendContext};
 use super::usage;
 
@@ -293,16 +294,21 @@ impl VerificationService {
     /// `send`, run to its end even when the caller stops waiting (a client
     /// that hangs up, the request deadline): a started send then still records
     /// its attempts, or gives its code and cooldown back, instead of leaving a
-    /// code pending that nothing recorded.
+    /// code pending that nothing recorded. The policy is the one `policies`
+    /// gives the tenant for the command's API.
     pub async fn send_to_the_end(
         self: &Arc<Self>,
+        policies: Arc<dyn PolicySource>,
         tenant: &str,
-        policy: &Policy,
         cmd: SendCommand,
     ) -> Result<SendOutcome, SendError> {
         use tracing::Instrument;
-        let (service, tenant, policy) = (self.clone(), tenant.to_owned(), policy.clone());
-        tokio::spawn(async move { service.send(&tenant, &policy, cmd).await }.in_current_span())
+        let (service, tenant) = (self.clone(), tenant.to_owned());
+        let send = async move {
+            let policy = policies.policy_for(&tenant, cmd.dialect);
+            service.send(&tenant, policy, cmd).await
+        };
+        tokio::spawn(send.in_current_span())
             .await
             .unwrap_or_else(|e| Err(SendError::Unavailable(format!("the send stopped: {e}"))))
     }
