@@ -17,7 +17,6 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
-use tracing::Instrument;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
@@ -117,14 +116,11 @@ pub async fn delivery_report(
     // Run to its end even if the provider hangs up or the deadline passes: a
     // re-send it starts replaces the code first, then sends and records.
     let (service, policies) = (state.service.clone(), state.policies.clone());
-    let outcome = tokio::spawn(
-        async move {
-            service
-                .apply_delivery_report(policies.as_ref(), &provider, &message_id, status, error)
-                .await
-        }
-        .in_current_span(),
-    )
+    let outcome = crate::service::to_the_end(async move {
+        service
+            .apply_delivery_report(policies.as_ref(), &provider, &message_id, status, error)
+            .await
+    })
     .await
     .map_err(|e| ApiError::Internal(format!("the report stopped: {e}")))??;
     Ok(Json(DeliveryReportResponse {

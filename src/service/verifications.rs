@@ -302,15 +302,13 @@ impl VerificationService {
         tenant: &str,
         cmd: SendCommand,
     ) -> Result<SendOutcome, SendError> {
-        use tracing::Instrument;
         let (service, tenant) = (self.clone(), tenant.to_owned());
-        let send = async move {
+        super::to_the_end(async move {
             let policy = policies.policy_for(&tenant, cmd.dialect);
             service.send(&tenant, policy, cmd).await
-        };
-        tokio::spawn(send.in_current_span())
-            .await
-            .unwrap_or_else(|e| Err(SendError::Unavailable(format!("the send stopped: {e}"))))
+        })
+        .await
+        .unwrap_or_else(|e| Err(SendError::Unavailable(format!("the send stopped: {e}"))))
     }
 
     pub async fn send(

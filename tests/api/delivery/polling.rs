@@ -140,17 +140,22 @@ async fn timeouts_errors_and_unknown_statuses_leave_the_message_for_a_later_poll
     assert_eq!(deliveries(&app, id).await[0]["status"], "delivered");
 }
 
+/// Route 3 (BridgeXAPI) alone, its poller reading pages of `batch` messages.
+async fn spawn_polling_in_pages_of(providers: &Providers, batch: u32) -> TestApp {
+    TestApp::spawn_with(|s| {
+        providers.configure(s, &[3]);
+        s.dlr.poll_batch = batch;
+    })
+    .await
+}
+
 /// A round reads at most ten pages; a backlog longer than that is swept over
 /// several rounds, each going on where the last stopped, so newer messages are
 /// reached even while older ones stay unfinished.
 #[tokio::test]
 async fn a_backlog_longer_than_a_round_is_swept_over_several() {
     let providers = Providers::start().await;
-    let app = TestApp::spawn_with(|s| {
-        providers.configure(s, &[3]);
-        s.dlr.poll_batch = 1;
-    })
-    .await;
+    let app = spawn_polling_in_pages_of(&providers, 1).await;
     for n in 0..7 {
         app.send_to(&format!("+3165186{n:04}")).await;
         app.advance(1);
@@ -173,11 +178,7 @@ async fn a_backlog_longer_than_a_round_is_swept_over_several() {
 #[tokio::test]
 async fn messages_sharing_a_pages_last_millisecond_are_all_polled() {
     let providers = Providers::start().await;
-    let app = TestApp::spawn_with(|s| {
-        providers.configure(s, &[3]);
-        s.dlr.poll_batch = 2;
-    })
-    .await;
+    let app = spawn_polling_in_pages_of(&providers, 2).await;
     app.send_to("+31651860001").await;
     app.advance(1);
     // Two sends in one millisecond of the manual clock: the first page ends
